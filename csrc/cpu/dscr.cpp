@@ -1,0 +1,182 @@
+// DSCR on the CPU (SPEC §1).
+//
+// k_hat[j] = sum_i w[i, j] k[i] with w the column-normalised proximity matrix. The weights are
+// built kBlockCols columns at a time (vectorised, parallel over columns) as rows of a
+// [cols, N] block -- w is symmetric before normalisation, so column j of w is row j of the
+// block -- and each block multiplies K and V of every head with one batched GEMM (BLAS /
+// oneDNN through at::bmm_out) written straight into the output rows. The whole N x N matrix
+// never exists: memory is O(kBlockCols * N) beyond inputs and outputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kvfix.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One build that still uses AVX-512 / AVX2 where the machine has them.
+#define KVFIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVFIX_CPU_CLONES
+#endif
+
+namespace kvfix {
+namespace {
+
+constexpr int64_t kBlockCols = 256;                  // columns of w built at a time
+constexpr int64_t kCacheGroupBytes = int64_t(64) << 20;  // source copies per in-place group
+
+// exp(x) for x <= 0, float32, ~2 ulp; 0 below -87 (where expf reaches the denormals). Written
+// without calls or branches so the compiler vectorises the loops that use it.
+inline float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite ln2 split
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Rows j in [j0, j1) of the block `w` (row j at w + (j - j0) * N): w[j][i] = wt(i, j) / c_j with
+// the diagonal masked. A column with c_j == 0 (N == 1, underflow) becomes the unit row e_j, so
+// the GEMM returns k[j] unchanged, as SPEC §1 asks.
+KVFIX_CPU_CLONES void weight_rows(const float* d, const float* sy, const float* sx, int64_t N,
+                                  int64_t j0, int64_t j1, float cd, float cs, float* w) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float* row = w + (j - j0) * N;
+    const float dj = d[j], yj = sy[j], xj = sx[j];
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) {
+      const float dd = d[i] - dj, dy = sy[i] - yj, dx = sx[i] - xj;
+      row[i] = exp_nonpos(-cd * (dd * dd)) + exp_nonpos(-cs * (dy * dy + dx * dx));
+    }
+    row[j] = 0.0f;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < N; ++i) sum += row[i];
+    if (sum > 0.0f) {
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) row[i] /= sum;
+    } else {
+      row[j] = 1.0f;
+    }
+  }
+}
+
+// dsts[p] = refine(srcs[p]) for every pair p; all [B, H_p, N, D_p] with the same B and N, last dim
+// contiguous. dsts must not overlap srcs. depth [Bd, N], coords [Bd, N, 2] float32 contiguous.
+void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& dsts,
+            const at::Tensor& depth, const at::Tensor& coords, DscrCoefs c) {
+  if (srcs.empty()) return;
+  const int64_t B = srcs[0].size(0), N = srcs[0].size(2);
+  if (B == 0 || N == 0) return;
+  const int64_t Bd = depth.size(0);
+  const int64_t cols = std::min(N, kBlockCols);
+
+  at::Tensor w32 = at::empty({cols, N}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor w16, wbf;  // the block in the GEMM dtype, for low-precision inputs
+  for (const auto& s : srcs) {
+    if (s.scalar_type() == at::kHalf && !w16.defined()) w16 = at::empty({cols, N}, w32.options().dtype(at::kHalf));
+    if (s.scalar_type() == at::kBFloat16 && !wbf.defined()) wbf = at::empty({cols, N}, w32.options().dtype(at::kBFloat16));
+  }
+  std::vector<float> sy(N), sx(N);
+
+  for (int64_t bd = 0; bd < Bd; ++bd) {
+    const float* d = depth.data_ptr<float>() + bd * N;
+    const float* s = coords.data_ptr<float>() + bd * N * 2;
+    for (int64_t i = 0; i < N; ++i) {
+      sy[i] = s[2 * i];
+      sx[i] = s[2 * i + 1];
+    }
+    // Broadcast depth/coords: one block of weights serves every batch item.
+    const int64_t b_begin = Bd == 1 ? 0 : bd, b_end = Bd == 1 ? B : bd + 1;
+    for (int64_t j0 = 0; j0 < N; j0 += cols) {
+      const int64_t nj = std::min(cols, N - j0);
+      float* wp = w32.data_ptr<float>();
+      at::parallel_for(j0, j0 + nj, 8, [&](int64_t a, int64_t e) {
+        weight_rows(d, sy.data(), sx.data(), N, a, e, c.coef_d, c.coef_s, wp + (a - j0) * N);
+      });
+      const at::Tensor wf = w32.narrow(0, 0, nj);
+      if (w16.defined()) w16.narrow(0, 0, nj).copy_(wf);
+      if (wbf.defined()) wbf.narrow(0, 0, nj).copy_(wf);
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        for (size_t p = 0; p < srcs.size(); ++p) {
+          const at::Tensor src = srcs[p].select(0, b);  // [H, N, D]
+          if (src.numel() == 0) continue;
+          const auto st = src.scalar_type();
+          const at::Tensor& wb = st == at::kHalf ? w16 : st == at::kBFloat16 ? wbf : w32;
+          at::Tensor out = dsts[p].select(0, b).narrow(1, j0, nj);
+          at::bmm_out(out, wb.narrow(0, 0, nj).expand({src.size(0), nj, N}), src);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> dscr_refine_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                        const at::Tensor& depth, const at::Tensor& coords,
+                                        double sigma_d, double sigma_s, double alpha, double beta) {
+  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
+  dscr_check(k, v, depth, coords);
+  std::vector<at::Tensor> srcs{k}, outs{at::empty(k.sizes(), k.options())};
+  if (v.has_value()) {
+    srcs.push_back(*v);
+    outs.push_back(at::empty(v->sizes(), v->options()));
+  }
+  if (k.size(2) == 0) return outs;
+  refine(srcs, outs, depth, coords, c);
+  return outs;
+}
+
+void dscr_refine_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                           const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
+                           double beta) {
+  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
+  TORCH_CHECK(values.empty() || values.size() == keys.size(),
+              "dscr_refine_cache_: values must be empty or have one tensor per key (",
+              keys.size(), "), got ", values.size());
+  std::vector<at::Tensor> all;
+  for (size_t l = 0; l < keys.size(); ++l) {
+    std::optional<at::Tensor> v;
+    if (!values.empty()) v = values[l];
+    dscr_check(keys[l], v, depth, coords);
+    TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2),
+                "dscr_refine_cache_: every layer needs the same B and N");
+    all.push_back(keys[l]);
+    if (v) all.push_back(*v);
+  }
+  // The refinement reads every source token for every output token, so each group of tensors
+  // is copied first; groups are bounded in bytes and share one pass over the weight blocks.
+  size_t start = 0;
+  while (start < all.size()) {
+    size_t end = start;
+    int64_t bytes = 0;
+    do {
+      bytes += all[end].numel() * all[end].element_size();
+      ++end;
+    } while (end < all.size() && bytes + all[end].numel() * all[end].element_size() <= kCacheGroupBytes);
+    std::vector<at::Tensor> srcs, dsts;
+    for (size_t p = start; p < end; ++p) {
+      srcs.push_back(all[p].clone(at::MemoryFormat::Contiguous));
+      dsts.push_back(all[p]);
+    }
+    refine(srcs, dsts, depth, coords, c);
+    start = end;
+  }
+}
+
+}  // namespace kvfix

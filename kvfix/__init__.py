@@ -1,0 +1,36 @@
+"""kvfix: fused KV-cache kernels that make vision-language models hallucinate less.
+
+Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_`.
+Helpers: `patch_coords`, `patch_depth`, `DepthEstimator` (kvfix.depth).
+transformers integration: `kvfix.hf`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .geometry import patch_coords, patch_depth
+from .ops import dscr_refine, dscr_refine_cache_
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "dscr_refine", "dscr_refine_cache_", "patch_coords", "patch_depth"]
+
+
+def build_info() -> dict:
+    """What this kvfix was built with and what it can run now.
+
+    Keys: version, devices (kernels compiled in: "cpu", "cuda"), cuda_archs, built_with_torch,
+    built_with_torch_cuda, nvcc, cuda_reason (why CUDA was or was not built), torch (running
+    version), cuda_available (a GPU is usable now).
+    """
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        info = {"devices": ["cpu"], "cuda_archs": [], "cuda_reason": "unknown (no _build_info.json)"}
+    info.update(version=__version__, torch=torch.__version__,
+                cuda_available=torch.cuda.is_available() and "cuda" in info.get("devices", []))
+    return info

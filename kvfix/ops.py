@@ -1,0 +1,160 @@
+"""Python entry points of the kvfix ops: input validation, then `torch.ops.kvfix.*`.
+
+The C++ library (`kvfix._C`) declares the ops once (`TORCH_LIBRARY(kvfix, ...)`) and registers
+CPU and, when built, CUDA kernels. This module adds the fake (meta) implementations that
+torch.compile needs and thin wrappers that turn bad input into a `ValueError` / `TypeError`
+naming the offending argument before any kernel runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.kvfix.*)
+
+__all__ = ["dscr_refine", "dscr_refine_cache_"]
+
+_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+def _check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_kv(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    _check_tensor(x, name)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _KV_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} does not match k shape {tuple(like.shape)}")
+        if x.dtype != like.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} does not match k dtype {like.dtype}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but k is on {like.device}")
+    return x
+
+
+def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def _geometry(depth, coords, B: int, N: int, device: torch.device):
+    """depth [N] | [B, N], coords [N, 2] | [B, N, 2] -> float32 contiguous [Bd, N], [Bd, N, 2]."""
+    _check_tensor(depth, "depth")
+    _check_tensor(coords, "coords")
+    for name, x in (("depth", depth), ("coords", coords)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but k is on {device}")
+    if depth.dim() == 1 and depth.shape[0] == N:
+        depth = depth.unsqueeze(0)
+    elif not (depth.dim() == 2 and depth.shape[1] == N and depth.shape[0] in (1, B)):
+        raise ValueError(f"depth must be [N] or [B, N] with B={B}, N={N}, got shape {tuple(depth.shape)}")
+    if coords.dim() == 2 and coords.shape == (N, 2):
+        coords = coords.unsqueeze(0)
+    elif not (coords.dim() == 3 and coords.shape[1:] == (N, 2) and coords.shape[0] in (1, B)):
+        raise ValueError(f"coords must be [N, 2] or [B, N, 2] with B={B}, N={N}, got shape {tuple(coords.shape)}")
+    if coords.shape[0] != depth.shape[0]:  # one broadcast, the other per item: expand the broadcast one
+        bd = max(coords.shape[0], depth.shape[0])
+        depth, coords = depth.expand(bd, N), coords.expand(bd, N, 2)
+    return (depth.to(torch.float32).contiguous(), coords.to(torch.float32).contiguous())
+
+
+def _dscr_params(sigma_d, sigma_s, alpha, beta):
+    return (_check_positive(sigma_d, "sigma_d"), _check_positive(sigma_s, "sigma_s"),
+            _check_positive(alpha, "alpha", allow_zero=True), _check_positive(beta, "beta", allow_zero=True))
+
+
+# --------------------------------------------------------------------------------------------
+# DSCR
+
+def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords: torch.Tensor,
+                *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8):
+    """Depth- and space-aware refinement of the image tokens' keys and values (SPEC §1).
+
+    Args:
+        k, v: [B, H, N, D] float32/float16/bfloat16 keys and values of the N image tokens
+            (any strides with a contiguous last dim, e.g. a slice of a KV cache). `v` may be
+            None (keys-only variant).
+        depth: [N] or [B, N] per-token depth (e.g. `patch_depth`); coords: [N, 2] or
+            [B, N, 2] patch centres (e.g. `patch_coords`). Must be finite.
+        sigma_d, sigma_s (> 0), alpha, beta (>= 0): proximity kernel
+            `exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2))`.
+
+    Returns:
+        (k_hat, v_hat): new contiguous tensors, `k_hat[j] = sum_i w[i, j] k[i]` with `w` the
+        proximity matrix with its diagonal masked and its columns normalised; v_hat is None
+        when v is None. Arithmetic in float32, outputs in the input dtype.
+    """
+    _check_kv(k, "k")
+    if v is not None:
+        _check_kv(v, "v", like=k)
+    sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
+    B, _, N, _ = k.shape
+    d, c = _geometry(depth, coords, B, N, k.device)
+    outs = torch.ops.kvfix.dscr_refine.default(k, v, d, c, sd, ss, a, b)
+    return outs[0], (outs[1] if v is not None else None)
+
+
+def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor] | None,
+                       depth: torch.Tensor, coords: torch.Tensor, *, sigma_d: float = 0.6,
+                       sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8) -> None:
+    """Refine the image span of several layers' caches in place, in one call (SPEC §1).
+
+    keys (and values, or None for keys only): sequences of [B, H, N, D] views of each layer's
+    cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`. One weight matrix serves
+    every layer and head; on the CPU it is built once per group of layers (groups bounded to
+    64 MiB of source copies). Every tensor is validated before any is written.
+    """
+    if isinstance(keys, torch.Tensor) or not isinstance(keys, (list, tuple)) or not keys:
+        raise TypeError("keys must be a non-empty list or tuple of tensors")
+    values = [] if values is None else values
+    if isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple)):
+        raise TypeError("values must be a list or tuple of tensors, or None")
+    if values and len(values) != len(keys):
+        raise ValueError(f"values has {len(values)} tensors but keys has {len(keys)}")
+    k0 = _check_kv(keys[0], "keys[0]")
+    for i, x in enumerate(keys):
+        _check_kv(x, f"keys[{i}]")
+        if x.shape[0] != k0.shape[0] or x.shape[2] != k0.shape[2] or x.device != k0.device:
+            raise ValueError(f"keys[{i}] has shape {tuple(x.shape)} on {x.device}; every layer needs "
+                             f"B={k0.shape[0]}, N={k0.shape[2]} on {k0.device}")
+    for i, x in enumerate(values):
+        _check_kv(x, f"values[{i}]", like=keys[i])
+    sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
+    d, c = _geometry(depth, coords, k0.shape[0], k0.shape[2], k0.device)
+    torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), d, c, sd, ss, a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# fake (meta) implementations for torch.compile / FakeTensor
+
+@torch.library.register_fake("kvfix::dscr_refine")
+def _dscr_refine_fake(k, v, depth, coords, sigma_d, sigma_s, alpha, beta):
+    outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
+    if v is not None:
+        outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
+    return outs
+
+
+@torch.library.register_fake("kvfix::dscr_refine_cache_")
+def _dscr_refine_cache_fake(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta):
+    return None

@@ -1,0 +1,137 @@
+"""Build kvfix._C: CPU kernels always; CUDA kernels too when torch has CUDA and nvcc is found.
+
+Environment:
+  KVFIX_NO_CUDA=1        build the CPU kernels only.
+  KVFIX_REQUIRE_CUDA=1   fail instead of falling back to a CPU-only build.
+  TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0": no GPU is needed to build).
+  CUDA_HOME              CUDA toolkit (default: the directory of the nvcc on PATH, else /usr/local/cuda).
+  MAX_JOBS               parallel compile jobs.
+
+Install with `pip install --no-build-isolation .` after torch is installed (keeping torch out
+of the build requirements stops pip from fetching a second, mismatched torch).
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    # /usr/local/bin/nvcc may be a wrapper script: torch would guess /usr/local and fail to
+    # link cudart. Prefer a real toolkit directory.
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _cuda_decision():
+    """Return (use_cuda, cuda_home, reason)."""
+    if _flag("KVFIX_NO_CUDA"):
+        return False, None, "KVFIX_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return False, None, "this torch has no CUDA (torch.version.cuda is None)"
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        return False, None, "nvcc not found (set CUDA_HOME)"
+    nv = _nvcc_version(cuda_home)
+    tv = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
+    if nv is None:
+        return False, None, f"could not read the nvcc version in {cuda_home}"
+    if nv[0] != tv[0]:
+        return False, None, (f"nvcc {nv[0]}.{nv[1]} ({cuda_home}) does not match the CUDA major "
+                             f"version of torch ({torch.version.cuda})")
+    return True, cuda_home, f"nvcc {nv[0]}.{nv[1]} at {cuda_home}, torch CUDA {torch.version.cuda}"
+
+
+def _nvidia_include_dirs():
+    """Headers the torch wheel ships (cusparse.h etc.) that ATen/cuda needs; /usr/local/cuda may lack them."""
+    dirs = []
+    for p in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/*/include"):
+            for d in glob.glob(os.path.join(p, sub)):
+                if os.path.isdir(d) and glob.glob(os.path.join(d, "cusparse*.h")) and d not in dirs:
+                    dirs.append(d)
+    return dirs
+
+
+use_cuda, cuda_home, reason = _cuda_decision()
+if not use_cuda:
+    if _flag("KVFIX_REQUIRE_CUDA"):
+        raise RuntimeError(f"KVFIX_REQUIRE_CUDA=1 but the CUDA build is not possible: {reason}")
+    if "KVFIX_NO_CUDA" not in reason and torch.version.cuda is not None:
+        warnings.warn(f"kvfix: building the CPU kernels only: {reason}")
+
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
+define_macros = []
+archs = ""
+if use_cuda:
+    os.environ["CUDA_HOME"] = cuda_home
+    import torch.utils.cpp_extension as cpp_ext
+    cpp_ext.CUDA_HOME = cuda_home  # read at import time; keep it consistent with our choice
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += _nvidia_include_dirs()
+    define_macros.append(("KVFIX_WITH_CUDA", "1"))
+    ext = CUDAExtension(
+        "kvfix._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags,
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+    )
+else:
+    ext = CppExtension("kvfix._C", sources, include_dirs=include_dirs,
+                       define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+
+# What was built, for kvfix.build_info().
+info = {
+    "devices": ["cpu", "cuda"] if use_cuda else ["cpu"],
+    "cuda_archs": archs.replace(" ", ";").split(";") if use_cuda else [],
+    "built_with_torch": torch.__version__,
+    "built_with_torch_cuda": torch.version.cuda,
+    "nvcc": ".".join(map(str, _nvcc_version(cuda_home))) if use_cuda else None,
+    "cuda_reason": reason,
+}
+with open(os.path.join(ROOT, "kvfix", "_build_info.json"), "w") as f:
+    json.dump(info, f, indent=1)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
