@@ -22,7 +22,6 @@ import warnings
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
@@ -102,9 +101,12 @@ cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
 define_macros = []
 archs = ""
 if use_cuda:
+    # torch.utils.cpp_extension reads CUDA_HOME when imported (below): without it, it guesses
+    # /usr/local, where nvcc may be a wrapper script and cudart is missing.
     os.environ["CUDA_HOME"] = cuda_home
-    import torch.utils.cpp_extension as cpp_ext
-    cpp_ext.CUDA_HOME = cuda_home  # read at import time; keep it consistent with our choice
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if use_cuda:
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -1,16 +1,21 @@
 // kvfix op schemas (declared once) and their CPU / CUDA registrations.
+#ifndef KVFIX_NO_PYTHON_MODULE
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "kvfix.h"
 
+#ifndef KVFIX_NO_PYTHON_MODULE
 // `import kvfix._C` loads this library, which registers the ops below with the dispatcher.
+// (CMake builds the same ops without it, for the C++ tests.)
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif
 
 namespace kvfix {
 
