@@ -33,7 +33,9 @@ constexpr int64_t kCacheGroupBytes = int64_t(64) << 20;  // source copies per in
 // without calls or branches so the compiler vectorises the loops that use it.
 inline float exp_nonpos(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  // n = round(xc / ln2): adding and subtracting 1.5 * 2^23 rounds to the nearest integer
+  // (no floorf call, which would stop the vectoriser).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite ln2 split
   const float r2 = r * r;
   float p = 1.9875691500e-4f;
