@@ -1,0 +1,48 @@
+"""kvfix for transformers vision-language models: one line switches a method on.
+
+    import kvfix, kvfix.hf
+    handle = kvfix.hf.enable(model, kvfix.hf.DSCR())          # LLaVA, Qwen2-VL, Qwen2.5-VL
+    with handle.images(depth_maps=[depth0, depth1]):          # one map per image, any resolution
+        out = model.generate(**inputs, max_new_tokens=64)     # greedy or sampling, batch, padding
+    handle.disable()                                          # the plain model again
+
+`handle.generate(**inputs, depth_maps=[...], max_new_tokens=64)` is the same in one call, and
+`with kvfix.hf.enable(...) as handle:` disables on exit. Without depth maps DSCR raises a
+ValueError before the forward runs; `depth_maps="uniform"` (or `DSCR(missing_depth="uniform")`)
+runs it without a depth cue on purpose.
+
+Layout (how methods plug in, and how they stack)
+------------------------------------------------
+- `Method` (core.py): a plugin with optional hooks: `bind/unbind`, `on_session_start`,
+  `on_prefill_start/end`, `on_decode_start/end` (per forward pass of the model, with a
+  `ForwardContext`: phase, cache, input ids, padding mask, image spans, per-session state),
+  `attention(...)` (wraps the text model's attention function: sees q after RoPE and the
+  layer's cache K/V; KVSmooth, SCR's diagnostic scores, CMAC's calibrated attention),
+  `layer_input(...)` (replaces the residual stream entering a decoder layer: SCR), and
+  `wrap_generate(...)` (owns the decoding loop: CMAC's two branches). Only the hooks some method
+  overrides are installed.
+- `Handle` (core.py): the single dispatcher per model. It installs, once for all methods:
+  a forward pre-hook and hook on the model (session / prefill / decode bookkeeping, image
+  spans), a forward hook on the vision tower (Qwen2-VL grids; the tower itself is untouched),
+  decoder-layer pre-hooks (only for `layer_input`), and one registered attention function
+  `kvfix_<base>` set on the text model only (`set_attn_implementation({"text_config": ...})`,
+  only for `attention`), which chains the methods' `attention` around the model's own
+  implementation (SDPA, flash, ...). `handle.auxiliary_pass(name)` runs extra forwards inside a
+  session (SCR's diagnostic pass); `handle.suspended()` runs the plain model.
+- Model families (models.py): where the image tokens are (`config.image_token_id`, contiguous
+  runs per batch item, left padding included) and each image's patch grid: LLaVA
+  `image_size // patch_size` per side (CLS dropped by the "default" feature strategy, skipped
+  inside the span with "full"); Qwen2-VL / Qwen2.5-VL `(h // merge, w // merge)` from
+  `image_grid_thw`.
+- Every transformers touchpoint is in `_compat.py` (see its docstring).
+
+DSCR (dscr.py): at the end of the forward that carries the images (the prefill), each image
+span `[s, s + gh*gw)` of every selected layer is refined in place with
+`kvfix.dscr_refine_cache_` (one call per batch item and image, all layers at once); decoding
+then runs on the refined cache and never refines again (decoding forwards carry no images).
+"""
+from .core import ForwardContext, Handle, Method, Session, enable, get_handle
+from .dscr import DSCR
+from .models import ImageSpan
+
+__all__ = ["DSCR", "ForwardContext", "Handle", "ImageSpan", "Method", "Session", "enable", "get_handle"]

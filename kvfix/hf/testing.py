@@ -1,0 +1,134 @@
+"""Tiny random-weight VLMs and prompts for tests, demos and benchmarks (no download).
+
+    model = tiny_llava()                       # CLIP vision (4x4 patch grid) + Llama text, 4 layers
+    inputs, spans = llava_prompt(model, [2, 1])  # batch 2, left padded: 2 images, then 1
+    model.generate(**inputs, max_new_tokens=8)
+
+`spans` lists `(batch, start, gh, gw)` of every image's patch tokens in the order the model
+consumes the images: where they are by construction, independent of kvfix's own span finding.
+Token ids: 0 pad, 1 bos, 2 eos (generation never stops early: `generation_config.eos_token_id`
+is None), text tokens in [3, 90), image 100, video 101, vision start/end 102/103 (Qwen2-VL).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tiny_llava", "tiny_qwen2_vl", "llava_prompt", "qwen_prompt", "IMAGE_TOKEN", "PAD"]
+
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
+_VOCAB = 128
+
+
+def _finish(model):
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def tiny_llava(*, num_layers: int = 4, seed: int = 0, strategy: str = "default", image_size: int = 32,
+               patch_size: int = 8, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+               attn_implementation: str | None = None):
+    """LlavaForConditionalGeneration: CLIP vision tower (grid image_size // patch_size) + Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=image_size, patch_size=patch_size, projection_dim=32)
+    tc = LlamaConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                     pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
+                      vision_feature_select_strategy=strategy, projector_hidden_act="gelu")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(cfg)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    return _finish(model)
+
+
+def tiny_qwen2_vl(*, num_layers: int = 4, seed: int = 0, version: str = "2", hidden: int = 32, heads: int = 4,
+                  kv_heads: int = 2):
+    """Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration ("2.5"):
+    patch 4, merge 2, temporal patch 2 (pixel rows of 96 values)."""
+    import transformers
+    tc = dict(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+              pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    vc = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=4, spatial_merge_size=2,
+              temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        cfg_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vc.update(out_hidden_size=hidden, intermediate_size=64, window_size=8, fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f'version must be "2" or "2.5", got {version!r}')
+    cfg = cfg_cls(text_config=tc, vision_config=vc, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                  vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_cls(cfg)
+    return _finish(model)
+
+
+def _text(n, gen):
+    return torch.randint(3, 90, (n,), generator=gen).tolist()
+
+
+def _left_pad(rows, spans_local):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    spans = []
+    for b, r in enumerate(rows):
+        off = width - len(r)
+        ids[b, off:] = torch.tensor(r)
+        mask[b, off:] = 1
+        spans += [(b, off + s, gh, gw) for (bb, s, gh, gw) in spans_local if bb == b]
+    return ids, mask, spans
+
+
+def llava_prompt(model, images_per_item, *, seed: int = 0, text_len: int = 3):
+    """Left-padded LLaVA batch: item b holds images_per_item[b] images separated by text.
+    Returns (inputs dict, spans [(batch, start, gh, gw)])."""
+    gen = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    g = vc.image_size // vc.patch_size
+    cls = 0 if model.config.vision_feature_select_strategy == "default" else 1
+    rows, local = [], []
+    for b, n in enumerate(images_per_item):
+        r = [BOS] + _text(text_len + b, gen)
+        for _ in range(n):
+            local.append((b, len(r) + cls, g, g))
+            r += [IMAGE_TOKEN] * (g * g + cls) + _text(text_len, gen)
+        rows.append(r)
+    ids, mask, spans = _left_pad(rows, local)
+    pixel_values = torch.randn(sum(images_per_item), 3, vc.image_size, vc.image_size, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}, spans
+
+
+def qwen_prompt(model, grids_per_item, *, seed: int = 0, text_len: int = 3):
+    """Left-padded Qwen2-VL batch: grids_per_item[b] is a list of (h, w) patch grids (before the
+    2x2 merge, so even numbers) of item b's images. Returns (inputs dict, spans)."""
+    gen = torch.Generator().manual_seed(seed)
+    merge = model.config.vision_config.spatial_merge_size
+    rows, local, thw = [], [], []
+    for b, grids in enumerate(grids_per_item):
+        r = [BOS] + _text(text_len + b, gen)
+        for h, w in grids:
+            gh, gw = h // merge, w // merge
+            r.append(VISION_START)
+            local.append((b, len(r), gh, gw))
+            r += [IMAGE_TOKEN] * (gh * gw) + [VISION_END] + _text(text_len, gen)
+            thw.append((1, h, w))
+        rows.append(r)
+    ids, mask, spans = _left_pad(rows, local)
+    vc = model.config.vision_config
+    row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    grid_thw = torch.tensor(thw, dtype=torch.long)
+    pixel_values = torch.randn(int(grid_thw.prod(-1).sum()), row, generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grid_thw,
+              "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    return inputs, spans
