@@ -1,0 +1,135 @@
+// DSCR on CUDA (SPEC §1): the ATen side of csrc/kernels/dscr.cuh.
+//
+// Checks and coefficients are shared with the CPU path (kvfix::dscr_check, kvfix::dscr_coefs in
+// ops.cpp). The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any
+// such strides, so the out-of-place op allocates contiguous outputs and the in-place cache op
+// writes straight into the cache views after copying each layer's span to a temporary (every
+// output token reads every source token, so sources and outputs must not overlap).
+//
+// Compile time: the kernels are instantiated explicitly below, where every nvcc pass sees them;
+// the ATen side is compiled in the host pass only (#ifndef __CUDA_ARCH__), so the two device
+// passes (sm_80, sm_90) do not parse the ATen/c10 headers. Includes are kept to what is used
+// (no torch/extension.h or ATen/ATen.h).
+#include "kernels/dscr.cuh"
+
+template cudaError_t kvfix::kernels::dscr_refine_launch<float>(const kvfix::kernels::DscrArgs&, cudaStream_t);
+template cudaError_t kvfix::kernels::dscr_refine_launch<__half>(const kvfix::kernels::DscrArgs&, cudaStream_t);
+template cudaError_t kvfix::kernels::dscr_refine_launch<__nv_bfloat16>(const kvfix::kernels::DscrArgs&,
+                                                                       cudaStream_t);
+
+#ifndef __CUDA_ARCH__
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#include <vector>
+
+#include "kvfix.h"
+
+namespace kvfix {
+namespace {
+
+// out_k[...] = refine(k), out_v = refine(v) (v / out_v may be null) on the current stream.
+void launch_dscr(const at::Tensor& k, const at::Tensor* v, const at::Tensor& out_k, const at::Tensor* out_v,
+                 const at::Tensor& depth, const at::Tensor& coords, DscrCoefs c) {
+  kernels::DscrArgs a{};
+  a.B = k.size(0);
+  a.H = k.size(1);
+  a.N = k.size(2);
+  a.D = k.size(3);
+  if (k.numel() == 0) return;
+  TORCH_CHECK(a.N <= kernels::kDscrMaxTokens, "dscr: the CUDA kernel supports up to ", kernels::kDscrMaxTokens,
+              " tokens, got N=", a.N);
+  a.k = k.const_data_ptr();
+  a.k_out = out_k.mutable_data_ptr();
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_sn = k.stride(2);
+  a.ko_sb = out_k.stride(0);
+  a.ko_sh = out_k.stride(1);
+  a.ko_sn = out_k.stride(2);
+  if (v != nullptr) {
+    a.v = v->const_data_ptr();
+    a.v_out = out_v->mutable_data_ptr();
+    a.v_sb = v->stride(0);
+    a.v_sh = v->stride(1);
+    a.v_sn = v->stride(2);
+    a.vo_sb = out_v->stride(0);
+    a.vo_sh = out_v->stride(1);
+    a.vo_sn = out_v->stride(2);
+  }
+  a.depth = static_cast<const float*>(depth.const_data_ptr());
+  a.coords = static_cast<const float*>(coords.const_data_ptr());
+  a.geo_sb = depth.size(0) == 1 ? 0 : a.N;  // dscr_check: Bd in {1, B}, contiguous
+  a.coef_d = c.coef_d;
+  a.coef_s = c.coef_s;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(k.device().index()).stream();
+  cudaError_t err;
+  switch (k.scalar_type()) {
+    case at::kFloat:
+      err = kernels::dscr_refine_launch<float>(a, stream);
+      break;
+    case at::kHalf:
+      err = kernels::dscr_refine_launch<__half>(a, stream);
+      break;
+    case at::kBFloat16:
+      err = kernels::dscr_refine_launch<__nv_bfloat16>(a, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "dscr: unsupported dtype ", k.scalar_type());
+  }
+  TORCH_CHECK(err == cudaSuccess, "dscr: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+std::vector<at::Tensor> dscr_refine_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                         const at::Tensor& depth, const at::Tensor& coords,
+                                         double sigma_d, double sigma_s, double alpha, double beta) {
+  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
+  dscr_check(k, v, depth, coords);
+  const c10::cuda::CUDAGuard guard(k.device());
+  std::vector<at::Tensor> outs{at::empty(k.sizes(), k.options())};
+  if (v.has_value()) outs.push_back(at::empty(v->sizes(), v->options()));
+  launch_dscr(k, v ? &*v : nullptr, outs[0], v ? &outs[1] : nullptr, depth, coords, c);
+  return outs;
+}
+
+void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                            const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
+                            double beta) {
+  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
+  TORCH_CHECK(values.empty() || values.size() == keys.size(),
+              "dscr_refine_cache_: values must be empty or have one tensor per key (",
+              keys.size(), "), got ", values.size());
+  // Every tensor is validated before any is written.
+  for (size_t l = 0; l < keys.size(); ++l) {
+    std::optional<at::Tensor> v;
+    if (!values.empty()) v = values[l];
+    dscr_check(keys[l], v, depth, coords);
+    TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2),
+                "dscr_refine_cache_: every layer needs the same B and N");
+  }
+  if (keys.empty()) return;
+  const c10::cuda::CUDAGuard guard(keys[0].device());
+  for (size_t l = 0; l < keys.size(); ++l) {
+    if (keys[l].numel() == 0) continue;
+    // Stream-ordered temporaries: the caching allocator reuses them for the next layer only after
+    // this layer's kernel (same stream) has consumed them.
+    const at::Tensor ks = keys[l].clone(at::MemoryFormat::Contiguous);
+    if (values.empty()) {
+      launch_dscr(ks, nullptr, keys[l], nullptr, depth, coords, c);
+    } else {
+      const at::Tensor vs = values[l].clone(at::MemoryFormat::Contiguous);
+      launch_dscr(ks, &vs, keys[l], &values[l], depth, coords, c);
+    }
+  }
+}
+
+}  // namespace kvfix
+
+#endif  // !__CUDA_ARCH__
