@@ -22,6 +22,9 @@ DscrCoefs dscr_coefs(double sigma_d, double sigma_s, double alpha, double beta);
 // depth: float32 [Bd, N], coords: float32 [Bd, N, 2], both contiguous, Bd in {1, B}.
 void dscr_check(const at::Tensor& k, const std::optional<at::Tensor>& v, const at::Tensor& depth,
                 const at::Tensor& coords);
+// depth and coords are finite (ValueError otherwise). One host read each: call it once per op
+// call, after the shape checks and before anything is written.
+void dscr_check_finite(const at::Tensor& depth, const at::Tensor& coords);
 
 // Out-of-place refinement: returns {k_hat} or {k_hat, v_hat}.
 std::vector<at::Tensor> dscr_refine_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,

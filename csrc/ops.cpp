@@ -54,7 +54,10 @@ void dscr_check(const at::Tensor& k, const std::optional<at::Tensor>& v, const a
   TORCH_CHECK(depth.is_contiguous() && coords.is_contiguous(), "dscr: depth and coords must be contiguous");
   TORCH_CHECK(depth.device() == k.device() && coords.device() == k.device(),
               "dscr: depth and coords must be on k's device");
-  // Once per image after prefill (not a decode path): one host read, before anything is written.
+}
+
+void dscr_check_finite(const at::Tensor& depth, const at::Tensor& coords) {
+  // Once per image after prefill (not a decode path): one host read each.
   TORCH_CHECK_VALUE(depth.isfinite().all().item<bool>(), "dscr: depth has non-finite values (nan or inf)");
   TORCH_CHECK_VALUE(coords.isfinite().all().item<bool>(), "dscr: coords has non-finite values (nan or inf)");
 }

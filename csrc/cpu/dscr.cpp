@@ -134,6 +134,7 @@ std::vector<at::Tensor> dscr_refine_cpu(const at::Tensor& k, const std::optional
                                         double sigma_d, double sigma_s, double alpha, double beta) {
   const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
   dscr_check(k, v, depth, coords);
+  dscr_check_finite(depth, coords);
   std::vector<at::Tensor> srcs{k}, outs{at::empty(k.sizes(), k.options())};
   if (v.has_value()) {
     srcs.push_back(*v);
@@ -161,6 +162,7 @@ void dscr_refine_cache_cpu(at::TensorList keys, at::TensorList values, const at:
     all.push_back(keys[l]);
     if (v) all.push_back(*v);
   }
+  if (!keys.empty()) dscr_check_finite(depth, coords);
   // The refinement reads every source token for every output token, so each group of tensors
   // is copied first; groups are bounded in bytes and share one pass over the weight blocks.
   size_t start = 0;

@@ -92,6 +92,7 @@ std::vector<at::Tensor> dscr_refine_cuda(const at::Tensor& k, const std::optiona
                                          double sigma_d, double sigma_s, double alpha, double beta) {
   const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
   dscr_check(k, v, depth, coords);
+  dscr_check_finite(depth, coords);
   const c10::cuda::CUDAGuard guard(k.device());
   std::vector<at::Tensor> outs{at::empty(k.sizes(), k.options())};
   if (v.has_value()) outs.push_back(at::empty(v->sizes(), v->options()));
@@ -115,6 +116,7 @@ void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at
                 "dscr_refine_cache_: every layer needs the same B and N");
   }
   if (keys.empty()) return;
+  dscr_check_finite(depth, coords);
   const c10::cuda::CUDAGuard guard(keys[0].device());
   for (size_t l = 0; l < keys.size(); ++l) {
     if (keys[l].numel() == 0) continue;
