@@ -1,0 +1,336 @@
+"""The DSCR benchmark table: `python -m bench.table` (writes bench/RESULTS.md), `--quick` for CI.
+
+For every shape and dtype it times the eager reference, kvfix and the GEMM floor (see
+bench/common.py), measures kvfix's and the reference's error against float64 and the peak
+memory of each variant beyond its inputs and outputs, prints a markdown table and (without
+--quick) writes bench/RESULTS.md. RESULTS.md is generated, never edited by hand.
+
+Method:
+- timing: one process, torch threads = the cores available; each variant runs once to warm up,
+  then the variants run interleaved (rotating order) for R repeats; the table shows medians.
+  R: at least 5 (3 for rows where one pass over the variants takes more than 2 s), then more
+  until the row's time budget (--budget) is spent, at most 41.
+- memory: a fresh subprocess (started with MALLOC_MMAP_THRESHOLD_=65536, so that large blocks
+  are mmapped and returned to the OS on free, not silently reused) first runs every variant on
+  a small shape in each dtype (thread pool, code pages, one-time library state), then for each
+  row and variant resets the kernel's resident-set high-water mark (/proc/self/clear_refs),
+  runs the variant once and reads VmHWM: peak = HWM - RSS before - bytes of the outputs.
+  This sees every touched allocation (ATen, BLAS/oneDNN scratch, plain malloc), not only
+  ATen's, and is deterministic up to page granularity; shape-specific one-time state (e.g. a
+  GEMM primitive created for that shape) is counted. A calibration line (a 64 MiB temporary)
+  is printed with the table.
+- error: max |out - reference(float64)| over K and V outputs; on N=16384 over 512 evenly spaced
+  output tokens (reference weights of those columns only).
+- accuracy check (exit status 1 on failure): kvfix error <= max(2 x the eager reference's
+  error in the same dtype, tol(dtype) x max|exact output|), tol = 1e-5 fp32, 2e-3 fp16,
+  1.6e-2 bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):  # run as `python bench/table.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import kvfix  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import DTYPES, FULL_SHAPES, QUICK_SHAPES  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+TOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
+VARIANTS = ("reference", "kvfix", "floor", "mm_floor")
+WARM_SHAPE = common.Shape("warm-up", 1, 2, 8, 8, 32, ())
+CALIB_BYTES = 64 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# memory worker (runs in a subprocess)
+
+def _memory_worker(payload: str) -> None:
+    spec = json.loads(payload)
+    torch.set_num_threads(spec["threads"])
+    shapes = {s.name: s for s in (FULL_SHAPES + QUICK_SHAPES)}
+    results = {}
+    # calibration: a known temporary
+    calib = lambda: (torch.ones(CALIB_BYTES // 4).sum(),)  # noqa: E731
+    calib()
+    results["calibration"] = common.peak_bytes_beyond(calib)[0]
+    for dt in dict.fromkeys(dt for _, dt in spec["rows"]):  # one-time state, off the record
+        for fn in common.variant_fns(common.make_inputs(WARM_SHAPE, DTYPES[dt])).values():
+            fn()
+    for name, dt in spec["rows"]:
+        shape = shapes[name]
+        inp = common.make_inputs(shape, DTYPES[dt])
+        fns = common.variant_fns(inp, with_reference=shape.ref_skip is None)
+        for vname, fn in fns.items():
+            peak, out = common.peak_bytes_beyond(fn)
+            del out
+            results[f"{name}|{dt}|{vname}"] = peak
+        del inp, fns
+        gc.collect()
+    print("KVFIX_MEMORY " + json.dumps(results), flush=True)
+
+
+def measure_memory(rows, n_threads: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(n_threads))
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(kvfix.__file__))), os.path.dirname(HERE)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    payload = json.dumps({"threads": n_threads, "rows": rows})
+    r = subprocess.run([sys.executable, "-m", "bench.table", "--memory-worker", payload], cwd=os.path.dirname(HERE),
+                       env=env, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith("KVFIX_MEMORY "):
+            return json.loads(line[len("KVFIX_MEMORY "):])
+    raise RuntimeError(f"memory worker failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+
+
+# --------------------------------------------------------------------------------------------
+# timing and errors (this process)
+
+def time_row(shape, dt: str, budget_s: float, min_reps: int, max_reps: int = 41) -> dict:
+    inp = common.make_inputs(shape, DTYPES[dt])
+    fns = common.variant_fns(inp, with_reference=shape.ref_skip is None)
+    truth, cols = common.ground_truth(shape, inp)
+    row = {"shape": shape, "dtype": dt, "err": {}, "ms": {}}
+    for name, fn in fns.items():  # warm-up, also the outputs the errors are taken on
+        out = fn()
+        if name in ("reference", "kvfix"):
+            row["err"][name] = common.max_error(out, truth, cols)
+        del out
+    row["scale"] = max(float(t.abs().max()) for t in truth)
+    row["err_tokens"] = shape.N if cols is None else int(cols.numel())
+    del truth
+    gc.collect()
+    names = list(fns)
+    times = {n: [] for n in names}
+    passes = []
+    t_start, reps = time.perf_counter(), 0
+    while reps < max_reps:
+        if reps >= 3:  # enough for a median when one pass is slow (> 2 s); else min_reps
+            need = 3 if statistics.median(passes) > 2.0 else min_reps
+            if reps >= need and time.perf_counter() - t_start >= budget_s:
+                break
+        order = names[reps % len(names):] + names[:reps % len(names)]
+        t_pass = time.perf_counter()
+        for n in order:
+            t0 = time.perf_counter()
+            out = fns[n]()
+            times[n].append(time.perf_counter() - t0)
+            del out
+        passes.append(time.perf_counter() - t_pass)
+        reps += 1
+    row["ms"] = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    row["reps"] = reps
+    del inp, fns
+    gc.collect()
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+def _ms(x):
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _mb(b):
+    if b is None:
+        return "n/a"
+    mb = b / 2**20
+    return f"{mb:.0f}" if mb >= 100 else f"{mb:.1f}" if mb >= 1 else f"{mb:.2f}"
+
+
+def _size(b):
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable": common.threads(), "mem": mem}
+
+
+def ref_skip_text(row, rows) -> str:
+    """'n/a (reason)', with a memory estimate from the N^2 scaling of the largest measured row."""
+    shape = row["shape"]
+    text = shape.ref_skip
+    measured = [r for r in rows if r["dtype"] == row["dtype"] and r["shape"].ref_skip is None
+                and r.get("mem", {}).get("reference") is not None]
+    if measured:
+        big = max(measured, key=lambda r: r["shape"].N)
+        scale = (shape.N / big["shape"].N) ** 2 * shape.B / big["shape"].B
+        est = big["mem"]["reference"] * scale
+        text += f"; ~{_size(est)} by N^2 scaling of the N={big['shape'].N} row"
+    return f"n/a ({text})"
+
+
+def render(rows, calib, info, cmd, started, loads) -> tuple[str, list]:
+    head = ("| op | shape | dtype | reference ms | kvfix ms | speedup (ref/kvfix) | floor ms | kvfix/floor "
+            "| mm floor ms | kvfix/mm floor | max err kvfix | max err ref | peak MB kvfix | peak MB ref "
+            "| peak MB floor | peak MB mm floor | reps |")
+    lines = [head, "|" + "---|" * 17]
+    failures = []
+    for row in rows:
+        s, dt, ms, err, mem = row["shape"], row["dtype"], row["ms"], row["err"], row.get("mem", {})
+        skip = s.ref_skip is not None
+        ref_ms = ref_skip_text(row, rows) if skip else _ms(ms["reference"])
+        speed = "n/a" if skip else f"{ms['reference'] / ms['kvfix']:.2f}x"
+        tok = "" if row["err_tokens"] == s.N else f" ({row['err_tokens']} tokens)"
+        ref_err = "n/a" if skip else f"{err['reference']:.1e}"
+        ref_mem = "n/a" if skip else _mb(mem["reference"])
+        lines.append(
+            f"| dscr_refine (K+V) | {s.label} | {dt} | {ref_ms} | {_ms(ms['kvfix'])} | {speed} | {_ms(ms['floor'])} "
+            f"| {ms['kvfix'] / ms['floor']:.2f} | {_ms(ms['mm_floor'])} | {ms['kvfix'] / ms['mm_floor']:.2f} "
+            f"| {err['kvfix']:.1e}{tok} | {ref_err} "
+            f"| {_mb(mem['kvfix'])} | {ref_mem} | {_mb(mem['floor'])} | {_mb(mem['mm_floor'])} | {row['reps']} |")
+        bound = max(2 * err.get("reference", 0.0), TOL[dt] * row["scale"])
+        if not (err["kvfix"] <= bound):
+            failures.append(f"{s.label} {dt}: kvfix error {err['kvfix']:.2e} > bound {bound:.2e}")
+    table = "\n".join(lines)
+
+    out = []
+    out.append(f"- machine: {info['cpu']}, {info['cores']} cores ({info['usable']} usable), {info['mem']}, "
+               f"{platform.system()} {platform.release()}")
+    bi = kvfix.build_info()
+    out.append(f"- torch {torch.__version__} ({torch.get_num_threads()} threads), kvfix {kvfix.__version__} "
+               f"(kernels: {', '.join(bi.get('devices', []))}), Python {platform.python_version()}")
+    out.append(f"- date: {started:%Y-%m-%d %H:%M:%S %Z}".rstrip())
+    out.append(f"- command: `{cmd}`")
+    out.append(f"- load average (1 min) at start / max after a row / end: {loads[0]:.2f} / {loads[1]:.2f} / "
+               f"{loads[2]:.2f} (a shared machine: compare the ratios within a row, not absolute times across runs)")
+    if loads[1] > 2 * info["usable"]:
+        out.append(f"- WARNING: the machine was busy during this run (load up to {loads[1]:.1f} on "
+                   f"{info['usable']} cores, this run's own {torch.get_num_threads()} threads included): "
+                   "the timings are unreliable; rerun on a quiet machine")
+    out.append(f"- memory calibration: a {CALIB_BYTES >> 20} MiB temporary reads as {_mb(calib)} MB")
+    return "\n".join(out) + "\n\n" + table, failures
+
+
+def targets(rows) -> list:
+    """The targets of issue 2, evaluated on this run (CPU)."""
+    res = []
+    for row in rows:
+        s, dt, ms = row["shape"], row["dtype"], row["ms"]
+        r1, r2 = ms["kvfix"] / ms["floor"], ms["kvfix"] / ms["mm_floor"]
+
+        def verdict(limit):
+            return (f"kvfix/floor = {r1:.2f}, kvfix/mm floor = {r2:.2f} (target <= {limit}): "
+                    f"{'met' if r1 <= limit else 'NOT met'} / {'met' if r2 <= limit else 'NOT met'}")
+
+        if s.name == "LLaVA-1.5" and dt == "fp32":
+            sp = ms.get("reference", float("nan")) / ms["kvfix"]
+            res.append(f"fp32 LLaVA-1.5: {verdict(1.15)}; speedup over the eager reference {sp:.2f}x")
+        if dt == "bf16":
+            res.append(f"bf16 {s.name}: {verdict(1.3)}")
+        if s.name == "N=16384" and row["mem"]["kvfix"] is not None:
+            mb = row["mem"]["kvfix"] / 2**20
+            res.append(f"N=16384 {dt}: kvfix peak beyond inputs/outputs {mb:.1f} MB (target < 256 MB): "
+                       f"{'met' if mb < 256 else 'NOT met'}")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.table", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds; prints only (CI smoke test)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per row (default 3; quick 0.2)")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_worker is not None:
+        _memory_worker(args.memory_worker)
+        return 0
+
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    main_mod = sys.modules.get("__main__")
+    launcher = "python -m bench.table" if getattr(getattr(main_mod, "__spec__", None), "name", "") == "bench.table" \
+        else "python bench/table.py"
+    cmd = " ".join([launcher] + argv_used)
+    n_threads = common.threads()
+    torch.set_num_threads(n_threads)
+    started = datetime.datetime.now().astimezone()
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    load_max = load0
+
+    check = common.check_reference_columns()
+    if not check < 1e-12:
+        print(f"reference_columns_f64 disagrees with kvfix.reference.dscr_refine: {check:.2e}", file=sys.stderr)
+        return 1
+
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 3.0)
+    min_reps, max_reps = (3, 9) if args.quick else (5, 41)
+    rows = []
+    for shape in shapes:
+        for dt in shape.dtypes:
+            t0 = time.perf_counter()
+            rows.append(time_row(shape, dt, budget, min_reps, max_reps))
+            load_max = max(load_max, os.getloadavg()[0])
+            print(f"  timed {shape.label} {dt} ({rows[-1]['reps']} reps, {time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+    if os.path.exists("/proc/self/clear_refs"):
+        mem = measure_memory([(r["shape"].name, r["dtype"]) for r in rows], n_threads)
+    else:
+        print("  no /proc/self/clear_refs (not Linux?): peak memory not measured", file=sys.stderr)
+        mem = {"calibration": None}
+    for r in rows:
+        r["mem"] = {v: mem.get(f"{r['shape'].name}|{r['dtype']}|{v}") for v in VARIANTS}
+    loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
+    report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
+    elapsed = time.perf_counter() - t_start
+
+    print(report)
+    tgt = [] if args.quick else targets(rows)
+    if tgt:
+        print("\n" + "\n".join(f"- {t}" for t in tgt))
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s; accuracy check: "
+          f"{'all rows within tolerance' if not failures else 'FAILED'}")
+    for f in failures:
+        print(f"  {f}")
+
+    if not args.quick:
+        doc = ["# kvfix benchmark results", "",
+               "Generated by `python -m bench.table` (bench/table.py); do not edit by hand, rerun the command.", "",
+               report, "",
+               "Columns: medians of interleaved repeats (reps); speedup = reference ms / kvfix ms; floor = the bare "
+               "GEMMs `torch.matmul(W, K)` and `torch.matmul(W, V)` with a precomputed N x N W in the same dtype; "
+               "mm floor = the same products as one `torch.mm(W, K[b, h])` per batch item and head (in bf16/fp16 "
+               "`torch.matmul` with a 2-D W and 4-D K copies W once per head: see peak MB floor); "
+               "max err = max |out - reference in float64| over K and V; peak MB = resident-set high-water mark "
+               "during one call beyond inputs and outputs, in a fresh process (method: bench/table.py docstring).",
+               "", "Targets (issue 2, CPU):", ""] + [f"- {t}" for t in tgt] + [
+               "", f"Accuracy check (kvfix error <= max(2 x eager reference error, tol x max|exact|)): "
+               f"{'all rows within tolerance' if not failures else 'FAILED: ' + '; '.join(failures)}.",
+               f"Whole run: {elapsed:.0f} s.", ""]
+        with open(RESULTS, "w") as f:
+            f.write("\n".join(doc))
+        print(f"wrote {os.path.relpath(RESULTS)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

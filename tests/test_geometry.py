@@ -1,0 +1,127 @@
+"""kvfix.patch_coords / kvfix.patch_depth (SPEC §1 helpers) against hand-computed values."""
+import pytest
+import torch
+
+import kvfix
+
+
+# --------------------------------------------------------------------------------------------
+# patch_coords: s = ((r + 0.5) / G, (c + 0.5) / G), G = max(gh, gw), row-major
+
+def test_patch_coords_2x3_by_hand():
+    # G = 3: row centres 1/6, 1/2; column centres 1/6, 1/2, 5/6; row-major order.
+    expected = torch.tensor([[1 / 6, 1 / 6], [1 / 6, 1 / 2], [1 / 6, 5 / 6],
+                             [1 / 2, 1 / 6], [1 / 2, 1 / 2], [1 / 2, 5 / 6]], dtype=torch.float64)
+    got = kvfix.patch_coords(2, 3, dtype=torch.float64)
+    assert got.shape == (6, 2) and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    got32 = kvfix.patch_coords(2, 3)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32, expected.float())
+
+
+def test_patch_coords_tall_grid_shares_one_scale():
+    # 3 x 2: G = 3 again, so the columns keep the same spacing as the rows (aspect ratio kept).
+    expected = torch.tensor([[1 / 6, 1 / 6], [1 / 6, 1 / 2],
+                             [1 / 2, 1 / 6], [1 / 2, 1 / 2],
+                             [5 / 6, 1 / 6], [5 / 6, 1 / 2]], dtype=torch.float64)
+    torch.testing.assert_close(kvfix.patch_coords(3, 2, dtype=torch.float64), expected, rtol=0, atol=1e-15)
+
+
+def test_patch_coords_single_patch_and_square_grid():
+    torch.testing.assert_close(kvfix.patch_coords(1, 1), torch.tensor([[0.5, 0.5]]))
+    c = kvfix.patch_coords(24, 24)  # LLaVA-1.5 grid
+    assert c.shape == (576, 2)
+    torch.testing.assert_close(c[25], torch.tensor([1.5 / 24, 1.5 / 24]))  # row 1, column 1
+    assert float(c.min()) == pytest.approx(0.5 / 24) and float(c.max()) == pytest.approx(23.5 / 24)
+
+
+@pytest.mark.parametrize("gh, gw, name", [(0, 3, "gh"), (2, -1, "gw"), (2.0, 3, "gh"),
+                                          (True, 3, "gh"), (2, None, "gw")])
+def test_patch_coords_bad_grid(gh, gw, name):
+    with pytest.raises(ValueError, match=name):
+        kvfix.patch_coords(gh, gw)
+
+
+# --------------------------------------------------------------------------------------------
+# patch_depth: area-average pooling to the grid, then per-image min-max to [0, 1]
+
+MAP_4x4 = torch.arange(1, 17, dtype=torch.float32).reshape(4, 4)
+# 2x2 block means: (1+2+5+6)/4 = 3.5, (3+4+7+8)/4 = 5.5, (9+10+13+14)/4 = 11.5,
+# (11+12+15+16)/4 = 13.5; min-max over {3.5, 5.5, 11.5, 13.5} (span 10):
+EXPECTED_4x4 = torch.tensor([0.0, 0.2, 0.8, 1.0])
+
+
+def test_patch_depth_4x4_to_2x2_by_hand():
+    got = kvfix.patch_depth(MAP_4x4, 2, 2)
+    assert got.shape == (4,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, EXPECTED_4x4, rtol=0, atol=1e-7)
+
+
+def test_patch_depth_non_square_grid_by_hand():
+    # 4 x 6 map pooled to a 2 x 3 grid: 2 x 2 blocks. Rows of the map: r * 6 + c.
+    m = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    # block (R, C) mean = ((2R)*6 + 2C) + (0 + 1 + 6 + 7) / 4 = 12 R + 2 C + 3.5
+    pooled = torch.tensor([12 * r + 2 * c + 3.5 for r in range(2) for c in range(3)], dtype=torch.float64)
+    expected = (pooled - pooled.min()) / (pooled.max() - pooled.min())  # [0, .125, .25, .75, .875, 1]
+    torch.testing.assert_close(kvfix.patch_depth(m, 2, 3), expected.float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(expected, torch.tensor([0, 0.125, 0.25, 0.75, 0.875, 1.0], dtype=torch.float64))
+
+
+def test_patch_depth_grid_at_map_resolution_is_plain_minmax():
+    m = torch.tensor([[2.0, 4.0, 6.0], [8.0, 10.0, 12.0]])
+    torch.testing.assert_close(kvfix.patch_depth(m, 2, 3), torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
+
+
+def test_patch_depth_constant_map_gives_zeros():
+    got = kvfix.patch_depth(torch.full((7, 5), 3.25), 3, 2)
+    assert got.shape == (6,) and got.dtype == torch.float32
+    assert torch.equal(got, torch.zeros(6))
+
+
+def test_patch_depth_batch_normalises_each_image():
+    maps = torch.stack([MAP_4x4, 2 * MAP_4x4 + 7, torch.full((4, 4), -1.0), -MAP_4x4])
+    got = kvfix.patch_depth(maps, 2, 2)
+    assert got.shape == (4, 4) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0], EXPECTED_4x4)
+    torch.testing.assert_close(got[1], EXPECTED_4x4)  # affine maps normalise alike
+    assert torch.equal(got[2], torch.zeros(4))        # constant image: zeros, others unaffected
+    torch.testing.assert_close(got[3], 1 - EXPECTED_4x4, rtol=0, atol=1e-7)  # flipped map: 1 - d
+    # each item equals the single-image call
+    for b in range(4):
+        torch.testing.assert_close(got[b], kvfix.patch_depth(maps[b], 2, 2))
+
+
+def test_patch_depth_accepts_integer_and_half_maps_and_leaves_input_alone():
+    m_int = torch.arange(1, 17).reshape(4, 4)
+    before = m_int.clone()
+    torch.testing.assert_close(kvfix.patch_depth(m_int, 2, 2), EXPECTED_4x4)
+    assert torch.equal(m_int, before)
+    torch.testing.assert_close(kvfix.patch_depth(MAP_4x4.half(), 2, 2), EXPECTED_4x4)
+
+
+def test_patch_depth_range_any_resolution():
+    torch.manual_seed(0)
+    got = kvfix.patch_depth(torch.rand(2, 37, 53) * 50 - 10, 24, 24)
+    assert got.shape == (2, 576)
+    assert float(got.min()) == 0.0 and float(got.max()) == 1.0
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("bad, exc", [
+    ([[1.0, 2.0], [3.0, 4.0]], TypeError),      # not a tensor
+    (torch.ones(4), ValueError),                 # 1-D
+    (torch.ones(1, 1, 4, 4), ValueError),        # 4-D
+    (torch.ones(0, 4), ValueError),              # empty
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError),
+    (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError),
+])
+def test_patch_depth_bad_map_names_argument(bad, exc):
+    with pytest.raises(exc, match="depth_map"):
+        kvfix.patch_depth(bad, 2, 2)
+
+
+@pytest.mark.parametrize("gh, gw, name", [(0, 2, "gh"), (2, 0, "gw"), (2, 1.5, "gw")])
+def test_patch_depth_bad_grid_names_argument(gh, gw, name):
+    with pytest.raises(ValueError, match=name):
+        kvfix.patch_depth(MAP_4x4, gh, gw)
