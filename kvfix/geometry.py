@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["patch_coords", "patch_depth"]
 
@@ -27,12 +26,23 @@ def patch_coords(gh: int, gw: int, *, device=None, dtype=torch.float32) -> torch
     return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1).to(dtype)
 
 
+def _area_weights(n_out: int, n_in: int, device) -> torch.Tensor:
+    """[n_out, n_in] exact area-average weights: cell r covers [r n_in / n_out, (r + 1) n_in / n_out)
+    of the input axis; pixel y contributes the length of its overlap with that interval."""
+    edges = torch.arange(n_out + 1, device=device, dtype=torch.float64) * (n_in / n_out)
+    y = torch.arange(n_in, device=device, dtype=torch.float64)
+    lo = torch.maximum(edges[:-1, None], y[None, :])
+    hi = torch.minimum(edges[1:, None], y[None, :] + 1)
+    return (hi - lo).clamp_min(0) * (n_out / n_in)
+
+
 def patch_depth(depth_map: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     """Pool a depth map to the patch grid and min-max normalise it per image.
 
-    depth_map: [H, W] or [B, H, W], any resolution. Returns float32 [N] or [B, N]: the
-    area average over each patch (adaptive average pooling), then (x - min) / (max - min)
-    per image; a constant map gives all zeros (choice, SPEC §1).
+    depth_map: [H, W] or [B, H, W], any resolution. Returns float32 [N] or [B, N] (N = gh * gw,
+    row-major): the exact area average over each patch (a pixel straddling two patches counts
+    in each with the fraction of its area inside), then (x - min) / (max - min) per image; a
+    constant map (up to a 1e-9 relative spread) gives all zeros (choice, SPEC §1).
     """
     _check_grid(gh, gw)
     if not isinstance(depth_map, torch.Tensor):
@@ -41,16 +51,23 @@ def patch_depth(depth_map: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         raise ValueError(f"depth_map must be [H, W] or [B, H, W], got shape {tuple(depth_map.shape)}")
     if depth_map.numel() == 0:
         raise ValueError(f"depth_map is empty (shape {tuple(depth_map.shape)})")
-    if not depth_map.is_floating_point():
-        depth_map = depth_map.float()
-    if not bool(torch.isfinite(depth_map).all()):
+    if not (depth_map.is_floating_point() or depth_map.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"depth_map must be a real-valued tensor, got {depth_map.dtype}")
+    x = depth_map.to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
         raise ValueError("depth_map has non-finite values (nan or inf)")
-    single = depth_map.dim() == 2
-    x = depth_map.unsqueeze(0) if single else depth_map
-    pooled = F.adaptive_avg_pool2d(x.unsqueeze(1).to(torch.float64), (gh, gw)).flatten(1)  # [B, N]
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    H, W = x.shape[-2:]
+    ph = _area_weights(gh, H, x.device)  # [gh, H]
+    pw = _area_weights(gw, W, x.device)  # [gw, W]
+    pooled = (ph @ x @ pw.T).flatten(1)  # [B, N]
     lo = pooled.amin(dim=1, keepdim=True)
     hi = pooled.amax(dim=1, keepdim=True)
     span = hi - lo
-    out = torch.where(span > 0, (pooled - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+    # Pooling a constant map can leave rounding-level differences: treat those as constant.
+    varies = span > 1e-9 * torch.maximum(lo.abs(), hi.abs())
+    out = torch.where(varies, (pooled - lo) / torch.where(varies, span, torch.ones_like(span)),
                       torch.zeros_like(pooled)).to(torch.float32)
     return out[0] if single else out

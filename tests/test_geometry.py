@@ -125,3 +125,22 @@ def test_patch_depth_bad_map_names_argument(bad, exc):
 def test_patch_depth_bad_grid_names_argument(gh, gw, name):
     with pytest.raises(ValueError, match=name):
         kvfix.patch_depth(MAP_4x4, gh, gw)
+
+
+def test_patch_depth_is_an_exact_area_average_when_sizes_do_not_divide():
+    # 3x3 -> 2x2: each patch covers 1.5 x 1.5 pixels, so the centre pixel counts a quarter in
+    # every patch and the edge pixels half in two. Corner 9, everything else 0: the top-left
+    # patch averages (9 * 1) / 2.25 = 4.0 (adaptive pooling's overlapping windows would say 2.25).
+    m = torch.zeros(3, 3, dtype=torch.float64)
+    m[0, 0] = 9.0
+    from kvfix.geometry import _area_weights
+    pooled = _area_weights(2, 3, None) @ m @ _area_weights(2, 3, None).T
+    torch.testing.assert_close(pooled, torch.tensor([[4.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    # 5 columns -> 2 patches of 2.5 pixels: (0 + 1 + 2 / 2) / 2.5 = 0.8 and (2 / 2 + 3 + 4) / 2.5 = 3.2.
+    ramp = torch.arange(5, dtype=torch.float64).repeat(5, 1)  # value = column index
+    w = _area_weights(2, 5, None)
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(ramp @ w.T, torch.tensor([[0.8, 3.2]] * 5, dtype=torch.float64))
+    # End to end: normalised to [0, 1] per image.
+    d = kvfix.patch_depth(m, 2, 2)
+    torch.testing.assert_close(d, torch.tensor([1.0, 0.0, 0.0, 0.0]))
