@@ -1,0 +1,3 @@
+// kvemu shadow of <cuda_pipeline_primitives.h>: the emulator provides what kernels use from it.
+#pragma once
+#include <kvemu/emu.h>

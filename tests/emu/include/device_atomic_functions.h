@@ -1,0 +1,3 @@
+// kvemu shadow of <device_atomic_functions.h>: the emulator provides what kernels use from it.
+#pragma once
+#include <kvemu/emu.h>

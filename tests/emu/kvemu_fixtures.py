@@ -1,0 +1,123 @@
+"""pytest fixtures for emulated CUDA kernels (loaded by tests/emu/conftest.py).
+
+    def test_something(emu):
+        mod = emu.module("dscr")          # tests/emu/shims/dscr.cpp, built once per session
+        mod.dscr_refine(k, v, k_out, v_out, depth, coords, coef_d, coef_s)   # raises EmuError
+
+`emu` builds the modules of the selected tests in the background on first use (two compiler
+processes; test_emu_<name>.py -> module <name>, others on demand), caches the builds in
+tests/.emu_cache/, and skips the emulated tests where no C++ compiler or CUDA headers
+exist. KVFIX_EMU_SEED picks the fiber order (0 = thread order, the default; CI runs 0, 1, 2);
+KVFIX_EMU_ASAN=1 switches to the AddressSanitizer builds (the process needs libasan preloaded:
+`python tests/emu/run_emulated.py --asan-only` sets that up).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kvemu_build  # noqa: E402
+from kvemu_build import BuildError, EmuError, Module  # noqa: E402,F401
+
+__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference"]
+
+
+def kvfix_reference():
+    """`kvfix.reference`, loaded from its file: the emulated tests need neither the compiled
+    extension nor the rest of the package (whose build may lag behind the sources)."""
+    mod = sys.modules.get("kvfix.reference")
+    if mod is not None:
+        return mod
+    import importlib.util
+    path = kvemu_build.REPO / "kvfix" / "reference.py"
+    spec = importlib.util.spec_from_file_location("kvemu_kvfix_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["kvemu_kvfix_reference"] = mod
+    return mod
+
+
+class EmuSession:
+    """Builds and loads the emulated modules of this session (one variant: opt or asan)."""
+
+    def __init__(self, asan: bool, prebuild: list[str] | None = None):
+        self.asan = asan
+        self.variant = kvemu_build.variant(asan)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
+        self._builds: dict[str, Future] = {}
+        self._loaded: dict[str, Module] = {}
+        names = kvemu_build.modules()
+        for name in (names if prebuild is None else [n for n in prebuild if n in names]):
+            self._builds[name] = self._pool.submit(kvemu_build.build, name, asan)
+        self._asan_selftest: Future | None = None
+        if not asan and "selftest" in self._builds:  # test_emulator.py's ASan subprocess tests
+            self._asan_selftest = self._pool.submit(kvemu_build.build, "selftest", True)
+
+    def asan_path(self, name: str) -> Path:
+        """The ASan build of `name` (for subprocesses that preload libasan)."""
+        if self.asan:
+            return self.path(name)
+        try:
+            if name == "selftest" and self._asan_selftest is not None:
+                return self._asan_selftest.result()
+            return kvemu_build.build(name, True)
+        except BuildError as e:
+            pytest.fail(str(e), pytrace=False)
+
+    @property
+    def seed(self) -> int:
+        """The fiber-order seed of this run (KVFIX_EMU_SEED)."""
+        return int(os.environ.get("KVFIX_EMU_SEED", "0") or 0)
+
+    def path(self, name: str) -> Path:
+        if name not in self._builds:
+            self._builds[name] = self._pool.submit(kvemu_build.build, name, self.asan)
+        try:
+            return self._builds[name].result()
+        except BuildError as e:
+            pytest.fail(str(e), pytrace=False)
+
+    def module(self, name: str) -> Module:
+        """The loaded module `name` (tests/emu/shims/<name>.cpp or tests/emu/kernels/<name>.cpp)."""
+        mod = self._loaded.get(name)
+        if mod is None:
+            mod = self._loaded[name] = Module(name, self.path(name))
+        return mod
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _selected_modules(session) -> list[str] | None:
+    """Modules the selected tests will use, to build them in parallel up front: test_emulator.py
+    uses "selftest", test_emu_<name>.py uses "<name>" (others are built when first asked for)."""
+    items = getattr(session, "items", None)
+    if not items:
+        return None
+    names = []
+    for item in items:
+        stem = Path(str(item.fspath)).stem
+        name = "selftest" if stem == "test_emulator" else stem[len("test_emu_"):] if stem.startswith("test_emu_") else None
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+@pytest.fixture(scope="session")
+def emu(request):
+    problem = kvemu_build.toolchain_problem()
+    if problem:
+        pytest.skip(f"emulated CUDA kernels: {problem}")
+    asan = kvemu_build.asan_requested()
+    if asan and not kvemu_build.asan_runtime_loaded():
+        pytest.fail("KVFIX_EMU_ASAN=1 needs the ASan runtime preloaded into Python: "
+                    f"LD_PRELOAD={kvemu_build.libasan_path()} ASAN_OPTIONS=detect_leaks=0, "
+                    "or run `python tests/emu/run_emulated.py --asan-only`", pytrace=False)
+    session = EmuSession(asan, _selected_modules(request.session))
+    yield session
+    session.close()
