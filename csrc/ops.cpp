@@ -24,8 +24,12 @@ DscrCoefs dscr_coefs(double sigma_d, double sigma_s, double alpha, double beta) 
   TORCH_CHECK_VALUE(std::isfinite(sigma_s) && sigma_s > 0, "dscr: sigma_s must be finite and > 0, got ", sigma_s);
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0, "dscr: alpha must be finite and >= 0, got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0, "dscr: beta must be finite and >= 0, got ", beta);
-  return {static_cast<float>(alpha / (2.0 * sigma_d * sigma_d)),
-          static_cast<float>(beta / (2.0 * sigma_s * sigma_s))};
+  const float coef_d = static_cast<float>(alpha / (2.0 * sigma_d * sigma_d));
+  const float coef_s = static_cast<float>(beta / (2.0 * sigma_s * sigma_s));
+  // A tiny sigma overflows the float32 coefficient (inf * 0 = nan for equal depths).
+  TORCH_CHECK_VALUE(std::isfinite(coef_d), "dscr: sigma_d=", sigma_d, " is too small (alpha / (2 sigma_d^2) overflows float32)");
+  TORCH_CHECK_VALUE(std::isfinite(coef_s), "dscr: sigma_s=", sigma_s, " is too small (beta / (2 sigma_s^2) overflows float32)");
+  return {coef_d, coef_s};
 }
 
 static void check_kv(const at::Tensor& x, const char* name, const at::Tensor& k) {

@@ -78,9 +78,23 @@ def _geometry(depth, coords, B: int, N: int, device: torch.device):
     return (depth.to(torch.float32).contiguous(), coords.to(torch.float32).contiguous())
 
 
+def _check_built_for(x: torch.Tensor, op: str) -> None:
+    """A CUDA tensor given to a kvfix built without CUDA kernels: say why, not the dispatcher's
+    'could not run ... with arguments from the CUDA backend'."""
+    if x.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"kvfix::{op}", "CUDA"):
+        from . import build_info
+        raise RuntimeError(f"kvfix was built without CUDA kernels ({build_info().get('cuda_reason')}); "
+                           "rebuild it where nvcc matches torch's CUDA: pip install --no-build-isolation .")
+
+
 def _dscr_params(sigma_d, sigma_s, alpha, beta):
-    return (_check_positive(sigma_d, "sigma_d"), _check_positive(sigma_s, "sigma_s"),
-            _check_positive(alpha, "alpha", allow_zero=True), _check_positive(beta, "beta", allow_zero=True))
+    sd, ss = _check_positive(sigma_d, "sigma_d"), _check_positive(sigma_s, "sigma_s")
+    a, b = _check_positive(alpha, "alpha", allow_zero=True), _check_positive(beta, "beta", allow_zero=True)
+    # The kernels use alpha / (2 sigma^2) in float32: a tiny sigma would overflow it (inf * 0 = nan).
+    for name, sigma, num in (("sigma_d", sd, a), ("sigma_s", ss, b)):
+        if not (sigma * sigma > 0 and math.isfinite(num / (2 * sigma * sigma)) and num / (2 * sigma * sigma) < 3.4e38):
+            raise ValueError(f"{name}={sigma} is too small: the proximity coefficient overflows float32")
+    return sd, ss, a, b
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +124,7 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
     sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
     B, _, N, _ = k.shape
     d, c = _geometry(depth, coords, B, N, k.device)
+    _check_built_for(k, "dscr_refine")
     outs = torch.ops.kvfix.dscr_refine.default(k, v, d, c, sd, ss, a, b)
     return outs[0], (outs[1] if v is not None else None)
 
@@ -120,16 +135,17 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     """Refine the image span of several layers' caches in place, in one call (SPEC §1).
 
     keys (and values, or None for keys only): sequences of [B, H, N, D] views of each layer's
-    cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`. One weight matrix serves
-    every layer and head; on the CPU it is built once per group of layers (groups bounded to
-    64 MiB of source copies). Every tensor is validated before any is written.
+    cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`; the views must not overlap
+    each other. One weight matrix serves every layer and head: on the CPU it is built once per
+    call (kept while it fits 64 MiB, i.e. N <= 2896 per image; beyond, once per group of layers
+    whose source copies fit 64 MiB); the CUDA kernel generates weight tiles on the fly, as they
+    are cheaper to recompute than to read. Every tensor is validated before any is written.
     """
     if isinstance(keys, torch.Tensor) or not isinstance(keys, (list, tuple)) or not keys:
         raise TypeError("keys must be a non-empty list or tuple of tensors")
-    values = [] if values is None else values
-    if isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple)):
-        raise TypeError("values must be a list or tuple of tensors, or None")
-    if values and len(values) != len(keys):
+    if values is not None and (isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple))):
+        raise TypeError("values must be a list or tuple of tensors, or None (keys only)")
+    if values is not None and len(values) != len(keys):
         raise ValueError(f"values has {len(values)} tensors but keys has {len(keys)}")
     k0 = _check_kv(keys[0], "keys[0]")
     for i, x in enumerate(keys):
@@ -137,10 +153,15 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
         if x.shape[0] != k0.shape[0] or x.shape[2] != k0.shape[2] or x.device != k0.device:
             raise ValueError(f"keys[{i}] has shape {tuple(x.shape)} on {x.device}; every layer needs "
                              f"B={k0.shape[0]}, N={k0.shape[2]} on {k0.device}")
+    values = [] if values is None else values
     for i, x in enumerate(values):
-        _check_kv(x, f"values[{i}]", like=keys[i])
+        _check_kv(x, f"values[{i}]")
+        if x.shape != keys[i].shape or x.dtype != keys[i].dtype or x.device != keys[i].device:
+            raise ValueError(f"values[{i}] ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match keys[{i}] "
+                             f"({tuple(keys[i].shape)}, {keys[i].dtype}, {keys[i].device})")
     sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
     d, c = _geometry(depth, coords, k0.shape[0], k0.shape[2], k0.device)
+    _check_built_for(k0, "dscr_refine_cache_")
     torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), d, c, sd, ss, a, b)
 
 

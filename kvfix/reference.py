@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dscr_weights", "dscr_refine"]
+__all__ = ["dscr_weights", "dscr_refine", "DSCR_EXP_CUTOFF"]
+
+# A proximity term exp(x) with x below this counts as 0, in every backend: float32 leaves its
+# normal range there (exp(-87) ~ 1.6e-38), so all implementations agree on when a column sum is
+# 0 and a token keeps its own key (SPEC §1 "c_j == 0 after underflow"), float64 included.
+DSCR_EXP_CUTOFF = -87.0
+
+
+def _exp_cut(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x < DSCR_EXP_CUTOFF, torch.zeros_like(x), torch.exp(x))
 
 
 def _as_batched(x: torch.Tensor, batch: int, trailing: int) -> torch.Tensor:
@@ -21,18 +30,21 @@ def _as_batched(x: torch.Tensor, batch: int, trailing: int) -> torch.Tensor:
 
 def dscr_weights(depth: torch.Tensor, coords: torch.Tensor, *, sigma_d: float = 0.6,
                  sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
-                 batch: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                 batch: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Column-normalised DSCR weights `w[b, i, j]` (SPEC §1), shape [B, N, N].
 
     wt[i, j] = exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2)),
-    wt[j, j] = 0, w[i, j] = wt[i, j] / sum_i wt[i, j]. A column whose sum is 0 (N == 1, or
-    underflow) is returned as all zeros; `dscr_refine` keeps such tokens unchanged.
+    wt[j, j] = 0, w[i, j] = wt[i, j] / sum_i wt[i, j]. A term whose exponent is below
+    DSCR_EXP_CUTOFF counts as 0. A column whose sum is 0 (N == 1, or underflow) is returned as
+    all zeros; `dscr_refine` keeps such tokens unchanged. `batch` defaults to depth's batch.
     """
+    if batch is None:
+        batch = depth.shape[0] if depth.dim() == 2 else 1
     d = _as_batched(depth, batch, 0).to(dtype)
     s = _as_batched(coords, batch, 1).to(dtype)
     dd = (d[:, :, None] - d[:, None, :]) ** 2
     ss = ((s[:, :, None, :] - s[:, None, :, :]) ** 2).sum(-1)
-    wt = torch.exp(-alpha * dd / (2 * sigma_d ** 2)) + torch.exp(-beta * ss / (2 * sigma_s ** 2))
+    wt = _exp_cut(-alpha * dd / (2 * sigma_d ** 2)) + _exp_cut(-beta * ss / (2 * sigma_s ** 2))
     n = wt.shape[-1]
     wt = wt * (1 - torch.eye(n, dtype=dtype, device=wt.device))
     c = wt.sum(dim=1, keepdim=True)  # column sums c_j, [B, 1, N]

@@ -106,21 +106,23 @@ def test_cache_slices_with_strides(dtype, device):
     assert_close_to_reference(v_hat, v, tv, depth, coords, which="v")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("depth_b,coords_b", [(False, False), (True, False), (False, True)])
-def test_broadcast_depth_coords(depth_b, coords_b):
+def test_broadcast_depth_coords(depth_b, coords_b, device):
     B, H, N, D = 3, 2, 33, 16
-    k, v, _, _ = _inputs(B, H, N, D, torch.float32)
-    depth = torch.rand(B, N) if depth_b else torch.rand(N)
-    coords = torch.rand(B, N, 2) if coords_b else torch.rand(N, 2)
+    k, v, _, _ = _inputs(B, H, N, D, torch.float32, device)
+    depth = torch.rand(B, N, device=device) if depth_b else torch.rand(N, device=device)
+    coords = torch.rand(B, N, 2, device=device) if coords_b else torch.rand(N, 2, device=device)
     k_hat, v_hat = kvfix.dscr_refine(k, v, depth, coords)
     tk, tv = _ground_truth(k, v, depth, coords)
     torch.testing.assert_close(k_hat.double(), tk, rtol=0, atol=2e-5)
     torch.testing.assert_close(v_hat.double(), tv, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_keys_only(dtype):
-    k, _, depth, coords = _inputs(2, 4, 40, 64, dtype)
+def test_keys_only(dtype, device):
+    k, _, depth, coords = _inputs(2, 4, 40, 64, dtype, device)
     k_hat, v_hat = kvfix.dscr_refine(k, None, depth, coords)
     assert v_hat is None
     assert_close_to_reference(k_hat, k, _ground_truth(k, None, depth, coords)[0], depth, coords, which="k")
@@ -136,25 +138,38 @@ def test_non_default_parameters(params):
     torch.testing.assert_close(v_hat.double(), tv, rtol=0, atol=2e-5)
 
 
-def test_single_token_and_underflow_keep_the_token():
-    k, v, _, _ = _inputs(1, 2, 1, 16, torch.float32)
-    k_hat, v_hat = kvfix.dscr_refine(k, v, torch.rand(1), torch.rand(1, 2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_token_keeps_the_token(device):
+    k, v, _, _ = _inputs(1, 2, 1, 16, torch.float32, device)
+    k_hat, v_hat = kvfix.dscr_refine(k, v, torch.rand(1, device=device), torch.rand(1, 2, device=device))
     assert torch.equal(k_hat, k) and torch.equal(v_hat, v)
-    # Two tokens so far apart that both proximity terms underflow: c_j == 0, tokens kept.
-    k, v, _, _ = _inputs(1, 2, 2, 16, torch.float32)
-    depth = torch.tensor([0.0, 1e4])
-    coords = torch.tensor([[0.0, 0.0], [1e4, 1e4]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("exponent,kept", [(-80.0, False), (-95.0, True), (-300.0, True), (-1e5, True)])
+def test_underflow_cutoff_is_the_same_everywhere(exponent, kept, dtype, device):
+    """Two tokens whose both proximity terms are exp(exponent): above the shared cut-off
+    (reference.DSCR_EXP_CUTOFF = -87) each takes the other's key (N == 2, normalised weight 1);
+    below it c_j == 0 and each keeps its own -- in the float64 reference and every kernel."""
+    cd, cs = 0.6 / (2 * 0.6 ** 2), 0.8 / (2 * 0.6 ** 2)  # default coefficients
+    depth = torch.tensor([0.0, math.sqrt(-exponent / cd)], device=device)
+    coords = torch.tensor([[0.0, 0.0], [math.sqrt(-exponent / cs), 0.0]], device=device)
+    k, v, _, _ = _inputs(1, 2, 2, 16, dtype, device)
+    expected_k = k if kept else k.flip(2)
     k_hat, v_hat = kvfix.dscr_refine(k, v, depth, coords)
-    assert torch.equal(k_hat, k) and torch.equal(v_hat, v)
+    torch.testing.assert_close(k_hat, expected_k, rtol=0, atol=0)
+    torch.testing.assert_close(v_hat, v if kept else v.flip(2), rtol=0, atol=0)
     tk, _ = _ground_truth(k, v, depth, coords)
-    torch.testing.assert_close(tk, k.double())
+    torch.testing.assert_close(tk, expected_k.double(), rtol=0, atol=0)
 
 
-def test_empty_inputs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
     for shape in [(1, 2, 0, 16), (0, 2, 5, 16), (1, 0, 5, 16)]:
-        k = torch.randn(shape)
+        k = torch.randn(shape, device=device)
         N = shape[2]
-        k_hat, v_hat = kvfix.dscr_refine(k, k.clone(), torch.rand(N), torch.rand(N, 2))
+        k_hat, v_hat = kvfix.dscr_refine(k, k.clone(), torch.rand(N, device=device), torch.rand(N, 2, device=device))
         assert k_hat.shape == k.shape and v_hat.shape == k.shape
 
 
@@ -169,12 +184,13 @@ def test_does_not_modify_inputs():
 # ---------------------------------------------------------------------------------------------
 # the multi-layer in-place entry point
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("keys_only", [False, True])
-def test_cache_inplace_matches_out_of_place(keys_only):
+def test_cache_inplace_matches_out_of_place(keys_only, device):
     L, B, H, T, D, s, N = 3, 2, 2, 40, 32, 5, 30
-    ks = [torch.randn(B, H, T, D) for _ in range(L)]
-    vs = [torch.randn(B, H, T, D) for _ in range(L)]
-    depth, coords = torch.rand(B, N), torch.rand(B, N, 2)
+    ks = [torch.randn(B, H, T, D, device=device) for _ in range(L)]
+    vs = [torch.randn(B, H, T, D, device=device) for _ in range(L)]
+    depth, coords = torch.rand(B, N, device=device), torch.rand(B, N, 2, device=device)
     expected = [kvfix.dscr_refine(k[:, :, s:s + N], v[:, :, s:s + N], depth, coords) for k, v in zip(ks, vs)]
     before = [(k.clone(), v.clone()) for k, v in zip(ks, vs)]
     kvfix.dscr_refine_cache_([k[:, :, s:s + N] for k in ks], None if keys_only else [v[:, :, s:s + N] for v in vs],
@@ -227,6 +243,8 @@ def _ok():
     (dict(sigma_d=0.0), ValueError, "sigma_d must be"),
     (dict(sigma_s=-1.0), ValueError, "sigma_s must be"),
     (dict(sigma_d=float("nan")), ValueError, "sigma_d must be"),
+    (dict(sigma_d=1e-20), ValueError, "sigma_d=1e-20 is too small"),
+    (dict(sigma_s=1e-200, beta=0.0), ValueError, "sigma_s=1e-200 is too small"),
     (dict(alpha=-0.1), ValueError, "alpha must be"),
     (dict(beta="0.8"), TypeError, "beta must be a real"),
 ])
@@ -238,11 +256,13 @@ def test_bad_input_raises_naming_the_argument(change, exc, match):
         kvfix.dscr_refine(args["k"], args["v"], args["depth"], args["coords"], **kw)
 
 
-@pytest.mark.parametrize("bad", ["depth", "coords", "sigma", "layer_shape", "values_len"])
-def test_cache_bad_input_writes_nothing(bad):
-    ks = [torch.randn(1, 2, 6, 16) for _ in range(3)]
-    vs = [torch.randn(1, 2, 6, 16) for _ in range(3)]
-    depth, coords, kw = torch.rand(6), torch.rand(6, 2), {}
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["depth", "coords", "sigma", "layer_shape", "values_len", "values_empty",
+                                 "values_dtype"])
+def test_cache_bad_input_writes_nothing(bad, device):
+    ks = [torch.randn(1, 2, 6, 16, device=device) for _ in range(3)]
+    vs = [torch.randn(1, 2, 6, 16, device=device) for _ in range(3)]
+    depth, coords, kw = torch.rand(6, device=device), torch.rand(6, 2, device=device), {}
     if bad == "depth":
         depth[3] = float("nan")
     elif bad == "coords":
@@ -253,9 +273,13 @@ def test_cache_bad_input_writes_nothing(bad):
         ks[2] = torch.randn(1, 2, 5, 16)
     elif bad == "values_len":
         vs = vs[:2]
+    elif bad == "values_dtype":
+        vs[1] = vs[1].half()
     before = [t.clone() for t in ks + vs]
-    with pytest.raises((ValueError, TypeError)):
-        kvfix.dscr_refine_cache_(ks, vs, depth, coords, **kw)
+    match = {"values_len": "values has 2 tensors", "values_empty": "values has 0 tensors",
+             "values_dtype": r"values\[1\] .* does not match keys\[1\]"}.get(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        kvfix.dscr_refine_cache_(ks, [] if bad == "values_empty" else vs, depth, coords, **kw)
     for a, b in zip(ks + vs, before):
         assert torch.equal(a, b)
 
@@ -292,6 +316,7 @@ def test_build_info():
     assert "cpu" in info["devices"]
     assert info["torch"] == torch.__version__
     assert isinstance(info["cuda_available"], bool)
-    if "cuda" in info["devices"]:
-        assert set(info["cuda_archs"]) >= {"8.0", "9.0"} or info["cuda_archs"]
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("kvfix::dscr_refine", "CUDA")
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("kvfix::dscr_refine", "CUDA")
+    assert has_cuda_kernel == ("cuda" in info["devices"])
+    if has_cuda_kernel:
+        assert info["cuda_archs"] and all(a[0].isdigit() for a in info["cuda_archs"])

@@ -4,8 +4,10 @@
 // built kBlockCols columns at a time (vectorised, parallel over columns) as rows of a
 // [cols, N] block -- w is symmetric before normalisation, so column j of w is row j of the
 // block -- and each block multiplies K and V of every head with one batched GEMM (BLAS /
-// oneDNN through at::bmm_out) written straight into the output rows. The whole N x N matrix
-// never exists: memory is O(kBlockCols * N) beyond inputs and outputs.
+// oneDNN through at::bmm_out) written straight into the output rows. In dscr_refine the whole
+// N x N matrix never exists: memory is O(kBlockCols * N) beyond inputs and outputs. The in-place
+// multi-layer op builds the rows once and keeps them (N x N floats per geometry item, when that
+// fits kSharedWeightBytes) so that every layer and head shares one computation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -26,8 +28,9 @@
 namespace kvfix {
 namespace {
 
-constexpr int64_t kBlockCols = 256;                  // columns of w built at a time
-constexpr int64_t kCacheGroupBytes = int64_t(64) << 20;  // source copies per in-place group
+constexpr int64_t kBlockCols = 256;                      // columns of w built at a time
+constexpr int64_t kCacheGroupBytes = int64_t(64) << 20;   // source copies per in-place group
+constexpr int64_t kSharedWeightBytes = int64_t(64) << 20;  // in-place op: weights kept for all groups
 
 // exp(x) for x <= 0, float32, ~2 ulp; 0 below -87 (where expf reaches the denormals). Written
 // without calls or branches so the compiler vectorises the loops that use it.
@@ -77,50 +80,60 @@ KVFIX_CPU_CLONES void weight_rows(const float* d, const float* sy, const float* 
   }
 }
 
+// Rows [j0, j0 + nj) of the normalised weights of geometry item bd into w (row stride N),
+// parallel over rows.
+void fill_rows(const at::Tensor& depth, const at::Tensor& coords, int64_t bd, int64_t j0, int64_t nj,
+               DscrCoefs c, std::vector<float>& sy, std::vector<float>& sx, float* w) {
+  const int64_t N = depth.size(1);
+  const float* d = depth.data_ptr<float>() + bd * N;
+  const float* s = coords.data_ptr<float>() + bd * N * 2;
+  for (int64_t i = 0; i < N; ++i) {
+    sy[i] = s[2 * i];
+    sx[i] = s[2 * i + 1];
+  }
+  at::parallel_for(j0, j0 + nj, 8, [&](int64_t a, int64_t e) {
+    weight_rows(d, sy.data(), sx.data(), N, a, e, c.coef_d, c.coef_s, w + (a - j0) * N);
+  });
+}
+
 // dsts[p] = refine(srcs[p]) for every pair p; all [B, H_p, N, D_p] with the same B and N, last dim
 // contiguous. dsts must not overlap srcs. depth [Bd, N], coords [Bd, N, 2] float32 contiguous.
+// `shared`, if defined, holds every weight row already ([Bd, N, N] float32, from fill_rows), so
+// several calls share one computation; otherwise the rows are built a block at a time.
 void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& dsts,
-            const at::Tensor& depth, const at::Tensor& coords, DscrCoefs c) {
+            const at::Tensor& depth, const at::Tensor& coords, DscrCoefs c,
+            const at::Tensor& shared = at::Tensor()) {
   if (srcs.empty()) return;
   const int64_t B = srcs[0].size(0), N = srcs[0].size(2);
   if (B == 0 || N == 0) return;
   const int64_t Bd = depth.size(0);
   const int64_t cols = std::min(N, kBlockCols);
 
-  at::Tensor w32 = at::empty({cols, N}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor w32 = shared.defined() ? at::Tensor() : at::empty({cols, N}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor w16, wbf;  // the block in the GEMM dtype, for low-precision inputs
   for (const auto& s : srcs) {
-    if (s.scalar_type() == at::kHalf && !w16.defined()) w16 = at::empty({cols, N}, w32.options().dtype(at::kHalf));
-    if (s.scalar_type() == at::kBFloat16 && !wbf.defined()) wbf = at::empty({cols, N}, w32.options().dtype(at::kBFloat16));
+    if (s.scalar_type() == at::kHalf && !w16.defined()) w16 = at::empty({cols, N}, at::TensorOptions().dtype(at::kHalf));
+    if (s.scalar_type() == at::kBFloat16 && !wbf.defined()) wbf = at::empty({cols, N}, at::TensorOptions().dtype(at::kBFloat16));
   }
   std::vector<float> sy(N), sx(N);
 
   for (int64_t bd = 0; bd < Bd; ++bd) {
-    const float* d = depth.data_ptr<float>() + bd * N;
-    const float* s = coords.data_ptr<float>() + bd * N * 2;
-    for (int64_t i = 0; i < N; ++i) {
-      sy[i] = s[2 * i];
-      sx[i] = s[2 * i + 1];
-    }
     // Broadcast depth/coords: one block of weights serves every batch item.
     const int64_t b_begin = Bd == 1 ? 0 : bd, b_end = Bd == 1 ? B : bd + 1;
     for (int64_t j0 = 0; j0 < N; j0 += cols) {
       const int64_t nj = std::min(cols, N - j0);
-      float* wp = w32.data_ptr<float>();
-      at::parallel_for(j0, j0 + nj, 8, [&](int64_t a, int64_t e) {
-        weight_rows(d, sy.data(), sx.data(), N, a, e, c.coef_d, c.coef_s, wp + (a - j0) * N);
-      });
-      const at::Tensor wf = w32.narrow(0, 0, nj);
-      if (w16.defined()) w16.narrow(0, 0, nj).copy_(wf);
-      if (wbf.defined()) wbf.narrow(0, 0, nj).copy_(wf);
+      if (!shared.defined()) fill_rows(depth, coords, bd, j0, nj, c, sy, sx, w32.data_ptr<float>());
+      const at::Tensor wf = shared.defined() ? shared.select(0, bd).narrow(0, j0, nj) : w32.narrow(0, 0, nj);
+      const at::Tensor wh = w16.defined() ? w16.narrow(0, 0, nj).copy_(wf) : at::Tensor();
+      const at::Tensor wb16 = wbf.defined() ? wbf.narrow(0, 0, nj).copy_(wf) : at::Tensor();
       for (int64_t b = b_begin; b < b_end; ++b) {
         for (size_t p = 0; p < srcs.size(); ++p) {
           const at::Tensor src = srcs[p].select(0, b);  // [H, N, D]
           if (src.numel() == 0) continue;
           const auto st = src.scalar_type();
-          const at::Tensor& wb = st == at::kHalf ? w16 : st == at::kBFloat16 ? wbf : w32;
+          const at::Tensor& wb = st == at::kHalf ? wh : st == at::kBFloat16 ? wb16 : wf;
           at::Tensor out = dsts[p].select(0, b).narrow(1, j0, nj);
-          at::bmm_out(out, wb.narrow(0, 0, nj).expand({src.size(0), nj, N}), src);
+          at::bmm_out(out, wb.expand({src.size(0), nj, N}), src);
         }
       }
     }
@@ -163,8 +176,19 @@ void dscr_refine_cache_cpu(at::TensorList keys, at::TensorList values, const at:
     if (v) all.push_back(*v);
   }
   if (!keys.empty()) dscr_check_finite(depth, coords);
+  // The weights depend only on the geometry: build them once for every layer and head when they
+  // fit kSharedWeightBytes (N <= 2896 for one image: every realistic grid), else once per group.
+  at::Tensor shared;
+  const int64_t Bd = depth.size(0), N = depth.size(1);
+  if (!keys.empty() && N > 0 && Bd * N * N * int64_t(sizeof(float)) <= kSharedWeightBytes) {
+    shared = at::empty({Bd, N, N}, depth.options());
+    std::vector<float> sy(N), sx(N);
+    for (int64_t bd = 0; bd < Bd; ++bd) {
+      fill_rows(depth, coords, bd, 0, N, c, sy, sx, shared.select(0, bd).data_ptr<float>());
+    }
+  }
   // The refinement reads every source token for every output token, so each group of tensors
-  // is copied first; groups are bounded in bytes and share one pass over the weight blocks.
+  // is copied first; groups are bounded in bytes.
   size_t start = 0;
   while (start < all.size()) {
     size_t end = start;
@@ -178,7 +202,7 @@ void dscr_refine_cache_cpu(at::TensorList keys, at::TensorList values, const at:
       srcs.push_back(all[p].clone(at::MemoryFormat::Contiguous));
       dsts.push_back(all[p]);
     }
-    refine(srcs, dsts, depth, coords, c);
+    refine(srcs, dsts, depth, coords, c, shared);
     start = end;
   }
 }

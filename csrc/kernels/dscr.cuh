@@ -121,6 +121,11 @@ constexpr int kDscrDynamicSmemBytes = 0;
 
 namespace dscr_detail {
 
+// exp(x) with the cut-off every backend shares (kvfix/reference.py DSCR_EXP_CUTOFF): below -87,
+// where float32 leaves its normal range, a proximity term counts as 0, so the CPU, the GPU and
+// the float64 reference agree on when a column sum is 0 and a token keeps its own key.
+__host__ __device__ __forceinline__ float dscr_exp(float x) { return x < -87.0f ? 0.0f : expf(x); }
+
 template <class T>
 struct Num;
 template <>
@@ -366,13 +371,17 @@ __global__ void __launch_bounds__(dscr_detail::Cfg<T, TJ, DMAX, WMMA>::NT, 512 /
   const auto weight = [&](int i) -> float {
     const float dd = dep[i] - dj;
     const float dy = crd[2 * i] - yj, dx = crd[2 * i + 1] - xj;
-    return expf(-(cd * (dd * dd))) + expf(-(cs * fmaf(dy, dy, dx * dx)));
+    return dscr_exp(-(cd * (dd * dd))) + dscr_exp(-(cs * fmaf(dy, dy, dx * dx)));
   };
   float csum = 0.0f;  // this thread's part of c_j
   float c_own = 0.0f;  // SIMT: c_j of the owned column, known before the products
 
-  if constexpr (!WMMA) {
-    // SIMT pre-pass: the column sums first, so that the products use w = wt / c_j as the
+  // fp16 tensor cores multiply normalised weights: unnormalised ones (exp of the proximity
+  // exponent) flush to zero below fp16's smallest subnormal (6e-8, exponents under ~-17), which
+  // would turn an averaged token into a kept one. bf16 has float32's exponent range.
+  constexpr bool kPrePass = !WMMA || std::is_same<T, __half>::value;
+  if constexpr (kPrePass) {
+    // Pre-pass: the column sums first, so that the products use w = wt / c_j as the
     // reference does (one neighbour, e.g. N == 2, then returns x_i exactly in fp32). It costs a
     // second evaluation of the weights, small next to the 2 * D FMAs each weight feeds.
     if (j_ok)
@@ -388,6 +397,7 @@ __global__ void __launch_bounds__(dscr_detail::Cfg<T, TJ, DMAX, WMMA>::NT, 512 /
     }
     __syncthreads();
     c_own = s_col[gj];
+    csum = 0.0f;  // WMMA (fp16) sums the rounded normalised weights again below
   }
 
   Acc<WMMA> acc;
@@ -426,7 +436,8 @@ __global__ void __launch_bounds__(dscr_detail::Cfg<T, TJ, DMAX, WMMA>::NT, 512 /
       if constexpr (WMMA) {
         // c_j sums the weights the tensor cores multiply: normalised weights then sum to 1 up to
         // fp32 rounding, so a constant head column (or a single neighbour) comes back exactly.
-        const T wr = Num<T>::from_f(w);
+        // (fp16: already divided by the pre-pass c_j, then renormalised by the rounded sum.)
+        const T wr = Num<T>::from_f(kPrePass ? (c_own > 0.0f ? w / c_own : 0.0f) : w);
         csum += Num<T>::to_f(wr);
         s_w[il * WP + gj] = wr;
       } else {

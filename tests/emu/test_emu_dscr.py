@@ -203,3 +203,19 @@ def test_dscr_empty_problems_launch_nothing(dscr):
         ko = torch.full(shape, float("nan"))
         N = shape[2]
         dscr.dscr_refine(k, None, ko, None, torch.rand(1, N), torch.rand(1, N, 2), *_coefs(**DEFAULT))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("exponent,kept", [(-80.0, False), (-95.0, True), (-300.0, True)])
+def test_dscr_underflow_cutoff_matches_the_reference(dscr, exponent, kept, dtype):
+    """Both proximity terms exp(exponent) for a pair of tokens: above the cut-off every backend
+    swaps them (N == 2), below it (-87, float32's normal range; reference.DSCR_EXP_CUTOFF) c_j == 0
+    and each keeps its own -- CUDA's expf would still give denormals down to about -103."""
+    cd, cs = _coefs(**DEFAULT)
+    depth = torch.tensor([[0.0, (-exponent / cd) ** 0.5]])
+    coords = torch.tensor([[[0.0, 0.0], [(-exponent / cs) ** 0.5, 0.0]]])
+    k, v = _kv(1, 2, 2, 64, dtype, "contiguous"), _kv(1, 2, 2, 64, dtype, "contiguous")
+    ko, vo = _run(dscr, k, v, depth, coords)
+    assert torch.equal(ko, k if kept else k.flip(2)) and torch.equal(vo, v if kept else v.flip(2))
+    truth = R.dscr_refine(k.double(), None, depth.double(), coords.double(), **DEFAULT)[0]
+    assert torch.equal(truth, (k if kept else k.flip(2)).double())
