@@ -4,7 +4,8 @@ Environment:
   KVFIX_NO_CUDA=1        build the CPU kernels only.
   KVFIX_REQUIRE_CUDA=1   fail instead of falling back to a CPU-only build.
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0": no GPU is needed to build).
-  CUDA_HOME              CUDA toolkit (default: the directory of the nvcc on PATH, else /usr/local/cuda).
+  CUDA_HOME              CUDA toolkit. Default: the first of $CUDA_HOME, /usr/local/cuda and the
+                         toolkit of the nvcc on PATH whose major version matches torch's CUDA.
   MAX_JOBS               parallel compile jobs.
 
 Install with `pip install --no-build-isolation .` after torch is installed (keeping torch out
@@ -31,22 +32,22 @@ def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
-    # /usr/local/bin/nvcc may be a wrapper script: torch would guess /usr/local and fail to
-    # link cudart. Prefer a real toolkit directory.
-    for cand in ("/usr/local/cuda",):
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-            return cand
+def _cuda_home_candidates():
+    homes = []
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            homes.append(home)
     nvcc = shutil.which("nvcc")
     if nvcc:
-        real = os.path.realpath(nvcc)
-        home = os.path.dirname(os.path.dirname(real))
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
+        # /usr/local/bin/nvcc may be a wrapper script: take the toolkit of the real binary (torch
+        # would guess /usr/local and fail to link cudart).
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    seen = []
+    for h in homes:
+        if os.path.exists(os.path.join(h, "bin", "nvcc")) and os.path.exists(os.path.join(h, "include", "cuda_runtime.h")) \
+                and h not in seen:
+            seen.append(h)
+    return seen
 
 
 def _nvcc_version(cuda_home):
@@ -64,17 +65,18 @@ def _cuda_decision():
         return False, None, "KVFIX_NO_CUDA is set"
     if torch.version.cuda is None:
         return False, None, "this torch has no CUDA (torch.version.cuda is None)"
-    cuda_home = _find_cuda_home()
-    if cuda_home is None:
+    homes = _cuda_home_candidates()
+    if not homes:
         return False, None, "nvcc not found (set CUDA_HOME)"
-    nv = _nvcc_version(cuda_home)
     tv = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
-    if nv is None:
-        return False, None, f"could not read the nvcc version in {cuda_home}"
-    if nv[0] != tv[0]:
-        return False, None, (f"nvcc {nv[0]}.{nv[1]} ({cuda_home}) does not match the CUDA major "
-                             f"version of torch ({torch.version.cuda})")
-    return True, cuda_home, f"nvcc {nv[0]}.{nv[1]} at {cuda_home}, torch CUDA {torch.version.cuda}"
+    found = []
+    for home in homes:
+        nv = _nvcc_version(home)
+        if nv is not None and nv[0] == tv[0]:
+            return True, home, f"nvcc {nv[0]}.{nv[1]} at {home}, torch CUDA {torch.version.cuda}"
+        found.append(f"{home}: nvcc {'?' if nv is None else '.'.join(map(str, nv))}")
+    return False, None, (f"no CUDA toolkit matches the CUDA major version of torch ({torch.version.cuda}): "
+                         + "; ".join(found))
 
 
 def _nvidia_include_dirs():
@@ -95,6 +97,7 @@ if not use_cuda:
     if "KVFIX_NO_CUDA" not in reason and torch.version.cuda is not None:
         warnings.warn(f"kvfix: building the CPU kernels only: {reason}")
 
+os.chdir(ROOT)  # the source globs below are relative to the project
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
