@@ -301,6 +301,7 @@ def main(argv=None) -> int:
         r["mem"] = {v: mem.get(f"{r['shape'].name}|{r['dtype']}|{v}") for v in VARIANTS}
     loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
     report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
+    kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
     elapsed = time.perf_counter() - t_start
 
     print(report)
@@ -311,6 +312,7 @@ def main(argv=None) -> int:
           f"{'all rows within tolerance' if not failures else 'FAILED'}")
     for f in failures:
         print(f"  {f}")
+    print("\n" + kvs_text)
 
     if not args.quick:
         doc = ["# kvfix benchmark results", "",
@@ -325,11 +327,28 @@ def main(argv=None) -> int:
                "", "Targets (issue 2, CPU):", ""] + [f"- {t}" for t in tgt] + [
                "", f"Accuracy check (kvfix error <= max(2 x eager reference error, tol x max|exact|)): "
                f"{'all rows within tolerance' if not failures else 'FAILED: ' + '; '.join(failures)}.",
+               "", kvs_text, "",
                f"Whole run: {elapsed:.0f} s.", ""]
         with open(RESULTS, "w") as f:
             f.write("\n".join(doc))
         print(f"wrote {os.path.relpath(RESULTS)}")
     return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------
+# KVSmooth (issue 4): measured by bench/test_bench_kvsmooth.py
+
+def kvsmooth_section(quick: bool) -> str:
+    """The KVSmooth tables (markdown): one decoding step of one layer against the eager reference
+    and the floor (half the time of copying K: one read of K at copy bandwidth), and per-token
+    decoding time with and without KVSmooth; interleaved medians (method: the docstring of
+    bench/test_bench_kvsmooth.py). quick: small step shapes only, no decoding rows."""
+    from bench import test_bench_kvsmooth as kvs
+    rows = kvs.kvsmooth_rows(quick=quick)
+    return ("## KVSmooth (issue 4)\n\n" + kvs.render(rows) + "\n\nStep: eager = the step in plain PyTorch "
+            "(materialised fp32 softmax, torch.sort rank); floor = `dst.copy_(k)` time / 2. Decoding: random-weight "
+            "LLaVA with LLaVA-1.5's attention geometry (hidden 4096, 32 heads, D 128), 2 layers, KVSmooth on both, "
+            f"{kvs.N_NEW} tokens after a ~{kvs.CONTEXT}-token prompt.")
 
 
 if __name__ == "__main__":

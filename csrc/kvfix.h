@@ -44,4 +44,39 @@ void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at
                             double beta);
 #endif
 
+
+// ---------------------------------------------------------------------------------------------
+// KVSmooth (SPEC §2): row entropy of a single-token query and the fused decoding step.
+
+// A key mask broadcast to [B, 1, 1, T], as the kernels read it: element (b, t) at
+// data + b * sb + t * st (strides in elements, 0 where broadcast). kind: 0 no mask, 1 bool
+// (True = attend), 2/3/4 additive float32/float16/bfloat16 (-inf = masked).
+struct KvsMask {
+  const void* data = nullptr;
+  int kind = 0;
+  int64_t sb = 0, st = 0;
+};
+
+// Checks shared by every device (the Python wrappers raise friendlier errors first). q [B, Hq, 1, D],
+// k [B, Hkv, T, D] (Hq % Hkv == 0, T >= 1), v like k or null, queue float32 [B, M >= 1] or null,
+// mask broadcastable to [B, 1, 1, T]. Returns the mask view the kernels read.
+KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                       const at::Tensor* queue, const std::optional<at::Tensor>& mask);
+// The logit scale (default 1 / sqrt(D)); lam_ref in [0, 1] and band >= 0, finite.
+float kvsmooth_scale(std::optional<double> scale, int64_t D);
+void kvsmooth_check_lam(double lam_ref, double band);
+
+at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                           const std::optional<at::Tensor>& mask);
+at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& queue, std::optional<double> scale,
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band);
+#ifdef KVFIX_WITH_CUDA
+at::Tensor row_entropy_cuda(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                            const std::optional<at::Tensor>& mask);
+at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& queue, std::optional<double> scale,
+                              const std::optional<at::Tensor>& mask, double lam_ref, double band);
+#endif
+
 }  // namespace kvfix

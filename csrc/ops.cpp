@@ -86,3 +86,96 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_cuda);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// KVSmooth (SPEC §2): checks shared by the CPU and CUDA implementations, schemas, registrations.
+
+namespace kvfix {
+
+static void kvs_check_float(const char* op, const at::Tensor& x, const char* name) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
+}
+
+KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                       const at::Tensor* queue, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
+  kvs_check_float(op, q, "q");
+  kvs_check_float(op, k, "k");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
+              Hkv, ")");
+  TORCH_CHECK(T >= 1, op, ": k needs at least one position");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
+  TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
+  if (v != nullptr) {
+    kvs_check_float(op, *v, "v");
+    TORCH_CHECK(v->sizes() == k.sizes(), op, ": v shape ", v->sizes(), " != k shape ", k.sizes());
+    TORCH_CHECK(v->scalar_type() == k.scalar_type() && v->device() == k.device(), op,
+                ": v dtype or device differs from k");
+  }
+  if (queue != nullptr) {
+    TORCH_CHECK(queue->dim() == 2 && queue->size(0) == B && queue->size(1) >= 1, op,
+                ": queue must be [B, M] with B=", B, " and M >= 1, got ", queue->sizes());
+    TORCH_CHECK(queue->scalar_type() == at::kFloat, op, ": queue must be float32");
+    TORCH_CHECK(queue->device() == q.device(), op, ": queue device differs from q");
+  }
+  KvsMask m;
+  if (!mask.has_value()) return m;
+  const at::Tensor& mk = *mask;
+  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
+  const auto st = mk.scalar_type();
+  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, 1, 1, T], got ", mk.sizes());
+  const int64_t want[4] = {B, 1, 1, T};
+  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < mk.dim(); ++i) {
+    size[4 - mk.dim() + i] = mk.size(i);
+    stride[4 - mk.dim() + i] = mk.stride(i);
+  }
+  for (int i = 0; i < 4; ++i)
+    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(),
+                " is not broadcastable to [B, 1, 1, T] = [", B, ", 1, 1, ", T, "]");
+  m.data = mk.const_data_ptr();
+  m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
+  m.sb = size[0] == 1 ? 0 : stride[0];
+  m.st = size[3] == 1 ? 0 : stride[3];
+  return m;
+}
+
+float kvsmooth_scale(std::optional<double> scale, int64_t D) {
+  if (!scale.has_value()) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1)));
+  TORCH_CHECK_VALUE(std::isfinite(*scale), "kvsmooth: scale must be finite, got ", *scale);
+  return static_cast<float>(*scale);
+}
+
+void kvsmooth_check_lam(double lam_ref, double band) {
+  TORCH_CHECK_VALUE(std::isfinite(lam_ref) && lam_ref >= 0 && lam_ref <= 1,
+                    "kvsmooth_step_: lam_ref must be in [0, 1], got ", lam_ref);
+  TORCH_CHECK_VALUE(std::isfinite(band) && band >= 0, "kvsmooth_step_: band must be finite and >= 0, got ", band);
+}
+
+}  // namespace kvfix
+
+TORCH_LIBRARY_FRAGMENT(kvfix, m) {
+  m.def("row_entropy(Tensor q, Tensor k, float? scale, Tensor? mask) -> Tensor");
+  m.def("kvsmooth_step_(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) queue, float? scale, "
+        "Tensor? mask, float lam_ref, float band) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_cpu);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cpu);
+}
+
+#ifdef KVFIX_WITH_CUDA
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_cuda);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cuda);
+}
+#endif

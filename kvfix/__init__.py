@@ -1,6 +1,7 @@
 """kvfix: fused KV-cache kernels that make vision-language models hallucinate less.
 
-Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_`.
+Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_`;
+KVSmooth: `row_entropy`, `kvsmooth_step_`.
 Helpers: `patch_coords`, `patch_depth`, `DepthEstimator` (kvfix.depth).
 transformers integration: `kvfix.hf`.
 """
@@ -11,11 +12,13 @@ import os
 
 import torch
 
+from .depth import DepthEstimator  # transformers is imported only when an estimator is built
 from .geometry import patch_coords, patch_depth
-from .ops import dscr_refine, dscr_refine_cache_
+from .ops import dscr_refine, dscr_refine_cache_, kvsmooth_step_, row_entropy
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "dscr_refine", "dscr_refine_cache_", "patch_coords", "patch_depth"]
+__all__ = ["DepthEstimator", "build_info", "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_",
+           "patch_coords", "patch_depth", "row_entropy"]
 
 
 def build_info() -> dict:

@@ -179,3 +179,178 @@ def _dscr_refine_fake(k, v, depth, coords, sigma_d, sigma_s, alpha, beta):
 @torch.library.register_fake("kvfix::dscr_refine_cache_")
 def _dscr_refine_cache_fake(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# KVSmooth (SPEC §2)
+#
+# Validation reads shapes, dtypes, devices and Python numbers only: no tensor value is read on
+# the host (no .item(), no sync), so the ops stay usable inside CUDA graphs and torch.compile.
+
+__all__ += ["row_entropy", "kvsmooth_step_"]
+
+_MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16)
+# The CUDA kernel keeps a query head's slice of D in registers: heads up to this size.
+KVSMOOTH_CUDA_MAX_HEAD_DIM = 512
+
+
+def _check_decode_query(q, k, k_name: str):
+    _check_tensor(q, "q")
+    _check_tensor(k, k_name)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be [B, Hq, 1, D] (a single-token query), got shape {tuple(q.shape)}")
+    if q.dtype not in _KV_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        raise ValueError(f"q needs a contiguous last dimension (stride {q.stride(-1)})")
+    if k.dim() != 4:
+        raise ValueError(f"{k_name} must be [B, Hkv, T, D], got shape {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{k_name} dtype {k.dtype} does not match q dtype {q.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"{k_name} is on {k.device} but q is on {q.device}")
+    if k.shape[-1] > 1 and k.stride(-1) != 1:
+        raise ValueError(f"{k_name} needs a contiguous last dimension (stride {k.stride(-1)})")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{k_name} shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+                         "(same B and head dim D expected)")
+    if k.shape[1] < 1 or Hq % k.shape[1]:
+        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of {k_name} ({k.shape[1]})")
+    if k.shape[2] < 1:
+        raise ValueError(f"{k_name} needs at least one position (T >= 1), got shape {tuple(k.shape)}")
+    if q.device.type == "cuda" and D > KVSMOOTH_CUDA_MAX_HEAD_DIM:
+        raise ValueError(f"q head dim {D} is larger than the CUDA kernel's {KVSMOOTH_CUDA_MAX_HEAD_DIM}")
+
+
+def _check_key_mask(mask, B: int, T: int, device):
+    if mask is None:
+        return
+    _check_tensor(mask, "mask")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but q is on {device}")
+    want = (B, 1, 1, T)
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape) if 1 <= mask.dim() <= 4 else None
+    if shape is None or any(s not in (1, w) for s, w in zip(shape, want)):
+        raise ValueError(f"mask must be broadcastable to [B, 1, 1, T] = {list(want)}, got shape {tuple(mask.shape)} "
+                         "(a 2-D [B, T] padding mask: pass mask[:, None, None, :])")
+
+
+def _check_scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_lam(lam_ref, band):
+    for name, x in (("lam_ref", lam_ref), ("band", band)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    lam_ref, band = float(lam_ref), float(band)
+    if not (math.isfinite(lam_ref) and 0.0 <= lam_ref <= 1.0):
+        raise ValueError(f"lam_ref must be in [0, 1], got {lam_ref}")
+    if not (math.isfinite(band) and band >= 0.0):
+        raise ValueError(f"band must be finite and >= 0, got {band}")
+    return lam_ref, band
+
+
+def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of each query head's attention row for a single-token query (SPEC §2 step 1).
+
+    Args:
+        q: [B, Hq, 1, D] query (after RoPE), float32/float16/bfloat16, contiguous last dim.
+        k: [B, Hkv, T, D] keys, same dtype (any strides with a contiguous last dim, e.g. a
+            layer of a DynamicCache or a slice of a static cache); Hq must be a multiple of Hkv
+            (query head h reads kv head h // (Hq // Hkv)).
+        scale: logit scale, default 1 / sqrt(D).
+        mask: bool (True = attend) or additive float, broadcastable to [B, 1, 1, T]; positions
+            with False or -inf take no part. A row without any position has entropy 0.
+
+    Returns:
+        [B, Hq] float32: `H = -sum p log p` of `p = softmax(q . k^T * scale + mask)`, computed in
+        one streaming pass over k (online softmax, fp32 accumulation, nothing materialised).
+    """
+    _check_decode_query(q, k, "k")
+    _check_key_mask(mask, q.shape[0], k.shape[2], q.device)
+    return torch.ops.kvfix.row_entropy.default(q, k, _check_scale(scale), mask)
+
+
+def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, queue: torch.Tensor, *,
+                   scale: float | None = None, mask: torch.Tensor | None = None, lam_ref: float = 0.9,
+                   band: float = 0.2) -> torch.Tensor:
+    """One KVSmooth decoding step of one layer (SPEC §2), in place; returns lam [B] float32.
+
+    Fused: entropy of every query head's row (as `row_entropy`), z = mean over query heads;
+    push z onto each item's queue (FIFO, oldest first, drops the oldest; NaN = empty slot);
+    rank = #{entries < z} / M (M = queue capacity; empty slots and z itself never count);
+    lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1); then, in place,
+    `k_cache[:, :, T-1] = (1 - lam) k_cache[:, :, T-1] + lam k_cache[:, :, T-2]` and the same for
+    v_cache, all kv heads, per batch item (fp32 arithmetic, rounded once).
+
+    Args:
+        q: [B, Hq, 1, D] the step's query (after RoPE).
+        k_cache, v_cache: [B, Hkv, T, D] the layer's cache with the current token at T - 1 (any
+            strides with a contiguous last dim); modified in place.
+        queue: float32 [B, M] per-item state, modified in place; start from
+            `torch.full((B, 15), float("nan"))`.
+        scale, mask: as in `row_entropy`. With T == 1, or where the mask excludes position
+            T - 2, nothing is smoothed and lam is 0 for that item (z is still pushed).
+        lam_ref: centre of the allowed band, in [0, 1] (paper: 0.9 LLaVA-1.5, 0.5 MiniGPT-4,
+            0.7 InstructBLIP); band: half width, >= 0.
+
+    No host synchronisation: inputs are validated from their metadata only, so bad input raises
+    a ValueError / TypeError naming the argument before anything is written. On CUDA the step is
+    two kernel launches on the current stream (split-T streaming pass, then combine + queue +
+    EMA) with a small workspace from the caching allocator, and all state is in `queue`; so it
+    can be captured in a CUDA graph:
+
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):                   # warm up once on a side stream first
+            lam = kvfix.kvsmooth_step_(q, k_view, v_view, queue, mask=mask)
+        ...                                         # write the next q / k / v / mask in place
+        g.replay()                                  # lam, the caches and queue update in place
+
+    A replay reuses the captured pointers, shapes and scalars: it smooths position T - 1 of the
+    captured views. A decoder whose cache length grows per step therefore needs one graph per
+    length (what torch.compile's CUDA-graph trees do per shape), or a fixed-length view whose
+    last position is the current token.
+    """
+    _check_decode_query(q, k_cache, "k_cache")
+    _check_tensor(v_cache, "v_cache")
+    if v_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} does not match k_cache shape {tuple(k_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache dtype {v_cache.dtype} does not match k_cache dtype {k_cache.dtype}")
+    if v_cache.device != k_cache.device:
+        raise ValueError(f"v_cache is on {v_cache.device} but k_cache is on {k_cache.device}")
+    if v_cache.shape[-1] > 1 and v_cache.stride(-1) != 1:
+        raise ValueError(f"v_cache needs a contiguous last dimension (stride {v_cache.stride(-1)})")
+    _check_tensor(queue, "queue")
+    if queue.dim() != 2 or queue.shape[0] != q.shape[0] or queue.shape[1] < 1:
+        raise ValueError(f"queue must be [B, M] with B={q.shape[0]} and M >= 1, got shape {tuple(queue.shape)}")
+    if queue.dtype != torch.float32:
+        raise TypeError(f"queue must be float32, got {queue.dtype}")
+    if queue.device != q.device:
+        raise ValueError(f"queue is on {queue.device} but q is on {q.device}")
+    _check_key_mask(mask, q.shape[0], k_cache.shape[2], q.device)
+    lam_ref, band = _check_lam(lam_ref, band)
+    return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
+                                                  lam_ref, band)
+
+
+@torch.library.register_fake("kvfix::row_entropy")
+def _row_entropy_fake(q, k, scale, mask):
+    return q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvfix::kvsmooth_step_")
+def _kvsmooth_step_fake(q, k_cache, v_cache, queue, scale, mask, lam_ref, band):
+    return q.new_empty((q.shape[0],), dtype=torch.float32)

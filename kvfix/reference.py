@@ -72,3 +72,107 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         return torch.where(keep, x, y)
 
     return apply(k), (None if v is None else apply(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# KVSmooth (SPEC §2)
+#
+# Choices made here (documented defaults of the whole project):
+# - mask: bool (True = attend) or additive float, broadcastable to [B, 1, 1, T]. A position
+#   takes no part in the softmax when the bool mask is False or the additive value is -inf;
+#   finite additive values (also transformers' `finfo.min` padding) are added to the logits.
+# - a row with no position taking part has entropy 0.
+# - the queue is float32 [B, M], oldest entry first; NaN marks an empty slot (a fresh queue is all
+#   NaN). A push shifts every entry one slot towards index 0 (dropping entry 0) and writes z at
+#   index M - 1. rank = #{entries < z} / M with M the capacity: the new z itself and empty
+#   (NaN) slots never count, so a partly filled queue gives small ranks.
+# - the EMA needs position T - 2: with T == 1, or when the mask excludes position T - 2 (a padded
+#   slot), nothing is smoothed and the returned lam is 0 for that item. z is pushed either way.
+
+import math  # noqa: E402
+
+__all__ += ["key_mask", "row_entropy", "kvsmooth_queue", "kvsmooth_ema", "kvsmooth_step"]
+
+
+def key_mask(mask: torch.Tensor | None, B: int, T: int, dtype: torch.dtype, device=None):
+    """(bias [B, T] in `dtype`, valid [B, T] bool) of a key mask broadcastable to [B, 1, 1, T]."""
+    if mask is None:
+        return (torch.zeros(B, T, dtype=dtype, device=device), torch.ones(B, T, dtype=torch.bool, device=device))
+    m = mask.expand(B, 1, 1, T)[:, 0, 0, :]
+    if m.dtype == torch.bool:
+        return torch.zeros(B, T, dtype=dtype, device=m.device), m.clone()
+    valid = m != float("-inf")
+    return torch.where(valid, m.to(dtype), torch.zeros((), dtype=dtype, device=m.device)), valid
+
+
+def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of each query head's softmax row, SPEC §2 step 1, materialised: [B, Hq].
+
+    q [B, Hq, 1, D], k [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)).
+    `p = softmax(q . k^T * scale + mask)`, `H = -sum p log p` over the positions taking part
+    (0 * log 0 = 0). Runs in the dtype of q (float64 gives the ground truth); returns that dtype.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kk = k.to(q.dtype).repeat_interleave(Hq // Hkv, dim=1)               # [B, Hq, T, D]
+    logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0, :], kk) * scale  # [B, Hq, T]
+    bias, valid = key_mask(mask, B, T, q.dtype, q.device)
+    logits = torch.where(valid[:, None, :], logits + bias[:, None, :],
+                         torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    any_valid = valid.any(dim=-1)[:, None]                              # [B, 1]
+    logits = torch.where(any_valid[..., None], logits, torch.zeros_like(logits))
+    p = torch.softmax(logits, dim=-1)
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    h = -plogp.sum(dim=-1)
+    return torch.where(any_valid, h, torch.zeros_like(h))
+
+
+def kvsmooth_queue(queue: torch.Tensor, z: torch.Tensor, *, lam_ref: float = 0.9, band: float = 0.2):
+    """SPEC §2 steps 2-3 for one step: (lam [B] float32, new queue [B, M] float32).
+
+    Pushes z (rounded to float32) onto each item's FIFO (oldest first, NaN = empty), then
+    lam = clamp(clamp(#{entries < z} / M, lam_ref - band, lam_ref + band), 0, 1). `queue` is
+    not modified.
+    """
+    z32 = z.to(torch.float32)
+    new = torch.cat([queue[:, 1:], z32[:, None]], dim=1)
+    M = queue.shape[1]
+    rank = (new < z32[:, None]).sum(dim=1).to(torch.float32) / M
+    lam = rank.clamp(lam_ref - band, lam_ref + band).clamp(0.0, 1.0)
+    return lam, new
+
+
+def kvsmooth_ema(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """SPEC §2 step 4 on a copy: x[:, :, T-1] = (1 - lam) x[:, :, T-1] + lam x[:, :, T-2] per item,
+    computed in float64 when x is float64, else in float32 and rounded once to x's dtype."""
+    out = x.clone()
+    if x.shape[2] < 2:
+        return out
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lam = lam.to(ct)[:, None, None]
+    last, prev = x[:, :, -1].to(ct), x[:, :, -2].to(ct)
+    out[:, :, -1] = ((1 - lam) * last + lam * prev).to(x.dtype)
+    return out
+
+
+def kvsmooth_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, queue: torch.Tensor, *,
+                  scale: float | None = None, mask: torch.Tensor | None = None, lam_ref: float = 0.9,
+                  band: float = 0.2, entropy_dtype: torch.dtype | None = None):
+    """One KVSmooth decoding step (SPEC §2), functional: (lam [B] float32, k, v, queue) with new
+    tensors for the smoothed caches and the pushed queue; the inputs are not modified.
+
+    The entropy runs in `entropy_dtype` (default float64: the ground truth), z = its mean over
+    query heads. lam is 0 for items that are not smoothed (T == 1, position T - 2 masked).
+    """
+    et = torch.float64 if entropy_dtype is None else entropy_dtype
+    B, T = k_cache.shape[0], k_cache.shape[2]
+    z = row_entropy(q.to(et), k_cache.to(et), scale=scale, mask=mask).mean(dim=1)
+    lam, new_queue = kvsmooth_queue(queue, z, lam_ref=lam_ref, band=band)
+    if T >= 2:
+        _, valid = key_mask(mask, B, T, torch.float32, k_cache.device)
+        lam = torch.where(valid[:, T - 2], lam, torch.zeros_like(lam))
+    else:
+        lam = torch.zeros_like(lam)
+    return lam, kvsmooth_ema(k_cache, lam), kvsmooth_ema(v_cache, lam), new_queue

@@ -46,3 +46,12 @@ from .dscr import DSCR
 from .models import ImageSpan
 
 __all__ = ["DSCR", "ForwardContext", "Handle", "ImageSpan", "Method", "Session", "enable", "get_handle"]
+
+# KVSmooth (kvsmooth.py): while decoding, inside the attention hook of every selected layer (after
+# the model's own attention has run), one fused kernel call computes the attention rows' entropy,
+# updates a per-sequence queue and smooths the newest cache position in place:
+#     kvfix.hf.enable(model, kvfix.hf.KVSmooth())                    # lam_ref per model family
+#     kvfix.hf.enable(model, kvfix.hf.DSCR(), kvfix.hf.KVSmooth())   # stacked with DSCR
+from .kvsmooth import KVSMOOTH_PRESETS, KVSmooth  # noqa: E402
+
+__all__ += ["KVSmooth", "KVSMOOTH_PRESETS"]

@@ -1,0 +1,575 @@
+// KVSmooth on the CPU (SPEC §2): row entropy of a single-token query and the fused decoding step.
+//
+// One pass over K. Work items are (b, kv head, chunk of positions), pulled dynamically by the
+// threads of at::parallel_for (parallel when the extension is compiled with OpenMP: see
+// usable_threads); a chunk is all T positions unless B * Hkv gives fewer than kItemsPerThread
+// items per thread. An item walks its positions in blocks of kRows keys:
+//   - logits of the g = Hq / Hkv query heads that read this kv head (query rows pre-scaled, fp32):
+//     dot products over D with 16-wide vectors (GCC vector extensions, compiled per target clone:
+//     AVX-512 / AVX2 / baseline), four key rows at a time so that one transposing shuffle tree
+//     replaces four horizontal sums; D = 64 and 128 are compile-time shapes, any other D takes a
+//     generic loop. bf16 rows are read as u32 words (w << 16: even elements, w & 0xffff0000: odd
+//     elements; the query chunks are stored permuted to match), fp16 rows are widened with integer
+//     operations. The next rows are software-prefetched kPrefetchBytes ahead.
+//   - the block is folded into each head's online-softmax state with a vectorised exp:
+//
+//       m = max logit, l = sum e^(x - m), u = sum e^(x - m) (x - m),   H = log l - u / l.
+//
+//     (SPEC §2's `H = m + log l - u / l`, with u kept relative to the running max so that no large
+//     logit cancels against itself; partial states merge exactly: u = sum_c a_c (u_c + (m_c - m) l_c),
+//     l = sum_c a_c l_c, a_c = e^(m_c - m).) Masked positions (bool False, additive -inf) take no
+//     part; an all-masked row has entropy 0.
+//
+// Then, per batch item and in a fixed order (deterministic): merge the chunks, H per query head,
+// z = mean over query heads; for the step also push z onto the queue (oldest first, NaN = empty),
+// rank = #{entries < z} / M, lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1), and
+// the in-place EMA K[T-1] = (1 - lam) K[T-1] + lam K[T-2] (same for V, every kv head, in fp32,
+// rounded once). No EMA (lam reported as 0) when T == 1 or position T - 2 is masked. All
+// validation happens before anything is written.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kvfix.h"
+
+// The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One build that still uses AVX-512 / AVX2 where the machine has them.
+#define KVFIX_KVS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVFIX_KVS_CLONES
+#endif
+#define KVFIX_KVS_INLINE inline __attribute__((always_inline))
+
+namespace kvfix {
+namespace {
+
+constexpr int64_t kRows = 64;             // key rows per block of logits
+constexpr int64_t kMinChunkRows = 512;    // smallest chunk of positions worth a work item of its own
+constexpr int64_t kItemsPerThread = 4;    // work items per thread wanted for dynamic load balance
+constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance along a kv head's rows
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 16 floats / uint32 / int32, 16 uint16 (GCC / Clang vector extensions: each target clone lowers
+// them to the widest registers it has).
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+KVFIX_KVS_INLINE vf bits_to_f(vu u) {
+  vf f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+KVFIX_KVS_INLINE vu f_to_bits(vf f) {
+  vu u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// 16 elements at p (any alignment) widened to fp32.
+KVFIX_KVS_INLINE vf load16(const float* p) {
+  vf r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+KVFIX_KVS_INLINE vf load16(const c10::BFloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return bits_to_f(__builtin_convertvector(h, vu) << 16);
+}
+KVFIX_KVS_INLINE vf load16(const c10::Half* p) {
+  // IEEE half -> float with integer operations: the magnitude bits shifted into place and
+  // rescaled by 2^112 (exact for normals and subnormals); inf / nan keep an all-ones exponent.
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu x = __builtin_convertvector(h, vu);
+  const vu sign = (x & 0x8000u) << 16;
+  const vu em = x & 0x7fffu;
+  const vu shifted = em << 13;
+  const vu finite = f_to_bits(bits_to_f(shifted) * 0x1p112f);
+  const vu special = shifted | 0x7f800000u;
+  const vi is_special = (vi)(em >= 0x7c00u);
+  const vu mag = (vu)((is_special & (vi)special) | (~is_special & (vi)finite));
+  return bits_to_f(mag | sign);
+}
+
+KVFIX_KVS_INLINE float hsum(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const v8 s8 = lo + hi;
+  v4 l4, h4;
+  std::memcpy(&l4, &s8, sizeof(l4));
+  std::memcpy(&h4, reinterpret_cast<const char*>(&s8) + sizeof(l4), sizeof(h4));
+  const v4 s4 = l4 + h4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+KVFIX_KVS_INLINE float to_f(float x) { return x; }
+KVFIX_KVS_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
+KVFIX_KVS_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// exp(x) for x <= 0 (and -inf), float32, a few ulp; 0 below -87. No calls or branches, so the
+// loops that use it vectorise.
+KVFIX_KVS_INLINE float exp_le0(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;             // x - n ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return x < -87.0f ? 0.0f : p * s;
+}
+
+// Value of the key mask at (b, t): the additive bias, -inf where the position takes no part.
+KVFIX_KVS_INLINE float mask_bias(const KvsMask& m, int64_t b, int64_t t) {
+  if (m.kind == 0) return 0.0f;
+  const int64_t off = b * m.sb + t * m.st;
+  switch (m.kind) {
+    case 1:
+      return static_cast<const bool*>(m.data)[off] ? 0.0f : kNegInf;
+    case 2:
+      return static_cast<const float*>(m.data)[off];
+    case 3:
+      return static_cast<float>(static_cast<const c10::Half*>(m.data)[off]);
+    default:
+      return static_cast<float>(static_cast<const c10::BFloat16*>(m.data)[off]);
+  }
+}
+
+struct State {
+  float m = kNegInf, l = 0.0f, u = 0.0f;
+};
+
+// Merge state b into a (exact up to rounding; states with l == 0 are empty).
+inline void merge(State& a, const State& b) {
+  if (!(b.l > 0.0f)) return;
+  if (!(a.l > 0.0f)) {
+    a = b;
+    return;
+  }
+  const float m = std::max(a.m, b.m);
+  const float ea = std::exp(a.m - m), eb = std::exp(b.m - m);
+  a.u = ea * (a.u + (a.m - m) * a.l) + eb * (b.u + (b.m - m) * b.l);
+  a.l = ea * a.l + eb * b.l;
+  a.m = m;
+}
+
+inline float entropy_of(const State& s) { return s.l > 0.0f ? std::log(s.l) - s.u / s.l : 0.0f; }
+
+struct Problem {
+  const void* q;
+  int64_t q_sb, q_sh;
+  const void* k;
+  int64_t k_sb, k_sh, k_st;
+  int64_t B, Hq, Hkv, T, D, G;  // G = Hq / Hkv
+  float scale;
+  KvsMask mask;
+};
+
+// Partial dot products of a query row (fp32, pre-scaled; bf16 layout: see run_item_d) with a key
+// row of DC * 16 elements, as 16 lanes whose sum is the dot product.
+template <class T, int DC>
+KVFIX_KVS_INLINE vf dot_lanes(const float* qj, const T* krow) {
+  vf a0 = {}, a1 = {};
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // 32 bf16 = 16 u32 words: w << 16 are the even elements, w & 0xffff0000 the odd ones; the
+    // query chunk is stored permuted the same way (its 16 evens, then its 16 odds).
+#pragma GCC unroll 16
+    for (int c = 0; c < DC / 2; ++c) {
+      vu w;
+      std::memcpy(&w, krow + 32 * c, sizeof(w));
+      a0 += load16(qj + 32 * c) * bits_to_f(w << 16);
+      a1 += load16(qj + 32 * c + 16) * bits_to_f(w & 0xffff0000u);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int c = 0; c < DC; c += 2) {
+      a0 += load16(qj + 16 * c) * load16(krow + 16 * c);
+      if (c + 1 < DC) a1 += load16(qj + 16 * c + 16) * load16(krow + 16 * c + 16);
+    }
+  }
+  return a0 + a1;
+}
+
+// out[i] = sum of the 16 lanes of x_i, for 4 vectors at once (a transposing reduction tree).
+KVFIX_KVS_INLINE void hsum4(vf x0, vf x1, vf x2, vf x3, float* out) {
+  const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vf y0 = __builtin_shuffle(x0, x1, lo8) + __builtin_shuffle(x0, x1, hi8);  // x0: 0-7, x1: 8-15
+  const vf y1 = __builtin_shuffle(x2, x3, lo8) + __builtin_shuffle(x2, x3, hi8);
+  const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  vf z = __builtin_shuffle(y0, y1, lo4) + __builtin_shuffle(y0, y1, hi4);  // 4 lanes per x_i
+  const vi sw2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  z += __builtin_shuffle(z, sw2);
+  const vi sw1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  z += __builtin_shuffle(z, sw1);
+  out[0] = z[0];
+  out[1] = z[4];
+  out[2] = z[8];
+  out[3] = z[12];
+}
+
+// Logits of one block of rows [t0, t0 + n) for the G heads of kv head h of item b, into
+// s[j * kRows + r]; qs: the G query rows, pre-scaled, fp32 [G][D]; kr: scratch [D]; bias[r]: the
+// mask's value for row t0 + r (-inf: no part). DC = D / 16 when known at compile time, 0 for any D.
+template <class T, int DC>
+KVFIX_KVS_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, const float* qs,
+                                   float* kr, const float* bias, float* s) {
+  const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const int64_t D = p.D, G = p.G, st = p.k_st;
+  constexpr int64_t kLine = 64;
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  const int64_t pf_rows = (kPrefetchBytes + row_bytes - 1) / row_bytes;
+  auto prefetch = [&](int64_t t) {  // the hardware prefetcher alone leaves the row loads exposed
+    if (t + pf_rows < p.T) {
+      const char* pf = reinterpret_cast<const char*>(kbase + (t + pf_rows) * st);
+      for (int64_t o = 0; o < row_bytes; o += kLine) __builtin_prefetch(pf + o);
+    }
+  };
+  auto put = [&](int64_t j, int64_t r, float dot) { s[j * kRows + r] = bias[r] > kNegInf ? dot + bias[r] : kNegInf; };
+  int64_t r = 0;
+  if constexpr (DC > 0) {
+    for (; r + 4 <= n; r += 4) {
+      const T* k0 = kbase + (t0 + r) * st;
+      for (int i = 0; i < 4; ++i) prefetch(t0 + r + i);
+      for (int64_t j = 0; j < G; ++j) {
+        const float* qj = qs + j * D;
+        float dot[4];
+        hsum4(dot_lanes<T, DC>(qj, k0), dot_lanes<T, DC>(qj, k0 + st), dot_lanes<T, DC>(qj, k0 + 2 * st),
+              dot_lanes<T, DC>(qj, k0 + 3 * st), dot);
+        for (int i = 0; i < 4; ++i) put(j, r + i, dot[i]);
+      }
+    }
+    for (; r < n; ++r) {
+      prefetch(t0 + r);
+      const T* krow = kbase + (t0 + r) * st;
+      for (int64_t j = 0; j < G; ++j) put(j, r, hsum(dot_lanes<T, DC>(qs + j * D, krow)));
+    }
+  } else {
+    const int64_t D16 = D / 16 * 16;
+    for (; r < n; ++r) {
+      prefetch(t0 + r);
+      const T* krow = kbase + (t0 + r) * st;
+      const float* kf;
+      if constexpr (std::is_same_v<T, float>) {
+        kf = krow;
+      } else {  // widen once per row, reused by the G heads
+        for (int64_t d = 0; d < D16; d += 16) {
+          const vf x = load16(krow + d);
+          std::memcpy(kr + d, &x, sizeof(x));
+        }
+        for (int64_t d = D16; d < D; ++d) kr[d] = to_f(krow[d]);
+        kf = kr;
+      }
+      for (int64_t j = 0; j < G; ++j) {
+        const float* qj = qs + j * D;
+        vf a0 = {}, a1 = {};
+        int64_t d = 0;
+        for (; d + 32 <= D16; d += 32) {
+          a0 += load16(qj + d) * load16(kf + d);
+          a1 += load16(qj + d + 16) * load16(kf + d + 16);
+        }
+        if (d < D16) a0 += load16(qj + d) * load16(kf + d);
+        float dot = hsum(a0 + a1);
+        for (int64_t e = D16; e < D; ++e) dot += qj[e] * kf[e];
+        put(j, r, dot);
+      }
+    }
+  }
+}
+
+// bias[r] for rows [t0, t0 + n) of item b (the mask's dtype switch outside the row loop).
+KVFIX_KVS_INLINE void block_bias(const KvsMask& m, int64_t b, int64_t t0, int64_t n, float* bias) {
+  const int64_t off = b * m.sb + t0 * m.st;
+  switch (m.kind) {
+    case 0:
+      for (int64_t r = 0; r < n; ++r) bias[r] = 0.0f;
+      break;
+    case 1: {
+      const bool* x = static_cast<const bool*>(m.data) + off;
+      for (int64_t r = 0; r < n; ++r) bias[r] = x[r * m.st] ? 0.0f : kNegInf;
+      break;
+    }
+    case 2: {
+      const float* x = static_cast<const float*>(m.data) + off;
+      for (int64_t r = 0; r < n; ++r) bias[r] = x[r * m.st];
+      break;
+    }
+    case 3: {
+      const c10::Half* x = static_cast<const c10::Half*>(m.data) + off;
+      for (int64_t r = 0; r < n; ++r) bias[r] = static_cast<float>(x[r * m.st]);
+      break;
+    }
+    default: {
+      const c10::BFloat16* x = static_cast<const c10::BFloat16*>(m.data) + off;
+      for (int64_t r = 0; r < n; ++r) bias[r] = static_cast<float>(x[r * m.st]);
+      break;
+    }
+  }
+}
+
+// Fold a block of logits x[0, n) into the state (vectorised over the block).
+KVFIX_KVS_INLINE void fold_block(State& st, const float* x, int64_t n) {
+  float bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+  for (int64_t r = 0; r < n; ++r) bm = std::max(bm, x[r]);
+  if (!(bm > kNegInf)) {  // everything masked (or nan: propagate it)
+    if (bm != bm) st.l = st.u = bm;
+    return;
+  }
+  const float m = std::max(st.m, bm);
+  if (st.l > 0.0f) {
+    const float a = std::exp(st.m - m);
+    st.u = a * (st.u + (st.m - m) * st.l);
+    st.l = a * st.l;
+  }
+  float l = 0.0f, u = 0.0f;
+#pragma omp simd reduction(+ : l, u)
+  for (int64_t r = 0; r < n; ++r) {
+    const float d = x[r] - m;
+    const float e = exp_le0(d);
+    l += e;
+    u += e * (d < -87.0f ? -87.0f : d);  // e == 0 there: keeps -inf * 0 out
+  }
+  st.l += l;
+  st.u += u;
+  st.m = m;
+}
+
+// One work item: positions [t0, t1) of kv head h of item b; out[j] = state of query head h*G + j.
+template <class T, int DC>
+KVFIX_KVS_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+  const int64_t D = p.D, G = p.G;
+  std::vector<float> buf(G * D + D + G * kRows + kRows);
+  float* qs = buf.data();
+  float* kr = qs + G * D;
+  float* s = kr + D;
+  float* bias = s + G * kRows;
+  for (int64_t j = 0; j < G; ++j) {
+    const T* qrow = static_cast<const T*>(p.q) + b * p.q_sb + (h * G + j) * p.q_sh;
+    if constexpr (DC > 0 && std::is_same_v<T, c10::BFloat16>) {  // evens, then odds, per 32
+      for (int64_t d = 0; d < D; ++d) qs[j * D + (d / 32) * 32 + (d % 2) * 16 + (d % 32) / 2] = to_f(qrow[d]) * p.scale;
+    } else {
+      for (int64_t d = 0; d < D; ++d) qs[j * D + d] = to_f(qrow[d]) * p.scale;
+    }
+  }
+  for (int64_t j = 0; j < G; ++j) out[j] = State{};
+  for (int64_t t = t0; t < t1; t += kRows) {
+    const int64_t n = std::min(kRows, t1 - t);
+    block_bias(p.mask, b, t, n, bias);
+    block_logits<T, DC>(p, b, h, t, n, qs, kr, bias, s);
+    for (int64_t j = 0; j < G; ++j) fold_block(out[j], s + j * kRows, n);
+  }
+}
+
+template <class T>
+KVFIX_KVS_INLINE void run_item(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+  switch (p.D) {
+    case 64:
+      return run_item_d<T, 4>(p, b, h, t0, t1, out);
+    case 128:
+      return run_item_d<T, 8>(p, b, h, t0, t1, out);
+    default:
+      return run_item_d<T, 0>(p, b, h, t0, t1, out);
+  }
+}
+
+KVFIX_KVS_CLONES void run_item_f32(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+  run_item<float>(p, b, h, t0, t1, out);
+}
+KVFIX_KVS_CLONES void run_item_f16(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+  run_item<c10::Half>(p, b, h, t0, t1, out);
+}
+KVFIX_KVS_CLONES void run_item_bf16(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+  run_item<c10::BFloat16>(p, b, h, t0, t1, out);
+}
+
+using ItemFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, State*);
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, float scale, const KvsMask& mask) {
+  Problem p{};
+  p.q = q.const_data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sh = q.stride(1);
+  p.k = k.const_data_ptr();
+  p.k_sb = k.stride(0);
+  p.k_sh = k.stride(1);
+  p.k_st = k.stride(2);
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.T = k.size(2);
+  p.G = p.Hq / p.Hkv;
+  p.scale = scale;
+  p.mask = mask;
+  return p;
+}
+
+ItemFn item_fn(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return run_item_f32;
+    case at::kHalf:
+      return run_item_f16;
+    case at::kBFloat16:
+      return run_item_bf16;
+    default:
+      TORCH_CHECK(false, "kvsmooth: unsupported dtype ", st);
+  }
+}
+
+// Threads the work items can use. at::parallel_for is an inline OpenMP loop: it runs serially
+// unless this file is compiled with OpenMP (-fopenmp; see the build notes of the package).
+// (A fallback onto ATen's inter-op pool was measured and dropped: right after the layer's own
+// torch ops, torch's OpenMP workers still spin, and the extra threads made decoding slower.)
+int64_t usable_threads() {
+#ifdef INTRA_OP_PARALLEL
+  return std::max<int64_t>(1, at::get_num_threads());
+#else
+  return 1;
+#endif
+}
+
+// run(i) for every i in [0, items) on up to `threads` threads, dynamically scheduled: each worker
+// pulls the next item, so a worker the OS descheduled (shared machines) does not hold the others
+// back. run must not throw; results must not depend on which thread ran which item.
+template <class F>
+void parallel_items(int64_t items, int64_t threads, const F& run) {
+  const int64_t workers = std::min(threads, items);
+  if (workers > 1) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        run(i);
+    });
+    return;
+  }
+  for (int64_t i = 0; i < items; ++i) run(i);
+}
+
+// Entropy of every query head's row: ent[b * Hq + hq] (B * Hq floats).
+void entropies(const Problem& p, ItemFn fn, float* ent) {
+  const int64_t pairs = p.B * p.Hkv;
+  if (pairs == 0) return;
+  const int64_t threads = usable_threads();
+  // Work items: (b, kv head, chunk of positions). Positions are split when the pairs alone give
+  // fewer than kItemsPerThread items per thread, down to kMinChunkRows positions per chunk.
+  int64_t chunks = 1;
+  if (threads > 1 && pairs < kItemsPerThread * threads)
+    chunks = std::max<int64_t>(1, std::min((kItemsPerThread * threads + pairs - 1) / pairs, p.T / kMinChunkRows));
+  const int64_t per = (p.T + chunks - 1) / chunks;
+  const int64_t items = pairs * chunks;
+  std::vector<State> part(static_cast<size_t>(items * p.G));
+  parallel_items(items, threads, [&](int64_t i) {
+    const int64_t c = i % chunks, bh = i / chunks;
+    const int64_t t0 = c * per, t1 = std::min(p.T, t0 + per);
+    if (t0 < t1) fn(p, bh / p.Hkv, bh % p.Hkv, t0, t1, part.data() + i * p.G);
+  });
+  for (int64_t bh = 0; bh < pairs; ++bh) {  // fixed merge order: deterministic
+    for (int64_t j = 0; j < p.G; ++j) {
+      State s;
+      for (int64_t c = 0; c < chunks; ++c) merge(s, part[(bh * chunks + c) * p.G + j]);
+      ent[(bh / p.Hkv) * p.Hq + (bh % p.Hkv) * p.G + j] = entropy_of(s);
+    }
+  }
+}
+
+// K[b, :, T-1] = (1 - lam) K[b, :, T-1] + lam K[b, :, T-2] in fp32, rounded once.
+template <class T>
+void ema_item(const at::Tensor& x, int64_t b, float lam) {
+  T* base = static_cast<T*>(x.mutable_data_ptr()) + b * x.stride(0);
+  const int64_t H = x.size(1), Tn = x.size(2), D = x.size(3);
+  for (int64_t h = 0; h < H; ++h) {
+    T* last = base + h * x.stride(1) + (Tn - 1) * x.stride(2);
+    const T* prev = base + h * x.stride(1) + (Tn - 2) * x.stride(2);
+    for (int64_t d = 0; d < D; ++d)
+      last[d] = static_cast<T>((1.0f - lam) * static_cast<float>(last[d]) + lam * static_cast<float>(prev[d]));
+  }
+}
+
+void ema(const at::Tensor& x, int64_t b, float lam) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return ema_item<float>(x, b, lam);
+    case at::kHalf:
+      return ema_item<c10::Half>(x, b, lam);
+    default:
+      return ema_item<c10::BFloat16>(x, b, lam);
+  }
+}
+
+}  // namespace
+
+at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                           const std::optional<at::Tensor>& mask) {
+  const KvsMask m = kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
+  const float sc = kvsmooth_scale(scale, q.size(3));
+  at::Tensor out = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  entropies(make_problem(q, k, sc, m), item_fn(q.scalar_type()), out.mutable_data_ptr<float>());
+  return out;
+}
+
+at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& queue, std::optional<double> scale,
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+  kvsmooth_check_lam(lam_ref, band);
+  const KvsMask m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  const float sc = kvsmooth_scale(scale, q.size(3));
+  const int64_t B = q.size(0), Hq = q.size(1), T = k_cache.size(2), M = queue.size(1);
+  at::Tensor lam = at::empty({B}, q.options().dtype(at::kFloat));
+  if (B == 0) return lam;
+  std::vector<float> ent(static_cast<size_t>(B * Hq), 0.0f);
+  if (Hq > 0) entropies(make_problem(q, k_cache, sc, m), item_fn(q.scalar_type()), ent.data());
+  const float lo = static_cast<float>(lam_ref - band), hi = static_cast<float>(lam_ref + band);
+  float* lam_p = lam.mutable_data_ptr<float>();
+  float* qu = queue.mutable_data_ptr<float>();
+  const int64_t qs0 = queue.stride(0), qs1 = queue.stride(1);
+  for (int64_t b = 0; b < B; ++b) {
+    float z = 0.0f;
+    for (int64_t h = 0; h < Hq; ++h) z += ent[b * Hq + h];
+    z = Hq > 0 ? z / static_cast<float>(Hq) : 0.0f;
+    // FIFO push (oldest at index 0), then the percentile rank of z among the entries.
+    float* row = qu + b * qs0;
+    for (int64_t i = 0; i + 1 < M; ++i) row[i * qs1] = row[(i + 1) * qs1];
+    row[(M - 1) * qs1] = z;
+    int64_t below = 0;
+    for (int64_t i = 0; i < M; ++i) below += row[i * qs1] < z ? 1 : 0;  // nan never counts
+    float l = static_cast<float>(below) / static_cast<float>(M);
+    l = std::min(std::max(l, lo), hi);
+    l = std::min(std::max(l, 0.0f), 1.0f);
+    if (T < 2 || !(mask_bias(m, b, T - 2) > kNegInf)) l = 0.0f;
+    lam_p[b] = l;
+    if (l != 0.0f) {
+      ema(k_cache, b, l);
+      ema(v_cache, b, l);
+    }
+  }
+  return lam;
+}
+
+}  // namespace kvfix

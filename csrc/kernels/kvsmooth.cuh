@@ -1,0 +1,438 @@
+// KVSmooth (SPEC §2) as two CUDA launches per layer step. Framework-free: CUDA runtime and C++
+// headers only, so the ATen side (csrc/cuda/kvsmooth.cu), the resource report
+// (tools/ptxas_report.py) and the CPU-side SIMT emulator (tests/emu/) all compile this source.
+//
+// What it computes, for a single-token query q [B, Hq, 1, D] over keys k [B, Hkv, T, D] (query
+// head hq reads kv head hq / g, g = Hq / Hkv), per batch item b:
+//
+//   H[b, hq] = entropy of softmax(q . k^T * scale + mask) over the positions taking part
+//   (bool mask False or additive -inf: no part; no position at all: H = 0);
+//
+// and for the step (queue given):
+//
+//   z = mean_hq H[b, hq];  push z onto queue[b] (oldest first, NaN = empty slot, drop slot 0);
+//   rank = #{entries < z} / M;  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1);
+//   K[b, :, T-1] = (1 - lam) K[b, :, T-1] + lam K[b, :, T-2], the same for V (fp32, rounded once);
+//   lam = 0 (and nothing smoothed) when T == 1 or the mask excludes position T - 2.
+//
+// Launch 1, kvsmooth_partial_kernel: one block of 128 threads per (split of the positions, kv head,
+// batch item). Positions are split so that the grid has about 4 blocks per SM (kvsmooth_splits).
+// Threads form row groups of TPR lanes; a row group owns one key row at a time, each lane 16 bytes
+// (VEC elements) of it per chunk, CPL chunks (TPR * VEC * CPL >= D), read with 16-byte loads when
+// pointers and strides allow, element by element otherwise. The query rows of up to
+// kKvsHeadsPerPass heads (pre-scaled, fp32) sit in shared memory; each lane forms its partial dot
+// products, an xor-shuffle butterfly inside the row group completes them, and every lane of the
+// group folds the logit into that group's online-softmax state per head
+//
+//   m = max logit, l = sum e^(x - m), u = sum e^(x - m) (x - m)     (H = log l - u / l)
+//
+// with one expf per logit (either the new term or the rescale of the old state is e^0 = 1). The
+// row groups' states are merged through shared memory in a fixed order and the block writes one
+// partial state (m, l, u) per query head to the workspace. More than kKvsHeadsPerPass query heads
+// per kv head: the block runs several passes over its rows (the second and later ones hit L2).
+//
+// Launch 2, kvsmooth_finish_kernel: one block per batch item merges the splits of every query head
+// in a fixed order (row_entropy: writes H), sums the heads in a fixed tree (deterministic), and for
+// the step: thread 0 pushes z, ranks it and clamps lam, then the block applies the EMA to the last
+// position of every kv head of K and V. Launch order on one stream is what makes the EMA run after
+// every key has been read; no atomics, no host synchronisation, nothing depends on values read back
+// by the host: both launches (and the workspace from the caching allocator) can be captured in a
+// CUDA graph.
+//
+// Plain CUDA C++: shared memory, __syncthreads and __shfl_xor_sync only (no inline PTX, no
+// dynamic shared memory), so the SIMT emulator can run it. Head dims up to kKvsmoothMaxHeadDim.
+#pragma once
+
+// For tools/ptxas_report.py (each launcher instantiates every kernel shape it can launch):
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::kvsmooth_launch<float>(const kvfix::kernels::KvsmoothArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::kvsmooth_launch<__half>(const kvfix::kernels::KvsmoothArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::kvsmooth_launch<__nv_bfloat16>(const kvfix::kernels::KvsmoothArgs&, cudaStream_t);
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace kvfix::kernels {
+
+// Arguments of one row_entropy (entropy != nullptr) or step (queue != nullptr) call. Element
+// strides (not bytes); every last dim is contiguous.
+struct KvsmoothArgs {
+  const void* q;  // [B, Hq, 1, D]
+  int64_t q_sb, q_sh;
+  void* k;        // [B, Hkv, T, D]; the step writes position T - 1
+  int64_t k_sb, k_sh, k_st;
+  void* v;        // [B, Hkv, T, D] (step) or nullptr
+  int64_t v_sb, v_sh, v_st;
+  const void* mask;  // key mask, element (b, t) at mask + b * m_sb + t * m_st, or nullptr
+  int mask_kind;     // 0 none, 1 bool (true = attend), 2/3/4 additive float32/float16/bfloat16
+  int64_t m_sb, m_st;
+  float* queue;      // [B, M] float32 (step) or nullptr
+  int64_t qu_sb, qu_sm, M;
+  float* lam;        // [B] (step)
+  float* entropy;    // [B, Hq] contiguous (row_entropy) or nullptr
+  float* work;       // kvsmooth_workspace_floats(*this) floats
+  int64_t B, Hq, Hkv, T, D;
+  int64_t splits;    // position splits per (b, kv head): kvsmooth_splits(...)
+  int64_t rows_per_split;  // set by kvsmooth_launch: ceil(T / splits)
+  float scale;       // logit scale
+  float lam_lo, lam_hi;  // lam_ref -/+ band
+};
+
+// Largest head dim (TPR * VEC * CPL with the widest shape).
+constexpr int kKvsmoothMaxHeadDim = 512;
+// The kernels use static shared memory only (read by tools/ptxas_report.py).
+constexpr int kKvsmoothDynamicSmemBytes = 0;
+constexpr int kKvsThreads = 128;       // threads per block, both kernels
+constexpr int kKvsHeadsPerPass = 8;    // query heads per kv head handled in one pass over the rows
+constexpr int64_t kKvsMinRowsPerSplit = 64;
+
+// Position splits per (b, kv head): about 4 blocks per SM in all, at least kKvsMinRowsPerSplit
+// positions per split.
+inline int64_t kvsmooth_splits(int64_t B, int64_t Hkv, int64_t T, int num_sms) {
+  const int64_t pairs = B * Hkv > 0 ? B * Hkv : 1;
+  const int64_t want = (4 * int64_t(num_sms > 0 ? num_sms : 1) + pairs - 1) / pairs;
+  const int64_t most = (T + kKvsMinRowsPerSplit - 1) / kKvsMinRowsPerSplit;
+  int64_t s = want < most ? want : most;
+  return s < 1 ? 1 : s;
+}
+
+// Workspace floats of one call: a partial (m, l, u) per (b, query head, split).
+inline int64_t kvsmooth_workspace_floats(const KvsmoothArgs& a) { return a.B * a.Hq * a.splits * 3; }
+
+namespace kvs_detail {
+
+template <class T>
+struct Num;
+template <>
+struct Num<float> {
+  static __host__ __device__ __forceinline__ float to_f(float x) { return x; }
+  static __host__ __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <>
+struct Num<__half> {
+  static __host__ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __host__ __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float bits_to_f(uint16_t bits) {
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+  }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __host__ __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float bits_to_f(uint16_t bits) {
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);  // bf16 is the top half of a float
+  }
+};
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+// The mask's value at (b, t): the additive bias, -inf where the position takes no part.
+__device__ __forceinline__ float mask_bias(const KvsmoothArgs& a, int64_t b, int64_t t) {
+  if (a.mask_kind == 0) return 0.0f;
+  const int64_t off = b * a.m_sb + t * a.m_st;
+  switch (a.mask_kind) {
+    case 1:
+      return static_cast<const bool*>(a.mask)[off] ? 0.0f : neg_inf();
+    case 2:
+      return static_cast<const float*>(a.mask)[off];
+    case 3:
+      return __half2float(static_cast<const __half*>(a.mask)[off]);
+    default:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(a.mask)[off]);
+  }
+}
+
+// 16 bytes at p (16-byte aligned) as VEC floats.
+template <class T>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  if constexpr (std::is_same_v<T, float>) {
+    out[0] = __uint_as_float(w.x);
+    out[1] = __uint_as_float(w.y);
+    out[2] = __uint_as_float(w.z);
+    out[3] = __uint_as_float(w.w);
+  } else {
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // little endian: the lower element in the low half
+      out[2 * i] = Num<T>::bits_to_f(static_cast<uint16_t>(words[i] & 0xffffu));
+      out[2 * i + 1] = Num<T>::bits_to_f(static_cast<uint16_t>(words[i] >> 16));
+    }
+  }
+}
+
+// Fold logit x into (m, l, u) with one expf: if x raises the max, the old state is rescaled by
+// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m).
+__device__ __forceinline__ void fold(float& m, float& l, float& u, float x) {
+  const float d = x - m;  // +inf while the state is empty (m = -inf)
+  const float e = expf(-fabsf(d));
+  if (d > 0.0f) {
+    u = l > 0.0f ? e * (u - d * l) : 0.0f;
+    l = fmaf(e, l, 1.0f);
+    m = x;
+  } else {
+    u = fmaf(e, d, u);
+    l += e;
+  }
+}
+
+// Merge state (m2, l2, u2) into (m, l, u).
+__device__ __forceinline__ void merge(float& m, float& l, float& u, float m2, float l2, float u2) {
+  if (!(l2 > 0.0f)) return;
+  if (!(l > 0.0f)) {
+    m = m2;
+    l = l2;
+    u = u2;
+    return;
+  }
+  const float mm = fmaxf(m, m2);
+  const float e1 = expf(m - mm), e2 = expf(m2 - mm);
+  u = e1 * (u + (m - mm) * l) + e2 * (u2 + (m2 - mm) * l2);
+  l = e1 * l + e2 * l2;
+  m = mm;
+}
+
+}  // namespace kvs_detail
+
+// Launch 1: partial online-softmax states of every query head over one split of the positions.
+// Block (split, kv head h, item b) = blockIdx.x (split fastest). vec: 16-byte loads of K allowed.
+template <class T, int TPR, int CPL>
+__global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const KvsmoothArgs a, const int vec) {
+  using namespace kvs_detail;
+  constexpr int VEC = 16 / int(sizeof(T));   // elements per 16-byte chunk
+  constexpr int NRG = kKvsThreads / TPR;     // row groups per block
+  constexpr int DMAX = TPR * VEC * CPL;      // head-dim columns covered
+  constexpr int GP = kKvsHeadsPerPass;
+  static_assert(TPR >= 1 && TPR <= 32 && (TPR & (TPR - 1)) == 0, "row groups are powers of 2 within a warp");
+  static_assert(GP * DMAX * 4 + NRG * GP * 3 * 4 <= 48 * 1024, "static shared memory must stay under 48 KiB");
+
+  __shared__ __align__(16) float s_q[GP][DMAX];
+  __shared__ float s_st[NRG][GP][3];
+
+  const int tid = threadIdx.x, lane = tid % TPR, rg = tid / TPR;
+  // 32-bit index arithmetic (the launcher keeps the grid below 2^31 blocks): 64-bit division
+  // would be a called subroutine.
+  const unsigned S = static_cast<unsigned>(a.splits), Hkv = static_cast<unsigned>(a.Hkv);
+  const unsigned bh = blockIdx.x / S, split = blockIdx.x - bh * S;
+  const int64_t h = bh % Hkv, b = bh / Hkv;
+  const int64_t per = a.rows_per_split;
+  const int64_t t0 = split * per;
+  const int64_t t1 = t0 + per < a.T ? t0 + per : a.T;
+  const int g = static_cast<int>(a.Hq) / static_cast<int>(a.Hkv);
+  const int D = static_cast<int>(a.D);
+  const T* const kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
+
+  for (int h0 = 0; h0 < g; h0 += GP) {
+    const int gn = g - h0 < GP ? g - h0 : GP;
+    // (No barrier needed here: the previous pass last read s_q before its s_st barrier, and
+    // this pass writes s_st only after the barrier below.)
+    for (int e = tid; e < GP * DMAX; e += kKvsThreads) {
+      const int j = e / DMAX, d = e % DMAX;
+      float x = 0.0f;
+      if (j < gn && d < D) {
+        const T* qrow = static_cast<const T*>(a.q) + b * a.q_sb + (h * g + h0 + j) * a.q_sh;
+        x = Num<T>::to_f(qrow[d]) * a.scale;
+      }
+      s_q[j][d] = x;
+    }
+    __syncthreads();
+
+    float m[GP], l[GP], u[GP];
+#pragma unroll
+    for (int j = 0; j < GP; ++j) {
+      m[j] = neg_inf();
+      l[j] = 0.0f;
+      u[j] = 0.0f;
+    }
+
+    // Every thread runs the same number of iterations (the shuffles need whole warps).
+    for (int64_t base = t0; base < t1; base += NRG) {
+      const int64_t t = base + rg;
+      const bool in = t < t1;
+      float x[CPL][VEC];
+      float bias = neg_inf();
+      if (in) {
+        bias = mask_bias(a, b, t);
+        const T* krow = kbase + t * a.k_st;
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          const int d0 = (c * TPR + lane) * VEC;
+          if (vec && d0 < D) {
+            load_vec<T>(krow + d0, x[c]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) x[c][e] = d0 + e < D ? Num<T>::to_f(krow[d0 + e]) : 0.0f;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < CPL; ++c)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) x[c][e] = 0.0f;
+      }
+      float dot[GP];
+#pragma unroll
+      for (int j = 0; j < GP; ++j) {
+        float s = 0.0f;
+        if (j < gn) {
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) {
+            const float* qv = &s_q[j][(c * TPR + lane) * VEC];
+#pragma unroll
+            for (int e4 = 0; e4 < VEC; e4 += 4) {
+              const float4 q4 = *reinterpret_cast<const float4*>(qv + e4);
+              s = fmaf(q4.x, x[c][e4], s);
+              s = fmaf(q4.y, x[c][e4 + 1], s);
+              s = fmaf(q4.z, x[c][e4 + 2], s);
+              s = fmaf(q4.w, x[c][e4 + 3], s);
+            }
+          }
+        }
+        dot[j] = s;
+      }
+#pragma unroll
+      for (int off = TPR / 2; off >= 1; off /= 2)
+#pragma unroll
+        for (int j = 0; j < GP; ++j)
+          if (j < gn) dot[j] += __shfl_xor_sync(0xffffffffu, dot[j], off, TPR);
+      if (bias > neg_inf()) {
+#pragma unroll
+        for (int j = 0; j < GP; ++j)
+          if (j < gn) fold(m[j], l[j], u[j], dot[j] + bias);
+      }
+    }
+
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < GP; ++j) {
+        s_st[rg][j][0] = m[j];
+        s_st[rg][j][1] = l[j];
+        s_st[rg][j][2] = u[j];
+      }
+    }
+    __syncthreads();
+    if (tid < gn) {
+      float mm = neg_inf(), ll = 0.0f, uu = 0.0f;
+      for (int r = 0; r < NRG; ++r) merge(mm, ll, uu, s_st[r][tid][0], s_st[r][tid][1], s_st[r][tid][2]);
+      float* w = a.work + ((b * a.Hq + h * g + h0 + tid) * S + split) * 3;
+      w[0] = mm;
+      w[1] = ll;
+      w[2] = uu;
+    }
+  }
+}
+
+// Launch 2: per batch item, merge the splits; row_entropy: write H; step: z, queue, lam, EMA.
+template <class T>
+__global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const KvsmoothArgs a) {
+  using namespace kvs_detail;
+  __shared__ float s_sum[kKvsThreads];
+  __shared__ float s_lam;
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t S = a.splits;
+
+  float hsum = 0.0f;
+  for (int64_t hq = tid; hq < a.Hq; hq += kKvsThreads) {
+    float m = neg_inf(), l = 0.0f, u = 0.0f;
+    const float* w = a.work + (b * a.Hq + hq) * S * 3;
+    for (int64_t s = 0; s < S; ++s) merge(m, l, u, w[3 * s], w[3 * s + 1], w[3 * s + 2]);
+    const float H = l > 0.0f ? logf(l) - u / l : 0.0f;
+    if (a.entropy != nullptr) a.entropy[b * a.Hq + hq] = H;
+    hsum += H;
+  }
+  if (a.queue == nullptr) return;  // row_entropy: done (uniform over the block)
+
+  s_sum[tid] = hsum;
+  __syncthreads();
+#pragma unroll
+  for (int w = kKvsThreads / 2; w >= 1; w /= 2) {  // fixed tree: deterministic
+    if (tid < w) s_sum[tid] += s_sum[tid + w];
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const float z = a.Hq > 0 ? s_sum[0] / static_cast<float>(a.Hq) : 0.0f;
+    float* row = a.queue + b * a.qu_sb;
+    const int64_t M = a.M;
+    for (int64_t i = 0; i + 1 < M; ++i) row[i * a.qu_sm] = row[(i + 1) * a.qu_sm];
+    row[(M - 1) * a.qu_sm] = z;
+    int64_t below = 0;
+    for (int64_t i = 0; i < M; ++i) below += row[i * a.qu_sm] < z ? 1 : 0;  // nan never counts
+    float lam = static_cast<float>(below) / static_cast<float>(M);
+    lam = fminf(fmaxf(lam, a.lam_lo), a.lam_hi);
+    lam = fminf(fmaxf(lam, 0.0f), 1.0f);
+    if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;
+    a.lam[b] = lam;
+    s_lam = lam;
+  }
+  __syncthreads();
+  const float lam = s_lam;
+  if (lam == 0.0f) return;
+  const int n = static_cast<int>(a.Hkv * a.D);  // < 2^31 (checked by the launcher)
+  const int D = static_cast<int>(a.D);
+  for (int e = tid; e < 2 * n; e += kKvsThreads) {
+    const bool is_v = e >= n;
+    const int i = is_v ? e - n : e, hh = i / D, d = i - hh * D;
+    T* base = static_cast<T*>(is_v ? a.v : a.k) + b * (is_v ? a.v_sb : a.k_sb) + hh * (is_v ? a.v_sh : a.k_sh);
+    const int64_t st = is_v ? a.v_st : a.k_st;
+    T* last = base + (a.T - 1) * st + d;
+    const float prev = Num<T>::to_f(base[(a.T - 2) * st + d]);
+    *last = Num<T>::from_f((1.0f - lam) * Num<T>::to_f(*last) + lam * prev);
+  }
+}
+
+namespace kvs_detail {
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <class T, int TPR, int CPL>
+cudaError_t launch_shape(const KvsmoothArgs& a, cudaStream_t stream) {
+  constexpr int64_t vec_elems = 16 / int64_t(sizeof(T));
+  const bool vec = aligned16(a.k) && a.D % vec_elems == 0 && (a.B <= 1 || a.k_sb % vec_elems == 0) &&
+                   (a.Hkv <= 1 || a.k_sh % vec_elems == 0) && (a.T <= 1 || a.k_st % vec_elems == 0);
+  const int64_t blocks = a.splits * a.Hkv * a.B;
+  if (blocks > int64_t(0x7fffffff) || a.B > int64_t(0x7fffffff)) return cudaErrorInvalidConfiguration;
+  KvsmoothArgs c = a;
+  c.rows_per_split = (a.T + a.splits - 1) / a.splits;
+  kvsmooth_partial_kernel<T, TPR, CPL><<<dim3(static_cast<unsigned>(blocks)), dim3(kKvsThreads),
+                                         kKvsmoothDynamicSmemBytes, stream>>>(c, vec ? 1 : 0);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  kvsmooth_finish_kernel<T><<<dim3(static_cast<unsigned>(a.B)), dim3(kKvsThreads), kKvsmoothDynamicSmemBytes,
+                              stream>>>(c);
+  return cudaGetLastError();
+}
+
+}  // namespace kvs_detail
+
+// Host entry point: T = float, __half or __nv_bfloat16. Two launches on `stream` (no
+// synchronisation). Returns cudaErrorInvalidValue for bad arguments (negative sizes, D too large,
+// Hq not a multiple of Hkv, missing pointers, neither or both of entropy / queue), cudaSuccess
+// without launching for empty problems, else the launch status.
+template <typename T>
+cudaError_t kvsmooth_launch(const KvsmoothArgs& a, cudaStream_t stream) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "kvsmooth_launch: T must be float, __half or __nv_bfloat16");
+  if (a.B < 0 || a.Hq < 0 || a.Hkv < 1 || a.T < 1 || a.D < 0 || a.D > kKvsmoothMaxHeadDim) return cudaErrorInvalidValue;
+  if (a.Hq % a.Hkv != 0 || a.splits < 1 || (a.mask_kind != 0 && a.mask == nullptr)) return cudaErrorInvalidValue;
+  if (a.Hq > 0x3fffffff || 2 * a.Hkv * a.D > 0x7fffffff) return cudaErrorInvalidValue;  // 32-bit head indices
+  if ((a.entropy == nullptr) == (a.queue == nullptr)) return cudaErrorInvalidValue;
+  if (a.queue != nullptr && (a.M < 1 || a.lam == nullptr || a.v == nullptr)) return cudaErrorInvalidValue;
+  if (a.B == 0) return cudaSuccess;
+  if (a.q == nullptr || a.k == nullptr || a.work == nullptr) return cudaErrorInvalidValue;
+  constexpr int VEC = 16 / int(sizeof(T));
+  const int64_t chunks = (a.D + VEC - 1) / VEC;
+  if (chunks <= 8) return kvs_detail::launch_shape<T, 8, 1>(a, stream);
+  if (chunks <= 16) return kvs_detail::launch_shape<T, 16, 1>(a, stream);
+  if (chunks <= 32) return kvs_detail::launch_shape<T, 32, 1>(a, stream);
+  if (chunks <= 64) return kvs_detail::launch_shape<T, 32, 2>(a, stream);
+  return kvs_detail::launch_shape<T, 32, 4>(a, stream);
+}
+
+}  // namespace kvfix::kernels

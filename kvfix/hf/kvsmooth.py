@@ -1,0 +1,183 @@
+"""KVSmooth as a kvfix.hf method: entropy-guided EMA of the KV cache while decoding (SPEC §2)."""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+
+from .. import ops
+from . import _compat
+from .core import ForwardContext, Handle, Method, resolve_layers
+
+__all__ = ["KVSmooth", "KVSMOOTH_PRESETS"]
+
+# lam_ref per model family, the paper's values (CVPR 2026, arXiv 2602.04268).
+KVSMOOTH_PRESETS = {"llava-1.5": 0.9, "minigpt-4": 0.5, "instructblip": 0.7}
+# The preset a supported model family gets when neither lam_ref nor preset is given. kvfix.hf runs
+# LLaVA and Qwen2-VL / Qwen2.5-VL; the paper gives no value for Qwen2-VL, which takes the LLaVA-1.5
+# value (the closest architecture the paper tuned: a LLaMA-style decoder over projected patch
+# tokens). Override with lam_ref=... or preset=....
+_FAMILY_PRESET = {"llava": "llava-1.5", "qwen2_vl": "llava-1.5"}
+
+
+class KVSmooth(Method):
+    """Entropy-guided smoothing of the KV cache during decoding (SPEC §2).
+
+    On every decoding step (one new token per sequence) and every selected layer, right after the
+    model's own attention has run (SDPA or whatever the model uses; no eager attention, no
+    `output_attentions`), one fused kernel call (`kvfix.kvsmooth_step_`) computes the entropy of
+    each query head's attention row over the layer's cache (padding excluded), pushes its mean
+    over heads onto a per-sequence, per-layer queue of the last `queue_size` values, turns its
+    percentile rank into `lam = clamp(rank, lam_ref - band, lam_ref + band)` (then [0, 1]) and
+    smooths the newest cache position in place: `K[t] = (1 - lam) K[t] + lam K[t-1]`, same for V.
+    Prefill is not smoothed.
+
+    Args:
+        layers: text decoder layers to smooth. None: `[3, L)` (SPEC default; the paper smooths
+            3..31 of 32). Also a slice, a range or ints (negatives from L).
+        lam_ref: centre of the coefficient band, in [0, 1]. None: from `preset`, else from the
+            model family (LLaVA and Qwen2-VL: the LLaVA-1.5 value 0.9).
+        band: half width of the band (>= 0), 0.2 in the paper.
+        queue_size: entropies remembered per sequence and layer (M, 15 in the paper).
+        preset: "llava-1.5" (0.9), "minigpt-4" (0.5) or "instructblip" (0.7): the paper's lam_ref
+            per model family. Give lam_ref or preset, not both.
+        record_lam: keep every step's coefficients in `lam_history` (a list of
+            `(past_len, layer, lam [B] tensor)`, reset by each generation); no host sync either.
+
+    State: one float32 `[B, queue_size]` queue per selected layer on the model's device, created
+    at the first decoding step of a generation (empty slots are NaN) and dropped when a new
+    generation starts (empty cache) or decoding continues on a different cache object. Batches
+    with left padding keep one queue per sequence; padded positions take no part in the entropy.
+    With beam search the queues follow batch rows, not beams (they are not reordered with the
+    cache). Decoding steps issue no host synchronisation: on CUDA a step is two kernel launches
+    per layer (plus one elementwise op when the model hands an additive float mask, i.e. with an
+    eager base attention).
+
+    After each run, `steps` counts the kernel calls (decode steps x selected layers).
+    """
+
+    name = "kvsmooth"
+    uses_attention = True
+
+    def __init__(self, layers=None, *, lam_ref: float | None = None, band: float = 0.2, queue_size: int = 15,
+                 preset: str | None = None, record_lam: bool = False):
+        if lam_ref is not None and preset is not None:
+            raise ValueError("give lam_ref or preset, not both")
+        if preset is not None and preset not in KVSMOOTH_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(KVSMOOTH_PRESETS)}, got {preset!r}")
+        if lam_ref is not None:
+            lam_ref, _ = ops._check_lam(lam_ref, 0.0)
+        _, band = ops._check_lam(0.5, band)
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int):
+            raise TypeError(f"queue_size must be an int, got {type(queue_size).__name__}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if not isinstance(record_lam, bool):
+            raise TypeError(f"record_lam must be a bool, got {type(record_lam).__name__}")
+        if layers is not None and not isinstance(layers, slice):
+            if isinstance(layers, (bool, int)) or not hasattr(layers, "__iter__"):
+                raise TypeError(f"layers must be None, a slice or an iterable of ints, got {layers!r}")
+            layers = tuple(layers)
+            resolve_layers(layers, 1 << 30, 0)  # type errors now, range checks at bind
+        self.layers = layers
+        self.lam_ref = lam_ref
+        self.preset = preset
+        self.band = band
+        self.queue_size = queue_size
+        self.record_lam = record_lam
+        self.selected_layers: tuple[int, ...] = ()
+        self.resolved_lam_ref: float | None = lam_ref
+        self.lam_history: list[tuple[int, int, torch.Tensor]] = []
+        self.steps = 0
+        self._selected: frozenset = frozenset()
+        self._warned_no_cache = False
+
+    def __repr__(self):
+        return (f"KVSmooth(layers={self.layers!r}, lam_ref={self.lam_ref!r}, band={self.band}, "
+                f"queue_size={self.queue_size}, preset={self.preset!r})")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def bind(self, handle: Handle) -> None:
+        L = handle.num_layers
+        self.selected_layers = resolve_layers(self.layers, L, 3)
+        if not self.selected_layers:
+            raise ValueError(f"KVSmooth selects no layer of the {L}-layer text model (layers={self.layers!r}; "
+                             "the default is [3, L))")
+        self._selected = frozenset(self.selected_layers)
+        if self.lam_ref is not None:
+            self.resolved_lam_ref = self.lam_ref
+        else:
+            preset = self.preset or _FAMILY_PRESET.get(handle.adapter.family, "llava-1.5")
+            self.resolved_lam_ref = KVSMOOTH_PRESETS[preset]
+
+    def on_session_start(self, ctx: ForwardContext) -> None:
+        self.lam_history = []
+
+    def queues(self) -> dict[int, torch.Tensor]:
+        """The per-layer queues ({layer: float32 [B, queue_size]}, oldest entry first, NaN = empty)
+        of the current or latest generation: the live state tensors (empty before any decoding)."""
+        handle = getattr(self, "_kvfix_handle", None)
+        if handle is None or handle.session is None:
+            return {}
+        return dict(handle.session.state(self).get("queues", {}))
+
+    # ---- the decoding step -----------------------------------------------------------------
+
+    def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
+        out = call_next(query, key, value, attention_mask, **kwargs)
+        if (ctx is None or ctx.phase != "decode" or ctx.pass_name != "main" or query.shape[2] != 1
+                or layer_idx not in self._selected):
+            return out
+        if ctx.cache is None:
+            if not self._warned_no_cache:
+                warnings.warn("kvfix.hf.KVSmooth: the model runs without a KV cache (use_cache=False): "
+                              "nothing to smooth", stacklevel=2)
+                self._warned_no_cache = True
+            return out
+        self._step(ctx, layer_idx, module, query, attention_mask, kwargs)
+        return out
+
+    def _queues(self, ctx: ForwardContext) -> dict:
+        state = ctx.state(self)
+        ref = state.get("cache")
+        if ref is None or ref() is not ctx.cache:  # a new generation, or another cache: fresh queues
+            state.clear()
+            try:
+                state["cache"] = weakref.ref(ctx.cache)
+            except TypeError:
+                state["cache"] = lambda cache=ctx.cache: cache
+            state["queues"] = {}
+        return state["queues"]
+
+    def _step(self, ctx, layer_idx, module, query, attention_mask, kwargs) -> None:
+        n = ctx.past_len + 1  # cache positions holding tokens: the current one is n - 1
+        keys, values = _compat.layer_kv(ctx.cache, layer_idx, n)
+        k, v = keys[:, :, :n], values[:, :, :n]  # views (a static cache holds more positions)
+        B = query.shape[0]
+        queues = self._queues(ctx)
+        queue = queues.get(layer_idx)
+        if queue is None or queue.shape[0] != B or queue.device != query.device:
+            queue = queues[layer_idx] = torch.full((B, self.queue_size), float("nan"), dtype=torch.float32,
+                                                   device=query.device)
+        mask = attention_mask
+        if mask is not None:
+            if mask.dim() == 4 and mask.shape[-1] != n:
+                mask = mask[..., :n]
+            if mask.dtype != torch.bool:
+                # transformers' additive masks use finfo.min for "no attention": make that -inf so
+                # the kernel treats those positions as padding (no part, no EMA across them)
+                mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = getattr(module, "scaling", None)
+        if scale is None:
+            scale = 1.0 / math.sqrt(query.shape[-1])
+        with torch.no_grad():
+            lam = ops.kvsmooth_step_(query, k, v, queue, scale=float(scale), mask=mask, lam_ref=self.resolved_lam_ref,
+                                     band=self.band)
+        self.steps += 1
+        if self.record_lam:
+            self.lam_history.append((ctx.past_len, layer_idx, lam))

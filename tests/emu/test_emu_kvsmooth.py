@@ -1,0 +1,229 @@
+"""The KVSmooth CUDA kernels (csrc/kernels/kvsmooth.cuh) on the kvemu SIMT emulator, against
+`kvfix.reference` (row_entropy in float64; the queue, lam and EMA of kvsmooth_step).
+
+Tolerances are those of the CPU kernel (tests/test_kvsmooth.py): the entropy follows the
+flash-attention rule against the reference run in float32 (all kernel arithmetic is float32,
+whatever the input dtype); lam must match exactly (the queues keep a margin around z so the rank
+does not depend on rounding); the smoothed last position is within one rounding of the input
+dtype; everything else in the caches must be bit-identical. Outputs (entropy, lam) and the
+kernels' workspace are NaN-poisoned before every launch, so an unwritten value fails.
+
+Shapes are small (every CUDA thread is a fiber) but cover every code path: the five row-group
+shapes (8 / 16 / 32 lanes per key row, 1 / 2 / 4 chunks per lane), 16-byte and element-wise loads
+(misaligned views, D not a multiple of the vector width), several position splits per (b, kv head)
+including empty ones, more than 8 query heads per kv head (several passes), every mask dtype and
+broadcast, strided queues, T == 1 and a masked position T - 2 (no EMA).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvemu_build
+from kvemu_fixtures import kvfix_reference
+
+R = kvfix_reference()  # kvfix/reference.py
+# Under AddressSanitizer (about 12x slower) the T = 1000 grid cases are left to the plain runs:
+# bounds are exercised by every smaller case, multi-split blocks by test_kvsmooth_splits_*.
+ASAN = kvemu_build.asan_requested()
+
+NAN = float("nan")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ULP = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+@pytest.fixture(scope="module")
+def kvs(emu):
+    return emu.module("kvsmooth")
+
+
+def _inputs(B, Hq, Hkv, T, D, dtype, layout="contiguous"):
+    q = torch.randn(B, 1, Hq, D).to(dtype).transpose(1, 2)  # [B, Hq, 1, D], strided heads
+    if layout == "contiguous":
+        k = (2 * torch.randn(B, Hkv, T, D)).to(dtype)
+        v = torch.randn(B, Hkv, T, D).to(dtype)
+    elif layout == "bthd":  # [B, T, H, D] storage
+        k = (2 * torch.randn(B, T, Hkv, D)).to(dtype).transpose(1, 2)
+        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
+    elif layout == "misaligned":  # one element in: no 16-byte loads
+        k = (2 * torch.randn(B * Hkv * T * D + 1)).to(dtype)[1:].view(B, Hkv, T, D)
+        v = torch.randn(B * Hkv * T * D + 1).to(dtype)[1:].view(B, Hkv, T, D)
+    else:
+        raise ValueError(layout)
+    return q, k, v
+
+
+def _mask(B, T, kind, dtype=torch.float32):
+    """Left padding (item b: min(2b, T-1) masked positions) as a [B, 1, 1, T] view."""
+    keep = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        keep[b, :min(2 * b, T - 1)] = False
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return keep[:, None, None, :]
+    if kind == "additive":
+        return torch.where(keep, torch.randn(B, T) * 0.5, float("-inf")).to(dtype)[:, None, None, :]
+    if kind == "broadcast":  # [1, 1, 1, T] expanded: batch stride 0
+        return keep[:1, None, None, :].expand(B, 1, 1, T)
+    raise ValueError(kind)
+
+
+def _entropy(kvs, q, k, mask, scale, splits):
+    out = torch.full((q.shape[0], q.shape[1]), NAN)
+    kvs.row_entropy(q, k, mask, out, scale, splits)
+    return out
+
+
+def _check_entropy(got, q, k, mask, scale):
+    truth = R.row_entropy(q.double(), k.double(), scale=scale, mask=mask)
+    ref32 = R.row_entropy(q.float(), k.float(), scale=scale, mask=mask)
+    assert torch.isfinite(got).all(), "unwritten (NaN-poisoned) entropy"
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (ref32.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6 * max(1.0, truth.abs().max().item()), f"error {err} vs float32 reference {ref_err}"
+    return truth
+
+
+def _queue(z, M, fill, seed=0):
+    """[B, M] entries around z with a margin; the first M - fill slots of each row empty (fill: an
+    int, or one per row)."""
+    g = torch.Generator().manual_seed(seed)
+    off = torch.rand(z.shape[0], M, generator=g) * 2 - 1
+    off = torch.where(off.abs() < 0.05, torch.full_like(off, 0.3), off)
+    queue = (z.float()[:, None] + off).float()
+    fills = [fill] * z.shape[0] if isinstance(fill, int) else fill
+    for b, f in enumerate(fills):
+        queue[b, :M - f] = NAN
+    return queue
+
+
+def _step(kvs, q, k, v, queue, mask, *, scale, lam_ref=0.9, band=0.2, splits=1, z=None):
+    """Run the emulated step on copies; compare with the reference (z: known float64 mean entropy)."""
+    B, T = k.shape[0], k.shape[2]
+    if z is None:
+        z = R.row_entropy(q.double(), k.double(), scale=scale, mask=mask).mean(1)
+    lam_want, queue_want = R.kvsmooth_queue(queue, z, lam_ref=lam_ref, band=band)
+    if T >= 2:
+        ok = R.key_mask(mask, B, T, torch.float32)[1][:, T - 2]
+        lam_want = torch.where(ok, lam_want, torch.zeros_like(lam_want))
+    else:
+        lam_want = torch.zeros_like(lam_want)
+    kk, vv, qq = k.clone(), v.clone(), queue.clone()
+    lam = torch.full((B,), NAN)
+    kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, scale, lam_ref - band, lam_ref + band, splits)
+    torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7)
+    assert torch.equal(kk[:, :, :-1], k[:, :, :-1]) and torch.equal(vv[:, :, :-1], v[:, :, :-1])
+    for got, x in ((kk, k), (vv, v)):
+        want = R.kvsmooth_ema(x, lam_want)
+        torch.testing.assert_close(got[:, :, -1].float(), want[:, :, -1].float(), rtol=0,
+                                   atol=ULP[x.dtype] * max(1.0, x.abs().max().item()))
+    torch.testing.assert_close(qq[:, :-1], queue_want[:, :-1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(qq[:, -1], queue_want[:, -1], rtol=0, atol=2e-6 * max(1.0, z.abs().max().item()))
+    return lam
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (32, 32)])
+@pytest.mark.parametrize("T", [1, 2, 17, 1000])
+def test_kvsmooth_matches_reference(kvs, T, Hq, Hkv, D, dtype):
+    if ASAN and T == 1000:
+        pytest.skip("T = 1000 runs without ASan (the seed 0/1/2 runs)")
+    # queue rows fresh / partly filled / full: one row each with B = 3, cycled over the grid for
+    # the large cases (B = 1 keeps the emulated work small)
+    big = Hkv * T > 4000
+    B = 1 if big else 3
+    fills = [[0, 7, 15][(Hq + D + DTYPES.index(dtype)) % 3]] if big else [0, 7, 15]
+    kind = ["bool", "additive", "none"][(T + Hq + D) % 3]
+    mask = _mask(B, T, kind)
+    q, k, v = _inputs(B, Hq, Hkv, T, D, dtype)
+    scale = 1.0 / math.sqrt(D)
+    splits = 1 if T < 64 else 3
+    truth = _check_entropy(_entropy(kvs, q, k, mask, scale, splits), q, k, mask, scale)
+    z = truth.mean(1)
+    _step(kvs, q, k, v, _queue(z, 15, fills), mask, scale=scale, splits=splits, z=z)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [16, 40, 256, 512])
+def test_kvsmooth_row_group_shapes_and_tails(kvs, D, dtype):
+    """8-lane groups (D <= 8 chunks), D not a multiple of the 16-byte width (element loads),
+    2 and 4 chunks per lane (D = 256, 512)."""
+    B, Hq, Hkv, T = 2, 4, 2, 37
+    q, k, v = _inputs(B, Hq, Hkv, T, D, dtype)
+    mask = _mask(B, T, "bool")
+    truth = _check_entropy(_entropy(kvs, q, k, mask, 0.2, 2), q, k, mask, 0.2)
+    _step(kvs, q, k, v, _queue(truth.mean(1), 6, 4), mask, scale=0.2, splits=2, z=truth.mean(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["bthd", "misaligned"])
+def test_kvsmooth_strided_and_misaligned(kvs, layout, dtype):
+    B, Hq, Hkv, T, D = 2, 8, 2, 50, 64
+    q, k, v = _inputs(B, Hq, Hkv, T, D, dtype, layout)
+    mask = _mask(B, T, "additive")
+    truth = _check_entropy(_entropy(kvs, q, k, mask, 0.125, 2), q, k, mask, 0.125)
+    base = torch.full((B, 12), 123.0)
+    queue = base[:, ::2]  # a strided queue view [B, 6]
+    queue.copy_(_queue(truth.mean(1), 6, 6))
+    _step(kvs, q, k, v, queue, mask, scale=0.125, splits=2, z=truth.mean(1))
+    assert (base[:, 1::2] == 123.0).all()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 20])
+def test_kvsmooth_splits_including_empty_ones(kvs, splits):
+    """T = 17 over 20 splits: most splits hold one position or none (empty partial states)."""
+    B, Hq, Hkv, T, D = 2, 4, 2, 17, 64
+    for dtype in DTYPES:
+        q, k, v = _inputs(B, Hq, Hkv, T, D, dtype)
+        mask = _mask(B, T, "bool")
+        truth = _check_entropy(_entropy(kvs, q, k, mask, 0.125, splits), q, k, mask, 0.125)
+        _step(kvs, q, k, v, _queue(truth.mean(1), 4, 2), mask, scale=0.125, splits=splits, z=truth.mean(1))
+
+
+def test_kvsmooth_many_query_heads_per_kv_head(kvs):
+    """g = 20 query heads per kv head: three passes of at most 8 heads over the rows."""
+    B, Hq, Hkv, T, D = 1, 40, 2, 70, 64
+    for dtype in DTYPES:
+        q, k, v = _inputs(B, Hq, Hkv, T, D, dtype)
+        truth = _check_entropy(_entropy(kvs, q, k, None, 0.125, 2), q, k, None, 0.125)
+        _step(kvs, q, k, v, _queue(truth.mean(1), 5, 5), None, scale=0.125, splits=2, z=truth.mean(1))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kvsmooth_mask_dtypes_and_broadcast(kvs, mask_dtype):
+    B, Hq, Hkv, T, D = 3, 4, 4, 30, 64
+    q, k, v = _inputs(B, Hq, Hkv, T, D, torch.float32)
+    for mask in (_mask(B, T, "additive", mask_dtype), _mask(B, T, "broadcast")):
+        truth = _check_entropy(_entropy(kvs, q, k, mask, 0.125, 1), q, k, mask, 0.125)
+        _step(kvs, q, k, v, _queue(truth.mean(1), 5, 3), mask, scale=0.125, z=truth.mean(1))
+
+
+def test_kvsmooth_no_ema_cases(kvs):
+    B, Hq, Hkv, D = 2, 4, 2, 64
+    # T == 1: one position, H = 0, nothing to smooth
+    q, k, v = _inputs(B, Hq, Hkv, 1, D, torch.bfloat16)
+    lam = _step(kvs, q, k, v, torch.full((B, 15), NAN), None, scale=0.125)
+    assert torch.equal(lam, torch.zeros(B))
+    # position T - 2 masked for item 0: lam 0 there, smoothed for item 1 (rank 2/3 -> 0.7)
+    q, k, v = _inputs(B, Hq, Hkv, 9, D, torch.float16)
+    mask = torch.ones(B, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., 7] = False
+    lam = _step(kvs, q, k, v, torch.zeros(B, 3), mask, scale=0.125)
+    assert lam[0].item() == 0.0 and lam[1].item() == pytest.approx(0.7)
+    # every position masked: entropy 0 (and the EMA still needs position T - 2: masked, lam 0)
+    none = torch.zeros(B, 1, 1, 9, dtype=torch.bool)
+    assert torch.equal(_entropy(kvs, q, k, none, 0.125, 2), torch.zeros(B, Hq))
+
+
+def test_kvsmooth_bad_arguments_fail_before_launching(kvs):
+    from kvemu_build import EmuError
+    q, k, v = _inputs(1, 3, 2, 8, 64, torch.float32)  # Hq not a multiple of Hkv
+    with pytest.raises(EmuError):
+        kvs.row_entropy(q, k, None, torch.zeros(1, 3), 0.1, 1)
+    q, k, v = _inputs(1, 4, 2, 8, 640, torch.float32)  # D above the kernel's maximum
+    with pytest.raises(EmuError):
+        kvs.row_entropy(q, k, None, torch.zeros(1, 4), 0.1, 1)

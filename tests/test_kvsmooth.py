@@ -1,0 +1,474 @@
+"""KVSmooth (SPEC §2): the reference by hand, kernels against the reference, bad input, registration."""
+import math
+
+import pytest
+import torch
+
+import kvfix
+from kvfix import reference as R
+
+NAN = float("nan")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and "cuda" in kvfix.build_info()["devices"] else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference, by hand
+
+def test_reference_entropy_hand_computed():
+    # D = 1, scale 1: logits [0, ln 3] -> p = [1/4, 3/4]
+    q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64).view(1, 1, 2, 1)
+    h = R.row_entropy(q, k, scale=1.0)
+    torch.testing.assert_close(h, torch.tensor([[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]],
+                                               dtype=torch.float64), rtol=0, atol=1e-15)
+    # q = 0: uniform over the positions taking part -> log(count); masked rows: 0
+    q = torch.zeros(2, 2, 1, 4, dtype=torch.float64)
+    k = torch.randn(2, 1, 5, 4, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])[:, None, None, :]
+    torch.testing.assert_close(R.row_entropy(q, k, mask=mask),
+                               torch.tensor([[math.log(5)] * 2, [math.log(3)] * 2], dtype=torch.float64))
+    additive = torch.where(mask, 0.0, float("-inf")).double()
+    torch.testing.assert_close(R.row_entropy(q, k, mask=additive), R.row_entropy(q, k, mask=mask))
+    none = torch.zeros(2, 1, 1, 5, dtype=torch.bool)
+    assert torch.equal(R.row_entropy(q, k, mask=none), torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_reference_queue_hand_computed_sequence():
+    # M = 3, lam = rank (lam_ref 0.5, band 0.5); oldest entry first, NaN = empty
+    queue = torch.full((1, 3), NAN)
+    steps = [  # z, queue after the push, rank = #{entries < z} / 3
+        (2.0, [NAN, NAN, 2.0], 0.0),
+        (1.0, [NAN, 2.0, 1.0], 0.0),
+        (3.0, [2.0, 1.0, 3.0], 2 / 3),
+        (3.0, [1.0, 3.0, 3.0], 1 / 3),   # equal entries do not count
+        (0.5, [3.0, 3.0, 0.5], 0.0),
+        (4.0, [3.0, 0.5, 4.0], 2 / 3),
+    ]
+    for z, after, rank in steps:
+        lam, queue = R.kvsmooth_queue(queue, torch.tensor([z]), lam_ref=0.5, band=0.5)
+        torch.testing.assert_close(queue, torch.tensor([after]), equal_nan=True)
+        assert lam.item() == pytest.approx(rank)
+    # the paper's LLaVA band: lam in [0.7, 1.1] then [0, 1]
+    lam, _ = R.kvsmooth_queue(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([9.0]), lam_ref=0.9, band=0.2)
+    assert lam.item() == pytest.approx(0.7)  # rank 2/3, clamped up to lam_ref - band
+    lam, _ = R.kvsmooth_queue(torch.tensor([[5.0, 6.0, 7.0, 8.0, 1.0]]), torch.tensor([9.0]), lam_ref=0.9, band=0.2)
+    assert lam.item() == pytest.approx(0.8)  # rank 4/5
+    lam, _ = R.kvsmooth_queue(torch.tensor([[5.0, 6.0]]), torch.tensor([9.0]), lam_ref=0.2, band=0.5)
+    assert lam.item() == pytest.approx(0.5)  # rank 1/2 inside [-0.3, 0.7]
+    lam, _ = R.kvsmooth_queue(torch.tensor([[5.0, 6.0]]), torch.tensor([0.0]), lam_ref=0.2, band=0.5)
+    assert lam.item() == 0.0  # rank 0, band reaches below 0: clamped to 0
+
+
+def test_reference_step_hand_computed_sequence():
+    """q = 0 makes every row uniform: z = log T. With M = 3, lam_ref 0.5, band 0.5 (lam = rank) and
+    K[t] = t, V[t] = -t (D = 1) as each token arrives, the smoothed caches follow by hand:
+      T=1: queue [-, -, 0]         lam 0 (one position: nothing to smooth)   K = [0]
+      T=2: queue [-, 0, ln2]       rank 1/3   K[1] = 2/3 * 1 + 1/3 * 0       = 2/3
+      T=3: queue [0, ln2, ln3]     rank 2/3   K[2] = 1/3 * 2 + 2/3 * 2/3     = 10/9
+      T=4: queue [ln2, ln3, ln4]   rank 2/3   K[3] = 1/3 * 3 + 2/3 * 10/9    = 47/27
+      T=5: queue [ln3, ln4, ln5]   rank 2/3   K[4] = 1/3 * 4 + 2/3 * 47/27   = 202/81
+    """
+    q = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
+    queue = torch.full((1, 3), NAN)
+    k = torch.zeros(1, 1, 0, 1, dtype=torch.float64)
+    v = -k
+    expected_lam = [0.0, 1 / 3, 2 / 3, 2 / 3, 2 / 3]
+    expected_k = [0.0, 2 / 3, 10 / 9, 47 / 27, 202 / 81]
+    for step, lam_want in enumerate(expected_lam):
+        k = torch.cat([k, torch.full((1, 1, 1, 1), float(step), dtype=torch.float64)], dim=2)
+        v = torch.cat([v, torch.full((1, 1, 1, 1), -float(step), dtype=torch.float64)], dim=2)
+        lam, k, v, queue = R.kvsmooth_step(q, k, v, queue, lam_ref=0.5, band=0.5)
+        assert lam.item() == pytest.approx(lam_want), step
+        torch.testing.assert_close(k.flatten(), torch.tensor(expected_k[:step + 1], dtype=torch.float64))
+        torch.testing.assert_close(v.flatten(), -torch.tensor(expected_k[:step + 1], dtype=torch.float64))
+    torch.testing.assert_close(queue, torch.tensor([[math.log(3), math.log(4), math.log(5)]]))
+
+
+def test_reference_step_skips_masked_previous_position():
+    q = torch.randn(2, 2, 1, 4, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 6, 4, dtype=torch.float64), torch.randn(2, 2, 6, 4, dtype=torch.float64)
+    queue = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # z > 0: after the push [0, z], rank 1/2 (z never counts)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4] = False  # item 1: position T - 2 is a hole
+    lam, k2, v2, _ = R.kvsmooth_step(q, k, v, queue, mask=mask, lam_ref=0.5, band=0.5)
+    assert lam[0].item() == 0.5 and lam[1].item() == 0.0
+    assert torch.equal(k2[1], k[1]) and torch.equal(v2[1], v[1])
+    torch.testing.assert_close(k2[0, :, -1], 0.5 * (k[0, :, -1] + k[0, :, -2]))
+    torch.testing.assert_close(v2[0, :, -1], 0.5 * (v[0, :, -1] + v[0, :, -2]))
+    assert torch.equal(k2[0, :, :-1], k[0, :, :-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels vs reference
+
+def _decode_inputs(B, Hq, Hkv, T, D, dtype, device="cpu", *, layout="contiguous"):
+    q = torch.randn(B, 1, Hq, D, device=device).to(dtype).transpose(1, 2)  # [B, Hq, 1, D] as transformers has it
+    if layout == "contiguous":
+        k = (2 * torch.randn(B, Hkv, T, D, device=device)).to(dtype)
+        v = torch.randn(B, Hkv, T, D, device=device).to(dtype)
+    elif layout == "static":  # a slice of a longer static cache
+        k = (2 * torch.randn(B, Hkv, T + 7, D, device=device)).to(dtype)[:, :, :T]
+        v = torch.randn(B, Hkv, T + 7, D, device=device).to(dtype)[:, :, :T]
+    else:  # [B, T, H, D] storage
+        k = (2 * torch.randn(B, T, Hkv, D, device=device)).to(dtype).transpose(1, 2)
+        v = torch.randn(B, T, Hkv, D, device=device).to(dtype).transpose(1, 2)
+    return q, k, v
+
+
+def _padding_mask(B, T, kind, device="cpu"):
+    """Left padding: item b has min(b * 3, T - 1) masked positions at the front (the last one
+    always takes part)."""
+    keep = torch.ones(B, T, dtype=torch.bool, device=device)
+    for b in range(B):
+        keep[b, :min(3 * b, T - 1)] = False
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return keep[:, None, None, :]
+    if kind == "additive":
+        return torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
+    if kind == "additive_bias":  # finite values take part as biases
+        bias = torch.randn(B, T, device=device)
+        return torch.where(keep, bias, float("-inf"))[:, None, None, :]
+    raise ValueError(kind)
+
+
+def assert_entropy_close(got, q, k, mask, scale=None):
+    """Flash-attention rule: the kernel's error against float64 is at most 2x the error of the
+    reference run in float32 (all kvfix arithmetic is float32 whatever the input dtype), plus a
+    slack far below that error."""
+    assert got.dtype == torch.float32 and got.shape == q.shape[:2]
+    truth = R.row_entropy(q.double(), k.double(), scale=scale, mask=mask)
+    ref32 = R.row_entropy(q.float(), k.float(), scale=scale, mask=mask)
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (ref32.double() - truth).abs().max().item()
+    slack = 1e-6 * max(1.0, truth.abs().max().item())
+    assert err <= 2 * ref_err + slack, f"error {err} vs the float32 reference's {ref_err}"
+    return truth
+
+
+def _queue_far_from(z, M, fill, gen_seed=0):
+    """A [B, M] float32 queue whose first M - fill slots are empty and whose entries keep a margin
+    from z (so the rank does not depend on rounding); entries below and above z."""
+    g = torch.Generator().manual_seed(gen_seed)
+    B = z.shape[0]
+    offsets = (torch.rand(B, M, generator=g) * 2 - 1)  # (-1, 1)
+    offsets = torch.where(offsets.abs() < 0.05, torch.full_like(offsets, 0.3), offsets)
+    queue = (z.float()[:, None].cpu() + offsets).to(torch.float32)
+    queue[:, :M - fill] = NAN
+    return queue.to(z.device)
+
+
+def ulp_atol(dtype):
+    return {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+
+
+def check_step(q, k, v, queue, *, mask=None, scale=None, lam_ref=0.9, band=0.2, z=None):
+    """Run kvsmooth_step_ on copies and compare with kvfix.reference.kvsmooth_step (float64).
+    `z`: the float64 mean entropy when already known (the reference's steps 2-4 then run on it)."""
+    if z is None:
+        lam_want, k_want, v_want, q_want = R.kvsmooth_step(q, k, v, queue, scale=scale, mask=mask,
+                                                           lam_ref=lam_ref, band=band)
+    else:
+        lam_want, q_want = R.kvsmooth_queue(queue, z, lam_ref=lam_ref, band=band)
+        T = k.shape[2]
+        ok = R.key_mask(mask, k.shape[0], T, torch.float32, k.device)[1][:, T - 2] if T >= 2 else None
+        lam_want = torch.where(ok, lam_want, torch.zeros_like(lam_want)) if T >= 2 else torch.zeros_like(lam_want)
+        k_want, v_want = R.kvsmooth_ema(k, lam_want), R.kvsmooth_ema(v, lam_want)
+    kk, vv, qq = k.clone(), v.clone(), queue.clone()
+    lam = kvfix.kvsmooth_step_(q, kk, vv, qq, scale=scale, mask=mask, lam_ref=lam_ref, band=band)
+    assert lam.dtype == torch.float32 and lam.shape == (q.shape[0],)
+    torch.testing.assert_close(lam, lam_want.to(lam.device), rtol=0, atol=1e-7)
+    T = k.shape[2]
+    # everything but the last position is untouched, bit for bit
+    assert torch.equal(kk[:, :, :T - 1], k[:, :, :T - 1]) and torch.equal(vv[:, :, :T - 1], v[:, :, :T - 1])
+    atol = ulp_atol(k.dtype) * max(1.0, k.abs().max().item())
+    torch.testing.assert_close(kk[:, :, -1].float(), k_want[:, :, -1].float(), rtol=0, atol=atol)
+    torch.testing.assert_close(vv[:, :, -1].float(), v_want[:, :, -1].float(), rtol=0, atol=atol)
+    # the queue: shifted exactly, z at the end
+    torch.testing.assert_close(qq[:, :-1], q_want[:, :-1].to(qq.device), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(qq[:, -1], q_want[:, -1].to(qq.device), rtol=0, atol=2e-6 * max(1.0, q_want[:, -1].abs().max().item()))
+    return lam
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (32, 32)])
+@pytest.mark.parametrize("T", [1, 2, 17, 1000])
+def test_kernels_match_reference(T, Hq, Hkv, D, dtype, device):
+    B = 2 if T * Hq > 10000 else 3
+    case = (T + Hq + D + DTYPES.index(dtype)) % 4  # vary mask kind and queue fill across the grid
+    mask_kind = ["bool", "additive", "none", "additive_bias"][case]
+    mask = _padding_mask(B, T, mask_kind, device)
+    q, k, v = _decode_inputs(B, Hq, Hkv, T, D, dtype, device)
+    truth = assert_entropy_close(kvfix.row_entropy(q, k, mask=mask), q, k, mask)
+    z = truth.mean(dim=1)
+    for fill in (0, 6, 15):  # fresh, partly filled, full
+        queue = _queue_far_from(z, 15, fill, gen_seed=fill)
+        check_step(q, k, v, queue, mask=mask, z=z)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["static", "bthd"])
+def test_strided_caches(layout, dtype, device):
+    B, Hq, Hkv, T, D = 2, 8, 2, 300, 64
+    q, k, v = _decode_inputs(B, Hq, Hkv, T, D, dtype, device, layout=layout)
+    q = torch.randn(B, Hq, 1, D + 8, device=device).to(dtype)[..., 8:]  # strided query rows too
+    assert not k.is_contiguous() and not v.is_contiguous() and not q.is_contiguous()
+    mask = _padding_mask(B, T, "bool", device)
+    truth = assert_entropy_close(kvfix.row_entropy(q, k, mask=mask), q, k, mask)
+    check_step(q, k, v, _queue_far_from(truth.mean(1), 5, 3), mask=mask, lam_ref=0.5, band=0.5)
+
+
+@pytest.mark.parametrize("D", [1, 16, 80, 96, 256])
+def test_other_head_dims_and_scale(D):
+    B, Hq, Hkv, T = 2, 6, 3, 150
+    for dtype in DTYPES:
+        q, k, v = _decode_inputs(B, Hq, Hkv, T, D, dtype)
+        for scale in (None, 0.3):
+            truth = assert_entropy_close(kvfix.row_entropy(q, k, scale=scale), q, k, None, scale=scale)
+            check_step(q, k, v, _queue_far_from(truth.mean(1), 7, 7), scale=scale)
+
+
+@pytest.mark.parametrize("shape", ["T", "1111", "B111", "11T", "1T"])
+def test_mask_broadcasting(shape):
+    B, Hq, Hkv, T, D = 2, 4, 2, 40, 16
+    q, k, v = _decode_inputs(B, Hq, Hkv, T, D, torch.float32)
+    keep = torch.rand(B, T) > 0.3
+    keep[:, -2:] = True
+    m = {"T": keep[0], "1111": keep[:1, :1][:, None, None, :], "B111": keep[:, :1, None, None],
+         "11T": keep[:1][None], "1T": keep[:1]}[shape]
+    truth = assert_entropy_close(kvfix.row_entropy(q, k, mask=m), q, k, m)
+    check_step(q, k, v, _queue_far_from(truth.mean(1), 4, 4), mask=m)
+
+
+def test_large_logits_and_fully_masked_rows():
+    B, Hq, Hkv, T, D = 2, 4, 4, 513, 64
+    q, k, v = _decode_inputs(B, Hq, Hkv, T, D, torch.float32)
+    for scale in (5.0, 50.0):  # nearly one-hot rows: entropy close to 0
+        assert_entropy_close(kvfix.row_entropy(q, k, scale=scale), q, k, None, scale=scale)
+    none = torch.zeros(B, 1, 1, T, dtype=torch.bool)
+    none[0] = True
+    h = kvfix.row_entropy(q, k, mask=none)
+    assert torch.equal(h[1], torch.zeros(Hq)) and torch.isfinite(h).all()
+    # transformers-style finite padding values act like masked positions
+    keep = _padding_mask(B, T, "bool")
+    fmin = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(kvfix.row_entropy(q, k, mask=fmin), kvfix.row_entropy(q, k, mask=keep), rtol=0, atol=2e-6)
+
+
+def test_step_t1_and_masked_previous_position():
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    q, k, v = _decode_inputs(B, Hq, Hkv, 1, D, torch.float32)
+    queue = torch.full((B, 15), NAN)
+    kk, vv = k.clone(), v.clone()
+    lam = kvfix.kvsmooth_step_(q, kk, vv, queue)
+    assert torch.equal(lam, torch.zeros(B)) and torch.equal(kk, k) and torch.equal(vv, v)
+    assert torch.isnan(queue[:, :-1]).all() and torch.allclose(queue[:, -1], torch.zeros(B))  # one position: H = 0
+    q, k, v = _decode_inputs(B, Hq, Hkv, 9, D, torch.float32)
+    mask = torch.ones(B, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., 7] = False
+    lam = check_step(q, k, v, torch.zeros(B, 3), mask=mask)  # z > 0: rank 2/3, clamped up to 0.7
+    assert lam[0].item() == 0.0 and lam[1].item() == pytest.approx(0.7)
+
+
+def test_step_sequence_matches_reference_over_decoding():
+    """A 12-step decode: the cache grows by one token per step, the queue carries over, the smoothed
+    positions feed later steps (K[t-1] already smoothed), compared step by step. The reference keeps
+    its caches in the input dtype (rounding once per EMA, as the kernels do), entropy in float64."""
+    B, Hq, Hkv, D, T0 = 2, 8, 2, 64, 20
+    for dtype in DTYPES:
+        q0, k, v = _decode_inputs(B, Hq, Hkv, T0, D, dtype)
+        k_ref, v_ref = k.clone(), v.clone()
+        queue, queue_ref = torch.full((B, 5), NAN), torch.full((B, 5), NAN)
+        mask_full = _padding_mask(B, T0 + 12, "bool")
+        for step in range(12):
+            q, k_new, v_new = _decode_inputs(B, Hq, Hkv, 1, D, dtype)
+            k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
+            k_ref, v_ref = torch.cat([k_ref, k_new], 2), torch.cat([v_ref, v_new], 2)
+            mask = mask_full[..., :k.shape[2]]
+            lam = kvfix.kvsmooth_step_(q, k, v, queue, mask=mask)
+            lam_ref, k_ref, v_ref, queue_ref = R.kvsmooth_step(q, k_ref, v_ref, queue_ref, mask=mask)
+            torch.testing.assert_close(lam, lam_ref, rtol=0, atol=1e-7)
+            atol = ulp_atol(dtype) * 4
+            torch.testing.assert_close(k.float(), k_ref.float(), rtol=0, atol=atol)
+            torch.testing.assert_close(v.float(), v_ref.float(), rtol=0, atol=atol)
+            torch.testing.assert_close(queue, queue_ref, rtol=0, atol=1e-5, equal_nan=True)
+        assert (lam > 0).all()
+
+
+def test_deterministic():
+    q, k, v = _decode_inputs(2, 8, 2, 3000, 128, torch.bfloat16)
+    a = kvfix.row_entropy(q, k)
+    for _ in range(3):
+        assert torch.equal(kvfix.row_entropy(q, k), a)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, nothing written
+
+def _ok_step():
+    q, k, v = _decode_inputs(2, 4, 2, 6, 16, torch.float32)
+    return dict(q=q, k_cache=k, v_cache=v, queue=torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(q=torch.randn(2, 4, 16)), ValueError, "q must be"),
+    (dict(q=torch.randn(2, 4, 2, 16)), ValueError, "single-token"),
+    (dict(q=torch.randn(2, 4, 1, 16, dtype=torch.float64)), TypeError, "q must be float32"),
+    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    (dict(q=torch.randn(2, 4, 16, 2).transpose(-1, -2)[..., :1, :]), ValueError, "q needs a contiguous"),
+    (dict(q=torch.randn(2, 3, 1, 16)), ValueError, "multiple of the kv heads"),
+    (dict(q=torch.randn(3, 4, 1, 16)), ValueError, "k_cache shape"),
+    (dict(q=torch.randn(2, 4, 1, 8)), ValueError, "k_cache shape"),
+    (dict(k_cache=torch.randn(2, 2, 6, 16, dtype=torch.float16)), TypeError, "k_cache dtype"),
+    (dict(k_cache=torch.randn(2, 2, 16, 6).transpose(-1, -2)), ValueError, "k_cache needs a contiguous"),
+    (dict(k_cache=torch.randn(2, 2, 0, 16)), ValueError, "at least one position"),
+    (dict(k_cache=torch.randn(2, 2, 6, 16, device="meta")), ValueError, "k_cache is on meta"),
+    (dict(v_cache=torch.randn(2, 2, 5, 16)), ValueError, "v_cache shape"),
+    (dict(v_cache=torch.randn(2, 2, 6, 16, dtype=torch.bfloat16)), TypeError, "v_cache dtype"),
+    (dict(v_cache=None), TypeError, "v_cache must be a torch.Tensor"),
+    (dict(queue=torch.zeros(3, 4)), ValueError, "queue must be"),
+    (dict(queue=torch.zeros(2, 0)), ValueError, "queue must be"),
+    (dict(queue=torch.zeros(2)), ValueError, "queue must be"),
+    (dict(queue=torch.zeros(2, 4, dtype=torch.float64)), TypeError, "queue must be float32"),
+    (dict(mask=torch.ones(2, 6)), ValueError, "mask must be broadcastable"),
+    (dict(mask=torch.ones(2, 1, 1, 5, dtype=torch.bool)), ValueError, "mask must be broadcastable"),
+    (dict(mask=torch.ones(1, 2, 1, 6, dtype=torch.bool)), ValueError, "mask must be broadcastable"),
+    (dict(mask=torch.ones(2, 1, 1, 6, dtype=torch.long)), TypeError, "mask must be bool"),
+    (dict(mask=torch.ones(6, dtype=torch.bool, device="meta")), ValueError, "mask is on meta"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite"),
+    (dict(scale="1"), TypeError, "scale must be a real"),
+    (dict(lam_ref=1.5), ValueError, "lam_ref must be in"),
+    (dict(lam_ref=float("nan")), ValueError, "lam_ref must be in"),
+    (dict(band=-0.1), ValueError, "band must be"),
+    (dict(band=True), TypeError, "band must be a real"),
+])
+def test_bad_input_raises_naming_the_argument_and_writes_nothing(change, exc, match):
+    args = _ok_step()
+    args.update(change)
+    kw = {n: args.pop(n) for n in ("mask", "scale", "lam_ref", "band") if n in args}
+    keep = {n: t.clone() for n, t in args.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    with pytest.raises(exc, match=match):
+        kvfix.kvsmooth_step_(args["q"], args["k_cache"], args["v_cache"], args["queue"], **kw)
+    for n, t in keep.items():
+        assert torch.equal(args[n], t), f"{n} was modified"
+
+
+def test_row_entropy_bad_input():
+    q, k, _ = _decode_inputs(2, 4, 2, 6, 16, torch.float32)
+    with pytest.raises(ValueError, match="k must be"):
+        kvfix.row_entropy(q, k[0])
+    with pytest.raises(TypeError, match="k dtype"):
+        kvfix.row_entropy(q, k.half())
+    with pytest.raises(ValueError, match="mask must be broadcastable"):
+        kvfix.row_entropy(q, k, mask=torch.ones(3, 1, 1, 6, dtype=torch.bool))
+    # the C++ checks stand behind the wrappers
+    with pytest.raises(RuntimeError, match="multiple of the kv heads"):
+        torch.ops.kvfix.row_entropy.default(q[:, :3], k, None, None)
+    with pytest.raises(ValueError, match="lam_ref must be in"):
+        torch.ops.kvfix.kvsmooth_step_.default(q, k.clone(), k.clone(), torch.zeros(2, 3), None, None, 2.0, 0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# no host synchronisation, registration: opcheck, torch.compile, meta tensors
+
+def test_no_host_reads_in_the_op_path():
+    """The wrappers read metadata only: they run on meta tensors (where any value read would
+    raise), and a real call issues no aten._local_scalar_dense (.item(), bool(t), .tolist())."""
+    q, k, v = _decode_inputs(2, 8, 2, 50, 64, torch.float32)
+    mask = _padding_mask(2, 50, "bool")
+    meta = [t.to("meta") for t in (q, k, v, torch.zeros(2, 15), mask)]
+    assert kvfix.kvsmooth_step_(*meta[:4], mask=meta[4]).shape == (2,)
+    assert kvfix.row_entropy(meta[0], meta[1], mask=meta[4]).shape == (2, 8)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Scalars(TorchDispatchMode):
+        calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Scalars.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    queue = torch.zeros(2, 15)
+    with Scalars():
+        kvfix.kvsmooth_step_(q, k, v, queue, mask=mask)
+        kvfix.row_entropy(q, k, mask=mask)
+    assert Scalars.calls == ["kvfix.kvsmooth_step_.default", "kvfix.row_entropy.default"], Scalars.calls
+
+
+def test_opcheck():
+    q, k, v = _decode_inputs(2, 8, 2, 9, 16, torch.float32)
+    mask = _padding_mask(2, 9, "bool")
+    torch.library.opcheck(torch.ops.kvfix.row_entropy.default, (q, k, None, None))
+    torch.library.opcheck(torch.ops.kvfix.row_entropy.default, (q, k, 0.5, mask))
+    torch.library.opcheck(torch.ops.kvfix.kvsmooth_step_.default, (q, k, v, torch.zeros(2, 4), None, mask, 0.9, 0.2))
+    torch.library.opcheck(torch.ops.kvfix.kvsmooth_step_.default,
+                          (q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.full((2, 3), NAN), 0.3, None, 0.5, 0.1))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = _decode_inputs(2, 8, 2, 33, 32, torch.float32)
+    mask = _padding_mask(2, 33, "additive")
+
+    def f(q, k, v, queue, mask):
+        h = kvfix.row_entropy(q * 1.0, k, mask=mask)
+        lam = kvfix.kvsmooth_step_(q, k, v, queue, mask=mask, lam_ref=0.7)
+        return h.mean(1) + 0, lam * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    k1, v1, qu1 = k.clone(), v.clone(), torch.zeros(2, 6)
+    k2, v2, qu2 = k.clone(), v.clone(), torch.zeros(2, 6)
+    got = compiled(q, k1, v1, qu1, mask)
+    want = f(q, k2, v2, qu2, mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2) and torch.equal(qu1, qu2)  # mutations kept
+    assert not torch.equal(k1, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only (skipped without a GPU): no synchronisation, CUDA-graph capture
+
+cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA build")
+
+
+@cuda
+def test_cuda_step_issues_no_sync():
+    q, k, v = _decode_inputs(2, 8, 2, 3000, 128, torch.bfloat16, "cuda")
+    mask = _padding_mask(2, 3000, "bool", "cuda")
+    queue = torch.full((2, 15), NAN, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        for _ in range(3):
+            kvfix.kvsmooth_step_(q, k, v, queue, mask=mask)
+            kvfix.row_entropy(q, k, mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_cuda_graph_capture_and_replay():
+    q, k, v = _decode_inputs(2, 8, 2, 700, 64, torch.float16, "cuda")
+    mask = _padding_mask(2, 700, "bool", "cuda")
+    k_eager, v_eager, queue_eager = k.clone(), v.clone(), torch.zeros(2, 6, device="cuda")
+    queue = queue_eager.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, on copies
+        kvfix.kvsmooth_step_(q, k.clone(), v.clone(), queue.clone(), mask=mask)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        lam = kvfix.kvsmooth_step_(q, k, v, queue, mask=mask)
+    for _ in range(3):  # replays keep smoothing the same position and pushing onto the queue
+        g.replay()
+        want = kvfix.kvsmooth_step_(q, k_eager, v_eager, queue_eager, mask=mask)
+        torch.cuda.synchronize()
+        assert torch.equal(lam, want) and torch.equal(k, k_eager) and torch.equal(v, v_eager)
+        assert torch.equal(queue, queue_eager)
