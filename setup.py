@@ -100,7 +100,9 @@ if not use_cuda:
 os.chdir(ROOT)  # the source globs below are relative to the project
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
-cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is a header template; without it our own loops run on one thread.
+cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]  # libgomp, the OpenMP runtime torch itself loads
 define_macros = []
 archs = ""
 if use_cuda:
@@ -119,10 +121,11 @@ if use_cuda:
         "kvfix._C", sources, include_dirs=include_dirs, define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags,
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
-    ext = CppExtension("kvfix._C", sources, include_dirs=include_dirs,
-                       define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("kvfix._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 # What was built, for kvfix.build_info().
 info = {
