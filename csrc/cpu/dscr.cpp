@@ -28,7 +28,7 @@
 namespace kvfix {
 namespace {
 
-constexpr int64_t kBlockCols = 256;                      // columns of w built at a time
+constexpr int64_t kBlockCols = 384;                      // at most this many columns of w at a time
 constexpr int64_t kCacheGroupBytes = int64_t(64) << 20;   // source copies per in-place group
 constexpr int64_t kSharedWeightBytes = int64_t(64) << 20;  // in-place op: weights kept for all groups
 
@@ -107,7 +107,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   const int64_t B = srcs[0].size(0), N = srcs[0].size(2);
   if (B == 0 || N == 0) return;
   const int64_t Bd = depth.size(0);
-  const int64_t cols = std::min(N, kBlockCols);
+  // Equal blocks (576 -> 2 x 288, not 384 + 192): a thin last block is an inefficient GEMM.
+  const int64_t cols = (N + (N + kBlockCols - 1) / kBlockCols - 1) / ((N + kBlockCols - 1) / kBlockCols);
 
   at::Tensor w32 = shared.defined() ? at::Tensor() : at::empty({cols, N}, at::TensorOptions().dtype(at::kFloat));
   at::Tensor w16, wbf;  // the block in the GEMM dtype, for low-precision inputs
