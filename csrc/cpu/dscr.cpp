@@ -13,9 +13,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "cpu/exp_nonpos.h"
 #include "kvfix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -32,28 +32,6 @@ constexpr int64_t kBlockCols = 384;                      // at most this many co
 constexpr int64_t kCacheGroupBytes = int64_t(64) << 20;   // source copies per in-place group
 constexpr int64_t kSharedWeightBytes = int64_t(64) << 20;  // in-place op: weights kept for all groups
 
-// exp(x) for x <= 0, float32, ~2 ulp; 0 below -87 (where expf reaches the denormals). Written
-// without calls or branches so the compiler vectorises the loops that use it.
-inline float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  // n = round(xc / ln2): adding and subtracting 1.5 * 2^23 rounds to the nearest integer
-  // (no floorf call, which would stop the vectoriser).
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite ln2 split
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
 // Rows j in [j0, j1) of the block `w` (row j at w + (j - j0) * N): w[j][i] = wt(i, j) / c_j with
 // the diagonal masked. A column with c_j == 0 (N == 1, underflow) becomes the unit row e_j, so
 // the GEMM returns k[j] unchanged, as SPEC §1 asks.
@@ -65,7 +43,7 @@ KVFIX_CPU_CLONES void weight_rows(const float* d, const float* sy, const float* 
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) {
       const float dd = d[i] - dj, dy = sy[i] - yj, dx = sx[i] - xj;
-      row[i] = exp_nonpos(-cd * (dd * dd)) + exp_nonpos(-cs * (dy * dy + dx * dx));
+      row[i] = cpu::exp_nonpos(-cd * (dd * dd)) + cpu::exp_nonpos(-cs * (dy * dy + dx * dx));
     }
     row[j] = 0.0f;
     float sum = 0.0f;

@@ -37,6 +37,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/exp_nonpos.h"
 #include "kvfix.h"
 
 // The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
@@ -121,25 +122,6 @@ KVFIX_KVS_INLINE float hsum(vf v) {
 KVFIX_KVS_INLINE float to_f(float x) { return x; }
 KVFIX_KVS_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
 KVFIX_KVS_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
-
-// exp(x) for x <= 0 (and -inf), float32, a few ulp; 0 below -87. No calls or branches, so the
-// loops that use it vectorise.
-KVFIX_KVS_INLINE float exp_le0(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;             // x - n ln 2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return x < -87.0f ? 0.0f : p * s;
-}
 
 // Value of the key mask at (b, t): the additive bias, -inf where the position takes no part.
 KVFIX_KVS_INLINE float mask_bias(const KvsMask& m, int64_t b, int64_t t) {
@@ -349,7 +331,7 @@ KVFIX_KVS_INLINE void fold_block(State& st, const float* x, int64_t n) {
 #pragma omp simd reduction(+ : l, u)
   for (int64_t r = 0; r < n; ++r) {
     const float d = x[r] - m;
-    const float e = exp_le0(d);
+    const float e = cpu::exp_nonpos(d);
     l += e;
     u += e * (d < -87.0f ? -87.0f : d);  // e == 0 there: keeps -inf * 0 out
   }
