@@ -83,6 +83,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "num.h"
+
 // Source tiles are copied with cp.async (cuda_pipeline_primitives.h) when compiling device code
 // for sm_80+ with nvcc; everywhere else (host passes, the CPU emulator, older archs, or with
 // -DKVFIX_DSCR_NO_ASYNC_COPY) with plain 16-byte loads and stores. Same results either way.
@@ -125,24 +127,6 @@ namespace dscr_detail {
 // where float32 leaves its normal range, a proximity term counts as 0, so the CPU, the GPU and
 // the float64 reference agree on when a column sum is 0 and a token keeps its own key.
 __host__ __device__ __forceinline__ float dscr_exp(float x) { return x < -87.0f ? 0.0f : expf(x); }
-
-template <class T>
-struct Num;
-template <>
-struct Num<float> {
-  static __host__ __device__ __forceinline__ float to_f(float x) { return x; }
-  static __host__ __device__ __forceinline__ float from_f(float x) { return x; }
-};
-template <>
-struct Num<__half> {
-  static __host__ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __host__ __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  static __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __host__ __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-};
 
 // A 4-element group of T as one aligned word (16 bytes for float, 8 for 16-bit types).
 template <int BYTES>

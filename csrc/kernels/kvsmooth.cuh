@@ -55,6 +55,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "num.h"
+
 namespace kvfix::kernels {
 
 // Arguments of one row_entropy (entropy != nullptr) or step (queue != nullptr) call. Element
@@ -103,32 +105,6 @@ inline int64_t kvsmooth_splits(int64_t B, int64_t Hkv, int64_t T, int num_sms) {
 inline int64_t kvsmooth_workspace_floats(const KvsmoothArgs& a) { return a.B * a.Hq * a.splits * 3; }
 
 namespace kvs_detail {
-
-template <class T>
-struct Num;
-template <>
-struct Num<float> {
-  static __host__ __device__ __forceinline__ float to_f(float x) { return x; }
-  static __host__ __device__ __forceinline__ float from_f(float x) { return x; }
-};
-template <>
-struct Num<__half> {
-  static __host__ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __host__ __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ float bits_to_f(uint16_t bits) {
-    __half_raw r;
-    r.x = bits;
-    return __half2float(__half(r));
-  }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  static __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __host__ __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ float bits_to_f(uint16_t bits) {
-    return __uint_as_float(static_cast<uint32_t>(bits) << 16);  // bf16 is the top half of a float
-  }
-};
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 

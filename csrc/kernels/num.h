@@ -1,0 +1,39 @@
+// float <-> element type conversions shared by the kernels in csrc/kernels (framework-free).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kvfix::kernels {
+
+// Num<T>::to_f / from_f (round to nearest); bits_to_f reads a 16-bit element from its raw bits.
+template <class T>
+struct Num;
+template <>
+struct Num<float> {
+  static __host__ __device__ __forceinline__ float to_f(float x) { return x; }
+  static __host__ __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <>
+struct Num<__half> {
+  static __host__ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __host__ __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float bits_to_f(uint16_t bits) {
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+  }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __host__ __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float bits_to_f(uint16_t bits) {
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);  // bf16 is the top half of a float
+  }
+};
+
+}  // namespace kvfix::kernels
