@@ -618,6 +618,18 @@ def get_handle(model: torch.nn.Module) -> Handle | None:
     return h if h is not None and h.active else None
 
 
+def check_layers(layers):
+    """A method's `layers` argument, checked at construction: None, a slice, or an iterable of
+    ints (returned as a tuple); range checks happen at bind, when L is known."""
+    if layers is None or isinstance(layers, slice):
+        return layers
+    if isinstance(layers, (bool, int)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be None, a slice or an iterable of ints, got {layers!r}")
+    layers = tuple(layers)
+    resolve_layers(layers, 1 << 30, 0)  # type errors now
+    return layers
+
+
 def resolve_layers(layers, num_layers: int, default_start: int) -> tuple[int, ...]:
     """None -> [default_start, L); a slice/range/iterable of ints (negatives count from L)."""
     if layers is None:

@@ -8,7 +8,7 @@ import torch
 from .. import ops
 from ..geometry import patch_coords, patch_depth
 from . import _compat
-from .core import ForwardContext, Handle, Method, resolve_layers
+from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 from .models import ImageSpan
 
 __all__ = ["DSCR"]
@@ -45,12 +45,7 @@ class DSCR(Method):
             raise ValueError(f"missing_depth must be one of {_MISSING}, got {missing_depth!r}")
         if not isinstance(keys_only, bool):
             raise TypeError(f"keys_only must be a bool, got {type(keys_only).__name__}")
-        if layers is not None and not isinstance(layers, slice):
-            if isinstance(layers, (bool, int)) or not hasattr(layers, "__iter__"):
-                raise TypeError(f"layers must be None, a slice or an iterable of ints, got {layers!r}")
-            layers = tuple(layers)
-            resolve_layers(layers, 1 << 30, 0)  # type errors now, range checks at bind
-        self.layers = layers
+        self.layers = check_layers(layers)
         self.keys_only = keys_only
         self.missing_depth = missing_depth
         self.selected_layers: tuple[int, ...] = ()

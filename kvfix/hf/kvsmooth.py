@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from . import _compat
-from .core import ForwardContext, Handle, Method, resolve_layers
+from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 
 __all__ = ["KVSmooth", "KVSMOOTH_PRESETS"]
 
@@ -76,12 +76,7 @@ class KVSmooth(Method):
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if not isinstance(record_lam, bool):
             raise TypeError(f"record_lam must be a bool, got {type(record_lam).__name__}")
-        if layers is not None and not isinstance(layers, slice):
-            if isinstance(layers, (bool, int)) or not hasattr(layers, "__iter__"):
-                raise TypeError(f"layers must be None, a slice or an iterable of ints, got {layers!r}")
-            layers = tuple(layers)
-            resolve_layers(layers, 1 << 30, 0)  # type errors now, range checks at bind
-        self.layers = layers
+        self.layers = check_layers(layers)
         self.lam_ref = lam_ref
         self.preset = preset
         self.band = band
