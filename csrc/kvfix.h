@@ -80,3 +80,33 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 #endif
 
 }  // namespace kvfix
+
+// ---------------------------------------------------------------------------------------------
+// Structured DSCR (kvfix/dscr_structured.py): the refinement with factored weights on a gh x gw grid,
+//   y = U U^T X + (Lr Rr^T) (x) (Lc Rc^T) X,   out_j = (y_j - 2 x_j) * cinv_j   (cinv_j == 0: keep x_j)
+// lr, rr: [gh, pr]; lc, rc: [gw, pc]; u: [Bd, N, r]; cinv: [Bd, N]; all float32 contiguous on k's
+// device, N = gh * gw, Bd in {1, B}.
+namespace kvfix {
+
+// Checks keys (and values: empty or one per key; same B and N everywhere) and the factors;
+// returns every tensor to refine as one flat list.
+std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values,
+                                               const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                               const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv);
+
+std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                 const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                                 const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv);
+void dscr_refine_factored_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& lr,
+                                    const at::Tensor& rr, const at::Tensor& lc, const at::Tensor& rc,
+                                    const at::Tensor& u, const at::Tensor& cinv);
+#ifdef KVFIX_WITH_CUDA
+std::vector<at::Tensor> dscr_refine_factored_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                  const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                                  const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv);
+void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& lr,
+                                     const at::Tensor& rr, const at::Tensor& lc, const at::Tensor& rc,
+                                     const at::Tensor& u, const at::Tensor& cinv);
+#endif
+
+}  // namespace kvfix

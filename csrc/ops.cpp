@@ -179,3 +179,64 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cuda);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Structured DSCR (kvfix/dscr_structured.py): factored weights on a patch grid.
+
+namespace kvfix {
+
+std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values,
+                                               const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                               const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv) {
+  TORCH_CHECK(!keys.empty(), op, ": needs at least one key tensor");
+  TORCH_CHECK(values.empty() || values.size() == keys.size(), op, ": values must be empty or have one tensor per key (",
+              keys.size(), "), got ", values.size());
+  std::vector<at::Tensor> all;
+  for (size_t l = 0; l < keys.size(); ++l) {
+    std::optional<at::Tensor> v;
+    if (!values.empty()) v = values[l];
+    check_kv(keys[l], "k", keys[l]);
+    if (v) check_kv(*v, "v", keys[l]);
+    TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2) &&
+                    keys[l].device() == keys[0].device(),
+                op, ": every layer needs the same B, N and device");
+    all.push_back(keys[l]);
+    if (v) all.push_back(*v);
+  }
+  const at::Tensor& k = keys[0];
+  const int64_t B = k.size(0), N = k.size(2);
+  for (const at::Tensor* t : {&lr, &rr, &lc, &rc, &u, &cinv}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == k.device(), op,
+                ": the factors must be contiguous float32 on k's device");
+  }
+  TORCH_CHECK(lr.dim() == 2 && rr.sizes() == lr.sizes() && lc.dim() == 2 && rc.sizes() == lc.sizes(), op,
+              ": lr, rr must be [gh, pr] and lc, rc [gw, pc], got ", lr.sizes(), rr.sizes(), lc.sizes(), rc.sizes());
+  TORCH_CHECK(lr.size(0) * lc.size(0) == N, op, ": grid ", lr.size(0), " x ", lc.size(0), " does not hold N=", N,
+              " tokens");
+  TORCH_CHECK(u.dim() == 3 && (u.size(0) == 1 || u.size(0) == B) && u.size(1) == N && u.size(2) >= 1, op,
+              ": u must be [1 or B, N, r], got ", u.sizes());
+  TORCH_CHECK(cinv.dim() == 2 && cinv.size(0) == u.size(0) && cinv.size(1) == N, op, ": cinv must be [",
+              u.size(0), ", N], got ", cinv.sizes());
+  return all;
+}
+
+}  // namespace kvfix
+
+TORCH_LIBRARY_FRAGMENT(kvfix, m) {
+  m.def("dscr_refine_factored(Tensor k, Tensor? v, Tensor lr, Tensor rr, Tensor lc, Tensor rc, Tensor u, "
+        "Tensor cinv) -> Tensor[]");
+  m.def("dscr_refine_factored_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor lr, Tensor rr, Tensor lc, "
+        "Tensor rc, Tensor u, Tensor cinv) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
+  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cpu);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_cpu);
+}
+
+#ifdef KVFIX_WITH_CUDA
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cuda);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_cuda);
+}
+#endif

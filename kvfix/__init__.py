@@ -1,6 +1,7 @@
 """kvfix: fused KV-cache kernels that make vision-language models hallucinate less.
 
-Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_`;
+Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_` (structured or
+dense, `dscr_plan` says which);
 KVSmooth: `row_entropy`, `kvsmooth_step_`.
 Helpers: `patch_coords`, `patch_depth`, `DepthEstimator` (kvfix.depth).
 transformers integration: `kvfix.hf`.
@@ -14,10 +15,11 @@ import torch
 
 from .depth import DepthEstimator  # transformers is imported only when an estimator is built
 from .geometry import patch_coords, patch_depth
+from .dscr_structured import DscrPlan, dscr_plan
 from .ops import dscr_refine, dscr_refine_cache_, kvsmooth_step_, row_entropy
 
 __version__ = "0.1.0"
-__all__ = ["DepthEstimator", "build_info", "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_",
+__all__ = ["DepthEstimator", "DscrPlan", "build_info", "dscr_plan", "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_",
            "patch_coords", "patch_depth", "row_entropy"]
 
 

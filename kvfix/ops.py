@@ -100,18 +100,59 @@ def _dscr_params(sigma_d, sigma_s, alpha, beta):
 # --------------------------------------------------------------------------------------------
 # DSCR
 
-def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords: torch.Tensor,
-                *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8):
+_DSCR_METHODS = ("auto", "dense", "structured")
+
+
+def _check_grid_form(coords) -> tuple[int, int]:
+    """(gh, gw) of the grid form of coords: two positive ints."""
+    if len(coords) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in coords):
+        raise ValueError(f"coords as a grid must be (gh, gw), two positive ints, got {tuple(coords)!r}")
+    return int(coords[0]), int(coords[1])
+
+
+def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params):
+    """Resolve coords and method: ("dense", depth [Bd, N], coords [Bd, N, 2]) or
+    ("structured", DscrFactors, plan). depth/coords validated, nothing run yet."""
+    from . import dscr_structured as P
+    from .geometry import patch_coords
+    if method not in _DSCR_METHODS:
+        raise ValueError(f"method must be one of {_DSCR_METHODS}, got {method!r}")
+    if isinstance(coords, torch.Tensor):
+        if method == "structured":
+            raise ValueError("method='structured' needs coords in the grid form (gh, gw), got a tensor")
+        return ("dense",) + _geometry(depth, coords, B, N, device)
+    if not isinstance(coords, (tuple, list)):
+        raise TypeError(f"coords must be a tensor [N, 2] / [B, N, 2] or a grid (gh, gw), got {type(coords).__name__}")
+    gh, gw = _check_grid_form(coords)
+    if gh * gw != N:
+        raise ValueError(f"coords grid {gh} x {gw} has {gh * gw} tokens but k has N={N}")
+    d, c = _geometry(depth, patch_coords(gh, gw, device=device), B, N, device)
+    sd, ss, a, b = params
+    plan = P.dscr_plan(gh, gw, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b, dtype=dtype, method=method)
+    if plan.algorithm == "dense":
+        return "dense", d, c
+    return "structured", P.dscr_factors(plan, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b), plan
+
+
+def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords, *,
+                sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
+                method: str = "auto"):
     """Depth- and space-aware refinement of the image tokens' keys and values (SPEC §1).
 
     Args:
         k, v: [B, H, N, D] float32/float16/bfloat16 keys and values of the N image tokens
             (any strides with a contiguous last dim, e.g. a slice of a KV cache). `v` may be
             None (keys-only variant).
-        depth: [N] or [B, N] per-token depth (e.g. `patch_depth`); coords: [N, 2] or
-            [B, N, 2] patch centres (e.g. `patch_coords`). Must be finite.
+        depth: [N] or [B, N] per-token depth (e.g. `patch_depth`). Must be finite.
+        coords: [N, 2] or [B, N, 2] patch centres (arbitrary coordinates: dense algorithm), or
+            the grid form `(gh, gw)`, exactly equal to `patch_coords(gh, gw)` (N = gh * gw,
+            row-major), which allows the structured algorithm (kvfix/dscr_structured.py).
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): proximity kernel
             `exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2))`.
+        method: "auto" (default: `kvfix.dscr_plan` decides; dense for tensor coords), "dense"
+            (the N x N weights) or "structured" (grid form only; ValueError where its ranks
+            cannot meet the dtype's tolerance). With the grid form the plan reads the depth
+            range on the host (one sync; DSCR runs once per image, not per decoded token).
 
     Returns:
         (k_hat, v_hat): new contiguous tensors, `k_hat[j] = sum_i w[i, j] k[i]` with `w` the
@@ -121,22 +162,29 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
     _check_kv(k, "k")
     if v is not None:
         _check_kv(v, "v", like=k)
-    sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
-    B, _, N, _ = k.shape
-    d, c = _geometry(depth, coords, B, N, k.device)
-    _check_built_for(k, "dscr_refine")
-    outs = torch.ops.kvfix.dscr_refine.default(k, v, d, c, sd, ss, a, b)
+    params = _dscr_params(sigma_d, sigma_s, alpha, beta)
+    route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params)
+    if route[0] == "dense":
+        _check_built_for(k, "dscr_refine")
+        outs = torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
+    else:
+        f = route[1]
+        _check_built_for(k, "dscr_refine_factored")
+        outs = torch.ops.kvfix.dscr_refine_factored.default(k, v, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
     return outs[0], (outs[1] if v is not None else None)
 
 
 def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor] | None,
-                       depth: torch.Tensor, coords: torch.Tensor, *, sigma_d: float = 0.6,
-                       sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8) -> None:
+                       depth: torch.Tensor, coords, *, sigma_d: float = 0.6,
+                       sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
+                       method: str = "auto") -> None:
     """Refine the image span of several layers' caches in place, in one call (SPEC §1).
 
     keys (and values, or None for keys only): sequences of [B, H, N, D] views of each layer's
     cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`; the views must not overlap
-    each other. One weight matrix serves every layer and head: on the CPU it is built once per
+    each other. coords and method as in `dscr_refine` (the grid form `(gh, gw)` lets "auto"
+    pick the structured algorithm, whose CPU and CUDA kernels need no copy of the sources).
+    Dense: one weight matrix serves every layer and head: on the CPU it is built once per
     call (kept while it fits 64 MiB, i.e. N <= 2896 per image; beyond, once per group of layers
     whose source copies fit 64 MiB); the CUDA kernel generates weight tiles on the fly, as they
     are cheaper to recompute than to read. Every tensor is validated before any is written.
@@ -159,10 +207,18 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
         if x.shape != keys[i].shape or x.dtype != keys[i].dtype or x.device != keys[i].device:
             raise ValueError(f"values[{i}] ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match keys[{i}] "
                              f"({tuple(keys[i].shape)}, {keys[i].dtype}, {keys[i].device})")
-    sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
-    d, c = _geometry(depth, coords, k0.shape[0], k0.shape[2], k0.device)
-    _check_built_for(k0, "dscr_refine_cache_")
-    torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), d, c, sd, ss, a, b)
+    params = _dscr_params(sigma_d, sigma_s, alpha, beta)
+    # The plan's tolerance follows the strictest dtype among the layers.
+    strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
+    route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params)
+    if route[0] == "dense":
+        _check_built_for(k0, "dscr_refine_cache_")
+        torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
+    else:
+        f = route[1]
+        _check_built_for(k0, "dscr_refine_factored_cache_")
+        torch.ops.kvfix.dscr_refine_factored_cache_.default(list(keys), list(values), f.lr, f.rr, f.lc, f.rc,
+                                                            f.u, f.cinv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +234,19 @@ def _dscr_refine_fake(k, v, depth, coords, sigma_d, sigma_s, alpha, beta):
 
 @torch.library.register_fake("kvfix::dscr_refine_cache_")
 def _dscr_refine_cache_fake(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta):
+    return None
+
+
+@torch.library.register_fake("kvfix::dscr_refine_factored")
+def _dscr_refine_factored_fake(k, v, lr, rr, lc, rc, u, cinv):
+    outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
+    if v is not None:
+        outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
+    return outs
+
+
+@torch.library.register_fake("kvfix::dscr_refine_factored_cache_")
+def _dscr_refine_factored_cache_fake(keys, values, lr, rr, lc, rc, u, cinv):
     return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dscr_weights", "dscr_refine", "DSCR_EXP_CUTOFF"]
+__all__ = ["dscr_weights", "dscr_refine", "dscr_refine_factored", "DSCR_EXP_CUTOFF"]
 
 # A proximity term exp(x) with x below this counts as 0, in every backend: float32 leaves its
 # normal range there (exp(-87) ~ 1.6e-38), so all implementations agree on when a column sum is
@@ -73,6 +73,29 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
 
     return apply(k), (None if v is None else apply(v))
 
+
+
+def dscr_refine_factored(k: torch.Tensor, v: torch.Tensor | None, lr: torch.Tensor, rr: torch.Tensor,
+                         lc: torch.Tensor, rc: torch.Tensor, u: torch.Tensor, cinv: torch.Tensor):
+    """Structured DSCR with given factors (kvfix/dscr_structured.py), materialised N x N.
+
+    The weight matrix is `F[j, i] = (lr rr^T)[a_j, a_i] (lc rc^T)[w_j, w_i] + (u u^T)[j, i]`
+    (token j at grid row a_j = j // gw, column w_j = j % gw); `k_hat_j = (sum_i F[j, i] k_i - 2 k_j)
+    * cinv_j`, and tokens with cinv_j == 0 keep k_j. lr, rr: [gh, pr]; lc, rc: [gw, pc];
+    u: [Bd, N, r]; cinv: [Bd, N] (Bd 1 or B). Runs in the dtype of k.
+    """
+    B, H, N, D = k.shape
+    dt = k.dtype
+    f = lambda t: t.to(dt)  # noqa: E731
+    spatial = torch.kron(f(lr) @ f(rr).T, f(lc) @ f(rc).T)              # [N, N]
+    F = (spatial[None] + f(u) @ f(u).transpose(1, 2)).expand(B, N, N)  # [B, N, N]
+    ci = f(cinv).expand(B, N)[:, None, :, None]                         # [B, 1, N, 1]
+
+    def apply(x):
+        y = (torch.einsum("bji,bhid->bhjd", F, x) - 2 * x) * ci
+        return torch.where(ci > 0, y, x)
+
+    return apply(k), (None if v is None else apply(v))
 
 # ---------------------------------------------------------------------------------------------
 # KVSmooth (SPEC §2)

@@ -1,0 +1,272 @@
+"""Structured DSCR (kvfix/dscr_structured.py): plan, error bound, kernels vs the float64 dense reference."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import kvfix
+from kvfix import dscr_structured as S
+from kvfix import reference as R
+from bench.common import reference_columns_f64
+from test_dscr import DEVICES, assert_close_to_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PARAMS = dict(sigma_d=0.6, sigma_s=0.6, alpha=0.6, beta=0.8)
+
+
+def _depth(kind, B, N, device="cpu"):
+    if kind == "constant":
+        return torch.full((B, N), 0.37, device=device)
+    if kind == "unit":
+        return torch.rand(B, N, device=device)
+    return 80.0 * torch.rand(B, N, device=device)  # unnormalised, e.g. metres
+
+
+def _truth(k, v, depth, gh, gw, **kw):
+    c = kvfix.patch_coords(gh, gw, dtype=torch.float64, device=k.device)  # exact, not float32-rounded
+    f = lambda x: None if x is None else x.double()  # noqa: E731
+    return R.dscr_refine(f(k), f(v), depth.double(), c, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+def test_plan_picks_structured_for_realistic_grids():
+    for gh, gw in [(24, 24), (23, 37), (64, 64), (128, 128)]:
+        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw))
+        assert p.algorithm == "structured", p
+        assert p.bound <= p.tol and p.cost_structured < p.cost_dense
+        assert 1 <= p.rank_depth <= 16 and p.rank_row <= 12 and p.rank_col <= 12
+
+
+def test_plan_constant_depth_needs_rank_one():
+    p = kvfix.dscr_plan(24, 24, torch.full((576,), 3.0))
+    assert p.rank_depth == 1 and p.depth_range == 0.0
+
+
+@pytest.mark.parametrize("gh,gw,rng,kw,why", [
+    (24, 24, 80.0, dict(sigma_d=0.6), "no ranks meet"),          # unnormalised depth, narrow kernel
+    (24, 24, 1.0, dict(sigma_s=0.002), "underflow"),             # grid neighbours' spatial terms ~ 0
+    (1, 7, 1.0, {}, "costs more"),                                # tiny grid: dense is cheaper
+    (1, 1, 0.0, {}, "N <= 1"),
+])
+def test_plan_falls_back_to_dense(gh, gw, rng, kw, why):
+    p = kvfix.dscr_plan(gh, gw, rng, **kw)
+    assert p.algorithm == "dense" and why in p.reason, p
+
+
+def test_plan_method_override():
+    assert kvfix.dscr_plan(24, 24, 1.0, method="dense").algorithm == "dense"
+    assert kvfix.dscr_plan(1, 7, 1.0, method="structured").algorithm == "structured"
+    with pytest.raises(ValueError, match="method='structured' cannot meet"):
+        kvfix.dscr_plan(24, 24, 80.0, method="structured")
+    with pytest.raises(ValueError, match="method must be one of"):
+        kvfix.dscr_plan(24, 24, 1.0, method="fast")
+
+
+def test_plan_low_precision_needs_fewer_ranks():
+    p32 = kvfix.dscr_plan(24, 24, 1.0)
+    pbf = kvfix.dscr_plan(24, 24, 1.0, dtype=torch.bfloat16)
+    assert pbf.rank_depth < p32.rank_depth and pbf.tol > p32.tol
+
+
+# ---------------------------------------------------------------------------------------------
+# the a-priori bound holds (float64 arithmetic, so only the truncation error is measured)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gh,gw,kind,sigma_d", [(24, 24, "unit", 0.6), (23, 37, "unit", 0.05),
+                                                (8, 9, "unnormalised", 2.0), (16, 16, "unit", 2.0),
+                                                (5, 40, "constant", 0.6)])
+def test_bound_is_never_violated(gh, gw, kind, sigma_d, dtype):
+    N = gh * gw
+    kw = dict(PARAMS, sigma_d=sigma_d)
+    depth = _depth(kind, 2, N)
+    # dtype sets the tolerance, hence the ranks: bf16 ranks are small enough to see the truncation.
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, method="structured", **kw)
+    f = S.dscr_factors(plan, depth, dtype=torch.float64, **kw)
+    k = torch.randn(2, 3, N, 8, dtype=torch.float64)
+    got = R.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
+    truth = _truth(k, None, depth, gh, gw, **kw)[0]
+    rel = ((got - truth).abs().amax(2) / k.abs().amax(2)).max().item()  # per feature column
+    assert rel <= plan.bound, (rel, plan)
+
+
+def test_bound_is_tight_enough_to_matter():
+    """Lowering a rank below the plan's raises both the bound and the measured error."""
+    gh, gw = 12, 12
+    depth = _depth("unit", 1, gh * gw)
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=torch.bfloat16, **PARAMS)
+    low = dataclasses.replace(plan, rank_depth=2)
+    f = S.dscr_factors(low, depth, dtype=torch.float64, **PARAMS)
+    k = torch.randn(1, 2, gh * gw, 8, dtype=torch.float64)
+    got = R.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
+    rel = ((got - _truth(k, None, depth, gh, gw, **PARAMS)[0]).abs().amax(2) / k.abs().amax(2)).max().item()
+    cd = 0.6 / (2 * 0.6 ** 2)
+    R_ = 0.5 * float(depth.max() - depth.min())
+    assert rel > 1e-6  # truncation at rank 2 is visible ...
+    assert rel <= 2 * gh * gw * S._poisson_tail(2 * cd * R_ * R_, 2) / 1.0  # ... and within the depth bound
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels vs the float64 dense reference (flash-attention rule of test_dscr)
+
+CASES = [  # (gh, gw, depth kind, sigma_d, alpha, beta, D)
+    (1, 7, "unit", 0.6, 0.6, 0.8, 16),
+    (24, 24, "unit", 0.6, 0.6, 0.8, 16),
+    (24, 24, "constant", 0.05, 0.6, 0.8, 8),
+    (23, 37, "unit", 0.05, 0.6, 0.8, 8),
+    (23, 37, "unnormalised", 8.0, 1.0, 0.5, 8),  # depth in metres, kernel width in metres
+    (64, 64, "unit", 2.0, 0.6, 0.8, 4),
+    (64, 64, "unit", 0.6, 0.0, 0.8, 4),
+    (12, 20, "unit", 0.3, 1.5, 0.0, 24),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gh,gw,kind,sigma_d,alpha,beta,D", CASES)
+def test_structured_matches_dense_reference(gh, gw, kind, sigma_d, alpha, beta, D, dtype, device):
+    N = gh * gw
+    kw = dict(sigma_d=sigma_d, sigma_s=0.6, alpha=alpha, beta=beta)
+    big = N > 1000
+    B, H = (1, 1) if big else (2, 2)
+    k = torch.randn(B, H, N, D, device=device).to(dtype)
+    v = torch.randn(B, H, N, D, device=device).to(dtype)
+    depth = _depth(kind, B, N, device)
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, **kw)
+    if plan.algorithm != "structured" and "costs more" not in plan.reason:
+        pytest.fail(f"unexpected fallback: {plan}")
+    k_hat, v_hat = kvfix.dscr_refine(k, v, depth, (gh, gw), method="structured", **kw)
+    if not big:
+        tk, tv = _truth(k, v, depth, gh, gw, **kw)
+        coords = kvfix.patch_coords(gh, gw, device=device).expand(B, N, 2)
+        assert_close_to_reference(k_hat, k, tk, depth, coords, which="k", **kw)
+        assert_close_to_reference(v_hat, v, tv, depth, coords, which="v", **kw)
+        return
+    # N = 4096: float64 truth on 256 output tokens only; the dense kernel's tolerance
+    # (test_dscr: 2e-5 for fp32; the output rounding for 16-bit dtypes).
+    cols = torch.linspace(0, N - 1, 256).round().long()
+    tk, tv = reference_columns_f64(k, v, depth[0], kvfix.patch_coords(gh, gw, dtype=torch.float64), cols, **kw)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    for out, t in ((k_hat, tk), (v_hat, tv)):
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert (out[:, :, cols].double() - t).abs().max().item() <= tol * max(1.0, t.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_matches_factored_reference(dtype, device):
+    """Same factors, same formula: the kernel equals reference.dscr_refine_factored to rounding."""
+    gh, gw, B, H, D = 6, 9, 3, 2, 40  # D not a multiple of the CPU block width
+    depth = torch.rand(B, gh * gw, device=device)
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
+    f = S.dscr_factors(plan, depth, **PARAMS)
+    k = torch.randn(B, H, gh * gw, D, device=device).to(dtype)
+    got = torch.ops.kvfix.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
+    want = R.dscr_refine_factored(k.double(), None, *(t.double() for t in (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)))[0]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_token_grid_keeps_the_token(device):
+    k = torch.randn(2, 3, 1, 16, device=device)
+    for method in ("auto", "structured", "dense"):
+        k_hat, _ = kvfix.dscr_refine(k, None, torch.rand(2, 1, device=device), (1, 1), method=method)
+        assert torch.equal(k_hat, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_form_equals_patch_coords(device):
+    """coords=(gh, gw) with method='dense' is exactly the tensor form."""
+    k = torch.randn(2, 2, 30, 16, device=device)
+    depth = torch.rand(30, device=device)
+    a = kvfix.dscr_refine(k, None, depth, (5, 6), method="dense")[0]
+    b = kvfix.dscr_refine(k, None, depth, kvfix.patch_coords(5, 6, device=device))[0]
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the in-place multi-layer path
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keys_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cache_inplace_structured(keys_only, dtype, device):
+    L, B, H, T, D, s, gh, gw = 3, 2, 2, 80, 24, 7, 8, 8
+    N = gh * gw
+    ks = [torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(L)]
+    vs = [torch.randn(B, T, H, D, device=device).to(dtype).transpose(1, 2) for _ in range(L)]  # strided
+    depth = torch.rand(B, N, device=device)
+    expected = [kvfix.dscr_refine(k[:, :, s:s + N], v[:, :, s:s + N], depth, (gh, gw), method="structured")
+                for k, v in zip(ks, vs)]
+    before = [(k.clone(), v.clone()) for k, v in zip(ks, vs)]
+    kvfix.dscr_refine_cache_([k[:, :, s:s + N] for k in ks], None if keys_only else [v[:, :, s:s + N] for v in vs],
+                             depth, (gh, gw), method="structured")
+    for (k, v), (k0, v0), (ek, ev) in zip(zip(ks, vs), before, expected):
+        assert torch.equal(k[:, :, s:s + N], ek)
+        assert torch.equal(v[:, :, s:s + N], v0[:, :, s:s + N] if keys_only else ev)
+        assert torch.equal(k[:, :, :s], k0[:, :, :s]) and torch.equal(k[:, :, s + N:], k0[:, :, s + N:])
+        assert torch.equal(v[:, :, :s], v0[:, :, :s]) and torch.equal(v[:, :, s + N:], v0[:, :, s + N:])
+
+
+def test_cache_auto_uses_structured_and_dense_consistently():
+    """auto on the cache path: structured at 24x24, dense where the plan falls back."""
+    B, H, D = 1, 2, 16
+    for gh, gw, depth in [(24, 24, torch.rand(576)), (24, 24, 80 * torch.rand(576))]:
+        k = torch.randn(B, H, gh * gw, D)
+        ref = kvfix.dscr_refine(k, None, depth, (gh, gw))[0]
+        kvfix.dscr_refine_cache_([k], None, depth, (gh, gw))
+        assert torch.equal(k, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input and op registration
+
+@pytest.mark.parametrize("coords,method,exc,match", [
+    ((5, 5), "auto", ValueError, "grid 5 x 5 has 25 tokens but k has N=24"),
+    ((4, 6, 1), "auto", ValueError, r"grid must be \(gh, gw\)"),
+    ((4, 6.0), "auto", ValueError, r"grid must be \(gh, gw\)"),
+    ((0, 24), "auto", ValueError, r"grid must be \(gh, gw\)"),
+    ("4x6", "auto", TypeError, "coords must be a tensor"),
+    (None, "structured", ValueError, "needs coords in the grid form"),
+    ((4, 6), "sparse", ValueError, "method must be one of"),
+])
+def test_bad_grid_input(coords, method, exc, match):
+    k = torch.randn(1, 2, 24, 8)
+    if coords is None:
+        coords = torch.rand(24, 2)
+    with pytest.raises(exc, match=match):
+        kvfix.dscr_refine(k, None, torch.rand(24), coords, method=method)
+
+
+def test_non_finite_depth_with_grid_writes_nothing():
+    ks = [torch.randn(1, 2, 24, 8) for _ in range(2)]
+    before = [k.clone() for k in ks]
+    depth = torch.rand(24)
+    depth[5] = math.nan
+    with pytest.raises(ValueError, match="depth has non-finite"):
+        kvfix.dscr_refine_cache_(ks, None, depth, (4, 6))
+    assert all(torch.equal(a, b) for a, b in zip(ks, before))
+
+
+def test_factored_op_checks_shapes():
+    k = torch.randn(1, 2, 24, 8)
+    f = S.dscr_factors(kvfix.dscr_plan(4, 6, 1.0), torch.rand(1, 24), **PARAMS)
+    with pytest.raises(RuntimeError, match="grid 4 x 6 does not hold N=20"):
+        torch.ops.kvfix.dscr_refine_factored(k[:, :, :20], None, f.lr, f.rr, f.lc, f.rc, f.u[:, :20], f.cinv[:, :20])
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.kvfix.dscr_refine_factored(k, None, f.lr.double(), f.rr, f.lc, f.rc, f.u, f.cinv)
+
+
+def test_opcheck_factored():
+    depth = torch.rand(2, 20)
+    f = S.dscr_factors(kvfix.dscr_plan(4, 5, depth, method="structured"), depth, **PARAMS)
+    k, v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    args = (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored.default, (k, v) + args)
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored.default, (k, None) + args)
+    ks = [torch.randn(2, 2, 20, 16) for _ in range(2)]
+    vs = [torch.randn(2, 2, 20, 16) for _ in range(2)]
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored_cache_.default, (ks, vs) + args)
