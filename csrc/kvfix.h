@@ -83,30 +83,40 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 
 // ---------------------------------------------------------------------------------------------
 // Structured DSCR (kvfix/dscr_structured.py): the refinement with factored weights on a gh x gw grid,
-//   y = U U^T X + (Lr Rr^T) (x) (Lc Rc^T) X,   out_j = (y_j - 2 x_j) * cinv_j   (cinv_j == 0: keep x_j)
-// lr, rr: [gh, pr]; lc, rc: [gw, pc]; u: [Bd, N, r]; cinv: [Bd, N]; all float32 contiguous on k's
-// device, N = gh * gw, Bd in {1, B}.
+//   y = U U^T X + (Lr Rr^T) (x) (Lc Rc^T) X,   out_j = (y_j - 2 x_j) / c_j   (c_j <= 0 or N == 1: keep x_j)
+// lr, rr: [gh, pr]; lc, rc: [gw, pc] (float32 contiguous, N = gh * gw); depth: [Bd, N] float32,
+// Bd in {1, B}. U [Bd, N, rank_d] is the Taylor factor of exp(-coef_d (d_i - d_j)^2) around the
+// midpoint of each item's depth range and c_j = (wt~ 1)_j - 2, both built by the op (float64,
+// rounded once to float32) by dscr_depth_factors.
 namespace kvfix {
 
-// Checks keys (and values: empty or one per key; same B and N everywhere) and the factors;
+// Checks keys (and values: empty or one per key; same B and N everywhere), depth and the factors;
 // returns every tensor to refine as one flat list.
 std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values,
-                                               const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                               const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv);
+                                               const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                               const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                               int64_t rank_d);
+// {u [Bd, N, rank_d], cinv [Bd, N]} float32 on depth's device; cinv_j = 1 / c_j, or 0 where the
+// token keeps its own key.
+std::vector<at::Tensor> dscr_depth_factors_cpu(const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                               const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                               int64_t rank_d);
 
 std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                                 const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                                 const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv);
-void dscr_refine_factored_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& lr,
-                                    const at::Tensor& rr, const at::Tensor& lc, const at::Tensor& rc,
-                                    const at::Tensor& u, const at::Tensor& cinv);
+                                                 const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                                 const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                                 int64_t rank_d);
+void dscr_refine_factored_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                    const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                    const at::Tensor& rc, double coef_d, int64_t rank_d);
 #ifdef KVFIX_WITH_CUDA
 std::vector<at::Tensor> dscr_refine_factored_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                                  const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                                  const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv);
-void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& lr,
-                                     const at::Tensor& rr, const at::Tensor& lc, const at::Tensor& rc,
-                                     const at::Tensor& u, const at::Tensor& cinv);
+                                                  const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                                  const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                                  int64_t rank_d);
+void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                     const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                     const at::Tensor& rc, double coef_d, int64_t rank_d);
 #endif
 
 }  // namespace kvfix

@@ -186,8 +186,9 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 namespace kvfix {
 
 std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values,
-                                               const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                               const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv) {
+                                               const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                               const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                               int64_t rank_d) {
   TORCH_CHECK(!keys.empty(), op, ": needs at least one key tensor");
   TORCH_CHECK(values.empty() || values.size() == keys.size(), op, ": values must be empty or have one tensor per key (",
               keys.size(), "), got ", values.size());
@@ -205,28 +206,28 @@ std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList ke
   }
   const at::Tensor& k = keys[0];
   const int64_t B = k.size(0), N = k.size(2);
-  for (const at::Tensor* t : {&lr, &rr, &lc, &rc, &u, &cinv}) {
+  for (const at::Tensor* t : {&depth, &lr, &rr, &lc, &rc}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == k.device(), op,
-                ": the factors must be contiguous float32 on k's device");
+                ": depth and the factors must be contiguous float32 on k's device");
   }
   TORCH_CHECK(lr.dim() == 2 && rr.sizes() == lr.sizes() && lc.dim() == 2 && rc.sizes() == lc.sizes(), op,
               ": lr, rr must be [gh, pr] and lc, rc [gw, pc], got ", lr.sizes(), rr.sizes(), lc.sizes(), rc.sizes());
   TORCH_CHECK(lr.size(0) * lc.size(0) == N, op, ": grid ", lr.size(0), " x ", lc.size(0), " does not hold N=", N,
               " tokens");
-  TORCH_CHECK(u.dim() == 3 && (u.size(0) == 1 || u.size(0) == B) && u.size(1) == N && u.size(2) >= 1, op,
-              ": u must be [1 or B, N, r], got ", u.sizes());
-  TORCH_CHECK(cinv.dim() == 2 && cinv.size(0) == u.size(0) && cinv.size(1) == N, op, ": cinv must be [",
-              u.size(0), ", N], got ", cinv.sizes());
+  TORCH_CHECK(depth.dim() == 2 && (depth.size(0) == 1 || depth.size(0) == B) && depth.size(1) == N, op,
+              ": depth must be [1 or B, N] with B=", B, ", N=", N, ", got ", depth.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(coef_d) && coef_d >= 0, op, ": coef_d must be finite and >= 0, got ", coef_d);
+  TORCH_CHECK_VALUE(rank_d >= 1 && rank_d <= 4096, op, ": rank_d must be in [1, 4096], got ", rank_d);
   return all;
 }
 
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
-  m.def("dscr_refine_factored(Tensor k, Tensor? v, Tensor lr, Tensor rr, Tensor lc, Tensor rc, Tensor u, "
-        "Tensor cinv) -> Tensor[]");
-  m.def("dscr_refine_factored_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor lr, Tensor rr, Tensor lc, "
-        "Tensor rc, Tensor u, Tensor cinv) -> ()");
+  m.def("dscr_refine_factored(Tensor k, Tensor? v, Tensor depth, Tensor lr, Tensor rr, Tensor lc, Tensor rc, "
+        "float coef_d, int rank_d) -> Tensor[]");
+  m.def("dscr_refine_factored_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor depth, Tensor lr, Tensor rr, "
+        "Tensor lc, Tensor rc, float coef_d, int rank_d) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {

@@ -49,6 +49,7 @@ otherwise (tiny sigma_s). N == 1 keeps the token (c_j = 0), as in SPEC §1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -131,15 +132,30 @@ class DscrPlan:
     reason: str
 
 
-def _axis_plan(g: int, G: int, cs: float, eps: float):
-    """(rank, exact, eps_axis, min row sum) of one spatial axis."""
+@functools.lru_cache(maxsize=64)
+def _axis_spectrum(g: int, G: int, cs: float):
+    """Eigen-decomposition of one axis matrix (float64, cached): (S, eigenvalues by decreasing
+    magnitude, eigenvectors, tail[r] = entry bound of keeping r of them, min row sum)."""
     S = _axis_matrix(g, G, cs)
-    min_sum = float(S.sum(1).min())
-    R = (g - 1) / (2.0 * G)
-    r = _taylor_rank(2.0 * cs * R * R, eps)
+    lam, V = torch.linalg.eigh(S)
+    order = lam.abs().argsort(descending=True)
+    lam, V = lam[order], V[:, order]
+    # |E_ij| <= sqrt(e_i e_j) <= max_i e_i with e_i = sum_{k >= r} |lam_k| V_ik^2 (Cauchy-Schwarz),
+    # plus a margin for the float64 eigensolver (well above its rounding).
+    w = lam.abs()[None, :] * V * V                                       # [g, g]
+    tails = w.flip(1).cumsum(1).flip(1).amax(0).tolist() + [0.0]        # tails[r] = max_i sum_{k >= r}
+    tails = [t + 1e-13 * g if r < g else 0.0 for r, t in enumerate(tails)]
+    return S, lam, V, tails, float(S.sum(1).min())
+
+
+def _axis_plan(g: int, G: int, cs: float, eps: float):
+    """(rank, exact, eps_axis) of one spatial axis: the fewest eigenvectors whose entry bound
+    is <= eps; all g of them -> the exact matrix (L = S, R = I)."""
+    tails = _axis_spectrum(g, G, cs)[3]
+    r = next((r for r in range(1, g) if tails[r] <= eps), g)
     if r >= g:
-        return g, True, 0.0, min_sum
-    return r, False, _poisson_tail(2.0 * cs * R * R, r), min_sum
+        return g, True, 0.0
+    return r, False, tails[r]
 
 
 def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: torch.dtype,
@@ -157,13 +173,12 @@ def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: tor
     cost_d = float(N) * N
     c_lb = 0.0
     if N > 1:
-        _, _, _, min_row = _axis_plan(gh, G, cs, 1.0)
-        _, _, _, min_col = _axis_plan(gw, G, cs, 1.0)
+        min_row, min_col = _axis_spectrum(gh, G, cs)[4], _axis_spectrum(gw, G, cs)[4]
         c_lb = min_row * min_col - 1.0 + (N - 1) * math.exp(-4.0 * cd * R * R)
         if c_lb > 0:
             eps_each = tol * c_lb / (2.0 * N) / 4.0
-            rr, row_exact, e_row, _ = _axis_plan(gh, G, cs, eps_each)
-            rc, col_exact, e_col, _ = _axis_plan(gw, G, cs, eps_each)
+            rr, row_exact, e_row = _axis_plan(gh, G, cs, eps_each)
+            rc, col_exact, e_col = _axis_plan(gw, G, cs, eps_each)
             Td = 2.0 * cd * R * R
             rd = _taylor_rank(Td, eps_each)
             e_d = _poisson_tail(Td, rd)
@@ -206,10 +221,9 @@ def _depth_range(depth: torch.Tensor | float) -> float:
     if isinstance(depth, torch.Tensor):
         if depth.numel() == 0:
             return 0.0
-        d = depth.detach().to(torch.float64)
-        if d.dim() == 1:
-            d = d[None]
-        return float((d.amax(1) - d.amin(1)).max())
+        d = depth.detach()
+        lo, hi = torch.aminmax(d[None] if d.dim() == 1 else d, dim=1)
+        return float((hi.double() - lo.double()).max())
     return float(depth)
 
 
@@ -261,20 +275,39 @@ def _taylor_factor(x: torch.Tensor, c: float, r: int) -> torch.Tensor:
     return torch.stack(cols, dim=-1)
 
 
-def _axis_factors(g: int, G: int, cs: float, rank: int, exact: bool, device, dtype):
+@functools.lru_cache(maxsize=64)
+def _axis_factors_cached(g: int, G: int, cs: float, rank: int, exact: bool, device: str, dtype: torch.dtype):
+    S, lam, V, _, _ = _axis_spectrum(g, G, cs)
     if exact:
-        S = _axis_matrix(g, G, cs)
-        return S.to(device, dtype), torch.eye(g, dtype=dtype, device=device)
-    y = (torch.arange(g, dtype=torch.float64) + 0.5) / G - g / (2.0 * G)
-    V = _taylor_factor(y, cs, rank).to(device, dtype)
-    return V, V
+        L, R = S, torch.eye(g, dtype=torch.float64)
+    else:
+        L, R = V[:, :rank] * lam[:rank], V[:, :rank]
+    return L.to(device, dtype).contiguous(), R.to(device, dtype).contiguous()
+
+
+def _axis_factors(g: int, G: int, cs: float, rank: int, exact: bool, device, dtype):
+    """(L, R) with S ~ L R^T: the exact matrix and I, or the top-`rank` eigenpairs."""
+    return _axis_factors_cached(g, G, cs, rank, exact, str(torch.device(device)), dtype)
+
+
+def spatial_factors(plan: DscrPlan, *, sigma_s: float, beta: float, device) -> tuple:
+    """(lr, rr, lc, rc) float32 on `device` for a structured plan (cached per geometry)."""
+    cs = beta / (2.0 * sigma_s * sigma_s)
+    G = max(plan.gh, plan.gw)
+    return (_axis_factors(plan.gh, G, cs, plan.rank_row, plan.row_exact, device, torch.float32)
+            + _axis_factors(plan.gw, G, cs, plan.rank_col, plan.col_exact, device, torch.float32))
+
+
+def depth_args(plan: DscrPlan, sigma_d: float, alpha: float) -> tuple:
+    """(coef_d, rank_d): what the op needs to build the depth factor itself."""
+    return alpha / (2.0 * sigma_d * sigma_d), plan.rank_depth
 
 
 def dscr_factors(plan: DscrPlan, depth: torch.Tensor, *, sigma_d: float, sigma_s: float, alpha: float,
                  beta: float, dtype: torch.dtype = torch.float32) -> DscrFactors:
-    """Build the factors of `plan` (structured) for depth [Bd, N] (float, on the target device).
-
-    Computed in float64 and rounded once to `dtype`. No host synchronisation.
+    """All factors of `plan` (structured) for depth [Bd, N], as the op builds them (the op builds
+    u and cinv itself from depth; this is for the reference and tests). Computed in float64,
+    rounded once to `dtype`. No host synchronisation.
     """
     cd, cs = _coefs(sigma_d, sigma_s, alpha, beta)
     G = max(plan.gh, plan.gw)

@@ -112,7 +112,7 @@ def _check_grid_form(coords) -> tuple[int, int]:
 
 def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params):
     """Resolve coords and method: ("dense", depth [Bd, N], coords [Bd, N, 2]) or
-    ("structured", DscrFactors, plan). depth/coords validated, nothing run yet."""
+    ("structured", depth [Bd, N], (lr, rr, lc, rc, coef_d, rank_d)). Nothing run yet."""
     from . import dscr_structured as P
     from .geometry import patch_coords
     if method not in _DSCR_METHODS:
@@ -131,7 +131,7 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
     plan = P.dscr_plan(gh, gw, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b, dtype=dtype, method=method)
     if plan.algorithm == "dense":
         return "dense", d, c
-    return "structured", P.dscr_factors(plan, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b), plan
+    return "structured", d, P.spatial_factors(plan, sigma_s=ss, beta=b, device=device) + P.depth_args(plan, sd, a)
 
 
 def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords, *,
@@ -168,9 +168,8 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         _check_built_for(k, "dscr_refine")
         outs = torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
     else:
-        f = route[1]
         _check_built_for(k, "dscr_refine_factored")
-        outs = torch.ops.kvfix.dscr_refine_factored.default(k, v, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
+        outs = torch.ops.kvfix.dscr_refine_factored.default(k, v, route[1], *route[2])
     return outs[0], (outs[1] if v is not None else None)
 
 
@@ -215,10 +214,8 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
     else:
-        f = route[1]
         _check_built_for(k0, "dscr_refine_factored_cache_")
-        torch.ops.kvfix.dscr_refine_factored_cache_.default(list(keys), list(values), f.lr, f.rr, f.lc, f.rc,
-                                                            f.u, f.cinv)
+        torch.ops.kvfix.dscr_refine_factored_cache_.default(list(keys), list(values), route[1], *route[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def _dscr_refine_cache_fake(keys, values, depth, coords, sigma_d, sigma_s, alpha
 
 
 @torch.library.register_fake("kvfix::dscr_refine_factored")
-def _dscr_refine_factored_fake(k, v, lr, rr, lc, rc, u, cinv):
+def _dscr_refine_factored_fake(k, v, depth, lr, rr, lc, rc, coef_d, rank_d):
     outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
     if v is not None:
         outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -246,7 +243,7 @@ def _dscr_refine_factored_fake(k, v, lr, rr, lc, rc, u, cinv):
 
 
 @torch.library.register_fake("kvfix::dscr_refine_factored_cache_")
-def _dscr_refine_factored_cache_fake(keys, values, lr, rr, lc, rc, u, cinv):
+def _dscr_refine_factored_cache_fake(keys, values, depth, lr, rr, lc, rc, coef_d, rank_d):
     return None
 
 

@@ -161,10 +161,11 @@ def test_kernel_matches_factored_reference(dtype, device):
     gh, gw, B, H, D = 6, 9, 3, 2, 40  # D not a multiple of the CPU block width
     depth = torch.rand(B, gh * gw, device=device)
     plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
-    f = S.dscr_factors(plan, depth, **PARAMS)
+    sp = S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device=device)
+    f = S.dscr_factors(plan, depth, dtype=torch.float64, **PARAMS)
     k = torch.randn(B, H, gh * gw, D, device=device).to(dtype)
-    got = torch.ops.kvfix.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
-    want = R.dscr_refine_factored(k.double(), None, *(t.double() for t in (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)))[0]
+    got = torch.ops.kvfix.dscr_refine_factored(k, None, depth, *sp, *S.depth_args(plan, 0.6, 0.6))[0]
+    want = R.dscr_refine_factored(k.double(), None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
 
@@ -251,20 +252,27 @@ def test_non_finite_depth_with_grid_writes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(ks, before))
 
 
+def _factored_args(gh, gw, depth):
+    plan = kvfix.dscr_plan(gh, gw, depth, method="structured")
+    return (depth,) + S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu") + S.depth_args(plan, 0.6, 0.6)
+
+
 def test_factored_op_checks_shapes():
     k = torch.randn(1, 2, 24, 8)
-    f = S.dscr_factors(kvfix.dscr_plan(4, 6, 1.0), torch.rand(1, 24), **PARAMS)
+    depth, lr, rr, lc, rc, cd, r = _factored_args(4, 6, torch.rand(1, 24))
     with pytest.raises(RuntimeError, match="grid 4 x 6 does not hold N=20"):
-        torch.ops.kvfix.dscr_refine_factored(k[:, :, :20], None, f.lr, f.rr, f.lc, f.rc, f.u[:, :20], f.cinv[:, :20])
+        torch.ops.kvfix.dscr_refine_factored(k[:, :, :20], None, depth[:, :20], lr, rr, lc, rc, cd, r)
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        torch.ops.kvfix.dscr_refine_factored(k, None, f.lr.double(), f.rr, f.lc, f.rc, f.u, f.cinv)
+        torch.ops.kvfix.dscr_refine_factored(k, None, depth, lr.double(), rr, lc, rc, cd, r)
+    with pytest.raises(RuntimeError, match="depth must be"):
+        torch.ops.kvfix.dscr_refine_factored(k, None, depth[:, :20], lr, rr, lc, rc, cd, r)
+    with pytest.raises(ValueError, match="rank_d must be"):
+        torch.ops.kvfix.dscr_refine_factored(k, None, depth, lr, rr, lc, rc, cd, 0)
 
 
 def test_opcheck_factored():
-    depth = torch.rand(2, 20)
-    f = S.dscr_factors(kvfix.dscr_plan(4, 5, depth, method="structured"), depth, **PARAMS)
+    args = _factored_args(4, 5, torch.rand(2, 20))
     k, v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
-    args = (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
     torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored.default, (k, v) + args)
     torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored.default, (k, None) + args)
     ks = [torch.randn(2, 2, 20, 16) for _ in range(2)]
