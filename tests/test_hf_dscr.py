@@ -124,6 +124,24 @@ def test_qwen_refined_cache_matches_reference(qwen, layers, keys_only):
     assert_cache(on.past_key_values, exp, sel)
 
 
+@pytest.mark.parametrize("method", ["structured", "dense"])
+def test_qwen_structured_and_dense_match_reference(qwen, method):
+    """The grid form lets the plan pick: forced structured / dense both match the dense float64
+    reference; auto picks dense for these tiny grids (cheaper) and records it."""
+    inputs, spans = testing.qwen_prompt(qwen, [[(4, 6), (6, 4)], [(4, 4), (2, 8)]])
+    off = gen(qwen, inputs, 1)
+    depths = depth_maps(len(spans), seed=2)
+    with kvfix.hf.enable(qwen, kvfix.hf.DSCR(method=method)) as h:
+        with h.images(depth_maps=depths):
+            on = gen(qwen, inputs, 1)
+        assert h.method("dscr").last_algorithms == [method] * len(spans)
+    assert_cache(on.past_key_values, expected_cache(off.past_key_values, spans, depths, (1, 2, 3)), (1, 2, 3))
+    with kvfix.hf.enable(qwen, kvfix.hf.DSCR()) as h:
+        with h.images(depth_maps=depths):
+            gen(qwen, inputs, 1)
+        assert h.method("dscr").last_algorithms == ["dense"] * len(spans)
+
+
 def test_llava_full_strategy_skips_cls():
     model = testing.tiny_llava(strategy="full", num_layers=2)
     inputs, spans = testing.llava_prompt(model, [1, 2])
@@ -409,6 +427,8 @@ def test_api_errors(llava):
         kvfix.hf.DSCR(sigma_d=0)
     with pytest.raises(ValueError, match="missing_depth"):
         kvfix.hf.DSCR(missing_depth="zeros")
+    with pytest.raises(ValueError, match="method must be one of"):
+        kvfix.hf.DSCR(method="fast")
     with pytest.raises(TypeError, match="layers"):
         kvfix.hf.DSCR(layers=3)
     with pytest.raises(ValueError, match="out of range"):
