@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as `python bench/table.py`
 import torch  # noqa: E402
 
 import kvfix  # noqa: E402
-from bench import common  # noqa: E402
+from bench import common, test_bench_dscr  # noqa: E402
 from bench.common import DTYPES, FULL_SHAPES, QUICK_SHAPES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
     report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
     kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
+    kvs_text = test_bench_dscr.dscr_structured_section(args.quick) + "\n\n" + kvs_text  # structured DSCR (issue 7)
     elapsed = time.perf_counter() - t_start
 
     print(report)

@@ -6,11 +6,18 @@ so `--benchmark-group-by=group` compares them side by side. N=16384 (seconds a c
 with KVFIX_BENCH_LARGE=1; its eager reference is never run (it needs several GiB).
 For the one-run table with errors and memory, use `python -m bench.table`.
 """
+import gc
+import json
 import os
+import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+import kvfix
 from bench import common
 
 torch.set_num_threads(common.threads())
@@ -38,3 +45,147 @@ def test_dscr(benchmark, case, variant):
     rounds = 3 if shape.N >= 4096 else 10
     outs = benchmark.pedantic(fns[variant], rounds=rounds, warmup_rounds=1, iterations=1)
     assert outs[0].shape == (shape.B, shape.H, shape.N, shape.D)
+
+
+# --------------------------------------------------------------------------------------------
+# Structured DSCR (issue 7): grid form coords=(gh, gw), kvfix/dscr_structured.py
+#
+# Variants per row: "structured" (kvfix.dscr_refine with coords=(gh, gw), method="structured"),
+# "dense" (kvfix.dscr_refine with tensor coords: the dense kernel), "reference" (eager, N x N),
+# "floor" (the bare GEMMs W @ K, W @ V: the work any dense implementation does) and "copy"
+# (K.clone(), V.clone(): reading K and V once and writing both outputs once, the floor of any
+# implementation). Dense variants are not run where they take seconds (N = 16384).
+
+STRUCT_SHAPES = [
+    common.Shape("LLaVA-1.5", 1, 32, 24, 24, 128, ("fp32", "bf16")),
+    common.Shape("48x48", 1, 4, 48, 48, 128, ("fp32",)),
+    common.Shape("64x64", 1, 4, 64, 64, 128, ("fp32",)),
+    common.Shape("128x128", 1, 4, 128, 128, 128, ("fp32",), ref_skip="dense variants take seconds", err_cols=512),
+]
+STRUCT_QUICK = [
+    common.Shape("tiny", 1, 2, 6, 8, 16, ("fp32", "bf16")),
+    common.Shape("skip-path", 1, 2, 16, 16, 16, ("fp32",), ref_skip="quick: no dense variants", err_cols=32),
+]
+STRUCT_VARIANTS = ("structured", "dense", "reference", "floor", "copy")
+
+
+def structured_fns(shape, inp: dict) -> dict:
+    k, v, depth = inp["k"], inp["v"], inp["depth"]
+    grid = (shape.gh, shape.gw)
+    fns = {"structured": lambda: kvfix.dscr_refine(k, v, depth, grid, method="structured", **common.PARAMS),
+           "copy": lambda: (k.clone(), v.clone())}
+    if shape.ref_skip is None:
+        dense = common.variant_fns(inp)
+        fns.update(dense=dense["kvfix"], reference=dense["reference"], floor=dense["floor"])
+    return fns
+
+
+@pytest.fixture(scope="module", params=[(s, dt) for s in STRUCT_SHAPES for dt in s.dtypes if s.N < 16384 or LARGE],
+                ids=lambda c: f"{c[0].name}-{c[1]}")
+def struct_case(request):
+    shape, dt = request.param
+    inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
+    return shape, dt, structured_fns(shape, inp)
+
+
+@pytest.mark.parametrize("variant", STRUCT_VARIANTS)
+def test_dscr_structured(benchmark, struct_case, variant):
+    shape, dt, fns = struct_case
+    if variant not in fns:
+        pytest.skip(f"{variant}: {shape.ref_skip}")
+    benchmark.group = f"structured {shape.label} {dt}"
+    rounds = 3 if shape.N >= 4096 else 10
+    outs = benchmark.pedantic(fns[variant], rounds=rounds, warmup_rounds=1, iterations=1)
+    assert outs[0].shape == (shape.B, shape.H, shape.N, shape.D)
+
+
+def _structured_memory_worker(names: list) -> None:
+    """In a fresh process (see dscr_structured_section): peak bytes of each variant of each row."""
+    shapes = {s.name: s for s in STRUCT_SHAPES + STRUCT_QUICK}
+    warm = common.Shape("warm", 1, 2, 8, 8, 32, ("fp32",))
+    for dt in dict.fromkeys(dt for _, dt in names):
+        for fn in structured_fns(warm, common.make_inputs(warm, common.DTYPES[dt])).values():
+            fn()
+    res = {}
+    for name, dt in names:
+        shape = shapes[name]
+        fns = structured_fns(shape, common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None))
+        for vname, fn in fns.items():
+            res[f"{name}|{dt}|{vname}"] = common.peak_bytes_beyond(fn)[0]
+    print("KVFIX_MEMORY " + json.dumps(res), flush=True)
+
+
+def _structured_memory(names: list) -> dict:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    code = f"from bench import test_bench_dscr as t; t._structured_memory_worker({names!r})"
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith("KVFIX_MEMORY "):
+            return json.loads(line[len("KVFIX_MEMORY "):])
+    raise RuntimeError(f"memory worker failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+
+
+def dscr_structured_section(quick: bool) -> str:
+    """Markdown: the structured rows (timings, ratios, errors vs float64, peak memory, the plan).
+
+    Timing as bench/table.py (interleaved variants, medians); errors on all tokens, or on
+    `err_cols` evenly spaced tokens (float64 weights of those columns only); peak memory beyond
+    inputs and outputs in a fresh process (common.peak_bytes_beyond)."""
+    torch.set_num_threads(common.threads())
+    shapes = STRUCT_QUICK if quick else STRUCT_SHAPES
+    reps = 3 if quick else 7
+    rows = []
+    for shape in shapes:
+        for dt in shape.dtypes:
+            inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
+            fns = structured_fns(shape, inp)
+            truth, cols = common.ground_truth(shape, inp)
+            err = {n: common.max_error(fns[n](), truth, cols) for n in ("structured", "dense") if n in fns}
+            times = {n: [] for n in fns}
+            for r in range(reps if shape.N < 16384 or not quick else 1):
+                names = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
+                for n in names:
+                    t0 = time.perf_counter()
+                    fns[n]()
+                    times[n].append(time.perf_counter() - t0)
+            ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+            plan = kvfix.dscr_plan(shape.gh, shape.gw, inp["depth"], dtype=common.DTYPES[dt], **common.PARAMS)
+            xmax = max(float(inp["k"].abs().max()), float(inp["v"].abs().max()))
+            rows.append((shape, dt, ms, err, plan, xmax))
+            del inp, fns, truth
+            gc.collect()
+    mem = _structured_memory([(s.name, dt) for s, dt, *_ in rows]) if os.path.exists("/proc/self/clear_refs") else {}
+
+    def cell(ms, n):
+        return f"{ms[n]:.2f}" if n in ms else "n/a"
+
+    def ratio(ms, a, b):
+        return f"{ms[a] / ms[b]:.3f}" if a in ms and b in ms else "n/a"
+
+    def mb(key):
+        return f"{mem[key] / 2**20:.1f}" if mem.get(key) is not None else "n/a"
+
+    lines = ["### Structured DSCR (issue 7): coords=(gh, gw)", "",
+             "| shape | dtype | plan (r_depth, r_row, r_col) | structured ms | dense ms | reference ms | floor ms "
+             "| copy ms | structured/floor | structured/copy | err structured | err dense | bound x max|x| "
+             "| peak MB structured | peak MB dense | peak MB floor |",
+             "|" + "---|" * 16]
+    for shape, dt, ms, err, plan, xmax in rows:
+        key = f"{shape.name}|{dt}"
+        tok = "" if shape.err_cols is None or shape.err_cols >= shape.N else f" ({shape.err_cols} tokens)"
+        lines.append(
+            f"| {shape.label} | {dt} | {plan.algorithm} ({plan.rank_depth}, {plan.rank_row}, {plan.rank_col}) "
+            f"| {cell(ms, 'structured')} | {cell(ms, 'dense')} | {cell(ms, 'reference')} | {cell(ms, 'floor')} "
+            f"| {cell(ms, 'copy')} | {ratio(ms, 'structured', 'floor')} | {ratio(ms, 'structured', 'copy')} "
+            f"| {err['structured']:.1e}{tok} | {err['dense']:.1e} | {plan.bound * xmax:.1e} "
+            if "dense" in err else
+            f"| {shape.label} | {dt} | {plan.algorithm} ({plan.rank_depth}, {plan.rank_row}, {plan.rank_col}) "
+            f"| {cell(ms, 'structured')} | n/a | n/a | n/a | {cell(ms, 'copy')} | n/a "
+            f"| {ratio(ms, 'structured', 'copy')} | {err['structured']:.1e}{tok} | n/a | {plan.bound * xmax:.1e} ")
+        lines[-1] += f"| {mb(key + '|structured')} | {mb(key + '|dense')} | {mb(key + '|floor')} |"
+    lines += ["", "structured/floor: target <= 0.2 at 24x24 fp32, <= 1/30 at 64x64; structured/copy: target "
+              "<= 3 at 128x128 (copy = K.clone() + V.clone()). bound x max|x|: the plan's a-priori truncation "
+              "bound times max|x| of the row's K and V, without float32 rounding."]
+    return "\n".join(lines)
