@@ -4,13 +4,16 @@ On a row-major gh x gw grid with `patch_coords(gh, gw)` the proximity is a sum o
 kernels (SPEC §1), `wt = f_d + f_s`, and both have cheap structure:
 
 - spatial: `f_s(i, j) = S_row[r_i, r_j] * S_col[c_i, c_j]` (the squared distance splits into the
-  two axes), a Kronecker product of two tiny Gaussian matrices, `S[a, b] = exp(-cs ((a - b) / G)^2)`;
+  two axes), a Kronecker product of two tiny Gaussian matrices, `S[a, b] = exp(-cs ((a - b) / G)^2)`
+  (G = max(gh, gw), the dense backends' cut-off at exponents below -87 applied). Each axis is
+  used either exactly (`L = S`, `R = I`) or through its top-p eigenpairs (`L = V_p diag(lam_p)`,
+  `R = V_p`), the fewest that meet the error budget (float64 eigendecomposition, cached).
 - depth: with centred depths `x = d - m` (m the midpoint of the item's depth range, |x| <= R),
   `exp(-cd (x_i - x_j)^2) = sum_n U[i, n] U[j, n]`, `U[i, n] = exp(-cd x_i^2) (sqrt(2 cd) x_i)^n / sqrt(n!)`
-  (Taylor series of exp(2 cd x_i x_j)), truncated at rank r.
+  (Taylor series of exp(2 cd x_i x_j)), truncated at rank r. (Data-dependent, so no
+  eigendecomposition per image: U is built by the op, in float64, O(N r).)
 
-Each spatial axis is itself either exact (`L = S`, `R = I`) or the same Taylor series in the
-centred coordinate (`L = R = V`), whichever is smaller. The refinement is then
+The refinement is then
 
     y_j = sum_i wt~(i, j) x_i = (U U^T X)_j + ((L_row R_row^T) (x) (L_col R_col^T) X)_j
     k_hat_j = (y_j - 2 x_j) / c_j,   c_j = (wt~ 1)_j - 2,
@@ -19,32 +22,40 @@ because the unmasked diagonal is exactly 2 (both terms are 1 at distance 0). Cos
 column: about `N (2 p_col + 2 r_depth + 3) + 2 gh p_col p_row` multiply-adds, against `N^2`
 for the dense product.
 
-Error bound (exact arithmetic, relative to max_i |x_i| of each feature column). Truncating the
-Taylor series at rank r leaves, for |x_i|, |x_j| <= R and t = 2 c |x_i x_j| <= T = 2 c R^2,
-`e^{-c (x_i^2 + x_j^2)} sum_{n >= r} t^n / n! <= e^{-t} sum_{n >= r} t^n / n! = P(Poisson(t) >= r)
-<= P(Poisson(T) >= r) =: eps`, per entry. With entry errors eps_d (depth), eps_row and eps_col
-(spatial factors, each <= 1 in size) every entry of wt~ is within
-`eps = eps_d + eps_row + eps_col + eps_row eps_col` of wt, so numerator and column sum are off
-by at most `N eps max|x|` and `N eps`, and since |k_hat_j| <= max|x| (a convex combination):
+Error bound (exact arithmetic, relative to max_i |x_i| of each feature column).
+- depth: truncating the Taylor series at rank r leaves, for |x_i|, |x_j| <= R and
+  t = 2 c |x_i x_j| <= T = 2 c R^2, `e^{-c (x_i^2 + x_j^2)} sum_{n >= r} t^n / n! <= e^{-t} sum_{n >= r}
+  t^n / n! = P(Poisson(t) >= r) <= P(Poisson(T) >= r) =: eps_d` per entry.
+- spatial axis with p eigenpairs: the remainder E = sum_{k >= p} lam_k v_k v_k^T has
+  `|E_ab| <= max_a sum_{k >= p} |lam_k| V_ak^2 =: eps_axis` (Cauchy-Schwarz), plus 1e-13 g for the
+  float64 eigensolver.
+With these, every entry of wt~ is within `eps = eps_d + eps_row + eps_col + eps_row eps_col` of
+wt, so numerator and column sum are off by at most `N eps max|x|` and `N eps`, and since
+|k_hat_j| <= max|x| (a convex combination):
 
     |k_hat~_j - k_hat_j| <= 2 N eps max|x| / (c_min - N eps),
 
 with `c_min` a lower bound of every column sum: `min_a sum_b S_row[a, b] * min_a sum_b S_col[a, b]
-- 1 + (N - 1) exp(-4 cd R^2)`. This is `DscrPlan.bound`. Floating-point rounding is separate:
-the kernels accumulate in float32 and the Taylor terms alternate in sign for opposite-signed x,
-so the plan also estimates `round_est = 4 u32 (N + 2) / c_min` (an estimate, not a bound).
+- 1 + (N - 1) exp(-4 cd R^2)`. This is `DscrPlan.bound`. The ranks are the smallest with
+`eps_each <= tol c_min / (8 N)` for each of the three factors. Floating-point rounding is
+separate: the kernels accumulate in float32 and the Taylor terms alternate in sign for
+opposite-signed x, so the plan also estimates `round_est = 4 u32 (N + 2) / c_min` (an estimate,
+not a bound).
 
 Choice ("auto"): structured when the grid form is given, N > 1, `bound <= tol(dtype)` is met by
-some ranks, `round_est <= 2e-6`, the nearest grid neighbour's spatial term is not below
-`exp(-60)` (see below) and the estimated cost is below the dense one; dense otherwise.
+some ranks (rank_depth <= 512), `round_est <= 2e-6`, the nearest grid neighbour's spatial term
+is not below `exp(-60)` (see below) and the estimated cost is below the dense one; dense
+otherwise. tol(dtype) = 2^-27 (float32), 2^-14 (float16), 2^-11 (bfloat16): a fraction of the
+output's unit roundoff.
 
 Underflow rule. The dense kernels count a term whose exponent is below -87 as 0
 (`reference.DSCR_EXP_CUTOFF`) and keep a token whose column sum is then 0. The structured
-form applies the cut-off to each exact axis factor only (a Taylor factor never underflows to
-an exact 0). The two agree to `N e^{-87} / c_j` relative, negligible as long as column sums are
-not themselves near e^{-87}: the plan therefore requires `exp(-cs / G^2) >= exp(-60)` (every
-token has a grid neighbour with a non-negligible spatial term, so c_j >= e^{-60}) and picks dense
-otherwise (tiny sigma_s). N == 1 keeps the token (c_j = 0), as in SPEC §1.
+form applies the cut-off to each axis matrix only (per-axis exponent), and the depth Taylor
+factor never underflows to an exact 0. The two agree to `N e^{-87} / c_j` relative, negligible
+as long as column sums are not themselves near e^{-87}: the plan therefore requires
+`exp(-cs / G^2) >= exp(-60)` (every token has a grid neighbour with a non-negligible spatial
+term, so c_j >= e^{-60}) and picks dense otherwise (tiny sigma_s). Tokens with c_j <= 0 (N == 1)
+keep their key, as in SPEC §1.
 """
 from __future__ import annotations
 
