@@ -19,6 +19,7 @@ template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const k
 
 #ifndef __CUDA_ARCH__
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/aminmax.h>
