@@ -278,3 +278,10 @@ def test_opcheck_factored():
     ks = [torch.randn(2, 2, 20, 16) for _ in range(2)]
     vs = [torch.randn(2, 2, 20, 16) for _ in range(2)]
     torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored_cache_.default, (ks, vs) + args)
+
+
+def test_empty_batch_or_heads():
+    for shape in [(0, 2, 6, 16), (1, 0, 6, 16), (2, 2, 6, 0)]:
+        k = torch.randn(shape)
+        k_hat, v_hat = kvfix.dscr_refine(k, k.clone(), torch.rand(6), (2, 3), method="structured")
+        assert k_hat.shape == k.shape and v_hat.shape == k.shape
