@@ -119,24 +119,27 @@ template <class T>
 __global__ void __launch_bounds__(kDscrFactoredThreads) dscr_factored_expand_kernel(DscrFactoredArgs a) {
   const int64_t row = blockIdx.x, bh = blockIdx.y;
   const int64_t b = bh / a.H, h = bh % a.H;
-  const float* u = a.u + b * a.u_sb;
-  const float* cinv = a.cinv + (a.u_sb == 0 ? 0 : b * (a.u_sb / a.rd));
-  const T* x = static_cast<const T*>(a.x) + b * a.x_sb + h * a.x_sh;
-  T* out = static_cast<T*>(a.out) + b * a.o_sb + h * a.o_sh;
-  const float* z3 = a.z3 + (bh * a.gh + row) * a.pc * a.D;
-  const float* pd = a.pd + bh * a.rd * a.D;
-  for (int64_t d = threadIdx.x; d < a.D; d += blockDim.x) {
-    for (int64_t w = 0; w < a.gw; ++w) {
-      const int64_t i = row * a.gw + w;
-      const float xv = Num<T>::to_f(x[i * a.x_sn + d]);
+  const int gw = static_cast<int>(a.gw), pc = static_cast<int>(a.pc), rd = static_cast<int>(a.rd);
+  const int64_t D = a.D, i0 = row * a.gw;
+  const float* u = a.u + b * a.u_sb + i0 * rd;
+  const float* cinv = a.cinv + (a.u_sb == 0 ? 0 : b * (a.u_sb / rd)) + i0;
+  const T* x = static_cast<const T*>(a.x) + b * a.x_sb + h * a.x_sh + i0 * a.x_sn;
+  T* out = static_cast<T*>(a.out) + b * a.o_sb + h * a.o_sh + i0 * a.o_sn;
+  const float* z3 = a.z3 + (bh * a.gh + row) * pc * D;
+  const float* pd = a.pd + bh * rd * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int w = 0; w < gw; ++w) {
+      const float xv = Num<T>::to_f(x[w * a.x_sn + d]);
       float acc = -2.0f * xv;
-      const float* lcw = a.lc + w * a.pc;
-      for (int64_t p = 0; p < a.pc; ++p) acc += lcw[p] * z3[p * a.D + d];
-      const float* ui = u + i * a.rd;
-      for (int64_t n = 0; n < a.rd; ++n) acc += ui[n] * pd[n * a.D + d];
-      const float ci = cinv[i];
+      const float* lcw = a.lc + w * pc;
+#pragma unroll 4
+      for (int p = 0; p < pc; ++p) acc += lcw[p] * z3[p * D + d];
+      const float* uw = u + w * rd;
+#pragma unroll 4
+      for (int n = 0; n < rd; ++n) acc += uw[n] * pd[n * D + d];
+      const float ci = cinv[w];
       // Every thread reads its own x[i, d] before writing out[i, d]: in place is safe.
-      out[i * a.o_sn + d] = ci > 0.0f ? Num<T>::from_f(acc * ci) : x[i * a.x_sn + d];
+      out[w * a.o_sn + d] = ci > 0.0f ? Num<T>::from_f(acc * ci) : x[w * a.x_sn + d];
     }
   }
 }
