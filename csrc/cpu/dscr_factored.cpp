@@ -71,27 +71,30 @@ KVFIX_AI void reduce(const float* x, const float* f, int64_t n, int64_t np, floa
   }
 }
 
-// y[i] (+)= sum_p f[i * P + p] * z[p] for n outputs: the expansions Lc Z3[a] (init: -2 x) and
-// U P (accumulate). The P operands z stay in registers.
+// y[i] = finish(init + sum_p f[i * P + p] * z[p]) for n outputs. kInit (the expansion Lc Z3[a]):
+// init = -2 x, no finish. Otherwise (the expansion U P, last): init = y, and finish normalises:
+// y = acc * cinv[i], or x where cinv[i] == 0 (the token keeps its key). The P operands z stay
+// in registers.
 template <int P, bool kInit>
-KVFIX_AI void expand(const float* z, const float* f, int64_t n, int64_t np, const float* x, float* y) {
-  if constexpr (P == 0) {
-    for (int64_t i = 0; i < n; ++i) {
-      v16 acc = kInit ? -2.0f * ld(x + i * kW) : ld(y + i * kW);
-      for (int64_t p = 0; p < np; ++p) acc += f[i * np + p] * ld(z + p * kW);
-      st(y + i * kW, acc);
-    }
-  } else {
-    v16 zr[P];
+KVFIX_AI void expand(const float* z, const float* f, int64_t n, int64_t np, const float* x, float* y,
+                     const float* cinv = nullptr) {
+  constexpr int kRegs = P == 0 ? 1 : P;
+  v16 zr[kRegs];
+  if constexpr (P > 0) {
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) zr[p] = ld(z + p * kW);
-    for (int64_t i = 0; i < n; ++i) {
-      v16 acc = kInit ? -2.0f * ld(x + i * kW) : ld(y + i * kW);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    v16 acc = kInit ? -2.0f * ld(x + i * kW) : ld(y + i * kW);
+    if constexpr (P == 0) {
+      for (int64_t p = 0; p < np; ++p) acc += f[i * np + p] * ld(z + p * kW);
+    } else {
       const float* fi = f + i * P;
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) acc += fi[p] * zr[p];
-      st(y + i * kW, acc);
     }
+    if constexpr (!kInit) acc = cinv[i] > 0.0f ? acc * cinv[i] : ld(x + i * kW);
+    st(y + i * kW, acc);
   }
 }
 
@@ -138,13 +141,9 @@ KVFIX_CPU_CLONES void refine_block(const Factors& f, const float* x, float* y, f
     KVFIX_DISPATCH_WIDTH(pc, KVFIX_EXP_ROW)
 #undef KVFIX_EXP_ROW
   }
-#define KVFIX_EXP_DEPTH(P) expand<P, false>(pd, f.u, N, rd, x, y)
+#define KVFIX_EXP_DEPTH(P) expand<P, false>(pd, f.u, N, rd, x, y, f.cinv)
   KVFIX_DISPATCH_WIDTH(rd, KVFIX_EXP_DEPTH)
 #undef KVFIX_EXP_DEPTH
-  for (int64_t i = 0; i < N; ++i) {
-    const float ci = f.cinv[i];
-    st(y + i * kW, ci > 0.0f ? ld(y + i * kW) * ci : ld(x + i * kW));
-  }
 }
 
 // 64-byte aligned float buffer.
