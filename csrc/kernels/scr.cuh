@@ -26,8 +26,8 @@
 // the caller).
 //   1. scr_select_kernel, one block of 128 candidates per (tile, item): a candidate's rank is the
 //      number of candidates before it in the order (score descending, index ascending), counted
-//      against tiles of scores staged in shared memory; it is a source when rank < top_k. Writes a
-//      flag per patch (1 = source).
+//      against tiles of scores and candidate flags staged in shared memory; it is a source when
+//      rank < top_k. Writes a flag per patch (1 = source).
 //   2. scr_redistribute_apply_kernel, one block per (row, item) (C in a strided loop): gathers its
 //      8 neighbours' flags and writes h / lam (source), h + (lam - 1) sum of the adjacent sources'
 //      rows (neighbour, fp32, neighbours in row-major window order) or a copy (other rows, out of
@@ -282,6 +282,7 @@ cudaError_t scr_scores_launch(const ScrScoresArgs& a, cudaStream_t stream) {
 
 __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistributeArgs a) {
   __shared__ float tile[kScrThreads];
+  __shared__ bool tile_cand[kScrThreads];
   const int64_t b = blockIdx.y, n = static_cast<int64_t>(blockIdx.x) * kScrThreads + threadIdx.x;
   const float* s = a.scores + b * a.N;
   auto candidate = [&](int64_t p) {
@@ -294,14 +295,16 @@ __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistribute
   int64_t rank = 0;
   for (int64_t p0 = 0; p0 < a.N; p0 += kScrThreads) {
     __syncthreads();
-    if (p0 + threadIdx.x < a.N) tile[threadIdx.x] = s[p0 + threadIdx.x];
+    if (p0 + threadIdx.x < a.N) {
+      tile[threadIdx.x] = s[p0 + threadIdx.x];
+      tile_cand[threadIdx.x] = candidate(p0 + threadIdx.x);
+    }
     __syncthreads();
     const int64_t len = a.N - p0 < kScrThreads ? a.N - p0 : kScrThreads;
     if (mine)
       for (int64_t e = 0; e < len; ++e) {
-        const int64_t p = p0 + e;
         const float sp = tile[e];
-        if ((sp > sn || (sp == sn && p < n)) && candidate(p)) ++rank;
+        if (tile_cand[e] && (sp > sn || (sp == sn && p0 + e < n))) ++rank;
       }
   }
   if (n < a.N) a.flags[b * a.N + n] = (mine && rank < a.top_k) ? 1 : 0;
