@@ -193,6 +193,18 @@ def test_redistribute_options(device):
     check_redistribute(hidden.clone(), scores.double(), grid, top_k=4)
 
 
+@pytest.mark.parametrize("top_k", [1, 5, 17])
+@pytest.mark.parametrize("device", DEVICES)
+def test_redistribute_ties_at_the_cut(top_k, device):
+    """Scores from {0, 1, 2, 3}: the top_k cut falls inside a group of equal scores."""
+    scores = torch.randint(0, 4, (3, 99), device=device).float()
+    _, src = check_redistribute(_hidden(3, 99, 12, torch.float32, device), scores, (9, 11), top_k=top_k, lam=1.2)
+    for b in range(3):  # the sources are the first top_k candidates in (score desc, index asc) order
+        cand = [i for i in range(99) if 0 < i // 11 < 8 and 0 < i % 11 < 10]
+        order = sorted(cand, key=lambda i: (-scores[b, i].item(), i))
+        assert set(src[b].nonzero().flatten().tolist()) == set(order[:top_k])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_redistribute_batch_items_use_their_own_scores(device):
     h = torch.randn(1, 25, 8, device=device).expand(2, 25, 8).contiguous()

@@ -315,8 +315,7 @@ template <class T>
 __global__ void __launch_bounds__(kScrThreads) scr_redistribute_apply_kernel(ScrRedistributeArgs a, int phase) {
   const int64_t n = blockIdx.x, b = blockIdx.y;
   const uint8_t* flag = a.flags + b * a.N;
-  const T* hb = static_cast<const T*>(a.hidden) + b * a.h_sb;
-  const T* in = hb + n * a.h_sn;
+  const T* in = static_cast<const T*>(a.hidden) + b * a.h_sb + n * a.h_sn;
   T* out = static_cast<T*>(a.out) + b * a.o_sb + n * a.o_sn;
   if (flag[n]) {
     if (phase == 1) return;
@@ -324,25 +323,27 @@ __global__ void __launch_bounds__(kScrThreads) scr_redistribute_apply_kernel(Scr
     return;
   }
   if (phase == 2) return;
+  // Which of the 3 x 3 window's cells (row-major, 4 = this row) are sources: a bit mask, so that
+  // no per-thread array of neighbour rows lives in local memory.
   const int64_t r = n / a.gw, cl = n % a.gw;
-  int64_t nb[8];
-  int count = 0;
-  for (int dr = -1; dr <= 1; ++dr)
-    for (int dc = -1; dc <= 1; ++dc) {
-      const int64_t rr = r + dr, cc = cl + dc;
-      if ((dr || dc) && rr >= 0 && rr < a.gh && cc >= 0 && cc < a.gw && flag[rr * a.gw + cc])
-        nb[count++] = (rr * a.gw + cc) * a.h_sn;
-    }
-  if (count == 0) {
+  unsigned sources = 0;
+#pragma unroll
+  for (int w = 0; w < 9; ++w) {
+    const int64_t rr = r + w / 3 - 1, cc = cl + w % 3 - 1;
+    if (w != 4 && rr >= 0 && rr < a.gh && cc >= 0 && cc < a.gw && flag[rr * a.gw + cc]) sources |= 1u << w;
+  }
+  if (sources == 0) {
     if (phase == 0)
       for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = in[c];
     return;
   }
-  const float w = a.lam - 1.0f;
+  const float lam1 = a.lam - 1.0f;
   for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) {
-    float acc = Num<T>::to_f(hb[nb[0] + c]);
-    for (int i = 1; i < count; ++i) acc += Num<T>::to_f(hb[nb[i] + c]);
-    out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) + w * acc);
+    float acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 9; ++w)
+      if (sources & (1u << w)) acc += Num<T>::to_f(in[((w / 3 - 1) * a.gw + (w % 3 - 1)) * a.h_sn + c]);
+    out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) + lam1 * acc);
   }
 }
 

@@ -125,3 +125,12 @@ def test_scr_redistribute_dtypes_strides_options(scr, dtype):
     scores = torch.rand(B, N)
     _redis(scr, hidden, scores, grid, top_k=6, lam=1.1)
     _redis(scr, hidden.contiguous(), scores, grid, top_k=9, lam=0.7, exclude_border=False)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 17])
+def test_scr_redistribute_ties_at_the_cut(scr, top_k):
+    """Scores from {0, 1, 2, 3}: the top_k cut falls inside a group of equal scores, where only
+    'lower index first' decides (per item: different scores per batch item)."""
+    B, grid = 3, (9, 11)
+    scores = torch.randint(0, 4, (B, 99)).float()
+    _redis(scr, torch.randn(B, 99, 12), scores, grid, top_k=top_k, lam=1.2)
