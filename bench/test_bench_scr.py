@@ -119,7 +119,8 @@ def scr_rows(reps: int = 21, quick: bool = False, threads: int | None = None) ->
             ref = grid[0] * grid[1] <= 1024
             fns, before = redistribute_fns(grid, dtype, reference=ref)
             med = _interleaved(fns, 3 if quick else (reps if grid[0] <= 24 else max(5, reps // 3)), before)
-            rows.append(dict(kind="redistribute", shape=f"{name} C={C}", dtype=dt, ref_ms=med.get("reference", float("nan")) * 1e3,
+            rows.append(dict(kind="redistribute", shape=f"{name} C={C}", dtype=dt,
+                             ref_ms=med.get("reference", float("nan")) * 1e3,
                              kvfix_ms=med["kvfix"] * 1e3, inplace_ms=med["kvfix_"] * 1e3, floor_ms=med["clone"] * 1e3,
                              ratio=med["kvfix"] / med["clone"], grid=grid, threads=torch.get_num_threads()))
     shape = QUICK_SCORES_SHAPE if quick else SCORES_SHAPE

@@ -89,7 +89,8 @@ def test_reference_scores_by_hand():
     # D = 1, scale 1, one head, T = 3 keys with logits [0, ln 2, ln 5] for q = 1 -> p = [1/8, 2/8, 5/8]
     k = torch.tensor([0.0, math.log(2.0), math.log(5.0)], dtype=torch.float64).view(1, 1, 3, 1)
     q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    torch.testing.assert_close(R.scr_scores(q, k, (1, 3), scale=1.0), torch.tensor([[2 / 8, 5 / 8]], dtype=torch.float64))
+    torch.testing.assert_close(R.scr_scores(q, k, (1, 3), scale=1.0),
+                               torch.tensor([[2 / 8, 5 / 8]], dtype=torch.float64))
     # two query rows: q = 0 (uniform 1/3 each) and q = 1: the mass is the sum over the rows
     q2 = torch.tensor([0.0, 1.0], dtype=torch.float64).view(1, 1, 2, 1)
     torch.testing.assert_close(R.scr_scores(q2, k, (0, 3), scale=1.0),
@@ -102,7 +103,8 @@ def test_reference_scores_by_hand():
     torch.testing.assert_close(R.scr_scores(q2, k, (0, 3), scale=1.0, mask=mask),
                                torch.tensor([[1 / 3, 2 / 3, 0.0]], dtype=torch.float64))
     q3 = torch.tensor([0.0, 1.0], dtype=torch.float64).view(1, 2, 1, 1)  # 2 heads on one kv head
-    torch.testing.assert_close(R.scr_scores(q3, k, (2, 3), scale=1.0), torch.tensor([[(1 / 3 + 5 / 8) / 2]], dtype=torch.float64))
+    torch.testing.assert_close(R.scr_scores(q3, k, (2, 3), scale=1.0),
+                               torch.tensor([[(1 / 3 + 5 / 8) / 2]], dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ constexpr int64_t kBlockBytes = int64_t(1) << 20;  // fp32 logits of one block, 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // x[t] = x[t] * scale + mask(b, h, i, t) for t < n, -inf where the key takes no part.
-KVFIX_SCR_INLINE void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t i) {
+KVFIX_SCR_INLINE void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h,
+                                     int64_t i) {
   const int64_t off = b * m.sb + h * m.sh + i * m.si, st = m.st;
   switch (m.kind) {
     case 0:

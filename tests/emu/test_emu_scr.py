@@ -89,7 +89,8 @@ def test_scr_scores_masks_and_strided_k(scr, kind):
 
 
 def _redis(scr, hidden, scores, grid, *, top_k, lam, exclude_border=True):
-    truth = R.scr_redistribute(hidden.double(), scores.double(), grid, top_k=top_k, lam=lam, exclude_border=exclude_border)
+    truth = R.scr_redistribute(hidden.double(), scores.double(), grid, top_k=top_k, lam=lam,
+                               exclude_border=exclude_border)
     same = R.scr_redistribute(hidden, scores, grid, top_k=top_k, lam=lam, exclude_border=exclude_border)
     out = torch.full(hidden.shape, NAN).to(hidden.dtype)
     scr.scr_redistribute(hidden, out, scores, grid[0], grid[1], top_k, lam, int(exclude_border), 0)
