@@ -183,6 +183,15 @@ def test_redistribute_dtypes_and_strides(grid, dtype, layout, device):
     check_redistribute(hidden, _scores(B, N, device), grid, top_k=7, lam=1.1)
 
 
+@pytest.mark.parametrize("C", [1, 21, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_redistribute_channel_tails_and_chunks(C, dtype, device):
+    """C not a multiple of the vector widths, and over one 256-wide fp32 chunk."""
+    hidden = _hidden(2, 30, C, dtype, device, "span")
+    check_redistribute(hidden, _scores(2, 30, device), (5, 6), top_k=4, lam=1.4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_redistribute_options(device):
     B, grid = 2, (5, 6)
