@@ -303,6 +303,7 @@ def main(argv=None) -> int:
     report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
     kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
     kvs_text = test_bench_dscr.dscr_structured_section(args.quick) + "\n\n" + kvs_text  # structured DSCR (issue 7)
+    kvs_text += "\n\n" + __import__("bench.test_bench_scr", fromlist=["scr_section"]).scr_section(args.quick)  # SCR rows
     elapsed = time.perf_counter() - t_start
 
     print(report)

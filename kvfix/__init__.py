@@ -1,8 +1,9 @@
 """kvfix: fused KV-cache kernels that make vision-language models hallucinate less.
 
-Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_` (structured or
-dense, `dscr_plan` says which);
-KVSmooth: `row_entropy`, `kvsmooth_step_`.
+Ops (CPU always, CUDA when built with nvcc):
+DSCR: `dscr_refine`, `dscr_refine_cache_` (structured or dense, `dscr_plan` says which);
+KVSmooth: `row_entropy`, `kvsmooth_step_`; SCR: `scr_scores`, `scr_redistribute(_)`;
+CMAC: `rope_calibrate`, `cmac_attention`, `contrastive_logits`.
 Helpers: `patch_coords`, `patch_depth`, `DepthEstimator` (kvfix.depth).
 transformers integration: `kvfix.hf`.
 """
@@ -16,11 +17,13 @@ import torch
 from .depth import DepthEstimator  # transformers is imported only when an estimator is built
 from .geometry import patch_coords, patch_depth
 from .dscr_structured import DscrPlan, dscr_plan
-from .ops import dscr_refine, dscr_refine_cache_, kvsmooth_step_, row_entropy
+from .ops import (dscr_refine, dscr_refine_cache_, kvsmooth_step_,
+                  row_entropy, scr_redistribute, scr_redistribute_, scr_scores)
 
 __version__ = "0.1.0"
-__all__ = ["DepthEstimator", "DscrPlan", "build_info", "dscr_plan", "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_",
-           "patch_coords", "patch_depth", "row_entropy"]
+__all__ = ["DepthEstimator", "DscrPlan", "build_info", "dscr_plan",
+           "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_", "patch_coords", "patch_depth",
+           "row_entropy", "scr_redistribute", "scr_redistribute_", "scr_scores"]
 
 
 def build_info() -> dict:
