@@ -6,6 +6,7 @@ here in plain PyTorch: scores from the eager model's `output_attentions`, the re
 SPEC §3 written out, applied by explicit forward pre-hooks on the decoder layers during the
 prefill, then plain greedy `generate`. Tokens must be equal and logits close.
 """
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,25 +64,28 @@ def assert_same_generation(a, b, atol=2e-5):
 # --------------------------------------------------------------------------------------------
 # the independent reference
 
-def ref_scores(model, inputs, spans, diag_layers):
+def ref_scores(model, inputs, spans, diag_layers, past=None):
     """Per image [N] float64: attention mass from the text tokens after the image (eager
-    attention probabilities, output_attentions), summed over queries, mean over heads and layers."""
+    attention probabilities, output_attentions), summed over queries, mean over heads and layers.
+    With `past` (a cache, copied here), `inputs` are the new tokens and `spans` index them."""
     base = model.config.get_text_config()._attn_implementation
     model.set_attn_implementation("eager")
+    P = 0 if past is None else past.get_seq_length()
     try:
         with torch.no_grad():
-            att = model(**inputs, output_attentions=True, use_cache=False).attentions
+            att = model(**inputs, output_attentions=True, use_cache=past is not None,
+                        past_key_values=copy.deepcopy(past)).attentions
     finally:
         model.set_attn_implementation(base)
     ids, pad = inputs["input_ids"], inputs["attention_mask"]
     out = []
     for b, s, gh, gw in spans:
         e = s + gh * gw
-        rows = [p for p in range(e, ids.shape[1]) if ids[b, p] != testing.IMAGE_TOKEN and pad[b, p]]
+        rows = [p for p in range(e, ids.shape[1]) if ids[b, p] != testing.IMAGE_TOKEN and pad[b, P + p]]
         if not rows:
             out.append(None)
             continue
-        per_layer = [att[layer][b, :, rows, s:e].double().sum(1).mean(0) for layer in diag_layers]
+        per_layer = [att[layer][b, :, rows, P + s:P + e].double().sum(1).mean(0) for layer in diag_layers]
         out.append(torch.stack(per_layer).mean(0))
     return out
 
@@ -310,13 +314,33 @@ def test_repeated_generations_and_plain_forward(qwen):
     torch.testing.assert_close(logits[:, -1], first.logits[0], rtol=0, atol=1e-5)
 
 
-def test_continued_prompt_with_images_is_refused(llava):
-    inputs, _ = prompt(llava, "llava")
-    with torch.no_grad():
-        pre = llava(**inputs)
-    with kvfix.hf.enable(llava, kvfix.hf.SCR()):
-        with pytest.raises(ValueError, match="first forward"):
-            llava(**inputs, past_key_values=pre.past_key_values)
+def test_second_turn_with_a_new_image(llava):
+    """generate continues a cache (turn 1) with new text and one new image per item: the
+    diagnostic pass sees the cached prefix (copied, the cache is not written by it) and the new
+    tokens; the redistribution hits the new image only."""
+    inputs, _ = prompt(llava, "llava", seed=9)
+    with kvfix.hf.enable(llava, kvfix.hf.SCR(top_k=3, lam=1.5)):
+        turn1 = gen(llava, inputs, 3)
+    cache = turn1.past_key_values
+    P, T1 = cache.get_seq_length(), inputs["input_ids"].shape[1]
+    g = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
+    new = torch.cat([torch.randint(3, 90, (2, 2)), torch.full((2, g * g), testing.IMAGE_TOKEN),
+                     torch.randint(3, 90, (2, 4))], 1)
+    ids = torch.cat([turn1.sequences, new], 1)
+    turn2 = {"input_ids": ids, "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, T1:])], 1),
+             "pixel_values": torch.randn(2, 3, 48, 48)}
+    spans = [(b, 3, g, g) for b in range(2)]  # in the uncached tokens: last token of turn 1, 2 text, image
+    scr = kvfix.hf.SCR(top_k=3, lam=1.5)
+    with kvfix.hf.enable(llava, scr):
+        out = llava.generate(**turn2, past_key_values=copy.deepcopy(cache), max_new_tokens=N_NEW, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    assert [(img.batch, img.start) for img, _ in scr.last_scores] == [(0, P + 3), (1, P + 3)]
+    scores = ref_scores(llava, {"input_ids": ids[:, P:], "attention_mask": turn2["attention_mask"],
+                                "pixel_values": turn2["pixel_values"]}, spans, (0, 1), past=cache)
+    check_scores(scr, [(b, P + s, gh, gw) for b, s, gh, gw in spans], scores)
+    want, _ = ref_generate(llava, {**turn2, "past_key_values": copy.deepcopy(cache)}, spans, layers=(1, 2, 3),
+                           top_k=3, lam=1.5, scores=scores)
+    assert_same_generation(out, want)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 import torch
 
 from .. import ops
+from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 from .models import ImageSpan
 
@@ -58,8 +59,9 @@ class SCR(Method):
         exclude_border: border patches are never sources.
 
     Semantic choices: an image with no text token after it (nothing asked about it yet) is
-    left unchanged. Images in a prompt that continues a non-empty cache are refused (the
-    diagnostic pass runs the prompt from an empty cache). Without a KV cache
+    left unchanged. A prompt with images that continues a cache (a second turn) works the same
+    way: its diagnostic pass runs on a copy of the diagnostic layers' cached prefix (the cache
+    itself is never written by it; DynamicCache-style layers). Without a KV cache
     (`use_cache=False`) every full forward is a prefill and runs both passes.
 
     After each run: `last_scores` lists `(ImageSpan, scores [N] float32)` of the latest
@@ -126,9 +128,6 @@ class SCR(Method):
     def on_prefill_start(self, ctx: ForwardContext) -> None:
         if ctx.pass_name != "main" or not ctx.images:
             return
-        if ctx.past_len:
-            raise ValueError("kvfix.hf.SCR: the prompt's images must come in the first forward of a generation "
-                             f"(this forward continues a cache of {ctx.past_len} positions)")
         self._pending = None
         queries = self._query_positions(ctx)
         scores = [None] * len(ctx.images)
@@ -143,24 +142,30 @@ class SCR(Method):
             self._pending = None
 
     def _query_positions(self, ctx: ForwardContext) -> list:
-        """Per image, a long tensor of its query positions (text tokens after the span), or None."""
+        """Per image, a long tensor of its query positions (text tokens after the span; indices
+        into this forward's tokens, cache position - past_len), or None."""
         ids = ctx.input_ids
         text = ids != ctx.handle.adapter.image_token_id
         if ctx.attention_mask is not None and ctx.attention_mask.dim() == 2:
-            text &= ctx.attention_mask.to(torch.bool)
+            text &= ctx.attention_mask[:, -ids.shape[1]:].to(torch.bool)
         out = []
         for img in ctx.images:
             after = text[img.batch].clone()
-            after[:img.end] = False
+            after[:img.end - ctx.past_len] = False
             pos = torch.nonzero(after).flatten()
             out.append(pos if pos.numel() else None)
         return out
 
     def _diagnose(self, ctx: ForwardContext, queries: list) -> list:
+        last = max(self.selected_diagnostic_layers)
         kwargs = {k: v for k, v in ctx.inputs.items() if k != "labels"}
-        kwargs.update(past_key_values=None, use_cache=False, output_attentions=False, output_hidden_states=False)
-        self._diag = {"images": ctx.images, "queries": queries, "sums": [None] * len(ctx.images),
-                      "last": max(self.selected_diagnostic_layers)}
+        kwargs.update(output_attentions=False, output_hidden_states=False)
+        if ctx.past_len:  # a continued prompt: the diagnostic layers' cached prefix, copied
+            kwargs.update(past_key_values=_compat.prefix_cache(ctx.cache, last + 1, ctx.past_len), use_cache=True)
+        else:
+            kwargs.update(past_key_values=None, use_cache=False)
+        self._diag = {"images": ctx.images, "queries": queries, "sums": [None] * len(ctx.images), "last": last,
+                      "offset": ctx.past_len}
         handle = ctx.handle
         try:
             with torch.no_grad(), handle.auxiliary_pass(_PASS):
@@ -191,7 +196,7 @@ class SCR(Method):
                     continue
                 b = img.batch
                 pos = pos.to(query.device)
-                mask = _query_mask(attention_mask, b, pos, key.shape[-2])
+                mask = _query_mask(attention_mask, b, pos, diag["offset"], key.shape[-2])
                 s = ops.scr_scores(query[b:b + 1, :, pos], key[b:b + 1], (img.start, img.end),
                                    scale=None if scale is None else float(scale), mask=mask)
                 diag["sums"][i] = s if diag["sums"][i] is None else diag["sums"][i] + s
@@ -205,23 +210,24 @@ class SCR(Method):
         pending = self._pending
         if pending is None or pending[0] is not ctx or layer_idx not in self._redistribute or not pending[1]:
             return None
-        out = hidden_states.clone()
+        out = hidden_states.clone()  # not in place: the input may be referenced (output_hidden_states)
+        off = ctx.past_len
         with torch.no_grad():
             for img, scores in pending[1]:
-                seg = out[img.batch:img.batch + 1, img.start:img.end]
+                seg = out[img.batch:img.batch + 1, img.start - off:img.end - off]
                 ops.scr_redistribute_(seg, scores, (img.gh, img.gw), top_k=self.top_k, lam=self.lam,
                                       exclude_border=self.exclude_border)
                 self.redistribute_calls += 1
         return out
 
 
-def _query_mask(attention_mask, b: int, pos: torch.Tensor, T: int) -> torch.Tensor:
-    """The mask rows of the chosen queries, [1, 1 or H, Tq, T]: the model's own 4-D mask (bool or
-    additive float; causality included), or, when the model hands none (SDPA's is_causal path,
-    no padding), the causal mask of those query positions. A 2-D padding mask is combined with
-    causality."""
+def _query_mask(attention_mask, b: int, pos: torch.Tensor, offset: int, T: int) -> torch.Tensor:
+    """The mask rows of the chosen queries (`pos`: indices into this forward's tokens, at cache
+    positions offset + pos), [1, 1 or H, Tq, T]: the model's own 4-D mask (bool or additive float;
+    causality included), or, when the model hands none (SDPA's is_causal path, no padding), the
+    causal mask of those queries. A 2-D padding mask is combined with causality."""
     keys = torch.arange(T, device=pos.device)
-    causal = keys[None, :] <= pos[:, None]
+    causal = keys[None, :] <= pos[:, None] + offset
     if attention_mask is None:
         return causal[None, None]
     if attention_mask.dim() == 2:
