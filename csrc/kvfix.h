@@ -80,3 +80,48 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 #endif
 
 }  // namespace kvfix
+
+
+// ---------------------------------------------------------------------------------------------
+// SCR (SPEC §3): diagnostic attention mass of the image columns and the spatial redistribution.
+
+namespace kvfix {
+
+// A mask broadcast to [B, Hq, Tq, T], as the kernels read it: element (b, h, i, t) at
+// data + b * sb + h * sh + i * si + t * st (strides in elements, 0 where broadcast). kind: 0 no
+// mask, 1 bool (True = attend), 2/3/4 additive float32/float16/bfloat16 (-inf = masked).
+struct ScrMask {
+  const void* data = nullptr;
+  int kind = 0;
+  int64_t sb = 0, sh = 0, si = 0, st = 0;
+};
+
+// Checks shared by every device (the Python wrappers raise friendlier errors first). q [B, Hq, Tq, D],
+// k [B, Hkv, T, D] (same dtype, Hq % Hkv == 0, nothing empty), 0 <= start <= end <= T, causal
+// needs Tq <= T, mask broadcastable to [B, Hq, Tq, T]. Returns the mask view the kernels read.
+ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+                         const std::optional<at::Tensor>& mask, bool causal);
+// The logit scale (default 1 / sqrt(D)), finite.
+float scr_scale(std::optional<double> scale, int64_t D);
+// hidden [B, N, C] float (contiguous last dim), scores float32 contiguous [B, N] on hidden's
+// device, gh * gw == N, top_k >= 0, lam finite and > 0; scores finite (one host read: SCR runs
+// once per image, not per decoded token).
+void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::Tensor& scores, int64_t gh,
+                            int64_t gw, int64_t top_k, double lam);
+
+at::Tensor scr_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+                          std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal);
+at::Tensor scr_redistribute_cpu(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                int64_t top_k, double lam, bool exclude_border);
+void scr_redistribute__cpu(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                           int64_t top_k, double lam, bool exclude_border);
+#ifdef KVFIX_WITH_CUDA
+at::Tensor scr_scores_cuda(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+                           std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal);
+at::Tensor scr_redistribute_cuda(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                 int64_t top_k, double lam, bool exclude_border);
+void scr_redistribute__cuda(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                            int64_t top_k, double lam, bool exclude_border);
+#endif
+
+}  // namespace kvfix

@@ -179,3 +179,108 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cuda);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// SCR (SPEC §3): checks shared by the CPU and CUDA implementations, schemas, registrations.
+
+namespace kvfix {
+
+static void scr_check_float(const char* op, const at::Tensor& x, const char* name) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
+}
+
+ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+                         const std::optional<at::Tensor>& mask, bool causal) {
+  const char* op = "scr_scores";
+  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
+  scr_check_float(op, q, "q");
+  scr_check_float(op, k, "k");
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(q.numel() > 0 && k.numel() > 0, op, ": q and k must not be empty, got ", q.sizes(), " and ",
+              k.sizes());
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (", Hkv, ")");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
+  TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
+  TORCH_CHECK_VALUE(0 <= start && start <= end && end <= T, op, ": image_span (", start, ", ", end,
+                    ") must satisfy 0 <= start <= end <= T = ", T);
+  TORCH_CHECK_VALUE(!causal || Tq <= T, op, ": causal needs Tq <= T (query i sits at T - Tq + i), got Tq=", Tq,
+                    ", T=", T);
+  ScrMask m;
+  if (!mask.has_value()) return m;
+  const at::Tensor& mk = *mask;
+  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
+  const auto st = mk.scalar_type();
+  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, Hq, Tq, T], got ", mk.sizes());
+  const int64_t want[4] = {B, Hq, Tq, T};
+  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < mk.dim(); ++i) {
+    size[4 - mk.dim() + i] = mk.size(i);
+    stride[4 - mk.dim() + i] = mk.stride(i);
+  }
+  for (int i = 0; i < 4; ++i)
+    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(),
+                " is not broadcastable to [B, Hq, Tq, T] = [", B, ", ", Hq, ", ", Tq, ", ", T, "]");
+  m.data = mk.const_data_ptr();
+  m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
+  m.sb = size[0] == 1 ? 0 : stride[0];
+  m.sh = size[1] == 1 ? 0 : stride[1];
+  m.si = size[2] == 1 ? 0 : stride[2];
+  m.st = size[3] == 1 ? 0 : stride[3];
+  return m;
+}
+
+float scr_scale(std::optional<double> scale, int64_t D) {
+  if (!scale.has_value()) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1)));
+  TORCH_CHECK_VALUE(std::isfinite(*scale), "scr_scores: scale must be finite, got ", *scale);
+  return static_cast<float>(*scale);
+}
+
+void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::Tensor& scores, int64_t gh,
+                            int64_t gw, int64_t top_k, double lam) {
+  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [B, N, C], got ", hidden.sizes());
+  scr_check_float(op, hidden, "hidden");
+  const int64_t B = hidden.size(0), N = hidden.size(1);
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N, op, ": scores must be [B, N] = [",
+              B, ", ", N, "], got ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous(), op,
+              ": scores must be contiguous float32");
+  TORCH_CHECK(scores.device() == hidden.device(), op, ": scores device differs from hidden");
+  TORCH_CHECK_VALUE(gh >= 1 && gw >= 1 && gh * gw == N, op, ": grid_hw (", gh, ", ", gw,
+                    ") must be positive with gh * gw == N = ", N);
+  TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0, got ", top_k);
+  TORCH_CHECK_VALUE(std::isfinite(lam) && lam > 0, op, ": lam must be finite and > 0, got ", lam);
+  // Once per image (not a decode path): one host read.
+  if (scores.numel() > 0)
+    TORCH_CHECK_VALUE(scores.isfinite().all().item<bool>(), op, ": scores has non-finite values (nan or inf)");
+}
+
+}  // namespace kvfix
+
+TORCH_LIBRARY_FRAGMENT(kvfix, m) {
+  m.def("scr_scores(Tensor q, Tensor k, int start, int end, float? scale, Tensor? mask, bool causal) -> Tensor");
+  m.def("scr_redistribute(Tensor hidden, Tensor scores, int gh, int gw, int top_k, float lam, "
+        "bool exclude_border) -> Tensor");
+  m.def("scr_redistribute_(Tensor(a!) hidden, Tensor scores, int gh, int gw, int top_k, float lam, "
+        "bool exclude_border) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
+  m.impl("scr_scores", &kvfix::scr_scores_cpu);
+  m.impl("scr_redistribute", &kvfix::scr_redistribute_cpu);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__cpu);
+}
+
+#ifdef KVFIX_WITH_CUDA
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("scr_scores", &kvfix::scr_scores_cuda);
+  m.impl("scr_redistribute", &kvfix::scr_redistribute_cuda);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__cuda);
+}
+#endif

@@ -14,11 +14,13 @@ import torch
 
 from .depth import DepthEstimator  # transformers is imported only when an estimator is built
 from .geometry import patch_coords, patch_depth
-from .ops import dscr_refine, dscr_refine_cache_, kvsmooth_step_, row_entropy
+from .ops import (dscr_refine, dscr_refine_cache_, kvsmooth_step_, row_entropy, scr_redistribute,
+                  scr_redistribute_, scr_scores)
 
 __version__ = "0.1.0"
 __all__ = ["DepthEstimator", "build_info", "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_",
-           "patch_coords", "patch_depth", "row_entropy"]
+           "patch_coords", "patch_depth", "row_entropy", "scr_redistribute",
+           "scr_redistribute_", "scr_scores"]
 
 
 def build_info() -> dict:

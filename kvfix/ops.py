@@ -354,3 +354,171 @@ def _row_entropy_fake(q, k, scale, mask):
 @torch.library.register_fake("kvfix::kvsmooth_step_")
 def _kvsmooth_step_fake(q, k_cache, v_cache, queue, scale, mask, lam_ref, band):
     return q.new_empty((q.shape[0],), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# SCR (SPEC §3)
+
+__all__ += ["scr_scores", "scr_redistribute", "scr_redistribute_"]
+
+
+def _check_int(value, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_pair(value, name: str) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair of ints, got {value!r}")
+    return _check_int(value[0], f"{name}[0]"), _check_int(value[1], f"{name}[1]")
+
+
+def _check_scr_mask(mask, shape, device):
+    if mask is None:
+        return
+    _check_tensor(mask, "mask")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but q is on {device}")
+    full = (1,) * (4 - mask.dim()) + tuple(mask.shape) if 1 <= mask.dim() <= 4 else None
+    if full is None or any(s not in (1, w) for s, w in zip(full, shape)):
+        raise ValueError(f"mask must be broadcastable to [B, Hq, Tq, T] = {list(shape)}, got shape {tuple(mask.shape)}")
+
+
+def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | None = None,
+               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """SCR diagnostic scores (SPEC §3): attention mass each image key receives, [B, N] float32.
+
+    Args:
+        q: [B, Hq, Tq, D] queries (after RoPE), float32/float16/bfloat16, contiguous last dim
+            (e.g. the text tokens after the image).
+        k: [B, Hkv, T, D] keys, same dtype, any strides with a contiguous last dim (a cache
+            slice); Hq must be a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
+        image_span: (start, end) ints, 0 <= start <= end <= T: the image's key columns, N = end - start.
+        scale: logit scale, default 1 / sqrt(D).
+        mask: None, bool (True = attend) or additive float, broadcastable to [B, Hq, Tq, T] (the
+            4-D mask transformers' SDPA receives); False / -inf keys take no part.
+        causal: query i sits at position T - Tq + i (bottom-right aligned, a cached prefix before
+            it) and sees keys <= its position; needs Tq <= T.
+
+    Returns:
+        scores[b, j] = mean over query heads of sum over the Tq rows of p[b, h, i, start + j], with
+        p = softmax(q k^T * scale + mask) over ALL T keys of the row (choice: the sum over queries,
+        the "attention mass"; divide by Tq for a mean). Rows without any key contribute 0.
+        Computed in float32 without materialising a [Tq, T] matrix per head.
+    """
+    _check_tensor(q, "q")
+    _check_tensor(k, "k")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Hq, Tq, D], got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        raise ValueError(f"k must be [B, Hkv, T, D], got shape {tuple(k.shape)}")
+    if q.dtype not in _KV_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k dtype {k.dtype} does not match q dtype {q.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k is on {k.device} but q is on {q.device}")
+    for name, x in (("q", q), ("k", k)):
+        if x.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (same B and D expected)")
+    if Hq % Hkv:
+        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    start, end = _check_pair(image_span, "image_span")
+    if not 0 <= start <= end <= T:
+        raise ValueError(f"image_span ({start}, {end}) must satisfy 0 <= start <= end <= T = {T}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and Tq > T:
+        raise ValueError(f"causal needs Tq <= T (query i sits at T - Tq + i), got Tq={Tq}, T={T}")
+    _check_scr_mask(mask, (B, Hq, Tq, T), q.device)
+    _check_built_for(q, "scr_scores")
+    return torch.ops.kvfix.scr_scores.default(q, k, start, end, _check_scale(scale), mask, causal)
+
+
+def _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border):
+    _check_tensor(hidden, "hidden")
+    _check_tensor(scores, "scores")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, N, C], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in _KV_DTYPES:
+        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
+        raise ValueError(f"hidden needs a contiguous last dimension (stride {hidden.stride(-1)})")
+    if hidden.numel() == 0:
+        raise ValueError(f"hidden must not be empty, got shape {tuple(hidden.shape)}")
+    B, N, _ = hidden.shape
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if scores.shape != (B, N):
+        raise ValueError(f"scores must be [B, N] = [{B}, {N}], got shape {tuple(scores.shape)}")
+    if scores.device != hidden.device:
+        raise ValueError(f"scores is on {scores.device} but hidden is on {hidden.device}")
+    gh, gw = _check_pair(grid_hw, "grid_hw")
+    if gh < 1 or gw < 1 or gh * gw != N:
+        raise ValueError(f"grid_hw ({gh}, {gw}) does not match the N = {N} tokens of hidden (gh * gw must be N)")
+    top_k = _check_int(top_k, "top_k", minimum=0)
+    lam = _check_positive(lam, "lam")
+    if not isinstance(exclude_border, bool):
+        raise TypeError(f"exclude_border must be a bool, got {type(exclude_border).__name__}")
+    return scores.to(torch.float32).contiguous(), gh, gw, top_k, lam
+
+
+def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
+                     exclude_border: bool = True) -> torch.Tensor:
+    """SCR redistribution (SPEC §3) of the visual tokens' hidden states; returns a new contiguous tensor.
+
+    Args:
+        hidden: [B, N, C] float32/float16/bfloat16, any strides with a contiguous last dim.
+        scores: [B, N] floating point (used as float32), finite: NaN and +-inf raise a ValueError
+            (one host read; SCR runs once per image, not per decoded token).
+        grid_hw: (gh, gw) with gh * gw == N, tokens in row-major order over the patch grid.
+        top_k (>= 0): number of sources, capped at the candidates; 0 leaves hidden unchanged.
+        lam (> 0): redistribution strength.
+        exclude_border: sources only among patches off the first/last row and column (grids with
+            fewer than 3 rows or columns then have none).
+
+    Sources: the top_k highest scores among the candidates (ties: lower index first). Neighbours:
+    the 8-connected grid neighbours of any source that are not sources. h'[s] = h[s] / lam;
+    h'[n] = h[n] + (lam - 1) * sum of the ORIGINAL h[s] over the sources adjacent to n (fp32,
+    rounded once); every other row unchanged. Deterministic.
+    """
+    s, gh, gw, top_k, lam = _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border)
+    _check_built_for(hidden, "scr_redistribute")
+    return torch.ops.kvfix.scr_redistribute.default(hidden, s, gh, gw, top_k, lam, exclude_border)
+
+
+def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
+                      exclude_border: bool = True) -> torch.Tensor:
+    """In-place `scr_redistribute`: writes only the changed rows of hidden (which may be a view,
+    e.g. the image span of a [B, T, C] residual stream) and returns hidden. Neighbours read the
+    original source rows (copied aside first), so the result equals the out-of-place op's."""
+    s, gh, gw, top_k, lam = _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border)
+    _check_built_for(hidden, "scr_redistribute_")
+    torch.ops.kvfix.scr_redistribute_.default(hidden, s, gh, gw, top_k, lam, exclude_border)
+    return hidden
+
+
+@torch.library.register_fake("kvfix::scr_scores")
+def _scr_scores_fake(q, k, start, end, scale, mask, causal):
+    return q.new_empty((q.shape[0], end - start), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvfix::scr_redistribute")
+def _scr_redistribute_fake(hidden, scores, gh, gw, top_k, lam, exclude_border):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvfix::scr_redistribute_")
+def _scr_redistribute__fake(hidden, scores, gh, gw, top_k, lam, exclude_border):
+    return None

@@ -176,3 +176,103 @@ def kvsmooth_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         lam = torch.zeros_like(lam)
     return lam, kvsmooth_ema(k_cache, lam), kvsmooth_ema(v_cache, lam), new_queue
+
+
+# ---------------------------------------------------------------------------------------------
+# SCR (SPEC §3)
+#
+# Choices made here (documented defaults of the whole project, docs/SCR.md):
+# - scr_scores: the attention mass of image column j is the sum over the Tq query rows of the
+#   softmax probabilities p[i, j] (not their mean), averaged over the query heads. Rows are
+#   normalised over all T keys before the image columns are read; a key takes no part when the
+#   bool mask is False, the additive mask is -inf, or (causal) it lies after the query's
+#   position T - Tq + i. A row with no key taking part contributes 0.
+# - scr_redistribute: the border (first/last row and column) is excluded from the sources when
+#   exclude_border, so grids with fewer than 3 rows or columns have no source and stay unchanged.
+#   Scores must be finite (NaN and +-inf are rejected by the ops).
+
+__all__ += ["scr_scores", "scr_sources", "scr_redistribute"]
+
+
+def _scr_valid_bias(mask, causal: bool, B: int, Hq: int, Tq: int, T: int, dtype, device):
+    """(bias [B, Hq, Tq, T] in `dtype`, valid [B, Hq, Tq, T] bool) of a mask broadcastable to
+    [B, Hq, Tq, T] and the bottom-right aligned causal rule."""
+    if mask is None:
+        bias = torch.zeros(B, Hq, Tq, T, dtype=dtype, device=device)
+        valid = torch.ones(B, Hq, Tq, T, dtype=torch.bool, device=device)
+    else:
+        m = mask.expand(B, Hq, Tq, T)
+        if m.dtype == torch.bool:
+            bias, valid = torch.zeros(B, Hq, Tq, T, dtype=dtype, device=device), m.clone()
+        else:
+            valid = m != float("-inf")
+            bias = torch.where(valid, m.to(dtype), torch.zeros((), dtype=dtype, device=device))
+    if causal:
+        pos = torch.arange(Tq, device=device)[:, None] + (T - Tq)        # query i sits at T - Tq + i
+        valid = valid & (torch.arange(T, device=device)[None, :] <= pos)
+    return bias, valid
+
+
+def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | None = None,
+               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """SCR diagnostic scores (SPEC §3), materialised: [B, N] in the dtype of q.
+
+    q [B, Hq, Tq, D], k [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)),
+    image_span (start, end) with N = end - start. p = softmax(q k^T * scale + mask) over all T
+    keys per query row; scores[b, j] = mean over heads of sum over rows of p[b, h, i, start + j].
+    Runs in the dtype of q (float64 gives the ground truth).
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    start, end = image_span
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kk = k.to(q.dtype).repeat_interleave(Hq // Hkv, dim=1)                 # [B, Hq, T, D]
+    logits = torch.einsum("bhid,bhtd->bhit", q, kk) * scale                # [B, Hq, Tq, T]
+    bias, valid = _scr_valid_bias(mask, causal, B, Hq, Tq, T, q.dtype, q.device)
+    neg = torch.full((), float("-inf"), dtype=q.dtype, device=q.device)
+    logits = torch.where(valid, logits + bias, neg)
+    any_valid = valid.any(dim=-1, keepdim=True)                              # [B, Hq, Tq, 1]
+    p = torch.softmax(torch.where(any_valid, logits, torch.zeros_like(logits)), dim=-1)
+    p = torch.where(any_valid, p, torch.zeros_like(p))
+    return p[..., start:end].sum(dim=2).mean(dim=1)
+
+
+def scr_sources(scores: torch.Tensor, grid_hw, *, top_k: int = 32, exclude_border: bool = True) -> torch.Tensor:
+    """Source mask [B, N] bool: the top_k highest scores among the candidate patches (all, or the
+    non-border ones when exclude_border); ties: lower index first; top_k capped at the candidates."""
+    gh, gw = grid_hw
+    B, N = scores.shape
+    r = torch.arange(N, device=scores.device) // gw
+    c = torch.arange(N, device=scores.device) % gw
+    cand = torch.ones(N, dtype=torch.bool, device=scores.device)
+    if exclude_border:
+        cand = (r > 0) & (r < gh - 1) & (c > 0) & (c < gw - 1)
+    idx = cand.nonzero().flatten()
+    src = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
+    kk = min(top_k, idx.numel())
+    if kk > 0:
+        order = torch.sort(scores[:, idx], dim=1, descending=True, stable=True).indices[:, :kk]
+        src.scatter_(1, idx[order], True)
+    return src
+
+
+def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
+                     exclude_border: bool = True) -> torch.Tensor:
+    """SCR redistribution (SPEC §3) on a copy, in the dtype of hidden ([B, N, C]).
+
+    h'[s] = h[s] / lam for sources; h'[n] = h[n] + (lam - 1) * sum of the ORIGINAL h[s] over the
+    sources s 8-adjacent to n, for the non-source neighbours n; everything else unchanged.
+    """
+    gh, gw = grid_hw
+    B, N, C = hidden.shape
+    src = scr_sources(scores, grid_hw, top_k=top_k, exclude_border=exclude_border)     # [B, N]
+    r = torch.arange(N, device=hidden.device) // gw
+    c = torch.arange(N, device=hidden.device) % gw
+    adj = ((r[:, None] - r[None, :]).abs() <= 1) & ((c[:, None] - c[None, :]).abs() <= 1)
+    adj &= ~torch.eye(N, dtype=torch.bool, device=hidden.device)                        # [N, N]: 8-neighbours
+    # a[b, n, s] = 1 where s is a source adjacent to the non-source n
+    a = adj[None] & src[:, None, :] & ~src[:, :, None]
+    gathered = torch.einsum("bns,bsc->bnc", a.to(hidden.dtype), hidden)
+    nb = a.any(dim=2)[..., None]
+    out = torch.where(nb, hidden + (lam - 1) * gathered, hidden)
+    return torch.where(src[..., None], hidden / lam, out)

@@ -1,0 +1,273 @@
+// SCR on the CPU (SPEC §3): diagnostic attention mass of the image columns and the spatial
+// redistribution of the visual tokens' hidden states.
+//
+// scr_scores: work items are (b, query head) pairs, run by at::parallel_for. An item walks its Tq
+// query rows in blocks of R rows (R * T fp32 logits per thread, at most kBlockBytes, R <= 64):
+//   1. logits = q_rows k^T: one ATen GEMM (at::mm_out, BLAS) per block, over the key columns the
+//      block can see (causal: up to the last row's position), into the thread's block buffer;
+//   2. per row, in place: x = logit * scale + mask (-inf where the key takes no part), the row
+//      max m, e = exp(x - m) and l = sum e (vectorised exp, csrc/cpu/exp_nonpos.h);
+//   3. per row: acc[j] += e[start + j] / l over the image columns.
+// So the logits are computed once and never leave the thread's block; nothing [Tq, T] is kept per
+// head. float16 / bfloat16 inputs are widened to float32 once per call (one fp32 copy of q and k).
+// The per-item sums acc [B * Hq, N] are averaged over heads in a fixed order: deterministic.
+//
+// scr_redistribute: per batch item, the sources (top_k scores among the candidates, ties to the
+// lower index: std::nth_element with a total order) as a flag per patch; then every row of the
+// output is written once (parallel over rows): a source is h / lam, a non-source with source
+// neighbours is h + (lam - 1) * sum of the neighbours' original rows (fp32, neighbours in a fixed
+// order: row-major over the 3 x 3 window), any other row is copied. The in-place variant first
+// copies the source rows aside (at most top_k rows per item) and then writes only the changed rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/exp_nonpos.h"
+#include "kvfix.h"
+
+namespace kvfix {
+namespace {
+
+constexpr int64_t kMaxRows = 64;                 // query rows per block
+constexpr int64_t kBlockBytes = int64_t(1) << 20;  // fp32 logits of one block, per thread
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// x[t] = x[t] * scale + mask(b, h, i, t) for t < n, -inf where the key takes no part.
+void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t i) {
+  const int64_t off = b * m.sb + h * m.sh + i * m.si, st = m.st;
+  switch (m.kind) {
+    case 0:
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) x[t] *= scale;
+      break;
+    case 1: {
+      const bool* mk = static_cast<const bool*>(m.data) + off;
+      for (int64_t t = 0; t < n; ++t) x[t] = mk[t * st] ? x[t] * scale : kNegInf;
+      break;
+    }
+    case 2: {
+      const float* mk = static_cast<const float*>(m.data) + off;
+      for (int64_t t = 0; t < n; ++t) x[t] = mk[t * st] == kNegInf ? kNegInf : x[t] * scale + mk[t * st];
+      break;
+    }
+    case 3: {
+      const c10::Half* mk = static_cast<const c10::Half*>(m.data) + off;
+      for (int64_t t = 0; t < n; ++t) {
+        const float v = static_cast<float>(mk[t * st]);
+        x[t] = v == kNegInf ? kNegInf : x[t] * scale + v;
+      }
+      break;
+    }
+    default: {
+      const c10::BFloat16* mk = static_cast<const c10::BFloat16*>(m.data) + off;
+      for (int64_t t = 0; t < n; ++t) {
+        const float v = static_cast<float>(mk[t * st]);
+        x[t] = v == kNegInf ? kNegInf : x[t] * scale + v;
+      }
+      break;
+    }
+  }
+}
+
+// One row of logits x[0, n): adds its softmax probabilities of columns [start, end) to acc.
+void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < n; ++t) m = std::max(m, x[t]);
+  if (!(m > kNegInf)) return;  // no key takes part: the row contributes 0
+  float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t t = 0; t < n; ++t) {
+    const float e = cpu::exp_nonpos(x[t] - m);
+    x[t] = e;
+    l += e;
+  }
+  const float inv = 1.0f / l;
+  const int64_t stop = std::min(end, n);
+#pragma omp simd
+  for (int64_t t = start; t < stop; ++t) acc[t - start] += x[t] * inv;
+}
+
+}  // namespace
+
+at::Tensor scr_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, int64_t start, int64_t end,
+                          std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal) {
+  const ScrMask m = scr_scores_check(q_in, k_in, start, end, mask, causal);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), T = k_in.size(2), N = end - start, G = Hq / Hkv;
+  const float sc = scr_scale(scale, D);
+  at::Tensor out = at::empty({B, N}, q_in.options().dtype(at::kFloat));
+  if (N == 0) return out;
+  const at::Tensor q = q_in.scalar_type() == at::kFloat ? q_in : q_in.to(at::kFloat);
+  const at::Tensor k = k_in.scalar_type() == at::kFloat ? k_in : k_in.to(at::kFloat);
+  const int64_t R = std::max<int64_t>(1, std::min({kMaxRows, Tq, kBlockBytes / (4 * T)}));
+  std::vector<float> part(static_cast<size_t>(B * Hq * N), 0.0f);
+  at::parallel_for(0, B * Hq, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(static_cast<size_t>(R * T));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t b = item / Hq, h = item % Hq;
+      const at::Tensor qh = q.select(0, b).select(0, h);          // [Tq, D]
+      const at::Tensor kh = k.select(0, b).select(0, h / G);      // [T, D]
+      float* acc = part.data() + item * N;
+      for (int64_t r0 = 0; r0 < Tq; r0 += R) {
+        const int64_t rows = std::min(R, Tq - r0);
+        // keys the block can see: causal rows see up to T - Tq + row
+        const int64_t cols = causal ? T - Tq + r0 + rows : T;
+        at::Tensor logits = at::from_blob(buf.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+        at::mm_out(logits, qh.narrow(0, r0, rows), kh.narrow(0, 0, cols).t());
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = r0 + r;
+          const int64_t n = causal ? T - Tq + i + 1 : cols;
+          float* x = buf.data() + r * cols;
+          scale_and_mask(x, n, sc, m, b, h, i);
+          row_mass(x, n, start, end, acc);
+        }
+      }
+    }
+  });
+  float* o = out.mutable_data_ptr<float>();
+  const float inv_h = 1.0f / static_cast<float>(Hq);
+  for (int64_t b = 0; b < B; ++b) {  // fixed order over heads: deterministic
+    for (int64_t j = 0; j < N; ++j) {
+      float s = 0.0f;
+      for (int64_t h = 0; h < Hq; ++h) s += part[(b * Hq + h) * N + j];
+      o[b * N + j] = s * inv_h;
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// Source flags [N] of one item: the top_k scores among the candidates, ties to the lower index.
+void select_sources(const float* s, int64_t gh, int64_t gw, int64_t top_k, bool exclude_border, uint8_t* flag) {
+  std::vector<int64_t> cand;
+  for (int64_t r = 0; r < gh; ++r)
+    for (int64_t c = 0; c < gw; ++c)
+      if (!exclude_border || (r > 0 && r < gh - 1 && c > 0 && c < gw - 1)) cand.push_back(r * gw + c);
+  const int64_t k = std::min<int64_t>(top_k, static_cast<int64_t>(cand.size()));
+  std::fill(flag, flag + gh * gw, uint8_t(0));
+  if (k == 0) return;
+  auto before = [s](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+  if (k < static_cast<int64_t>(cand.size())) std::nth_element(cand.begin(), cand.begin() + k, cand.end(), before);
+  for (int64_t i = 0; i < k; ++i) flag[cand[i]] = 1;
+}
+
+constexpr int64_t kChunk = 256;  // fp32 accumulator per chunk of a row
+
+// Output row n of one item. src(s): the original row of source s. in: the row's input, out: where
+// it goes (may alias in); copy_plain: write rows that do not change (out of place).
+template <class T, class Src>
+void redistribute_row(int64_t n, int64_t gh, int64_t gw, int64_t C, const uint8_t* flag, float lam, const T* in,
+                      T* out, bool copy_plain, const Src& src) {
+  if (flag[n]) {
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(static_cast<float>(in[c]) / lam);
+    return;
+  }
+  const int64_t r = n / gw, cl = n % gw;
+  const T* nb[8];
+  int count = 0;
+  for (int64_t dr = -1; dr <= 1; ++dr)
+    for (int64_t dc = -1; dc <= 1; ++dc) {
+      const int64_t rr = r + dr, cc = cl + dc;
+      if ((dr || dc) && rr >= 0 && rr < gh && cc >= 0 && cc < gw && flag[rr * gw + cc]) nb[count++] = src(rr * gw + cc);
+    }
+  if (count == 0) {
+    if (copy_plain) std::memcpy(out, in, static_cast<size_t>(C) * sizeof(T));
+    return;
+  }
+  const float w = lam - 1.0f;
+  float acc[kChunk];
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, C - c0);
+    for (int64_t c = 0; c < len; ++c) acc[c] = static_cast<float>(nb[0][c0 + c]);
+    for (int i = 1; i < count; ++i) {
+      const T* p = nb[i] + c0;
+      for (int64_t c = 0; c < len; ++c) acc[c] += static_cast<float>(p[c]);
+    }
+    for (int64_t c = 0; c < len; ++c) out[c0 + c] = static_cast<T>(static_cast<float>(in[c0 + c]) + w * acc[c]);
+  }
+}
+
+template <class T>
+void redistribute(const at::Tensor& hidden, T* out, int64_t osb, int64_t osn, const std::vector<uint8_t>& flags,
+                  int64_t gh, int64_t gw, float lam, bool in_place) {
+  const int64_t B = hidden.size(0), N = hidden.size(1), C = hidden.size(2);
+  const T* h = static_cast<const T*>(hidden.const_data_ptr());
+  const int64_t sb = hidden.stride(0), sn = hidden.stride(1);
+  // In place: the original source rows, copied aside before any row is written.
+  std::vector<int64_t> slot;
+  std::vector<T> staged;
+  if (in_place) {
+    slot.assign(static_cast<size_t>(B * N), -1);
+    int64_t n_src = 0;
+    for (int64_t i = 0; i < B * N; ++i)
+      if (flags[i]) slot[i] = n_src++;
+    staged.resize(static_cast<size_t>(n_src * C));
+    for (int64_t i = 0; i < B * N; ++i)
+      if (flags[i]) std::memcpy(staged.data() + slot[i] * C, h + (i / N) * sb + (i % N) * sn, C * sizeof(T));
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, B * N, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / N, n = i % N;
+      const uint8_t* flag = flags.data() + b * N;
+      const T* hb = h + b * sb;
+      if (in_place) {
+        const T* st = staged.data();
+        const int64_t* sl = slot.data() + b * N;
+        redistribute_row<T>(n, gh, gw, C, flag, lam, hb + n * sn, out + b * osb + n * osn, false,
+                            [&](int64_t s) { return st + sl[s] * C; });
+      } else {
+        redistribute_row<T>(n, gh, gw, C, flag, lam, hb + n * sn, out + b * osb + n * osn, true,
+                            [&](int64_t s) { return hb + s * sn; });
+      }
+    }
+  });
+}
+
+void run_redistribute(const at::Tensor& hidden, const at::Tensor& scores, void* out, int64_t osb, int64_t osn,
+                      int64_t gh, int64_t gw, int64_t top_k, double lam, bool exclude_border, bool in_place) {
+  const int64_t B = hidden.size(0), N = hidden.size(1);
+  std::vector<uint8_t> flags(static_cast<size_t>(B * N));
+  const float* s = scores.const_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) select_sources(s + b * N, gh, gw, top_k, exclude_border, flags.data() + b * N);
+  const float lf = static_cast<float>(lam);
+  switch (hidden.scalar_type()) {
+    case at::kFloat:
+      return redistribute<float>(hidden, static_cast<float*>(out), osb, osn, flags, gh, gw, lf, in_place);
+    case at::kHalf:
+      return redistribute<c10::Half>(hidden, static_cast<c10::Half*>(out), osb, osn, flags, gh, gw, lf, in_place);
+    default:
+      return redistribute<c10::BFloat16>(hidden, static_cast<c10::BFloat16*>(out), osb, osn, flags, gh, gw, lf,
+                                         in_place);
+  }
+}
+
+}  // namespace
+
+at::Tensor scr_redistribute_cpu(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                int64_t top_k, double lam, bool exclude_border) {
+  scr_redistribute_check("scr_redistribute", hidden, scores, gh, gw, top_k, lam);
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  run_redistribute(hidden, scores, out.mutable_data_ptr(), out.stride(0), out.stride(1), gh, gw, top_k, lam,
+                   exclude_border, false);
+  return out;
+}
+
+void scr_redistribute__cpu(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                           int64_t top_k, double lam, bool exclude_border) {
+  scr_redistribute_check("scr_redistribute_", hidden, scores, gh, gw, top_k, lam);
+  if (hidden.numel() == 0) return;
+  run_redistribute(hidden, scores, hidden.mutable_data_ptr(), hidden.stride(0), hidden.stride(1), gh, gw, top_k,
+                   lam, exclude_border, true);
+}
+
+}  // namespace kvfix
