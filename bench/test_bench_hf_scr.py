@@ -103,7 +103,8 @@ def scr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None) 
 
 
 def render(rows: list[dict]) -> str:
-    out = ["| prefill (generate, 1 token) | prompt tokens | threads | plain ms | SCR ms | SCR/plain | ~ 1 + d/L | reps |",
+    out = ["| prefill (generate, 1 token) | prompt tokens | threads | plain ms | SCR ms | SCR/plain | ~ 1 + d/L "
+           "| reps |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| LLaVA, {r['grid']}x{r['grid']} image, hidden {r['hidden']}, L={r['L']}, d={r['d']} | {r['T']} | "

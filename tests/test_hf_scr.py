@@ -314,6 +314,21 @@ def test_repeated_generations_and_plain_forward(qwen):
     torch.testing.assert_close(logits[:, -1], first.logits[0], rtol=0, atol=1e-5)
 
 
+def test_items_repeated_by_generate(qwen):
+    """num_beams / num_return_sequences repeat every item before the prefill: each copy gets
+    the scores of its original item."""
+    inputs, spans = prompt(qwen, "qwen", seed=10)
+    scr = kvfix.hf.SCR(top_k=3)
+    with kvfix.hf.enable(qwen, scr):
+        gen(qwen, inputs, 2)
+        single = [s for _, s in scr.last_scores]
+        qwen.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+    got = [(img.batch, img.gh, img.gw) for img, _ in scr.last_scores]
+    assert got == [(0, 4, 6), (1, 4, 6), (2, 5, 4), (2, 4, 4), (3, 5, 4), (3, 4, 4)]
+    for (_, s), i in zip(scr.last_scores, [0, 0, 1, 2, 1, 2]):
+        torch.testing.assert_close(s, single[i], rtol=0, atol=1e-6)
+
+
 def test_second_turn_with_a_new_image(llava):
     """generate continues a cache (turn 1) with new text and one new image per item: the
     diagnostic pass sees the cached prefix (copied, the cache is not written by it) and the new
