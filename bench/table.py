@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
     report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
     kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
+    kvs_text += "\n\n" + __import__("bench.test_bench_scr", fromlist=["scr_section"]).scr_section(args.quick)  # SCR rows
     kvs_text += "\n\n" + __import__("bench.test_bench_hf_scr", fromlist=["_"]).scr_hf_section(args.quick)  # SCR prefill
     elapsed = time.perf_counter() - t_start
 

@@ -31,6 +31,14 @@
 #include "cpu/exp_nonpos.h"
 #include "kvfix.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The row loops below, compiled for AVX-512 / AVX2 / baseline and picked at load time.
+#define KVFIX_SCR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVFIX_SCR_CLONES
+#endif
+#define KVFIX_SCR_INLINE inline __attribute__((always_inline))
+
 namespace kvfix {
 namespace {
 
@@ -39,7 +47,7 @@ constexpr int64_t kBlockBytes = int64_t(1) << 20;  // fp32 logits of one block, 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // x[t] = x[t] * scale + mask(b, h, i, t) for t < n, -inf where the key takes no part.
-void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t i) {
+KVFIX_SCR_INLINE void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t i) {
   const int64_t off = b * m.sb + h * m.sh + i * m.si, st = m.st;
   switch (m.kind) {
     case 0:
@@ -75,8 +83,9 @@ void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t 
   }
 }
 
-// One row of logits x[0, n): adds its softmax probabilities of columns [start, end) to acc.
-void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
+// One row of logits x[0, n) (scaled and masked): adds its softmax probabilities of columns
+// [start, end) to acc. The row's exponentials are left in x.
+KVFIX_SCR_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
   for (int64_t t = 0; t < n; ++t) m = std::max(m, x[t]);
@@ -92,6 +101,43 @@ void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
   const int64_t stop = std::min(end, n);
 #pragma omp simd
   for (int64_t t = start; t < stop; ++t) acc[t - start] += x[t] * inv;
+}
+
+// Without a mask and with scale > 0, the same in two passes instead of three: the max of the raw
+// logits, then e = exp(x * scale - m * scale).
+KVFIX_SCR_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start, int64_t end, float* acc) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < n; ++t) m = std::max(m, x[t]);
+  const float ms = m * scale;
+  float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t t = 0; t < n; ++t) {
+    const float e = cpu::exp_nonpos(x[t] * scale - ms);
+    x[t] = e;
+    l += e;
+  }
+  const float inv = 1.0f / l;
+  const int64_t stop = std::min(end, n);
+#pragma omp simd
+  for (int64_t t = start; t < stop; ++t) acc[t - start] += x[t] * inv;
+}
+
+// Rows r0 + [0, rows) of item (b, h), logits in buf (row stride cols): their image mass into acc.
+KVFIX_SCR_CLONES void block_mass(float* buf, int64_t rows, int64_t cols, int64_t r0, int64_t Tq, int64_t T,
+                                 bool causal, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t start,
+                                 int64_t end, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r0 + r;
+    const int64_t n = causal ? T - Tq + i + 1 : cols;
+    float* x = buf + r * cols;
+    if (m.kind == 0 && scale > 0.0f) {
+      row_mass_plain(x, n, scale, start, end, acc);
+    } else {
+      scale_and_mask(x, n, scale, m, b, h, i);
+      row_mass(x, n, start, end, acc);
+    }
+  }
 }
 
 }  // namespace
@@ -121,13 +167,7 @@ at::Tensor scr_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, int64_
         const int64_t cols = causal ? T - Tq + r0 + rows : T;
         at::Tensor logits = at::from_blob(buf.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
         at::mm_out(logits, qh.narrow(0, r0, rows), kh.narrow(0, 0, cols).t());
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = r0 + r;
-          const int64_t n = causal ? T - Tq + i + 1 : cols;
-          float* x = buf.data() + r * cols;
-          scale_and_mask(x, n, sc, m, b, h, i);
-          row_mass(x, n, start, end, acc);
-        }
+        block_mass(buf.data(), rows, cols, r0, Tq, T, causal, sc, m, b, h, start, end, acc);
       }
     }
   });
@@ -161,13 +201,43 @@ void select_sources(const float* s, int64_t gh, int64_t gw, int64_t top_k, bool 
 
 constexpr int64_t kChunk = 256;  // fp32 accumulator per chunk of a row
 
+// Element <-> fp32 written with plain integer / _Float16 operations, so that the row loops
+// vectorise in the target clones (c10's scalar conversions do not): bf16 is the top half of a
+// float (round to nearest even on the way back, NaN kept quiet); fp16 via _Float16 (F16C).
+KVFIX_SCR_INLINE float load_f(const float* p) { return *p; }
+KVFIX_SCR_INLINE float load_f(const c10::BFloat16* p) {
+  uint16_t b;
+  std::memcpy(&b, p, sizeof(b));
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+KVFIX_SCR_INLINE float load_f(const c10::Half* p) {
+  _Float16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return static_cast<float>(h);
+}
+KVFIX_SCR_INLINE void store_f(float* p, float x) { *p = x; }
+KVFIX_SCR_INLINE void store_f(c10::BFloat16* p, float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t b = static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);
+  std::memcpy(p, &b, sizeof(b));
+}
+KVFIX_SCR_INLINE void store_f(c10::Half* p, float x) {
+  const _Float16 h = static_cast<_Float16>(x);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 // Output row n of one item. src(s): the original row of source s. in: the row's input, out: where
 // it goes (may alias in); copy_plain: write rows that do not change (out of place).
 template <class T, class Src>
-void redistribute_row(int64_t n, int64_t gh, int64_t gw, int64_t C, const uint8_t* flag, float lam, const T* in,
-                      T* out, bool copy_plain, const Src& src) {
+KVFIX_SCR_INLINE void redistribute_row(int64_t n, int64_t gh, int64_t gw, int64_t C, const uint8_t* flag, float lam,
+                                       const T* in, T* out, bool copy_plain, const Src& src) {
   if (flag[n]) {
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(static_cast<float>(in[c]) / lam);
+    for (int64_t c = 0; c < C; ++c) store_f(out + c, load_f(in + c) / lam);
     return;
   }
   const int64_t r = n / gw, cl = n % gw;
@@ -186,50 +256,78 @@ void redistribute_row(int64_t n, int64_t gh, int64_t gw, int64_t C, const uint8_
   float acc[kChunk];
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t len = std::min(kChunk, C - c0);
-    for (int64_t c = 0; c < len; ++c) acc[c] = static_cast<float>(nb[0][c0 + c]);
+    for (int64_t c = 0; c < len; ++c) acc[c] = load_f(nb[0] + c0 + c);
     for (int i = 1; i < count; ++i) {
       const T* p = nb[i] + c0;
-      for (int64_t c = 0; c < len; ++c) acc[c] += static_cast<float>(p[c]);
+      for (int64_t c = 0; c < len; ++c) acc[c] += load_f(p + c);
     }
-    for (int64_t c = 0; c < len; ++c) out[c0 + c] = static_cast<T>(static_cast<float>(in[c0 + c]) + w * acc[c]);
+    for (int64_t c = 0; c < len; ++c) store_f(out + c0 + c, load_f(in + c0 + c) + w * acc[c]);
   }
 }
 
+// One redistribution: hidden rows at h + b * sb + n * sn, output rows at out + b * osb + n * osn,
+// flags [B * N]; in place: slot [B * N] (index of a source's copy in staged, C elements each).
+struct RedisJob {
+  const void* h;
+  void* out;
+  int64_t sb, sn, osb, osn, B, N, C, gh, gw;
+  const uint8_t* flags;
+  const int64_t* slot;
+  const void* staged;
+  float lam;
+  bool in_place;
+};
+
 template <class T>
-void redistribute(const at::Tensor& hidden, T* out, int64_t osb, int64_t osn, const std::vector<uint8_t>& flags,
-                  int64_t gh, int64_t gw, float lam, bool in_place) {
-  const int64_t B = hidden.size(0), N = hidden.size(1), C = hidden.size(2);
-  const T* h = static_cast<const T*>(hidden.const_data_ptr());
-  const int64_t sb = hidden.stride(0), sn = hidden.stride(1);
+KVFIX_SCR_INLINE void redistribute_range(const RedisJob& j, int64_t i0, int64_t i1) {
+  const T* h = static_cast<const T*>(j.h);
+  T* out = static_cast<T*>(j.out);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / j.N, n = i % j.N;
+    const uint8_t* flag = j.flags + b * j.N;
+    const T* hb = h + b * j.sb;
+    if (j.in_place) {
+      const T* st = static_cast<const T*>(j.staged);
+      const int64_t* sl = j.slot + b * j.N;
+      redistribute_row<T>(n, j.gh, j.gw, j.C, flag, j.lam, hb + n * j.sn, out + b * j.osb + n * j.osn, false,
+                          [&](int64_t s) { return st + sl[s] * j.C; });
+    } else {
+      redistribute_row<T>(n, j.gh, j.gw, j.C, flag, j.lam, hb + n * j.sn, out + b * j.osb + n * j.osn, true,
+                          [&](int64_t s) { return hb + s * j.sn; });
+    }
+  }
+}
+
+KVFIX_SCR_CLONES void redistribute_f32(const RedisJob& j, int64_t i0, int64_t i1) {
+  redistribute_range<float>(j, i0, i1);
+}
+KVFIX_SCR_CLONES void redistribute_f16(const RedisJob& j, int64_t i0, int64_t i1) {
+  redistribute_range<c10::Half>(j, i0, i1);
+}
+KVFIX_SCR_CLONES void redistribute_bf16(const RedisJob& j, int64_t i0, int64_t i1) {
+  redistribute_range<c10::BFloat16>(j, i0, i1);
+}
+
+template <class T>
+void redistribute(RedisJob j, void (*fn)(const RedisJob&, int64_t, int64_t)) {
   // In place: the original source rows, copied aside before any row is written.
   std::vector<int64_t> slot;
   std::vector<T> staged;
-  if (in_place) {
-    slot.assign(static_cast<size_t>(B * N), -1);
+  if (j.in_place) {
+    const T* h = static_cast<const T*>(j.h);
+    slot.assign(static_cast<size_t>(j.B * j.N), -1);
     int64_t n_src = 0;
-    for (int64_t i = 0; i < B * N; ++i)
-      if (flags[i]) slot[i] = n_src++;
-    staged.resize(static_cast<size_t>(n_src * C));
-    for (int64_t i = 0; i < B * N; ++i)
-      if (flags[i]) std::memcpy(staged.data() + slot[i] * C, h + (i / N) * sb + (i % N) * sn, C * sizeof(T));
+    for (int64_t i = 0; i < j.B * j.N; ++i)
+      if (j.flags[i]) slot[i] = n_src++;
+    staged.resize(static_cast<size_t>(n_src * j.C));
+    for (int64_t i = 0; i < j.B * j.N; ++i)
+      if (j.flags[i])
+        std::memcpy(staged.data() + slot[i] * j.C, h + (i / j.N) * j.sb + (i % j.N) * j.sn, j.C * sizeof(T));
+    j.slot = slot.data();
+    j.staged = staged.data();
   }
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));
-  at::parallel_for(0, B * N, grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / N, n = i % N;
-      const uint8_t* flag = flags.data() + b * N;
-      const T* hb = h + b * sb;
-      if (in_place) {
-        const T* st = staged.data();
-        const int64_t* sl = slot.data() + b * N;
-        redistribute_row<T>(n, gh, gw, C, flag, lam, hb + n * sn, out + b * osb + n * osn, false,
-                            [&](int64_t s) { return st + sl[s] * C; });
-      } else {
-        redistribute_row<T>(n, gh, gw, C, flag, lam, hb + n * sn, out + b * osb + n * osn, true,
-                            [&](int64_t s) { return hb + s * sn; });
-      }
-    }
-  });
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(j.C, 1));
+  at::parallel_for(0, j.B * j.N, grain, [&](int64_t i0, int64_t i1) { fn(j, i0, i1); });
 }
 
 void run_redistribute(const at::Tensor& hidden, const at::Tensor& scores, void* out, int64_t osb, int64_t osn,
@@ -238,15 +336,28 @@ void run_redistribute(const at::Tensor& hidden, const at::Tensor& scores, void* 
   std::vector<uint8_t> flags(static_cast<size_t>(B * N));
   const float* s = scores.const_data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) select_sources(s + b * N, gh, gw, top_k, exclude_border, flags.data() + b * N);
-  const float lf = static_cast<float>(lam);
+  RedisJob j{};
+  j.h = hidden.const_data_ptr();
+  j.out = out;
+  j.sb = hidden.stride(0);
+  j.sn = hidden.stride(1);
+  j.osb = osb;
+  j.osn = osn;
+  j.B = B;
+  j.N = N;
+  j.C = hidden.size(2);
+  j.gh = gh;
+  j.gw = gw;
+  j.flags = flags.data();
+  j.lam = static_cast<float>(lam);
+  j.in_place = in_place;
   switch (hidden.scalar_type()) {
     case at::kFloat:
-      return redistribute<float>(hidden, static_cast<float*>(out), osb, osn, flags, gh, gw, lf, in_place);
+      return redistribute<float>(j, redistribute_f32);
     case at::kHalf:
-      return redistribute<c10::Half>(hidden, static_cast<c10::Half*>(out), osb, osn, flags, gh, gw, lf, in_place);
+      return redistribute<c10::Half>(j, redistribute_f16);
     default:
-      return redistribute<c10::BFloat16>(hidden, static_cast<c10::BFloat16*>(out), osb, osn, flags, gh, gw, lf,
-                                         in_place);
+      return redistribute<c10::BFloat16>(j, redistribute_bf16);
   }
 }
 

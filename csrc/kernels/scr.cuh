@@ -1,0 +1,362 @@
+// SCR (SPEC §3) as CUDA launches. Framework-free: CUDA runtime and C++ headers only, so the ATen
+// side (csrc/cuda/scr.cu), the resource report (tools/ptxas_report.py) and the CPU-side SIMT
+// emulator (tests/emu/) all compile this source.
+//
+// scr_scores: q [B, Hq, Tq, D], k [B, Hkv, T, D] (query head hq reads kv head hq / g), image
+// columns [start, start + N):
+//
+//   scores[b, j] = (1 / Hq) sum_hq sum_i p[b, hq, i, start + j],  p = softmax over all T keys of
+//   q_i . k_t * scale + mask (keys with bool False / additive -inf / causal t > T - Tq + i take no
+//   part; a row without keys contributes 0).
+//
+// Three launches, all with 128 threads (4 warps) and static shared memory. Logits come in tiles of
+// kScrRows query rows x kScrCols keys: warp w owns rows 4w .. 4w + 3 of the tile, lane l key l; the
+// q and k tiles are staged in shared memory (fp32) kScrDChunk dims at a time, so any D works.
+//   1. scr_scores_stats_kernel, one block per (row tile, query head, item): walks the key tiles
+//      (causal: up to the tile's last position) keeping a per-lane online softmax state (m, l) per
+//      row, merges the lanes with xor shuffles and writes (m, l) per row to the workspace.
+//   2. scr_scores_mass_kernel, one block per (tile of kScrCols image columns, query head, item):
+//      recomputes the image columns' logits row tile by row tile, adds e^(x - m_i) / l_i per column,
+//      merges the 4 warps in a fixed order and writes the head's column sums to the workspace.
+//      (The image columns' logits are computed twice instead of keeping a [Tq, N] matrix per head.)
+//   3. scr_scores_reduce_kernel: scores[b, j] = sum over heads in a fixed order / Hq.
+// No atomics: deterministic.
+//
+// scr_redistribute: hidden [B, N, C] on a gh x gw grid, scores [B, N] float32 (finite: checked by
+// the caller).
+//   1. scr_select_kernel, one block of 128 candidates per (tile, item): a candidate's rank is the
+//      number of candidates before it in the order (score descending, index ascending), counted
+//      against tiles of scores staged in shared memory; it is a source when rank < top_k. Writes a
+//      flag per patch (1 = source).
+//   2. scr_redistribute_apply_kernel, one block per (row, item) (C in a strided loop): gathers its
+//      8 neighbours' flags and writes h / lam (source), h + (lam - 1) sum of the adjacent sources'
+//      rows (neighbour, fp32, neighbours in row-major window order) or a copy (other rows, out of
+//      place only). Out of place every row reads the input only. In place it runs twice on one
+//      stream: first the neighbour rows (reading the still untouched source rows), then the source
+//      rows; nothing else is written.
+#pragma once
+
+// For tools/ptxas_report.py (each launcher instantiates every kernel shape it can launch):
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::scr_scores_launch<float>(const kvfix::kernels::ScrScoresArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::scr_scores_launch<__half>(const kvfix::kernels::ScrScoresArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::scr_scores_launch<__nv_bfloat16>(const kvfix::kernels::ScrScoresArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::scr_redistribute_launch<float>(const kvfix::kernels::ScrRedistributeArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::scr_redistribute_launch<__half>(const kvfix::kernels::ScrRedistributeArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::scr_redistribute_launch<__nv_bfloat16>(const kvfix::kernels::ScrRedistributeArgs&, cudaStream_t);
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "num.h"
+
+namespace kvfix::kernels {
+
+// Element strides (not bytes); every last dim is contiguous.
+struct ScrScoresArgs {
+  const void* q;  // [B, Hq, Tq, D]
+  int64_t q_sb, q_sh, q_si;
+  const void* k;  // [B, Hkv, T, D]
+  int64_t k_sb, k_sh, k_st;
+  const void* mask;  // element (b, h, i, t) at mask + b * m_sb + h * m_sh + i * m_si + t * m_st, or nullptr
+  int mask_kind;     // 0 none, 1 bool (true = attend), 2/3/4 additive float32/float16/bfloat16
+  int64_t m_sb, m_sh, m_si, m_st;
+  float* scores;     // [B, N] contiguous float32
+  float* work;       // scr_scores_workspace_floats(*this) floats
+  int64_t B, Hq, Hkv, Tq, T, D, start, N;
+  float scale;
+  bool causal;       // query i at position T - Tq + i sees keys <= it (needs Tq <= T)
+};
+
+struct ScrRedistributeArgs {
+  const void* hidden;  // [B, N, C]
+  int64_t h_sb, h_sn;
+  void* out;           // [B, N, C]: a new tensor, or hidden itself (in place)
+  int64_t o_sb, o_sn;
+  const float* scores; // [B, N] contiguous
+  uint8_t* flags;      // [B, N] workspace
+  int64_t B, N, C, gh, gw, top_k;
+  float lam;
+  bool exclude_border;
+  bool in_place;
+};
+
+// The kernels use static shared memory only (read by tools/ptxas_report.py).
+constexpr int kScrDynamicSmemBytes = 0;
+constexpr int kScrThreads = 128;  // every kernel
+constexpr int kScrRows = 16;      // query rows per logits tile (4 per warp)
+constexpr int kScrCols = 32;      // keys per logits tile (one per lane)
+constexpr int kScrDChunk = 64;    // head dims staged at a time
+
+// Workspace floats of one scr_scores call: (m, l) per (b, hq, row), then a column sum per (b, hq, j).
+inline int64_t scr_scores_workspace_floats(const ScrScoresArgs& a) {
+  return a.B * a.Hq * a.Tq * 2 + a.B * a.Hq * a.N;
+}
+
+namespace scr_detail {
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+// Additive value of the mask at (b, h, i, t); -inf where the key takes no part.
+__device__ __forceinline__ float mask_bias(const ScrScoresArgs& a, int64_t b, int64_t h, int64_t i, int64_t t) {
+  if (a.mask_kind == 0) return 0.0f;
+  const int64_t off = b * a.m_sb + h * a.m_sh + i * a.m_si + t * a.m_st;
+  switch (a.mask_kind) {
+    case 1:
+      return static_cast<const bool*>(a.mask)[off] ? 0.0f : neg_inf();
+    case 2:
+      return static_cast<const float*>(a.mask)[off];
+    case 3:
+      return __half2float(static_cast<const __half*>(a.mask)[off]);
+    default:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(a.mask)[off]);
+  }
+}
+
+// Logit of row i and key t (x = dot * scale + mask), -inf where the key takes no part or the
+// (row, key) pair is outside the problem.
+__device__ __forceinline__ float logit(const ScrScoresArgs& a, int64_t b, int64_t h, int64_t i, int64_t t, float dot) {
+  if (i >= a.Tq || t >= a.T || (a.causal && t > a.T - a.Tq + i)) return neg_inf();
+  const float bias = mask_bias(a, b, h, i, t);
+  return bias == neg_inf() ? neg_inf() : dot * a.scale + bias;
+}
+
+struct Tiles {
+  float q[kScrRows][kScrDChunk];
+  float k[kScrCols][kScrDChunk + 1];  // +1: lanes read different rows of one column without bank conflicts
+};
+
+// dot[r] = q[i0 + 4 * warp + r] . k[t0 + lane] over all D (0 outside the problem). Every thread of
+// the block must call it (it synchronises).
+template <class T>
+__device__ __forceinline__ void tile_dots(const ScrScoresArgs& a, int64_t b, int64_t h, int64_t i0, int64_t t0,
+                                          Tiles& s, float dot[4]) {
+  const T* qb = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
+  const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + (h / (a.Hq / a.Hkv)) * a.k_sh;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int r = 0; r < 4; ++r) dot[r] = 0.0f;
+  for (int64_t d0 = 0; d0 < a.D; d0 += kScrDChunk) {
+    const int dc = a.D - d0 < kScrDChunk ? static_cast<int>(a.D - d0) : kScrDChunk;
+    __syncthreads();  // the previous chunk's readers are done
+    for (int e = tid; e < kScrRows * kScrDChunk; e += kScrThreads) {
+      const int r = e / kScrDChunk, d = e % kScrDChunk;
+      const int64_t i = i0 + r;
+      s.q[r][d] = (i < a.Tq && d < dc) ? Num<T>::to_f(qb[i * a.q_si + d0 + d]) : 0.0f;
+    }
+    for (int e = tid; e < kScrCols * kScrDChunk; e += kScrThreads) {
+      const int c = e / kScrDChunk, d = e % kScrDChunk;
+      const int64_t t = t0 + c;
+      s.k[c][d] = (t < a.T && d < dc) ? Num<T>::to_f(kb[t * a.k_st + d0 + d]) : 0.0f;
+    }
+    __syncthreads();
+    for (int d = 0; d < dc; ++d) {
+      const float kv = s.k[lane][d];
+      for (int r = 0; r < 4; ++r) dot[r] += s.q[4 * warp + r][d] * kv;
+    }
+  }
+}
+
+// Online softmax state (m, l) of x folded into (m, l).
+__device__ __forceinline__ void fold(float& m, float& l, float x) {
+  if (x == neg_inf()) return;
+  if (x > m) {
+    l = l * expf(m - x) + 1.0f;  // m = -inf at first: expf(-inf) = 0
+    m = x;
+  } else {
+    l += expf(x - m);
+  }
+}
+
+__device__ __forceinline__ void merge(float& m, float& l, float m2, float l2) {
+  if (l2 == 0.0f) return;
+  if (l == 0.0f) {
+    m = m2;
+    l = l2;
+    return;
+  }
+  const float mm = m > m2 ? m : m2;
+  l = l * expf(m - mm) + l2 * expf(m2 - mm);
+  m = mm;
+}
+
+}  // namespace scr_detail
+
+template <class T>
+__global__ void __launch_bounds__(kScrThreads) scr_scores_stats_kernel(ScrScoresArgs a) {
+  using namespace scr_detail;
+  __shared__ Tiles s;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kScrRows, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float m[4], l[4], dot[4];
+  for (int r = 0; r < 4; ++r) {
+    m[r] = neg_inf();
+    l[r] = 0.0f;
+  }
+  // Keys the tile can see: causal rows see up to T - Tq + their index.
+  const int64_t last_row = i0 + kScrRows < a.Tq ? i0 + kScrRows : a.Tq;
+  const int64_t t_end = a.causal ? a.T - a.Tq + last_row : a.T;
+  for (int64_t t0 = 0; t0 < t_end; t0 += kScrCols) {
+    tile_dots<T>(a, b, h, i0, t0, s, dot);
+    for (int r = 0; r < 4; ++r) fold(m[r], l[r], logit(a, b, h, i0 + 4 * warp + r, t0 + lane, dot[r]));
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int off = 16; off > 0; off /= 2) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[r], off);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[r], off);
+      merge(m[r], l[r], m2, l2);
+    }
+    const int64_t i = i0 + 4 * warp + r;
+    if (lane == 0 && i < a.Tq) {
+      float* st = a.work + ((b * a.Hq + h) * a.Tq + i) * 2;
+      st[0] = m[r];
+      st[1] = l[r];
+    }
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kScrThreads) scr_scores_mass_kernel(ScrScoresArgs a) {
+  using namespace scr_detail;
+  __shared__ Tiles s;
+  __shared__ float part[4][kScrCols];
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kScrCols, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = a.start + j0 + lane;  // this lane's key; past the image span: contributes nothing
+  const bool in_span = j0 + lane < a.N;
+  const float* stats = a.work + (b * a.Hq + h) * a.Tq * 2;
+  float acc = 0.0f, dot[4];
+  // Causal rows before T - Tq + ... never see the tile's first key: start at the first row that can.
+  int64_t first = 0;
+  if (a.causal) {
+    const int64_t need = a.start + j0 - (a.T - a.Tq);  // rows i >= need see key start + j0
+    first = need > 0 ? (need / kScrRows) * kScrRows : 0;
+  }
+  for (int64_t i0 = first; i0 < a.Tq; i0 += kScrRows) {
+    tile_dots<T>(a, b, h, i0, a.start + j0, s, dot);
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + 4 * warp + r;
+      const float x = in_span ? logit(a, b, h, i, t, dot[r]) : neg_inf();
+      if (x != neg_inf()) {
+        const float mi = stats[2 * i], li = stats[2 * i + 1];
+        acc += expf(x - mi) / li;
+      }
+    }
+  }
+  part[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && in_span) {
+    const float sum = ((part[0][lane] + part[1][lane]) + part[2][lane]) + part[3][lane];
+    a.work[a.B * a.Hq * a.Tq * 2 + (b * a.Hq + h) * a.N + j0 + lane] = sum;
+  }
+}
+
+__global__ void __launch_bounds__(kScrThreads) scr_scores_reduce_kernel(ScrScoresArgs a) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kScrThreads + threadIdx.x;
+  if (e >= a.B * a.N) return;
+  const int64_t b = e / a.N, j = e % a.N;
+  const float* col = a.work + a.B * a.Hq * a.Tq * 2 + b * a.Hq * a.N + j;
+  float sum = 0.0f;
+  for (int64_t h = 0; h < a.Hq; ++h) sum += col[h * a.N];
+  a.scores[e] = sum / static_cast<float>(a.Hq);
+}
+
+template <class T>
+cudaError_t scr_scores_launch(const ScrScoresArgs& a, cudaStream_t stream) {
+  if (a.B == 0 || a.N == 0) return cudaSuccess;
+  const dim3 block(kScrThreads);
+  scr_scores_stats_kernel<T><<<dim3(static_cast<unsigned>((a.Tq + kScrRows - 1) / kScrRows),
+                                    static_cast<unsigned>(a.Hq), static_cast<unsigned>(a.B)),
+                               block, 0, stream>>>(a);
+  scr_scores_mass_kernel<T><<<dim3(static_cast<unsigned>((a.N + kScrCols - 1) / kScrCols),
+                                   static_cast<unsigned>(a.Hq), static_cast<unsigned>(a.B)),
+                              block, 0, stream>>>(a);
+  scr_scores_reduce_kernel<<<dim3(static_cast<unsigned>((a.B * a.N + kScrThreads - 1) / kScrThreads)), block, 0,
+                             stream>>>(a);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// scr_redistribute
+
+__global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistributeArgs a) {
+  __shared__ float tile[kScrThreads];
+  const int64_t b = blockIdx.y, n = static_cast<int64_t>(blockIdx.x) * kScrThreads + threadIdx.x;
+  const float* s = a.scores + b * a.N;
+  auto candidate = [&](int64_t p) {
+    if (!a.exclude_border) return true;
+    const int64_t r = p / a.gw, c = p % a.gw;
+    return r > 0 && r < a.gh - 1 && c > 0 && c < a.gw - 1;
+  };
+  const bool mine = n < a.N && candidate(n);
+  const float sn = n < a.N ? s[n] : 0.0f;
+  int64_t rank = 0;
+  for (int64_t p0 = 0; p0 < a.N; p0 += kScrThreads) {
+    __syncthreads();
+    if (p0 + threadIdx.x < a.N) tile[threadIdx.x] = s[p0 + threadIdx.x];
+    __syncthreads();
+    const int64_t len = a.N - p0 < kScrThreads ? a.N - p0 : kScrThreads;
+    if (mine)
+      for (int64_t e = 0; e < len; ++e) {
+        const int64_t p = p0 + e;
+        const float sp = tile[e];
+        if ((sp > sn || (sp == sn && p < n)) && candidate(p)) ++rank;
+      }
+  }
+  if (n < a.N) a.flags[b * a.N + n] = (mine && rank < a.top_k) ? 1 : 0;
+}
+
+// phase 0: every row (out of place); 1: neighbour rows only; 2: source rows only (in place).
+template <class T>
+__global__ void __launch_bounds__(kScrThreads) scr_redistribute_apply_kernel(ScrRedistributeArgs a, int phase) {
+  const int64_t n = blockIdx.x, b = blockIdx.y;
+  const uint8_t* flag = a.flags + b * a.N;
+  const T* hb = static_cast<const T*>(a.hidden) + b * a.h_sb;
+  const T* in = hb + n * a.h_sn;
+  T* out = static_cast<T*>(a.out) + b * a.o_sb + n * a.o_sn;
+  if (flag[n]) {
+    if (phase == 1) return;
+    for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) / a.lam);
+    return;
+  }
+  if (phase == 2) return;
+  const int64_t r = n / a.gw, cl = n % a.gw;
+  int64_t nb[8];
+  int count = 0;
+  for (int dr = -1; dr <= 1; ++dr)
+    for (int dc = -1; dc <= 1; ++dc) {
+      const int64_t rr = r + dr, cc = cl + dc;
+      if ((dr || dc) && rr >= 0 && rr < a.gh && cc >= 0 && cc < a.gw && flag[rr * a.gw + cc])
+        nb[count++] = (rr * a.gw + cc) * a.h_sn;
+    }
+  if (count == 0) {
+    if (phase == 0)
+      for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = in[c];
+    return;
+  }
+  const float w = a.lam - 1.0f;
+  for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) {
+    float acc = Num<T>::to_f(hb[nb[0] + c]);
+    for (int i = 1; i < count; ++i) acc += Num<T>::to_f(hb[nb[i] + c]);
+    out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) + w * acc);
+  }
+}
+
+template <class T>
+cudaError_t scr_redistribute_launch(const ScrRedistributeArgs& a, cudaStream_t stream) {
+  if (a.B == 0 || a.N == 0 || a.C == 0) return cudaSuccess;
+  const dim3 block(kScrThreads);
+  scr_select_kernel<<<dim3(static_cast<unsigned>((a.N + kScrThreads - 1) / kScrThreads), static_cast<unsigned>(a.B)),
+                      block, 0, stream>>>(a);
+  const dim3 rows(static_cast<unsigned>(a.N), static_cast<unsigned>(a.B));
+  if (!a.in_place) {
+    scr_redistribute_apply_kernel<T><<<rows, block, 0, stream>>>(a, 0);
+  } else {
+    scr_redistribute_apply_kernel<T><<<rows, block, 0, stream>>>(a, 1);
+    scr_redistribute_apply_kernel<T><<<rows, block, 0, stream>>>(a, 2);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace kvfix::kernels
