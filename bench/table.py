@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
     kvs_text = test_bench_dscr.dscr_structured_section(args.quick) + "\n\n" + kvs_text  # structured DSCR (issue 7)
     kvs_text += "\n\n" + __import__("bench.test_bench_scr", fromlist=["scr_section"]).scr_section(args.quick)  # SCR rows
+    kvs_text += "\n\n" + __import__("bench.test_bench_hf_scr", fromlist=["_"]).scr_hf_section(args.quick)  # SCR prefill
     elapsed = time.perf_counter() - t_start
 
     print(report)

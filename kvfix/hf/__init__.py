@@ -55,3 +55,13 @@ __all__ = ["DSCR", "ForwardContext", "Handle", "ImageSpan", "Method", "Session",
 from .kvsmooth import KVSMOOTH_PRESETS, KVSmooth  # noqa: E402
 
 __all__ += ["KVSmooth", "KVSMOOTH_PRESETS"]
+
+# SCR (scr.py): at the prefill of a prompt with images, a diagnostic pass (the prompt once more,
+# stopped after the diagnostic layers) scores each image's patches by the attention of the text
+# after it; the real prefill then redistributes the image tokens' hidden states entering layers
+# 1..4 around the top-scoring patches (kvfix.scr_redistribute_). See docs/SCR_HF.md.
+#     kvfix.hf.enable(model, kvfix.hf.SCR())                              # two passes per prompt
+#     kvfix.hf.enable(model, kvfix.hf.SCR(), kvfix.hf.DSCR(), kvfix.hf.KVSmooth())  # stacked
+from .scr import SCR  # noqa: E402
+
+__all__ += ["SCR"]

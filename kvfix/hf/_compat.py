@@ -12,6 +12,8 @@ Public API
   so that only the text model goes through the kvfix attention function.
 - `Cache.get_seq_length()` and `Cache.layers[i].keys / .values` (`[B, H, T, D]` tensors of the
   dynamic and static cache layers; transformers >= 4.56 exposes them on each layer).
+- `DynamicCache(ddp_cache_data=[(keys, values), ...])`: a cache prefilled per layer (SCR's
+  diagnostic pass over a continued prompt runs on such a copy).
 
 Behaviour we depend on (documented, but not a formal API)
 - Attention modules call `past_key_values.update(k, v, layer_idx)` and then the attention
@@ -31,7 +33,7 @@ import torch
 try:
     import transformers
     from transformers import AttentionInterface
-    from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as e:  # pragma: no cover - exercised only without transformers
@@ -109,6 +111,17 @@ def layer_kv(cache, layer_idx: int, needed_len: int):
         raise ValueError(f"cache layer {layer_idx} holds {keys.shape[-2]} positions but {needed_len} are needed "
                          "(a sliding-window layer past its window cannot be refined)")
     return keys, values
+
+
+def prefix_cache(cache, num_layers: int, length: int):
+    """A new DynamicCache holding copies of the first `length` positions of layers [0, num_layers)
+    of `cache`: a forward that must not write into `cache` (a diagnostic pass over the first
+    layers of a continued prompt) runs on it."""
+    data = []
+    for i in range(num_layers):
+        k, v = layer_kv(cache, i, length)
+        data.append((k[:, :, :length], v[:, :, :length]))
+    return DynamicCache(ddp_cache_data=data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -259,14 +259,18 @@ class Handle:
     def auxiliary_pass(self, name: str):
         """Forwards inside this block belong to the current session but carry
         `ctx.pass_name == name` (e.g. a diagnostic pass run from `on_prefill_start`); they start
-        no session and methods decide whether to act on them."""
+        no session and methods decide whether to act on them. A forward inside the block may be
+        ended early by an exception (the contexts it left are dropped on exit)."""
         if name == "main":
             raise ValueError('auxiliary pass name must not be "main"')
         previous, self._pass_name = self._pass_name, name
+        depth = len(self._ctx_stack)
         try:
             yield self
         finally:
             self._pass_name = previous
+            # a forward of the block that raised (e.g. stopped on purpose) left its context
+            del self._ctx_stack[depth:]
 
     def disable(self) -> None:
         """Remove every hook, restore the attention implementation, unbind the methods."""

@@ -1,0 +1,155 @@
+"""Prefill cost of kvfix.hf.SCR: `pytest bench/test_bench_hf_scr.py --benchmark-only`.
+
+Not collected by the default `pytest` run (testpaths = ["tests"]).
+
+What is timed: `model.generate(..., max_new_tokens=1)` (vision tower, prefill, first token) on a
+random-weight LLaVA whose image span is LLaVA-1.5's (336 px, patch 14: a 24 x 24 grid, 576
+image tokens) followed by TEXT_AFTER text tokens, text model of L layers (hidden 1024, 16 heads),
+with and without `kvfix.hf.SCR()` (defaults: diagnostic layers 0 and 1, redistribution 1..4).
+`generate` encodes the image once; SCR adds the diagnostic pass (the prompt through layers 0 and
+the attention of layer 1, no cache kept), the scoring (`kvfix.scr_scores` on the text queries
+only) and the redistribution of 576 hidden states in 4 layers.
+
+Analytic cost: the diagnostic pass runs d of the L layers (d = 2 diagnostic layers, the last
+one up to its attention scores) plus the embedding of the prompt, so prefill time grows by
+about d / L: 1 + 2/8 = 1.25 for the benchmark's 8 layers, 1 + 2/32 = 1.06 for LLaVA-1.5-7B's
+32, 1 + 2/40 = 1.05 for 13B. Scoring and redistribution are O(T_text * T * heads) and O(N * C):
+negligible next to a layer's O(T * C^2) projections. Decoding is untouched. Measured on a
+shared 2-core machine (load ~3.9, 5 interleaved reps): 3927 ms plain, 4975 ms with SCR, 1.27x
+(analytic 1.25x).
+
+`scr_hf_rows()` measures both variants interleaved (rotating order, medians), as bench/table.py
+reports; `python -m bench.test_bench_hf_scr` prints that table.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+LAYERS = 8
+HIDDEN, HEADS = 1024, 16
+IMAGE_SIZE, PATCH = 336, 14   # LLaVA-1.5's grid: 24 x 24
+TEXT_AFTER = 48               # text tokens after the image (the diagnostic queries)
+QUICK = dict(layers=4, hidden=128, heads=4, image_size=112)  # 8 x 8 grid: a smoke run
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def setup_model(layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, image_size: int = IMAGE_SIZE):
+    """(model, inputs) for the timed prefill."""
+    from kvfix.hf import testing
+    model = testing.tiny_llava(num_layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
+                               image_size=image_size, patch_size=PATCH)
+    inputs, _ = testing.llava_prompt(model, [1], text_len=TEXT_AFTER)
+    return model, inputs
+
+
+def prefill(model, inputs):
+    return model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    """Medians (s) of `reps` rounds, variants in rotating order, after one warm-up each."""
+    names = list(fns)
+    for n in names:
+        fns[n]()
+    times = {n: [] for n in names}
+    for r in range(reps):
+        for i in range(len(names)):
+            n = names[(r + i) % len(names)]
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def scr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None) -> list[dict]:
+    """One row: prefill ms with and without SCR, their ratio and the analytic bound 1 + d / L."""
+    from kvfix import hf
+    torch.set_num_threads(threads or _threads())
+    cfg = QUICK if quick else {}
+    model, inputs = setup_model(**cfg)
+    scr = hf.SCR()
+    handle = hf.enable(model, scr)
+    try:
+        def plain():
+            with handle.suspended():
+                prefill(model, inputs)
+
+        med = _interleaved({"plain": plain, "scr": lambda: prefill(model, inputs)}, 3 if quick else reps)
+    finally:
+        handle.disable()
+    L = model.config.text_config.num_hidden_layers
+    d = len(scr.selected_diagnostic_layers)
+    g = model.config.vision_config.image_size // PATCH
+    return [dict(L=L, d=d, grid=g, T=int(inputs["input_ids"].shape[1]), hidden=model.config.text_config.hidden_size,
+                 plain_ms=med["plain"] * 1e3, scr_ms=med["scr"] * 1e3, ratio=med["scr"] / med["plain"],
+                 bound=1 + d / L, reps=3 if quick else reps, threads=torch.get_num_threads())]
+
+
+def render(rows: list[dict]) -> str:
+    out = ["| prefill (generate, 1 token) | prompt tokens | threads | plain ms | SCR ms | SCR/plain | ~ 1 + d/L "
+           "| reps |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| LLaVA, {r['grid']}x{r['grid']} image, hidden {r['hidden']}, L={r['L']}, d={r['d']} | {r['T']} | "
+                   f"{r['threads']} | {r['plain_ms']:.4g} | {r['scr_ms']:.4g} | {r['ratio']:.3f} | {r['bound']:.3f} | "
+                   f"{r['reps']} |")
+    return "\n".join(out)
+
+
+def scr_hf_section(quick: bool) -> str:
+    """The SCR prefill-cost table (markdown) for bench/table.py."""
+    rows = scr_hf_rows(quick=quick)
+    return ("## SCR in transformers: prefill cost\n\n" + render(rows) + "\n\nSCR runs a diagnostic pass through the "
+            "first d = 2 of the L layers before the real prefill: prefill time grows by about d / L (LLaVA-1.5-7B, "
+            "L = 32: ~6%); decoding is untouched. Random-weight LLaVA, fp32, interleaved medians "
+            "(bench/test_bench_hf_scr.py).")
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-benchmark
+
+@pytest.fixture(scope="module")
+def model_inputs():
+    torch.set_num_threads(_threads())
+    return setup_model()
+
+
+@pytest.mark.parametrize("variant", ["plain", "scr"])
+def test_prefill(benchmark, model_inputs, variant):
+    from kvfix import hf
+    model, inputs = model_inputs
+    benchmark.group = f"prefill, LLaVA {IMAGE_SIZE // PATCH}^2 image + {TEXT_AFTER} text tokens, L={LAYERS}"
+    benchmark.extra_info.update(layers=LAYERS, hidden=HIDDEN, tokens=int(inputs["input_ids"].shape[1]))
+    handle = hf.enable(model, hf.SCR()) if variant == "scr" else None
+    try:
+        benchmark.pedantic(lambda: prefill(model, inputs), rounds=5, warmup_rounds=1)
+    finally:
+        if handle is not None:
+            handle.disable()
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="SCR prefill cost (interleaved medians)")
+    ap.add_argument("--quick", action="store_true", help="a small model: a smoke run")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores available)")
+    ap.add_argument("--reps", type=int, default=9, help="interleaved repeats")
+    args = ap.parse_args()
+    print(render(scr_hf_rows(quick=args.quick, reps=args.reps, threads=args.threads)))

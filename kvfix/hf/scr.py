@@ -1,0 +1,239 @@
+"""SCR as a kvfix.hf method: spatial credit redistribution, two passes per prompt (SPEC §3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from . import _compat
+from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
+from .models import ImageSpan
+
+__all__ = ["SCR"]
+
+_PASS = "scr_diagnostic"
+
+
+class _DiagnosticDone(Exception):
+    """Raised from the last diagnostic layer's attention to end the diagnostic pass there."""
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class SCR(Method):
+    """Spatial credit redistribution (SPEC §3): re-weight the image tokens' residual stream
+    around the patches the prompt's text attends to most.
+
+    When a generation's prefill carries images, two passes run instead of one:
+
+    1. diagnostic pass (`handle.auxiliary_pass("scr_diagnostic")`): the prompt runs once without
+       a cache, through the model's own attention (SDPA, eager, ...; no `output_attentions`).
+       In each diagnostic layer the attention hook hands the post-RoPE query and the keys to
+       `kvfix.scr_scores`: per image, the queries are the text tokens after the image span
+       (image tokens of later images and padding excluded), the keys are all positions, with
+       the model's scale and its causal / padding mask. The scores (attention mass per patch,
+       summed over those queries, averaged over query heads) are averaged over the diagnostic
+       layers. The pass stops inside the last diagnostic layer (later layers never run) and
+       its cache is dropped.
+    2. the real prefill: the hidden states of each image's tokens entering every
+       redistribution layer go through `kvfix.scr_redistribute_` on the image's patch grid
+       (LLaVA: the square patch grid; Qwen2-VL / Qwen2.5-VL: the merged grid of
+       `image_grid_thw`, non-square included). Decoding then runs on that cache; decode steps
+       are untouched.
+
+    Args:
+        layers: decoder layers whose input is redistributed. None: layers 1..4 (SPEC default,
+            inclusive; those that exist). Also a slice, a range or ints (negatives from L).
+        diagnostic_layers: layers whose attention gives the scores. None: the first two
+            (SPEC choice; `(0,)` for a one-layer model). Same forms as `layers`.
+        top_k: sources per image (>= 1; capped at the candidate patches).
+        lam: source scaling (> 0; sources are divided by lam, their 8-neighbours receive
+            `(lam - 1) * h[source]`); 1.0 leaves the hidden states unchanged.
+        exclude_border: border patches are never sources.
+
+    Semantic choices: an image with no text token after it (nothing asked about it yet) is
+    left unchanged. A prompt with images that continues a cache (a second turn) works the same
+    way: its diagnostic pass runs on a copy of the diagnostic layers' cached prefix (the cache
+    itself is never written by it; DynamicCache-style layers). Without a KV cache
+    (`use_cache=False`) every full forward is a prefill and runs both passes.
+
+    After each run: `last_scores` lists `(ImageSpan, scores [N] float32)` of the latest
+    prefill's images, `diagnostic_passes` counts diagnostic passes and `redistribute_calls`
+    the `scr_redistribute_` calls (images x redistribution layers).
+    """
+
+    name = "scr"
+    uses_attention = True
+
+    def __init__(self, layers=None, *, diagnostic_layers=None, top_k: int = 32, lam: float = 1.1,
+                 exclude_border: bool = True):
+        self.top_k = _check_int(top_k, "top_k", 1)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"lam must be finite and > 0, got {lam}")
+        if not isinstance(exclude_border, bool):
+            raise TypeError(f"exclude_border must be a bool, got {type(exclude_border).__name__}")
+        self.lam = float(lam)
+        self.exclude_border = exclude_border
+        self.layers = check_layers(layers)
+        self.diagnostic_layers = check_layers(diagnostic_layers)
+        self.selected_layers: tuple[int, ...] = ()
+        self.selected_diagnostic_layers: tuple[int, ...] = ()
+        self.last_scores: list[tuple[ImageSpan, torch.Tensor]] = []
+        self.diagnostic_passes = 0
+        self.redistribute_calls = 0
+        self._redistribute: frozenset = frozenset()
+        self._diagnostic: frozenset = frozenset()
+        self._pending = None   # (ctx of the real prefill, [(ImageSpan, scores [1, N])])
+        self._diag = None      # state of the running diagnostic pass
+
+    def __repr__(self):
+        return (f"SCR(layers={self.layers!r}, diagnostic_layers={self.diagnostic_layers!r}, top_k={self.top_k}, "
+                f"lam={self.lam}, exclude_border={self.exclude_border})")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def bind(self, handle: Handle) -> None:
+        L = handle.num_layers
+        self.selected_layers = (tuple(range(1, min(5, L))) if self.layers is None
+                                else resolve_layers(self.layers, L, 1))
+        if not self.selected_layers:
+            raise ValueError(f"SCR selects no layer of the {L}-layer text model (layers={self.layers!r}; "
+                             "the default is 1..4)")
+        self.selected_diagnostic_layers = (tuple(range(min(2, L))) if self.diagnostic_layers is None
+                                           else resolve_layers(self.diagnostic_layers, L, 0))
+        if not self.selected_diagnostic_layers:
+            raise ValueError(f"SCR selects no diagnostic layer of the {L}-layer text model "
+                             f"(diagnostic_layers={self.diagnostic_layers!r})")
+        self._redistribute = frozenset(self.selected_layers)
+        self._diagnostic = frozenset(self.selected_diagnostic_layers)
+        self._pending = self._diag = None
+
+    def unbind(self, handle: Handle) -> None:
+        self._pending = self._diag = None
+
+    def on_session_start(self, ctx: ForwardContext) -> None:
+        self.last_scores = []
+
+    # ---- pass 1: diagnostic ----------------------------------------------------------------
+
+    def on_prefill_start(self, ctx: ForwardContext) -> None:
+        if ctx.pass_name != "main" or not ctx.images:
+            return
+        self._pending = None
+        queries = self._query_positions(ctx)
+        scores = [None] * len(ctx.images)
+        if any(q is not None for q in queries):
+            scores = self._diagnose(ctx, queries)
+        entries = [(img, s) for img, s in zip(ctx.images, scores) if s is not None]
+        self.last_scores = [(img, s[0]) for img, s in entries]
+        self._pending = (ctx, entries)
+
+    def on_prefill_end(self, ctx: ForwardContext) -> None:
+        if self._pending is not None and self._pending[0] is ctx:
+            self._pending = None
+
+    def _query_positions(self, ctx: ForwardContext) -> list:
+        """Per image, a long tensor of its query positions (text tokens after the span; indices
+        into this forward's tokens, cache position - past_len), or None."""
+        ids = ctx.input_ids
+        text = ids != ctx.handle.adapter.image_token_id
+        if ctx.attention_mask is not None and ctx.attention_mask.dim() == 2:
+            text &= ctx.attention_mask[:, -ids.shape[1]:].to(torch.bool)
+        out = []
+        for img in ctx.images:
+            after = text[img.batch].clone()
+            after[:img.end - ctx.past_len] = False
+            pos = torch.nonzero(after).flatten()
+            out.append(pos if pos.numel() else None)
+        return out
+
+    def _diagnose(self, ctx: ForwardContext, queries: list) -> list:
+        last = max(self.selected_diagnostic_layers)
+        kwargs = {k: v for k, v in ctx.inputs.items() if k != "labels"}
+        kwargs.update(output_attentions=False, output_hidden_states=False)
+        if ctx.past_len:  # a continued prompt: the diagnostic layers' cached prefix, copied
+            kwargs.update(past_key_values=_compat.prefix_cache(ctx.cache, last + 1, ctx.past_len), use_cache=True)
+        else:
+            kwargs.update(past_key_values=None, use_cache=False)
+        self._diag = {"images": ctx.images, "queries": queries, "sums": [None] * len(ctx.images), "last": last,
+                      "offset": ctx.past_len}
+        handle = ctx.handle
+        try:
+            with torch.no_grad(), handle.auxiliary_pass(_PASS):
+                try:
+                    handle.model(**kwargs)
+                except _DiagnosticDone:
+                    pass
+                else:
+                    raise RuntimeError("kvfix.hf.SCR: the diagnostic pass ran to the end without reaching its "
+                                       "last diagnostic layer's attention")
+            sums = self._diag["sums"]
+        finally:
+            self._diag = None
+        self.diagnostic_passes += 1
+        n = len(self.selected_diagnostic_layers)
+        return [None if s is None else s / n for s in sums]
+
+    def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
+        diag = self._diag
+        if diag is None or ctx is None or ctx.pass_name != _PASS or layer_idx not in self._diagnostic:
+            return call_next(query, key, value, attention_mask, **kwargs)
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = getattr(module, "scaling", None)
+        with torch.no_grad():
+            for i, (img, pos) in enumerate(zip(diag["images"], diag["queries"])):
+                if pos is None:
+                    continue
+                b = img.batch
+                pos = pos.to(query.device)
+                mask = _query_mask(attention_mask, b, pos, diag["offset"], key.shape[-2])
+                s = ops.scr_scores(query[b:b + 1, :, pos], key[b:b + 1], (img.start, img.end),
+                                   scale=None if scale is None else float(scale), mask=mask)
+                diag["sums"][i] = s if diag["sums"][i] is None else diag["sums"][i] + s
+        if layer_idx == diag["last"]:
+            raise _DiagnosticDone()
+        return call_next(query, key, value, attention_mask, **kwargs)
+
+    # ---- pass 2: redistribution ------------------------------------------------------------
+
+    def layer_input(self, ctx, layer_idx: int, hidden_states: torch.Tensor):
+        pending = self._pending
+        if pending is None or pending[0] is not ctx or layer_idx not in self._redistribute or not pending[1]:
+            return None
+        out = hidden_states.clone()  # not in place: the input may be referenced (output_hidden_states)
+        off = ctx.past_len
+        with torch.no_grad():
+            for img, scores in pending[1]:
+                seg = out[img.batch:img.batch + 1, img.start - off:img.end - off]
+                ops.scr_redistribute_(seg, scores, (img.gh, img.gw), top_k=self.top_k, lam=self.lam,
+                                      exclude_border=self.exclude_border)
+                self.redistribute_calls += 1
+        return out
+
+
+def _query_mask(attention_mask, b: int, pos: torch.Tensor, offset: int, T: int) -> torch.Tensor:
+    """The mask rows of the chosen queries (`pos`: indices into this forward's tokens, at cache
+    positions offset + pos), [1, 1 or H, Tq, T]: the model's own 4-D mask (bool or additive float;
+    causality included), or, when the model hands none (SDPA's is_causal path, no padding), the
+    causal mask of those queries. A 2-D padding mask is combined with causality."""
+    keys = torch.arange(T, device=pos.device)
+    causal = keys[None, :] <= pos[:, None] + offset
+    if attention_mask is None:
+        return causal[None, None]
+    if attention_mask.dim() == 2:
+        return (causal & attention_mask[b, :T].to(torch.bool)[None, :])[None, None]
+    m = attention_mask[b:b + 1][..., :T]
+    if m.shape[-2] == 1:  # one row for every query: padding only, add causality
+        keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        return keep & causal
+    return m.index_select(-2, pos)
