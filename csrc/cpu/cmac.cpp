@@ -125,11 +125,11 @@ float mask_value(const CmacMask& m, int64_t off, bool& valid) {
 // Online-softmax fold of one row of logits s[0, n) (already scaled; masked entries -inf).
 // Updates the row state (m, l, imd) and returns the factor the row's accumulator must be scaled
 // by; s becomes the probabilities e^(s - m). hit (may be null): entries whose probability goes to
-// mu_V instead of v (summed into imd, zeroed in s).
-KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const uint8_t* hit, float& m, float& l, float& imd) {
+// mu_V instead of v (1 or 0 per entry; summed into imd, zeroed in s).
+KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m, float& l, float& imd) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
   const float m_new = std::max(m, mx);
   if (m_new == kNegInf) {  // nothing taking part yet
     for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
@@ -147,7 +147,7 @@ KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const uint8_t* hit, float&
   if (hit != nullptr) {
 #pragma omp simd reduction(+ : hsum)
     for (int64_t j = 0; j < n; ++j) {
-      const float p = hit[j] ? s[j] : 0.0f;
+      const float p = hit[j] * s[j];
       hsum += p;
       s[j] -= p;
     }
@@ -224,7 +224,7 @@ void attention(const AttnArgs& a) {
     std::vector<float> S(kQueryBlock * kKeyBlock), acc(kQueryBlock * D), m(kQueryBlock), l(kQueryBlock),
         imd(kQueryBlock), scal(kQueryBlock);
     std::vector<float> qbuf(low ? kQueryBlock * D : 0), kbuf(low ? kKeyBlock * D : 0), vbuf(low ? kKeyBlock * D : 0);
-    std::vector<uint8_t> hit(kKeyBlock);
+    std::vector<float> hit(kKeyBlock);
     std::vector<float> vsum(D);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / (a.Hq * units_per_head), h = (u / units_per_head) % a.Hq, ub = u % units_per_head;
@@ -274,7 +274,7 @@ void attention(const AttnArgs& a) {
         for (int64_t r = 0; r < rows; ++r) {
           float* s = S.data() + r * kKeyBlock;
           if (block_imd)
-            for (int64_t j = 0; j < n; ++j) hit[j] = s[j] > mu_p;
+            for (int64_t j = 0; j < n; ++j) hit[j] = s[j] > mu_p ? 1.0f : 0.0f;
           const int64_t qpos = off + i0 + r;
           if (a.causal && j1 - 1 > qpos)
             for (int64_t j = std::max<int64_t>(0, qpos + 1 - j0); j < n; ++j) s[j] = kNegInf;
