@@ -159,7 +159,7 @@ KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m
 }
 
 struct AttnArgs {
-  int64_t B, Hq, Hkv, Tq, T, D, N;  // N: k_cal rows (0 without calibration)
+  int64_t B, Hq, Hkv, Tq, T, D;
   const void *q, *k, *v, *kc;
   int64_t qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, csb, csh, cst;
   float scale;
@@ -425,7 +425,6 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.T = T; a.D = D;
   a.q = qq.const_data_ptr(); a.k = kk.const_data_ptr(); a.v = vv.const_data_ptr();
   a.kc = cc.defined() ? cc.const_data_ptr() : nullptr;
-  a.N = cc.defined() ? cc.size(2) : 0;
   a.qsb = qq.stride(0); a.qsh = qq.stride(1); a.qst = std::max<int64_t>(qq.stride(2), D);
   a.ksb = kk.stride(0); a.ksh = kk.stride(1); a.kst = std::max<int64_t>(kk.stride(2), D);
   a.vsb = vv.stride(0); a.vsh = vv.stride(1); a.vst = std::max<int64_t>(vv.stride(2), D);

@@ -87,7 +87,7 @@ struct CmacRopeArgs {
 };
 
 struct CmacAttnArgs {
-  const void *q, *k, *v, *kc;  // q [B, Hq, Tq, D], k/v [B, Hkv, T, D], kc [B, Hkv, N, D] or nullptr
+  const void *q, *k, *v, *kc;  // q [B, Hq, Tq, D], k/v [B, Hkv, T, D], kc [B, Hkv, N, D] or nullptr (N = 0)
   int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st;
   void* out;                   // [B, Hq, Tq, D] contiguous
   CmacSpan span;
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_threshold_kernel(const Cmac
     for (int64_t d = threadIdx.x; d < a.D; d += blockDim.x) {
       float kb = 0.0f, qs = 0.0f;
       for (int64_t t = 0; t < e - s; ++t)
-        kb += a.kc != nullptr ? cmac_detail::ld(static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh + t * a.c_st + d)
+        kb += a.kc != nullptr && t < a.N ? cmac_detail::ld(static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh + t * a.c_st + d)
                               : cmac_detail::ld(static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + (s + t) * a.k_st + d);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
         for (int64_t r = i_after; r < a.Tq; ++r)
@@ -288,7 +288,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
     __syncthreads();  // the previous tile's readers are done (and qs is written, first time)
     for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(n) * D; idx += blockDim.x) {
       const int64_t j = idx / D, d = idx % D;
-      const T* kp = cal ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh + (j0 - s + j) * a.c_st
+      // (j0 - s + j < N unless a device span disagrees with k_calibrated's N: then k, never out of bounds)
+      const T* kp = cal && j0 - s + j < a.N
+                        ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh + (j0 - s + j) * a.c_st
                         : static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + (j0 + j) * a.k_st;
       ks[j][d] = cmac_detail::ld(kp + d);
       vs[j][d] = cmac_detail::ld(static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh + (j0 + j) * a.v_st + d);
