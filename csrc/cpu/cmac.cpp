@@ -158,6 +158,15 @@ KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m
   return a;
 }
 
+// sum[d] += x[j * ld + d] for rows j < n (mu_V's sums of the image values).
+KVFIX_CMAC_CLONES void add_rows(const float* x, int64_t n, int64_t ld, int64_t D, float* sum) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* r = x + j * ld;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) sum[d] += r[d];
+  }
+}
+
 struct AttnArgs {
   int64_t B, Hq, Hkv, Tq, T, D;
   const void *q, *k, *v, *kc;
@@ -294,10 +303,8 @@ void attention(const AttnArgs& a) {
         }
         const float* vb = as_float(static_cast<const T*>(a.v) + b * a.vsb + hk * a.vsh + j0 * a.vst, n, D, a.vst,
                                    vbuf, ldv);
-        if (block_imd)  // mu_V: the image values pass through here once (and stay in cache for the GEMM)
-          for (int64_t j = 0; j < n; ++j)
-            for (int64_t d = 0; d < D; ++d) vsum[d] += vb[j * ldv + d];
         gemm(false, false, D, rows, n, 1.0f, vb, ldv, S.data(), kKeyBlock, 1.0f, acc.data(), D);
+        if (block_imd) add_rows(vb, n, ldv, D, vsum.data());  // mu_V: the block is still in cache
         j0 = j1;
       }
       T* ob = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.Tq + i0) * D;
