@@ -305,6 +305,7 @@ def main(argv=None) -> int:
     kvs_text = test_bench_dscr.dscr_structured_section(args.quick) + "\n\n" + kvs_text  # structured DSCR (issue 7)
     kvs_text += "\n\n" + __import__("bench.test_bench_scr", fromlist=["scr_section"]).scr_section(args.quick)  # SCR rows
     kvs_text += "\n\n" + __import__("bench.test_bench_hf_scr", fromlist=["_"]).scr_hf_section(args.quick)  # SCR prefill
+    kvs_text += "\n\n" + __import__("bench.test_bench_cmac", fromlist=["x"]).cmac_section(args.quick)  # CMAC (issue 6)
     elapsed = time.perf_counter() - t_start
 
     print(report)

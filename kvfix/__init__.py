@@ -17,13 +17,13 @@ import torch
 from .depth import DepthEstimator  # transformers is imported only when an estimator is built
 from .geometry import patch_coords, patch_depth
 from .dscr_structured import DscrPlan, dscr_plan
-from .ops import (dscr_refine, dscr_refine_cache_, kvsmooth_step_,
-                  row_entropy, scr_redistribute, scr_redistribute_, scr_scores)
+from .ops import (cmac_attention, contrastive_logits, dscr_refine, dscr_refine_cache_, kvsmooth_step_,
+                  rope_calibrate, row_entropy, scr_redistribute, scr_redistribute_, scr_scores)
 
 __version__ = "0.1.0"
-__all__ = ["DepthEstimator", "DscrPlan", "build_info", "dscr_plan",
+__all__ = ["DepthEstimator", "DscrPlan", "build_info", "cmac_attention", "contrastive_logits", "dscr_plan",
            "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_", "patch_coords", "patch_depth",
-           "row_entropy", "scr_redistribute", "scr_redistribute_", "scr_scores"]
+           "rope_calibrate", "row_entropy", "scr_redistribute", "scr_redistribute_", "scr_scores"]
 
 
 def build_info() -> dict:
