@@ -55,3 +55,12 @@ __all__ = ["DSCR", "ForwardContext", "Handle", "ImageSpan", "Method", "Session",
 from .kvsmooth import KVSMOOTH_PRESETS, KVSmooth  # noqa: E402
 
 __all__ += ["KVSmooth", "KVSMOOTH_PRESETS"]
+
+# CMAC (cmac.py): two decoding branches in one batched forward (rows [original; distorted], one
+# cache of 2B rows), the text model's attention replaced by kvfix.cmac_attention with calibrated
+# image keys (CMPC; IMD on the distorted rows), the model's logits by kvfix.contrastive_logits:
+#     kvfix.hf.enable(model, kvfix.hf.CMAC())                       # then model.generate(...)
+#     kvfix.hf.enable(model, kvfix.hf.DSCR(), kvfix.hf.CMAC(), kvfix.hf.KVSmooth())   # stacked
+from .cmac import CMAC  # noqa: E402
+
+__all__ += ["CMAC"]
