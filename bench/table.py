@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
     report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
     kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
+    kvs_text += "\n\n" + __import__("bench.test_bench_hf_cmac", fromlist=["_"]).cmac_hf_section(args.quick)  # CMAC generate
     elapsed = time.perf_counter() - t_start
 
     print(report)

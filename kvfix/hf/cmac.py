@@ -23,6 +23,22 @@ def _number(name: str, x) -> float:
     return x
 
 
+def _attention_mask(mask, T: int):
+    """The mask the model's base implementation was given, as cmac_attention takes it: None, bool
+    (True = attend) or additive float broadcastable to [B, Hq, Tq, T]."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"kvfix.hf.CMAC: unsupported attention mask type {type(mask).__name__} (use the eager, "
+                        "sdpa or flash attention implementation)")
+    if mask.dim() == 2:  # a padding mask [B, T] (flash attention's mask function): 1 = attend
+        return mask[:, None, None, :T].bool()
+    mask = mask[..., :T]
+    if mask.dtype != torch.bool:  # transformers' "no attention" is finfo.min: make it -inf
+        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    return mask
+
+
 class _State:
     """One generation's CMAC state (rows: [original; distorted] when the batch is doubled)."""
 
@@ -31,8 +47,8 @@ class _State:
         self.doubled = doubled                # the text model runs 2B rows
         rows = 2 * batch if doubled else batch
         self.spans = torch.cat([spans, spans]) if doubled else spans   # int64 [rows, 2], cache positions
-        lengths = (self.spans[:, 1] - self.spans[:, 0]).tolist()
-        self.equal = len(set(lengths)) == 1   # one op call for all rows, else one per row
+        self.lengths = (self.spans[:, 1] - self.spans[:, 0]).tolist()   # image tokens per row
+        self.equal = len(set(self.lengths)) == 1   # one op call for all rows, else one per row
         self.imd_rows = torch.arange(rows) >= batch   # the distorted rows (all False when not doubled)
         self.positions: torch.Tensor | None = None   # RoPE positions of every cached token [S, rows, T]
         self.k_cal: dict = {}                 # layer -> calibrated image keys (valid until the keys change)
@@ -248,11 +264,7 @@ class CMAC(Method):
         if st.device != query.device:
             st.spans, st.imd_rows = st.spans.to(query.device), st.imd_rows.to(query.device)
             st.device = query.device
-        mask = attention_mask
-        if mask is not None:
-            mask = mask[..., :T]
-            if mask.dtype != torch.bool:  # transformers' "no attention" is finfo.min: make it -inf
-                mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+        mask = _attention_mask(attention_mask, T)
         scale = kwargs.get("scaling")
         if scale is None:
             scale = getattr(module, "scaling", None)
@@ -285,10 +297,11 @@ class CMAC(Method):
         pos = pos[0] if pos.shape[0] == 1 else pos
         if st.equal:
             k_cal = ops.rope_calibrate(key, st.spans, inv_freq, gamma=self.gamma, positions=pos,
-                                       mrope_section=self._mrope_section)
+                                       mrope_section=self._mrope_section, num_tokens=st.lengths[0])
         else:
             k_cal = [ops.rope_calibrate(key[r:r + 1], st.spans[r:r + 1], inv_freq, gamma=self.gamma,
-                                        positions=pos[..., r:r + 1, :], mrope_section=self._mrope_section)
+                                        positions=pos[..., r:r + 1, :], mrope_section=self._mrope_section,
+                                        num_tokens=st.lengths[r])
                      for r in range(key.shape[0])]
         if keep:
             st.k_cal[layer_idx] = k_cal
