@@ -340,3 +340,12 @@ def test_text_only_prompt_runs_the_plain_model(llava):
     plain = gen(llava, inputs, 6)
     with kvfix.hf.enable(llava, kvfix.hf.CMAC()):
         assert torch.equal(gen(llava, inputs, 6), plain)
+
+
+def test_beam_search_is_refused_and_num_return_sequences_runs(llava):
+    inputs, _ = prompt(llava, "llava", batch2=True)
+    with kvfix.hf.enable(llava, kvfix.hf.CMAC()):
+        with pytest.raises(ValueError, match="beam search is not supported"):
+            gen(llava, inputs, 3, num_beams=2)
+        out = gen(llava, inputs, 3, do_sample=True, num_return_sequences=2)
+    assert out.shape == (4, inputs["input_ids"].shape[1] + 3)

@@ -183,10 +183,16 @@ class CMAC(Method):
 
     def on_decode_start(self, ctx: ForwardContext) -> None:
         st = self._state(ctx)
-        if st is None or not st.doubled or st.forked or ctx.cache is None:
+        if st is None or not st.doubled or ctx.cache is None:
+            return
+        B = st.batch
+        rows = _compat.layer_kv(ctx.cache, 0, 0)[0].shape[0]
+        if rows != 2 * B:  # generate reordered or cut the batch (beam search): the branches are lost
+            raise ValueError(f"kvfix.hf.CMAC: the cache holds {rows} rows, expected {2 * B} ([original; distorted] "
+                             "rows of the batch); beam search is not supported, use greedy or sampling")
+        if st.forked:
             return
         st.forked = True
-        B = st.batch
         with torch.no_grad():
             for layer in range(self._handle.num_layers):
                 keys, values = _compat.layer_kv(ctx.cache, layer, ctx.past_len)
