@@ -80,3 +80,56 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 #endif
 
 }  // namespace kvfix
+
+
+// ---------------------------------------------------------------------------------------------
+// CMAC (SPEC §4): calibrated image keys, attention with IMD, contrastive logits.
+
+namespace kvfix {
+
+// A mask broadcast to [B, Hq, Tq, T]: element (b, h, i, j) at data + b*sb + h*sh + i*si + j*sj
+// (element strides, 0 where broadcast). kind: 0 none, 1 bool (True = attend), 2/3/4 additive
+// float32/float16/bfloat16 (-inf = masked).
+struct CmacMask {
+  const void* data = nullptr;
+  int kind = 0;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+};
+
+// Checks shared by every device (the Python wrappers raise friendlier errors first).
+void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
+                     int64_t n, const at::Tensor& inv_freq, double gamma, const std::optional<at::Tensor>& positions,
+                     at::OptionalIntArrayRef sections);
+CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                              int64_t end, const std::optional<at::Tensor>& spans,
+                              const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean);
+void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
+// Frequency f's RoPE section (index into positions' first dim), for D/2 frequencies.
+std::vector<int32_t> cmac_freq_sections(at::OptionalIntArrayRef sections, int64_t half,
+                                        int64_t num_position_rows);
+
+at::Tensor rope_calibrate_cpu(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
+                              int64_t n, const at::Tensor& inv_freq, double gamma,
+                              const std::optional<at::Tensor>& positions,
+                              at::OptionalIntArrayRef sections);
+at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                              int64_t end, const std::optional<at::Tensor>& spans,
+                              const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
+                              const std::optional<at::Tensor>& mask, bool causal, bool imd,
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean);
+at::Tensor contrastive_logits_cpu(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
+#ifdef KVFIX_WITH_CUDA
+at::Tensor rope_calibrate_cuda(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
+                               int64_t n, const at::Tensor& inv_freq, double gamma,
+                               const std::optional<at::Tensor>& positions,
+                               at::OptionalIntArrayRef sections);
+at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                               int64_t end, const std::optional<at::Tensor>& spans,
+                               const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
+                               const std::optional<at::Tensor>& mask, bool causal, bool imd,
+                               const std::optional<at::Tensor>& imd_items, int64_t value_mean);
+at::Tensor contrastive_logits_cuda(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
+#endif
+
+}  // namespace kvfix

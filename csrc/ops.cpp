@@ -179,3 +179,179 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cuda);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// CMAC (SPEC §4): checks shared by the CPU and CUDA implementations, schemas, registrations.
+
+namespace kvfix {
+
+static void cmac_check_float(const char* op, const at::Tensor& x, const char* name) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
+}
+
+// Spans: ints checked here; a tensor [B, 2] int64 on k's device, its values checked when on the CPU.
+static void cmac_check_spans(const char* op, int64_t B, int64_t T, int64_t start, int64_t end,
+                             const std::optional<at::Tensor>& spans, const at::Tensor& like, int64_t n) {
+  if (!spans.has_value()) {
+    TORCH_CHECK_VALUE(0 <= start && start <= end && end <= T, op, ": image span (", start, ", ", end,
+                      ") is out of range for T = ", T);
+    TORCH_CHECK_VALUE(n < 0 || end - start == n, op, ": image span length ", end - start, " != N = ", n);
+    return;
+  }
+  const at::Tensor& sp = *spans;
+  TORCH_CHECK(sp.dim() == 2 && sp.size(0) == B && sp.size(1) == 2 && sp.scalar_type() == at::kLong &&
+                  sp.is_contiguous(),
+              op, ": spans must be a contiguous int64 [B, 2] tensor with B=", B);
+  TORCH_CHECK(sp.device() == like.device(), op, ": spans device differs from the inputs");
+  if (sp.is_cpu()) {
+    const int64_t* s = sp.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(0 <= s[2 * b] && s[2 * b] <= s[2 * b + 1] && s[2 * b + 1] <= T, op, ": image span (",
+                        s[2 * b], ", ", s[2 * b + 1], ") of item ", b, " is out of range for T = ", T);
+      TORCH_CHECK_VALUE(n < 0 || s[2 * b + 1] - s[2 * b] == n, op, ": image span length of item ", b, " is ",
+                        s[2 * b + 1] - s[2 * b], ", expected N = ", n);
+    }
+  }
+}
+
+std::vector<int32_t> cmac_freq_sections(at::OptionalIntArrayRef sections, int64_t half, int64_t rows) {
+  std::vector<int32_t> sec(half, 0);
+  if (!sections.has_value()) return sec;
+  int64_t f = 0;
+  for (size_t i = 0; i < sections->size(); ++i)
+    for (int64_t c = 0; c < (*sections)[i] && f < half; ++c) sec[f++] = static_cast<int32_t>(std::min<int64_t>(i, rows - 1));
+  return sec;
+}
+
+void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
+                     int64_t n, const at::Tensor& inv_freq, double gamma, const std::optional<at::Tensor>& positions,
+                     at::OptionalIntArrayRef sections) {
+  const char* op = "rope_calibrate";
+  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
+  cmac_check_float(op, k, "k");
+  const int64_t B = k.size(0), T = k.size(2), D = k.size(3);
+  TORCH_CHECK(D % 2 == 0, op, ": the head dim must be even, got ", D);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, op, ": gamma must be finite and > 0, got ", gamma);
+  TORCH_CHECK(0 <= n && n <= T, op, ": N = ", n, " out of [0, T = ", T, "]");
+  cmac_check_spans(op, B, T, start, end, spans, k, n);
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == D / 2 && inv_freq.scalar_type() == at::kFloat,
+              op, ": inv_freq must be float32 [D/2]");
+  TORCH_CHECK(inv_freq.device() == k.device(), op, ": inv_freq device differs from k");
+  int64_t rows = 1;
+  if (sections.has_value()) {
+    int64_t total = 0;
+    for (int64_t s : *sections) {
+      TORCH_CHECK_VALUE(s >= 0, op, ": mrope_section sizes must be >= 0");
+      total += s;
+    }
+    TORCH_CHECK_VALUE(total == D / 2, op, ": mrope_section must sum to D/2 = ", D / 2, ", got ", total);
+  }
+  if (positions.has_value()) {
+    const at::Tensor& p = *positions;
+    TORCH_CHECK(p.dim() == 3 && p.size(1) == B && p.size(2) == T && p.scalar_type() == at::kLong, op,
+                ": positions must be int64 [S, B, T], got ", p.sizes());
+    rows = p.size(0);
+    TORCH_CHECK(rows == 1 || (sections.has_value() && rows == static_cast<int64_t>(sections->size())), op,
+                ": positions has ", rows, " rows; expected 1 or one per mrope section");
+    TORCH_CHECK(p.device() == k.device(), op, ": positions device differs from k");
+  }
+}
+
+CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                              int64_t end, const std::optional<at::Tensor>& spans,
+                              const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
+  const char* op = "cmac_attention";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D");
+  cmac_check_float(op, q, "q");
+  cmac_check_float(op, k, "k");
+  cmac_check_float(op, v, "v");
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), op, ": shapes q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes(), " do not match");
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
+              Hkv, ")");
+  TORCH_CHECK(Tq <= T, op, ": Tq = ", Tq, " > T = ", T);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v need one dtype");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k, v need one device");
+  int64_t n = -1;
+  if (k_cal.has_value()) {
+    cmac_check_float(op, *k_cal, "k_calibrated");
+    TORCH_CHECK(k_cal->dim() == 4 && k_cal->size(0) == B && k_cal->size(1) == Hkv && k_cal->size(3) == D, op,
+                ": k_calibrated must be [B, Hkv, N, D], got ", k_cal->sizes());
+    TORCH_CHECK(k_cal->scalar_type() == q.scalar_type() && k_cal->device() == q.device(), op,
+                ": k_calibrated dtype or device differs from q");
+    n = k_cal->size(2);
+  }
+  cmac_check_spans(op, B, T, start, end, spans, q, n);
+  if (imd_items.has_value()) {
+    TORCH_CHECK(imd_items->dim() == 1 && imd_items->size(0) == B && imd_items->scalar_type() == at::kBool &&
+                    imd_items->is_contiguous() && imd_items->device() == q.device(),
+                op, ": imd must be a contiguous bool tensor [B] on q's device");
+  }
+  TORCH_CHECK(value_mean == 0 || value_mean == 1, op, ": value_mean must be 0 (scalar) or 1 (vector)");
+  CmacMask m;
+  if (!mask.has_value()) return m;
+  const at::Tensor& mk = *mask;
+  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
+  const auto st = mk.scalar_type();
+  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, Hq, Tq, T], got ", mk.sizes());
+  const int64_t want[4] = {B, Hq, Tq, T};
+  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < mk.dim(); ++i) {
+    size[4 - mk.dim() + i] = mk.size(i);
+    stride[4 - mk.dim() + i] = mk.stride(i);
+  }
+  for (int i = 0; i < 4; ++i)
+    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(), " is not broadcastable to [B, Hq, Tq, T]");
+  m.data = mk.const_data_ptr();
+  m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
+  m.sb = size[0] == 1 ? 0 : stride[0];
+  m.sh = size[1] == 1 ? 0 : stride[1];
+  m.si = size[2] == 1 ? 0 : stride[2];
+  m.sj = size[3] == 1 ? 0 : stride[3];
+  return m;
+}
+
+void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta) {
+  const char* op = "contrastive_logits";
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits must be [..., V]");
+  const auto st = logits.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": logits must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(distorted.sizes() == logits.sizes() && distorted.scalar_type() == st &&
+                  distorted.device() == logits.device(),
+              op, ": logits_distorted must match logits in shape, dtype and device");
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0, op, ": alpha must be finite and >= 0, got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0 && beta <= 1, op, ": beta must be in (0, 1], got ", beta);
+}
+
+}  // namespace kvfix
+
+TORCH_LIBRARY_FRAGMENT(kvfix, m) {
+  m.def("rope_calibrate(Tensor k, int start, int end, Tensor? spans, int n, Tensor inv_freq, float gamma, "
+        "Tensor? positions, int[]? sections) -> Tensor");
+  m.def("cmac_attention(Tensor q, Tensor k, Tensor v, int start, int end, Tensor? spans, Tensor? k_calibrated, "
+        "float? scale, Tensor? mask, bool causal, bool imd, Tensor? imd_items, int value_mean) -> Tensor");
+  m.def("contrastive_logits(Tensor logits, Tensor logits_distorted, float alpha, float beta) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
+  m.impl("rope_calibrate", &kvfix::rope_calibrate_cpu);
+  m.impl("cmac_attention", &kvfix::cmac_attention_cpu);
+  m.impl("contrastive_logits", &kvfix::contrastive_logits_cpu);
+}
+
+#ifdef KVFIX_WITH_CUDA
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("rope_calibrate", &kvfix::rope_calibrate_cuda);
+  m.impl("cmac_attention", &kvfix::cmac_attention_cuda);
+  m.impl("contrastive_logits", &kvfix::contrastive_logits_cuda);
+}
+#endif

@@ -1,7 +1,8 @@
 """kvfix: fused KV-cache kernels that make vision-language models hallucinate less.
 
 Ops (CPU always, CUDA when built with nvcc): `dscr_refine`, `dscr_refine_cache_`;
-KVSmooth: `row_entropy`, `kvsmooth_step_`.
+KVSmooth: `row_entropy`, `kvsmooth_step_`. CMAC: `rope_calibrate`, `cmac_attention`,
+`contrastive_logits`.
 Helpers: `patch_coords`, `patch_depth`, `DepthEstimator` (kvfix.depth).
 transformers integration: `kvfix.hf`.
 """
@@ -14,11 +15,12 @@ import torch
 
 from .depth import DepthEstimator  # transformers is imported only when an estimator is built
 from .geometry import patch_coords, patch_depth
-from .ops import dscr_refine, dscr_refine_cache_, kvsmooth_step_, row_entropy
+from .ops import (cmac_attention, contrastive_logits, dscr_refine, dscr_refine_cache_, kvsmooth_step_,
+                  rope_calibrate, row_entropy)
 
 __version__ = "0.1.0"
-__all__ = ["DepthEstimator", "build_info", "dscr_refine", "dscr_refine_cache_", "kvsmooth_step_",
-           "patch_coords", "patch_depth", "row_entropy"]
+__all__ = ["DepthEstimator", "build_info", "cmac_attention", "contrastive_logits", "dscr_refine",
+           "dscr_refine_cache_", "kvsmooth_step_", "patch_coords", "patch_depth", "rope_calibrate", "row_entropy"]
 
 
 def build_info() -> dict:

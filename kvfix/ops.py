@@ -354,3 +354,281 @@ def _row_entropy_fake(q, k, scale, mask):
 @torch.library.register_fake("kvfix::kvsmooth_step_")
 def _kvsmooth_step_fake(q, k_cache, v_cache, queue, scale, mask, lam_ref, band):
     return q.new_empty((q.shape[0],), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# CMAC (SPEC §4): calibrated image keys (CMPC), attention with IMD, contrastive logits.
+#
+# Image spans travel to the kernels as two ints (one span for the batch) or an int64 tensor
+# [B, 2] read on the device (per-item spans; no host read). Validation otherwise reads shapes,
+# dtypes, devices and Python numbers only.
+
+__all__ += ["rope_calibrate", "cmac_attention", "contrastive_logits"]
+
+_INT_DTYPES = (torch.int64, torch.int32)
+_VALUE_MEANS = {"scalar": 0, "vector": 1}
+
+
+def _check_real(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def _check_float_tensor(x, name: str, *, dims: int, layout: str) -> torch.Tensor:
+    _check_tensor(x, name)
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in _KV_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
+    return x
+
+
+def _check_same(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    if x.dtype != like.dtype:
+        raise TypeError(f"{name} dtype {x.dtype} does not match {like_name} dtype {like.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+
+
+def _check_span(image_span, B: int, T: int, device):
+    """-> (start, end, spans tensor or None). Int spans are checked against T here; the values of
+    a tensor of per-item spans by the CPU kernels (ValueError), never on the host for CUDA (no
+    sync: the kernels clamp a span to [0, T])."""
+    if isinstance(image_span, torch.Tensor):
+        sp = image_span
+        if sp.dtype not in _INT_DTYPES:
+            raise TypeError(f"image_span must be an int64 tensor [B, 2] or (start, end) ints, got dtype {sp.dtype}")
+        if sp.shape != (B, 2):
+            raise ValueError(f"image_span must be [B, 2] = [{B}, 2] (per-item start, end), got shape {tuple(sp.shape)}")
+        if sp.device != device:
+            raise ValueError(f"image_span is on {sp.device} but k is on {device}")
+        sp = sp.to(torch.int64).contiguous()
+        return 0, 0, sp
+    if not isinstance(image_span, (tuple, list)) or len(image_span) != 2 or any(
+            isinstance(x, bool) or not isinstance(x, int) for x in image_span):
+        raise TypeError(f"image_span must be (start, end) ints or an int64 tensor [B, 2], got {image_span!r}")
+    s, e = image_span
+    if not 0 <= s <= e <= T:
+        raise ValueError(f"image_span ({s}, {e}) is out of range: need 0 <= start <= end <= T = {T}")
+    return s, e, None
+
+
+def _check_mask4(mask, shape, device):
+    if mask is None:
+        return
+    _check_tensor(mask, "mask")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but q is on {device}")
+    ok = 1 <= mask.dim() <= 4
+    if ok:
+        full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        ok = all(s in (1, w) for s, w in zip(full, shape))
+    if not ok:
+        raise ValueError(f"mask must be broadcastable to [B, Hq, Tq, T] = {list(shape)}, got shape {tuple(mask.shape)}")
+
+
+def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma: float = 3.0,
+                   positions: torch.Tensor | None = None, mrope_section=None,
+                   num_tokens: int | None = None) -> torch.Tensor:
+    """CMPC: the image keys re-rotated to calibrated positions (SPEC §4). Returns [B, Hkv, N, D].
+
+    Args:
+        k: [B, Hkv, T, D] post-RoPE keys (e.g. a layer's cache; any strides with a contiguous
+            last dim), float32/float16/bfloat16; D even.
+        image_span: (start, end) cache indices shared by the batch (N = end - start), or an
+            int64 tensor [B, 2] of per-item spans of one length N on k's device (left padding
+            shifts spans per item). A CUDA tensor is read on the device only; its spans must be
+            in range (the kernel clamps reads to [0, T); out-of-range tokens come out as 0).
+        inv_freq: [D/2] float32, the model's rotary inverse frequencies (e.g.
+            `model.language_model.rotary_emb.inv_freq`), on k's device.
+        gamma: calibration strength, > 0 (1: keys unchanged up to rounding; the authors use 3).
+        positions: None (RoPE position = cache index), [B, T] (1-D RoPE) or [S, B, T]
+            (multi-section RoPE, S = len(mrope_section)) integer RoPE positions of the keys.
+        mrope_section: section sizes of the D/2 frequencies (Qwen2-VL: [16, 24, 24] -> t, h, w),
+            summing to D/2. None: 1-D RoPE.
+        num_tokens: N for a tensor image_span; None reads it from the tensor (one host read).
+
+    For key t with RoPE position p (per section) and s the position of the span's first token,
+    the calibrated position is s + (p - s) / gamma, so the key is rotated by
+    delta = (1 / gamma - 1) (p - s) radians times inv_freq[f] for each frequency f, with the
+    rotate_half convention of Llama / Qwen2-VL: frequency f pairs dims f and f + D/2,
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). fp32 arithmetic, output in k's dtype,
+    a new contiguous tensor.
+    """
+    _check_float_tensor(k, "k", dims=4, layout="[B, Hkv, T, D]")
+    B, H, T, D = k.shape
+    if D % 2:
+        raise ValueError(f"k head dim must be even for RoPE, got {D}")
+    gamma = _check_real(gamma, "gamma")
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    _check_tensor(inv_freq, "inv_freq")
+    if inv_freq.shape != (D // 2,):
+        raise ValueError(f"inv_freq must be [D/2] = [{D // 2}], got shape {tuple(inv_freq.shape)}")
+    if inv_freq.dtype != torch.float32:
+        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
+    if inv_freq.device != k.device:
+        raise ValueError(f"inv_freq is on {inv_freq.device} but k is on {k.device}")
+    start, end, spans = _check_span(image_span, B, T, k.device)
+    if spans is None:
+        n = end - start
+    elif num_tokens is not None:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= T:
+            raise ValueError(f"num_tokens must be an int in [0, T = {T}], got {num_tokens!r}")
+        n = num_tokens
+    else:
+        n = int(spans[0, 1] - spans[0, 0])
+    sections = None
+    if mrope_section is not None:
+        if isinstance(mrope_section, torch.Tensor) or not isinstance(mrope_section, (list, tuple)) or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in mrope_section) or not mrope_section:
+            raise TypeError(f"mrope_section must be a non-empty list of ints >= 0, got {mrope_section!r}")
+        if sum(mrope_section) != D // 2:
+            raise ValueError(f"mrope_section {list(mrope_section)} must sum to D/2 = {D // 2}")
+        sections = [int(x) for x in mrope_section]
+    S = 1 if sections is None else len(sections)
+    if positions is not None:
+        _check_tensor(positions, "positions")
+        if positions.dtype not in _INT_DTYPES:
+            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        if positions.device != k.device:
+            raise ValueError(f"positions is on {positions.device} but k is on {k.device}")
+        ok = positions.shape == (B, T) or (positions.dim() == 3 and positions.shape[1:] == (B, T)
+                                           and positions.shape[0] in (1, S))
+        if not ok:
+            want = "[B, T]" + ("" if sections is None else f" or [{S}, B, T]")
+            raise ValueError(f"positions must be {want} with B={B}, T={T}, got shape {tuple(positions.shape)}")
+        if positions.dim() == 2:
+            positions = positions.unsqueeze(0)
+        positions = positions.to(torch.int64).contiguous()
+    _check_built_for(k, "rope_calibrate")
+    return torch.ops.kvfix.rope_calibrate.default(k, start, end, spans, n, inv_freq, gamma, positions, sections)
+
+
+def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span, *,
+                   k_calibrated: torch.Tensor | None = None, scale: float | None = None,
+                   mask: torch.Tensor | None = None, causal: bool = True, imd=False,
+                   value_mean: str = "scalar") -> torch.Tensor:
+    """Attention with CMAC's calibrated image keys and, optionally, IMD (SPEC §4). [B, Hq, Tq, D].
+
+    Args:
+        q: [B, Hq, Tq, D] queries (after RoPE); k, v: [B, Hkv, T, D] keys and values (GQA: query
+            head h reads kv head h // (Hq // Hkv)); float32/float16/bfloat16, any strides with a
+            contiguous last dim (a layer of a cache works without a copy). Queries are
+            bottom-right aligned: query i sits at cache position T - Tq + i (prefill: Tq = T;
+            decode: Tq = 1).
+        image_span: (start, end) cache indices, or an int64 tensor [B, 2] of per-item spans
+            (read on the device). Query i is "after the image" when T - Tq + i >= end.
+        k_calibrated: [B, Hkv, N, D] image keys at calibrated positions (`rope_calibrate`);
+            pairs (after-image query, image key) use them instead of k. None: plain keys.
+        scale: logit scale, default 1 / sqrt(D).
+        mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Tq, T] (what SDPA
+            gets, e.g. padding). False / -inf removes a pair; a row without any key returns 0.
+        causal: mask keys after the query's position.
+        imd: bool, or bool tensor [B] (per item: one batched call can run the original and the
+            distorted branch). On an item, mu_P = the mean of the calibrated segment's logits
+            (scale * q . k_cal, before masking) over query heads, this call's after-image
+            queries and image keys; pairs of the segment with logit > mu_P take the value mu_V
+            instead of v. Softmax normalisation is unchanged.
+        value_mean: mu_V = mean of the kv head's image values over tokens and head dim
+            ("scalar", the authors' code) or over tokens only ("vector", the paper).
+
+    One streaming pass per query block (online softmax, fp32 accumulation; the [Tq, T] matrix is
+    never stored). Output in q's dtype, a new contiguous tensor. No host synchronisation.
+    """
+    _check_float_tensor(q, "q", dims=4, layout="[B, Hq, Tq, D]")
+    _check_float_tensor(k, "k", dims=4, layout="[B, Hkv, T, D]")
+    _check_float_tensor(v, "v", dims=4, layout="[B, Hkv, T, D]")
+    _check_same(k, "k", q, "q")
+    _check_same(v, "v", q, "q")
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (same B and D expected)")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    if Tq > T:
+        raise ValueError(f"q has more positions (Tq={Tq}) than k (T={T}): queries are the last Tq cache positions")
+    start, end, spans = _check_span(image_span, B, T, q.device)
+    if k_calibrated is not None:
+        _check_float_tensor(k_calibrated, "k_calibrated", dims=4, layout="[B, Hkv, N, D]")
+        _check_same(k_calibrated, "k_calibrated", q, "q")
+        n = end - start if spans is None else k_calibrated.shape[2]
+        if k_calibrated.shape != (B, Hkv, n, D):
+            raise ValueError(f"k_calibrated must be [B, Hkv, N, D] = {[B, Hkv, n, D]} (N = the span length), "
+                             f"got shape {tuple(k_calibrated.shape)}")
+    _check_mask4(mask, (B, Hq, Tq, T), q.device)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    imd_items = None
+    if isinstance(imd, torch.Tensor):
+        if imd.dtype != torch.bool or imd.shape != (B,):
+            raise ValueError(f"imd must be a bool or a bool tensor [B] = [{B}], got {imd.dtype} {tuple(imd.shape)}")
+        if imd.device != q.device:
+            raise ValueError(f"imd is on {imd.device} but q is on {q.device}")
+        imd_items, imd = imd.contiguous(), True
+    elif not isinstance(imd, bool):
+        raise TypeError(f"imd must be a bool or a bool tensor [B], got {type(imd).__name__}")
+    if value_mean not in _VALUE_MEANS:
+        raise ValueError(f"value_mean must be 'scalar' or 'vector', got {value_mean!r}")
+    _check_built_for(q, "cmac_attention")
+    return torch.ops.kvfix.cmac_attention.default(q, k, v, start, end, spans, k_calibrated, _check_scale(scale),
+                                                  mask, causal, imd, imd_items, _VALUE_MEANS[value_mean])
+
+
+def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, alpha: float = 3.0,
+                       beta: float = 0.2) -> torch.Tensor:
+    """Contrastive decoding logits (SPEC §4): `(1 + alpha) l - alpha l~` on the plausible set
+    `{y : log p(y) >= log beta + max log p}` (p = softmax of the ORIGINAL branch's logits l,
+    so the test is `l_y - max l >= log beta`), -inf elsewhere.
+
+    logits, logits_distorted: [..., V] float32/float16/bfloat16, same shape, dtype and device
+    (any layout). alpha >= 0, beta in (0, 1]. One fused pass per row (row max, then the
+    combination), fp32 arithmetic, output [..., V] in the input dtype. Rows whose logits hold
+    nan give nan where compared; -inf logits are never plausible.
+    """
+    for name, x in (("logits", logits), ("logits_distorted", logits_distorted)):
+        _check_tensor(x, name)
+        if x.dtype not in _KV_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() < 1 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty [..., V] tensor, got shape {tuple(x.shape)}")
+    if logits_distorted.shape != logits.shape:
+        raise ValueError(f"logits_distorted shape {tuple(logits_distorted.shape)} does not match logits shape "
+                         f"{tuple(logits.shape)}")
+    _check_same(logits_distorted, "logits_distorted", logits, "logits")
+    alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if not 0 < beta <= 1:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    _check_built_for(logits, "contrastive_logits")
+    return torch.ops.kvfix.contrastive_logits.default(logits, logits_distorted, alpha, beta)
+
+
+@torch.library.register_fake("kvfix::rope_calibrate")
+def _rope_calibrate_fake(k, start, end, spans, n, inv_freq, gamma, positions, sections):
+    return k.new_empty((k.shape[0], k.shape[1], n, k.shape[3]))
+
+
+@torch.library.register_fake("kvfix::cmac_attention")
+def _cmac_attention_fake(q, k, v, start, end, spans, k_calibrated, scale, mask, causal, imd, imd_items,
+                         value_mean):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvfix::contrastive_logits")
+def _contrastive_logits_fake(logits, logits_distorted, alpha, beta):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -176,3 +176,155 @@ def kvsmooth_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         lam = torch.zeros_like(lam)
     return lam, kvsmooth_ema(k_cache, lam), kvsmooth_ema(v_cache, lam), new_queue
+
+
+# ---------------------------------------------------------------------------------------------
+# CMAC (SPEC §4)
+#
+# Choices made here (documented defaults, docs/CMAC.md):
+# - image spans: (start, end) ints shared by the batch, or an int64 tensor [B, 2] of per-item
+#   spans of one length N (left padding shifts the span per item). Key t is an image key of item
+#   b when start_b <= t < end_b.
+# - queries are bottom-right aligned: query i sits at cache position T - Tq + i; it is an
+#   "after-image" query when that position is >= end_b. The calibrated segment is (after-image
+#   query, image key); every other pair uses the plain key.
+# - mu_P (IMD threshold, per batch item) is the mean of the segment's logits scale * q . k_cal
+#   over query heads, the call's after-image queries and image keys, before any mask is added;
+#   a call without after-image queries has no segment, and IMD changes nothing.
+# - mask: bool (True = attend) or additive float broadcastable to [B, Hq, Tq, T]; False or
+#   -inf removes a pair, finite values are added to the logits. A row where no key takes part
+#   returns zeros.
+# - positions (RoPE) are integers; the calibrated angle of frequency f is
+#   ((s + (p - s) / gamma) - p) * inv_freq[f] = (1 / gamma - 1) (p - s) inv_freq[f].
+
+__all__ += ["image_spans", "rope_calibrate", "cmac_attention", "contrastive_logits"]
+
+
+def image_spans(image_span, B: int, device=None):
+    """(start [B], end [B]) int64 tensors of an image span given as (start, end) or a [B, 2] tensor."""
+    if isinstance(image_span, torch.Tensor):
+        sp = image_span.to(device=device, dtype=torch.int64).expand(B, 2)
+        return sp[:, 0], sp[:, 1]
+    s, e = image_span
+    return (torch.full((B,), int(s), dtype=torch.int64, device=device),
+            torch.full((B,), int(e), dtype=torch.int64, device=device))
+
+
+def _rope_sections(mrope_section, half: int, device):
+    """Section index of each of the D/2 frequencies: zeros for 1-D RoPE."""
+    if mrope_section is None:
+        return torch.zeros(half, dtype=torch.int64, device=device)
+    sizes = torch.tensor(list(mrope_section), dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(device)
+
+
+def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma: float = 3.0,
+                   positions: torch.Tensor | None = None, mrope_section=None,
+                   num_tokens: int | None = None) -> torch.Tensor:
+    """CMPC calibrated image keys (SPEC §4), [B, H, N, D] in k's dtype (arithmetic in k's dtype).
+
+    Key t of the span gets the rotation by delta = (s + (p - s) / gamma) - p per frequency, with
+    p its RoPE position and s the position of the span's first token (per RoPE section for
+    multi-section RoPE; positions None means p = t). rotate_half convention: frequency f pairs
+    dims f and f + D/2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    """
+    B, H, T, D = k.shape
+    half = D // 2
+    st, en = image_spans(image_span, B, k.device)
+    N = int(num_tokens) if num_tokens is not None else int(en[0] - st[0])
+    if positions is None:
+        pos = torch.arange(T, device=k.device).expand(1, B, T)
+    elif positions.dim() == 2:
+        pos = positions[None]
+    else:
+        pos = positions
+    pos = pos.to(torch.int64)
+    sec = _rope_sections(mrope_section, half, k.device)
+    sec = sec.clamp(max=pos.shape[0] - 1)  # 1-D positions serve every section
+    idx = st[:, None] + torch.arange(N, device=k.device)                        # [B, N]
+    p = torch.gather(pos, 2, idx[None].expand(pos.shape[0], B, N))              # [S, B, N]
+    s0 = torch.gather(pos, 2, st[None, :, None].expand(pos.shape[0], B, 1))     # [S, B, 1]
+    dt = k.dtype
+    delta = (p - s0).to(dt) * (1.0 / gamma - 1.0)                               # [S, B, N]
+    ang = delta[sec].permute(1, 2, 0) * inv_freq.to(dt)                         # [B, N, D/2]
+    cos, sin = torch.cos(ang)[:, None], torch.sin(ang)[:, None]                 # [B, 1, N, D/2]
+    x = torch.gather(k, 2, idx[:, None, :, None].expand(B, H, N, D))
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span, *,
+                   k_calibrated: torch.Tensor | None = None, scale: float | None = None,
+                   mask: torch.Tensor | None = None, causal: bool = True, imd=False,
+                   value_mean: str = "scalar") -> torch.Tensor:
+    """CMAC attention (SPEC §4: CMPC logits, IMD values), materialised: [B, Hq, Tq, D].
+
+    q [B, Hq, Tq, D], k, v [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)),
+    k_calibrated [B, Hkv, N, D] (the image keys at calibrated positions, e.g. `rope_calibrate`;
+    None: no calibration). imd: bool or bool tensor [B]. value_mean: "scalar" (mean over image
+    tokens and head dim, as the authors' code) or "vector" (over tokens only, as the paper).
+    Runs in q's dtype (float64 gives the ground truth); see the module notes for the choices.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    dt = q.dtype
+    dev = q.device
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    st, en = image_spans(image_span, B, dev)
+    qpos = torch.arange(T - Tq, T, device=dev)
+    kpos = torch.arange(T, device=dev)
+    kk = k.to(dt)
+    inimg = (kpos[None] >= st[:, None]) & (kpos[None] < en[:, None])              # [B, T]
+    after = qpos[None] >= en[:, None]                                             # [B, Tq]
+    seg = after[:, None, :, None] & inimg[:, None, None, :]                       # [B, 1, Tq, T]
+    logits = torch.einsum("bhqd,bhtd->bhqt", q, kk.repeat_interleave(g, 1)) * scale
+    if k_calibrated is not None:
+        kc = kk.clone()
+        N = k_calibrated.shape[2]
+        for b in range(B):
+            s = int(st[b])
+            kc[b, :, s:s + N] = k_calibrated[b].to(dt)
+        cal = torch.einsum("bhqd,bhtd->bhqt", q, kc.repeat_interleave(g, 1)) * scale
+        logits = torch.where(seg, cal, logits)
+    valid = torch.ones(B, Hq, Tq, T, dtype=torch.bool, device=dev)
+    bias = torch.zeros((), dtype=dt, device=dev)
+    if causal:
+        valid = valid & (kpos[None, :] <= qpos[:, None])
+    if mask is not None:
+        m = mask.expand(B, Hq, Tq, T)
+        if m.dtype == torch.bool:
+            valid = valid & m
+        else:
+            valid = valid & (m != float("-inf"))
+            bias = torch.where(m != float("-inf"), m.to(dt), torch.zeros((), dtype=dt, device=dev))
+    scores = torch.where(valid, logits + bias, torch.full((), float("-inf"), dtype=dt, device=dev))
+    any_valid = valid.any(-1, keepdim=True)
+    probs = torch.softmax(torch.where(any_valid, scores, torch.zeros_like(scores)), dim=-1)
+    probs = torch.where(valid, probs, torch.zeros_like(probs))
+    vv = v.to(dt).repeat_interleave(g, 1)                                         # [B, Hq, T, D]
+    if isinstance(imd, torch.Tensor):
+        imd_b = imd.to(device=dev, dtype=torch.bool).expand(B)
+    else:
+        imd_b = torch.full((B,), bool(imd), dtype=torch.bool, device=dev)
+    segh = seg.expand(B, Hq, Tq, T)
+    count = segh.sum(dim=(1, 2, 3)).to(dt)                                        # [B]
+    mu_p = torch.where(segh, logits, torch.zeros_like(logits)).sum(dim=(1, 2, 3)) / count.clamp(min=1)
+    hit = segh & (logits > mu_p[:, None, None, None]) & imd_b[:, None, None, None]
+    w_img = inimg[:, None, :, None].to(dt)                                        # [B, 1, T, 1]
+    n_img = (en - st).clamp(min=1).to(dt)[:, None, None]
+    mu_v = (vv * w_img).sum(dim=2) / n_img                                        # [B, Hq, D]
+    if value_mean == "scalar":
+        mu_v = mu_v.mean(dim=-1, keepdim=True).expand(B, Hq, D)
+    p_hit = torch.where(hit, probs, torch.zeros_like(probs))
+    return (probs - p_hit) @ vv + p_hit.sum(-1, keepdim=True) * mu_v[:, :, None, :]
+
+
+def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, alpha: float = 3.0,
+                       beta: float = 0.2) -> torch.Tensor:
+    """Contrastive decoding (SPEC §4): (1 + alpha) l - alpha l~ on the plausible set
+    {y : log p(y) >= log beta + max log p}, p = softmax(l) of the original branch; -inf elsewhere.
+    log p(y) - max log p = l_y - max l, so the cut needs the row maximum only. In l's dtype."""
+    keep = logits - logits.amax(dim=-1, keepdim=True) >= math.log(beta)
+    out = (1 + alpha) * logits - alpha * logits_distorted.to(logits.dtype)
+    return torch.where(keep, out, torch.full((), float("-inf"), dtype=out.dtype, device=out.device))
