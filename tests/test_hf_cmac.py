@@ -54,10 +54,12 @@ def model_of(family, llava, qwen):
 
 
 def prompt(model, family, batch2=False):
-    """One item, or two left-padded items (Qwen2-VL: different grids, so different span lengths)."""
+    """One item, or two left-padded items (Qwen2-VL: different grids, so different span lengths);
+    fresh random text and pixels per test (seeded from the test's id by conftest)."""
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()))
     if family.startswith("llava"):
-        return testing.llava_prompt(model, [1, 1] if batch2 else [1], seed=3)
-    return testing.qwen_prompt(model, [[(4, 6)], [(4, 4)]] if batch2 else [[(4, 6)]], seed=3)
+        return testing.llava_prompt(model, [1, 1] if batch2 else [1], seed=seed)
+    return testing.qwen_prompt(model, [[(4, 6)], [(4, 4)]] if batch2 else [[(4, 6)]], seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
