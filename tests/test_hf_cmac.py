@@ -351,3 +351,14 @@ def test_beam_search_is_refused_and_num_return_sequences_runs(llava):
             gen(llava, inputs, 3, num_beams=2)
         out = gen(llava, inputs, 3, do_sample=True, num_return_sequences=2)
     assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
+
+
+def test_second_turn_continues_both_branches(qwen):
+    inputs, _ = prompt(qwen, "qwen")
+    with kvfix.hf.enable(qwen, kvfix.hf.CMAC()):
+        first = gen(qwen, inputs, 4, return_dict_in_generate=True)
+        assert first.past_key_values.layers[0].keys.shape[0] == 2  # [original; distorted]
+        ids = torch.cat([first.sequences, torch.randint(3, 90, (1, 3))], dim=1)
+        second = gen(qwen, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 3,
+                     past_key_values=first.past_key_values)
+    assert second.shape == (1, ids.shape[1] + 3) and torch.equal(second[:, :ids.shape[1]], ids)
