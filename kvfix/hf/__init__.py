@@ -19,7 +19,8 @@ Layout (how methods plug in, and how they stack)
   `attention(...)` (wraps the text model's attention function: sees q after RoPE and the
   layer's cache K/V; KVSmooth, SCR's diagnostic scores, CMAC's calibrated attention),
   `layer_input(...)` (replaces the residual stream entering a decoder layer: SCR), and
-  `wrap_generate(...)` (owns the decoding loop: CMAC's two branches). Only the hooks some method
+  `wrap_generate(...)` (owns `handle.generate`'s decoding loop; CMAC needs none: its two
+  branches run as 2B rows of each forward). Only the hooks some method
   overrides are installed.
 - `Handle` (core.py): the single dispatcher per model. It installs, once for all methods:
   a forward pre-hook and hook on the model (session / prefill / decode bookkeeping, image
