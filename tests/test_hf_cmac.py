@@ -171,13 +171,15 @@ def test_batch_left_padding_matches_reference(family, llava, qwen):
     inputs, spans = prompt(model, family, batch2=True)
     assert (inputs["attention_mask"] == 0).any()  # really padded
     ref, ref_cd = ref_generate(model, family, inputs, spans, 8, value_mean="vector")
-    with kvfix.hf.enable(model, kvfix.hf.CMAC(value_mean="vector")):
-        out = gen(model, inputs, 8, return_dict_in_generate=True, output_logits=True)
-    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]:], ref)
-    first = out.logits[0]
-    finite = torch.isfinite(ref_cd[0])
-    assert torch.equal(torch.isfinite(first), finite)  # the same plausible set
-    torch.testing.assert_close(first[finite], ref_cd[0][finite], atol=1e-4, rtol=1e-4)
+    for fork in (True, False):  # the distorted prefill forked from the original's prefix, or all 2B rows
+        with kvfix.hf.enable(model, kvfix.hf.CMAC(value_mean="vector", fork_prefill=fork)):
+            out = gen(model, inputs, 8, return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]:], ref)
+        for step in (0, 7):
+            got, want = out.logits[step], ref_cd[step]
+            finite = torch.isfinite(want)
+            assert torch.equal(torch.isfinite(got), finite)  # the same plausible set
+            torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
 
 
 def test_sampling_matches_reference(llava):
@@ -282,8 +284,9 @@ def test_attention_is_innermost_whatever_the_order(llava):
 def test_stacked_with_dscr_and_kvsmooth(family, llava, qwen):
     model = model_of(family, llava, qwen)
     inputs, spans = prompt(model, family, batch2=True)
+    kw = dict(return_dict_in_generate=True, output_logits=True)
     with kvfix.hf.enable(model, kvfix.hf.CMAC()):
-        alone = gen(model, inputs, 8)
+        alone = gen(model, inputs, 8, **kw)
     dscr, cmac, smooth = kvfix.hf.DSCR(missing_depth="uniform"), kvfix.hf.CMAC(), kvfix.hf.KVSmooth(layers=[1, 3])
     seen = {}
 
@@ -293,9 +296,10 @@ def test_stacked_with_dscr_and_kvsmooth(family, llava, qwen):
                 seen["k"] = ctx.cache.layers[2].keys.clone()
 
     with kvfix.hf.enable(model, cmac, dscr, smooth, Probe()):
-        out = gen(model, inputs, 8)
+        out = gen(model, inputs, 8, **kw)
     assert dscr.refine_calls == 2 and smooth.steps == 7 * 2
-    assert out.shape == alone.shape and not torch.equal(out, alone)
+    assert out.sequences.shape == alone.sequences.shape
+    assert not torch.allclose(out.logits[1], alone.logits[1])  # DSCR acted (KVSmooth too, later)
     k = seen["k"]
     assert k.shape[0] == 4  # [original; distorted]
     for b, s, gh, gw in spans:  # the refined image span is shared by both branches
@@ -316,7 +320,7 @@ def test_bad_options(kw, err, llava):
     assert kvfix.hf.get_handle(llava) is None
 
 
-@pytest.mark.parametrize("kw", [dict(imd=1), dict(alpha="3"), dict(beta=None)])
+@pytest.mark.parametrize("kw", [dict(imd=1), dict(alpha="3"), dict(beta=None), dict(fork_prefill="yes")])
 def test_bad_option_types(kw):
     with pytest.raises(TypeError, match=next(iter(kw))):
         kvfix.hf.CMAC(**kw)

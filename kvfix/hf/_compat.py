@@ -11,7 +11,9 @@ Public API
   `ALL_MASK_ATTENTION_FUNCTIONS`, and `model.set_attn_implementation({"text_config": name})`,
   so that only the text model goes through the kvfix attention function.
 - `Cache.get_seq_length()` and `Cache.layers[i].keys / .values` (`[B, H, T, D]` tensors of the
-  dynamic and static cache layers; transformers >= 4.56 exposes them on each layer).
+  dynamic and static cache layers; transformers >= 4.56 exposes them on each layer);
+  `DynamicCache(config=...)` + `update` to fork a prefix, and assigning a dynamic layer's
+  `.keys / .values` to append batch rows (CMAC's prefill).
 
 - The text model's rotary embedding buffer `get_decoder().rotary_emb.inv_freq` ([D/2], the
   frequencies in use, scaling variants included) and `rope_parameters["mrope_section"]` of the
@@ -35,7 +37,7 @@ import torch
 try:
     import transformers
     from transformers import AttentionInterface
-    from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as e:  # pragma: no cover - exercised only without transformers
@@ -157,6 +159,27 @@ def layer_kv(cache, layer_idx: int, needed_len: int):
         raise ValueError(f"cache layer {layer_idx} holds {keys.shape[-2]} positions but {needed_len} are needed "
                          "(a sliding-window layer past its window cannot be refined)")
     return keys, values
+
+
+def fork_cache(model, cache, length: int):
+    """A new DynamicCache for `model` holding copies of the first `length` positions of every
+    layer of `cache` (dynamic layers only)."""
+    fork = DynamicCache(config=model.config)
+    for i in range(len(cache.layers)):
+        keys, values = layer_kv(cache, i, length)
+        if not isinstance(cache.layers[i], DynamicLayer) or keys.shape[-2] != cache_length(cache):
+            raise ValueError(f"cache layer {i} is not a plain dynamic layer: cannot fork it")
+        fork.update(keys[:, :, :length], values[:, :, :length], i)  # update concatenates: a copy
+    return fork
+
+
+def stack_cache_rows(cache, other) -> None:
+    """Append the batch rows of `other` to `cache`, layer by layer (same positions)."""
+    for i, (a, b) in enumerate(zip(cache.layers, other.layers)):
+        if a.keys.shape[-2] != b.keys.shape[-2]:
+            raise ValueError(f"cache layer {i}: {a.keys.shape[-2]} and {b.keys.shape[-2]} positions differ")
+        a.keys = torch.cat([a.keys, b.keys])
+        a.values = torch.cat([a.values, b.values])
 
 
 # --------------------------------------------------------------------------------------------

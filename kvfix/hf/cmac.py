@@ -54,6 +54,22 @@ class _State:
         self.k_cal: dict = {}                 # layer -> calibrated image keys (valid until the keys change)
         self.forked = False                   # distorted prefix copied from the original after prefill
         self.device = None
+        # which rows the text model runs now: "both" (2B rows, or B when not doubled), or, in a
+        # forked prefill, "orig" (the original rows on the whole prompt) then "dist" (the
+        # distorted rows on the prompt after `split`, on a copy of the original's prefix)
+        self.mode = "both"
+        self.split = 0
+        self.pending: dict | None = None      # the text model's B-row inputs, for the "dist" pass
+        self.min_end = int(spans[:, 1].min()) if spans.numel() else 0
+
+    def rows(self):
+        """(spans, imd, lengths) of the rows the text model runs now."""
+        B = self.batch
+        if self.mode == "orig":
+            return self.spans[:B], False, self.lengths[:B]
+        if self.mode == "dist":
+            return self.spans[B:], True, self.lengths[B:]
+        return self.spans, self.imd_rows, self.lengths
 
 
 class CMAC(Method):
@@ -66,7 +82,8 @@ class CMAC(Method):
 
     How it runs: every forward of the model runs its text model on the batch doubled, rows
     `[original; distorted]`, each row with its own cache rows (one cache object, 2B rows: two
-    branches that share nothing after the image). The attention of the selected text decoder
+    branches that share nothing after the image; the prefill forks the distorted rows from the
+    original's prefix, see fork_prefill). The attention of the selected text decoder
     layers is replaced (innermost: other methods' attention hooks wrap it) by
     `kvfix.cmac_attention` with the image keys re-rotated by `kvfix.rope_calibrate` (CMPC, both
     branches) and IMD on the distorted rows only. The model's logits become
@@ -88,6 +105,11 @@ class CMAC(Method):
         value_mean: IMD's replacement value, "scalar" (mean over image tokens and head dim, as
             the authors' code) or "vector" (per dimension, as the paper).
         layers: text decoder layers with CMPC / IMD (None: all, as the paper).
+        fork_prefill: True (default): the prefill runs the original rows on the whole prompt,
+            then the distorted rows only on the prompt after the first image end of the batch,
+            on a copy of the original rows' cache up to there (identical by construction), and
+            appends their cache rows; False: the prefill runs all 2B rows on the whole prompt.
+            Same results either way; the fork saves most of the second branch's prefill.
 
     Requirements: one image per batch item (items may differ in grid: their spans are then run
     one op call per row), a dynamic (non-static, non-sliding) cache or none, greedy or sampling
@@ -100,7 +122,7 @@ class CMAC(Method):
     attention_innermost = True
 
     def __init__(self, alpha: float = 3.0, beta: float = 0.2, gamma: float = 3.0, imd: bool = True,
-                 value_mean: str = "scalar", *, layers=None):
+                 value_mean: str = "scalar", *, layers=None, fork_prefill: bool = True):
         alpha, beta, gamma = _number("alpha", alpha), _number("beta", beta), _number("gamma", gamma)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -110,20 +132,23 @@ class CMAC(Method):
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if not isinstance(imd, bool):
             raise TypeError(f"imd must be a bool, got {type(imd).__name__}")
+        if not isinstance(fork_prefill, bool):
+            raise TypeError(f"fork_prefill must be a bool, got {type(fork_prefill).__name__}")
         if value_mean not in _VALUE_MEANS:
             raise ValueError(f"value_mean must be one of {_VALUE_MEANS}, got {value_mean!r}")
         self.alpha, self.beta, self.gamma, self.imd, self.value_mean = alpha, beta, gamma, imd, value_mean
         self.layers = check_layers(layers)
+        self.fork_prefill = fork_prefill
         self.selected_layers: tuple[int, ...] = ()
         self._selected: frozenset = frozenset()
         self._handle: Handle | None = None
-        self._hook = None
+        self._hooks: list = []
         self._inv_freq: torch.Tensor | None = None
         self._mrope_section = None
 
     def __repr__(self):
         return (f"CMAC(alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, imd={self.imd}, "
-                f"value_mean={self.value_mean!r}, layers={self.layers!r})")
+                f"value_mean={self.value_mean!r}, layers={self.layers!r}, fork_prefill={self.fork_prefill})")
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -135,12 +160,14 @@ class CMAC(Method):
         self._selected = frozenset(self.selected_layers)
         self._inv_freq, self._mrope_section = _compat.rope_frequencies(handle.model)
         self._handle = handle
-        self._hook = _compat.text_model(handle.model).register_forward_pre_hook(self._text_inputs, with_kwargs=True)
+        text = _compat.text_model(handle.model)
+        self._hooks = [text.register_forward_pre_hook(self._text_inputs, with_kwargs=True),
+                       text.register_forward_hook(self._text_output, with_kwargs=True)]
 
     def unbind(self, handle: Handle) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         self._handle = None
 
     def _state(self, ctx) -> _State | None:
@@ -222,24 +249,35 @@ class CMAC(Method):
         ref = kwargs.get("inputs_embeds")
         if ref is None:
             ref = kwargs.get("input_ids")
+        if st.mode == "dist":  # the distorted rows' prefill pass started by _text_output: as given
+            return None
         kwargs = dict(kwargs)
+        t = ref.shape[1]
+        rows = ref.shape[0]
         if st.doubled:
             if ref.shape[0] != st.batch:
                 raise ValueError(f"kvfix.hf.CMAC: the text model got {ref.shape[0]} rows, the generation has "
                                  f"{st.batch} (beam search and num_return_sequences changes are not supported)")
-            for name in ("inputs_embeds", "input_ids"):
-                if kwargs.get(name) is not None:
-                    kwargs[name] = torch.cat([kwargs[name], kwargs[name]])
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor):
-                kwargs["attention_mask"] = torch.cat([mask, mask])
-            elif isinstance(mask, dict):
-                kwargs["attention_mask"] = {k: (torch.cat([m, m]) if isinstance(m, torch.Tensor) else m)
-                                            for k, m in mask.items()}
-            pos = kwargs.get("position_ids")
-            if pos is not None:
-                kwargs["position_ids"] = torch.cat([pos, pos], dim=_compat.position_batch_dim(pos))
-        rows, t = ref.shape[0] * (2 if st.doubled else 1), ref.shape[1]
+            cache = kwargs.get("past_key_values")
+            if (self.fork_prefill and ctx.past_len == 0 and cache is not None and kwargs.get("use_cache") is not False
+                    and t >= 2):
+                # forked prefill: the original rows now, the distorted rows after the split in
+                # _text_output (their prefix up to the first image end is the original's)
+                st.mode, st.split, st.pending = "orig", min(max(st.min_end, 1), t - 1), dict(kwargs)
+            else:
+                rows = 2 * st.batch
+                for name in ("inputs_embeds", "input_ids"):
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = torch.cat([kwargs[name], kwargs[name]])
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    kwargs["attention_mask"] = torch.cat([mask, mask])
+                elif isinstance(mask, dict):
+                    kwargs["attention_mask"] = {k: (torch.cat([m, m]) if isinstance(m, torch.Tensor) else m)
+                                                for k, m in mask.items()}
+                pos = kwargs.get("position_ids")
+                if pos is not None:
+                    kwargs["position_ids"] = torch.cat([pos, pos], dim=_compat.position_batch_dim(pos))
         sections = len(self._mrope_section) if self._mrope_section else 1
         pos = _compat.rope_positions(kwargs.get("position_ids"), sections)
         if pos is None:
@@ -253,6 +291,45 @@ class CMAC(Method):
             st.positions = torch.cat([prev.expand(S, -1, -1), pos.expand(S, -1, -1)], dim=-1)
         return args, kwargs
 
+    def _text_output(self, module, args, kwargs, output):
+        """End of the original rows' prefill pass (forked prefill): run the distorted rows on the
+        prompt after the split, on a copy of the original's cache up to there, then append their
+        cache rows and hidden states: from here on the text model holds 2B rows."""
+        handle = self._handle
+        if handle is None or handle._suspended:
+            return None
+        st = self._state(handle._current_ctx())
+        if st is None or st.mode != "orig":
+            return None
+        c, sub = st.split, st.pending
+        st.pending = None
+        cache = sub["past_key_values"]
+        fork = _compat.fork_cache(handle.model, cache, c)
+        for name in ("inputs_embeds", "input_ids"):
+            if sub.get(name) is not None:
+                sub[name] = sub[name][:, c:]
+        pos = sub.get("position_ids")
+        if pos is not None:
+            sub["position_ids"] = pos[..., c:]
+        mask = sub.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            sub["attention_mask"] = mask[:, :, c:]
+        elif isinstance(mask, dict):
+            sub["attention_mask"] = {k: (m[:, :, c:] if isinstance(m, torch.Tensor) and m.dim() == 4 else m)
+                                     for k, m in mask.items()}
+        sub["past_key_values"] = fork
+        st.mode = "dist"
+        try:
+            out_d = module(**sub)
+        finally:
+            st.mode = "both"
+        _compat.stack_cache_rows(cache, fork)
+        h = output.last_hidden_state
+        h_d = torch.cat([h[:, :c], out_d.last_hidden_state], dim=1)
+        output.last_hidden_state = torch.cat([h, h_d])
+        st.positions = torch.cat([st.positions, st.positions], dim=1)
+        return output
+
     # ---- attention -------------------------------------------------------------------------
 
     def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
@@ -260,39 +337,41 @@ class CMAC(Method):
         if st is None or layer_idx not in self._selected:
             return call_next(query, key, value, attention_mask, **kwargs)
         R, T = query.shape[0], key.shape[2]
-        if R != st.spans.shape[0]:
-            raise ValueError(f"kvfix.hf.CMAC: attention got {R} rows, expected {st.spans.shape[0]}")
+        if st.device != query.device:
+            st.spans, st.imd_rows = st.spans.to(query.device), st.imd_rows.to(query.device)
+            st.device = query.device
+        spans, imd, lengths = st.rows()
+        if R != spans.shape[0]:
+            raise ValueError(f"kvfix.hf.CMAC: attention got {R} rows, expected {spans.shape[0]}")
         if st.positions is None or st.positions.shape[-1] != T or (ctx.cache is not None and
                                                                     T != ctx.past_len + ctx.q_len):
             raise ValueError("kvfix.hf.CMAC needs a dynamic cache holding every position (no static or "
                              f"sliding-window layers): layer {layer_idx} has {T} keys for "
                              f"{ctx.past_len + ctx.q_len} positions")
-        if st.device != query.device:
-            st.spans, st.imd_rows = st.spans.to(query.device), st.imd_rows.to(query.device)
-            st.device = query.device
         mask = _attention_mask(attention_mask, T)
         scale = kwargs.get("scaling")
         if scale is None:
             scale = getattr(module, "scaling", None)
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
         with torch.no_grad():
-            k_cal = self._calibrated(st, layer_idx, key, ctx.phase == "decode")
+            k_cal = self._calibrated(st, layer_idx, key, spans, lengths, ctx.phase == "decode")
             if st.equal:
-                out = ops.cmac_attention(query, key, value, st.spans, k_calibrated=k_cal, scale=scale, mask=mask,
-                                         causal=True, imd=st.imd_rows, value_mean=self.value_mean)
+                out = ops.cmac_attention(query, key, value, spans, k_calibrated=k_cal, scale=scale, mask=mask,
+                                         causal=True, imd=imd, value_mean=self.value_mean)
             else:
                 out = torch.cat([
-                    ops.cmac_attention(query[r:r + 1], key[r:r + 1], value[r:r + 1], st.spans[r:r + 1],
+                    ops.cmac_attention(query[r:r + 1], key[r:r + 1], value[r:r + 1], spans[r:r + 1],
                                        k_calibrated=None if k_cal is None else k_cal[r], scale=scale,
                                        mask=None if mask is None else mask[r:r + 1] if mask.shape[0] > 1 else mask,
-                                       causal=True, imd=st.imd_rows[r:r + 1], value_mean=self.value_mean)
+                                       causal=True, imd=imd if isinstance(imd, bool) else imd[r:r + 1],
+                                       value_mean=self.value_mean)
                     for r in range(R)])
         return out.transpose(1, 2).contiguous(), None
 
-    def _calibrated(self, st: _State, layer_idx: int, key: torch.Tensor, keep: bool):
+    def _calibrated(self, st: _State, layer_idx: int, key: torch.Tensor, spans, lengths, keep: bool):
         """The image keys at calibrated positions ([R, Hkv, N, D], or a list of per-row tensors
         when the rows' spans differ in length); kept per layer while decoding (the image keys do
-        not change there), computed afresh in every prefill."""
+        not change there), computed afresh in every prefill pass."""
         if self.gamma == 1.0:
             return None
         k_cal = st.k_cal.get(layer_idx)
@@ -302,12 +381,12 @@ class CMAC(Method):
         pos = st.positions.to(key.device)
         pos = pos[0] if pos.shape[0] == 1 else pos
         if st.equal:
-            k_cal = ops.rope_calibrate(key, st.spans, inv_freq, gamma=self.gamma, positions=pos,
-                                       mrope_section=self._mrope_section, num_tokens=st.lengths[0])
+            k_cal = ops.rope_calibrate(key, spans, inv_freq, gamma=self.gamma, positions=pos,
+                                       mrope_section=self._mrope_section, num_tokens=lengths[0])
         else:
-            k_cal = [ops.rope_calibrate(key[r:r + 1], st.spans[r:r + 1], inv_freq, gamma=self.gamma,
+            k_cal = [ops.rope_calibrate(key[r:r + 1], spans[r:r + 1], inv_freq, gamma=self.gamma,
                                         positions=pos[..., r:r + 1, :], mrope_section=self._mrope_section,
-                                        num_tokens=st.lengths[r])
+                                        num_tokens=lengths[r])
                      for r in range(key.shape[0])]
         if keep:
             st.k_cal[layer_idx] = k_cal
