@@ -220,12 +220,14 @@ class CMAC(Method):
         if st.forked:
             return
         st.forked = True
+        T = ctx.past_len
+        prefix = None
         with torch.no_grad():
             for layer in range(self._handle.num_layers):
-                keys, values = _compat.layer_kv(ctx.cache, layer, ctx.past_len)
-                T = ctx.past_len
-                ends = st.spans[:B, 1].to(keys.device)
-                prefix = (torch.arange(T, device=keys.device)[None] < ends[:, None])[:, None, :, None]
+                keys, values = _compat.layer_kv(ctx.cache, layer, T)
+                if prefix is None:  # [B, 1, T, 1]: positions before each item's image end
+                    ends = st.spans[:B, 1].to(keys.device)
+                    prefix = (torch.arange(T, device=keys.device)[None] < ends[:, None])[:, None, :, None]
                 for t in (keys, values):
                     t[B:, :, :T] = torch.where(prefix, t[:B, :, :T], t[B:, :, :T])
 
@@ -249,7 +251,7 @@ class CMAC(Method):
         ref = kwargs.get("inputs_embeds")
         if ref is None:
             ref = kwargs.get("input_ids")
-        if st.mode == "dist":  # the distorted rows' prefill pass started by _text_output: as given
+        if ref is None or st.mode == "dist":  # "dist": the pass started by _text_output, as given
             return None
         kwargs = dict(kwargs)
         t = ref.shape[1]
@@ -257,7 +259,7 @@ class CMAC(Method):
         if st.doubled:
             if ref.shape[0] != st.batch:
                 raise ValueError(f"kvfix.hf.CMAC: the text model got {ref.shape[0]} rows, the generation has "
-                                 f"{st.batch} (beam search and num_return_sequences changes are not supported)")
+                                 f"{st.batch} (a batch that changes size during generation is not supported)")
             cache = kwargs.get("past_key_values")
             if (self.fork_prefill and ctx.past_len == 0 and cache is not None and kwargs.get("use_cache") is not False
                     and t >= 2):
