@@ -10,8 +10,8 @@
 // segment: a segment block reads its keys from k_calibrated instead of k, nothing is copied.
 // IMD costs one comparison per segment logit: the hit probabilities are summed and zeroed before
 // P V, and the output gets (their sum) * mu_V; their softmax normalisation is unchanged.
-// mu_P and mu_V are per-item / per-head reductions done before the main pass (only for items
-// with IMD on). No [Tq, T] matrix exists; scratch is O(block) per thread.
+// mu_P (per item) is a reduction over heads done before the main pass, mu_V is summed during it
+// (only for items with IMD on). No [Tq, T] matrix exists; scratch is O(block) per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -168,47 +168,33 @@ struct AttnArgs {
   const std::vector<Span>* spans;
   const std::vector<uint8_t>* imd;   // per item
   const float* mu_p;                 // [B]: IMD threshold per item
-  const float* mu_v;                 // [B, Hkv, D]
+  bool vector_mean;                  // mu_V per dim (else one scalar per head)
   void* out;                         // [B, Hq, Tq, D] contiguous
 };
 
-// mu_P per item and mu_V per (item, kv head), fp32, for items with IMD on.
+// mu_P per item, fp32, for items with IMD on: scale * sum_h qsum_h . kbar_{kv(h)} / (Hq * rows) with
+// qsum_h the sum of head h's after-image queries and kbar the mean (calibrated) image key: the
+// mean of the segment's logits without forming them. (mu_V needs the image values, which the
+// main pass reads anyway: it is summed there.)
 template <class T>
-void imd_stats(const AttnArgs& a, std::vector<float>& mu_p, std::vector<float>& mu_v, bool vector_mean) {
-  std::vector<float> part(a.B * a.Hkv, 0.0f);  // per (item, kv head): sum over its query heads and queries
+void imd_threshold(const AttnArgs& a, std::vector<float>& mu_p) {
   const int64_t g = a.Hq / a.Hkv, D = a.D;
+  std::vector<float> part(a.B * a.Hkv, 0.0f);  // per (item, kv head)
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
   const T* kc = static_cast<const T*>(a.kc);
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> kbar(D), qsum(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / a.Hkv, hk = i % a.Hkv;
-      float* mv = mu_v.data() + i * D;
-      if (!(*a.imd)[b]) continue;
       const Span sp = (*a.spans)[b];
-      const int64_t n = sp.e - sp.s;
-      std::fill(kbar.begin(), kbar.end(), 0.0f);
-      std::fill(mv, mv + D, 0.0f);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* kr = kc != nullptr ? kc + b * a.csb + hk * a.csh + t * a.cst : k + b * a.ksb + hk * a.ksh + (sp.s + t) * a.kst;
-        const T* vr = v + b * a.vsb + hk * a.vsh + (sp.s + t) * a.vst;
-        for (int64_t d = 0; d < D; ++d) {
-          kbar[d] += to_f(kr[d]);
-          mv[d] += to_f(vr[d]);
-        }
-      }
-      const float inv_n = n > 0 ? 1.0f / static_cast<float>(n) : 0.0f;
-      float vs = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        kbar[d] *= inv_n;
-        mv[d] *= inv_n;
-        vs += mv[d];
-      }
-      if (!vector_mean) std::fill(mv, mv + D, vs / static_cast<float>(D));
-      // This kv head's share of mu_P: sum over its query heads and the after-image queries.
       const int64_t i_after = std::clamp<int64_t>(sp.e - (a.T - a.Tq), 0, a.Tq);
+      if (!(*a.imd)[b] || i_after == a.Tq || sp.e == sp.s) continue;
+      std::fill(kbar.begin(), kbar.end(), 0.0f);
+      for (int64_t t = 0; t < sp.e - sp.s; ++t) {
+        const T* kr = kc != nullptr ? kc + b * a.csb + hk * a.csh + t * a.cst : k + b * a.ksb + hk * a.ksh + (sp.s + t) * a.kst;
+        for (int64_t d = 0; d < D; ++d) kbar[d] += to_f(kr[d]);
+      }
       std::fill(qsum.begin(), qsum.end(), 0.0f);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
         for (int64_t r = i_after; r < a.Tq; ++r) {
@@ -217,17 +203,15 @@ void imd_stats(const AttnArgs& a, std::vector<float>& mu_p, std::vector<float>& 
         }
       float dot = 0.0f;
       for (int64_t d = 0; d < D; ++d) dot += qsum[d] * kbar[d];
-      part[i] = dot;
+      part[i] = dot / static_cast<float>(sp.e - sp.s);
     }
   });
   for (int64_t b = 0; b < a.B; ++b) {
-    if (!(*a.imd)[b]) continue;
     const Span sp = (*a.spans)[b];
     const int64_t rows = a.Tq - std::clamp<int64_t>(sp.e - (a.T - a.Tq), 0, a.Tq);
     float tot = 0.0f;
     for (int64_t hk = 0; hk < a.Hkv; ++hk) tot += part[b * a.Hkv + hk];
-    const float cnt = static_cast<float>(rows * a.Hq);
-    mu_p[b] = cnt > 0 ? a.scale * tot / cnt : 0.0f;
+    mu_p[b] = rows > 0 ? a.scale * tot / static_cast<float>(rows * a.Hq) : 0.0f;
   }
 }
 
@@ -241,6 +225,7 @@ void attention(const AttnArgs& a) {
         imd(kQueryBlock), scal(kQueryBlock);
     std::vector<float> qbuf(low ? kQueryBlock * D : 0), kbuf(low ? kKeyBlock * D : 0), vbuf(low ? kKeyBlock * D : 0);
     std::vector<uint8_t> hit(kKeyBlock);
+    std::vector<float> vsum(D);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / (a.Hq * units_per_head), h = (u / units_per_head) % a.Hq, ub = u % units_per_head;
       const int64_t hk = h / g;
@@ -269,6 +254,7 @@ void attention(const AttnArgs& a) {
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(imd.begin(), imd.end(), 0.0f);
+      std::fill(vsum.begin(), vsum.end(), 0.0f);
       const int64_t k_end = a.causal ? off + i1 : a.T;  // keys [0, k_end) can take part
       int64_t j0 = 0;
       while (j0 < k_end) {
@@ -308,11 +294,20 @@ void attention(const AttnArgs& a) {
         }
         const float* vb = as_float(static_cast<const T*>(a.v) + b * a.vsb + hk * a.vsh + j0 * a.vst, n, D, a.vst,
                                    vbuf, ldv);
+        if (block_imd)  // mu_V: the image values pass through here once (and stay in cache for the GEMM)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t d = 0; d < D; ++d) vsum[d] += vb[j * ldv + d];
         gemm(false, false, D, rows, n, 1.0f, vb, ldv, S.data(), kKeyBlock, 1.0f, acc.data(), D);
         j0 = j1;
       }
       T* ob = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.Tq + i0) * D;
-      const float* mv = a.mu_v + (b * a.Hkv + hk) * D;
+      if (use_imd) {  // vsum -> mu_V
+        const float inv_n = 1.0f / static_cast<float>(sp.e - sp.s);
+        float tot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) tot += vsum[d];
+        for (int64_t d = 0; d < D; ++d) vsum[d] = a.vector_mean ? vsum[d] * inv_n : tot * inv_n / static_cast<float>(D);
+      }
+      const float* mv = vsum.data();
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         const float* ar = acc.data() + r * D;
@@ -425,7 +420,7 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   if (imd && imd_items.has_value())
     for (int64_t b = 0; b < B; ++b) on[b] = imd_items->const_data_ptr<bool>()[b] ? 1 : 0;
   const bool any_imd = std::any_of(on.begin(), on.end(), [](uint8_t x) { return x != 0; });
-  std::vector<float> mu_p(B, 0.0f), mu_v(B * Hkv * D, 0.0f);
+  std::vector<float> mu_p(B, 0.0f);
   AttnArgs a{};
   a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.T = T; a.D = D;
   a.q = qq.const_data_ptr(); a.k = kk.const_data_ptr(); a.v = vv.const_data_ptr();
@@ -443,11 +438,11 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   a.spans = &sp;
   a.imd = &on;
   a.mu_p = mu_p.data();
-  a.mu_v = mu_v.data();
+  a.vector_mean = value_mean == 1;
   a.out = out.data_ptr();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (any_imd) imd_stats<scalar_t>(a, mu_p, mu_v, value_mean == 1);
+    if (any_imd) imd_threshold<scalar_t>(a, mu_p);
     attention<scalar_t>(a);
   });
   return out;
