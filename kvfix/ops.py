@@ -366,6 +366,8 @@ def _kvsmooth_step_fake(q, k_cache, v_cache, queue, scale, mask, lam_ref, band):
 __all__ += ["rope_calibrate", "cmac_attention", "contrastive_logits"]
 
 _INT_DTYPES = (torch.int64, torch.int32)
+# The CUDA attention kernel keeps a row's accumulators in registers: heads up to this size.
+CMAC_CUDA_MAX_HEAD_DIM = 256
 _VALUE_MEANS = {"scalar": 0, "vector": 1}
 
 
@@ -559,6 +561,8 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
         raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)}")
     if Hq % Hkv:
         raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    if q.device.type == "cuda" and D > CMAC_CUDA_MAX_HEAD_DIM:
+        raise ValueError(f"q head dim {D} is larger than the CUDA kernel's {CMAC_CUDA_MAX_HEAD_DIM}")
     if Tq > T:
         raise ValueError(f"q has more positions (Tq={Tq}) than k (T={T}): queries are the last Tq cache positions")
     start, end, spans = _check_span(image_span, B, T, q.device)

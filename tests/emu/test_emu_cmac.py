@@ -1,0 +1,141 @@
+"""The CMAC CUDA kernels (csrc/kernels/cmac.cuh) on the kvemu SIMT emulator, against
+`kvfix.reference` (float64 ground truth).
+
+Tolerances: the flash-attention rule of tests/test_cmac.py (kernel error vs float64 <= 2x the
+error of the reference run in the input dtype, plus a small slack); outputs are NaN-poisoned
+before every launch, so an unwritten element fails. Shapes are small (every CUDA thread is a
+fiber) but cover every code path: both tile configurations (D <= 128 and D up to 256), query tiles
+split at the image's end, key tiles cut at the span's edges, GQA, causal with a cache offset
+(prefill, a chunk, single-token decode), per-item spans from a device tensor, bool / additive masks
+with broadcast strides, per-item IMD flags, both mu_V variants, multi-section RoPE positions.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvemu_fixtures import kvfix_reference
+
+R = kvfix_reference()  # kvfix/reference.py
+
+NAN = float("nan")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cm(emu):
+    return emu.module("cmac")
+
+
+def _inv_freq(D):
+    return 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+
+
+def _rule(out, truth, ref_lp, which):
+    assert torch.isfinite(out).all(), f"{which}: unwritten or non-finite output"
+    err = (out.double() - truth).abs().max().item()
+    ref_err = (ref_lp.double() - truth).abs().max().item()
+    slack = (2e-6 if out.dtype == torch.float32 else 2e-3) * max(1.0, truth.abs().max().item())
+    assert err <= 2 * ref_err + slack, f"{which}: {out.dtype} error {err} vs the reference's {ref_err}"
+
+
+def _rope(cm, k, span, inv, gamma, positions=None, sections=None, n=None):
+    B, H, T, D = k.shape
+    spans = span if isinstance(span, torch.Tensor) else None
+    s, e = (0, 0) if spans is not None else span
+    n = n if n is not None else e - s
+    out = torch.full((B, H, n, D), NAN, dtype=k.dtype)
+    pos = None if positions is None else (positions[None] if positions.dim() == 2 else positions).contiguous()
+    sec = None if sections is None else torch.tensor(sections, dtype=torch.int64)
+    cm.rope_calibrate(k, out, spans, s, e, inv, pos, sec, 1.0 / gamma - 1.0)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_calibrate(cm, dtype):
+    B, H, T, D = 2, 2, 14, 16
+    inv = _inv_freq(D)
+    k = torch.randn(B, H, T + 3, D).to(dtype)[:, :, 3:]
+    for span, gamma, pos, sec in [((2, 9), 3.0, None, None), ((0, 14), 2.0, torch.randint(0, 30, (B, T)), None),
+                                  ((5, 12), 3.0, torch.randint(0, 30, (3, B, T)), [2, 3, 3]),
+                                  ((4, 10), 1.0, None, None)]:
+        out = _rope(cm, k, span, inv, gamma, pos, sec)
+        truth = R.rope_calibrate(k.double(), span, inv, gamma=gamma, positions=pos, mrope_section=sec)
+        ref = R.rope_calibrate(k, span, inv, gamma=gamma, positions=pos, mrope_section=sec)
+        _rule(out, truth, ref, f"rope {span}")
+    spans = torch.tensor([[1, 7], [6, 12]])
+    out = _rope(cm, k, spans, inv, 3.0, n=6)
+    for b in range(B):
+        s = int(spans[b, 0])
+        want = R.rope_calibrate(k[b:b + 1].double(), (s, s + 6), inv, gamma=3.0)
+        torch.testing.assert_close(out[b:b + 1].double(), want, rtol=0, atol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+def _attention(cm, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, causal=True, imd=False,
+               value_mean="scalar"):
+    B, Hq, Tq, D = q.shape
+    out = torch.full((B, Hq, Tq, D), NAN, dtype=q.dtype)
+    spans = span if isinstance(span, torch.Tensor) else None
+    s, e = (0, 0) if spans is not None else span
+    items = imd if isinstance(imd, torch.Tensor) else None
+    m = None if mask is None else mask.expand(B, Hq, Tq, k.shape[2])
+    cm.cmac_attention(q, k, v, k_calibrated, out, spans, s, e, m, int(items is not None or bool(imd)), items,
+                      int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal))
+    return out
+
+
+def _check(cm, q, k, v, span, **kw):
+    out = _attention(cm, q, k, v, span, **kw)
+    kd = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()}
+    truth = R.cmac_attention(q.double(), k.double(), v.double(), span, **kd)
+    ref = R.cmac_attention(q, k, v, span, **kw)
+    _rule(out, truth, ref, f"attention {tuple(q.shape)} {span}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 160])
+def test_attention(cm, D, dtype):
+    B, Hq, Hkv = 2, 4, 2
+    inv = _inv_freq(D)
+    # prefill with the image in the middle (query tiles split at 21), a chunk, decode
+    for i, (Tq, T, span) in enumerate([(24, 24, (3, 21)), (5, 40, (0, 35)), (1, 45, (6, 40))]):
+        q = torch.randn(B, Hq, Tq, D).to(dtype)
+        k = torch.randn(B, Hkv, T, D).to(dtype)
+        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
+        kc = R.rope_calibrate(k.float(), span, inv, gamma=(1.0, 2.0, 3.0)[i]).to(dtype)
+        _check(cm, q, k, v, span, k_calibrated=kc, imd=True, value_mean=("scalar", "vector")[i % 2])
+        if i == 0:
+            _check(cm, q, k, v, span, k_calibrated=kc)
+
+
+def test_attention_padding_per_item_spans_and_flags(cm):
+    B, Hq, Hkv, T, D, N = 3, 2, 1, 26, 16, 8
+    pad = torch.tensor([0, 2, 5])
+    valid = torch.arange(T)[None] >= pad[:, None]
+    spans = torch.stack([pad + 3, pad + 3 + N], 1)
+    q = torch.randn(B, Hq, T, D)
+    k, v = torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    pos = (torch.arange(T)[None] - pad[:, None]).clamp(min=0)
+    kc = R.rope_calibrate(k, spans, _inv_freq(D), gamma=3.0, positions=pos, num_tokens=N)
+    flags = torch.tensor([True, False, True])
+    _check(cm, q, k, v, spans, k_calibrated=kc, mask=valid[:, None, None, :], imd=flags)
+    additive = torch.where(valid, 0.0, -math.inf)[:, None, None, :].to(torch.bfloat16)
+    _check(cm, q, k, v, spans, k_calibrated=kc, mask=additive, imd=True, value_mean="vector")
+    per_head = torch.randn(1, Hq, T, T)  # finite additive mask, no causal mask
+    _check(cm, q[:, :, -3:], k, v, spans, mask=per_head[:, :, -3:], causal=False, imd=True, scale=0.4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_contrastive(cm, dtype):
+    for rows, V in [(1, 7), (3, 300)]:
+        l, lt = (3 * torch.randn(rows, V)).to(dtype), (3 * torch.randn(rows, V)).to(dtype)
+        for alpha, beta in [(3.0, 0.2), (0.5, 1.0)]:
+            out = torch.full((rows, V), NAN, dtype=dtype)
+            cm.contrastive_logits(l, lt, out, alpha, beta)
+            want = R.contrastive_logits(l.double(), lt.double(), alpha=alpha, beta=beta)
+            assert torch.equal(torch.isinf(out), torch.isinf(want))
+            keep = ~torch.isinf(want)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(out.double()[keep], want[keep].to(dtype).double(), rtol=tol, atol=tol)
