@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as `python bench/table.py`
 import torch  # noqa: E402
 
 import kvfix  # noqa: E402
-from bench import common, test_bench_dscr  # noqa: E402
+from bench import common, test_bench_cmac, test_bench_dscr, test_bench_hf_cmac, test_bench_hf_scr, test_bench_scr  # noqa: E402,E501
 from bench.common import DTYPES, FULL_SHAPES, QUICK_SHAPES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -301,11 +301,15 @@ def main(argv=None) -> int:
         r["mem"] = {v: mem.get(f"{r['shape'].name}|{r['dtype']}|{v}") for v in VARIANTS}
     loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
     report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
-    kvs_text = kvsmooth_section(args.quick)  # KVSmooth rows (issue 4): see kvsmooth_section
-    kvs_text = test_bench_dscr.dscr_structured_section(args.quick) + "\n\n" + kvs_text  # structured DSCR (issue 7)
-    kvs_text += "\n\n" + __import__("bench.test_bench_scr", fromlist=["scr_section"]).scr_section(args.quick)  # SCR rows
-    kvs_text += "\n\n" + __import__("bench.test_bench_hf_scr", fromlist=["_"]).scr_hf_section(args.quick)  # SCR prefill
-    kvs_text += "\n\n" + __import__("bench.test_bench_cmac", fromlist=["x"]).cmac_section(args.quick)  # CMAC (issue 6)
+    # Sections with their own shapes and floors, one per method / issue.
+    kvs_text = "\n\n".join(section(args.quick) for section in (
+        test_bench_dscr.dscr_structured_section,  # structured DSCR (issue 7)
+        kvsmooth_section,                          # KVSmooth (issue 4)
+        test_bench_scr.scr_section,                # SCR ops (issue 5)
+        test_bench_hf_scr.scr_hf_section,          # SCR prefill cost in transformers
+        test_bench_cmac.cmac_section,              # CMAC ops (issue 6)
+        test_bench_hf_cmac.cmac_hf_section,        # CMAC generate cost in transformers
+    ))
     elapsed = time.perf_counter() - t_start
 
     print(report)

@@ -19,7 +19,8 @@ Layout (how methods plug in, and how they stack)
   `attention(...)` (wraps the text model's attention function: sees q after RoPE and the
   layer's cache K/V; KVSmooth, SCR's diagnostic scores, CMAC's calibrated attention),
   `layer_input(...)` (replaces the residual stream entering a decoder layer: SCR), and
-  `wrap_generate(...)` (owns the decoding loop: CMAC's two branches). Only the hooks some method
+  `wrap_generate(...)` (owns `handle.generate`'s decoding loop; CMAC needs none: its two
+  branches run as 2B rows of each forward). Only the hooks some method
   overrides are installed.
 - `Handle` (core.py): the single dispatcher per model. It installs, once for all methods:
   a forward pre-hook and hook on the model (session / prefill / decode bookkeeping, image
@@ -65,3 +66,11 @@ __all__ += ["KVSmooth", "KVSMOOTH_PRESETS"]
 from .scr import SCR  # noqa: E402
 
 __all__ += ["SCR"]
+# CMAC (cmac.py): two decoding branches in one batched forward (rows [original; distorted], one
+# cache of 2B rows), the text model's attention replaced by kvfix.cmac_attention with calibrated
+# image keys (CMPC; IMD on the distorted rows), the model's logits by kvfix.contrastive_logits:
+#     kvfix.hf.enable(model, kvfix.hf.CMAC())                       # then model.generate(...)
+#     kvfix.hf.enable(model, kvfix.hf.DSCR(), kvfix.hf.CMAC(), kvfix.hf.KVSmooth())   # stacked
+from .cmac import CMAC  # noqa: E402
+
+__all__ += ["CMAC"]

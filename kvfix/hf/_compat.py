@@ -13,7 +13,13 @@ Public API
 - `Cache.get_seq_length()` and `Cache.layers[i].keys / .values` (`[B, H, T, D]` tensors of the
   dynamic and static cache layers; transformers >= 4.56 exposes them on each layer).
 - `DynamicCache(ddp_cache_data=[(keys, values), ...])`: a cache prefilled per layer (SCR's
-  diagnostic pass over a continued prompt runs on such a copy).
+  diagnostic pass over a continued prompt runs on such a copy);
+  `DynamicCache(config=...)` + `update` to fork a prefix, and assigning a dynamic layer's
+  `.keys / .values` to append batch rows (CMAC's prefill).
+
+- The text model's rotary embedding buffer `get_decoder().rotary_emb.inv_freq` ([D/2], the
+  frequencies in use, scaling variants included) and `rope_parameters["mrope_section"]` of the
+  text config (multi-section RoPE of Qwen2-VL / Qwen2.5-VL, rotate_half layout), for CMAC.
 
 Behaviour we depend on (documented, but not a formal API)
 - Attention modules call `past_key_values.update(k, v, layer_idx)` and then the attention
@@ -81,6 +87,50 @@ def model_classes():
     return out
 
 
+def text_model(model):
+    """The text decoder module (a forward hook there sees inputs_embeds, the 2-D padding mask and
+    the RoPE position ids of every forward)."""
+    return model.get_decoder()
+
+
+def rope_frequencies(model):
+    """(inv_freq [D/2] float32 tensor, mrope_section tuple or None) of the text model's RoPE."""
+    rotary = getattr(text_model(model), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        raise TypeError(f"{type(model).__name__}: cannot find the text model's rotary frequencies "
+                        "(get_decoder().rotary_emb.inv_freq)")
+    cfg = text_config(model)
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    section = params.get("mrope_section") if isinstance(params, dict) else None
+    if section is not None:
+        section = tuple(int(x) for x in section)
+        if sum(section) != inv_freq.numel():
+            raise ValueError(f"mrope_section {section} does not cover the {inv_freq.numel()} rotary frequencies")
+    return inv_freq.detach().float(), section
+
+
+def rope_positions(position_ids, sections: int):
+    """The RoPE positions of a text-model forward as [S, B, t] (S = 1, or 3 for multi-section
+    RoPE), from the `position_ids` the text model receives: [B, t], [3, B, t], or Qwen2-VL's
+    [4, B, t] (row 0: text positions for the mask, rows 1..3: the RoPE sections). None when the
+    model is left to infer them (cache index)."""
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 2:
+        return position_ids[None]
+    if position_ids.dim() == 3:
+        if sections > 1 and position_ids.shape[0] == sections + 1:
+            return position_ids[1:]
+        return position_ids
+    raise ValueError(f"unexpected position_ids shape {tuple(position_ids.shape)}")
+
+
+def position_batch_dim(position_ids) -> int:
+    """The batch dimension of the text model's `position_ids` ([B, t] or [S, B, t])."""
+    return 0 if position_ids.dim() == 2 else 1
+
+
 # --------------------------------------------------------------------------------------------
 # cache
 
@@ -122,6 +172,27 @@ def prefix_cache(cache, num_layers: int, length: int):
         k, v = layer_kv(cache, i, length)
         data.append((k[:, :, :length], v[:, :, :length]))
     return DynamicCache(ddp_cache_data=data)
+
+
+def fork_cache(model, cache, length: int):
+    """A new DynamicCache for `model` holding copies of the first `length` positions of every
+    layer of `cache` (dynamic layers only)."""
+    fork = DynamicCache(config=model.config)
+    for i in range(len(cache.layers)):
+        keys, values = layer_kv(cache, i, length)
+        if not isinstance(cache.layers[i], DynamicLayer) or keys.shape[-2] != cache_length(cache):
+            raise ValueError(f"cache layer {i} is not a plain dynamic layer: cannot fork it")
+        fork.update(keys[:, :, :length], values[:, :, :length], i)  # update concatenates: a copy
+    return fork
+
+
+def stack_cache_rows(cache, other) -> None:
+    """Append the batch rows of `other` to `cache`, layer by layer (same positions)."""
+    for i, (a, b) in enumerate(zip(cache.layers, other.layers)):
+        if a.keys.shape[-2] != b.keys.shape[-2]:
+            raise ValueError(f"cache layer {i}: {a.keys.shape[-2]} and {b.keys.shape[-2]} positions differ")
+        a.keys = torch.cat([a.keys, b.keys])
+        a.values = torch.cat([a.values, b.values])
 
 
 # --------------------------------------------------------------------------------------------

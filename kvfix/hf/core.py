@@ -55,10 +55,15 @@ class Method:
 
     `ctx` is None in `attention`/`layer_input` when the text model runs outside a forward of the
     top-level model (the hooks only see forwards of the model given to `enable`).
+
+    `attention_innermost = True` puts a method's `attention` innermost in the chain whatever the
+    enable order (a method that replaces the attention computation itself, CMAC, so that methods
+    acting around the attention, KVSmooth, wrap it); among such methods the enable order holds.
     """
 
     name = "method"
     uses_attention = False
+    attention_innermost = False
 
     def bind(self, handle: "Handle") -> None:
         pass
@@ -181,7 +186,8 @@ class Handle:
         self._pass_name = "main"
         self._suspended = 0
         self._base_attn: str | None = None
-        self._attn_methods = tuple(m for m in self.methods if m.uses_attention or _overrides(m, "attention"))
+        attn = [m for m in self.methods if m.uses_attention or _overrides(m, "attention")]
+        self._attn_methods = tuple(sorted(attn, key=lambda m: bool(m.attention_innermost)))  # stable
         self._layer_methods = tuple(m for m in self.methods if _overrides(m, "layer_input"))
         self._active = False
 

@@ -1,0 +1,418 @@
+"""CMAC as a kvfix.hf method: calibrated cross-modal attention with contrastive decoding (SPEC §4)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from . import _compat
+from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
+
+__all__ = ["CMAC"]
+
+_VALUE_MEANS = ("scalar", "vector")
+
+
+def _number(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def _attention_mask(mask, T: int):
+    """The mask the model's base implementation was given, as cmac_attention takes it: None, bool
+    (True = attend) or additive float broadcastable to [B, Hq, Tq, T]."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"kvfix.hf.CMAC: unsupported attention mask type {type(mask).__name__} (use the eager, "
+                        "sdpa or flash attention implementation)")
+    if mask.dim() == 2:  # a padding mask [B, T] (flash attention's mask function): 1 = attend
+        return mask[:, None, None, :T].bool()
+    mask = mask[..., :T]
+    if mask.dtype != torch.bool:  # transformers' "no attention" is finfo.min: make it -inf
+        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    return mask
+
+
+class _State:
+    """One generation's CMAC state (rows: [original; distorted] when the batch is doubled)."""
+
+    def __init__(self, batch: int, spans: torch.Tensor, doubled: bool):
+        self.batch = batch                    # B, the caller's batch
+        self.doubled = doubled                # the text model runs 2B rows
+        rows = 2 * batch if doubled else batch
+        self.spans = torch.cat([spans, spans]) if doubled else spans   # int64 [rows, 2], cache positions
+        self.lengths = (self.spans[:, 1] - self.spans[:, 0]).tolist()   # image tokens per row
+        self.equal = len(set(self.lengths)) == 1   # one op call for all rows, else one per row
+        self.imd_rows = torch.arange(rows) >= batch   # the distorted rows (all False when not doubled)
+        self.positions: torch.Tensor | None = None   # RoPE positions of every cached token [S, rows, T]
+        self.k_cal: dict = {}                 # layer -> calibrated image keys (valid until the keys change)
+        self.forked = False                   # distorted prefix copied from the original after prefill
+        self.device = None
+        # which rows the text model runs now: "both" (2B rows, or B when not doubled), or, in a
+        # forked prefill, "orig" (the original rows on the whole prompt) then "dist" (the
+        # distorted rows on the prompt after `split`, on a copy of the original's prefix)
+        self.mode = "both"
+        self.split = 0
+        self.pending: dict | None = None      # the text model's B-row inputs, for the "dist" pass
+        self.min_end = int(spans[:, 1].min()) if spans.numel() else 0
+
+    def rows(self):
+        """(spans, imd, lengths) of the rows the text model runs now."""
+        B = self.batch
+        if self.mode == "orig":
+            return self.spans[:B], False, self.lengths[:B]
+        if self.mode == "dist":
+            return self.spans[B:], True, self.lengths[B:]
+        return self.spans, self.imd_rows, self.lengths
+
+
+class CMAC(Method):
+    """Cross-modal attention calibration with contrastive decoding (CVPR 2026; SPEC §4).
+
+    `kvfix.hf.enable(model, kvfix.hf.CMAC())`, then the usual `model.generate(**inputs, ...)`
+    (or `handle.generate(...)`): greedy or sampling, logits processors and warpers, eos,
+    max_new_tokens, batches with left padding, return_dict_in_generate / output_scores all
+    behave as in plain `generate`; only the logits the model returns change.
+
+    How it runs: every forward of the model runs its text model on the batch doubled, rows
+    `[original; distorted]`, each row with its own cache rows (one cache object, 2B rows: two
+    branches that share nothing after the image; the prefill forks the distorted rows from the
+    original's prefix, see fork_prefill). The attention of the selected text decoder
+    layers is replaced (innermost: other methods' attention hooks wrap it) by
+    `kvfix.cmac_attention` with the image keys re-rotated by `kvfix.rope_calibrate` (CMPC, both
+    branches) and IMD on the distorted rows only. The model's logits become
+    `kvfix.contrastive_logits(l, l_distorted, alpha, beta)`, `[B, ...]` as usual, so
+    generate's own greedy / sampling path, processors and warpers see the contrasted logits.
+    After the prefill, on the first decoding step, the distorted rows' cache up to the image end
+    is overwritten with the original rows' (the prefix is identical by construction; this also
+    carries over what a method like DSCR refined in the original rows only).
+
+    Args:
+        alpha: contrast strength (>= 0; 3 in the paper). 0: the original branch's logits with
+            the plausibility cut (greedy decoding then equals plain greedy with CMPC).
+        beta: plausibility cut in (0, 1] (0.2): tokens with p < beta * max p of the original
+            branch get -inf.
+        gamma: position compression of the image keys (> 0; 3 as the authors' code, the paper
+            says 2). 1 turns CMPC off.
+        imd: True (default): the distorted branch and the contrast. False: one branch, CMPC only,
+            logits unchanged (no contrast: alpha and beta unused).
+        value_mean: IMD's replacement value, "scalar" (mean over image tokens and head dim, as
+            the authors' code) or "vector" (per dimension, as the paper).
+        layers: text decoder layers with CMPC / IMD (None: all, as the paper).
+        fork_prefill: True (default): the prefill runs the original rows on the whole prompt,
+            then the distorted rows only on the prompt after the first image end of the batch,
+            on a copy of the original rows' cache up to there (identical by construction), and
+            appends their cache rows; False: the prefill runs all 2B rows on the whole prompt.
+            Same results either way; the fork saves most of the second branch's prefill.
+
+    Requirements: one image per batch item (items may differ in grid: their spans are then run
+    one op call per row), a dynamic (non-static, non-sliding) cache or none, greedy or sampling
+    (not beam search: the cache has 2B rows). Forwards without images, auxiliary passes and
+    `handle.suspended()` run the plain model.
+    """
+
+    name = "cmac"
+    uses_attention = True
+    attention_innermost = True
+
+    def __init__(self, alpha: float = 3.0, beta: float = 0.2, gamma: float = 3.0, imd: bool = True,
+                 value_mean: str = "scalar", *, layers=None, fork_prefill: bool = True):
+        alpha, beta, gamma = _number("alpha", alpha), _number("beta", beta), _number("gamma", gamma)
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not 0 < beta <= 1:
+            raise ValueError(f"beta must be in (0, 1], got {beta}")
+        if gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        if not isinstance(imd, bool):
+            raise TypeError(f"imd must be a bool, got {type(imd).__name__}")
+        if not isinstance(fork_prefill, bool):
+            raise TypeError(f"fork_prefill must be a bool, got {type(fork_prefill).__name__}")
+        if value_mean not in _VALUE_MEANS:
+            raise ValueError(f"value_mean must be one of {_VALUE_MEANS}, got {value_mean!r}")
+        self.alpha, self.beta, self.gamma, self.imd, self.value_mean = alpha, beta, gamma, imd, value_mean
+        self.layers = check_layers(layers)
+        self.fork_prefill = fork_prefill
+        self.selected_layers: tuple[int, ...] = ()
+        self._selected: frozenset = frozenset()
+        self._handle: Handle | None = None
+        self._hooks: list = []
+        self._inv_freq: torch.Tensor | None = None
+        self._mrope_section = None
+
+    def __repr__(self):
+        return (f"CMAC(alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, imd={self.imd}, "
+                f"value_mean={self.value_mean!r}, layers={self.layers!r}, fork_prefill={self.fork_prefill})")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def bind(self, handle: Handle) -> None:
+        L = handle.num_layers
+        self.selected_layers = resolve_layers(self.layers, L, 0)
+        if not self.selected_layers:
+            raise ValueError(f"CMAC selects no layer of the {L}-layer text model (layers={self.layers!r})")
+        self._selected = frozenset(self.selected_layers)
+        self._inv_freq, self._mrope_section = _compat.rope_frequencies(handle.model)
+        self._handle = handle
+        text = _compat.text_model(handle.model)
+        self._hooks = [text.register_forward_pre_hook(self._text_inputs, with_kwargs=True),
+                       text.register_forward_hook(self._text_output, with_kwargs=True)]
+
+    def unbind(self, handle: Handle) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._handle = None
+
+    def _state(self, ctx) -> _State | None:
+        if ctx is None or ctx.pass_name != "main" or ctx.session is None:
+            return None
+        return ctx.state(self).get("st")
+
+    def on_session_start(self, ctx: ForwardContext) -> None:
+        ctx.state(self).pop("st", None)
+
+    def on_prefill_start(self, ctx: ForwardContext) -> None:
+        if ctx.pass_name != "main":
+            return
+        if ctx.inputs.get("labels") is not None:
+            raise ValueError("kvfix.hf.CMAC changes the logits for decoding; forwards with labels (a loss) are "
+                             "not supported: disable the handle or use handle.suspended()")
+        if not ctx.images:
+            return
+        store = ctx.state(self)
+        if "st" in store:
+            raise ValueError("kvfix.hf.CMAC: images arrived after the first prefill of a generation; CMAC "
+                             "takes one image per batch item, all in the first forward")
+        per_item: dict[int, list] = {}
+        for img in ctx.images:
+            per_item.setdefault(img.batch, []).append(img)
+        for b in range(ctx.batch_size):
+            n = len(per_item.get(b, ()))
+            if n != 1:
+                raise ValueError(f"kvfix.hf.CMAC needs exactly one image per batch item; batch item {b} has {n}")
+        spans = torch.tensor([[per_item[b][0].start, per_item[b][0].end] for b in range(ctx.batch_size)],
+                             dtype=torch.int64)
+        store["st"] = _State(ctx.batch_size, spans, doubled=self.imd)
+
+    def on_prefill_end(self, ctx: ForwardContext) -> None:
+        st = self._state(ctx)
+        if st is None:
+            return
+        st.k_cal.clear()  # the image keys may change now (DSCR): calibrate again when decoding
+        self._contrast(ctx, st)
+
+    def on_decode_start(self, ctx: ForwardContext) -> None:
+        st = self._state(ctx)
+        if st is None or not st.doubled or ctx.cache is None:
+            return
+        B = st.batch
+        rows = _compat.layer_kv(ctx.cache, 0, 0)[0].shape[0]
+        if rows != 2 * B:  # generate reordered or cut the batch (beam search): the branches are lost
+            raise ValueError(f"kvfix.hf.CMAC: the cache holds {rows} rows, expected {2 * B} ([original; distorted] "
+                             "rows of the batch); beam search is not supported, use greedy or sampling")
+        if st.forked:
+            return
+        st.forked = True
+        T = ctx.past_len
+        prefix = None
+        with torch.no_grad():
+            for layer in range(self._handle.num_layers):
+                keys, values = _compat.layer_kv(ctx.cache, layer, T)
+                if prefix is None:  # [B, 1, T, 1]: positions before each item's image end
+                    ends = st.spans[:B, 1].to(keys.device)
+                    prefix = (torch.arange(T, device=keys.device)[None] < ends[:, None])[:, None, :, None]
+                for t in (keys, values):
+                    t[B:, :, :T] = torch.where(prefix, t[:B, :, :T], t[B:, :, :T])
+
+    def on_decode_end(self, ctx: ForwardContext) -> None:
+        st = self._state(ctx)
+        if st is not None:
+            self._contrast(ctx, st)
+
+    # ---- the text model's inputs: [original; distorted] rows ---------------------------------
+
+    def _text_inputs(self, module, args, kwargs):
+        handle = self._handle
+        if handle is None or handle._suspended:
+            return None
+        ctx = handle._current_ctx()
+        st = self._state(ctx)
+        if st is None:
+            return None
+        if args:
+            raise TypeError("kvfix.hf.CMAC: the text model was called with positional arguments")
+        ref = kwargs.get("inputs_embeds")
+        if ref is None:
+            ref = kwargs.get("input_ids")
+        if ref is None or st.mode == "dist":  # "dist": the pass started by _text_output, as given
+            return None
+        kwargs = dict(kwargs)
+        t = ref.shape[1]
+        rows = ref.shape[0]
+        if st.doubled:
+            if ref.shape[0] != st.batch:
+                raise ValueError(f"kvfix.hf.CMAC: the text model got {ref.shape[0]} rows, the generation has "
+                                 f"{st.batch} (a batch that changes size during generation is not supported)")
+            cache = kwargs.get("past_key_values")
+            if (self.fork_prefill and ctx.past_len == 0 and cache is not None and kwargs.get("use_cache") is not False
+                    and t >= 2):
+                # forked prefill: the original rows now, the distorted rows after the split in
+                # _text_output (their prefix up to the first image end is the original's)
+                st.mode, st.split, st.pending = "orig", min(max(st.min_end, 1), t - 1), dict(kwargs)
+            else:
+                rows = 2 * st.batch
+                for name in ("inputs_embeds", "input_ids"):
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = torch.cat([kwargs[name], kwargs[name]])
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    kwargs["attention_mask"] = torch.cat([mask, mask])
+                elif isinstance(mask, dict):
+                    kwargs["attention_mask"] = {k: (torch.cat([m, m]) if isinstance(m, torch.Tensor) else m)
+                                                for k, m in mask.items()}
+                pos = kwargs.get("position_ids")
+                if pos is not None:
+                    kwargs["position_ids"] = torch.cat([pos, pos], dim=_compat.position_batch_dim(pos))
+        sections = len(self._mrope_section) if self._mrope_section else 1
+        pos = _compat.rope_positions(kwargs.get("position_ids"), sections)
+        if pos is None:
+            pos = torch.arange(ctx.past_len, ctx.past_len + t, device=ref.device).expand(1, rows, t)
+        pos = pos.to(torch.int64)
+        if st.positions is None or ctx.past_len == 0:
+            st.positions = pos
+        else:
+            prev = st.positions
+            S = max(prev.shape[0], pos.shape[0])
+            st.positions = torch.cat([prev.expand(S, -1, -1), pos.expand(S, -1, -1)], dim=-1)
+        return args, kwargs
+
+    def _text_output(self, module, args, kwargs, output):
+        """End of the original rows' prefill pass (forked prefill): run the distorted rows on the
+        prompt after the split, on a copy of the original's cache up to there, then append their
+        cache rows and hidden states: from here on the text model holds 2B rows."""
+        handle = self._handle
+        if handle is None or handle._suspended:
+            return None
+        st = self._state(handle._current_ctx())
+        if st is None or st.mode != "orig":
+            return None
+        c, sub = st.split, st.pending
+        st.pending = None
+        cache = sub["past_key_values"]
+        fork = _compat.fork_cache(handle.model, cache, c)
+        for name in ("inputs_embeds", "input_ids"):
+            if sub.get(name) is not None:
+                sub[name] = sub[name][:, c:]
+        pos = sub.get("position_ids")
+        if pos is not None:
+            sub["position_ids"] = pos[..., c:]
+        mask = sub.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            sub["attention_mask"] = mask[:, :, c:]
+        elif isinstance(mask, dict):
+            sub["attention_mask"] = {k: (m[:, :, c:] if isinstance(m, torch.Tensor) and m.dim() == 4 else m)
+                                     for k, m in mask.items()}
+        sub["past_key_values"] = fork
+        st.mode = "dist"
+        try:
+            out_d = module(**sub)
+        finally:
+            st.mode = "both"
+        _compat.stack_cache_rows(cache, fork)
+        h = output.last_hidden_state
+        h_d = torch.cat([h[:, :c], out_d.last_hidden_state], dim=1)
+        output.last_hidden_state = torch.cat([h, h_d])
+        st.positions = torch.cat([st.positions, st.positions], dim=1)
+        return output
+
+    # ---- attention -------------------------------------------------------------------------
+
+    def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
+        st = self._state(ctx)
+        if st is None or layer_idx not in self._selected:
+            return call_next(query, key, value, attention_mask, **kwargs)
+        R, T = query.shape[0], key.shape[2]
+        if st.device != query.device:
+            st.spans, st.imd_rows = st.spans.to(query.device), st.imd_rows.to(query.device)
+            st.device = query.device
+        spans, imd, lengths = st.rows()
+        if R != spans.shape[0]:
+            raise ValueError(f"kvfix.hf.CMAC: attention got {R} rows, expected {spans.shape[0]}")
+        if st.positions is None or st.positions.shape[-1] != T or (ctx.cache is not None and
+                                                                    T != ctx.past_len + ctx.q_len):
+            raise ValueError("kvfix.hf.CMAC needs a dynamic cache holding every position (no static or "
+                             f"sliding-window layers): layer {layer_idx} has {T} keys for "
+                             f"{ctx.past_len + ctx.q_len} positions")
+        mask = _attention_mask(attention_mask, T)
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = getattr(module, "scaling", None)
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        with torch.no_grad():
+            k_cal = self._calibrated(st, layer_idx, key, spans, lengths, ctx.phase == "decode")
+            if st.equal:
+                out = ops.cmac_attention(query, key, value, spans, k_calibrated=k_cal, scale=scale, mask=mask,
+                                         causal=True, imd=imd, value_mean=self.value_mean)
+            else:
+                out = torch.cat([
+                    ops.cmac_attention(query[r:r + 1], key[r:r + 1], value[r:r + 1], spans[r:r + 1],
+                                       k_calibrated=None if k_cal is None else k_cal[r], scale=scale,
+                                       mask=None if mask is None else mask[r:r + 1] if mask.shape[0] > 1 else mask,
+                                       causal=True, imd=imd if isinstance(imd, bool) else imd[r:r + 1],
+                                       value_mean=self.value_mean)
+                    for r in range(R)])
+        return out.transpose(1, 2).contiguous(), None
+
+    def _calibrated(self, st: _State, layer_idx: int, key: torch.Tensor, spans, lengths, keep: bool):
+        """The image keys at calibrated positions ([R, Hkv, N, D], or a list of per-row tensors
+        when the rows' spans differ in length); kept per layer while decoding (the image keys do
+        not change there), computed afresh in every prefill pass."""
+        if self.gamma == 1.0:
+            return None
+        k_cal = st.k_cal.get(layer_idx)
+        if k_cal is not None:
+            return k_cal
+        inv_freq = self._inv_freq.to(key.device)
+        pos = st.positions.to(key.device)
+        pos = pos[0] if pos.shape[0] == 1 else pos
+        if st.equal:
+            k_cal = ops.rope_calibrate(key, spans, inv_freq, gamma=self.gamma, positions=pos,
+                                       mrope_section=self._mrope_section, num_tokens=lengths[0])
+        else:
+            k_cal = [ops.rope_calibrate(key[r:r + 1], spans[r:r + 1], inv_freq, gamma=self.gamma,
+                                        positions=pos[..., r:r + 1, :], mrope_section=self._mrope_section,
+                                        num_tokens=lengths[r])
+                     for r in range(key.shape[0])]
+        if keep:
+            st.k_cal[layer_idx] = k_cal
+        return k_cal
+
+    # ---- logits ----------------------------------------------------------------------------
+
+    def _contrast(self, ctx: ForwardContext, st: _State) -> None:
+        if not st.doubled:
+            return
+        out = ctx.output
+        logits = getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError("kvfix.hf.CMAC needs the model's output with `.logits` (return_dict=True)")
+        B = st.batch
+        if logits.shape[0] != 2 * B:
+            raise ValueError(f"kvfix.hf.CMAC: the model returned {logits.shape[0]} rows of logits, expected {2 * B}")
+        V = logits.shape[-1]
+        with torch.no_grad():
+            cd = ops.contrastive_logits(logits[:B].reshape(-1, V), logits[B:].reshape(-1, V), alpha=self.alpha,
+                                        beta=self.beta)
+        out.logits = cd.reshape(logits[:B].shape)
+        for name in ("hidden_states", "attentions"):
+            val = getattr(out, name, None)
+            if isinstance(val, tuple):
+                setattr(out, name, tuple(x[:B] if isinstance(x, torch.Tensor) and x.shape[0] == 2 * B else x
+                                         for x in val))
