@@ -2,8 +2,8 @@
 //
 // cmac_attention is a blocked flash attention: work items are (b, query head, query block),
 // each walks its key blocks once with an online softmax, and both products run as BLAS GEMMs
-// (the sgemm_ that libtorch_cpu carries: MKL on x86-64; it runs single-threaded inside the
-// parallel region): S = Q_blk K_blk^T, then acc += P V_blk, fp32; float16/bfloat16 blocks are
+// (the sgemm_ that libtorch_cpu carries: MKL on x86-64, looked up at run time, else ATen's mm;
+// single-threaded inside the parallel region): S = Q_blk K_blk^T, then acc += P V_blk, fp32; float16/bfloat16 blocks are
 // widened to fp32 scratch first (a 1/rows share of the GEMM's work). Block boundaries are placed at the image span's edges -- query blocks split
 // where queries become "after the image" (position >= end), key blocks at start and end -- so
 // that every (query block, key block) pair is wholly inside or wholly outside the calibrated
@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +25,10 @@
 
 #include "cpu/exp_nonpos.h"
 #include "kvfix.h"
+
+#ifndef KVFIX_CMAC_SGEMM_SYMBOL
+#define KVFIX_CMAC_SGEMM_SYMBOL "sgemm_"  // -DKVFIX_CMAC_SGEMM_SYMBOL=\"none\" forces the ATen path
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KVFIX_CMAC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -33,16 +39,44 @@
 namespace kvfix {
 namespace {
 
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
+// The Fortran BLAS sgemm_ that libtorch_cpu carries (MKL on x86-64), looked up at run time so
+// that a torch build without it still loads kvfix (the GEMMs then go through ATen).
+using SgemmFn = void (*)(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                         const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                         const int* ldc);
+
+SgemmFn find_sgemm() {
+  // Search from this library: libtorch_cpu is one of its dependencies, but Python loads torch
+  // with RTLD_LOCAL, so the global scope (RTLD_DEFAULT) does not see it.
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&find_sgemm), &info) == 0 || info.dli_fname == nullptr) return nullptr;
+  void* self = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (self == nullptr) return nullptr;
+  return reinterpret_cast<SgemmFn>(dlsym(self, KVFIX_CMAC_SGEMM_SYMBOL));  // handle kept: we stay loaded
+}
+
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = find_sgemm();
+  return fn;
+}
 
 // Column-major C[m, n] = alpha op(A) op(B) + beta C (BLAS).
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
           int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-  sgemm_(ta ? "T" : "N", tb ? "T" : "N", &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  if (const SgemmFn fn = blas_sgemm()) {
+    const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    fn(ta ? "T" : "N", tb ? "T" : "N", &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    return;
+  }
+  // ATen on column-major views of the same memory (single-threaded inside the parallel region).
+  const auto opt = at::TensorOptions().dtype(at::kFloat);
+  auto view = [&](const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<float*>(p), {trans ? cols : rows, trans ? rows : cols}, {1, ld}, opt);
+    return trans ? t.t() : t;
+  };
+  at::Tensor C = at::from_blob(c, {m, n}, {1, ldc}, opt);
+  C.addmm_(view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, alpha);
 }
 
 // Rows [0, n) of x (row stride ld) as fp32: x itself for float, else widened into buf (row stride D).
