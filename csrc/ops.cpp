@@ -92,7 +92,8 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 
 namespace kvfix {
 
-static void kvs_check_float(const char* op, const at::Tensor& x, const char* name) {
+// float32 / float16 / bfloat16 with a contiguous last dim (KVSmooth, SCR and CMAC inputs).
+static void check_float_input(const char* op, const at::Tensor& x, const char* name) {
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
               " must be float32, float16 or bfloat16, got ", st);
@@ -103,8 +104,8 @@ KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  kvs_check_float(op, q, "q");
-  kvs_check_float(op, k, "k");
+  check_float_input(op, q, "q");
+  check_float_input(op, k, "k");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), T = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
@@ -113,7 +114,7 @@ KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
   TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
   if (v != nullptr) {
-    kvs_check_float(op, *v, "v");
+    check_float_input(op, *v, "v");
     TORCH_CHECK(v->sizes() == k.sizes(), op, ": v shape ", v->sizes(), " != k shape ", k.sizes());
     TORCH_CHECK(v->scalar_type() == k.scalar_type() && v->device() == k.device(), op,
                 ": v dtype or device differs from k");
@@ -247,20 +248,13 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 
 namespace kvfix {
 
-static void scr_check_float(const char* op, const at::Tensor& x, const char* name) {
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
-}
-
 ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
                          const std::optional<at::Tensor>& mask, bool causal) {
   const char* op = "scr_scores";
   TORCH_CHECK(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  scr_check_float(op, q, "q");
-  scr_check_float(op, k, "k");
+  check_float_input(op, q, "q");
+  check_float_input(op, k, "k");
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
   TORCH_CHECK(q.numel() > 0 && k.numel() > 0, op, ": q and k must not be empty, got ", q.sizes(), " and ",
               k.sizes());
@@ -307,7 +301,7 @@ float scr_scale(std::optional<double> scale, int64_t D) {
 void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::Tensor& scores, int64_t gh,
                             int64_t gw, int64_t top_k, double lam) {
   TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [B, N, C], got ", hidden.sizes());
-  scr_check_float(op, hidden, "hidden");
+  check_float_input(op, hidden, "hidden");
   const int64_t B = hidden.size(0), N = hidden.size(1);
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N, op, ": scores must be [B, N] = [",
               B, ", ", N, "], got ", scores.sizes());
@@ -352,13 +346,6 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 
 namespace kvfix {
 
-static void cmac_check_float(const char* op, const at::Tensor& x, const char* name) {
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
-}
-
 // Spans: ints checked here; a tensor [B, 2] int64 on k's device, its values checked when on the CPU.
 static void cmac_check_spans(const char* op, int64_t B, int64_t T, int64_t start, int64_t end,
                              const std::optional<at::Tensor>& spans, const at::Tensor& like, int64_t n) {
@@ -398,7 +385,7 @@ void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std:
                      at::OptionalIntArrayRef sections) {
   const char* op = "rope_calibrate";
   TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  cmac_check_float(op, k, "k");
+  check_float_input(op, k, "k");
   const int64_t B = k.size(0), T = k.size(2), D = k.size(3);
   TORCH_CHECK(D % 2 == 0, op, ": the head dim must be even, got ", D);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, op, ": gamma must be finite and > 0, got ", gamma);
@@ -433,9 +420,9 @@ CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
                               const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
   const char* op = "cmac_attention";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D");
-  cmac_check_float(op, q, "q");
-  cmac_check_float(op, k, "k");
-  cmac_check_float(op, v, "v");
+  check_float_input(op, q, "q");
+  check_float_input(op, k, "k");
+  check_float_input(op, v, "v");
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), op, ": shapes q ", q.sizes(), ", k ",
               k.sizes(), ", v ", v.sizes(), " do not match");
@@ -447,7 +434,7 @@ CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k, v need one device");
   int64_t n = -1;
   if (k_cal.has_value()) {
-    cmac_check_float(op, *k_cal, "k_calibrated");
+    check_float_input(op, *k_cal, "k_calibrated");
     TORCH_CHECK(k_cal->dim() == 4 && k_cal->size(0) == B && k_cal->size(1) == Hkv && k_cal->size(3) == D, op,
                 ": k_calibrated must be [B, Hkv, N, D], got ", k_cal->sizes());
     TORCH_CHECK(k_cal->scalar_type() == q.scalar_type() && k_cal->device() == q.device(), op,

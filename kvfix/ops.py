@@ -442,7 +442,8 @@ def _check_pair(value, name: str) -> tuple[int, int]:
     return _check_int(value[0], f"{name}[0]"), _check_int(value[1], f"{name}[1]")
 
 
-def _check_scr_mask(mask, shape, device):
+def _check_mask4(mask, shape, device):
+    """A [B, Hq, Tq, T]-broadcastable bool / additive mask (SCR and CMAC)."""
     if mask is None:
         return
     _check_tensor(mask, "mask")
@@ -507,7 +508,7 @@ def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | N
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal and Tq > T:
         raise ValueError(f"causal needs Tq <= T (query i sits at T - Tq + i), got Tq={Tq}, T={T}")
-    _check_scr_mask(mask, (B, Hq, Tq, T), q.device)
+    _check_mask4(mask, (B, Hq, Tq, T), q.device)
     _check_built_for(q, "scr_scores")
     return torch.ops.kvfix.scr_scores.default(q, k, start, end, _check_scale(scale), mask, causal)
 
@@ -655,22 +656,6 @@ def _check_span(image_span, B: int, T: int, device):
     if not 0 <= s <= e <= T:
         raise ValueError(f"image_span ({s}, {e}) is out of range: need 0 <= start <= end <= T = {T}")
     return s, e, None
-
-
-def _check_mask4(mask, shape, device):
-    if mask is None:
-        return
-    _check_tensor(mask, "mask")
-    if mask.dtype not in _MASK_DTYPES:
-        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but q is on {device}")
-    ok = 1 <= mask.dim() <= 4
-    if ok:
-        full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
-        ok = all(s in (1, w) for s, w in zip(full, shape))
-    if not ok:
-        raise ValueError(f"mask must be broadcastable to [B, Hq, Tq, T] = {list(shape)}, got shape {tuple(mask.shape)}")
 
 
 def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma: float = 3.0,
