@@ -25,26 +25,6 @@ from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def llava():
-    return testing.tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return testing.tiny_qwen2_vl()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_handle(request):
-    yield
-    for name in ("llava", "qwen"):
-        if name in request.fixturenames:
-            h = kvfix.hf.get_handle(request.getfixturevalue(name))
-            if h is not None:
-                h.disable()
-
-
 def model_of(family, llava, qwen):
     if family == "llava-eager":  # additive float masks from the eager mask function
         return testing.tiny_llava(attn_implementation="eager")

@@ -19,26 +19,6 @@ ATOL = 1e-5
 # --------------------------------------------------------------------------------------------
 # fixtures and helpers
 
-@pytest.fixture(scope="module")
-def llava():
-    return testing.tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return testing.tiny_qwen2_vl()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_handle(request):
-    yield
-    for name in ("llava", "qwen"):
-        if name in request.fixturenames:
-            model = request.getfixturevalue(name)
-            h = kvfix.hf.get_handle(model)
-            if h is not None:
-                h.disable()
-
 
 def gen(model, inputs, n, **kw):
     kw.setdefault("do_sample", False)

@@ -22,26 +22,6 @@ from kvfix.hf import testing  # noqa: E402
 NAN = float("nan")
 
 
-@pytest.fixture(scope="module")
-def llava():
-    return testing.tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return testing.tiny_qwen2_vl()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_handle(request):
-    yield
-    for name in ("llava", "qwen"):
-        if name in request.fixturenames:
-            h = kvfix.hf.get_handle(request.getfixturevalue(name))
-            if h is not None:
-                h.disable()
-
-
 def gen(model, inputs, n, **kw):
     kw.setdefault("do_sample", False)
     return model.generate(**inputs, max_new_tokens=n, return_dict_in_generate=True, **kw)

@@ -28,21 +28,6 @@ def llava():
     return testing.tiny_llava(image_size=48)  # 6 x 6 patch grid: 16 candidates, top_k matters
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    return testing.tiny_qwen2_vl()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_handle(request):
-    yield
-    for name in ("llava", "qwen"):
-        if name in request.fixturenames:
-            h = kvfix.hf.get_handle(request.getfixturevalue(name))
-            if h is not None:
-                h.disable()
-
-
 def prompt(model, family, seed=0):
     """Batch of 2, left padded; item 1 holds two images; Qwen2-VL grids are non-square."""
     if family == "llava":
