@@ -4,7 +4,9 @@
 // threads of at::parallel_for (parallel when the extension is compiled with OpenMP: see
 // usable_threads); a chunk is all T positions unless B * Hkv gives fewer than kItemsPerThread
 // items per thread. An item walks its positions in blocks of kRows keys:
-//   - logits of the g = Hq / Hkv query heads that read this kv head (query rows pre-scaled, fp32):
+//   - logits of the g = Hq / Hkv query heads that read this kv head (query rows in fp32, the dot
+//     products scaled afterwards as in the reference: a pre-scaled query row adds its rounding error
+//     to every logit, 2e-6 in the entropy of rows with logits near 300):
 //     dot products over D with 16-wide vectors (GCC vector extensions, compiled per target clone:
 //     AVX-512 / AVX2 / baseline), four key rows at a time so that one transposing shuffle tree
 //     replaces four horizontal sums; D = 64 and 128 are compile-time shapes, any other D takes a
@@ -169,7 +171,7 @@ struct Problem {
   KvsMask mask;
 };
 
-// Partial dot products of a query row (fp32, pre-scaled; bf16 layout: see run_item_d) with a key
+// Partial dot products of a query row (fp32; bf16 layout: see run_item_d) with a key
 // row of DC * 16 elements, as 16 lanes whose sum is the dot product.
 template <class T, int DC>
 KVFIX_KVS_INLINE vf dot_lanes(const float* qj, const T* krow) {
@@ -214,7 +216,7 @@ KVFIX_KVS_INLINE void hsum4(vf x0, vf x1, vf x2, vf x3, float* out) {
 }
 
 // Logits of one block of rows [t0, t0 + n) for the G heads of kv head h of item b, into
-// s[j * kRows + r]; qs: the G query rows, pre-scaled, fp32 [G][D]; kr: scratch [D]; bias[r]: the
+// s[j * kRows + r]; qs: the G query rows, fp32 [G][D]; kr: scratch [D]; bias[r]: the
 // mask's value for row t0 + r (-inf: no part). DC = D / 16 when known at compile time, 0 for any D.
 template <class T, int DC>
 KVFIX_KVS_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, const float* qs,
@@ -230,7 +232,9 @@ KVFIX_KVS_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64
       for (int64_t o = 0; o < row_bytes; o += kLine) __builtin_prefetch(pf + o);
     }
   };
-  auto put = [&](int64_t j, int64_t r, float dot) { s[j * kRows + r] = bias[r] > kNegInf ? dot + bias[r] : kNegInf; };
+  auto put = [&](int64_t j, int64_t r, float dot) {
+    s[j * kRows + r] = bias[r] > kNegInf ? dot * p.scale + bias[r] : kNegInf;
+  };
   int64_t r = 0;
   if constexpr (DC > 0) {
     for (; r + 4 <= n; r += 4) {
@@ -352,9 +356,9 @@ KVFIX_KVS_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t
   for (int64_t j = 0; j < G; ++j) {
     const T* qrow = static_cast<const T*>(p.q) + b * p.q_sb + (h * G + j) * p.q_sh;
     if constexpr (DC > 0 && std::is_same_v<T, c10::BFloat16>) {  // evens, then odds, per 32
-      for (int64_t d = 0; d < D; ++d) qs[j * D + (d / 32) * 32 + (d % 2) * 16 + (d % 32) / 2] = to_f(qrow[d]) * p.scale;
+      for (int64_t d = 0; d < D; ++d) qs[j * D + (d / 32) * 32 + (d % 2) * 16 + (d % 32) / 2] = to_f(qrow[d]);
     } else {
-      for (int64_t d = 0; d < D; ++d) qs[j * D + d] = to_f(qrow[d]) * p.scale;
+      for (int64_t d = 0; d < D; ++d) qs[j * D + d] = to_f(qrow[d]);
     }
   }
   for (int64_t j = 0; j < G; ++j) out[j] = State{};

@@ -20,7 +20,7 @@
 // Threads form row groups of TPR lanes; a row group owns one key row at a time, each lane 16 bytes
 // (VEC elements) of it per chunk, CPL chunks (TPR * VEC * CPL >= D), read with 16-byte loads when
 // pointers and strides allow, element by element otherwise. The query rows of up to
-// kKvsHeadsPerPass heads (pre-scaled, fp32) sit in shared memory; each lane forms its partial dot
+// kKvsHeadsPerPass heads (fp32) sit in shared memory; each lane forms its partial dot
 // products, an xor-shuffle butterfly inside the row group completes them, and every lane of the
 // group folds the logit into that group's online-softmax state per head
 //
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
       float x = 0.0f;
       if (j < gn && d < D) {
         const T* qrow = static_cast<const T*>(a.q) + b * a.q_sb + (h * g + h0 + j) * a.q_sh;
-        x = Num<T>::to_f(qrow[d]) * a.scale;
+        x = Num<T>::to_f(qrow[d]);
       }
       s_q[j][d] = x;
     }
@@ -277,10 +277,11 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
 #pragma unroll
         for (int j = 0; j < GP; ++j)
           if (j < gn) dot[j] += __shfl_xor_sync(0xffffffffu, dot[j], off, TPR);
-      if (bias > neg_inf()) {
+      if (bias > neg_inf()) {  // scaled after the dot, as in the reference (a pre-scaled query
+                               // row would add its rounding error to every logit)
 #pragma unroll
         for (int j = 0; j < GP; ++j)
-          if (j < gn) fold(m[j], l[j], u[j], dot[j] + bias);
+          if (j < gn) fold(m[j], l[j], u[j], dot[j] * a.scale + bias);
       }
     }
 
