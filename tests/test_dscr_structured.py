@@ -170,6 +170,46 @@ def test_kernel_matches_factored_reference(dtype, device):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_block_groups_and_tail(dtype):
+    """The CPU kernel's work split: at N = 2048 a float32 head's 5 full 16-column blocks run as
+    groups of 3 and 2 (16-bit dtypes: one group of 5), then the 8-column tail on its own; the
+    outputs (6 MB in float32) are large enough to be prefaulted. In place gives the same bits."""
+    gh, gw, B, H, D = 32, 64, 1, 8, 88
+    depth = torch.rand(B, gh * gw)
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
+    sp = S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu")
+    f = S.dscr_factors(plan, depth, dtype=torch.float64, **PARAMS)
+    k = torch.randn(B, H, gh * gw, D).to(dtype)
+    v = torch.randn(B, gh * gw, H, D).to(dtype).transpose(1, 2)  # strided
+    got_k, got_v = torch.ops.kvfix.dscr_refine_factored(k, v, depth, *sp, *S.depth_args(plan, 0.6, 0.6))
+    want_k, want_v = R.dscr_refine_factored(k.double(), v.double(), f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    for got, want in ((got_k, want_k), (got_v, want_v)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+    kk, vv = k.clone(), v.clone()
+    torch.ops.kvfix.dscr_refine_factored_cache_([kk], [vv], depth, *sp, *S.depth_args(plan, 0.6, 0.6))
+    assert torch.equal(kk, got_k) and torch.equal(vv, got_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_kernel_16bit_output_is_the_rounded_float32_result(dtype):
+    """Same factors and inputs exactly representable in `dtype`: the 16-bit output is the float32
+    output rounded to nearest even, bit for bit, and NaN where it is NaN (torch's own conversions
+    disagree on a NaN's bits: c10::BFloat16 gives 0x7fc0, the vectorised cast 0xffff)."""
+    gh, gw, D = 12, 16, 48
+    depth = torch.rand(1, gh * gw)
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=torch.float32)
+    args = (depth, *S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu"), *S.depth_args(plan, 0.6, 0.6))
+    k = torch.randn(2, 3, gh * gw, D).to(dtype)
+    k[1, 2, 7, 21] = float("nan")  # column 21 of that head: NaN everywhere
+    out32 = torch.ops.kvfix.dscr_refine_factored(k.float(), None, *args)[0]
+    out16 = torch.ops.kvfix.dscr_refine_factored(k, None, *args)[0]
+    nan = out32.isnan()
+    assert nan[1, 2, :, 21].all() and nan.sum() == gh * gw and torch.equal(out16.isnan(), nan)
+    assert torch.equal(out16[~nan].view(torch.int16), out32[~nan].to(dtype).view(torch.int16))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_single_token_grid_keeps_the_token(device):
     k = torch.randn(2, 3, 1, 16, device=device)

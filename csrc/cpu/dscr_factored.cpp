@@ -1,25 +1,35 @@
 // Structured DSCR on the CPU (kvfix/dscr_structured.py): the refinement with factored weights.
 //
-// Per block of kW feature columns (kW consecutive head dims of one head of one batch item of
-// K or V) the block X [N, kW] is gathered once as float32 (N * kW * 4 bytes: 37 KiB at N = 576,
-// 1 MiB at N = 16384, so it stays in L1 / L2), then, without leaving the cache:
-//   Z1[a] = Rc^T X[a, :]           (reduce each grid row along w: [gh, pc, kW])
-//   P     = U^T X                  (depth factors, same pass over X: [r, kW])
-//   Z2    = Rr^T Z1                (reduce along h: [pr, pc, kW])
-//   Z3    = Lr Z2                  (expand along h: [gh, pc, kW])
-//   y_i   = Lc[w] Z3[a] + U[i] P - 2 x_i,  out_i = cinv_i > 0 ? y_i * cinv_i : x_i
-// and written once in the input dtype. K and V are read once and written once; the factors
-// (a few KiB) stay in cache. Blocks are independent, so the in-place op needs no copy: each
-// block is read completely before any of it is written. Parallel over blocks.
+// Per block of kW = 16 feature columns (16 consecutive head dims of one head of one batch item
+// of K or V) there are two passes over the block's N tokens, with the operands of the inner
+// loops in AVX-512 registers (one FMA per factor and token: the kernel runs at the FMA rate):
+//   pass A, one grid row a at a time:  [Z1[a] | t] = sum_{i in row a} Fa[i] x_i
+//     with Fa[i] = [Rc[w_i] | U[i]] (q = pc + rd factors, zero-padded to a multiple of 4):
+//     Z1[a] (the row reduced along w, pc vectors) is stored, t accumulates P = U^T X;
+//   middle (small): Z2 = Rr^T Z1 (pr x pc vectors), Z3 = Lr Z2 (gh x pc);
+//   pass B, one grid row a at a time:  out_i = Fb[i] . [Z3[a] | P] + a_i x_i
+//     with Fb[i] = cinv_i [Lc[w_i] | U[i]] and a_i = -2 cinv_i (the diagonal, which is exactly
+//     2), or Fb[i] = 0, a_i = 1 where cinv_i == 0 (the token keeps its key).
+// Pass B reads x_i again from the source and writes out_i once in the output dtype, so K and V
+// are read from memory once and written once, with no copy, and the in-place op is safe: pass
+// B writes token i only after pass A has read the whole block, and reads token i just before
+// writing it. A task is a group of m blocks of one head, sized so that the group (N tokens x
+// m kW columns) stays in L2 between the passes; each pass walks the group grid row by grid row,
+// all its blocks side by side, prefetching a later row. A head dim that is not a multiple of kW
+// leaves a narrower last block: a task of its own, run on a zero-padded float32 copy. The per
+// token factor rows Fa, Fb (N (2q + 1) floats per batch item) stay in cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
+#include "fresh_pages.h"
 #include "kvfix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -32,118 +42,216 @@ namespace kvfix {
 namespace {
 
 constexpr int64_t kW = 16;  // feature columns per block: one AVX-512 register of float32
-constexpr int kMaxUnrolled = 16;  // factor widths up to this keep their operands in registers
+constexpr int kMaxUnrolled = 24;  // factor counts q up to this keep their accumulators in registers
+constexpr int64_t kQStep = 4;     // q = pc + rd is padded to a multiple of this
+constexpr int64_t kPrefetchLines = 64;  // how far ahead (at least, in token blocks) the passes prefetch
+constexpr int64_t kGroupBytes = 384 << 10;  // K / V bytes of one group of blocks (kept in L2)
 
-// 16 float32 lanes (GCC vector extension: one zmm with AVX-512, two ymm with AVX2). Every
-// pointer given to ld / st is 64-byte aligned (blocks of kW floats in aligned buffers).
+// 16 float32 lanes (GCC vector extension: one zmm with AVX-512, two ymm with AVX2). ld / st
+// take 64-byte aligned pointers (scratch); load_x / store_y access K and V (any alignment).
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 #define KVFIX_AI static inline __attribute__((always_inline))
 KVFIX_AI v16 ld(const float* p) { return *reinterpret_cast<const v16*>(p); }
 KVFIX_AI void st(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
+// p[0, kW) as float32.
+template <typename T>
+KVFIX_AI v16 load_x(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return *reinterpret_cast<const v16u*>(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 -> float32: the bits shifted up
+    return (v16)(__builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16);
+  } else {
+    alignas(64) float t[kW];
+    for (int64_t l = 0; l < kW; ++l) t[l] = static_cast<float>(p[l]);
+    return ld(t);
+  }
+}
+
+// p[0, kW) = T(v), rounded to nearest even as c10's conversions.
+template <typename T>
+KVFIX_AI void store_y(T* p, v16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<v16u*>(p) = v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // c10::BFloat16(float), NaN -> 0x7fc0
+    const u32x16 b = (u32x16)v;
+    const u32x16 r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const i32x16 nan = v != v;
+    *reinterpret_cast<u16x16*>(p) = __builtin_convertvector(nan ? u32x16{} + 0x7fc0u : r, u16x16);
+  } else {
+    alignas(64) float t[kW];
+    st(t, v);
+    for (int64_t l = 0; l < kW; ++l) p[l] = static_cast<T>(t[l]);
+  }
+}
+
 struct Factors {
-  const float *lr, *rr, *lc, *rc, *u, *cinv;  // u, cinv: this batch item's rows
-  int64_t gh, gw, pr, pc, rd;
+  const float *lr, *rr;  // row axis [gh, pr]
+  const float *fa, *fb;  // per token of this batch item: fa [N, q], fb [N, q + 1] (see the top)
+  int64_t gh, gw, pr, pc, q;
 };
 
-// acc[p] = sum_i f[i * P + p] * x[i] over n vectors x (stride kW): the reductions Rc^T X[a]
-// (one grid row) and U^T X. P accumulators stay in registers. P == 0: runtime width np.
-template <int P>
-KVFIX_AI void reduce(const float* x, const float* f, int64_t n, int64_t np, float* out) {
-  if constexpr (P == 0) {
-    for (int64_t p = 0; p < np; ++p) st(out + p * kW, v16{});
-    for (int64_t i = 0; i < n; ++i) {
-      const v16 xv = ld(x + i * kW);
-      for (int64_t p = 0; p < np; ++p) st(out + p * kW, ld(out + p * kW) + f[i * np + p] * xv);
+// Pass A over grid row a (gw tokens from x, stride sx): Z1[a] = the first pc sums, and
+// pd += the last q - pc. Q > 0: Q == q accumulators in registers; Q == 0: any q, in acc.
+// pf (or nullptr): the same tokens of a later grid row, prefetched (a block's tokens are
+// 64-byte pieces D elements apart, which the hardware prefetchers follow poorly).
+template <int Q, typename T>
+KVFIX_AI void reduce_row(const T* x, int64_t sx, const float* fa, int64_t gw, int64_t q, int64_t pc, float* z1a,
+                         float* pd, float* acc_mem, const T* pf) {
+  if constexpr (Q == 0) {
+    for (int64_t p = 0; p < q; ++p) st(acc_mem + p * kW, v16{});
+    for (int64_t w = 0; w < gw; ++w) {
+      if (pf) __builtin_prefetch(pf + w * sx);
+      const v16 xv = load_x(x + w * sx);
+      for (int64_t p = 0; p < q; ++p) st(acc_mem + p * kW, ld(acc_mem + p * kW) + fa[w * q + p] * xv);
+    }
+    for (int64_t p = 0; p < q; ++p) {
+      if (p < pc) st(z1a + p * kW, ld(acc_mem + p * kW));
+      else st(pd + (p - pc) * kW, ld(pd + (p - pc) * kW) + ld(acc_mem + p * kW));
     }
   } else {
-    v16 acc[P];
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) acc[p] = v16{};
-    for (int64_t i = 0; i < n; ++i) {
-      const v16 xv = ld(x + i * kW);
-      const float* fi = f + i * P;
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc[p] += fi[p] * xv;
+    v16 acc[Q];
+#pragma GCC unroll 32
+    for (int p = 0; p < Q; ++p) acc[p] = v16{};
+    for (int64_t w = 0; w < gw; ++w) {
+      if (pf) __builtin_prefetch(pf + w * sx);
+      const v16 xv = load_x(x + w * sx);
+      const float* f = fa + w * Q;
+#pragma GCC unroll 32
+      for (int p = 0; p < Q; ++p) acc[p] += f[p] * xv;
     }
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) st(out + p * kW, acc[p]);
+#pragma GCC unroll 32
+    for (int p = 0; p < Q; ++p) {
+      if (p < pc) st(z1a + p * kW, acc[p]);
+      else st(pd + (p - pc) * kW, ld(pd + (p - pc) * kW) + acc[p]);
+    }
   }
 }
 
-// y[i] = finish(init + sum_p f[i * P + p] * z[p]) for n outputs. kInit (the expansion Lc Z3[a]):
-// init = -2 x, no finish. Otherwise (the expansion U P, last): init = y, and finish normalises:
-// y = acc * cinv[i], or x where cinv[i] == 0 (the token keeps its key). The P operands z stay
-// in registers.
-template <int P, bool kInit>
-KVFIX_AI void expand(const float* z, const float* f, int64_t n, int64_t np, const float* x, float* y,
-                     const float* cinv = nullptr) {
-  constexpr int kRegs = P == 0 ? 1 : P;
-  v16 zr[kRegs];
-  if constexpr (P > 0) {
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) zr[p] = ld(z + p * kW);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    v16 acc = kInit ? -2.0f * ld(x + i * kW) : ld(y + i * kW);
-    if constexpr (P == 0) {
-      for (int64_t p = 0; p < np; ++p) acc += f[i * np + p] * ld(z + p * kW);
-    } else {
-      const float* fi = f + i * P;
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) acc += fi[p] * zr[p];
+// Pass B over grid row a: y_i = fb[i, :q] . [Z3[a] | P] + fb[i, q] x_i, written to y (stride sy).
+// pf (or nullptr): the outputs of a later grid row, prefetched for writing.
+template <int Q, typename T>
+KVFIX_AI void expand_row(const T* x, int64_t sx, T* y, int64_t sy, const float* fb, int64_t gw, int64_t q,
+                         int64_t pc, const float* z3a, const float* pd, T* pf) {
+  if constexpr (Q == 0) {
+    for (int64_t w = 0; w < gw; ++w) {
+      if (pf) __builtin_prefetch(pf + w * sy, 1);
+      const float* f = fb + w * (q + 1);
+      v16 acc = f[q] * load_x(x + w * sx);
+      for (int64_t p = 0; p < q; ++p) acc += f[p] * ld(p < pc ? z3a + p * kW : pd + (p - pc) * kW);
+      store_y(y + w * sy, acc);
     }
-    if constexpr (!kInit) acc = cinv[i] > 0.0f ? acc * cinv[i] : ld(x + i * kW);
-    st(y + i * kW, acc);
+  } else {
+    v16 z[Q];
+#pragma GCC unroll 32
+    for (int p = 0; p < Q; ++p) z[p] = ld(p < pc ? z3a + p * kW : pd + (p - pc) * kW);
+    for (int64_t w = 0; w < gw; ++w) {
+      if (pf) __builtin_prefetch(pf + w * sy, 1);
+      const float* f = fb + w * (Q + 1);
+      v16 acc0 = f[Q] * load_x(x + w * sx), acc1{};  // two chains: half the FMA latency
+#pragma GCC unroll 32
+      for (int p = 0; p < Q; p += 2) {
+        acc0 += f[p] * z[p];
+        if (p + 1 < Q) acc1 += f[p + 1] * z[p + 1];
+      }
+      store_y(y + w * sy, acc0 + acc1);
+    }
   }
 }
 
-// Calls F<P>(args...) with P = np when np <= kMaxUnrolled (operands in registers), else F<0>.
-#define KVFIX_DISPATCH_WIDTH(np, CALL)                                                              \
-  switch (np) {                                                                                    \
-    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break;  \
-    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; case 8: CALL(8); break;  \
-    case 9: CALL(9); break; case 10: CALL(10); break; case 11: CALL(11); break;                     \
-    case 12: CALL(12); break; case 13: CALL(13); break; case 14: CALL(14); break;                   \
-    case 15: CALL(15); break; case 16: CALL(16); break; default: CALL(0); break;                    \
+// q is padded to a multiple of kQStep (zero depth factors), so few widths are compiled.
+#define KVFIX_DISPATCH_Q(q, CALL)                                                               \
+  switch (q) {                                                                                 \
+    case 4: CALL(4); break; case 8: CALL(8); break; case 12: CALL(12); break;                   \
+    case 16: CALL(16); break; case 20: CALL(20); break; case 24: CALL(24); break;               \
+    default: CALL(0); break;                                                                    \
   }
+static_assert(kMaxUnrolled == 24 && kMaxUnrolled % kQStep == 0, "KVFIX_DISPATCH_Q lists the unrolled widths");
 
-// y [N, kW] = refine(x [N, kW]); z1, z3: gh * pc * kW, z2: pr * pc * kW, pd: rd * kW floats.
-KVFIX_CPU_CLONES void refine_block(const Factors& f, const float* x, float* y, float* z1, float* z2, float* z3,
-                                   float* pd) {
-  const int64_t gh = f.gh, gw = f.gw, pr = f.pr, pc = f.pc, rd = f.rd, N = gh * gw;
-  const int64_t row = pc * kW;  // one grid row of Z1 / Z3, or one q of Z2
+// Scratch of one group of m blocks (64-byte aligned floats): per block z1, z3 (gh * pc * kW)
+// and pd ((q - pc) * kW); shared z2 (pr * pc * kW) and acc (q * kW).
+struct Scratch {
+  float *z1, *z2, *z3, *pd, *acc;
+};
+
+// m blocks of kW columns side by side (block c at column c * kW): x (stride sx tokens) -> y
+// (stride sy; may be x). Grid rows outer, blocks inner, so each pass walks K and V row after
+// row (the hardware prefetchers follow; software prefetches cover the rest).
+template <typename T>
+KVFIX_AI void refine_group(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, const Scratch& w) {
+  const int64_t gh = f.gh, gw = f.gw, pr = f.pr, pc = f.pc, q = f.q;
+  const int64_t row = pc * kW;  // one grid row of Z1 / Z3, or one j of Z2
+  const int64_t zb = gh * row, pb = (q - pc) * kW;  // per-block sizes of z1 / z3 and pd
+  const int64_t ahead = (kPrefetchLines + gw * m - 1) / (gw * m);  // grid rows
+  for (int64_t e = 0; e < m * pb; e += kW) st(w.pd + e, v16{});
   for (int64_t a = 0; a < gh; ++a) {
-#define KVFIX_RED_ROW(P) reduce<P>(x + a * gw * kW, f.rc, gw, pc, z1 + a * row)
-    KVFIX_DISPATCH_WIDTH(pc, KVFIX_RED_ROW)
-#undef KVFIX_RED_ROW
+    for (int64_t c = 0; c < m; ++c) {
+      const T* xa = x + a * gw * sx + c * kW;
+      const T* pf = a + ahead < gh ? xa + ahead * gw * sx : nullptr;
+#define KVFIX_RED(Q) reduce_row<Q>(xa, sx, f.fa + a * gw * q, gw, q, pc, w.z1 + c * zb + a * row, w.pd + c * pb, w.acc, pf)
+      KVFIX_DISPATCH_Q(q, KVFIX_RED)
+#undef KVFIX_RED
+    }
   }
-#define KVFIX_RED_DEPTH(P) reduce<P>(x, f.u, N, rd, pd)
-  KVFIX_DISPATCH_WIDTH(rd, KVFIX_RED_DEPTH)
-#undef KVFIX_RED_DEPTH
-  // Z2 = Rr^T Z1, Z3 = Lr Z2: gh * pr * pc vectors each, small next to the N-long passes.
-  for (int64_t e = 0; e < pr * row; e += kW) st(z2 + e, v16{});
-  for (int64_t a = 0; a < gh; ++a) {
-    for (int64_t q = 0; q < pr; ++q) {
-      const float s = f.rr[a * pr + q];
-      for (int64_t e = 0; e < row; e += kW) st(z2 + q * row + e, ld(z2 + q * row + e) + s * ld(z1 + a * row + e));
+  // Z2 = Rr^T Z1, Z3 = Lr Z2 per block: 2 gh pr pc vectors, small next to the N-long passes.
+  for (int64_t c = 0; c < m; ++c) {
+    const float* z1 = w.z1 + c * zb;
+    float* z3 = w.z3 + c * zb;
+    for (int64_t j = 0; j < pr; ++j) {
+      for (int64_t e = 0; e < row; e += kW) {
+        v16 s0{}, s1{};  // two chains
+        int64_t a = 0;
+        for (; a + 1 < gh; a += 2) {
+          s0 += f.rr[a * pr + j] * ld(z1 + a * row + e);
+          s1 += f.rr[(a + 1) * pr + j] * ld(z1 + (a + 1) * row + e);
+        }
+        if (a < gh) s0 += f.rr[a * pr + j] * ld(z1 + a * row + e);
+        st(w.z2 + j * row + e, s0 + s1);
+      }
+    }
+    for (int64_t a = 0; a < gh; ++a) {
+      for (int64_t e = 0; e < row; e += kW) {
+        v16 s{};
+        for (int64_t j = 0; j < pr; ++j) s += f.lr[a * pr + j] * ld(w.z2 + j * row + e);
+        st(z3 + a * row + e, s);
+      }
     }
   }
   for (int64_t a = 0; a < gh; ++a) {
-    for (int64_t e = 0; e < row; e += kW) {
-      v16 acc{};
-      for (int64_t q = 0; q < pr; ++q) acc += f.lr[a * pr + q] * ld(z2 + q * row + e);
-      st(z3 + a * row + e, acc);
+    for (int64_t c = 0; c < m; ++c) {
+      const T* xa = x + a * gw * sx + c * kW;
+      T* ya = y + a * gw * sy + c * kW;
+      T* pf = a + ahead < gh ? ya + ahead * gw * sy : nullptr;
+#define KVFIX_EXP(Q) \
+  expand_row<Q>(xa, sx, ya, sy, f.fb + a * gw * (q + 1), gw, q, pc, w.z3 + c * zb + a * row, w.pd + c * pb, pf)
+      KVFIX_DISPATCH_Q(q, KVFIX_EXP)
+#undef KVFIX_EXP
     }
   }
-  for (int64_t a = 0; a < gh; ++a) {
-#define KVFIX_EXP_ROW(P) expand<P, true>(z3 + a * row, f.lc, gw, pc, x + a * gw * kW, y + a * gw * kW)
-    KVFIX_DISPATCH_WIDTH(pc, KVFIX_EXP_ROW)
-#undef KVFIX_EXP_ROW
+}
+
+// One instantiation per dtype, each compiled for AVX-512, AVX2 and baseline x86-64.
+#define KVFIX_BLOCK_FN(NAME, T)                                                                     \
+  KVFIX_CPU_CLONES void NAME(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, \
+                             const Scratch& w) {                                                    \
+    refine_group<T>(f, x, sx, y, sy, m, w);                                                         \
   }
-#define KVFIX_EXP_DEPTH(P) expand<P, false>(pd, f.u, N, rd, x, y, f.cinv)
-  KVFIX_DISPATCH_WIDTH(rd, KVFIX_EXP_DEPTH)
-#undef KVFIX_EXP_DEPTH
+KVFIX_BLOCK_FN(refine_block_f32, float)
+KVFIX_BLOCK_FN(refine_block_f64, double)
+KVFIX_BLOCK_FN(refine_block_f16, c10::Half)
+KVFIX_BLOCK_FN(refine_block_bf16, c10::BFloat16)
+#undef KVFIX_BLOCK_FN
+
+template <typename T>
+void refine_group_any(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, const Scratch& w) {
+  if constexpr (std::is_same_v<T, float>) refine_block_f32(f, x, sx, y, sy, m, w);
+  else if constexpr (std::is_same_v<T, double>) refine_block_f64(f, x, sx, y, sy, m, w);
+  else if constexpr (std::is_same_v<T, c10::Half>) refine_block_f16(f, x, sx, y, sy, m, w);
+  else refine_block_bf16(f, x, sx, y, sy, m, w);
 }
 
 // 64-byte aligned float buffer.
@@ -157,24 +265,28 @@ struct Buffer {
   Buffer& operator=(const Buffer&) = delete;
 };
 
-// x [N, kW] = float(src[i * sn + l]) for l < width, zeros beyond.
-template <typename T>
-void gather(const T* src, int64_t sn, int64_t N, int64_t width, float* x) {
-  for (int64_t i = 0; i < N; ++i) {
-    const T* s = src + i * sn;
-    float* xi = x + i * kW;
-    for (int64_t l = 0; l < width; ++l) xi[l] = static_cast<float>(s[l]);
-    for (int64_t l = width; l < kW; ++l) xi[l] = 0.0f;
-  }
-}
+// pc + rd rounded up to a multiple of kQStep: the extra depth factors are zero.
+int64_t padded_q(int64_t pc, int64_t rd) { return (pc + rd + kQStep - 1) / kQStep * kQStep; }
 
-template <typename T>
-void scatter(const float* y, int64_t N, int64_t width, T* dst, int64_t sn) {
-  for (int64_t i = 0; i < N; ++i) {
-    const float* yi = y + i * kW;
-    T* d = dst + i * sn;
-    for (int64_t l = 0; l < width; ++l) d[l] = static_cast<T>(yi[l]);
+// The per-token factor rows of every batch item of the depth factors (see the top):
+// fa [Bd, N, q] = [Rc[w_i] | U[i]], fb [Bd, N, q + 1] = [cinv_i Lc[w_i] | cinv_i U[i] | a_i].
+std::vector<float> token_factors(const at::Tensor& lc, const at::Tensor& rc, const at::Tensor& u,
+                                 const at::Tensor& cinv, bool second) {
+  const int64_t Bd = u.size(0), N = u.size(1), rd = u.size(2), gw = lc.size(0), pc = lc.size(1);
+  const int64_t q = padded_q(pc, rd), width = second ? q + 1 : q;
+  const float* axis = (second ? lc : rc).data_ptr<float>();
+  std::vector<float> out(Bd * N * width, 0.0f);
+  for (int64_t bd = 0; bd < Bd; ++bd) {
+    for (int64_t i = 0; i < N; ++i) {
+      const float* ui = u.data_ptr<float>() + (bd * N + i) * rd;
+      const float c = second ? cinv.data_ptr<float>()[bd * N + i] : 1.0f;
+      float* o = out.data() + (bd * N + i) * width;
+      for (int64_t p = 0; p < pc; ++p) o[p] = c * axis[(i % gw) * pc + p];
+      for (int64_t n = 0; n < rd; ++n) o[pc + n] = c * ui[n];
+      if (second) o[q] = c > 0.0f ? -2.0f * c : 1.0f;
+    }
   }
+  return out;
 }
 
 // dsts[p] = refine(srcs[p]); each [B, H, N, D] with a contiguous last dim; dsts[p] may be srcs[p].
@@ -183,33 +295,52 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
             const at::Tensor& cinv) {
   const int64_t N = srcs[0].size(2), B = srcs[0].size(0);
   if (N == 0 || B == 0) return;
-  const int64_t gh = lr.size(0), gw = lc.size(0), pr = lr.size(1), pc = lc.size(1), rd = u.size(2);
+  const int64_t gh = lr.size(0), pr = lr.size(1), gw = lc.size(0), pc = lc.size(1), q = padded_q(pc, u.size(2));
   const int64_t Bd = u.size(0);
-  // Task t -> (pair p, batch b, head h, block c): prefix counts over the pairs.
-  std::vector<int64_t> first(srcs.size() + 1, 0);
+  const std::vector<float> fa = token_factors(lc, rc, u, cinv, false), fb = token_factors(lc, rc, u, cinv, true);
+  // Each head's full blocks run in groups of m (the group's N tokens x m * kW columns stay in L2
+  // between the two passes); a last block narrower than kW is a task of its own.
+  const int64_t m = std::max<int64_t>(1, kGroupBytes / (N * kW * static_cast<int64_t>(srcs[0].element_size())));
+  struct Split {
+    int64_t full, groups, tasks;  // per head: full blocks, their groups, tasks (groups + tail)
+  };
+  std::vector<Split> split;
+  std::vector<int64_t> first(srcs.size() + 1, 0);  // task t -> (pair p, batch b, head h, task g)
   for (size_t p = 0; p < srcs.size(); ++p) {
-    const int64_t blocks = (srcs[p].size(3) + kW - 1) / kW;
-    first[p + 1] = first[p] + B * srcs[p].size(1) * blocks;
+    const int64_t D = srcs[p].size(3), full = D / kW, groups = (full + m - 1) / m;
+    split.push_back({full, groups, groups + (D % kW != 0)});
+    first[p + 1] = first[p] + B * srcs[p].size(1) * split.back().tasks;
   }
   at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
-    Buffer x(N * kW), y(N * kW), z1(gh * pc * kW), z2(pr * pc * kW), z3(gh * pc * kW), pd(rd * kW);
+    Buffer z1(m * gh * pc * kW), z2(pr * pc * kW), z3(m * gh * pc * kW), pd(m * (q - pc) * kW), acc(q * kW);
+    const Scratch w{z1.p, z2.p, z3.p, pd.p, acc.p};
+    std::unique_ptr<Buffer> tail;  // the zero-padded copy of a narrow last block
     for (int64_t t = t0; t < t1; ++t) {
       const size_t p = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
       const at::Tensor& src = srcs[p];
       const at::Tensor& dst = dsts[p];
-      const int64_t H = src.size(1), D = src.size(3), blocks = (D + kW - 1) / kW;
-      const int64_t local = t - first[p];
-      const int64_t c = local % blocks, h = (local / blocks) % H, b = local / (blocks * H);
-      const int64_t d0 = c * kW, width = std::min(kW, D - d0);
+      const int64_t H = src.size(1), D = src.size(3), tasks = split[p].tasks, local = t - first[p];
+      const int64_t g = local % tasks, h = (local / tasks) % H, b = local / (tasks * H);
       const int64_t bd = Bd == 1 ? 0 : b;
-      const Factors f{lr.data_ptr<float>(), rr.data_ptr<float>(), lc.data_ptr<float>(), rc.data_ptr<float>(),
-                      u.data_ptr<float>() + bd * N * rd, cinv.data_ptr<float>() + bd * N, gh, gw, pr, pc, rd};
+      const Factors f{lr.data_ptr<float>(), rr.data_ptr<float>(), fa.data() + bd * N * q,
+                      fb.data() + bd * N * (q + 1), gh, gw, pr, pc, q};
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dscr_refine_factored", [&] {
-        const scalar_t* s = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1) + d0;
-        scalar_t* o = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1) + d0;
-        gather(s, src.stride(2), N, width, x.p);
-        refine_block(f, x.p, y.p, z1.p, z2.p, z3.p, pd.p);
-        scatter(y.p, N, width, o, dst.stride(2));
+        const scalar_t* s = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
+        scalar_t* o = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1);
+        const int64_t sn = src.stride(2), dn = dst.stride(2);
+        if (g < split[p].groups) {
+          const int64_t c0 = g * m;
+          refine_group_any(f, s + c0 * kW, sn, o + c0 * kW, dn, std::min(m, split[p].full - c0), w);
+          return;
+        }
+        const int64_t d0 = split[p].full * kW, width = D - d0;
+        if (!tail) tail = std::make_unique<Buffer>(N * kW);
+        float* xb = tail->p;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t l = 0; l < kW; ++l) xb[i * kW + l] = l < width ? static_cast<float>(s[i * sn + d0 + l]) : 0.0f;
+        refine_group_any(f, static_cast<const float*>(xb), kW, xb, kW, 1, w);
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t l = 0; l < width; ++l) o[i * dn + d0 + l] = static_cast<scalar_t>(xb[i * kW + l]);
       });
     }
   });
@@ -274,7 +405,10 @@ std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std:
   const std::vector<at::Tensor> srcs =
       dscr_factored_operands("dscr_refine_factored", {k}, vs, depth, lr, rr, lc, rc, coef_d, rank_d);
   std::vector<at::Tensor> outs;
-  for (const auto& s : srcs) outs.push_back(at::empty(s.sizes(), s.options()));
+  for (const auto& s : srcs) {
+    outs.push_back(at::empty(s.sizes(), s.options()));
+    prefault_output(outs.back());
+  }
   if (k.size(2) == 0) return outs;
   const auto uc = dscr_depth_factors_cpu(depth, lr, rr, lc, rc, coef_d, rank_d);
   refine(srcs, outs, lr, rr, lc, rc, uc[0], uc[1]);
