@@ -52,10 +52,11 @@ def test_dscr(benchmark, case, variant):
 #
 # Variants per row: "structured" (kvfix.dscr_refine with coords=(gh, gw), method="structured"),
 # "in_place" (kvfix.dscr_refine_cache_ on copies of K and V, method="structured": the cache path
-# of kvfix.hf.DSCR, no fresh output pages), "dense" (kvfix.dscr_refine with tensor coords: the dense kernel), "reference" (eager, N x N),
-# "floor" (the bare GEMMs W @ K, W @ V: the work any dense implementation does) and "copy"
-# (K.clone(), V.clone(): reading K and V once and writing both outputs once, the floor of any
-# implementation). Dense variants are not run where they take seconds (N = 16384).
+# of kvfix.hf.DSCR, no fresh output pages), "dense" (kvfix.dscr_refine with tensor coords: the
+# dense kernel), "reference" (eager, N x N), "floor" (the bare GEMMs W @ K, W @ V: the work any
+# dense implementation does) and "copy" (K.clone(), V.clone(): reading K and V once and writing
+# both outputs once, the floor of any implementation). Dense variants are not run where they
+# take seconds (N = 16384).
 
 STRUCT_SHAPES = [
     common.Shape("LLaVA-1.5", 1, 32, 24, 24, 128, ("fp32", "bf16")),

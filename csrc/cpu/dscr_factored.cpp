@@ -192,7 +192,8 @@ KVFIX_AI void refine_group(const Factors& f, const T* x, int64_t sx, T* y, int64
     for (int64_t c = 0; c < m; ++c) {
       const T* xa = x + a * gw * sx + c * kW;
       const T* pf = a + ahead < gh ? xa + ahead * gw * sx : nullptr;
-#define KVFIX_RED(Q) reduce_row<Q>(xa, sx, f.fa + a * gw * q, gw, q, pc, w.z1 + c * zb + a * row, w.pd + c * pb, w.acc, pf)
+#define KVFIX_RED(Q) \
+  reduce_row<Q>(xa, sx, f.fa + a * gw * q, gw, q, pc, w.z1 + c * zb + a * row, w.pd + c * pb, w.acc, pf)
       KVFIX_DISPATCH_Q(q, KVFIX_RED)
 #undef KVFIX_RED
     }
