@@ -147,11 +147,12 @@ def test_structured_matches_dense_reference(gh, gw, kind, sigma_d, alpha, beta, 
     # N = 4096: float64 truth on 256 output tokens only; the dense kernel's tolerance
     # (test_dscr: 2e-5 for fp32; the output rounding for 16-bit dtypes).
     cols = torch.linspace(0, N - 1, 256).round().long()
-    tk, tv = reference_columns_f64(k, v, depth[0], kvfix.patch_coords(gh, gw, dtype=torch.float64), cols, **kw)
+    tk, tv = reference_columns_f64(k.cpu(), v.cpu(), depth[0].cpu(), kvfix.patch_coords(gh, gw, dtype=torch.float64),
+                                   cols, **kw)
     tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     for out, t in ((k_hat, tk), (v_hat, tv)):
         assert out.dtype == dtype and torch.isfinite(out).all()
-        assert (out[:, :, cols].double() - t).abs().max().item() <= tol * max(1.0, t.abs().max().item())
+        assert (out[:, :, cols].double().cpu() - t).abs().max().item() <= tol * max(1.0, t.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
