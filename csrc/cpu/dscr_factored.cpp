@@ -242,7 +242,6 @@ KVFIX_AI void refine_group(const Factors& f, const T* x, int64_t sx, T* y, int64
     refine_group<T>(f, x, sx, y, sy, m, w);                                                         \
   }
 KVFIX_BLOCK_FN(refine_block_f32, float)
-KVFIX_BLOCK_FN(refine_block_f64, double)
 KVFIX_BLOCK_FN(refine_block_f16, c10::Half)
 KVFIX_BLOCK_FN(refine_block_bf16, c10::BFloat16)
 #undef KVFIX_BLOCK_FN
@@ -250,7 +249,6 @@ KVFIX_BLOCK_FN(refine_block_bf16, c10::BFloat16)
 template <typename T>
 void refine_group_any(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, const Scratch& w) {
   if constexpr (std::is_same_v<T, float>) refine_block_f32(f, x, sx, y, sy, m, w);
-  else if constexpr (std::is_same_v<T, double>) refine_block_f64(f, x, sx, y, sy, m, w);
   else if constexpr (std::is_same_v<T, c10::Half>) refine_block_f16(f, x, sx, y, sy, m, w);
   else refine_block_bf16(f, x, sx, y, sy, m, w);
 }
@@ -325,7 +323,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
       const int64_t bd = Bd == 1 ? 0 : b;
       const Factors f{lr.data_ptr<float>(), rr.data_ptr<float>(), fa.data() + bd * N * q,
                       fb.data() + bd * N * (q + 1), gh, gw, pr, pc, q};
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dscr_refine_factored", [&] {
+      auto run = [&](auto zero) {
+        using scalar_t = decltype(zero);
         const scalar_t* s = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
         scalar_t* o = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1);
         const int64_t sn = src.stride(2), dn = dst.stride(2);
@@ -342,7 +341,13 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
         refine_group_any(f, static_cast<const float*>(xb), kW, xb, kW, 1, w);
         for (int64_t i = 0; i < N; ++i)
           for (int64_t l = 0; l < width; ++l) o[i * dn + d0 + l] = static_cast<scalar_t>(xb[i * kW + l]);
-      });
+      };
+      switch (src.scalar_type()) {  // the dtypes the op accepts (ops.cpp: check_kv)
+        case at::kFloat: run(float{}); break;
+        case at::kHalf: run(c10::Half{}); break;
+        case at::kBFloat16: run(c10::BFloat16{}); break;
+        default: TORCH_CHECK(false, "dscr_refine_factored: unsupported dtype ", src.scalar_type());
+      }
     }
   });
 }
