@@ -39,6 +39,14 @@ class Mutation:
 
 DSCR = "csrc/kernels/dscr.cuh"
 DSCR_TESTS = "tests/emu/test_emu_dscr.py"
+FAC = "csrc/kernels/dscr_factored.cuh"
+FAC_TESTS = "tests/emu/test_emu_dscr_factored.py"
+KVS = "csrc/kernels/kvsmooth.cuh"
+KVS_TESTS = "tests/emu/test_emu_kvsmooth.py"
+SCR = "csrc/kernels/scr.cuh"
+SCR_TESTS = "tests/emu/test_emu_scr.py"
+CMAC = "csrc/kernels/cmac.cuh"
+CMAC_TESTS = "tests/emu/test_emu_cmac.py"
 
 MUTATIONS = [
     Mutation("barrier removed: before a tile's copy (previous tile still being read)", DSCR,
@@ -62,6 +70,66 @@ MUTATIONS = [
     Mutation("diagonal not masked", DSCR, "il < rows && i != j_own", "il < rows", DSCR_TESTS),
     Mutation("geometry batch offset ignored", DSCR,
              "const float* const dep = a.depth + b * a.geo_sb;", "const float* const dep = a.depth;", DSCR_TESTS),
+    # structured DSCR (dscr_factored.cuh)
+    Mutation("factored: barrier removed before a segment's coefficients are staged", FAC,
+             "__syncthreads();  // the previous segment's coefficients are no longer read", "//", FAC_TESTS),
+    Mutation("factored: barrier removed after the coefficients are staged", FAC,
+             "      __syncthreads();\n      if (d < a.D) {\n        for (int64_t w = 0; w < nw; ++w) {",
+             "      if (d < a.D) {\n        for (int64_t w = 0; w < nw; ++w) {", FAC_TESTS),
+    Mutation("factored: wrong index: depth factor of the next token", FAC,
+             "c = u[(row * a.gw + w) * a.rd + (f - a.pc)];", "c = u[(row * a.gw + w + 1) * a.rd + (f - a.pc)];",
+             FAC_TESTS),
+    Mutation("factored: every block reduces the first factor chunk", FAC,
+             "f0 = int64_t(blockIdx.y) * kDscrFactoredChunk", "f0 = 0", FAC_TESTS),
+    Mutation("factored: missing guard: pass 1 stores columns d >= D", FAC,
+             "    if (d < a.D) {\n#pragma unroll\n      for (int j = 0; j < kDscrFactoredChunk; ++j) {",
+             "    {\n#pragma unroll\n      for (int j = 0; j < kDscrFactoredChunk; ++j) {", FAC_TESTS),
+    Mutation("factored: diagonal subtracted once instead of twice", FAC,
+             "float acc = -2.0f * xv;", "float acc = -1.0f * xv;", FAC_TESTS),
+    Mutation("factored: column-sum batch offset ignored", FAC,
+             "a.cinv + (a.u_sb == 0 ? 0 : b * (a.u_sb / rd)) + i0", "a.cinv + i0", FAC_TESTS),
+    # KVSmooth (kvsmooth.cuh)
+    Mutation("kvsmooth: barrier removed after the query rows are staged", KVS,
+             "    __syncthreads();\n\n    float m[GP], l[GP], u[GP];", "\n    float m[GP], l[GP], u[GP];", KVS_TESTS),
+    Mutation("kvsmooth: barrier removed before the row groups' states are merged", KVS,
+             "    __syncthreads();\n    if (tid < gn) {", "    if (tid < gn) {", KVS_TESTS),
+    Mutation("kvsmooth: mask ignored", KVS, "bias = mask_bias(a, b, t);", "bias = 0.0f;", KVS_TESTS),
+    Mutation("kvsmooth: every split writes the first split's slot", KVS,
+             "((b * a.Hq + h * g + h0 + tid) * S + split) * 3", "((b * a.Hq + h * g + h0 + tid) * S) * 3", KVS_TESTS),
+    Mutation("kvsmooth: logit scale dropped", KVS, "dot[j] * a.scale + bias", "dot[j] + bias", KVS_TESTS),
+    Mutation("kvsmooth: EMA not skipped when position T - 2 is masked", KVS,
+             "if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;", "if (a.T < 2) lam = 0.0f;",
+             KVS_TESTS),
+    # SCR (scr.cuh)
+    Mutation("scr: barrier removed before the warps' partial sums are read", SCR,
+             "  part[warp][lane] = acc;\n  __syncthreads();", "  part[warp][lane] = acc;", SCR_TESTS),
+    Mutation("scr: selection barrier removed before a score tile is overwritten", SCR,
+             "    __syncthreads();\n    if (p0 + threadIdx.x < a.N) {", "    if (p0 + threadIdx.x < a.N) {", SCR_TESTS),
+    Mutation("scr: selection barrier removed after a score tile is staged", SCR,
+             "    __syncthreads();\n    const int64_t len = a.N - p0", "    const int64_t len = a.N - p0", SCR_TESTS),
+    Mutation("scr: equal scores not ranked by index", SCR,
+             "(sp > sn || (sp == sn && p0 + e < n))", "(sp > sn)", SCR_TESTS),
+    Mutation("scr: border patches not excluded", SCR,
+             "return r > 0 && r < a.gh - 1 && c > 0 && c < a.gw - 1;", "return true;", SCR_TESTS),
+    Mutation("scr: neighbour window shifted one column", SCR,
+             "(w % 3 - 1)) * a.h_sn + c]", "(w % 3)) * a.h_sn + c]", SCR_TESTS),
+    Mutation("scr: causal rows start one tile late", SCR,
+             "first = need > 0 ? (need / kScrRows) * kScrRows : 0;",
+             "first = need > 0 ? (need / kScrRows + 1) * kScrRows : 0;", SCR_TESTS),
+    # CMAC (cmac.cuh)
+    Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
+             "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
+             CMAC_TESTS),
+    Mutation("cmac: barrier removed after a K/V tile is staged", CMAC,
+             "    __syncthreads();\n    if (tile_imd) {", "    if (tile_imd) {", CMAC_TESTS),
+    Mutation("cmac: calibrated image keys ignored", CMAC,
+             "const bool cal = image && after && a.kc != nullptr;", "const bool cal = false;", CMAC_TESTS),
+    Mutation("cmac: causal mask dropped", CMAC, "bool valid = !(a.causal && j > qpos);", "bool valid = true;",
+             CMAC_TESTS),
+    Mutation("cmac: threshold averaged over every query row", CMAC,
+             "static_cast<float>((a.Tq - i_after) * a.Hq)", "static_cast<float>(a.Tq * a.Hq)", CMAC_TESTS),
+    Mutation("cmac: image-value mean term dropped", CMAC,
+             "(acc[r][c] + (use_imd ? im[r] * vsum[c] : 0.0f)) * inv", "acc[r][c] * inv", CMAC_TESTS),
 ]
 
 
