@@ -236,21 +236,21 @@ KVFIX_AI void refine_group(const Factors& f, const T* x, int64_t sx, T* y, int64
 }
 
 // One instantiation per dtype, each compiled for AVX-512, AVX2 and baseline x86-64.
-#define KVFIX_BLOCK_FN(NAME, T)                                                                     \
+#define KVFIX_GROUP_FN(NAME, T)                                                                     \
   KVFIX_CPU_CLONES void NAME(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, \
                              const Scratch& w) {                                                    \
     refine_group<T>(f, x, sx, y, sy, m, w);                                                         \
   }
-KVFIX_BLOCK_FN(refine_block_f32, float)
-KVFIX_BLOCK_FN(refine_block_f16, c10::Half)
-KVFIX_BLOCK_FN(refine_block_bf16, c10::BFloat16)
-#undef KVFIX_BLOCK_FN
+KVFIX_GROUP_FN(refine_group_f32, float)
+KVFIX_GROUP_FN(refine_group_f16, c10::Half)
+KVFIX_GROUP_FN(refine_group_bf16, c10::BFloat16)
+#undef KVFIX_GROUP_FN
 
 template <typename T>
 void refine_group_any(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, const Scratch& w) {
-  if constexpr (std::is_same_v<T, float>) refine_block_f32(f, x, sx, y, sy, m, w);
-  else if constexpr (std::is_same_v<T, c10::Half>) refine_block_f16(f, x, sx, y, sy, m, w);
-  else refine_block_bf16(f, x, sx, y, sy, m, w);
+  if constexpr (std::is_same_v<T, float>) refine_group_f32(f, x, sx, y, sy, m, w);
+  else if constexpr (std::is_same_v<T, c10::Half>) refine_group_f16(f, x, sx, y, sy, m, w);
+  else refine_group_bf16(f, x, sx, y, sy, m, w);
 }
 
 // 64-byte aligned float buffer.
