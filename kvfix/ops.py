@@ -679,12 +679,15 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
             summing to D/2. None: 1-D RoPE.
         num_tokens: N for a tensor image_span; None reads it from the tensor (one host read).
 
-    For key t with RoPE position p (per section) and s the position of the span's first token,
-    the calibrated position is s + (p - s) / gamma, so the key is rotated by
-    delta = (1 / gamma - 1) (p - s) radians times inv_freq[f] for each frequency f, with the
-    rotate_half convention of Llama / Qwen2-VL: frequency f pairs dims f and f + D/2,
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). fp32 arithmetic, output in k's dtype,
-    a new contiguous tensor.
+    CMPC compresses the image toward its end, next to the text, as the authors' code does: for
+    key t with RoPE position p and a the position of the first token after the span (index
+    end; per section for multi-section RoPE, i.e. that section's position of the token after
+    the image; where the span ends at T, one past the span's last position), the calibrated
+    position is a - (a - p) / gamma, so the key is rotated by delta = (1 - 1 / gamma) (a - p)
+    radians times inv_freq[f] for each frequency f, and an after-image query at q sees image key
+    p at distance (q - a) + (a - p) / gamma. rotate_half convention of Llama / Qwen2-VL:
+    frequency f pairs dims f and f + D/2, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). fp32
+    arithmetic, output in k's dtype, a new contiguous tensor.
     """
     _check_float_tensor(k, "k", dims=4, layout="[B, Hkv, T, D]")
     B, H, T, D = k.shape

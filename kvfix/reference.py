@@ -317,8 +317,14 @@ def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top
 # - mask: bool (True = attend) or additive float broadcastable to [B, Hq, Tq, T]; False or
 #   -inf removes a pair, finite values are added to the logits. A row where no key takes part
 #   returns zeros.
-# - positions (RoPE) are integers; the calibrated angle of frequency f is
-#   ((s + (p - s) / gamma) - p) * inv_freq[f] = (1 / gamma - 1) (p - s) inv_freq[f].
+# - positions (RoPE) are integers. CMPC compresses the image toward its END, next to the text
+#   (the authors' construction): with a the RoPE position of the first token after the span, the
+#   calibrated position of an image key at p is a - (a - p) / gamma, i.e. the key is rotated by
+#   (1 - 1 / gamma) (a - p) inv_freq[f] per frequency f, so an after-image query at q sees image
+#   key p at distance (q - a) + (a - p) / gamma. Multi-section RoPE: a is taken per section
+#   (that section's position of the first token after the image). Where the span ends the
+#   sequence (no token after it in k), a = (position of the span's last token) + 1 per section.
+#   The angle is computed in float32 or better (float64 for float64 keys), whatever k's dtype.
 
 __all__ += ["image_spans", "rope_calibrate", "cmac_attention", "contrastive_logits"]
 
@@ -344,12 +350,14 @@ def _rope_sections(mrope_section, half: int, device):
 def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma: float = 3.0,
                    positions: torch.Tensor | None = None, mrope_section=None,
                    num_tokens: int | None = None) -> torch.Tensor:
-    """CMPC calibrated image keys (SPEC §4), [B, H, N, D] in k's dtype (arithmetic in k's dtype).
+    """CMPC calibrated image keys (SPEC §4), [B, H, N, D] in k's dtype.
 
-    Key t of the span gets the rotation by delta = (s + (p - s) / gamma) - p per frequency, with
-    p its RoPE position and s the position of the span's first token (per RoPE section for
-    multi-section RoPE; positions None means p = t). rotate_half convention: frequency f pairs
-    dims f and f + D/2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    Key t of the span [s, e) gets the rotation by delta = (1 - 1 / gamma) (a - p) per frequency,
+    p its RoPE position and a the position of the first token after the span (index e; per RoPE
+    section for multi-section RoPE; positions None means p = t and a = e): the calibrated
+    position a - (a - p) / gamma compresses the image toward its end. The angle is computed in
+    float32 (float64 for float64 keys), the rotation in k's dtype. rotate_half convention:
+    frequency f pairs dims f and f + D/2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
     """
     B, H, T, D = k.shape
     half = D // 2
@@ -362,15 +370,19 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
     else:
         pos = positions
     pos = pos.to(torch.int64)
+    S = pos.shape[0]
     sec = _rope_sections(mrope_section, half, k.device)
-    sec = sec.clamp(max=pos.shape[0] - 1)  # 1-D positions serve every section
+    sec = sec.clamp(max=S - 1)  # 1-D positions serve every section
     idx = st[:, None] + torch.arange(N, device=k.device)                        # [B, N]
-    p = torch.gather(pos, 2, idx[None].expand(pos.shape[0], B, N))              # [S, B, N]
-    s0 = torch.gather(pos, 2, st[None, :, None].expand(pos.shape[0], B, 1))     # [S, B, 1]
-    dt = k.dtype
-    delta = (p - s0).to(dt) * (1.0 / gamma - 1.0)                               # [S, B, N]
-    ang = delta[sec].permute(1, 2, 0) * inv_freq.to(dt)                         # [B, N, D/2]
-    cos, sin = torch.cos(ang)[:, None], torch.sin(ang)[:, None]                 # [B, 1, N, D/2]
+    p = torch.gather(pos, 2, idx[None].expand(S, B, N))                         # [S, B, N]
+    # anchor: the position of the first token after the span, or one past the span's last one
+    nxt = torch.gather(pos, 2, en.clamp(max=T - 1)[None, :, None].expand(S, B, 1))
+    last = torch.gather(pos, 2, (en - 1).clamp(min=0)[None, :, None].expand(S, B, 1)) + 1
+    a = torch.where((en < T)[None, :, None], nxt, last)                         # [S, B, 1]
+    wide = torch.float64 if k.dtype == torch.float64 else torch.float32
+    delta = (a - p).to(wide) * (1.0 - 1.0 / gamma)                              # [S, B, N]
+    ang = delta[sec].permute(1, 2, 0) * inv_freq.to(wide)                       # [B, N, D/2]
+    cos, sin = torch.cos(ang)[:, None].to(k.dtype), torch.sin(ang)[:, None].to(k.dtype)
     x = torch.gather(k, 2, idx[:, None, :, None].expand(B, H, N, D))
     x1, x2 = x[..., :half], x[..., half:2 * half]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -24,16 +24,45 @@ def test_reference_calibrated_keys_hand_computed():
     k = torch.tensor([1.0, 0.0], dtype=torch.float64).repeat(1, 2, 5, 1)   # [1, 2, 5, 2]
     inv = torch.ones(1)
     kc = R.rope_calibrate(k, (0, 3), inv, gamma=2.0)
-    # calibrated positions 0 + p / 2 -> delta = -p / 2 for p = 0, 1, 2
-    want = torch.tensor([[1.0, 0.0], [math.cos(-0.5), math.sin(-0.5)], [math.cos(-1.0), math.sin(-1.0)]],
-                        dtype=torch.float64)
+    # compressed toward the end: anchor a = 3 (the first text token), calibrated position
+    # 3 - (3 - p) / 2, delta = (3 - p) / 2 for p = 0, 1, 2
+    want = torch.tensor([[math.cos(1.5), math.sin(1.5)], [math.cos(1.0), math.sin(1.0)],
+                         [math.cos(0.5), math.sin(0.5)]], dtype=torch.float64)
     torch.testing.assert_close(kc, want.expand(1, 2, 3, 2))
-    # span starting at 1 with explicit positions 10..14: s = 11, delta = (11 + (p - 11) / 4) - p
+    # span (1, 4) with explicit positions 10..14: anchor = position of index 4 = 14,
+    # delta = (14 - p) * (1 - 1/4) for p = 11, 12, 13
     pos = torch.arange(10, 15)[None]
     kc = R.rope_calibrate(k, (1, 4), inv, gamma=4.0, positions=pos)
-    d = [-(p - 11) * 0.75 for p in (11, 12, 13)]
+    d = [(14 - p) * 0.75 for p in (11, 12, 13)]
     want = torch.tensor([[math.cos(x), math.sin(x)] for x in d], dtype=torch.float64)
     torch.testing.assert_close(kc, want.expand(1, 2, 3, 2))
+    # a span that ends the sequence: anchor = last image position + 1 (= 15 here)
+    kc = R.rope_calibrate(k, (2, 5), inv, gamma=4.0, positions=pos)
+    d = [(15 - p) * 0.75 for p in (12, 13, 14)]
+    want = torch.tensor([[math.cos(x), math.sin(x)] for x in d], dtype=torch.float64)
+    torch.testing.assert_close(kc, want.expand(1, 2, 3, 2))
+    # multi-section: each section's anchor is its own position of the first token after the
+    # image; positions (t, h) = (7, 7, 8) and (0, 1, 5) for indices 0..2, span (0, 2), D = 4
+    k4 = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64).repeat(1, 1, 3, 1)
+    pos2 = torch.tensor([[[7, 7, 8]], [[0, 1, 5]]])
+    kc = R.rope_calibrate(k4, (0, 2), torch.ones(2), gamma=2.0, positions=pos2, mrope_section=[1, 1])
+    for n, (dt, dh) in enumerate([((8 - 7) / 2, (5 - 0) / 2), ((8 - 7) / 2, (5 - 1) / 2)]):
+        want = torch.tensor([math.cos(dt), math.cos(dh), math.sin(dt), math.sin(dh)], dtype=torch.float64)
+        torch.testing.assert_close(kc[0, 0, n], want)
+
+
+def test_reference_angle_is_float32_for_16_bit_keys():
+    """A bf16 key at position ~600 gets its angle in float32: only the output's rounding is left
+    (a bf16 angle, (a - p) (1 - 1/gamma) rounded to 8 bits, was off by up to ~0.35 rad)."""
+    D, T = 16, 700
+    k = torch.randn(1, 2, T, D)
+    inv = _inv_freq(D)
+    truth = R.rope_calibrate(k.double(), (5, 600), inv, gamma=3.0)
+    for dt in (torch.bfloat16, torch.float16):
+        got = R.rope_calibrate(k.to(dt), (5, 600), inv, gamma=3.0)
+        # x1 cos - x2 sin with cos, sin, both products and the sum rounded: < 4 ulp of |x|
+        ulp = 2.0 ** -8 if dt == torch.bfloat16 else 2.0 ** -11
+        assert (got.double() - truth).abs().max().item() <= 4 * ulp * k.abs().max().item()
 
 
 def _hand_attention_inputs():
@@ -140,12 +169,54 @@ def test_calibration_equals_rope_at_calibrated_positions(kind, gamma):
         positions = pos
     k = _rope(raw, pos, inv, sections)
     rows = pos if pos.dim() == 3 else pos[None]
-    cal = rows[..., s:s + 1].double() + (rows.double() - rows[..., s:s + 1].double()) / gamma
+    anchor = rows[..., e:e + 1].double()   # each section's position of the first token after the image
+    cal = anchor - (anchor - rows.double()) / gamma
     want = _rope(raw, cal if sections else cal[0], inv, sections)[:, :, s:e]
     got_ref = R.rope_calibrate(k, (s, e), inv, gamma=gamma, positions=positions, mrope_section=sections)
     torch.testing.assert_close(got_ref, want, rtol=0, atol=1e-12)
     got = kvfix.rope_calibrate(k.float(), (s, e), inv, gamma=gamma, positions=positions, mrope_section=sections)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+def _authors_positions(pos, s_pos, e_pos, gamma):
+    """The authors' construction of CMPC (lijm48/IMCCD, linearly scaled rotary embedding): every
+    position scaled by gamma, the image advancing by 1 a token, the text after it pulled back
+    by n (1 - 1/gamma); used with inv_freq / gamma."""
+    pos = pos.double()
+    n = e_pos - s_pos
+    return torch.where(pos < s_pos, gamma * pos,
+                       torch.where(pos < e_pos, gamma * s_pos + (pos - s_pos), gamma * s_pos + n + gamma * (pos - e_pos)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma", [2.0, 3.0])
+@pytest.mark.parametrize("offset", [0, 5])
+def test_calibration_equals_the_authors_construction(offset, gamma, device):
+    """After-image queries x image keys: the logits of kvfix's calibrated keys equal those of the
+    authors' scaled-position construction; attention that takes that block from the authors'
+    logits and every other pair from the plain model equals cmac_attention, prefill and decode."""
+    B, H, T, D, s, e = 2, 2, 24, 16, 3, 15
+    inv = _inv_freq(D)
+    qr, kr, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    pos = torch.arange(T)[None].expand(B, T) + offset                    # e.g. positions shifted by padding
+    q, k = _rope(qr, pos, inv), _rope(kr, pos, inv)
+    kc = R.rope_calibrate(k, (s, e), inv, gamma=gamma, positions=pos)
+    pa = _authors_positions(pos, s + offset, e + offset, gamma)
+    qa, ka = _rope(qr, pa, inv.double() / gamma), _rope(kr, pa, inv.double() / gamma)
+    want = qa[:, :, e:] @ ka[:, :, s:e].transpose(-1, -2)                 # [B, H, T - e, N]
+    torch.testing.assert_close(q[:, :, e:] @ kc.transpose(-1, -2), want, rtol=0, atol=1e-10)
+    got = kvfix.rope_calibrate(k.float().to(device), (s, e), inv.to(device), gamma=gamma, positions=pos.to(device))
+    torch.testing.assert_close(got.cpu().double(), kc, rtol=0, atol=2e-5)
+    # attention: the authors replace only the (after-image query, image key) block of the logits
+    scale = 1 / math.sqrt(D)
+    logits = q @ k.transpose(-1, -2)
+    logits[:, :, e:, s:e] = want
+    logits = logits * scale + torch.full((T, T), -math.inf, dtype=torch.float64).triu(1)
+    ref = torch.softmax(logits, -1) @ v
+    for Tq in (T, 1):
+        out = kvfix.cmac_attention(q[:, :, T - Tq:].float().to(device), k.float().to(device), v.float().to(device),
+                                   (s, e), k_calibrated=got)
+        torch.testing.assert_close(out.cpu().double(), ref[:, :, T - Tq:], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

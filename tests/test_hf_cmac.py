@@ -2,8 +2,9 @@
 
 `ref_generate` is an independent implementation of CMAC decoding in plain PyTorch: two separate
 DynamicCaches (one per branch, each advanced by its own forward), the text model's attention
-replaced by an eager function built on `kvfix.reference` (rope_calibrate + cmac_attention, one
-call per batch item), positions computed here from the padding mask (and Qwen2-VL's
+replaced by an eager function: the image keys calibrated here from the positions (compressed
+toward the image end, written out independently of kvfix) and `kvfix.reference.cmac_attention`,
+one call per batch item; positions computed here from the padding mask (and Qwen2-VL's
 `get_rope_index`), the contrast and cut by `reference.contrastive_logits`, then argmax or
 temperature sampling. kvfix.hf.CMAC (one batched forward of 2B rows per step, the kernels, the
 transformers generate loop) must pick the same tokens.
@@ -48,15 +49,30 @@ def prompt(model, family, batch2=False):
 _REF = {}
 
 
+def _calibrated_keys(key, s, e, pos, inv_freq, gamma, sections):
+    """CMPC written out from the positions, independently of kvfix: the image keys [1, H, N, D]
+    of key [1, H, T, D] moved from RoPE position p to a - (a - p) / gamma, a the position of the
+    first token after the image (per section: frequency f of section i uses position row i), by
+    a rotation of (calibrated - p) * inv_freq in float64, rotate_half convention."""
+    half = key.shape[-1] // 2
+    sizes = [half] if sections is None else list(sections)
+    row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).clamp(max=pos.shape[0] - 1)
+    p = pos[row][:, s:e].double()                          # [D/2, N]: each frequency's positions
+    a = pos[row][:, e:e + 1].double()                      # the token after the image, per frequency
+    ang = ((a - (a - p) / gamma) - p).T * inv_freq.double()  # [N, D/2]
+    x = key[:, :, s:e].double()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1).to(key.dtype)
+
+
 def _ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     T = key.shape[2]
     outs = []
     for b in range(query.shape[0]):
         span = _REF["spans"][b:b + 1]
-        pos = _REF["positions"][:, b, :T]
-        k_cal = R.rope_calibrate(key[b:b + 1], span, _REF["inv_freq"], gamma=_REF["gamma"],
-                                 positions=pos[0][None] if pos.shape[0] == 1 else pos[:, None],
-                                 mrope_section=_REF["mrope_section"])
+        s, e = int(span[0, 0]), int(span[0, 1])
+        pos = _REF["positions"][:, b]                      # every position of the run (prompt + new tokens)
+        k_cal = _calibrated_keys(key[b:b + 1], s, e, pos, _REF["inv_freq"], _REF["gamma"], _REF["mrope_section"])
         mask = None if attention_mask is None else attention_mask[b:b + 1, ..., :T]
         outs.append(R.cmac_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], span, k_calibrated=k_cal,
                                      scale=scaling, mask=mask, causal=True, imd=_REF["imd"],

@@ -376,10 +376,14 @@ void rope_rotate(const at::Tensor& k, const std::vector<Span>& spans, int64_t N,
         for (int64_t h = 0; h < H; ++h) std::fill(ob + h * N * D, ob + h * N * D + D, static_cast<S>(0.0f));
         continue;
       }
+      const int64_t e = spans[b].e;
       for (int64_t r = 0; r < rows; ++r) {
+        // anchor: the position of the first token after the span (one past its last token's
+        // position where the span ends the sequence); the image is compressed toward it
         const int64_t* pr = pos != nullptr ? pos + (r * B + b) * T : nullptr;
-        const int64_t p = pr != nullptr ? pr[t] : t, s0 = pr != nullptr ? pr[spans[b].s] : spans[b].s;
-        delta[r] = static_cast<float>(p - s0) * c;
+        const int64_t p = pr != nullptr ? pr[t] : t;
+        const int64_t a = pr == nullptr ? e : (e < T ? pr[e] : pr[e - 1] + 1);
+        delta[r] = static_cast<float>(a - p) * c;
       }
       for (int64_t f = 0; f < half; ++f) {
         const float ang = delta[sec[f]] * inv_freq[f];
@@ -430,7 +434,7 @@ at::Tensor rope_calibrate_cpu(const at::Tensor& k, int64_t start, int64_t end, c
   const int64_t rows = positions.has_value() ? positions->size(0) : 1;
   const at::Tensor pos = positions.has_value() ? positions->contiguous() : at::Tensor();
   const std::vector<int32_t> sec = cmac_freq_sections(sections, D / 2, rows);
-  const float c = static_cast<float>(1.0 / gamma - 1.0);
+  const float c = static_cast<float>(1.0 - 1.0 / gamma);
   dispatch_float(k.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     rope_rotate<scalar_t>(k, sp, n, freq.const_data_ptr<float>(), c,

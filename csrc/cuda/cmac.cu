@@ -73,7 +73,7 @@ at::Tensor rope_calibrate_cuda(const at::Tensor& k, int64_t start, int64_t end, 
     }
     a.sec[a.nsec] = acc;
   }
-  a.c = static_cast<float>(1.0 / gamma - 1.0);
+  a.c = static_cast<float>(1.0 - 1.0 / gamma);
   a.B = B;
   a.H = H;
   a.T = T;

@@ -4,8 +4,10 @@
 // this source.
 //
 // cmac_rope_kernel: one block per (b, kv head, image token); each thread rotates frequency pairs
-//   (f, f + D/2) by delta = (1/gamma - 1) (p - s) inv_freq[f], p and s the RoPE positions (per
-//   section) of the token and of the span's first token. sincosf (full range reduction).
+//   (f, f + D/2) by delta = (1 - 1/gamma) (a - p) inv_freq[f], p the token's RoPE position and a
+//   the anchor (per section): the position of the first token after the span, or one past the
+//   span's last token's position where the span ends the sequence. The image is compressed
+//   toward its end, next to the text. sincosf (full range reduction).
 //
 // cmac_threshold_kernel (IMD only): one block per (b, kv head): this kv head's share of mu_P,
 //   (sum over its query heads and the after-image queries of q) . (mean image key) / N, into a
@@ -82,7 +84,7 @@ struct CmacRopeArgs {
   int rows;
   int sec[kCmacMaxSections + 1];  // frequencies [sec[r], sec[r + 1]) use position row r
   int nsec;
-  float c;                 // 1 / gamma - 1
+  float c;                 // 1 - 1 / gamma
   int64_t B, H, T, D, N;
 };
 
@@ -178,13 +180,13 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_rope_kernel(const CmacRopeA
     int r = 0;
     while (r + 1 < a.nsec && f >= a.sec[r + 1]) ++r;
     if (r >= a.rows) r = a.rows - 1;
-    int64_t p = t, p0 = s;
+    int64_t p = t, anchor = e;
     if (a.pos != nullptr) {
       const int64_t* pr = a.pos + (static_cast<int64_t>(r) * a.B + b) * a.T;
       p = pr[t];
-      p0 = pr[s];
+      anchor = e < a.T ? pr[e] : pr[e - 1] + 1;
     }
-    const float ang = static_cast<float>(p - p0) * a.c * a.inv_freq[f];
+    const float ang = static_cast<float>(anchor - p) * a.c * a.inv_freq[f];
     float sn, cs;
     sincosf(ang, &sn, &cs);
     const float x1 = cmac_detail::ld(x + f), x2 = cmac_detail::ld(x + f + half);

@@ -49,7 +49,7 @@ def _rope(cm, k, span, inv, gamma, positions=None, sections=None, n=None):
     out = torch.full((B, H, n, D), NAN, dtype=k.dtype)
     pos = None if positions is None else (positions[None] if positions.dim() == 2 else positions).contiguous()
     sec = None if sections is None else torch.tensor(sections, dtype=torch.int64)
-    cm.rope_calibrate(k, out, spans, s, e, inv, pos, sec, 1.0 / gamma - 1.0)
+    cm.rope_calibrate(k, out, spans, s, e, inv, pos, sec, 1.0 - 1.0 / gamma)
     return out
 
 
@@ -65,7 +65,7 @@ def test_rope_calibrate(cm, dtype):
         truth = R.rope_calibrate(k.double(), span, inv, gamma=gamma, positions=pos, mrope_section=sec)
         ref = R.rope_calibrate(k, span, inv, gamma=gamma, positions=pos, mrope_section=sec)
         _rule(out, truth, ref, f"rope {span}")
-    spans = torch.tensor([[1, 7], [6, 12]])
+    spans = torch.tensor([[1, 7], [8, 14]])  # the second ends the sequence: anchor one past its end
     out = _rope(cm, k, spans, inv, 3.0, n=6)
     for b in range(B):
         s = int(spans[b, 0])

@@ -15,7 +15,7 @@ kvfix::kernels::CmacSpan span_arg(const kvemu::shim::Args& args, int i, int64_t 
 }  // namespace
 
 // k [B, H, T, D], out [B, H, N, D] (contiguous), spans [B, 2] int64 | None, start, end,
-// inv_freq [D/2] f32, positions [rows, B, T] int64 | None, section sizes [S] int64 | None, c = 1/gamma - 1
+// inv_freq [D/2] f32, positions [rows, B, T] int64 | None, section sizes [S] int64 | None, c = 1 - 1/gamma
 KVEMU_ENTRY(rope_calibrate, args) {
   kvfix::kernels::CmacRopeArgs a{};
   a.k = args.tensor(0).data;
