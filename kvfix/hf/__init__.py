@@ -71,6 +71,6 @@ __all__ += ["SCR"]
 # image keys (CMPC; IMD on the distorted rows), the model's logits by kvfix.contrastive_logits:
 #     kvfix.hf.enable(model, kvfix.hf.CMAC())                       # then model.generate(...)
 #     kvfix.hf.enable(model, kvfix.hf.DSCR(), kvfix.hf.CMAC(), kvfix.hf.KVSmooth())   # stacked
-from .cmac import CMAC  # noqa: E402
+from .cmac import CMAC, CMAC_PRESETS  # noqa: E402
 
-__all__ += ["CMAC"]
+__all__ += ["CMAC", "CMAC_PRESETS"]

@@ -9,9 +9,32 @@ from .. import ops
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 
-__all__ = ["CMAC"]
+__all__ = ["CMAC", "CMAC_PRESETS"]
 
 _VALUE_MEANS = ("scalar", "vector")
+_GATES = ("first", "last")
+
+# alpha and beta per benchmark, as the authors' LLaVA-1.5 scripts run them (github.com/lijm48/IMCCD,
+# experiments/cd_scripts/: llava1.5_pope.bash and llava1.5_pope_all.bash (also qwenvl_pope.bash),
+# llava1.5_chair.bash, llava1.5_mme.bash and llava1.5_mme_full.bash; see docs/CMAC_HF.md).
+CMAC_PRESETS = {"pope": {"alpha": 3.0, "beta": 0.2},
+                "chair": {"alpha": 1.0, "beta": 0.2},
+                "mme": {"alpha": 1.0, "beta": 0.5}}
+
+
+class _PresetOr:
+    """Default of CMAC's alpha and beta: the preset's value, else `value` (the paper's)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __repr__(self):
+        return f"<preset's, else {self.value}>"
+
+
+_ALPHA, _BETA = _PresetOr(3.0), _PresetOr(0.2)
 
 
 def _number(name: str, x) -> float:
@@ -61,6 +84,13 @@ class _State:
         self.split = 0
         self.pending: dict | None = None      # the text model's B-row inputs, for the "dist" pass
         self.min_end = int(spans[:, 1].min()) if spans.numel() else 0
+        # the gate (CMAC(gate=...)); spans on the host: the original rows' [s, e) cache positions
+        self.span_list = spans.tolist()
+        self.k_sum: dict = {}                 # layer -> sum of the original rows' image keys [B, Hkv, D]
+        self.gate_terms: dict = {}            # layer -> this forward's gate term [B] (float32)
+        self.gate_step = 0                    # forwards contrasted so far (host counter)
+        self.gate_acc: torch.Tensor | None = None    # "first": sum of the first gate_steps values [B]
+        self.gate_ring: torch.Tensor | None = None   # "last": the last gate_steps values [gate_steps, B]
 
     def rows(self):
         """(spans, imd, lengths) of the rows the text model runs now."""
@@ -94,14 +124,15 @@ class CMAC(Method):
     carries over what a method like DSCR refined in the original rows only).
 
     Args:
-        alpha: contrast strength (>= 0; 3 in the paper). 0: the original branch's logits with
-            the plausibility cut (greedy decoding then equals plain greedy with CMPC).
-        beta: plausibility cut in (0, 1] (0.2): tokens with p < beta * max p of the original
-            branch get -inf.
+        alpha: contrast strength (>= 0). Default: the preset's, else 3 (the paper). 0: the
+            original branch's logits with the plausibility cut (greedy decoding then equals plain
+            greedy with CMPC).
+        beta: plausibility cut in (0, 1]: tokens with p < beta * max p of the original branch get
+            -inf. Default: the preset's, else 0.2.
         gamma: position compression of the image keys (> 0; 3 as the authors' code, the paper
             says 2). 1 turns CMPC off.
         imd: True (default): the distorted branch and the contrast. False: one branch, CMPC only,
-            logits unchanged (no contrast: alpha and beta unused).
+            logits unchanged (no contrast: alpha and beta unused, gate refused).
         value_mean: IMD's replacement value, "scalar" (mean over image tokens and head dim, as
             the authors' code) or "vector" (per dimension, as the paper).
         layers: text decoder layers with CMPC / IMD (None: all, as the paper).
@@ -110,6 +141,23 @@ class CMAC(Method):
             on a copy of the original rows' cache up to there (identical by construction), and
             appends their cache rows; False: the prefill runs all 2B rows on the whole prompt.
             Same results either way; the fork saves most of the second branch's prefill.
+        preset: None, "pope" (alpha 3, beta 0.2), "chair" (1, 0.2) or "mme" (1, 0.5): the values
+            of the authors' evaluation scripts (`CMAC_PRESETS`). alpha or beta given explicitly
+            override the preset's. A preset sets alpha and beta only (not `gate`).
+        gate: None (default: alpha on every step), "first" or "last": the contrast gate of the
+            authors' CHAIR runs. On every forward, each batch item's gate value `g` is the mean,
+            over all text decoder layers and query heads, of the sum over the item's image keys
+            of the attention logit (`scale * q . k`, the image keys at calibrated positions in
+            the CMPC layers) of the forward's last query in the original branch. The forward's
+            alpha is 0 for that item (its logits: the original branch's, cut) when `g` is below
+            the mean of the generation's first `gate_steps` values ("first", the authors'
+            sampling path; while fewer have been seen: all so far, this one included) or of the
+            last `gate_steps` values, this one included ("last", their greedy path). The first
+            forward (the prefill) is never gated. Float32 arithmetic; no host sync.
+        gate_steps: the gate's window (>= 1; 30 in the authors' code).
+
+    With a gate, `gate_history` holds one `(g, gated)` pair per forward of the current or latest
+    generation (float32 [B] and bool [B] tensors on the model's device; reset by each generation).
 
     Requirements: one image per batch item (items may differ in grid: their spans are then run
     one op call per row), a dynamic (non-static, non-sliding) cache or none, greedy or sampling
@@ -121,8 +169,15 @@ class CMAC(Method):
     uses_attention = True
     attention_innermost = True
 
-    def __init__(self, alpha: float = 3.0, beta: float = 0.2, gamma: float = 3.0, imd: bool = True,
-                 value_mean: str = "scalar", *, layers=None, fork_prefill: bool = True):
+    def __init__(self, alpha: float = _ALPHA, beta: float = _BETA, gamma: float = 3.0, imd: bool = True,
+                 value_mean: str = "scalar", *, layers=None, fork_prefill: bool = True, preset: str | None = None,
+                 gate: str | None = None, gate_steps: int = 30):
+        if preset is not None and (not isinstance(preset, str) or preset not in CMAC_PRESETS):
+            raise ValueError(f"preset must be None or one of {sorted(CMAC_PRESETS)}, got {preset!r}")
+        if alpha is _ALPHA:
+            alpha = CMAC_PRESETS[preset]["alpha"] if preset is not None else _ALPHA.value
+        if beta is _BETA:
+            beta = CMAC_PRESETS[preset]["beta"] if preset is not None else _BETA.value
         alpha, beta, gamma = _number("alpha", alpha), _number("beta", beta), _number("gamma", gamma)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -136,9 +191,19 @@ class CMAC(Method):
             raise TypeError(f"fork_prefill must be a bool, got {type(fork_prefill).__name__}")
         if value_mean not in _VALUE_MEANS:
             raise ValueError(f"value_mean must be one of {_VALUE_MEANS}, got {value_mean!r}")
+        if gate is not None and gate not in _GATES:
+            raise ValueError(f"gate must be None, 'first' or 'last', got {gate!r}")
+        if gate is not None and not imd:
+            raise ValueError("gate needs imd=True (it gates the contrast, which imd=False does not run)")
+        if isinstance(gate_steps, bool) or not isinstance(gate_steps, int):
+            raise TypeError(f"gate_steps must be an int, got {type(gate_steps).__name__}")
+        if gate_steps < 1:
+            raise ValueError(f"gate_steps must be >= 1, got {gate_steps}")
         self.alpha, self.beta, self.gamma, self.imd, self.value_mean = alpha, beta, gamma, imd, value_mean
+        self.preset, self.gate, self.gate_steps = preset, gate, gate_steps
         self.layers = check_layers(layers)
         self.fork_prefill = fork_prefill
+        self.gate_history: list = []
         self.selected_layers: tuple[int, ...] = ()
         self._selected: frozenset = frozenset()
         self._handle: Handle | None = None
@@ -148,7 +213,8 @@ class CMAC(Method):
 
     def __repr__(self):
         return (f"CMAC(alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, imd={self.imd}, "
-                f"value_mean={self.value_mean!r}, layers={self.layers!r}, fork_prefill={self.fork_prefill})")
+                f"value_mean={self.value_mean!r}, layers={self.layers!r}, fork_prefill={self.fork_prefill}, "
+                f"preset={self.preset!r}, gate={self.gate!r}, gate_steps={self.gate_steps})")
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -177,6 +243,7 @@ class CMAC(Method):
 
     def on_session_start(self, ctx: ForwardContext) -> None:
         ctx.state(self).pop("st", None)
+        self.gate_history = []
 
     def on_prefill_start(self, ctx: ForwardContext) -> None:
         if ctx.pass_name != "main":
@@ -206,6 +273,7 @@ class CMAC(Method):
         if st is None:
             return
         st.k_cal.clear()  # the image keys may change now (DSCR): calibrate again when decoding
+        st.k_sum.clear()
         self._contrast(ctx, st)
 
     def on_decode_start(self, ctx: ForwardContext) -> None:
@@ -336,7 +404,15 @@ class CMAC(Method):
 
     def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
         st = self._state(ctx)
-        if st is None or layer_idx not in self._selected:
+        if st is None:
+            return call_next(query, key, value, attention_mask, **kwargs)
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = getattr(module, "scaling", None)
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        if layer_idx not in self._selected:
+            if self.gate is not None and st.mode != "dist":
+                self._gate_term(st, layer_idx, query, key, None, scale, ctx.phase == "decode")
             return call_next(query, key, value, attention_mask, **kwargs)
         R, T = query.shape[0], key.shape[2]
         if st.device != query.device:
@@ -351,12 +427,10 @@ class CMAC(Method):
                              f"sliding-window layers): layer {layer_idx} has {T} keys for "
                              f"{ctx.past_len + ctx.q_len} positions")
         mask = _attention_mask(attention_mask, T)
-        scale = kwargs.get("scaling")
-        if scale is None:
-            scale = getattr(module, "scaling", None)
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
         with torch.no_grad():
             k_cal = self._calibrated(st, layer_idx, key, spans, lengths, ctx.phase == "decode")
+            if self.gate is not None and st.mode != "dist":
+                self._gate_term(st, layer_idx, query, key, k_cal, scale, ctx.phase == "decode")
             if st.equal:
                 out = ops.cmac_attention(query, key, value, spans, k_calibrated=k_cal, scale=scale, mask=mask,
                                          causal=True, imd=imd, value_mean=self.value_mean)
@@ -394,6 +468,49 @@ class CMAC(Method):
             st.k_cal[layer_idx] = k_cal
         return k_cal
 
+    def _gate_term(self, st: _State, layer_idx: int, query, key, k_cal, scale: float, keep: bool) -> None:
+        """This layer's part of the gate value: per original row, the mean over query heads of
+        the sum over the image keys of the last query's logit, `scale * q . sum_k k` (the sum of
+        the logits, by linearity; the key sum is kept per layer while decoding, like k_cal)."""
+        B = st.batch
+        with torch.no_grad():
+            k_sum = st.k_sum.get(layer_idx)
+            if k_sum is None:
+                if k_cal is None:  # plain keys: a layer without CMPC, or gamma 1
+                    k_sum = torch.stack([key[b, :, s:e].float().sum(1) for b, (s, e) in enumerate(st.span_list)])
+                elif isinstance(k_cal, list):  # rows with spans of different lengths
+                    k_sum = torch.stack([k_cal[b][0].float().sum(1) for b in range(B)])
+                else:
+                    k_sum = k_cal[:B].float().sum(2)
+                if keep:
+                    st.k_sum[layer_idx] = k_sum
+            q = query[:B, :, -1].float()                                         # [B, Hq, D]
+            k_sum = k_sum.repeat_interleave(q.shape[1] // k_sum.shape[1], dim=1)  # [B, Hq, D]
+            st.gate_terms[layer_idx] = (q * k_sum).sum(-1).mean(-1) * scale
+
+    def _gated(self, st: _State) -> torch.Tensor:
+        """The gate of this forward: bool [B], True where alpha is 0 (see the class docstring)."""
+        L = self._handle.num_layers
+        terms, st.gate_terms = st.gate_terms, {}
+        if len(terms) != L:
+            raise RuntimeError(f"kvfix.hf.CMAC(gate=...): {len(terms)} of the {L} text decoder layers ran "
+                               "through kvfix's attention hook in this forward")
+        g = torch.stack([terms[layer] for layer in range(L)]).mean(0)            # [B] float32
+        t, n = st.gate_step, self.gate_steps
+        st.gate_step += 1
+        if self.gate == "first":
+            if t < n:
+                st.gate_acc = g if t == 0 else st.gate_acc + g
+            mean = st.gate_acc / min(t + 1, n)
+        else:
+            if st.gate_ring is None:
+                st.gate_ring = g.new_zeros(n, g.shape[0])
+            st.gate_ring[t % n] = g
+            mean = st.gate_ring.sum(0) / min(t + 1, n)
+        gated = g < mean
+        self.gate_history.append((g, gated))
+        return gated
+
     # ---- logits ----------------------------------------------------------------------------
 
     def _contrast(self, ctx: ForwardContext, st: _State) -> None:
@@ -409,8 +526,13 @@ class CMAC(Method):
         V = logits.shape[-1]
         with torch.no_grad():
             cd = ops.contrastive_logits(logits[:B].reshape(-1, V), logits[B:].reshape(-1, V), alpha=self.alpha,
-                                        beta=self.beta)
-        out.logits = cd.reshape(logits[:B].shape)
+                                        beta=self.beta).reshape(logits[:B].shape)
+            if self.gate is not None:  # the gated rows take alpha 0: the original branch's logits, cut
+                cut = ops.contrastive_logits(logits[:B].reshape(-1, V), logits[B:].reshape(-1, V), alpha=0.0,
+                                             beta=self.beta).reshape(logits[:B].shape)
+                gated = self._gated(st).to(cd.device).view(B, *([1] * (cd.dim() - 1)))
+                cd = torch.where(gated, cut, cd)
+        out.logits = cd
         for name in ("hidden_states", "attentions"):
             val = getattr(out, name, None)
             if isinstance(val, tuple):
