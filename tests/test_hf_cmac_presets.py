@@ -7,7 +7,7 @@ them, bad names are refused.
 The gate: `gate_ref_generate` below is an independent CMAC loop with the authors' gate, written
 after their code (lijm48/IMCCD, vcd_utils/vcd_sample.py: sample() lines 314-326, greedy_search()
 lines 669-681): two separate DynamicCaches, the reference attention of tests/test_hf_cmac.py
-(`kvfix.reference` rope_calibrate + cmac_attention) for the CMAC layers and plain reference
+(keys calibrated from the positions there, `kvfix.reference.cmac_attention`) for the CMAC layers and plain reference
 attention for the others, and, in the original branch, every layer's attention logits of the
 last query over the image keys materialised in float64 (`q . k_img^T * scale`), summed over the
 image keys, averaged over heads and layers; each item's history kept in a Python list, the
@@ -119,10 +119,8 @@ def _gate_ref_attention(module, query, key, value, attention_mask, scaling=None,
             span = ref["spans"][b:b + 1]
             s, e = (int(x) for x in span[0])
             if cmac_layer:
-                pos = ref["positions"][:, b, :Tk]
-                k_img = R.rope_calibrate(key[b:b + 1], span, ref["inv_freq"], gamma=ref["gamma"],
-                                         positions=pos[0][None] if pos.shape[0] == 1 else pos[:, None],
-                                         mrope_section=ref["mrope_section"])[0]
+                k_img = T._calibrated_keys(key[b:b + 1], s, e, ref["positions"][:, b], ref["inv_freq"],
+                                           ref["gamma"], ref["mrope_section"])[0]
             else:
                 k_img = key[b, :, s:e]
             k_img = k_img.double().repeat_interleave(query.shape[1] // key.shape[1], dim=0)  # [Hq, N, D]
