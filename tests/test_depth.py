@@ -106,11 +106,20 @@ def test_single_image_and_batch_tensor(est):
 
 
 def test_batching_does_not_change_results(model):
+    """Batched and single passes differ only in float32 accumulation order: the batched map must
+    be as close to the float64 map as the single pass is (flash-attention's rule: at most 2x the
+    error of the same computation run in the same precision, plus a rounding-level slack), a
+    tolerance from this model's arithmetic, not from one machine's rounding."""
+    import copy
     imgs = [rgb(40, 60, s) for s in range(5)] + [rgb(70, 30, 9)]
     e1 = DepthEstimator(model, default_processor(model.config), batch_size=1)
     e4 = DepthEstimator(model, default_processor(model.config), batch_size=4)
-    for x, y in zip(e1(imgs), e4(imgs)):
-        assert_close(x, y)
+    e64 = DepthEstimator(copy.deepcopy(model), default_processor(model.config), dtype=torch.float64, batch_size=1)
+    for x, y, t in zip(e1(imgs), e4(imgs), e64(imgs)):
+        err_single = (x.double() - t).abs().max().item()
+        err_batched = (y.double() - t).abs().max().item()
+        slack = 8 * torch.finfo(torch.float32).eps * t.abs().max().item()
+        assert err_batched <= 2 * err_single + slack, (err_batched, err_single, slack)
 
 
 def test_output_is_upsampled_predicted_depth(est, model):
