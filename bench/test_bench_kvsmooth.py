@@ -6,8 +6,8 @@ Not collected by the default `pytest` run (testpaths = ["tests"]). Two sets:
    one benchmark group per (T, dtype) holding three variants:
    - "kvfix": `kvfix.kvsmooth_step_` (entropy, queue, rank, clip, in-place EMA; one pass over K);
    - "eager": the same step in plain PyTorch as one would write it (`eager_step`): logits and
-     softmax probabilities materialised in fp32, entropy, queue push with torch.cat, percentile
-     rank through torch.sort + searchsorted, EMA by slicing;
+     softmax probabilities materialised in fp32, entropy, queue push with torch.cat, the rank
+     k / M through torch.sort + searchsorted, EMA by slicing;
    - "copy": `dst.copy_(k)` into a preallocated buffer. **Floor = half the copy time**: a copy
      moves K's bytes twice (read + write), so half of it is one read of K at copy bandwidth, the
      least any exact implementation must do.
@@ -66,7 +66,7 @@ def eager_step(q, k, v, queue, *, scale, lam_ref=0.9, band=0.2):
     new = torch.cat([queue[:, 1:], z[:, None]], dim=1)
     queue.copy_(new)
     srt = torch.sort(torch.nan_to_num(new, nan=float("inf")), dim=1).values
-    rank = torch.searchsorted(srt, z[:, None].contiguous()).squeeze(1).float() / new.shape[1]  # #{< z}
+    rank = torch.searchsorted(srt, z[:, None].contiguous(), right=True).squeeze(1).float() / new.shape[1]  # #{<= z}
     lam = rank.clamp(lam_ref - band, lam_ref + band).clamp(0.0, 1.0)
     if T >= 2:
         lw = lam.view(Bq, 1, 1)

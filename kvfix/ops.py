@@ -356,7 +356,9 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
     Fused: entropy of every query head's row (as `row_entropy`), z = mean over query heads;
     push z onto each item's queue (FIFO, oldest first, drops the oldest; NaN = empty slot);
-    rank = #{entries < z} / M (M = queue capacity; empty slots and z itself never count);
+    rank = k / M with k = #{entries <= z} (the 1-based rank of z, which counts itself; equal
+    values count, empty slots never do; M = queue capacity, also while the queue fills: the
+    paper's k / M);
     lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1); then, in place,
     `k_cache[:, :, T-1] = (1 - lam) k_cache[:, :, T-1] + lam k_cache[:, :, T-2]` and the same for
     v_cache, all kv heads, per batch item (fp32 arithmetic, rounded once).

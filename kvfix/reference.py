@@ -107,8 +107,10 @@ def dscr_refine_factored(k: torch.Tensor, v: torch.Tensor | None, lr: torch.Tens
 # - a row with no position taking part has entropy 0.
 # - the queue is float32 [B, M], oldest entry first; NaN marks an empty slot (a fresh queue is all
 #   NaN). A push shifts every entry one slot towards index 0 (dropping entry 0) and writes z at
-#   index M - 1. rank = #{entries < z} / M with M the capacity: the new z itself and empty
-#   (NaN) slots never count, so a partly filled queue gives small ranks.
+#   index M - 1. rank = k / M, the paper's coefficient: k = #{entries <= z} is the 1-based rank
+#   of z among the queued values (z, pushed first, counts itself; equal values count), M is the
+#   capacity, also while the queue fills (the paper's formula), so a partly filled queue gives
+#   small ranks. Empty (NaN) slots never count.
 # - the EMA needs position T - 2: with T == 1, or when the mask excludes position T - 2 (a padded
 #   slot), nothing is smoothed and the returned lam is 0 for that item. z is pushed either way.
 
@@ -156,13 +158,14 @@ def kvsmooth_queue(queue: torch.Tensor, z: torch.Tensor, *, lam_ref: float = 0.9
     """SPEC §2 steps 2-3 for one step: (lam [B] float32, new queue [B, M] float32).
 
     Pushes z (rounded to float32) onto each item's FIFO (oldest first, NaN = empty), then
-    lam = clamp(clamp(#{entries < z} / M, lam_ref - band, lam_ref + band), 0, 1). `queue` is
-    not modified.
+    lam = clamp(clamp(k / M, lam_ref - band, lam_ref + band), 0, 1) with k = #{entries <= z}
+    (the 1-based rank of z, z included; NaN slots never count) and M the queue capacity.
+    `queue` is not modified.
     """
     z32 = z.to(torch.float32)
     new = torch.cat([queue[:, 1:], z32[:, None]], dim=1)
     M = queue.shape[1]
-    rank = (new < z32[:, None]).sum(dim=1).to(torch.float32) / M
+    rank = (new <= z32[:, None]).sum(dim=1).to(torch.float32) / M
     lam = rank.clamp(lam_ref - band, lam_ref + band).clamp(0.0, 1.0)
     return lam, new
 

@@ -5,6 +5,7 @@ plain PyTorch on top of `kvfix.reference` (float64 entropy): same coefficients a
 layer, same smoothed cache positions, same tokens.
 """
 import copy
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +38,9 @@ def prompt(model, family):
 class RefKVSmooth(kvfix.hf.Method):
     """KVSmooth in plain PyTorch, driven by kvfix.reference: per decode step and layer, after the
     model's attention, `reference.kvsmooth_step` (float64 entropy) on the layer's cache, written
-    back in place."""
+    back in place. Every coefficient it smooths with is checked against the paper's rule written
+    out here: lam = clamp(clamp(k / M, lam_ref - band, lam_ref + band), 0, 1), k = the number of
+    queued values (z included, empty slots not) that are <= z, M = queue_size."""
     name = "ref_kvsmooth"
     uses_attention = True
 
@@ -62,6 +65,12 @@ class RefKVSmooth(kvfix.hf.Method):
         mask = None if (attention_mask is None or not self.use_mask) else attention_mask[..., :n]
         lam, k2, v2, queue = R.kvsmooth_step(query, k, v, queue, scale=module.scaling, mask=mask,
                                              lam_ref=self.lam_ref, band=self.band)
+        for b, row in enumerate(queue.tolist()):  # lam == 0: position n - 2 is padding, not smoothed
+            if lam[b].item() != 0.0:
+                z = row[-1]
+                rank = sum(1 for x in row if not math.isnan(x) and x <= z) / self.M
+                want = min(max(min(max(rank, self.lam_ref - self.band), self.lam_ref + self.band), 0.0), 1.0)
+                assert lam[b].item() == pytest.approx(want, abs=1e-6), (layer_idx, b, row)
         k.copy_(k2)
         v.copy_(v2)
         self.queues[layer_idx] = queue
@@ -131,7 +140,7 @@ def test_greedy_30_tokens_step_by_step_equals_reference(family, request):
         torch.testing.assert_close(q, ref.queues[layer], rtol=0, atol=1e-5, equal_nan=True)
     # it did smooth: coefficients in the band, the cache differs from plain decoding
     lams = torch.stack([lam for _, _, lam in ks.lam_history])
-    assert ((lams >= 0.7 - 1e-6) & (lams <= 14 / 15 + 1e-6)).all()
+    assert ((lams >= 0.7 - 1e-6) & (lams <= 1.0)).all()
     assert not torch.equal(out.past_key_values.layers[0].keys, plain.past_key_values.layers[0].keys)
     # prefill positions are never smoothed
     T0 = inputs["input_ids"].shape[1]

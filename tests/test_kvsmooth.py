@@ -35,50 +35,91 @@ def test_reference_entropy_hand_computed():
 
 
 def test_reference_queue_hand_computed_sequence():
-    # M = 3, lam = rank (lam_ref 0.5, band 0.5); oldest entry first, NaN = empty
+    # M = 3, lam = rank (lam_ref 0.5, band 0.5); oldest entry first, NaN = empty.
+    # rank = k / M, k = #{entries <= z} after the push: the 1-based rank of z (z counts itself,
+    # equal values count, empty slots do not), divided by the capacity M also while filling.
     queue = torch.full((1, 3), NAN)
-    steps = [  # z, queue after the push, rank = #{entries < z} / 3
-        (2.0, [NAN, NAN, 2.0], 0.0),
-        (1.0, [NAN, 2.0, 1.0], 0.0),
-        (3.0, [2.0, 1.0, 3.0], 2 / 3),
-        (3.0, [1.0, 3.0, 3.0], 1 / 3),   # equal entries do not count
-        (0.5, [3.0, 3.0, 0.5], 0.0),
-        (4.0, [3.0, 0.5, 4.0], 2 / 3),
+    steps = [  # z, queue after the push, rank
+        (2.0, [NAN, NAN, 2.0], 1 / 3),   # filling: only z itself
+        (1.0, [NAN, 2.0, 1.0], 1 / 3),
+        (3.0, [2.0, 1.0, 3.0], 3 / 3),   # z is the max
+        (3.0, [1.0, 3.0, 3.0], 3 / 3),   # a tie with the max: equal values count
+        (0.5, [3.0, 3.0, 0.5], 1 / 3),   # z is the min
+        (3.0, [3.0, 0.5, 3.0], 3 / 3),
+        (2.0, [0.5, 3.0, 2.0], 2 / 3),
+        (2.0, [3.0, 2.0, 2.0], 2 / 3),   # a tie below the max
     ]
     for z, after, rank in steps:
         lam, queue = R.kvsmooth_queue(queue, torch.tensor([z]), lam_ref=0.5, band=0.5)
         torch.testing.assert_close(queue, torch.tensor([after]), equal_nan=True)
         assert lam.item() == pytest.approx(rank)
-    # the paper's LLaVA band: lam in [0.7, 1.1] then [0, 1]
-    lam, _ = R.kvsmooth_queue(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([9.0]), lam_ref=0.9, band=0.2)
-    assert lam.item() == pytest.approx(0.7)  # rank 2/3, clamped up to lam_ref - band
-    lam, _ = R.kvsmooth_queue(torch.tensor([[5.0, 6.0, 7.0, 8.0, 1.0]]), torch.tensor([9.0]), lam_ref=0.9, band=0.2)
-    assert lam.item() == pytest.approx(0.8)  # rank 4/5
-    lam, _ = R.kvsmooth_queue(torch.tensor([[5.0, 6.0]]), torch.tensor([9.0]), lam_ref=0.2, band=0.5)
-    assert lam.item() == pytest.approx(0.5)  # rank 1/2 inside [-0.3, 0.7]
-    lam, _ = R.kvsmooth_queue(torch.tensor([[5.0, 6.0]]), torch.tensor([0.0]), lam_ref=0.2, band=0.5)
-    assert lam.item() == 0.0  # rank 0, band reaches below 0: clamped to 0
+
+
+def test_reference_queue_rank_paper_sizes_and_clamps():
+    """M = 15 (the paper's queue): full, filling, ties, then the band and the [0, 1] clamp."""
+    full = torch.arange(1.0, 16.0)[None]                 # [1, 2, ..., 15], oldest first
+    # z the max of a full queue: after the push [2, ..., 15, 99], k = 15 -> rank 15/15 = 1
+    for lam_ref, band, want in [(0.5, 0.5, 1.0),         # band [0, 1]: rank 1 unclipped
+                                (0.9, 0.2, 1.0),         # LLaVA-1.5: [0.7, 1.1], then [0, 1] -> 1
+                                (0.7, 0.2, 0.9),         # InstructBLIP: clipped to lam_ref + band
+                                (0.5, 0.2, 0.7)]:        # MiniGPT-4: clipped to lam_ref + band
+        lam, new = R.kvsmooth_queue(full, torch.tensor([99.0]), lam_ref=lam_ref, band=band)
+        assert lam.item() == pytest.approx(want), (lam_ref, band)
+    assert new[0, 0].item() == 2.0 and new[0, -1].item() == 99.0
+    # z in the middle of a full queue: [2, ..., 15, 7.5] has 6 entries below 7.5, k = 7
+    lam, _ = R.kvsmooth_queue(full, torch.tensor([7.5]), lam_ref=0.5, band=0.5)
+    assert lam.item() == pytest.approx(7 / 15)
+    # ties: z = 7 equals the entry 7: [2, ..., 15, 7] has 2..7 and z itself, k = 7
+    lam, _ = R.kvsmooth_queue(full, torch.tensor([7.0]), lam_ref=0.5, band=0.5)
+    assert lam.item() == pytest.approx(7 / 15)
+    # z the min of a full queue: k = 1, rank 1/15, clipped up to lam_ref - band
+    lam, _ = R.kvsmooth_queue(full, torch.tensor([-1.0]), lam_ref=0.5, band=0.5)
+    assert lam.item() == pytest.approx(1 / 15)
+    lam, _ = R.kvsmooth_queue(full, torch.tensor([-1.0]), lam_ref=0.9, band=0.2)
+    assert lam.item() == pytest.approx(0.7)
+    # a filling queue: 3 values pushed in all (2 queued, then z), still divided by M = 15
+    filling = torch.full((1, 15), NAN)
+    filling[0, -2:] = torch.tensor([1.0, 3.0])
+    for z, k in [(5.0, 3), (3.0, 3), (2.0, 2), (0.0, 1)]:   # 3.0: a tie counts
+        lam, new = R.kvsmooth_queue(filling, torch.tensor([z]), lam_ref=0.5, band=0.5)
+        assert lam.item() == pytest.approx(k / 15), z
+        assert torch.isnan(new[0, :12]).all() and new[0, 12:].tolist() == [1.0, 3.0, z]
+    lam, _ = R.kvsmooth_queue(filling, torch.tensor([5.0]), lam_ref=0.3, band=0.05)
+    assert lam.item() == pytest.approx(0.25)               # 3/15 = 0.2, clipped up to 0.25
+    # a fresh queue: z alone, k = 1
+    lam, _ = R.kvsmooth_queue(torch.full((1, 15), NAN), torch.tensor([0.3]), lam_ref=0.5, band=0.5)
+    assert lam.item() == pytest.approx(1 / 15)
+    # the [0, 1] clamp after the band. With lam_ref in [0, 1] and band >= 0 (what the ops accept)
+    # the band's clamp already lands in [0, 1]; the reference takes any lam_ref, so out of range:
+    lam, _ = R.kvsmooth_queue(full, torch.tensor([-1.0]), lam_ref=1.3, band=0.2)
+    assert lam.item() == 1.0                               # rank 1/15 -> band [1.1, 1.5] -> 1.1 -> 1
+    lam, _ = R.kvsmooth_queue(full, torch.tensor([99.0]), lam_ref=-0.5, band=0.2)
+    assert lam.item() == 0.0                               # rank 1 -> band [-0.7, -0.3] -> -0.3 -> 0
+    # two items at once, each ranked in its own row
+    lam, _ = R.kvsmooth_queue(torch.cat([full, filling]), torch.tensor([99.0, 2.0]), lam_ref=0.5, band=0.5)
+    torch.testing.assert_close(lam, torch.tensor([1.0, 2 / 15]))
 
 
 def test_reference_step_hand_computed_sequence():
-    """q = 0 makes every row uniform: z = log T. With M = 3, lam_ref 0.5, band 0.5 (lam = rank) and
-    K[t] = t, V[t] = -t (D = 1) as each token arrives, the smoothed caches follow by hand:
-      T=1: queue [-, -, 0]         lam 0 (one position: nothing to smooth)   K = [0]
-      T=2: queue [-, 0, ln2]       rank 1/3   K[1] = 2/3 * 1 + 1/3 * 0       = 2/3
-      T=3: queue [0, ln2, ln3]     rank 2/3   K[2] = 1/3 * 2 + 2/3 * 2/3     = 10/9
-      T=4: queue [ln2, ln3, ln4]   rank 2/3   K[3] = 1/3 * 3 + 2/3 * 10/9    = 47/27
-      T=5: queue [ln3, ln4, ln5]   rank 2/3   K[4] = 1/3 * 4 + 2/3 * 47/27   = 202/81
+    """q = 0 makes every row uniform: z = log T. With M = 3, lam_ref 0.5, band 0.3 (lam = rank
+    clipped to [0.2, 0.8]) and K[t] = t, V[t] = -t (D = 1) as each token arrives, the smoothed
+    caches follow by hand (rank = #{entries <= z} / 3, z included):
+      T=1: queue [-, -, 0]         lam 0 (one position: nothing to smooth)     K = [0]
+      T=2: queue [-, 0, ln2]       rank 2/3   K[1] = 1/3 * 1 + 2/3 * 0         = 1/3
+      T=3: queue [0, ln2, ln3]     rank 1 -> 0.8   K[2] = 0.2 * 2 + 0.8 * 1/3  = 2/3
+      T=4: queue [ln2, ln3, ln4]   rank 1 -> 0.8   K[3] = 0.2 * 3 + 0.8 * 2/3  = 17/15
+      T=5: queue [ln3, ln4, ln5]   rank 1 -> 0.8   K[4] = 0.2 * 4 + 0.8 * 17/15 = 128/75
     """
     q = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
     queue = torch.full((1, 3), NAN)
     k = torch.zeros(1, 1, 0, 1, dtype=torch.float64)
     v = -k
-    expected_lam = [0.0, 1 / 3, 2 / 3, 2 / 3, 2 / 3]
-    expected_k = [0.0, 2 / 3, 10 / 9, 47 / 27, 202 / 81]
+    expected_lam = [0.0, 2 / 3, 0.8, 0.8, 0.8]
+    expected_k = [0.0, 1 / 3, 2 / 3, 17 / 15, 128 / 75]
     for step, lam_want in enumerate(expected_lam):
         k = torch.cat([k, torch.full((1, 1, 1, 1), float(step), dtype=torch.float64)], dim=2)
         v = torch.cat([v, torch.full((1, 1, 1, 1), -float(step), dtype=torch.float64)], dim=2)
-        lam, k, v, queue = R.kvsmooth_step(q, k, v, queue, lam_ref=0.5, band=0.5)
+        lam, k, v, queue = R.kvsmooth_step(q, k, v, queue, lam_ref=0.5, band=0.3)
         assert lam.item() == pytest.approx(lam_want), step
         torch.testing.assert_close(k.flatten(), torch.tensor(expected_k[:step + 1], dtype=torch.float64))
         torch.testing.assert_close(v.flatten(), -torch.tensor(expected_k[:step + 1], dtype=torch.float64))
@@ -88,7 +129,7 @@ def test_reference_step_hand_computed_sequence():
 def test_reference_step_skips_masked_previous_position():
     q = torch.randn(2, 2, 1, 4, dtype=torch.float64)
     k, v = torch.randn(2, 2, 6, 4, dtype=torch.float64), torch.randn(2, 2, 6, 4, dtype=torch.float64)
-    queue = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # z > 0: after the push [0, z], rank 1/2 (z never counts)
+    queue = torch.tensor([[9e9, 9e9], [9e9, 9e9]])  # after the push [9e9, z]: only z <= z, rank 1/2
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
     mask[1, ..., 4] = False  # item 1: position T - 2 is a hole
     lam, k2, v2, _ = R.kvsmooth_step(q, k, v, queue, mask=mask, lam_ref=0.5, band=0.5)
@@ -271,8 +312,39 @@ def test_step_t1_and_masked_previous_position():
     q, k, v = _decode_inputs(B, Hq, Hkv, 9, D, torch.float32)
     mask = torch.ones(B, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., 7] = False
-    lam = check_step(q, k, v, torch.zeros(B, 3), mask=mask)  # z > 0: rank 2/3, clamped up to 0.7
+    lam = check_step(q, k, v, torch.full((B, 3), 9e9), mask=mask)  # [9e9, 9e9, z]: rank 1/3, clamped up to 0.7
     assert lam[0].item() == 0.0 and lam[1].item() == pytest.approx(0.7)
+    lam = check_step(q, k, v, torch.zeros(B, 3), mask=mask)  # z > 0: [0, 0, z], rank 3/3 = 1 (band [0.7, 1.1])
+    assert lam[0].item() == 0.0 and lam[1].item() == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_rank_counts_z_and_ties(dtype, device):
+    """The kernels' rank is the paper's k / M, k = #{entries <= z} with z itself counted. The step
+    is deterministic, so a second run on the same inputs gives the same float32 z bit for bit: the
+    queues below hold that exact z (ties) and values 1 apart around it (no rounding question)."""
+    B, Hq, Hkv, T, D, M = 3, 4, 2, 9, 32, 15
+    q, k, v = _decode_inputs(B, Hq, Hkv, T, D, dtype, device)
+    fresh = torch.full((B, M), NAN, device=device)
+    lam = kvfix.kvsmooth_step_(q, k.clone(), v.clone(), fresh, lam_ref=0.5, band=0.5)
+    torch.testing.assert_close(lam.cpu(), torch.full((B,), 1 / 15), rtol=0, atol=1e-7)  # z alone: k = 1
+    z = fresh[:, -1].cpu()
+    assert torch.isnan(fresh[:, :-1]).all() and torch.isfinite(z).all()
+    queue = torch.full((B, M), NAN)
+    queue[0] = z[0] - torch.arange(15.0, 0.0, -1.0)            # full, every entry below z: z is the max
+    queue[1, :] = z[1] + 1.0                                   # full, every entry above z: z is the min
+    queue[1, 5:9] = z[1]                                       # ... but for 4 ties
+    queue[2, 9:] = torch.tensor([z[2], z[2] + 1, z[2], z[2] - 1, z[2] + 2, z[2]])  # filling: 6 queued
+    # after the push (slot 0 dropped): item 0: 14 below + z -> k = 15; item 1: 4 ties + z -> k = 5;
+    # item 2: 3 ties, one below, z -> k = 5 of M = 15 (not of the 7 filled slots)
+    for lam_ref, band, want in [(0.5, 0.5, [1.0, 5 / 15, 5 / 15]),
+                                (0.9, 0.2, [1.0, 0.7, 0.7]),
+                                (0.7, 0.2, [0.9, 0.5, 0.5]),
+                                (0.3, 0.2, [0.5, 1 / 3, 1 / 3])]:
+        qq = queue.to(device)
+        lam = check_step(q, k, v, qq, lam_ref=lam_ref, band=band, z=z.double())
+        torch.testing.assert_close(lam.cpu(), torch.tensor(want), rtol=0, atol=1e-7)
 
 
 def test_step_sequence_matches_reference_over_decoding():

@@ -24,7 +24,9 @@
 //
 // Then, per batch item and in a fixed order (deterministic): merge the chunks, H per query head,
 // z = mean over query heads; for the step also push z onto the queue (oldest first, NaN = empty),
-// rank = #{entries < z} / M, lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1), and
+// rank = k / M with k = #{entries <= z} (the 1-based rank of z, which counts itself; M the queue
+// capacity, also while the queue fills; NaN slots never count: the paper's k / M),
+// lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1), and
 // the in-place EMA K[T-1] = (1 - lam) K[T-1] + lam K[T-2] (same for V, every kv head, in fp32,
 // rounded once). No EMA (lam reported as 0) when T == 1 or position T - 2 is masked. All
 // validation happens before anything is written.
@@ -539,13 +541,13 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     float z = 0.0f;
     for (int64_t h = 0; h < Hq; ++h) z += ent[b * Hq + h];
     z = Hq > 0 ? z / static_cast<float>(Hq) : 0.0f;
-    // FIFO push (oldest at index 0), then the percentile rank of z among the entries.
+    // FIFO push (oldest at index 0), then the 1-based rank k of z among the entries (z included).
     float* row = qu + b * qs0;
     for (int64_t i = 0; i + 1 < M; ++i) row[i * qs1] = row[(i + 1) * qs1];
     row[(M - 1) * qs1] = z;
-    int64_t below = 0;
-    for (int64_t i = 0; i < M; ++i) below += row[i * qs1] < z ? 1 : 0;  // nan never counts
-    float l = static_cast<float>(below) / static_cast<float>(M);
+    int64_t k = 0;
+    for (int64_t i = 0; i < M; ++i) k += row[i * qs1] <= z ? 1 : 0;  // nan never counts
+    float l = static_cast<float>(k) / static_cast<float>(M);
     l = std::min(std::max(l, lo), hi);
     l = std::min(std::max(l, 0.0f), 1.0f);
     if (T < 2 || !(mask_bias(m, b, T - 2) > kNegInf)) l = 0.0f;

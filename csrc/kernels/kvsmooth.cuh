@@ -11,7 +11,8 @@
 // and for the step (queue given):
 //
 //   z = mean_hq H[b, hq];  push z onto queue[b] (oldest first, NaN = empty slot, drop slot 0);
-//   rank = #{entries < z} / M;  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1);
+//   rank = k / M, k = #{entries <= z} (the 1-based rank of z, z included; M = queue capacity,
+//   also while the queue fills; NaN slots never count);  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1);
 //   K[b, :, T-1] = (1 - lam) K[b, :, T-1] + lam K[b, :, T-2], the same for V (fp32, rounded once);
 //   lam = 0 (and nothing smoothed) when T == 1 or the mask excludes position T - 2.
 //
@@ -339,9 +340,9 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     const int64_t M = a.M;
     for (int64_t i = 0; i + 1 < M; ++i) row[i * a.qu_sm] = row[(i + 1) * a.qu_sm];
     row[(M - 1) * a.qu_sm] = z;
-    int64_t below = 0;
-    for (int64_t i = 0; i < M; ++i) below += row[i * a.qu_sm] < z ? 1 : 0;  // nan never counts
-    float lam = static_cast<float>(below) / static_cast<float>(M);
+    int64_t k = 0;  // the 1-based rank of z (it counts itself)
+    for (int64_t i = 0; i < M; ++i) k += row[i * a.qu_sm] <= z ? 1 : 0;  // nan never counts
+    float lam = static_cast<float>(k) / static_cast<float>(M);
     lam = fminf(fmaxf(lam, a.lam_lo), a.lam_hi);
     lam = fminf(fmaxf(lam, 0.0f), 1.0f);
     if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;

@@ -29,8 +29,10 @@ class KVSmooth(Method):
     model's own attention has run (SDPA or whatever the model uses; no eager attention, no
     `output_attentions`), one fused kernel call (`kvfix.kvsmooth_step_`) computes the entropy of
     each query head's attention row over the layer's cache (padding excluded), pushes its mean
-    over heads onto a per-sequence, per-layer queue of the last `queue_size` values, turns its
-    percentile rank into `lam = clamp(rank, lam_ref - band, lam_ref + band)` (then [0, 1]) and
+    over heads z onto a per-sequence, per-layer queue of the last `queue_size` values M, ranks it
+    as the paper does, `rank = k / M` with `k = #{queued values <= z}` (the 1-based rank of z,
+    which counts itself; still divided by M while the queue fills), turns the rank into
+    `lam = clamp(rank, lam_ref - band, lam_ref + band)` (then [0, 1]) and
     smooths the newest cache position in place: `K[t] = (1 - lam) K[t] + lam K[t-1]`, same for V.
     Prefill is not smoothed.
 
@@ -40,7 +42,8 @@ class KVSmooth(Method):
         lam_ref: centre of the coefficient band, in [0, 1]. None: from `preset`, else from the
             model family (LLaVA and Qwen2-VL: the LLaVA-1.5 value 0.9).
         band: half width of the band (>= 0), 0.2 in the paper.
-        queue_size: entropies remembered per sequence and layer (M, 15 in the paper).
+        queue_size: entropies remembered per sequence and layer (M, 15 in the paper); also
+            the divisor of the rank k / M.
         preset: "llava-1.5" (0.9), "minigpt-4" (0.5) or "instructblip" (0.7): the paper's lam_ref
             per model family. Give lam_ref or preset, not both.
         record_lam: keep every step's coefficients in `lam_history` (a list of

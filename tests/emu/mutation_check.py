@@ -100,6 +100,13 @@ MUTATIONS = [
     Mutation("kvsmooth: EMA not skipped when position T - 2 is masked", KVS,
              "if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;", "if (a.T < 2) lam = 0.0f;",
              KVS_TESTS),
+    Mutation("kvsmooth: rank counts the entries strictly below z (#{< z}: ties and z itself left out)", KVS,
+             "k += row[i * a.qu_sm] <= z ? 1 : 0;", "k += row[i * a.qu_sm] < z ? 1 : 0;", KVS_TESTS),
+    Mutation("kvsmooth: rank leaves z itself out (the entries before the push that are <= z)", KVS,
+             "for (int64_t i = 0; i < M; ++i) k += row[i * a.qu_sm] <= z",
+             "for (int64_t i = 0; i + 1 < M; ++i) k += row[i * a.qu_sm] <= z", KVS_TESTS),
+    Mutation("kvsmooth: rank counts z but not the entries equal to it (ties)", KVS,
+             "k += row[i * a.qu_sm] <= z ? 1 : 0;", "k += (row[i * a.qu_sm] < z || i + 1 == M) ? 1 : 0;", KVS_TESTS),
     # SCR (scr.cuh)
     Mutation("scr: barrier removed before the warps' partial sums are read", SCR,
              "  part[warp][lane] = acc;\n  __syncthreads();", "  part[warp][lane] = acc;", SCR_TESTS),

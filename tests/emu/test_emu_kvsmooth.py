@@ -12,7 +12,8 @@ Shapes are small (every CUDA thread is a fiber) but cover every code path: the f
 shapes (8 / 16 / 32 lanes per key row, 1 / 2 / 4 chunks per lane), 16-byte and element-wise loads
 (misaligned views, D not a multiple of the vector width), several position splits per (b, kv head)
 including empty ones, more than 8 query heads per kv head (several passes), every mask dtype and
-broadcast, strided queues, T == 1 and a masked position T - 2 (no EMA).
+broadcast, strided queues, T == 1 and a masked position T - 2 (no EMA), and the rank k / M
+(z counted, ties counted, a filling queue divided by its capacity M).
 """
 from __future__ import annotations
 
@@ -208,15 +209,45 @@ def test_kvsmooth_no_ema_cases(kvs):
     q, k, v = _inputs(B, Hq, Hkv, 1, D, torch.bfloat16)
     lam = _step(kvs, q, k, v, torch.full((B, 15), NAN), None, scale=0.125)
     assert torch.equal(lam, torch.zeros(B))
-    # position T - 2 masked for item 0: lam 0 there, smoothed for item 1 (rank 2/3 -> 0.7)
+    # position T - 2 masked for item 0: lam 0 there, smoothed for item 1 (queue [9e9, 9e9, z]:
+    # rank 1/3 -> 0.7; queue [0, 0, z] with z > 0: rank 3/3 -> 1)
     q, k, v = _inputs(B, Hq, Hkv, 9, D, torch.float16)
     mask = torch.ones(B, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., 7] = False
-    lam = _step(kvs, q, k, v, torch.zeros(B, 3), mask, scale=0.125)
+    lam = _step(kvs, q, k, v, torch.full((B, 3), 9e9), mask, scale=0.125)
     assert lam[0].item() == 0.0 and lam[1].item() == pytest.approx(0.7)
+    lam = _step(kvs, q, k, v, torch.zeros(B, 3), mask, scale=0.125)
+    assert lam[0].item() == 0.0 and lam[1].item() == 1.0
     # every position masked: entropy 0 (and the EMA still needs position T - 2: masked, lam 0)
     none = torch.zeros(B, 1, 1, 9, dtype=torch.bool)
     assert torch.equal(_entropy(kvs, q, k, none, 0.125, 2), torch.zeros(B, Hq))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kvsmooth_rank_counts_z_and_ties(kvs, dtype):
+    """rank = k / M, k = #{entries <= z} with z itself counted (the paper's k / M). The emulated
+    step is deterministic, so a second run on the same inputs gives the same float32 z bit for
+    bit: the queues hold that exact z (ties) and values 1 apart around it."""
+    B, Hq, Hkv, T, D, M = 3, 4, 2, 9, 32, 15
+    q, k, v = _inputs(B, Hq, Hkv, T, D, dtype)
+    fresh, lam = torch.full((B, M), NAN), torch.full((B,), NAN)
+    kvs.kvsmooth_step(q, k.clone(), v.clone(), None, fresh, lam, 0.125, 0.0, 1.0, 2)
+    torch.testing.assert_close(lam, torch.full((B,), 1 / 15), rtol=0, atol=1e-7)  # z alone: k = 1
+    z = fresh[:, -1].clone()
+    assert torch.isnan(fresh[:, :-1]).all() and torch.isfinite(z).all()
+    queue = torch.full((B, M), NAN)
+    queue[0] = z[0] - torch.arange(15.0, 0.0, -1.0)            # full, every entry below z: z is the max
+    queue[1, :] = z[1] + 1.0                                   # full, every entry above z ...
+    queue[1, 5:9] = z[1]                                       # ... but for 4 ties
+    queue[2, 9:] = torch.tensor([z[2], z[2] + 1, z[2], z[2] - 1, z[2] + 2, z[2]])  # filling: 6 queued
+    # after the push: item 0: k = 15; item 1: 4 ties + z, k = 5; item 2: 3 ties, one below, z: k = 5
+    # of M = 15 (not of the 7 filled slots)
+    for lam_ref, band, want in [(0.5, 0.5, [1.0, 5 / 15, 5 / 15]),
+                                (0.9, 0.2, [1.0, 0.7, 0.7]),
+                                (0.7, 0.2, [0.9, 0.5, 0.5]),
+                                (0.3, 0.2, [0.5, 1 / 3, 1 / 3])]:
+        lam = _step(kvs, q, k, v, queue, None, scale=0.125, lam_ref=lam_ref, band=band, splits=2, z=z.double())
+        torch.testing.assert_close(lam, torch.tensor(want), rtol=0, atol=1e-7)
 
 
 def test_kvsmooth_bad_arguments_fail_before_launching(kvs):
