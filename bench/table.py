@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as `python bench/table.py`
 import torch  # noqa: E402
 
 import kvfix  # noqa: E402
-from bench import common, test_bench_cmac, test_bench_dscr, test_bench_hf_cmac, test_bench_hf_scr, test_bench_scr  # noqa: E402,E501
+from bench import common, test_bench_cmac, test_bench_dscr, test_bench_hf_cmac, test_bench_hf_dscr, test_bench_hf_scr, test_bench_scr  # noqa: E402,E501
 from bench.common import DTYPES, FULL_SHAPES, QUICK_SHAPES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     # Sections with their own shapes and floors, one per method / issue.
     kvs_text = "\n\n".join(section(args.quick) for section in (
         test_bench_dscr.dscr_structured_section,  # structured DSCR (issue 7)
+        test_bench_hf_dscr.dscr_hf_section,        # DSCR prefill cost in transformers (issue 13)
         kvsmooth_section,                          # KVSmooth (issue 4)
         test_bench_scr.scr_section,                # SCR ops (issue 5)
         test_bench_hf_scr.scr_hf_section,          # SCR prefill cost in transformers

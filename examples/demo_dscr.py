@@ -62,12 +62,12 @@ def main():
         with handle.images(depth_maps=[depth]):
             on = model.generate(**inputs, **kw)
         print(f"DSCR: layers {dscr.selected_layers[0]}..{dscr.selected_layers[-1]}, refined "
-              f"{dscr.refine_calls} image(s) once after prefill")
+              f"{dscr.refine_calls} image(s) in the prefill (the tokens after the image read it refined)")
     print("tokens, DSCR off:", off.sequences[0, T:].tolist())
     print("tokens, DSCR on: ", on.sequences[0, T:].tolist())
     dlogit = [(a - b).abs().max().item() for a, b in zip(on.scores, off.scores)]
     print("max |logit change| per step:", " ".join(f"{x:.3f}" for x in dlogit),
-          "(step 0 comes from the prefill, before the refinement)")
+          "(step 0 comes from the prefill, which already reads the refined image)")
     print("image-span cache change ||on - off|| / ||off|| (decoding left the spans as refined):")
     for li, rk, rv in image_span_change(on.past_key_values, off.past_key_values, spans):
         tag = "refined" if li in dscr.selected_layers else "untouched"

@@ -37,10 +37,13 @@ Layout (how methods plug in, and how they stack)
   `image_grid_thw`.
 - Every transformers touchpoint is in `_compat.py` (see its docstring).
 
-DSCR (dscr.py): at the end of the forward that carries the images (the prefill), each image
-span `[s, s + gh*gw)` of every selected layer is refined in place with
-`kvfix.dscr_refine_cache_` (one call per batch item and image, all layers at once); decoding
-then runs on the refined cache and never refines again (decoding forwards carry no images).
+DSCR (dscr.py): the timing of a split prefill (SPEC §1): every token after an image attends to
+its refined keys/values at the selected layers, the image and what precedes it to the plain
+ones. In the forward that carries the images, the attention hook of each selected layer refines
+each image span `[s, s + gh*gw)` with the DSCR op and runs the layer's attention once per
+refinement level, each query keeping its own level's output; the refined spans are written into
+the cache at the end of the forward, so decoding reads them and never refines again (decoding
+forwards carry no images).
 """
 from .core import ForwardContext, Handle, Method, Session, enable, get_handle
 from .dscr import DSCR

@@ -1,12 +1,10 @@
-"""DSCR as a kvfix.hf method: refine the image spans of the KV cache once, right after prefill."""
+"""DSCR as a kvfix.hf method: every token after an image attends to that image's refined keys
+and values at the selected layers (SPEC §1, "When"), computed in the forward that carries the image."""
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 from .. import ops
-from ..dscr_structured import dscr_plan
 from ..geometry import patch_depth
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
@@ -18,31 +16,73 @@ _MISSING = ("error", "uniform")
 
 
 class DSCR(Method):
-    """Depth- and space-aware KV refinement (SPEC §1) after the prefill of every image.
+    """Depth- and space-aware KV refinement (SPEC §1), with the timing of a split prefill.
+
+    Semantics (SPEC §1, "When"): every token after an image, from the question to the last
+    generated token, attends to that image's refined keys/values at the selected layers; the
+    image's own tokens and everything before it are computed by the unmodified model. This is
+    exactly running the prompt up to the image end, refining that span of the cache
+    (`kvfix.dscr_refine_cache_`), and continuing; with several images each is refined at its
+    own end (a later image, and everything after it, sees the earlier ones refined). So the
+    first answer token, computed by the prefill, already reads the refined image.
+
+    How (one forward, no split): inside the attention of each selected layer, in the forward
+    that carries the images, the image span of that layer's keys (and values) is refined with
+    the DSCR op, and the layer's attention (the model's own implementation, or the methods
+    inside DSCR's in the chain, e.g. CMAC) runs once per refinement level: level j = the
+    first j images of each batch item refined, on a copy of the keys/values. Each query keeps
+    the output of its own level (the number of its item's images that end at or before its
+    cache position), so a query before its item's first image end gets exactly the plain
+    attention. The keys a layer sees for tokens after an image were computed from hidden
+    states that already read refined images below: the result is that of the split prefill.
+    At the end of the forward the refined spans are written into the cache, so decoding reads
+    them; decoding forwards carry no image and refine nothing. Without a cache
+    (`use_cache=False`) every forward is a full forward with the images and refines again.
+    The cost is the refinement itself plus one more attention call per selected layer and
+    image level (a single image per item: two calls, each over the whole query block); the
+    refined spans of the selected layers are held until the forward ends (one copy of the
+    image spans).
 
     Args:
-        layers: text decoder layers whose cache is refined. None: `[L // 4, L)` (SPEC default;
-            the paper refines 10..39 of 40). Also a slice, a range or ints (negatives from L).
+        layers: text decoder layers whose image keys/values are refined. None: `[L // 4, L)`
+            (SPEC default; the paper refines 10..39 of 40). Also a slice, a range or ints
+            (negatives from L).
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): the proximity kernel of `kvfix.dscr_refine`.
         keys_only: refine keys only, values untouched.
         missing_depth: what to do for an image without a depth map: "error" (default: a
             ValueError before the forward runs) or "uniform" (all depths equal, so only the
             spatial term distinguishes tokens).
-        method: the algorithm of `kvfix.dscr_refine_cache_`: "auto" (default: structured on the
-            image's patch grid where `kvfix.dscr_plan` finds it cheaper within the dtype's
-            tolerance, dense otherwise), "structured" or "dense". Images are always passed in
-            the grid form `(gh, gw)` (= `patch_coords(gh, gw)`).
+        method: the algorithm of the DSCR op: "auto" (default: structured on the image's patch
+            grid where `kvfix.dscr_plan` finds it cheaper within the dtype's tolerance, dense
+            otherwise), "structured" or "dense". Images are always passed in the grid form
+            `(gh, gw)` (= `patch_coords(gh, gw)`).
 
     Depth maps come from `handle.images(depth_maps=[...])` / `handle.set_images(...)`, one per
     image, each [H, W] at any resolution (area-pooled to the patch grid and min-max normalised
     by `kvfix.patch_depth`), or [N] already on the grid (used as given), or "uniform".
 
+    The weights of an image are planned once per forward (`kvfix.dscr_plan`, its geometry on
+    the model's device: one host read of the depth range per image) and serve every selected
+    layer; the op is called once per image and layer (on all batch rows showing the image).
+
+    Stacking: KVSmooth (decoding only) and SCR (its diagnostic pass is an auxiliary pass, which
+    DSCR leaves alone: SCR scores the unrefined model; its redistribution acts on the hidden
+    states of the real prefill, in which DSCR acts as above) need nothing special. CMAC's
+    attention is innermost, so it runs once per level with the level's keys and values (its
+    calibration then rotates the refined image keys for the after-image queries). With CMAC's
+    batch of [original; distorted] rows, row r shows the images of item r mod B; in its forked
+    prefill the distorted rows' pass is refined for its own queries, and the cache receives the
+    spans refined in the original rows' pass (CMAC copies the prefix up to the image end into
+    the distorted rows before decoding).
+
     After each run, `last_images` lists the ImageSpans refined in the latest generation,
-    `last_algorithms` the algorithm used for each ("structured" or "dense"), and `refine_calls`
-    counts the calls into the kernel (one per image, all layers at once).
+    `last_algorithms` the algorithm used for each ("structured" or "dense"), `refine_calls`
+    counts images refined (one per image and forward that carries it) and `kernel_calls` the
+    calls into the DSCR op (one per image, selected layer and attention pass).
     """
 
     name = "dscr"
+    uses_attention = True
 
     def __init__(self, layers=None, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
                  beta: float = 0.8, keys_only: bool = False, missing_depth: str = "error", method: str = "auto"):
@@ -58,20 +98,31 @@ class DSCR(Method):
         self.keys_only = keys_only
         self.missing_depth = missing_depth
         self.selected_layers: tuple[int, ...] = ()
+        self._selected: frozenset = frozenset()
         self.last_images: list[ImageSpan] = []
         self.last_algorithms: list[str] = []
         self.refine_calls = 0
-        self._warned_no_cache = False
+        self.kernel_calls = 0
+        self._fw: _Forward | None = None
 
     def __repr__(self):
         return (f"DSCR(layers={self.layers!r}, sigma_d={self.sigma_d}, sigma_s={self.sigma_s}, alpha={self.alpha}, "
                 f"beta={self.beta}, keys_only={self.keys_only}, missing_depth={self.missing_depth!r}, method={self.method!r})")
+
+    @property
+    def _params(self):
+        return self.sigma_d, self.sigma_s, self.alpha, self.beta
 
     def bind(self, handle: Handle) -> None:
         L = handle.num_layers
         self.selected_layers = resolve_layers(self.layers, L, L // 4)
         if not self.selected_layers:
             raise ValueError(f"DSCR selects no layer of the {L}-layer text model (layers={self.layers!r})")
+        self._selected = frozenset(self.selected_layers)
+        self._fw = None
+
+    def unbind(self, handle: Handle) -> None:
+        self._fw = None
 
     def on_session_start(self, ctx: ForwardContext) -> None:
         self.last_images = []
@@ -80,34 +131,82 @@ class DSCR(Method):
     def on_prefill_start(self, ctx: ForwardContext) -> None:
         if ctx.pass_name != "main":
             return
-        for img in ctx.images:  # fail before the forward runs, not after
-            self._check_depth(img)
+        self._fw = None
+        if not ctx.images:
+            return
+        depths = [self._token_depth(img) for img in ctx.images]  # fail before the forward runs, not after
+        self._fw = _Forward(ctx, depths, store=ctx.inputs.get("use_cache") is not False)
 
     def on_prefill_end(self, ctx: ForwardContext) -> None:
-        if ctx.pass_name != "main" or not ctx.images:
+        fw = self._fw
+        if fw is None or fw.ctx is not ctx:
             return
-        if ctx.cache is None:
-            if not self._warned_no_cache:
-                warnings.warn("kvfix.hf.DSCR: the model ran without a KV cache (use_cache=False): nothing to refine",
-                              stacklevel=2)
-                self._warned_no_cache = True
+        self._fw = None
+        if not fw.routes:  # no selected layer's attention ran
             return
-        needed = ctx.past_len + ctx.q_len
-        kv = [_compat.layer_kv(ctx.cache, layer, needed) for layer in self.selected_layers]
-        device = kv[0][0].device
-        with torch.no_grad():
-            for img in ctx.images:
-                depth = self._token_depth(img).to(device)
-                b, s, e = img.batch, img.start, img.end
-                keys = [k[b:b + 1, :, s:e] for k, _ in kv]
-                values = None if self.keys_only else [v[b:b + 1, :, s:e] for _, v in kv]
-                params = dict(sigma_d=self.sigma_d, sigma_s=self.sigma_s, alpha=self.alpha, beta=self.beta)
-                strict = min((k.dtype for k in keys), key=lambda dt: torch.finfo(dt).eps)
-                plan = dscr_plan(img.gh, img.gw, depth, dtype=strict, method=self.method, **params)
-                ops.dscr_refine_cache_(keys, values, depth, (img.gh, img.gw), method=plan.algorithm, **params)
-                self.last_algorithms.append(plan.algorithm)
-                self.refine_calls += 1
+        if ctx.cache is not None and fw.pending:
+            needed = ctx.past_len + ctx.q_len
+            with torch.no_grad():
+                for layer, entries in fw.pending.items():
+                    keys, values = _compat.layer_kv(ctx.cache, layer, needed)
+                    for img, rows, k_hat, v_hat in entries:
+                        keys[rows, :, img.start:img.end] = k_hat
+                        if v_hat is not None:
+                            values[rows, :, img.start:img.end] = v_hat
+        routes = next(iter(fw.routes.values()))
         self.last_images.extend(ctx.images)
+        self.last_algorithms.extend(r[0] for r in routes)
+        self.refine_calls += len(ctx.images)
+
+    # ---- the attention of a selected layer ---------------------------------------------------
+
+    def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
+        fw = self._fw
+        if fw is None or ctx is None or fw.ctx is not ctx or layer_idx not in self._selected:
+            return call_next(query, key, value, attention_mask, **kwargs)
+        R, Tq, T = query.shape[0], query.shape[2], key.shape[2]
+        B = ctx.batch_size
+        if R % B:
+            raise ValueError(f"kvfix.hf.DSCR: the attention of layer {layer_idx} got {R} rows for a batch of {B}")
+        if T < ctx.past_len + ctx.q_len:
+            raise ValueError(f"kvfix.hf.DSCR: layer {layer_idx} holds {T} positions but {ctx.past_len + ctx.q_len} "
+                             "are needed (a sliding-window layer past its window cannot be refined)")
+        level, lo, hi = fw.levels(R, Tq, ctx.past_len + ctx.q_len - Tq, query.device)
+        store = fw.store and layer_idx not in fw.pending  # the first pass of the layer fills the cache
+        if hi == 0 and not store:
+            return call_next(query, key, value, attention_mask, **kwargs)
+        with torch.no_grad():
+            refined = self._refine(fw, key, None if self.keys_only else value, R, B)
+        if store:
+            fw.pending[layer_idx] = [(img, rows, k_hat, v_hat) for (img, _, rows, k_hat, v_hat) in refined]
+        out = call_next(query, key, value, attention_mask, **kwargs) if lo == 0 else None
+        if hi == 0:
+            return out
+        k_lvl = key.clone()
+        v_lvl = value if self.keys_only else value.clone()
+        for j in range(1, hi + 1):
+            for img, order, rows, k_hat, v_hat in refined:
+                if order == j:
+                    k_lvl[rows, :, img.start:img.end] = k_hat
+                    if v_hat is not None:
+                        v_lvl[rows, :, img.start:img.end] = v_hat
+            if j < lo:
+                continue
+            res = call_next(query, k_lvl, v_lvl, attention_mask, **kwargs)
+            out = res if out is None else _select(level == j, res, out)
+        return out
+
+    def _refine(self, fw: "_Forward", key, value, R: int, B: int) -> list:
+        """[(image, its order in its item, rows, k_hat, v_hat)] for this layer's keys/values."""
+        routes = fw.route(self, key.device, key.dtype)
+        out = []
+        for img, order, route in zip(fw.ctx.images, fw.order, routes):
+            rows = slice(img.batch, R, B)
+            k = key[rows, :, img.start:img.end]
+            v = None if value is None else value[rows, :, img.start:img.end]
+            out.append((img, order, rows) + _apply(route, k, v, self._params))
+            self.kernel_calls += 1
+        return out
 
     # ---- depth -----------------------------------------------------------------------------
 
@@ -139,3 +238,69 @@ class DSCR(Method):
         if d.dim() == 1:
             return d.to(torch.float32)
         return patch_depth(d, img.gh, img.gw)
+
+
+class _Forward:
+    """DSCR's state during one main forward that carries images."""
+
+    def __init__(self, ctx: ForwardContext, depths: list, store: bool):
+        self.ctx = ctx
+        self.depths = depths        # per image: float32 [N]
+        self.store = store          # keep the refined spans for the cache (not with use_cache=False)
+        self.pending: dict = {}     # layer -> [(image, rows, k_hat, v_hat)], written into the cache at the end
+        self.routes: dict = {}      # (device, dtype) -> per image: what the op runs (ops._dscr_route)
+        self._levels: dict = {}     # (R, Tq, offset, device) -> (level [R, Tq], min, max)
+        ends: dict[int, list] = {}
+        for img in ctx.images:
+            ends.setdefault(img.batch, []).append(img.end)
+        self.ends = {b: sorted(e) for b, e in ends.items()}
+        # 1-based rank of each image's end among its item's images
+        self.order = [self.ends[img.batch].index(img.end) + 1 for img in ctx.images]
+
+    def route(self, dscr: DSCR, device, dtype) -> list:
+        key = (device, dtype)
+        routes = self.routes.get(key)
+        if routes is None:
+            routes = self.routes[key] = [
+                ops._dscr_route(1, img.length, device, dtype, d.to(device), (img.gh, img.gw), dscr.method, dscr._params)
+                for img, d in zip(self.ctx.images, self.depths)]
+        return routes
+
+    def levels(self, R: int, Tq: int, offset: int, device):
+        """level[r, i]: how many images of row r's item end at or before cache position offset + i."""
+        key = (R, Tq, offset, device)
+        got = self._levels.get(key)
+        if got is None:
+            B = self.ctx.batch_size
+            m = max((len(e) for e in self.ends.values()), default=0)
+            ends = torch.full((R, max(m, 1)), offset + Tq + 1, dtype=torch.int64)
+            for r in range(R):
+                e = self.ends.get(r % B, [])
+                ends[r, :len(e)] = torch.tensor(e, dtype=torch.int64)
+            pos = torch.arange(offset, offset + Tq, dtype=torch.int64)
+            level = (ends[:, None, :] <= pos[None, :, None]).sum(-1)
+            got = self._levels[key] = (level.to(device), int(level.min()), int(level.max()))
+        return got
+
+
+def _apply(route, k, v, params):
+    """(k_hat, v_hat) of one image span: the DSCR op on a planned route (`ops._dscr_route`)."""
+    ops._check_kv(k, "k")
+    if v is not None:
+        ops._check_kv(v, "v", like=k)
+    if route[0] == "dense":
+        ops._check_built_for(k, "dscr_refine")
+        outs = torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
+    else:
+        ops._check_built_for(k, "dscr_refine_factored")
+        outs = torch.ops.kvfix.dscr_refine_factored.default(k, v, route[1], *route[2])
+    return outs[0], (outs[1] if v is not None else None)
+
+
+def _select(mask, new, old):
+    """The attention result `new` where mask [R, Tq], else `old` (outputs [R, Tq, Hq, D], weights
+    [R, Hq, Tq, T] or None)."""
+    out = torch.where(mask[:, :, None, None], new[0], old[0])
+    w_new, w_old = new[1], old[1]
+    weights = None if w_new is None or w_old is None else torch.where(mask[:, None, :, None], w_new, w_old)
+    return out, weights
