@@ -10,6 +10,8 @@ the tables, and the targets of issue 18 with their verdicts. A section that fail
 error and the run goes on; a section that would not fit in what is left of --budget-s is
 skipped (both are noted in the file). `--device cpu` runs every section on tiny shapes with a
 wall-clock timer: a smoke test of this script without a GPU, whose numbers mean nothing.
+Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~30-35 s;
+ESTIMATE_S below is what a section must have left to start).
 
 Sections (bf16 unless a row says otherwise; inputs are random normal, never zeros):
 - baselines: copy bandwidth (a 1 GiB device copy: read + write bytes / time; every roofline
@@ -326,7 +328,8 @@ def kvsmooth_section(ctx: Ctx) -> Section:
 
             replay = ctx.graph(all_layers)
             g_ms = ctx.ms(replay, reps=10)
-            # the replays ran the steps: 2 warm-up calls + >= 13 replays filled the last layer's queue
+            for _ in range(queues[-1].shape[1]):  # as many replays as queue slots: they must fill every queue
+                replay()
             sec.targets.append(Target(f"KVSmooth: {L} layers' steps replayed from one CUDA graph over a static cache "
                                       f"(B={B}, T={T}; the replays filled the queues)",
                                       bool(torch.isfinite(queues[-1]).all())))
@@ -709,6 +712,8 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
     """{variant: (prefill ms, decode ms per token)} and a description of the run."""
     from kvfix import hf
     t0 = time.perf_counter()
+    if ctx.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model = build_model(family, ctx.device, BF16, ctx.tiny)  # bf16 on the CPU too: the same code paths
     if ctx.device != "cpu":
         torch.cuda.synchronize()
@@ -745,7 +750,9 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
     cfg = model.config.get_text_config()
     info = dict(prompt=prompt, side=side, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
                 params=sum(p.numel() for p in model.parameters()), built_s=built,
-                dtype=str(next(model.parameters()).dtype)[6:], attn=model.config._attn_implementation)
+                dtype=str(next(model.parameters()).dtype)[6:], attn=model.config._attn_implementation,
+                peak=(f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                      if ctx.device == "cuda" else ""))
     del model, inputs
     _free()
     return res, info
@@ -772,8 +779,9 @@ def models_section(ctx: Ctx) -> Section:
                                               DECODE_TARGETS[name]))
             sec.note(f"**{label}** (random weights, {info['params'] / 1e9:.2f} B parameters, {info['dtype']}, "
                      f"{info['layers']} text layers, hidden {info['hidden']}, attention {info['attn']}, built in "
-                     f"{info['built_s']:.1f} s): one {info['side']} x {info['side']} image, prompt {info['prompt']} "
-                     f"tokens, greedy, {n_new} decoded tokens, {reps} rounds after {warmup} warm-up")
+                     f"{info['built_s']:.1f} s{info['peak']}): one {info['side']} x {info['side']} image, prompt "
+                     f"{info['prompt']} tokens, greedy, {n_new} decoded tokens; medians of {reps} timed round(s) after "
+                     f"{warmup} warm-up round(s)")
             sec.table(["variant", "prefill ms", "prefill / plain", "decode ms / token", "decode / plain"], rows)
     sec.note("Variants: `kvfix.hf.enable(model, Method())` with the defaults, enabled outside the timed calls; "
              "DSCR gets a random depth map at the image's size. prefill = `generate(max_new_tokens=1)` (vision tower, "
@@ -790,7 +798,11 @@ SECTION_FNS = {"baselines": baselines_section, "kvsmooth": kvsmooth_section, "ds
 # report
 
 def header(device: str, cmd: str, started: datetime.datetime) -> list[str]:
-    import transformers
+    try:
+        import transformers
+        tf = transformers.__version__
+    except Exception as e:  # noqa: BLE001 - the op sections run without it
+        tf = f"not importable ({type(e).__name__}: {e})"
     bi = kvfix.build_info()
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
@@ -800,7 +812,7 @@ def header(device: str, cmd: str, started: datetime.datetime) -> list[str]:
         dev = f"CPU ({platform.processor() or platform.machine()}): smoke run on tiny shapes, timings meaningless"
     version, _ = _flash_attn()
     return [f"- device: {dev}",
-            f"- torch {torch.__version__}, transformers {transformers.__version__}, flash-attn "
+            f"- torch {torch.__version__}, transformers {tf}, flash-attn "
             f"{version or 'not installed'}, Python {platform.python_version()}",
             f"- kvfix {kvfix.__version__} (kernels: {', '.join(bi.get('devices', []))}; CUDA archs "
             f"{', '.join(bi.get('cuda_archs', [])) or 'none'}; built with torch {bi.get('built_with_torch')}, "
