@@ -914,7 +914,7 @@ def main(argv=None) -> int:
           f"{sum(t.met is True for t in targets)} of {len(targets)}; rows failed or skipped: {len(failed)}; "
           f"wrote {args.out}", flush=True)
     for t in targets:
-        print(f"  {t.line()}")
+        print(f"  target: {t.line()}")
     for f in failed:
         print(f"  failed/skipped: {f}")
     return 0

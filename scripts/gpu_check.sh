@@ -103,7 +103,7 @@ if [ "$build_rc" = 0 ] && [ "$info_rc" = 0 ]; then
   fi
 
   # ------------------------------------------------------------------------------------------
-  budget=$(( $(left) - 25 ))
+  budget=$(( $(left) - 40 ))  # bench.gpu's own clock starts after its imports
   step bench 600 10 "$PY" -m bench.gpu --out "$OUT/GPU.md" --budget-s "$budget"
 else
   SUMMARY+=("tests and bench: not run (no CUDA build)")
@@ -113,5 +113,5 @@ fi
 # ------------------------------------------------------------------------------------------
 say "summary ($(( $(date +%s) - T0 )) s of ${LIMIT})"
 printf '%s\n' "${SUMMARY[@]}"
-[ -f "$OUT/bench.log" ] && grep -E "^[0-9]+ sections in|^  " "$OUT/bench.log" | head -n 50
+[ -f "$OUT/bench.log" ] && grep -E "^[0-9]+ sections in|^  (target|failed/skipped): " "$OUT/bench.log" | head -n 50
 ls "$OUT"
