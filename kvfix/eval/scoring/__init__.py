@@ -14,10 +14,10 @@ from .bootstrap import bootstrap_ci, bootstrap_cis
 from .chair import Chair, chair_metrics
 from .cli import score_main
 from .mme import HALLUCINATION_SUBTASKS, mme_parse, score_mme
-from .pope import pope_parse, pope_parse_strict, score_pope
+from .pope import pope_metrics, pope_parse, pope_parse_strict, score_pope
 
 __all__ = ["Chair", "HALLUCINATION_SUBTASKS", "TASKS", "bootstrap_ci", "bootstrap_cis", "chair_metrics",
-           "load_amber", "mme_parse", "pope_parse", "pope_parse_strict", "score_amber", "score_main",
+           "load_amber", "mme_parse", "pope_metrics", "pope_parse", "pope_parse_strict", "score_amber", "score_main",
            "score_mme", "score_pope", "score_task"]
 
 TASKS = ("pope", "chair", "mme", "amber")
@@ -80,10 +80,12 @@ def score_task(task: str, predictions: list[dict], *, data: dict, bootstrap: int
     if task == "pope":
         qs = data["questions"]
         answers = _by_id(predictions, "question_id", "text", [q["question_id"] for q in qs])
-        items = [(q["label"], a) for q, a in zip(qs, answers)]
-        return {parser: _with_ci(lambda s, p=parser: score_pope([l for l, _ in s], [a for _, a in s], parser=p),
-                                 items, bootstrap, seed)
-                for parser in ("official", "strict")}
+        labels = [q["label"] for q in qs]
+        out = {}
+        for name, parse in (("official", pope_parse), ("strict", pope_parse_strict)):
+            items = list(zip(labels, [parse(a) for a in answers]))
+            out[name] = _with_ci(lambda s, u=name == "strict": pope_metrics(s, unparsed=u), items, bootstrap, seed)
+        return out
     if task == "chair":
         chair = data["chair"] if "chair" in data else Chair(data["coco_dir"])
         return _with_ci(chair_metrics, chair.per_caption(predictions), bootstrap, seed)

@@ -22,9 +22,9 @@ def _samples(items: Sequence, n: int, seed: int):
     if not items:
         raise ValueError("bootstrap over no items")
     rng = random.Random(seed)
-    m = len(items)
+    items = list(items)
     for _ in range(n):
-        yield [items[i] for i in rng.choices(range(m), k=m)]
+        yield rng.choices(items, k=len(items))
 
 
 def bootstrap_ci(metric_fn: Callable[[list], float], items: Sequence, *, n: int = 1000,

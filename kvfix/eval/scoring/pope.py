@@ -6,10 +6,11 @@ benchmark's own: accuracy, precision, recall, F1 and the share of "yes" answers.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
-__all__ = ["pope_parse", "pope_parse_strict", "pope_confusion", "score_pope"]
+__all__ = ["pope_parse", "pope_parse_strict", "pope_confusion", "pope_metrics", "score_pope"]
 
-_FIRST_WORD = re.compile(r"^[^a-z]*([a-z]+)")
+_FIRST_WORD = re.compile(r"^[^a-z0-9]*([a-z]+)")
 
 
 def pope_parse(text: str) -> str:
@@ -42,33 +43,40 @@ def _label(label: str) -> str:
     return lab
 
 
-def pope_confusion(labels, preds) -> dict:
-    """Counts of parsed predictions ("yes", "no" or None) against labels: tp, fp, tn, fn (None
-    with label "yes" is a miss, fn), unparsed, yes (predicted yes) and n."""
+def pope_confusion(pairs) -> dict:
+    """Counts of (label, parsed prediction: "yes", "no" or None) pairs: tp, fp, tn, fn (None with
+    label "yes" is a miss, fn), unparsed, yes (predicted yes) and n."""
+    pairs = Counter(pairs)
     c = dict(tp=0, fp=0, tn=0, fn=0, unparsed=0, yes=0, n=0)
-    for lab, pred in zip(labels, preds, strict=True):
+    for (lab, pred), k in pairs.items():
         lab = _label(lab)
-        c["n"] += 1
+        c["n"] += k
         if pred is None:
-            c["unparsed"] += 1
+            c["unparsed"] += k
             if lab == "yes":
-                c["fn"] += 1
+                c["fn"] += k
             continue
         if pred == "yes":
-            c["yes"] += 1
-            c["tp" if lab == "yes" else "fp"] += 1
+            c["yes"] += k
+            c["tp" if lab == "yes" else "fp"] += k
         else:
-            c["tn" if lab == "no" else "fn"] += 1
+            c["tn" if lab == "no" else "fn"] += k
     return c
 
 
-def _metrics(c: dict) -> dict:
+def pope_metrics(pairs, *, unparsed: bool = False) -> dict:
+    """`score_pope`'s result from (label, parsed prediction: "yes", "no" or None) pairs;
+    `unparsed` adds the count of None predictions."""
+    c = pope_confusion(pairs)
     n = c["n"]
     precision = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else 0.0
     recall = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return dict(accuracy=(c["tp"] + c["tn"]) / n if n else 0.0, precision=precision, recall=recall,
-                f1=f1, yes_ratio=c["yes"] / n if n else 0.0)
+    out = dict(accuracy=(c["tp"] + c["tn"]) / n if n else 0.0, precision=precision, recall=recall,
+               f1=f1, yes_ratio=c["yes"] / n if n else 0.0, n=n, tp=c["tp"], fp=c["fp"], tn=c["tn"], fn=c["fn"])
+    if unparsed:
+        out["unparsed"] = c["unparsed"]
+    return out
 
 
 def score_pope(labels: list[str], answers: list[str], *, parser: str = "official") -> dict:
@@ -87,9 +95,6 @@ def score_pope(labels: list[str], answers: list[str], *, parser: str = "official
         preds = [pope_parse_strict(a) for a in answers]
     else:
         raise ValueError(f"parser must be 'official' or 'strict', got {parser!r}")
-    c = pope_confusion(labels, preds)
-    out = _metrics(c)
-    out.update(n=c["n"], tp=c["tp"], fp=c["fp"], tn=c["tn"], fn=c["fn"])
-    if parser == "strict":
-        out["unparsed"] = c["unparsed"]
-    return out
+    if len(labels) != len(preds):
+        raise ValueError(f"{len(labels)} labels but {len(answers)} answers")
+    return pope_metrics(zip(labels, preds), unparsed=parser == "strict")
