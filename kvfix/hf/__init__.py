@@ -13,6 +13,7 @@ runs it without a depth cue on purpose.
 
 Layout (how methods plug in, and how they stack)
 ------------------------------------------------
+What a stack of methods computes, and in which order they compose: docs/STACKING.md.
 - `Method` (core.py): a plugin with optional hooks: `bind/unbind`, `on_session_start`,
   `on_prefill_start/end`, `on_decode_start/end` (per forward pass of the model, with a
   `ForwardContext`: phase, cache, input ids, padding mask, image spans, per-session state),

@@ -50,6 +50,14 @@ class Method:
       flash, ...) keeps running underneath.
     - `layer_input(ctx, layer_idx, hidden_states) -> Tensor | None`: the residual stream entering
       each text decoder layer; return a replacement or None.
+
+    The rows a hook sees need not be the forward's `B x q_len` tokens: a method may run the text
+    model on more rows (CMAC: `[original; distorted]`, row r showing batch item r mod B) or on a
+    part of the prompt (CMAC's forked prefill runs the distorted rows on the prompt after a
+    split). Such a partial pass always covers the end of the forward's tokens: `T` rows
+    (`hidden_states.shape[1]`, `query.shape[2]`) sit at cache positions
+    `[past_len + q_len - T, past_len + q_len)`. Slice by those positions, never by `past_len`
+    alone (docs/STACKING.md).
     - `wrap_generate(handle, generate, kwargs)`: used by `handle.generate(...)`; call
       `generate(**kwargs)` or run your own loop (two-branch decoding).
 

@@ -46,7 +46,14 @@ class SCR(Method):
        redistribution layer go through `kvfix.scr_redistribute_` on the image's patch grid
        (LLaVA: the square patch grid; Qwen2-VL / Qwen2.5-VL: the merged grid of
        `image_grid_thw`, non-square included). Decoding then runs on that cache; decode steps
-       are untouched.
+       are untouched. Every row showing an image is redistributed (with CMAC, row r shows batch
+       item r mod B), and the image is sliced by the positions of the rows in the forward: a
+       partial pass (CMAC's forked prefill: the distorted rows on the prompt after the first
+       image end of the batch) redistributes only the image tokens it holds, never its text
+       tokens; for an image cut by its start it takes the full pass's redistributed rows (the
+       tokens up to the image end are the same; the sources before the cut are not in the
+       pass). To that end the redistributed image rows of each layer are kept until the
+       prefill ends (one copy of each image's hidden states per redistribution layer).
 
     Args:
         layers: decoder layers whose input is redistributed. None: layers 1..4 (SPEC default,
@@ -62,7 +69,9 @@ class SCR(Method):
     left unchanged. A prompt with images that continues a cache (a second turn) works the same
     way: its diagnostic pass runs on a copy of the diagnostic layers' cached prefix (the cache
     itself is never written by it; DynamicCache-style layers). Without a KV cache
-    (`use_cache=False`) every full forward is a prefill and runs both passes.
+    (`use_cache=False`) every full forward is a prefill and runs both passes. Stacked with the
+    other methods, the scores are the plain model's and the redistributed prefill is the model
+    DSCR, CMAC's two branches and KVSmooth act on (docs/STACKING.md).
 
     After each run: `last_scores` lists `(ImageSpan, scores [N] float32)` of the latest
     prefill's images, `diagnostic_passes` counts diagnostic passes and `redistribute_calls`
@@ -92,7 +101,7 @@ class SCR(Method):
         self.redistribute_calls = 0
         self._redistribute: frozenset = frozenset()
         self._diagnostic: frozenset = frozenset()
-        self._pending = None   # (ctx of the real prefill, [(ImageSpan, scores [1, N])])
+        self._pending = None   # (ctx of the real prefill, [(ImageSpan, scores [1, N])], kept spans)
         self._diag = None      # state of the running diagnostic pass
 
     def __repr__(self):
@@ -135,7 +144,8 @@ class SCR(Method):
             scores = self._diagnose(ctx, queries)
         entries = [(img, s) for img, s in zip(ctx.images, scores) if s is not None]
         self.last_scores = [(img, s[0]) for img, s in entries]
-        self._pending = (ctx, entries)
+        # the redistributed spans per (layer, image) of this prefill, for a later partial pass
+        self._pending = (ctx, entries, {})
 
     def on_prefill_end(self, ctx: ForwardContext) -> None:
         if self._pending is not None and self._pending[0] is ctx:
@@ -210,14 +220,39 @@ class SCR(Method):
         pending = self._pending
         if pending is None or pending[0] is not ctx or layer_idx not in self._redistribute or not pending[1]:
             return None
-        out = hidden_states.clone()  # not in place: the input may be referenced (output_hidden_states)
-        off = ctx.past_len
+        R, T = hidden_states.shape[:2]
+        B = ctx.batch_size
+        if R % B:
+            raise ValueError(f"kvfix.hf.SCR: layer {layer_idx} got {R} rows for a batch of {B}")
+        # the rows in this forward: a suffix of the prompt (a method's partial pass, CMAC's forked
+        # distorted rows, runs the prompt after its split), cache positions [off, off + T)
+        off = ctx.past_len + ctx.q_len - T
+        kept = pending[2]
+        out = None
         with torch.no_grad():
-            for img, scores in pending[1]:
-                seg = out[img.batch:img.batch + 1, img.start - off:img.end - off]
-                ops.scr_redistribute_(seg, scores, (img.gh, img.gw), top_k=self.top_k, lam=self.lam,
-                                      exclude_border=self.exclude_border)
-                self.redistribute_calls += 1
+            for i, (img, scores) in enumerate(pending[1]):
+                a, e = max(img.start, off), min(img.end, off + T)
+                if a >= e:  # no token of this image in the forward (it lies in the copied prefix)
+                    continue
+                if out is None:
+                    out = hidden_states.clone()  # not in place: the input may be referenced (output_hidden_states)
+                rows = slice(img.batch, R, B)  # every row showing the item (CMAC: [original; distorted])
+                if a == img.start and e == img.end:
+                    seg = out[rows, img.start - off:img.end - off]  # a view: written in place
+                    for r in range(seg.shape[0]):
+                        ops.scr_redistribute_(seg[r:r + 1], scores, (img.gh, img.gw), top_k=self.top_k,
+                                              lam=self.lam, exclude_border=self.exclude_border)
+                    kept[(layer_idx, i)] = seg[0].clone()
+                    self.redistribute_calls += 1
+                    continue
+                # the image cut by the start of a partial pass: its redistribution needs source
+                # rows before the cut, which this pass does not hold. The tokens up to the image
+                # end are those of the full pass (same prefix, same model there): take its result.
+                full = kept.get((layer_idx, i))
+                if full is None:
+                    raise RuntimeError(f"kvfix.hf.SCR: layer {layer_idx} sees image {img.index} from position {a} "
+                                       f"on, without a forward over its whole span [{img.start}, {img.end}) first")
+                out[rows, a - off:e - off] = full[a - img.start:e - img.start]
         return out
 
 
