@@ -160,7 +160,8 @@ def dscr_weight_map_png(path, gh: int, gw: int, depth: torch.Tensor, tokens, *, 
     for t in tokens:
         j = t[0] * gw + t[1] if isinstance(t, tuple) and len(t) == 2 else t
         if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < N:
-            raise ValueError(f"tokens must be indices in [0, {N}) or (row, col) pairs on the {gh} x {gw} grid, got {t!r}")
+            raise ValueError(f"tokens must be indices in [0, {N}) or (row, col) pairs on the {gh} x {gw} grid, "
+                             f"got {t!r}")
         idx.append(j)
     if not idx:
         raise ValueError("tokens is empty")

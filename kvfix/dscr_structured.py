@@ -254,8 +254,8 @@ def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: tor
             f"structured factors too wide for the kernels' fast path (rank_col + rank_depth = {rc} + {rd} > "
             f"{_FAST_PATH_Q}{'; the spatial axes are full rank at this sigma_s' if row_exact and col_exact else ''})")
     elif cost_d < _MIN_SAVING * cost_s:
-        algorithm, reason = "dense", (f"structured saves only {cost_d / cost_s:.1f}x the operations (< {_MIN_SAVING:g}x, "
-                                      "the dense kernel's per-operation advantage)")
+        algorithm, reason = "dense", (f"structured saves only {cost_d / cost_s:.1f}x the operations "
+                                      f"(< {_MIN_SAVING:g}x, the dense kernel's per-operation advantage)")
     else:
         algorithm, reason = "structured", f"{cost_d / cost_s:.1f}x fewer operations than dense"
     return DscrPlan(algorithm, gh, gw, rd, rr, rc, row_exact, col_exact, bound, round_est, tol, cost_s, cost_d,

@@ -119,7 +119,8 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
         raise ValueError(f"method must be one of {_DSCR_METHODS}, got {method!r}")
     if isinstance(coords, torch.Tensor):
         if grid_unit != "patch":
-            raise ValueError(f"grid_unit={grid_unit!r} applies to the grid form (gh, gw); tensor coords are used as given")
+            raise ValueError(f"grid_unit={grid_unit!r} applies to the grid form (gh, gw); tensor coords are used "
+                             "as given")
         if method == "structured":
             raise ValueError("method='structured' needs coords in the grid form (gh, gw), got a tensor")
         return ("dense",) + _geometry(depth, coords, B, N, device)

@@ -117,8 +117,8 @@ class DSCR(Method):
 
     def __repr__(self):
         return (f"DSCR(layers={self.layers!r}, sigma_d={self.sigma_d}, sigma_s={self.sigma_s}, alpha={self.alpha}, "
-                f"beta={self.beta}, keys_only={self.keys_only}, missing_depth={self.missing_depth!r}, method={self.method!r}, "
-                f"grid_unit={self.grid_unit!r}, depth_scale={self.depth_scale})")
+                f"beta={self.beta}, keys_only={self.keys_only}, missing_depth={self.missing_depth!r}, "
+                f"method={self.method!r}, grid_unit={self.grid_unit!r}, depth_scale={self.depth_scale})")
 
     @property
     def _params(self):
