@@ -6,11 +6,10 @@ of two smooth kernels (SPEC §1), `wt = f_d + f_s`, and both have cheap structur
 - spatial: `f_s(i, j) = S_row[r_i, r_j] * S_col[c_i, c_j]` (the squared distance splits into the
   two axes), a Kronecker product of two tiny Gaussian matrices, `S[a, b] = exp(-cs ((a - b) / G)^2)`
   (G = 1 in patch units, the default; G = max(gh, gw) in the unit square; the dense backends'
-  cut-off at exponents below -87 applied). Each axis is
-  used either exactly (`L = S`, `R = I`) or through its top-p eigenpairs (`L = V_p diag(lam_p)`,
-  `R = V_p`), the fewest that meet the error budget (float64 eigendecomposition, cached). In
-  patch units with the default sigma_s the axis matrices are nearly diagonal and of full
-  numerical rank: both axes are used exactly.
+  cut-off at exponents below -87 applied). Each axis is used either exactly (`L = S`, `R = I`)
+  or through its top-p eigenpairs (`L = V_p diag(lam_p)`, `R = V_p`), the fewest that meet the
+  error budget (float64 eigendecomposition, cached). In patch units with the default sigma_s
+  the axis matrices are nearly diagonal and of full numerical rank: both axes are used exactly.
 - depth: with centred depths `x = d - m` (m the midpoint of the item's depth range, |x| <= R),
   `exp(-cd (x_i - x_j)^2) = sum_n U[i, n] U[j, n]`, `U[i, n] = exp(-cd x_i^2) (sqrt(2 cd) x_i)^n / sqrt(n!)`
   (Taylor series of exp(2 cd x_i x_j)), truncated at rank r. (Data-dependent, so no
@@ -48,9 +47,10 @@ not a bound).
 Depth units. The Taylor rank grows with `T = 2 cd R^2`, i.e. with (depth range / sigma_d)^2. At
 the default units (depth maps scaled to [0, 255] by `patch_depth`, sigma_d = 0.6: T ~ 2.7e4)
 no rank up to 512 meets the bound for any depth map with more than one level: "auto" runs the
-exact dense kernel there and `DscrPlan.reason` says so. The structured path serves
-narrow depth ranges (uniform depth, `missing_depth="uniform"`, depth in [0, 1] units or a wide
-sigma_d). An exact fast algorithm for 8-bit depth is the open part of issue 13.
+exact dense kernel there and `DscrPlan.reason` says so. The structured path serves narrow
+depth ranges (uniform depth, depth in [0, 1] units, or a wide sigma_d) with low-rank spatial
+axes (the earlier unit-square coordinates, or a wide sigma_s). An exact fast algorithm for
+8-bit depth is the open part of issue 13 (docs/DSCR_UNITS.md).
 
 Choice ("auto"): structured when the grid form is given, N > 1, `bound <= tol(dtype)` is met by
 some ranks (rank_depth <= 512), `round_est <= 2e-6`, the nearest grid neighbour's spatial term
@@ -59,8 +59,8 @@ path) and the estimated cost is at most a tenth of the dense one (the structured
 8-10x fewer useful operations per second than the dense kernel: measured on the CPU, break-even
 near a ratio of 9); dense otherwise. In patch units with sigma_s ~ 0.6 the axes are full rank
 (rank_col = gw), so "auto" picks dense there whatever the depth; `method="structured"` still
-runs it wherever the bound is met. tol(dtype) = 2^-27 (float32), 2^-14 (float16), 2^-11 (bfloat16): a fraction of the
-output's unit roundoff.
+runs it wherever the bound is met. tol(dtype) = 2^-27 (float32), 2^-14 (float16), 2^-11
+(bfloat16): a fraction of the output's unit roundoff.
 
 Underflow rule. The dense kernels count a term whose exponent is below -87 as 0
 (`reference.DSCR_EXP_CUTOFF`) and keep a token whose column sum is then 0. The structured
@@ -78,8 +78,6 @@ import functools
 import math
 
 import torch
-
-from .geometry import check_grid_unit, grid_divisor
 
 __all__ = ["DscrPlan", "dscr_plan", "dscr_factors", "DscrFactors"]
 
@@ -129,9 +127,15 @@ def _taylor_rank(T: float, eps: float) -> int:
     return r
 
 
+def _grid_divisor(gh: int, gw: int, grid_unit: str) -> float:
+    """G of the grid form's coordinates ((r + 0.5) / G, (c + 0.5) / G) = `patch_coords(gh, gw,
+    unit=grid_unit)`: 1 in patch units, max(gh, gw) in the unit square."""
+    return 1.0 if grid_unit == "patch" else float(max(gh, gw))
+
+
 def _axis_matrix(g: int, G: float, cs: float) -> torch.Tensor:
     """Exact S[a, b] = exp(-cs ((a - b) / G)^2) in float64, with the dense backends' cut-off
-    (G: the grid divisor, 1 in patch units, `geometry.grid_divisor`)."""
+    (G: the grid divisor, 1 in patch units, `_grid_divisor`)."""
     a = torch.arange(g, dtype=torch.float64)
     e = -cs * ((a[:, None] - a[None, :]) / G) ** 2
     return torch.where(e < -87.0, torch.zeros_like(e), torch.exp(e))
@@ -197,7 +201,7 @@ def _axis_plan(g: int, G: float, cs: float, eps: float):
 def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: torch.dtype,
           method: str, grid_unit: str = "patch") -> DscrPlan:
     N = gh * gw
-    G = grid_divisor(gh, gw, grid_unit)
+    G = _grid_divisor(gh, gw, grid_unit)
     tol = _TOL[dtype]
     R = 0.5 * depth_range
     # Share the truncation budget between the three factors: eps <= tol c_min / (2 N) / ~3.
@@ -291,6 +295,7 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     tolerance: a ValueError. At the default units a multi-level depth map from `patch_depth`
     ([0, 255]) gets the dense kernel (module docstring, "Depth units").
     """
+    from .geometry import check_grid_unit
     from .ops import _check_grid_form, _dscr_params
     gh, gw = _check_grid_form((gh, gw))
     check_grid_unit(grid_unit)
@@ -349,7 +354,7 @@ def _axis_factors(g: int, G: float, cs: float, rank: int, exact: bool, device, d
 def spatial_factors(plan: DscrPlan, *, sigma_s: float, beta: float, device) -> tuple:
     """(lr, rr, lc, rc) float32 on `device` for a structured plan (cached per geometry)."""
     cs = beta / (2.0 * sigma_s * sigma_s)
-    G = grid_divisor(plan.gh, plan.gw, plan.grid_unit)
+    G = _grid_divisor(plan.gh, plan.gw, plan.grid_unit)
     return (_axis_factors(plan.gh, G, cs, plan.rank_row, plan.row_exact, device, torch.float32)
             + _axis_factors(plan.gw, G, cs, plan.rank_col, plan.col_exact, device, torch.float32))
 
@@ -366,7 +371,7 @@ def dscr_factors(plan: DscrPlan, depth: torch.Tensor, *, sigma_d: float, sigma_s
     rounded once to `dtype`. No host synchronisation.
     """
     cd, cs = _coefs(sigma_d, sigma_s, alpha, beta)
-    G = grid_divisor(plan.gh, plan.gw, plan.grid_unit)
+    G = _grid_divisor(plan.gh, plan.gw, plan.grid_unit)
     dev = depth.device
     lr, rr = _axis_factors(plan.gh, G, cs, plan.rank_row, plan.row_exact, dev, torch.float64)
     lc, rc = _axis_factors(plan.gw, G, cs, plan.rank_col, plan.col_exact, dev, torch.float64)

@@ -51,11 +51,6 @@ def check_depth_scale(scale, name: str = "depth_scale") -> float:
     return float(scale)
 
 
-def grid_divisor(gh: int, gw: int, unit: str) -> float:
-    """The coordinates of `patch_coords(gh, gw, unit=unit)` are (r + 0.5, c + 0.5) / this."""
-    return 1.0 if check_grid_unit(unit) == "patch" else float(max(gh, gw))
-
-
 def patch_coords(gh: int, gw: int, *, unit: str = "patch", device=None, dtype=torch.float32) -> torch.Tensor:
     """Centres of a row-major gh x gw patch grid, [N, 2] with N = gh * gw.
 
@@ -66,7 +61,7 @@ def patch_coords(gh: int, gw: int, *, unit: str = "patch", device=None, dtype=to
     one scale so a non-square grid keeps its aspect ratio. Why patch units: module docstring.
     """
     _check_grid(gh, gw)
-    g = grid_divisor(gh, gw, unit)
+    g = 1.0 if check_grid_unit(unit) == "patch" else float(max(gh, gw))
     r = (torch.arange(gh, device=device, dtype=torch.float64) + 0.5) / g
     c = (torch.arange(gw, device=device, dtype=torch.float64) + 0.5) / g
     rr, cc = torch.meshgrid(r, c, indexing="ij")

@@ -164,8 +164,11 @@ def test_first_token_and_greedy_equal_split_prefill(family, request):
         assert dscr.refine_calls == len(spans) and dscr.kernel_calls == 3 * len(spans)  # prefill only
     ref = split_prefill(model, inputs, spans, depths, (1, 2, 3), n)
     check_against_reference(out, ref, inputs, n, cache_layers=range(4))
+    # token 1 reads the refined image: its logits move well beyond the comparison's tolerance (with
+    # the default units' local weights less than with the earlier near-global blur: ~1.5e-4 for
+    # qwen's single 4 x 4 image, whose random depth puts every token on its own depth level)
     for b in range(2):
-        assert (out.logits[0][b] - plain.logits[0][b]).abs().max() > 1e-3  # token 1 reads the refined image
+        assert (out.logits[0][b] - plain.logits[0][b]).abs().max() > 5 * ATOL
 
 
 def test_qwen_layers_keys_only_and_params_equal_split_prefill(qwen):
