@@ -1,15 +1,18 @@
-"""DSCR on a tiny random LLaVA: generate with DSCR off and on, show how the image-span cache changed.
+"""DSCR on a tiny random LLaVA: generate with DSCR off and on, show how the image-span cache changed;
+then what the units do to DSCR's weights on a 24 x 24 grid (SPEC §1, docs/DSCR_UNITS.md).
 
-    python examples/demo_dscr.py
+    python examples/demo_dscr.py [--png docs/img/dscr_weights.png]
 
 Runs on the CPU in a few seconds and downloads nothing: the model is built from a config with
-random weights (so the tokens are meaningless; the point is the mechanics). With a real model:
+random weights (so the tokens are meaningless; the point is the mechanics). --png also draws the
+weight maps (needs matplotlib: pip install "kvfix[viz]"). With a real model:
 
     handle = kvfix.hf.enable(model, kvfix.hf.DSCR())
     depths = kvfix.depth.DepthEstimator()(images)     # or any [H, W] depth map per image
     with handle.images(depth_maps=depths):
         out = model.generate(**processor(images=images, text=prompts, return_tensors="pt"))
 """
+import argparse
 import os
 import time
 
@@ -22,12 +25,38 @@ import kvfix.hf  # noqa: E402
 from kvfix.hf import testing  # noqa: E402
 
 
-def synthetic_depth(h: int = 96, w: int = 96) -> torch.Tensor:
-    """A floor receding to the top of the image with a near object in the lower left."""
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    floor = 1.0 + 9.0 * (1.0 - yy)
-    blob = torch.exp(-((yy - 0.7) ** 2 + (xx - 0.3) ** 2) / 0.02)
-    return floor * (1.0 - 0.8 * blob)
+def floor_and_object(gh: int = 24, gw: int = 24, px: int = 14):
+    """A depth map (gh * px x gw * px pixels) of a floor receding to the top (depth 5 at the
+    bottom, 20 at the top) with a near square object (depth 2) on the middle third of the
+    grid, and the object's tokens as a bool [gh, gw] mask (8 x 8 of 24 x 24: 11%)."""
+    H, W = gh * px, gw * px
+    m = (20.0 - 15.0 * torch.arange(H, dtype=torch.float64) / (H - 1))[:, None].repeat(1, W)
+    region = torch.zeros(gh, gw, dtype=torch.bool)
+    region[gh // 3:gh - gh // 3, gw // 3:gw - gw // 3] = True
+    m[gh // 3 * px:(gh - gh // 3) * px, gw // 3 * px:(gw - gw // 3) * px] = 2.0
+    return m, region
+
+
+UNITS = {"default units (patch coordinates, depth [0, 255])": {},
+         "earlier units (unit square, depth [0, 1])": {"grid_unit": "unit_square", "depth_scale": 1.0}}
+
+
+def units_report(png: str | None):
+    m, region = floor_and_object()
+    print("\nDSCR weights on a 24 x 24 grid, near object (8 x 8 patches, 11% of the tokens) on a receding floor:")
+    for name, kw in UNITS.items():
+        s = kvfix.dscr_weight_stats(24, 24, m, region=region, **kw).summary()
+        print(f"  {name}: object tokens draw {100 * s['region_share_mean']:.1f}% of their weight from the object; "
+              f"contributors per token (1 / sum w^2) median {s['contributors_median']:.1f} "
+              f"[{s['contributors_min']:.1f}, {s['contributors_max']:.1f}]; 8-neighbour share median "
+              f"{100 * s['neighbour_share_median']:.1f}%")
+    depth = kvfix.patch_depth(m, 24, 24)
+    print(f"  plan at the default units: {kvfix.dscr_plan(24, 24, depth).algorithm} "
+          f"({kvfix.dscr_plan(24, 24, depth).reason})")
+    if png:
+        kvfix.dscr_weight_map_png(png, 24, 24, m, [(11, 11), (20, 5)], region=region, settings=list(UNITS.values()),
+                                  dpi=80)
+        print(f"  weight maps written to {png}")
 
 
 def image_span_change(cache_on, cache_off, spans):
@@ -49,7 +78,7 @@ def main():
     t0 = time.perf_counter()
     model = testing.tiny_llava(num_layers=8, image_size=48, patch_size=8)  # 6x6 patch grid
     inputs, spans = testing.llava_prompt(model, [1])
-    depth = synthetic_depth()
+    depth = floor_and_object(6, 6, 16)[0]
     kw = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
     T = inputs["input_ids"].shape[1]
     print(f"kvfix {kvfix.__version__} | tiny LLaVA: {model.config.text_config.num_hidden_layers} text layers, "
@@ -76,4 +105,8 @@ def main():
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--png", help="also write the weight maps of two tokens, default and earlier units, to this PNG")
+    args = ap.parse_args()
     main()
+    units_report(args.png)

@@ -6,7 +6,7 @@ the image's own resolution, ready for `kvfix.patch_depth`:
 
     est = DepthEstimator()                         # depth-anything/Depth-Anything-V2-Small-hf
     dmap = est(pil_image)[0]                       # [H, W] float32
-    depth = kvfix.patch_depth(dmap, gh, gw)        # [gh * gw] in [0, 1]
+    depth = kvfix.patch_depth(dmap, gh, gw)        # [gh * gw] in [0, 255]
 
 Convention (read this before feeding the maps anywhere else):
 - kvfix returns what the model predicts, only resized: its `predicted_depth`, upsampled to the
@@ -20,8 +20,9 @@ Convention (read this before feeding the maps anywhere else):
 - `invert=True` flips the orientation per image (`max(x) - x`): a linear flip, not a
   reciprocal. A reciprocal is not offered because relative disparity has an unknown shift and
   is ~0 on the sky, where 1/x blows up.
-- `kvfix.patch_depth` then area-pools and min-max normalises per image to [0, 1]. The linear
-  flip turns its output into exactly `1 - d`, and DSCR's proximity uses only `(d_i - d_j)^2`,
+- `kvfix.patch_depth` then area-pools, min-max normalises per image and scales to [0, 255]
+  (`scale=`; SPEC §1 units). The linear flip turns its output into exactly `255 - d`, and
+  DSCR's proximity uses only `(d_i - d_j)^2`,
   so DSCR's result does not depend on `invert`; it does depend on using disparity rather than
   metric depth (or vice versa), which is a property of the model you choose.
 

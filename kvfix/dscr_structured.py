@@ -1,13 +1,15 @@
 """Structured DSCR on a patch grid: the plan (algorithm, ranks, error bound, cost) and the factors.
 
-On a row-major gh x gw grid with `patch_coords(gh, gw)` the proximity is a sum of two smooth
-kernels (SPEC §1), `wt = f_d + f_s`, and both have cheap structure:
+On a row-major gh x gw grid with `patch_coords(gh, gw, unit=grid_unit)` the proximity is a sum
+of two smooth kernels (SPEC §1), `wt = f_d + f_s`, and both have cheap structure:
 
 - spatial: `f_s(i, j) = S_row[r_i, r_j] * S_col[c_i, c_j]` (the squared distance splits into the
   two axes), a Kronecker product of two tiny Gaussian matrices, `S[a, b] = exp(-cs ((a - b) / G)^2)`
-  (G = max(gh, gw), the dense backends' cut-off at exponents below -87 applied). Each axis is
-  used either exactly (`L = S`, `R = I`) or through its top-p eigenpairs (`L = V_p diag(lam_p)`,
-  `R = V_p`), the fewest that meet the error budget (float64 eigendecomposition, cached).
+  (G = 1 in patch units, the default; G = max(gh, gw) in the unit square; the dense backends'
+  cut-off at exponents below -87 applied). Each axis is used either exactly (`L = S`, `R = I`)
+  or through its top-p eigenpairs (`L = V_p diag(lam_p)`, `R = V_p`), the fewest that meet the
+  error budget (float64 eigendecomposition, cached). In patch units with the default sigma_s
+  the axis matrices are nearly diagonal and of full numerical rank: both axes are used exactly.
 - depth: with centred depths `x = d - m` (m the midpoint of the item's depth range, |x| <= R),
   `exp(-cd (x_i - x_j)^2) = sum_n U[i, n] U[j, n]`, `U[i, n] = exp(-cd x_i^2) (sqrt(2 cd) x_i)^n / sqrt(n!)`
   (Taylor series of exp(2 cd x_i x_j)), truncated at rank r. (Data-dependent, so no
@@ -42,11 +44,23 @@ separate: the kernels accumulate in float32 and the Taylor terms alternate in si
 opposite-signed x, so the plan also estimates `round_est = 4 u32 (N + 2) / c_min` (an estimate,
 not a bound).
 
+Depth units. The Taylor rank grows with `T = 2 cd R^2`, i.e. with (depth range / sigma_d)^2. At
+the default units (depth maps scaled to [0, 255] by `patch_depth`, sigma_d = 0.6: T ~ 2.7e4)
+no rank up to 512 meets the bound for any depth map with more than one level: "auto" runs the
+exact dense kernel there and `DscrPlan.reason` says so. The structured path serves narrow
+depth ranges (uniform depth, depth in [0, 1] units, or a wide sigma_d) with low-rank spatial
+axes (the earlier unit-square coordinates, or a wide sigma_s). An exact fast algorithm for
+8-bit depth is the open part of issue 13 (docs/DSCR_UNITS.md).
+
 Choice ("auto"): structured when the grid form is given, N > 1, `bound <= tol(dtype)` is met by
 some ranks (rank_depth <= 512), `round_est <= 2e-6`, the nearest grid neighbour's spatial term
-is not below `exp(-60)` (see below) and the estimated cost is below the dense one; dense
-otherwise. tol(dtype) = 2^-27 (float32), 2^-14 (float16), 2^-11 (bfloat16): a fraction of the
-output's unit roundoff.
+is not below `exp(-60)` (see below), `rank_col + rank_depth <= 24` (the kernels' register
+path) and the estimated cost is at most a tenth of the dense one (the structured kernels do
+8-10x fewer useful operations per second than the dense kernel: measured on the CPU, break-even
+near a ratio of 9); dense otherwise. In patch units with sigma_s ~ 0.6 the axes are full rank
+(rank_col = gw), so "auto" picks dense there whatever the depth; `method="structured"` still
+runs it wherever the bound is met. tol(dtype) = 2^-27 (float32), 2^-14 (float16), 2^-11
+(bfloat16): a fraction of the output's unit roundoff.
 
 Underflow rule. The dense kernels count a term whose exponent is below -87 as 0
 (`reference.DSCR_EXP_CUTOFF`) and keep a token whose column sum is then 0. The structured
@@ -76,6 +90,12 @@ _U32 = 2.0 ** -24
 _ROUND_MAX = 2e-6                 # largest accepted float32 rounding estimate
 _NEIGHBOUR_MIN_EXPONENT = -60.0   # see "Underflow rule" above
 _MAX_RANK = 512
+# "auto" only (see "Choice"): the structured kernels keep rank_col + rank_depth accumulators in
+# registers up to this many (csrc/cpu/dscr_factored.cpp, kMaxUnrolled) ...
+_FAST_PATH_Q = 24
+# ... and even then do about 8-10x fewer useful operations per second than the dense kernel
+# (measured on the CPU: break-even at a cost ratio of about 9), so they must save at least this.
+_MIN_SAVING = 10.0
 
 
 def _poisson_tail(T: float, r: int) -> float:
@@ -107,8 +127,15 @@ def _taylor_rank(T: float, eps: float) -> int:
     return r
 
 
-def _axis_matrix(g: int, G: int, cs: float) -> torch.Tensor:
-    """Exact S[a, b] = exp(-cs ((a - b) / G)^2) in float64, with the dense backends' cut-off."""
+def _grid_divisor(gh: int, gw: int, grid_unit: str) -> float:
+    """G of the grid form's coordinates ((r + 0.5) / G, (c + 0.5) / G) = `patch_coords(gh, gw,
+    unit=grid_unit)`: 1 in patch units, max(gh, gw) in the unit square."""
+    return 1.0 if grid_unit == "patch" else float(max(gh, gw))
+
+
+def _axis_matrix(g: int, G: float, cs: float) -> torch.Tensor:
+    """Exact S[a, b] = exp(-cs ((a - b) / G)^2) in float64, with the dense backends' cut-off
+    (G: the grid divisor, 1 in patch units, `_grid_divisor`)."""
     a = torch.arange(g, dtype=torch.float64)
     e = -cs * ((a[:, None] - a[None, :]) / G) ** 2
     return torch.where(e < -87.0, torch.zeros_like(e), torch.exp(e))
@@ -118,7 +145,8 @@ def _axis_matrix(g: int, G: int, cs: float) -> torch.Tensor:
 class DscrPlan:
     """What `dscr_refine` will run for one geometry (see kvfix.dscr_plan).
 
-    algorithm: "structured" or "dense". rank_depth, rank_row, rank_col: the factor widths
+    algorithm: "structured" or "dense". grid_unit: the units of the grid form's coordinates
+    ("patch" or "unit_square", `kvfix.patch_coords`). rank_depth, rank_row, rank_col: the factor widths
     (an axis whose Taylor rank would reach its length is exact: rank = its length). bound:
     a-priori bound of the structured approximation error relative to max|x| per feature
     column (exact arithmetic); round_est: estimate of float32 rounding, same scale; tol: the
@@ -141,10 +169,11 @@ class DscrPlan:
     cost_dense: float
     depth_range: float
     reason: str
+    grid_unit: str = "patch"
 
 
 @functools.lru_cache(maxsize=64)
-def _axis_spectrum(g: int, G: int, cs: float):
+def _axis_spectrum(g: int, G: float, cs: float):
     """Eigen-decomposition of one axis matrix (float64, cached): (S, eigenvalues by decreasing
     magnitude, eigenvectors, tail[r] = entry bound of keeping r of them, min row sum)."""
     S = _axis_matrix(g, G, cs)
@@ -159,7 +188,7 @@ def _axis_spectrum(g: int, G: int, cs: float):
     return S, lam, V, tails, float(S.sum(1).min())
 
 
-def _axis_plan(g: int, G: int, cs: float, eps: float):
+def _axis_plan(g: int, G: float, cs: float, eps: float):
     """(rank, exact, eps_axis) of one spatial axis: the fewest eigenvectors whose entry bound
     is <= eps; all g of them -> the exact matrix (L = S, R = I)."""
     tails = _axis_spectrum(g, G, cs)[3]
@@ -170,9 +199,9 @@ def _axis_plan(g: int, G: int, cs: float, eps: float):
 
 
 def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: torch.dtype,
-          method: str) -> DscrPlan:
+          method: str, grid_unit: str = "patch") -> DscrPlan:
     N = gh * gw
-    G = max(gh, gw)
+    G = _grid_divisor(gh, gw, grid_unit)
     tol = _TOL[dtype]
     R = 0.5 * depth_range
     # Share the truncation budget between the three factors: eps <= tol c_min / (2 N) / ~3.
@@ -197,7 +226,7 @@ def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: tor
             bound = 2.0 * N * eps / (c_lb - N * eps) if c_lb > N * eps else math.inf
             round_est = 4.0 * _U32 * (N + 2) / c_lb
             cost_s = float(N) * (2 * rc + 2 * rd + 3) + 2.0 * gh * rc * rr
-    neighbour_ok = G == 1 or -cs / (G * G) >= _NEIGHBOUR_MIN_EXPONENT
+    neighbour_ok = max(gh, gw) == 1 or -cs / (G * G) >= _NEIGHBOUR_MIN_EXPONENT
     feasible = N > 1 and rd <= _MAX_RANK and bound <= tol and round_est <= _ROUND_MAX and neighbour_ok
     if method == "dense":
         algorithm, reason = "dense", "method='dense'"
@@ -212,15 +241,29 @@ def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: tor
         algorithm, reason = "dense", "N <= 1: nothing to refine"
     elif not neighbour_ok:
         algorithm, reason = "dense", "sigma_s so small that grid neighbours' spatial terms underflow"
-    elif not feasible:
-        algorithm, reason = "dense", (f"no ranks meet the tolerance (bound {bound:.3g} vs {tol:.3g}, "
-                                      f"rounding estimate {round_est:.3g})")
+    elif rd > _MAX_RANK or bound > tol:
+        algorithm, reason = "dense", (
+            f"depth range {depth_range:g} too wide for the depth kernel exp(-cd dd^2), cd = alpha / (2 sigma_d^2) "
+            f"= {cd:.3g}: " + (f"its Taylor rank would exceed {_MAX_RANK}" if rd > _MAX_RANK else
+                               f"error bound {bound:.3g} above the tolerance {tol:.3g}")
+            + " (every multi-level depth map at the default [0, 255] units with sigma_d = 0.6 is)")
+    elif round_est > _ROUND_MAX:
+        algorithm, reason = "dense", (
+            f"float32 rounding estimate {round_est:.3g} above {_ROUND_MAX:g}: the lower bound of the column sums "
+            f"({c_lb:.3g}) is small, the depth range {depth_range:g} being wide for cd = {cd:.3g}")
     elif cost_s >= cost_d:
         algorithm, reason = "dense", f"structured costs more ({cost_s:.3g} vs {cost_d:.3g} per column)"
+    elif rc + rd > _FAST_PATH_Q:
+        algorithm, reason = "dense", (
+            f"structured factors too wide for the kernels' fast path (rank_col + rank_depth = {rc} + {rd} > "
+            f"{_FAST_PATH_Q}{'; the spatial axes are full rank at this sigma_s' if row_exact and col_exact else ''})")
+    elif cost_d < _MIN_SAVING * cost_s:
+        algorithm, reason = "dense", (f"structured saves only {cost_d / cost_s:.1f}x the operations "
+                                      f"(< {_MIN_SAVING:g}x, the dense kernel's per-operation advantage)")
     else:
         algorithm, reason = "structured", f"{cost_d / cost_s:.1f}x fewer operations than dense"
     return DscrPlan(algorithm, gh, gw, rd, rr, rc, row_exact, col_exact, bound, round_est, tol, cost_s, cost_d,
-                    depth_range, reason)
+                    depth_range, reason, grid_unit)
 
 
 def _coefs(sigma_d, sigma_s, alpha, beta):
@@ -239,16 +282,23 @@ def _depth_range(depth: torch.Tensor | float) -> float:
 
 
 def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
-              beta: float = 0.8, dtype: torch.dtype = torch.float32, method: str = "auto") -> DscrPlan:
-    """The algorithm `kvfix.dscr_refine(..., coords=(gh, gw), method=method)` runs, and why.
+              beta: float = 0.8, dtype: torch.dtype = torch.float32, method: str = "auto",
+              grid_unit: str = "patch") -> DscrPlan:
+    """The algorithm `kvfix.dscr_refine(..., coords=(gh, gw), method=method, grid_unit=grid_unit)`
+    runs, and why.
 
     depth: the depth tensor ([N] or [B, N]) or its range max - min as a float (the plan depends
-    on the largest per-item range only). dtype: the dtype of k and v. Returns a `DscrPlan`
-    (algorithm, ranks, error bound, estimated cost). With method="structured" and no ranks that
-    meet the dtype's tolerance: a ValueError.
+    on the largest per-item range only). dtype: the dtype of k and v. grid_unit: "patch"
+    (default: the grid's coordinates are `patch_coords(gh, gw)`, adjacent patches 1 apart) or
+    "unit_square" (the earlier units). Returns a `DscrPlan` (algorithm, ranks, error bound,
+    estimated cost, reason). With method="structured" and no ranks that meet the dtype's
+    tolerance: a ValueError. At the default units a multi-level depth map from `patch_depth`
+    ([0, 255]) gets the dense kernel (module docstring, "Depth units").
     """
+    from .geometry import check_grid_unit
     from .ops import _check_grid_form, _dscr_params
     gh, gw = _check_grid_form((gh, gw))
+    check_grid_unit(grid_unit)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if dtype not in _TOL:
@@ -258,7 +308,7 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     if not math.isfinite(rng):
         raise ValueError("depth has non-finite values (nan or inf)")
     cd, cs = _coefs(sd, ss, a, b)
-    return _plan(gh, gw, rng, cd, cs, dtype, method)
+    return _plan(gh, gw, rng, cd, cs, dtype, method, grid_unit)
 
 
 @dataclasses.dataclass
@@ -287,7 +337,7 @@ def _taylor_factor(x: torch.Tensor, c: float, r: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _axis_factors_cached(g: int, G: int, cs: float, rank: int, exact: bool, device: str, dtype: torch.dtype):
+def _axis_factors_cached(g: int, G: float, cs: float, rank: int, exact: bool, device: str, dtype: torch.dtype):
     S, lam, V, _, _ = _axis_spectrum(g, G, cs)
     if exact:
         L, R = S, torch.eye(g, dtype=torch.float64)
@@ -296,7 +346,7 @@ def _axis_factors_cached(g: int, G: int, cs: float, rank: int, exact: bool, devi
     return L.to(device, dtype).contiguous(), R.to(device, dtype).contiguous()
 
 
-def _axis_factors(g: int, G: int, cs: float, rank: int, exact: bool, device, dtype):
+def _axis_factors(g: int, G: float, cs: float, rank: int, exact: bool, device, dtype):
     """(L, R) with S ~ L R^T: the exact matrix and I, or the top-`rank` eigenpairs."""
     return _axis_factors_cached(g, G, cs, rank, exact, str(torch.device(device)), dtype)
 
@@ -304,7 +354,7 @@ def _axis_factors(g: int, G: int, cs: float, rank: int, exact: bool, device, dty
 def spatial_factors(plan: DscrPlan, *, sigma_s: float, beta: float, device) -> tuple:
     """(lr, rr, lc, rc) float32 on `device` for a structured plan (cached per geometry)."""
     cs = beta / (2.0 * sigma_s * sigma_s)
-    G = max(plan.gh, plan.gw)
+    G = _grid_divisor(plan.gh, plan.gw, plan.grid_unit)
     return (_axis_factors(plan.gh, G, cs, plan.rank_row, plan.row_exact, device, torch.float32)
             + _axis_factors(plan.gw, G, cs, plan.rank_col, plan.col_exact, device, torch.float32))
 
@@ -321,7 +371,7 @@ def dscr_factors(plan: DscrPlan, depth: torch.Tensor, *, sigma_d: float, sigma_s
     rounded once to `dtype`. No host synchronisation.
     """
     cd, cs = _coefs(sigma_d, sigma_s, alpha, beta)
-    G = max(plan.gh, plan.gw)
+    G = _grid_divisor(plan.gh, plan.gw, plan.grid_unit)
     dev = depth.device
     lr, rr = _axis_factors(plan.gh, G, cs, plan.rank_row, plan.row_exact, dev, torch.float64)
     lc, rc = _axis_factors(plan.gw, G, cs, plan.rank_col, plan.col_exact, dev, torch.float64)

@@ -1,9 +1,36 @@
-"""Patch-grid geometry for DSCR (SPEC §1 helpers): coordinates and pooled, normalised depth."""
+"""Patch-grid geometry for DSCR (SPEC §1 helpers): coordinates and pooled, normalised depth.
+
+Units (SPEC §1, a revised choice). The proximity `exp(-alpha dd^2 / (2 sigma_d^2)) +
+exp(-beta |ds|^2 / (2 sigma_s^2))` has no units of its own: its reach is set by the units of the
+depth and the coordinates. With the defaults sigma_d = sigma_s = 0.6:
+
+- coordinates in patch units (`unit="patch"`, default): adjacent patches are 1 apart (the
+  paper's 2-D pixel coordinates divided by the patch size), so the spatial term smooths the
+  neighbourhood (0.33 to a side neighbour, 0.11 diagonally, 0.01 two patches away). In raw
+  pixels every pair's spatial term would be 0, which the paper's ablation of that term rules
+  out; in the unit square (`unit="unit_square"`, the earlier default) the spatial term of any
+  pair of a 24 x 24 grid lies between 0.13 (opposite corners) and 1: no locality left.
+- depth maps pooled to the grid, min-max normalised, then scaled to [0, 255] (`scale=255.0`,
+  default), the 8-bit depth image that depth-estimation pipelines emit: a difference of a few
+  levels separates surfaces ("pixels with nearly identical disparity almost certainly belong to
+  the same physical surface, while depth mutations correspond to actual object boundaries").
+  Normalised to [0, 1] (`scale=1.0`, the earlier default) the depth term of the nearest and
+  the farthest token is still 0.43: it barely separates anything.
+
+On a 24 x 24 grid with a near object (an 8 x 8 patch square, 11% of the tokens) on a floor that
+recedes to the top, a token on the object draws 99.6% of its weight from the object and ~25
+tokens contribute to the median token (1 / sum_i w_ij^2); with both earlier units 13.6% and
+~561 of the 575 others (`kvfix.dscr_weight_stats` computes these; docs/DSCR_UNITS.md).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
-__all__ = ["patch_coords", "patch_depth"]
+__all__ = ["patch_coords", "patch_depth", "GRID_UNITS"]
+
+GRID_UNITS = ("patch", "unit_square")
 
 
 def _check_grid(gh, gw):
@@ -12,14 +39,29 @@ def _check_grid(gh, gw):
             raise ValueError(f"{name} must be a positive int, got {g!r}")
 
 
-def patch_coords(gh: int, gw: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+def check_grid_unit(unit) -> str:
+    if unit not in GRID_UNITS:
+        raise ValueError(f"unit must be one of {GRID_UNITS}, got {unit!r}")
+    return unit
+
+
+def check_depth_scale(scale, name: str = "depth_scale") -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def patch_coords(gh: int, gw: int, *, unit: str = "patch", device=None, dtype=torch.float32) -> torch.Tensor:
     """Centres of a row-major gh x gw patch grid, [N, 2] with N = gh * gw.
 
-    s = ((r + 0.5) / G, (c + 0.5) / G) with G = max(gh, gw), so both axes share one scale
-    and a non-square grid keeps its aspect ratio (choice, SPEC §1).
+    unit="patch" (default, SPEC §1): s = (r + 0.5, c + 0.5), adjacent patches 1 apart (the
+    image's pixel coordinates divided by the patch size); this is what the grid form
+    `coords=(gh, gw)` of `kvfix.dscr_refine` means. unit="unit_square" (the earlier default,
+    kept for comparison): s = ((r + 0.5) / G, (c + 0.5) / G) with G = max(gh, gw), both axes on
+    one scale so a non-square grid keeps its aspect ratio. Why patch units: module docstring.
     """
     _check_grid(gh, gw)
-    g = float(max(gh, gw))
+    g = 1.0 if check_grid_unit(unit) == "patch" else float(max(gh, gw))
     r = (torch.arange(gh, device=device, dtype=torch.float64) + 0.5) / g
     c = (torch.arange(gw, device=device, dtype=torch.float64) + 0.5) / g
     rr, cc = torch.meshgrid(r, c, indexing="ij")
@@ -36,15 +78,18 @@ def _area_weights(n_out: int, n_in: int, device) -> torch.Tensor:
     return (hi - lo).clamp_min(0) * (n_out / n_in)
 
 
-def patch_depth(depth_map: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    """Pool a depth map to the patch grid and min-max normalise it per image.
+def patch_depth(depth_map: torch.Tensor, gh: int, gw: int, *, scale: float = 255.0) -> torch.Tensor:
+    """Pool a depth map to the patch grid, min-max normalise it per image and scale it.
 
     depth_map: [H, W] or [B, H, W], any resolution. Returns float32 [N] or [B, N] (N = gh * gw,
     row-major): the exact area average over each patch (a pixel straddling two patches counts
-    in each with the fraction of its area inside), then (x - min) / (max - min) per image; a
-    constant map (up to a 1e-9 relative spread) gives all zeros (choice, SPEC §1).
+    in each with the fraction of its area inside), then scale * (x - min) / (max - min) per
+    image; a constant map (up to a 1e-9 relative spread) gives all zeros (choice, SPEC §1).
+    scale: 255.0 (default: the levels of an 8-bit depth image, so that sigma_d = 0.6 separates
+    surfaces a few levels apart; module docstring) or 1.0 for the earlier [0, 1] units; > 0.
     """
     _check_grid(gh, gw)
+    scale = check_depth_scale(scale, "scale")
     if not isinstance(depth_map, torch.Tensor):
         raise TypeError(f"depth_map must be a torch.Tensor, got {type(depth_map).__name__}")
     if depth_map.dim() not in (2, 3):
@@ -68,6 +113,6 @@ def patch_depth(depth_map: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     span = hi - lo
     # Pooling a constant map can leave rounding-level differences: treat those as constant.
     varies = span > 1e-9 * torch.maximum(lo.abs(), hi.abs())
-    out = torch.where(varies, (pooled - lo) / torch.where(varies, span, torch.ones_like(span)),
+    out = torch.where(varies, (pooled - lo) / torch.where(varies, span, torch.ones_like(span)) * scale,
                       torch.zeros_like(pooled)).to(torch.float32)
     return out[0] if single else out

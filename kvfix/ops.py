@@ -110,7 +110,7 @@ def _check_grid_form(coords) -> tuple[int, int]:
     return int(coords[0]), int(coords[1])
 
 
-def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params):
+def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params, grid_unit: str = "patch"):
     """Resolve coords and method: ("dense", depth [Bd, N], coords [Bd, N, 2]) or
     ("structured", depth [Bd, N], (lr, rr, lc, rc, coef_d, rank_d)). Nothing run yet."""
     from . import dscr_structured as P
@@ -118,6 +118,9 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
     if method not in _DSCR_METHODS:
         raise ValueError(f"method must be one of {_DSCR_METHODS}, got {method!r}")
     if isinstance(coords, torch.Tensor):
+        if grid_unit != "patch":
+            raise ValueError(f"grid_unit={grid_unit!r} applies to the grid form (gh, gw); tensor coords are used "
+                             "as given")
         if method == "structured":
             raise ValueError("method='structured' needs coords in the grid form (gh, gw), got a tensor")
         return ("dense",) + _geometry(depth, coords, B, N, device)
@@ -126,9 +129,10 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
     gh, gw = _check_grid_form(coords)
     if gh * gw != N:
         raise ValueError(f"coords grid {gh} x {gw} has {gh * gw} tokens but k has N={N}")
-    d, c = _geometry(depth, patch_coords(gh, gw, device=device), B, N, device)
+    d, c = _geometry(depth, patch_coords(gh, gw, unit=grid_unit, device=device), B, N, device)
     sd, ss, a, b = params
-    plan = P.dscr_plan(gh, gw, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b, dtype=dtype, method=method)
+    plan = P.dscr_plan(gh, gw, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b, dtype=dtype, method=method,
+                       grid_unit=grid_unit)
     if plan.algorithm == "dense":
         return "dense", d, c
     return "structured", d, P.spatial_factors(plan, sigma_s=ss, beta=b, device=device) + P.depth_args(plan, sd, a)
@@ -136,23 +140,28 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
 
 def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords, *,
                 sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
-                method: str = "auto"):
+                method: str = "auto", grid_unit: str = "patch"):
     """Depth- and space-aware refinement of the image tokens' keys and values (SPEC §1).
 
     Args:
         k, v: [B, H, N, D] float32/float16/bfloat16 keys and values of the N image tokens
             (any strides with a contiguous last dim, e.g. a slice of a KV cache). `v` may be
             None (keys-only variant).
-        depth: [N] or [B, N] per-token depth (e.g. `patch_depth`). Must be finite.
-        coords: [N, 2] or [B, N, 2] patch centres (arbitrary coordinates: dense algorithm), or
-            the grid form `(gh, gw)`, exactly equal to `patch_coords(gh, gw)` (N = gh * gw,
-            row-major), which allows the structured algorithm (kvfix/dscr_structured.py).
+        depth: [N] or [B, N] per-token depth (e.g. `patch_depth`, [0, 255]), used as given (its
+            units and sigma_d set the depth term's reach). Must be finite.
+        coords: [N, 2] or [B, N, 2] patch centres (arbitrary coordinates, used as given: dense
+            algorithm), or the grid form `(gh, gw)`, exactly equal to
+            `patch_coords(gh, gw, unit=grid_unit)` (N = gh * gw, row-major; by default patch
+            units, adjacent patches 1 apart), which allows the structured algorithm
+            (kvfix/dscr_structured.py).
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): proximity kernel
             `exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2))`.
         method: "auto" (default: `kvfix.dscr_plan` decides; dense for tensor coords), "dense"
             (the N x N weights) or "structured" (grid form only; ValueError where its ranks
             cannot meet the dtype's tolerance). With the grid form the plan reads the depth
             range on the host (one sync; DSCR runs once per image, not per decoded token).
+        grid_unit: units of the grid form: "patch" (default) or "unit_square" (the earlier
+            `[0, 1]` units); tensor coords take only the default.
 
     Returns:
         (k_hat, v_hat): new contiguous tensors, `k_hat[j] = sum_i w[i, j] k[i]` with `w` the
@@ -163,7 +172,7 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
     if v is not None:
         _check_kv(v, "v", like=k)
     params = _dscr_params(sigma_d, sigma_s, alpha, beta)
-    route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params)
+    route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params, grid_unit)
     if route[0] == "dense":
         _check_built_for(k, "dscr_refine")
         outs = torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
@@ -176,12 +185,12 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
 def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor] | None,
                        depth: torch.Tensor, coords, *, sigma_d: float = 0.6,
                        sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
-                       method: str = "auto") -> None:
+                       method: str = "auto", grid_unit: str = "patch") -> None:
     """Refine the image span of several layers' caches in place, in one call (SPEC §1).
 
     keys (and values, or None for keys only): sequences of [B, H, N, D] views of each layer's
     cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`; the views must not overlap
-    each other. coords and method as in `dscr_refine` (the grid form `(gh, gw)` lets "auto"
+    each other. coords, method and grid_unit as in `dscr_refine` (the grid form `(gh, gw)` lets "auto"
     pick the structured algorithm, whose CPU and CUDA kernels need no copy of the sources).
     Dense: one weight matrix serves every layer and head: on the CPU it is built once per
     call (kept while it fits 64 MiB, i.e. N <= 2896 per image; beyond, once per group of layers
@@ -209,7 +218,7 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     params = _dscr_params(sigma_d, sigma_s, alpha, beta)
     # The plan's tolerance follows the strictest dtype among the layers.
     strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
-    route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params)
+    route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)

@@ -133,14 +133,14 @@ def test_output_is_upsampled_predicted_depth(est, model):
 
 def test_patch_depth_on_estimator_output(est):
     maps = est([rgb(37, 91, 4), rgb(48, 64, 5)])
-    d = kvfix.patch_depth(maps[0], 3, 7)
+    d = kvfix.patch_depth(maps[0], 3, 7)  # default units: [0, 255]
     assert d.shape == (21,) and d.dtype == torch.float32
-    assert float(d.min()) >= 0.0 and float(d.max()) <= 1.0 and torch.isfinite(d).all()
-    assert float(d.max()) == 1.0  # non-constant map
+    assert float(d.min()) >= 0.0 and float(d.max()) <= 255.0 and torch.isfinite(d).all()
+    assert float(d.max()) == 255.0  # non-constant map
     # a batch of same-size maps
     same = est([rgb(48, 64, 6), rgb(48, 64, 5)])
     db = kvfix.patch_depth(torch.stack(same), 24, 24)
-    assert db.shape == (2, 576) and float(db.min()) >= 0.0 and float(db.max()) <= 1.0
+    assert db.shape == (2, 576) and float(db.min()) >= 0.0 and float(db.max()) <= 255.0
 
 
 def test_invert_flips_linearly_and_leaves_dscr_unchanged(model, est):
@@ -151,7 +151,9 @@ def test_invert_flips_linearly_and_leaves_dscr_unchanged(model, est):
     inv_est = DepthEstimator(model, default_processor(model.config), invert=True)
     torch.testing.assert_close(inv_est(a)[0], flipped)
     assert est.larger_is_closer is True  # Depth-Anything relative: disparity
-    d, df = kvfix.patch_depth(base, 4, 6), kvfix.patch_depth(flipped, 4, 6)
+    torch.testing.assert_close(kvfix.patch_depth(flipped, 4, 6), 255 - kvfix.patch_depth(base, 4, 6),
+                               rtol=0, atol=255 * 1e-6)
+    d, df = kvfix.patch_depth(base, 4, 6, scale=1.0), kvfix.patch_depth(flipped, 4, 6, scale=1.0)
     torch.testing.assert_close(df, 1 - d, rtol=0, atol=1e-6)
     # DSCR uses (d_i - d_j)^2 only: the flip does not change its weights
     coords = kvfix.patch_coords(4, 6)

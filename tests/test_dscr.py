@@ -41,6 +41,26 @@ def test_reference_hand_computed_space_term():
     torch.testing.assert_close(v_hat.flatten(), -_hand_case_expected(), rtol=0, atol=1e-12)
 
 
+def test_reference_hand_computed_default_units():
+    """The default units (SPEC §1): patch coordinates 1 apart, depth levels in [0, 255]. Tokens 0
+    and 1 share a surface (depth 0), token 2 is 255 levels away: its depth term exp(-cd 255^2)
+    is below the cut-off (0), so only the spatial term links it. cs = 0.8 / 0.72 = 10 / 9."""
+    e1, e4 = math.exp(-10 / 9), math.exp(-40 / 9)
+    depth = torch.tensor([0.0, 0.0, 255.0], dtype=torch.float64)
+    coords = kvfix.patch_coords(1, 3, dtype=torch.float64)  # (0.5, 0.5), (0.5, 1.5), (0.5, 2.5)
+    w = R.dscr_weights(depth, coords)[0]
+    expected = torch.tensor([[0, (1 + e1) / (1 + 2 * e1), e4 / (e4 + e1)],
+                             [(1 + e1) / (1 + e1 + e4), 0, e1 / (e4 + e1)],
+                             [e4 / (1 + e1 + e4), e1 / (1 + 2 * e1), 0]], dtype=torch.float64)
+    torch.testing.assert_close(w, expected, rtol=0, atol=1e-15)
+    # token 0 draws 99.1% of its weight from its own surface (token 1); with [0, 1] depth in the
+    # unit square (the earlier units) the same scene is nearly flat: every weight within [0.3, 0.7].
+    assert float(w[1, 0]) == pytest.approx(0.9912, abs=1e-4)
+    old = R.dscr_weights(depth / 255, kvfix.patch_coords(1, 3, unit="unit_square", dtype=torch.float64))[0]
+    off = old[~torch.eye(3, dtype=torch.bool)]
+    assert float(off.min()) > 0.3 and float(off.max()) < 0.7
+
+
 def test_reference_weights_columns_sum_to_one_and_diagonal_zero():
     w = R.dscr_weights(torch.rand(9, dtype=torch.float64), torch.rand(9, 2, dtype=torch.float64))
     torch.testing.assert_close(w.sum(dim=1), torch.ones(1, 9, dtype=torch.float64))
@@ -89,6 +109,29 @@ def test_kernel_matches_reference(B, H, N, D, dtype, device):
     tk, tv = _ground_truth(k, v, depth, coords)
     assert_close_to_reference(k_hat, k, tk, depth, coords, which="k")
     assert_close_to_reference(v_hat, v, tv, depth, coords, which="v")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gh,gw,broadcast", [(24, 24, True), (7, 9, False)])
+def test_kernel_matches_reference_at_default_units(gh, gw, broadcast, dtype, device):
+    """The default units make most depth terms underflow (a few levels apart: exponent below
+    -87) and the spatial term local: the dense kernel still equals the reference. Depth levels
+    are whole numbers (an 8-bit depth image), exact in every dtype, so the low-precision
+    reference in the tolerance rule sees the same geometry."""
+    B, H, N, D = 2, 2, gh * gw, 32
+    g = torch.Generator().manual_seed(gh)
+    maps = torch.rand(B, 2 * gh, 3 * gw, generator=g).cumsum(1)  # depth grows down the image, noisy
+    depth = kvfix.patch_depth(maps, gh, gw).round().to(device)
+    depth = depth[0] if broadcast else depth
+    coords = kvfix.patch_coords(gh, gw, device=device)
+    k = torch.randn(B, H, N, D, device=device).to(dtype)
+    v = torch.randn(B, H, N, D, device=device).to(dtype)
+    k_hat, v_hat = kvfix.dscr_refine(k, v, depth, coords)
+    tk, tv = _ground_truth(k, v, depth, coords)
+    assert_close_to_reference(k_hat, k, tk, depth, coords, which="k")
+    assert_close_to_reference(v_hat, v, tv, depth, coords, which="v")
+    assert torch.equal(kvfix.dscr_refine(k, v, depth, (gh, gw))[0], k_hat)  # grid form: the same coords
 
 
 @pytest.mark.parametrize("device", DEVICES)

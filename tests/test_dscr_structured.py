@@ -23,8 +23,8 @@ def _depth(kind, B, N, device="cpu"):
     return 80.0 * torch.rand(B, N, device=device)  # unnormalised, e.g. metres
 
 
-def _truth(k, v, depth, gh, gw, **kw):
-    c = kvfix.patch_coords(gh, gw, dtype=torch.float64, device=k.device)  # exact, not float32-rounded
+def _truth(k, v, depth, gh, gw, unit="patch", **kw):
+    c = kvfix.patch_coords(gh, gw, unit=unit, dtype=torch.float64, device=k.device)  # exact, not float32-rounded
     f = lambda x: None if x is None else x.double()  # noqa: E731
     return R.dscr_refine(f(k), f(v), depth.double(), c, **kw)
 
@@ -32,12 +32,53 @@ def _truth(k, v, depth, gh, gw, **kw):
 # ---------------------------------------------------------------------------------------------
 # the plan
 
-def test_plan_picks_structured_for_realistic_grids():
+def test_plan_patch_units_exact_axes():
+    # Patch units (default): the axis matrices exp(-cs (a - b)^2) are nearly diagonal, of full
+    # numerical rank, so both axes are exact; for a depth range <= 1 the bound is met (forced
+    # structured runs), but the factors are too wide for the kernels' fast path: auto is dense.
     for gh, gw in [(24, 24), (23, 37), (64, 64), (128, 128)]:
-        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw))
-        assert p.algorithm == "structured", p
+        for depth in (torch.rand(gh * gw), torch.zeros(gh * gw)):
+            p = kvfix.dscr_plan(gh, gw, depth, method="structured")
+            assert p.grid_unit == "patch" and p.bound <= p.tol and p.cost_structured < p.cost_dense
+            assert p.row_exact and p.col_exact and (p.rank_row, p.rank_col) == (gh, gw)
+            assert 1 <= p.rank_depth <= 16
+            a = kvfix.dscr_plan(gh, gw, depth)
+            assert a.algorithm == "dense" and "fast path" in a.reason and "full rank" in a.reason, a
+    # a wide sigma_s makes the axes low-rank again
+    p = kvfix.dscr_plan(24, 24, torch.zeros(576), sigma_s=6.0)
+    assert p.algorithm == "structured" and not p.row_exact and p.rank_col + p.rank_depth <= 24, p
+
+
+def test_plan_unit_square_units_use_low_rank_axes():
+    # The earlier units (coordinates in the unit square): a smooth, numerically low-rank axis kernel.
+    for gh, gw in [(24, 24), (23, 37), (64, 64), (128, 128)]:
+        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw), grid_unit="unit_square")
+        assert p.algorithm == "structured" and p.grid_unit == "unit_square", p
         assert p.bound <= p.tol and p.cost_structured < p.cost_dense
         assert 1 <= p.rank_depth <= 16 and p.rank_row <= 12 and p.rank_col <= 12
+
+
+def test_plan_picks_dense_for_depth_maps_at_default_units():
+    """patch_depth scales a depth map to [0, 255]: with sigma_d = 0.6 no Taylor rank <= 512 meets
+    the bound, so "auto" runs the exact dense kernel and says why; the earlier units stay structured."""
+    m = torch.arange(48.0).reshape(6, 8) ** 1.5  # any map with more than one level
+    for gh, gw in [(24, 24), (6, 8)]:
+        depth = kvfix.patch_depth(m, gh, gw)
+        assert float(depth.max() - depth.min()) == 255.0
+        for dtype in DTYPES:
+            p = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
+            assert p.algorithm == "dense" and p.rank_depth > 512, p
+            assert "depth range 255 too wide" in p.reason and "Taylor rank would exceed 512" in p.reason
+        with pytest.raises(ValueError, match="method='structured' cannot meet"):
+            kvfix.dscr_plan(gh, gw, depth, method="structured")
+        old = kvfix.dscr_plan(gh, gw, kvfix.patch_depth(m, gh, gw, scale=1.0), grid_unit="unit_square",
+                              method="structured")  # feasible at the earlier units
+        assert old.bound <= old.tol
+    # and the op follows the plan: auto is the dense kernel, bit for bit
+    depth = kvfix.patch_depth(m, 6, 8)
+    k = torch.randn(2, 3, 48, 16)
+    assert torch.equal(kvfix.dscr_refine(k, None, depth, (6, 8))[0],
+                       kvfix.dscr_refine(k, None, depth, kvfix.patch_coords(6, 8))[0])
 
 
 def test_plan_constant_depth_needs_rank_one():
@@ -46,14 +87,32 @@ def test_plan_constant_depth_needs_rank_one():
 
 
 @pytest.mark.parametrize("gh,gw,rng,kw,why", [
-    (24, 24, 80.0, dict(sigma_d=0.6), "no ranks meet"),          # unnormalised depth, narrow kernel
-    (24, 24, 1.0, dict(sigma_s=0.002), "underflow"),             # grid neighbours' spatial terms ~ 0
+    (24, 24, 80.0, dict(sigma_d=0.6), "Taylor rank would exceed"),  # unnormalised depth, narrow kernel
+    (24, 24, 255.0, {}, "Taylor rank would exceed"),                # a depth map at the default units
+    (24, 24, 3.0, {}, "rounding estimate"),                         # small column-sum bound
+    (24, 24, 1.0, dict(sigma_s=0.07), "underflow"),                 # grid neighbours' spatial terms ~ 0
     (1, 7, 1.0, {}, "costs more"),                                # tiny grid: dense is cheaper
+    (24, 24, 1.0, {}, "fast path"),                               # patch units: full-rank axes
+    (12, 12, 1.0, dict(grid_unit="unit_square"), "saves only"),   # saves less than 10x
     (1, 1, 0.0, {}, "N <= 1"),
 ])
 def test_plan_falls_back_to_dense(gh, gw, rng, kw, why):
     p = kvfix.dscr_plan(gh, gw, rng, **kw)
     assert p.algorithm == "dense" and why in p.reason, p
+
+
+def test_plan_underflow_rule_follows_the_units():
+    # The neighbour term is exp(-cs / G^2): G = 1 in patch units, max(gh, gw) in the unit square.
+    assert "underflow" in kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.07).reason            # cs = 81.6 > 60
+    kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.09, method="structured")                   # cs = 49.4 < 60
+    p = kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.002, grid_unit="unit_square")           # cs / 576 = 173
+    assert p.algorithm == "dense" and "underflow" in p.reason
+    kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.07, grid_unit="unit_square", method="structured")
+
+
+def test_plan_bad_grid_unit():
+    with pytest.raises(ValueError, match="unit must be one of"):
+        kvfix.dscr_plan(24, 24, 1.0, grid_unit="pixel")
 
 
 def test_plan_method_override():
@@ -75,21 +134,24 @@ def test_plan_low_precision_needs_fewer_ranks():
 # the a-priori bound holds (float64 arithmetic, so only the truncation error is measured)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("gh,gw,kind,sigma_d", [(24, 24, "unit", 0.6), (23, 37, "unit", 0.05),
-                                                (8, 9, "unnormalised", 2.0), (16, 16, "unit", 2.0),
-                                                (5, 40, "constant", 0.6)])
-def test_bound_is_never_violated(gh, gw, kind, sigma_d, dtype):
+@pytest.mark.parametrize("gh,gw,kind,sigma_d,unit", [
+    (24, 24, "unit", 0.6, "patch"), (24, 24, "unit", 0.6, "unit_square"), (23, 37, "unit", 0.05, "unit_square"),
+    (8, 9, "unnormalised", 2.0, "unit_square"), (16, 16, "unit", 2.0, "patch"), (5, 40, "constant", 0.6, "patch"),
+    (5, 40, "constant", 0.6, "unit_square")])
+def test_bound_is_never_violated(gh, gw, kind, sigma_d, unit, dtype):
     N = gh * gw
     kw = dict(PARAMS, sigma_d=sigma_d)
     depth = _depth(kind, 2, N)
     # dtype sets the tolerance, hence the ranks: bf16 ranks are small enough to see the truncation.
-    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, method="structured", **kw)
+    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, method="structured", grid_unit=unit, **kw)
     f = S.dscr_factors(plan, depth, dtype=torch.float64, **kw)
     k = torch.randn(2, 3, N, 8, dtype=torch.float64)
     got = R.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
-    truth = _truth(k, None, depth, gh, gw, **kw)[0]
+    truth = _truth(k, None, depth, gh, gw, unit, **kw)[0]
     rel = ((got - truth).abs().amax(2) / k.abs().amax(2)).max().item()  # per feature column
-    assert rel <= plan.bound, (rel, plan)
+    # The bound is for exact arithmetic (0 where every factor is exact): allow float64 rounding
+    # of the N-term sums on top.
+    assert rel <= plan.bound + N * 2.0 ** -52, (rel, plan)
 
 
 def test_bound_is_tight_enough_to_matter():
@@ -111,22 +173,24 @@ def test_bound_is_tight_enough_to_matter():
 # ---------------------------------------------------------------------------------------------
 # kernels vs the float64 dense reference (flash-attention rule of test_dscr)
 
-CASES = [  # (gh, gw, depth kind, sigma_d, alpha, beta, D)
-    (1, 7, "unit", 0.6, 0.6, 0.8, 16),
-    (24, 24, "unit", 0.6, 0.6, 0.8, 16),
-    (24, 24, "constant", 0.05, 0.6, 0.8, 8),
-    (23, 37, "unit", 0.05, 0.6, 0.8, 8),
-    (23, 37, "unnormalised", 8.0, 1.0, 0.5, 8),  # depth in metres, kernel width in metres
-    (64, 64, "unit", 2.0, 0.6, 0.8, 4),
-    (64, 64, "unit", 0.6, 0.0, 0.8, 4),
-    (12, 20, "unit", 0.3, 1.5, 0.0, 24),
+CASES = [  # (gh, gw, depth kind, sigma_d, alpha, beta, D, grid unit)
+    (1, 7, "unit", 0.6, 0.6, 0.8, 16, "patch"),
+    (24, 24, "unit", 0.6, 0.6, 0.8, 16, "patch"),          # exact axes, depth rank ~10
+    (24, 24, "unit", 0.6, 0.6, 0.8, 16, "unit_square"),    # the earlier units: low-rank axes
+    (24, 24, "constant", 0.05, 0.6, 0.8, 8, "patch"),
+    (23, 37, "unit", 0.05, 0.6, 0.8, 8, "unit_square"),
+    (23, 37, "unnormalised", 8.0, 1.0, 0.5, 8, "unit_square"),  # depth in metres, kernel width in metres
+    (64, 64, "unit", 2.0, 0.6, 0.8, 4, "patch"),
+    (64, 64, "unit", 2.0, 0.6, 0.8, 4, "unit_square"),
+    (64, 64, "unit", 0.6, 0.0, 0.8, 4, "patch"),
+    (12, 20, "unit", 0.3, 1.5, 0.0, 24, "patch"),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("gh,gw,kind,sigma_d,alpha,beta,D", CASES)
-def test_structured_matches_dense_reference(gh, gw, kind, sigma_d, alpha, beta, D, dtype, device):
+@pytest.mark.parametrize("gh,gw,kind,sigma_d,alpha,beta,D,unit", CASES)
+def test_structured_matches_dense_reference(gh, gw, kind, sigma_d, alpha, beta, D, unit, dtype, device):
     N = gh * gw
     kw = dict(sigma_d=sigma_d, sigma_s=0.6, alpha=alpha, beta=beta)
     big = N > 1000
@@ -134,21 +198,19 @@ def test_structured_matches_dense_reference(gh, gw, kind, sigma_d, alpha, beta, 
     k = torch.randn(B, H, N, D, device=device).to(dtype)
     v = torch.randn(B, H, N, D, device=device).to(dtype)
     depth = _depth(kind, B, N, device)
-    plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, **kw)
-    if plan.algorithm != "structured" and "costs more" not in plan.reason:
-        pytest.fail(f"unexpected fallback: {plan}")
-    k_hat, v_hat = kvfix.dscr_refine(k, v, depth, (gh, gw), method="structured", **kw)
+    kvfix.dscr_plan(gh, gw, depth, dtype=dtype, grid_unit=unit, method="structured", **kw)  # the bound is met
+    k_hat, v_hat = kvfix.dscr_refine(k, v, depth, (gh, gw), method="structured", grid_unit=unit, **kw)
     if not big:
-        tk, tv = _truth(k, v, depth, gh, gw, **kw)
-        coords = kvfix.patch_coords(gh, gw, device=device).expand(B, N, 2)
+        tk, tv = _truth(k, v, depth, gh, gw, unit, **kw)
+        coords = kvfix.patch_coords(gh, gw, unit=unit, device=device).expand(B, N, 2)
         assert_close_to_reference(k_hat, k, tk, depth, coords, which="k", **kw)
         assert_close_to_reference(v_hat, v, tv, depth, coords, which="v", **kw)
         return
     # N = 4096: float64 truth on 256 output tokens only; the dense kernel's tolerance
     # (test_dscr: 2e-5 for fp32; the output rounding for 16-bit dtypes).
     cols = torch.linspace(0, N - 1, 256).round().long()
-    tk, tv = reference_columns_f64(k.cpu(), v.cpu(), depth[0].cpu(), kvfix.patch_coords(gh, gw, dtype=torch.float64),
-                                   cols, **kw)
+    tk, tv = reference_columns_f64(k.cpu(), v.cpu(), depth[0].cpu(),
+                                   kvfix.patch_coords(gh, gw, unit=unit, dtype=torch.float64), cols, **kw)
     tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     for out, t in ((k_hat, tk), (v_hat, tv)):
         assert out.dtype == dtype and torch.isfinite(out).all()
@@ -221,12 +283,31 @@ def test_single_token_grid_keeps_the_token(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_grid_form_equals_patch_coords(device):
-    """coords=(gh, gw) with method='dense' is exactly the tensor form."""
+    """coords=(gh, gw) with method='dense' is exactly the tensor form: patch_coords(gh, gw), patch
+    units by default (adjacent patches 1 apart), the unit square with grid_unit="unit_square"."""
     k = torch.randn(2, 2, 30, 16, device=device)
     depth = torch.rand(30, device=device)
     a = kvfix.dscr_refine(k, None, depth, (5, 6), method="dense")[0]
     b = kvfix.dscr_refine(k, None, depth, kvfix.patch_coords(5, 6, device=device))[0]
     assert torch.equal(a, b)
+    s = torch.stack(torch.meshgrid(torch.arange(5) + 0.5, torch.arange(6) + 0.5, indexing="ij"), -1).reshape(30, 2)
+    assert torch.equal(b, kvfix.dscr_refine(k, None, depth, s.to(device))[0])
+    a = kvfix.dscr_refine(k, None, depth, (5, 6), method="dense", grid_unit="unit_square")[0]
+    b = kvfix.dscr_refine(k, None, depth, kvfix.patch_coords(5, 6, unit="unit_square", device=device))[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, kvfix.dscr_refine(k, None, depth, (5, 6), method="dense")[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_unit_structured_matches_its_dense_form(device):
+    """The structured factors follow grid_unit: each unit's structured result is its own dense one."""
+    gh, gw = 6, 7
+    k = torch.randn(1, 2, gh * gw, 16, device=device)
+    depth = torch.rand(gh * gw, device=device)
+    for unit in ("patch", "unit_square"):
+        s = kvfix.dscr_refine(k, None, depth, (gh, gw), method="structured", grid_unit=unit)[0]
+        d = kvfix.dscr_refine(k, None, depth, kvfix.patch_coords(gh, gw, unit=unit, device=device))[0]
+        torch.testing.assert_close(s, d, rtol=0, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +337,14 @@ def test_cache_inplace_structured(keys_only, dtype, device):
 def test_cache_auto_uses_structured_and_dense_consistently():
     """auto on the cache path: structured at 24x24, dense where the plan falls back."""
     B, H, D = 1, 2, 16
-    for gh, gw, depth in [(24, 24, torch.rand(576)), (24, 24, 80 * torch.rand(576))]:
-        k = torch.randn(B, H, gh * gw, D)
-        ref = kvfix.dscr_refine(k, None, depth, (gh, gw))[0]
-        kvfix.dscr_refine_cache_([k], None, depth, (gh, gw))
+    m = torch.rand(48, 48)
+    for unit, depth, algorithm in [("unit_square", torch.rand(576), "structured"), ("patch", torch.rand(576), "dense"),
+                                   ("unit_square", 80 * torch.rand(576), "dense"),
+                                   ("patch", kvfix.patch_depth(m, 24, 24), "dense")]:
+        assert kvfix.dscr_plan(24, 24, depth, grid_unit=unit).algorithm == algorithm
+        k = torch.randn(B, H, 576, D)
+        ref = kvfix.dscr_refine(k, None, depth, (24, 24), grid_unit=unit)[0]
+        kvfix.dscr_refine_cache_([k], None, depth, (24, 24), grid_unit=unit)
         assert torch.equal(k, ref)
 
 
@@ -281,6 +366,16 @@ def test_bad_grid_input(coords, method, exc, match):
         coords = torch.rand(24, 2)
     with pytest.raises(exc, match=match):
         kvfix.dscr_refine(k, None, torch.rand(24), coords, method=method)
+
+
+def test_bad_grid_unit():
+    k = torch.randn(1, 2, 24, 8)
+    with pytest.raises(ValueError, match="unit must be one of"):
+        kvfix.dscr_refine(k, None, torch.rand(24), (4, 6), grid_unit="pixel")
+    with pytest.raises(ValueError, match="applies to the grid form"):
+        kvfix.dscr_refine(k, None, torch.rand(24), torch.rand(24, 2), grid_unit="unit_square")
+    with pytest.raises(ValueError, match="unit must be one of"):
+        kvfix.dscr_refine_cache_([k], None, torch.rand(24), (4, 6), grid_unit="pixel")
 
 
 def test_non_finite_depth_with_grid_writes_nothing():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..geometry import patch_depth
+from ..geometry import check_depth_scale, check_grid_unit, patch_depth
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 from .models import ImageSpan
@@ -54,12 +54,19 @@ class DSCR(Method):
             spatial term distinguishes tokens).
         method: the algorithm of the DSCR op: "auto" (default: structured on the image's patch
             grid where `kvfix.dscr_plan` finds it cheaper within the dtype's tolerance, dense
-            otherwise), "structured" or "dense". Images are always passed in the grid form
-            `(gh, gw)` (= `patch_coords(gh, gw)`).
+            otherwise; at the default units a depth map with more than one level runs dense),
+            "structured" or "dense". Images are always passed in the grid form `(gh, gw)`.
+        grid_unit: the coordinates of the grid form, `patch_coords(gh, gw, unit=grid_unit)`:
+            "patch" (default: adjacent patches 1 apart, so the spatial term smooths neighbouring
+            patches) or "unit_square" (the earlier units; kvfix/geometry.py explains).
+        depth_scale: depth maps are min-max normalised to [0, depth_scale] per image: 255.0
+            (default: the levels of an 8-bit depth image, so sigma_d = 0.6 separates surfaces a
+            few levels apart) or 1.0 (the earlier units). Per-token depths [N] are used as given.
 
     Depth maps come from `handle.images(depth_maps=[...])` / `handle.set_images(...)`, one per
-    image, each [H, W] at any resolution (area-pooled to the patch grid and min-max normalised
-    by `kvfix.patch_depth`), or [N] already on the grid (used as given), or "uniform".
+    image, each [H, W] at any resolution (area-pooled to the patch grid, min-max normalised and
+    scaled to [0, depth_scale] by `kvfix.patch_depth`), or [N] already on the grid (used as
+    given), or "uniform".
 
     The weights of an image are planned once per forward (`kvfix.dscr_plan`, its geometry on
     the model's device: one host read of the depth range per image) and serve every selected
@@ -85,8 +92,11 @@ class DSCR(Method):
     uses_attention = True
 
     def __init__(self, layers=None, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
-                 beta: float = 0.8, keys_only: bool = False, missing_depth: str = "error", method: str = "auto"):
+                 beta: float = 0.8, keys_only: bool = False, missing_depth: str = "error", method: str = "auto",
+                 grid_unit: str = "patch", depth_scale: float = 255.0):
         self.sigma_d, self.sigma_s, self.alpha, self.beta = ops._dscr_params(sigma_d, sigma_s, alpha, beta)
+        self.grid_unit = check_grid_unit(grid_unit)
+        self.depth_scale = check_depth_scale(depth_scale)
         if missing_depth not in _MISSING:
             raise ValueError(f"missing_depth must be one of {_MISSING}, got {missing_depth!r}")
         if not isinstance(keys_only, bool):
@@ -107,7 +117,8 @@ class DSCR(Method):
 
     def __repr__(self):
         return (f"DSCR(layers={self.layers!r}, sigma_d={self.sigma_d}, sigma_s={self.sigma_s}, alpha={self.alpha}, "
-                f"beta={self.beta}, keys_only={self.keys_only}, missing_depth={self.missing_depth!r}, method={self.method!r})")
+                f"beta={self.beta}, keys_only={self.keys_only}, missing_depth={self.missing_depth!r}, "
+                f"method={self.method!r}, grid_unit={self.grid_unit!r}, depth_scale={self.depth_scale})")
 
     @property
     def _params(self):
@@ -237,7 +248,7 @@ class DSCR(Method):
             return torch.zeros(img.length, dtype=torch.float32)
         if d.dim() == 1:
             return d.to(torch.float32)
-        return patch_depth(d, img.gh, img.gw)
+        return patch_depth(d, img.gh, img.gw, scale=self.depth_scale)
 
 
 class _Forward:
@@ -262,7 +273,8 @@ class _Forward:
         routes = self.routes.get(key)
         if routes is None:
             routes = self.routes[key] = [
-                ops._dscr_route(1, img.length, device, dtype, d.to(device), (img.gh, img.gw), dscr.method, dscr._params)
+                ops._dscr_route(1, img.length, device, dtype, d.to(device), (img.gh, img.gw), dscr.method, dscr._params,
+                                dscr.grid_unit)
                 for img, d in zip(self.ctx.images, self.depths)]
         return routes
 

@@ -93,9 +93,9 @@ def test_kernels_match_factored_reference(mod, gh, gw, B, H, D, bd, layout, dtyp
     want = R.dscr_refine_factored(x.double(), None, *f64)[0]
     scale = max(1.0, want.abs().max().item())
     assert (out.double() - want).abs().max().item() <= TOL[dtype] * scale
-    if dtype == torch.float32:  # and the dense float64 reference, within the plan's bound
-        coords = torch.stack(torch.meshgrid((torch.arange(gh, dtype=torch.float64) + 0.5) / max(gh, gw),
-                                            (torch.arange(gw, dtype=torch.float64) + 0.5) / max(gh, gw),
+    if dtype == torch.float32:  # and the dense float64 reference (patch units), within the plan's bound
+        coords = torch.stack(torch.meshgrid(torch.arange(gh, dtype=torch.float64) + 0.5,
+                                            torch.arange(gw, dtype=torch.float64) + 0.5,
                                             indexing="ij"), -1).reshape(N, 2)
         dense = R.dscr_refine(x.double(), None, depth.double(), coords, **PARAMS)[0]
         err = (out.double() - dense).abs().max().item()
