@@ -1,0 +1,414 @@
+"""kvfix.eval run / compare end to end on tiny random models and generated data (no download).
+
+kvfix.eval.scoring is written elsewhere; these tests install a small stand-in module under that
+name (in sys.modules, and in the subprocesses of the distributed test) that records what it is
+given, so that they test the harness: loading, prompting, batching, resuming, sharding, the
+records written and what is handed to the scorer.
+"""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tqdm")
+from PIL import Image  # noqa: E402
+
+from kvfix.eval import compare as compare_mod  # noqa: E402
+from kvfix.eval import data as data_mod  # noqa: E402
+from kvfix.eval import protocols  # noqa: E402
+from kvfix.eval import run as run_mod  # noqa: E402
+from kvfix.eval.__main__ import main as eval_main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The stand-in scorer: metrics are simple functions of the answers, and every call is recorded.
+STUB_SOURCE = r'''
+import random, re
+CALLS = []
+def score_task(task, predictions, *, data):
+    CALLS.append((task, len(predictions), sorted(data)))
+    n = len(predictions)
+    words = [len(p["text"].split()) for p in predictions]
+    return {"n": n, "mean_words": sum(words) / n if n else 0.0,
+            "even_first": sum(p["text"][:2] in ("w0", "w2", "w4", "w6", "w8") for p in predictions) / max(n, 1),
+            "task": task}
+def bootstrap_ci(metric_fn, items, *, n=1000, seed=0):
+    rng = random.Random(seed)
+    vals = sorted(metric_fn([rng.choice(items) for _ in items]) for _ in range(n))
+    return vals[int(0.025 * n)], vals[max(0, int(0.975 * n) - 1)]
+MAIN_CALLS = []
+def score_main(argv):
+    MAIN_CALLS.append(list(argv))
+    return 0
+EVEN = re.compile(r"^w\d*[02468]$")
+class Chair:
+    def __init__(self, coco_dir):
+        self.coco_dir = coco_dir
+    def per_caption(self, captions):
+        return [[w for w in c.split() if EVEN.match(w)] for c in captions]
+'''
+
+
+def _stub_module():
+    mod = types.ModuleType("kvfix.eval.scoring")
+    exec(STUB_SOURCE, mod.__dict__)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def scoring(monkeypatch):
+    mod = _stub_module()
+    monkeypatch.setitem(sys.modules, "kvfix.eval.scoring", mod)
+    import kvfix.eval
+    monkeypatch.setattr(kvfix.eval, "scoring", mod, raising=False)
+    return mod
+
+
+# ------------------------------------------------------------------------------------ tiny model
+def tiny_llava_processor():
+    """A LlavaProcessor built offline: CLIP image processor (32 px, centre crop) + a word-level
+    tokenizer whose ids match kvfix.hf.testing.tiny_llava (0 pad, 1 bos, 2 eos, 100 <image>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(96)] + ["<image>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>", "<image>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %} ASSISTANT:{% endfor %}")
+    return LlavaProcessor(image_processor=ip, tokenizer=fast, patch_size=8, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1, chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from kvfix.hf.testing import tiny_llava
+    d = tmp_path_factory.mktemp("tiny_llava")
+    tiny_llava().save_pretrained(d)
+    tiny_llava_processor().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def depth_dir(tmp_path_factory):
+    import transformers
+
+    from kvfix.depth import default_processor
+    bb = transformers.Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64, out_indices=[1, 2],
+                                   reshape_hidden_states=False, initializer_range=0.2)
+    cfg = transformers.DepthAnythingConfig(backbone_config=bb, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16],
+                                           reassemble_factors=[4, 2], fusion_hidden_size=16, head_hidden_size=8,
+                                           initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = transformers.DepthAnythingForDepthEstimation(cfg).eval()
+        with torch.no_grad():
+            m.head.conv3.bias.fill_(2.0)
+    d = tmp_path_factory.mktemp("tiny_depth")
+    m.save_pretrained(d)
+    default_processor(cfg).save_pretrained(d)
+    return str(d)
+
+
+# ------------------------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """A few images in the official layouts of COCO (CHAIR, POPE), MME and AMBER."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def image(path, h=40, w=48):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+    coco = root / "coco"
+    ids = [42, 73, 139, 285, 632, 724]
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in ids]
+    for k, n in enumerate(names):
+        image(str(coco / "val2014" / n), 40 + 4 * k, 48)
+    cats = [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}]
+    os.makedirs(coco / "annotations")
+    with open(coco / "annotations" / "instances_val2014.json", "w") as f:
+        json.dump({"images": [{"id": i, "file_name": n} for i, n in zip(ids, names)], "categories": cats,
+                   "annotations": [{"id": k, "image_id": i, "category_id": 1 + k % 2} for k, i in enumerate(ids)]}, f)
+    with open(coco / "annotations" / "captions_val2014.json", "w") as f:
+        json.dump({"images": [{"id": i, "file_name": n} for i, n in zip(ids, names)],
+                   "annotations": [{"id": k, "image_id": i, "caption": "a person with a dog"}
+                                   for k, i in enumerate(ids)]}, f)
+    pope = root / "coco_pope_random.json"
+    with open(pope, "w") as f:
+        for q in range(6):
+            f.write(json.dumps({"question_id": q + 1, "image": names[q % 6], "text": f"w{q} w{q + 1} w7",
+                                "label": "yes" if q % 2 else "no"}) + "\n")
+    mme = root / "MME_Benchmark_release_version"
+    for k in range(2):  # existence: images/ + questions_answers_YN/
+        image(str(mme / "existence" / "images" / f"{k:012d}.jpg"))
+        os.makedirs(mme / "existence" / "questions_answers_YN", exist_ok=True)
+        with open(mme / "existence" / "questions_answers_YN" / f"{k:012d}.txt", "w") as f:
+            f.write(f"w{k} w3 w5\tYes\nw{k} w8 w9\tNo\n")
+    for k in range(2):  # color: images and .txt side by side
+        image(str(mme / "color" / f"{k:012d}.png"))
+        with open(mme / "color" / f"{k:012d}.txt", "w") as f:
+            f.write(f"w{k + 10} w11\tYes\nw{k + 10} w12\tNo\n")
+    amber = root / "AMBER"
+    for k in range(3):
+        image(str(amber / "image" / f"AMBER_{k + 1}.jpg"))
+    os.makedirs(amber / "data" / "query")
+    with open(amber / "data" / "query" / "query_all.json", "w") as f:
+        json.dump([{"id": k + 1, "image": f"AMBER_{k + 1}.jpg", "query": "w1 w2" if k else "Describe this image."}
+                   for k in range(3)], f)
+    return {"root": str(root), "coco": str(coco), "pope": str(pope), "images": str(coco / "val2014"),
+            "mme": str(mme), "amber": str(amber)}
+
+
+def _task_args(task, datasets):
+    if task == "pope":
+        return ["--data", datasets["pope"], "--images", datasets["images"]]
+    return ["--data", datasets[{"chair": "coco", "mme": "mme", "amber": "amber"}[task]]]
+
+
+def _run(task, model_dir, datasets, out, *extra, tokens=4):
+    argv = ["run", "--task", task, "--model", model_dir, *_task_args(task, datasets), "--out", str(out),
+            "--set", f"max_new_tokens={tokens}", "--bootstrap", "50", "--no-progress", *extra]
+    assert eval_main(argv) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    return run_mod.read_predictions(os.path.join(out, "predictions.jsonl")), metrics
+
+
+def _answers(preds):
+    return [(p["id"], p["seed"], p["text"]) for p in preds]
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_loaders_read_the_official_layouts(datasets):
+    pope = data_mod.load_items("pope", datasets["pope"], images=datasets["images"])
+    assert [p["question_id"] for p in pope] == [1, 2, 3, 4, 5, 6] and pope[1]["label"] == "yes"
+    assert all(os.path.exists(p["image"]) for p in pope)
+    chair = data_mod.load_items("chair", datasets["coco"])
+    assert [c["image_id"] for c in chair] == [42, 73, 139, 285, 632, 724]
+    pick = data_mod.load_items("chair", datasets["coco"], image_set="random-3", image_seed=5)
+    assert len(pick) == 3 and pick == data_mod.load_items("chair", datasets["coco"], image_set="random-3", image_seed=5)
+    mme = data_mod.load_items("mme", datasets["mme"])
+    assert len(mme) == 8 and {m["category"] for m in mme} == {"existence", "color"}
+    assert mme[0]["gt"] in ("Yes", "No") and all(os.path.exists(m["image"]) for m in mme)
+    amber = data_mod.load_items("amber", datasets["amber"])
+    assert [a["amber_id"] for a in amber] == [1, 2, 3] and amber[0]["question"] == "Describe this image."
+    with pytest.raises(ValueError, match="--images"):
+        data_mod.load_items("pope", datasets["pope"])
+
+
+def test_protocol_presets_and_overrides():
+    p = protocols.get_preset("cmac-pope", "pope")
+    assert p.do_sample and p.max_new_tokens == 64 and "IMCCD" in p.source and p.methods == ("cmac:preset=pope",)
+    for name, preset in protocols.PRESETS.items():
+        assert preset.source, name
+    q, rec = protocols.apply_overrides(p, ["max_new_tokens=8", "seeds=1,2", "do_sample=false", "top_k=none"])
+    assert (q.max_new_tokens, q.seeds, q.do_sample, q.top_k) == (8, (1, 2), False, None)
+    assert rec == {"max_new_tokens": 8, "seeds": [1, 2], "do_sample": False, "top_k": None}
+    with pytest.raises(ValueError, match="FIELD"):
+        protocols.apply_overrides(p, ["no_such=1"])
+    with pytest.raises(ValueError, match="task"):
+        protocols.get_preset("cmac-pope", "chair")
+    assert run_mod.parse_method("kvsmooth:lam_ref=0.9,band=0.2") == ("kvsmooth", {"lam_ref": 0.9, "band": 0.2})
+    with pytest.raises(ValueError, match="unknown method"):
+        run_mod.parse_method("opera")
+
+
+def test_run_pope_writes_predictions_and_metrics(model_dir, datasets, tmp_path, scoring):
+    preds, metrics = _run("pope", model_dir, datasets, tmp_path / "r", "--batch-size", "4")
+    assert [p["id"] for p in preds] == ["1", "2", "3", "4", "5", "6"]
+    assert all(p["seed"] == 0 and p["label"] in ("yes", "no") and "question_id" in p for p in preds)
+    assert preds[0]["prompt"] == "w0 w1 w7\nAnswer the question using a single word or phrase."
+    assert all(len(p["text"].split()) <= 4 for p in preds) and any(p["text"] for p in preds)
+    # The tiny processor's text and model: each answer is what model.generate gives for the prompt.
+    model, proc = run_mod.load_model(model_dir)
+    proc.tokenizer.padding_side = "left"
+    text = run_mod._chat_text(proc, protocols.get_preset("plain-pope"), preds[2]["prompt"])
+    assert text.startswith("USER: <image> w2 w3 w7")
+    img = Image.open(preds[2]["image"]).convert("RGB")
+    inp = proc(images=[img], text=[text], return_tensors="pt")
+    out = model.generate(**inp, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert proc.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip() == preds[2]["text"]
+    assert metrics["metrics"]["n"] == 6 and metrics["metrics"]["task"] == "pope"
+    assert set(metrics["ci95"]) == {"n", "mean_words", "even_first"}
+    lo, hi = metrics["ci95"]["mean_words"]
+    assert lo <= metrics["metrics"]["mean_words"] <= hi
+    assert metrics["protocol"]["preset"] == "plain-pope" and metrics["protocol"]["overrides"] == {"max_new_tokens": 4}
+    assert metrics["protocol"]["max_new_tokens"] == 4 and metrics["protocol"]["source"]
+    env = metrics["environment"]
+    assert env["torch"] == torch.__version__ and env["world_size"] == 1 and "transformers" in env
+    t = metrics["timing"]
+    assert t["generate_s"] > 0 and t["loop_s"] >= t["generate_s"] and t["harness_overhead"] is not None
+    assert ("pope", 6, ["questions"]) in scoring.CALLS
+
+
+def test_resume_after_interruption_and_limit(model_dir, datasets, tmp_path):
+    full, _ = _run("pope", model_dir, datasets, tmp_path / "full", "--batch-size", "2")
+    # --limit 2, then the whole set into the same folder: the first two are not generated again.
+    _run("pope", model_dir, datasets, tmp_path / "lim", "--batch-size", "2", "--limit", "2")
+    preds, metrics = _run("pope", model_dir, datasets, tmp_path / "lim", "--batch-size", "2")
+    assert _answers(preds) == _answers(full)
+    assert metrics["timing"]["per_rank"][0]["items"] == 4 and metrics["n_items"] == 6
+    # An interrupted run: two complete lines and half of the third.
+    path = tmp_path / "lim" / "predictions.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:10])
+    preds, metrics = _run("pope", model_dir, datasets, tmp_path / "lim", "--batch-size", "2")
+    assert _answers(preds) == _answers(full) and metrics["timing"]["per_rank"][0]["items"] == 4
+    # A different protocol into the same folder is refused.
+    with pytest.raises(ValueError, match="another run"):
+        _run("pope", model_dir, datasets, tmp_path / "lim", tokens=5)
+
+
+def test_sampling_seeds_report_the_spread(model_dir, datasets, tmp_path):
+    preds, metrics = _run("pope", model_dir, datasets, tmp_path / "s", "--set", "do_sample=true",
+                          "--set", "seeds=3,4", "--limit", "3")
+    assert [(p["id"], p["seed"]) for p in preds] == [(i, s) for s in (3, 4) for i in ("1", "2", "3")]
+    assert [p["seed"] for p in metrics["per_seed"]] == [3, 4]
+    assert set(metrics["seed_spread"]["mean_words"]) == {"std", "min", "max"}
+    again, _ = _run("pope", model_dir, datasets, tmp_path / "s2", "--set", "do_sample=true",
+                    "--set", "seeds=3,4", "--limit", "3")
+    assert _answers(again) == _answers(preds)  # sampling is reproducible
+
+
+@pytest.mark.parametrize("task,n", [("chair", 6), ("mme", 8), ("amber", 3)])
+def test_run_other_tasks(model_dir, datasets, tmp_path, scoring, task, n):
+    preds, metrics = _run(task, model_dir, datasets, tmp_path / task, "--batch-size", "3")
+    assert len(preds) == n and metrics["metrics"]["n"] == n
+    key = {"chair": "image_id", "mme": "gt", "amber": "amber_id"}[task]
+    assert all(key in p for p in preds)
+    data_keys = {"chair": ["coco_dir"], "mme": ["records"], "amber": ["amber_dir", "queries"]}[task]
+    assert (task, n, data_keys) in scoring.CALLS
+    if task == "chair":
+        assert preds[0]["prompt"] == "Please describe this image in detail."
+        assert metrics["data"]["coco_dir"] == os.path.abspath(datasets["coco"])
+
+
+STACK = ["dscr", "kvsmooth", "scr:top_k=2", "cmac"]
+# SCR stacked with CMAC fails inside kvfix.hf at this branch's base (SCR's layer_input gets an
+# empty / shortened image span in CMAC's forked prefill); the fix is on its way on another branch.
+_SCR_CMAC = pytest.mark.xfail(raises=ValueError, strict=False,
+                              reason="kvfix.hf: SCR stacked with CMAC (fixed on branch stack-fix)")
+
+
+@pytest.mark.parametrize("methods", [[m] for m in STACK] + [STACK[:3], STACK[:2] + STACK[3:]]
+                         + [pytest.param(STACK, marks=_SCR_CMAC)], ids=lambda m: "+".join(m))
+def test_every_method_and_a_stack(model_dir, depth_dir, datasets, tmp_path, methods):
+    out = tmp_path / "m"
+    extra = [a for m in methods for a in ("--method", m)] + ["--depth-model", depth_dir, "--limit", "3"]
+    preds, metrics = _run("pope", model_dir, datasets, out, "--batch-size", "2", *extra)
+    assert len(preds) == 3 and metrics["methods"] == methods
+    # The same run by hand: the methods enabled on the loaded model, generate on the same batches.
+    import kvfix.hf
+    model, proc = run_mod.load_model(model_dir)
+    proc.tokenizer.padding_side = "left"
+    handle = kvfix.hf.enable(model, *run_mod.build_methods(methods))
+    items = data_mod.load_items("pope", datasets["pope"], images=datasets["images"])[:3]
+    expect = []
+    for b in (items[:2], items[2:]):
+        imgs = [Image.open(it["image"]).convert("RGB") for it in b]
+        texts = [run_mod._chat_text(proc, protocols.get_preset("plain-pope"),
+                                    protocols.get_preset("plain-pope").prompt.format(question=it["question"]))
+                 for it in b]
+        inp = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+        maps = None
+        if "dscr" in methods:
+            from kvfix.depth import DepthEstimator
+            crops = (inp["pixel_values"] * torch.tensor(proc.image_processor.image_std).view(1, 3, 1, 1)
+                     + torch.tensor(proc.image_processor.image_mean).view(1, 3, 1, 1)).clamp(0, 1)
+            maps = DepthEstimator(depth_dir)([c.permute(1, 2, 0).numpy() for c in crops])
+            assert all(m.shape == (32, 32) for m in maps)  # the processor's crop, not the 40x48 file
+        out_ids = handle.generate(**inp, depth_maps=maps, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        expect += [t.strip() for t in proc.batch_decode(out_ids[:, inp["input_ids"].shape[1]:],
+                                                        skip_special_tokens=True)]
+    handle.disable()
+    assert [p["text"] for p in preds] == expect
+    if "dscr" in methods:
+        assert len(os.listdir(out / "depth")) == 3  # cached: one map per image
+        again, _ = _run("pope", model_dir, datasets, tmp_path / "m2", "--batch-size", "2", *extra,
+                        "--depth-cache", str(out / "depth"))
+        assert _answers(again) == _answers(preds)
+
+
+def test_score_subcommand_dispatches(scoring):
+    assert eval_main(["score", "--task", "pope", "x.jsonl"]) == 0
+    assert scoring.MAIN_CALLS == [["--task", "pope", "x.jsonl"]]
+    assert eval_main(["nope"]) == 2
+
+
+def test_compare_table_plot_and_examples(model_dir, datasets, tmp_path, capsys):
+    _run("chair", model_dir, datasets, tmp_path / "plain", tokens=6)
+    _run("chair", model_dir, datasets, tmp_path / "kvs", "--method", "kvsmooth", tokens=6)
+    _run("chair", model_dir, datasets, tmp_path / "seeds", "--set", "do_sample=true", "--set", "seeds=0,1",
+         tokens=6)
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert eval_main(["compare", str(tmp_path / "plain"), str(tmp_path / "kvs"), str(tmp_path / "seeds"),
+                      "--out", str(out), "--examples", "4"]) == 0
+    table = (out / "compare.md").read_text()
+    assert capsys.readouterr().out == table
+    rows = table.strip().splitlines()
+    assert len(rows) == 5 and "mean_words" in rows[0] and "kvsmooth" in rows[3]
+    assert "[" in rows[2] and "±" in rows[4] and "2 seeds" in rows[4]
+    with Image.open(out / "compare.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    page = (out / "examples.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 4 and "Please describe this image in detail." in page
+    # The stand-in Chair flags words ending in an even digit; each is highlighted where it occurs.
+    shown = [p for p in run_mod.read_predictions(str(tmp_path / "plain" / "predictions.jsonl"))
+             if f"<small>{p['id']}</small>" in page]
+    assert len(shown) == 4
+    flagged = [w for p in shown for w in p["text"].split() if w[-1] in "02468"]
+    assert page.count("<mark>") >= len(set(flagged)) and all(f"<mark>{w}</mark>" in page for w in flagged)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_merge_to_the_single_process_run(model_dir, datasets, tmp_path):
+    argv = ["run", "--task", "pope", "--model", model_dir, *_task_args("pope", datasets), "--set",
+            "max_new_tokens=4", "--batch-size", "1", "--bootstrap", "20", "--no-progress"]
+    single, _ = _run("pope", model_dir, datasets, tmp_path / "one", "--batch-size", "1")
+    out = tmp_path / "two"
+    os.makedirs(out)
+    # Rank 1 was interrupted after its first item: it resumes its shard.
+    with open(out / "predictions.rank1.jsonl", "w") as f:
+        f.write(json.dumps(single[1]) + "\n")
+    script = tmp_path / "launch.py"
+    script.write_text("import sys, types\n"
+                      f"mod = types.ModuleType('kvfix.eval.scoring'); exec({STUB_SOURCE!r}, mod.__dict__)\n"
+                      "sys.modules['kvfix.eval.scoring'] = mod\n"
+                      "from kvfix.eval.__main__ import main\nsys.exit(main(sys.argv[1:]))\n")
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                   CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out", str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    merged = run_mod.read_predictions(str(out / "predictions.jsonl"))
+    assert _answers(merged) == _answers(single)
+    assert sorted(os.listdir(out)) == ["metrics.json", "predictions.jsonl", "run.json"]
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["environment"]["world_size"] == 2 and metrics["metrics"]["n"] == 6
+    assert [t["items"] for t in metrics["timing"]["per_rank"]] == [3, 2]
