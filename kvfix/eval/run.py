@@ -40,6 +40,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -350,18 +351,27 @@ def _run(args, model, processor, world, rank, local_rank):
     total = len(mine) * len(protocol.seeds)
     bar = tqdm(total=total, initial=total - len(todo), desc=f"{args.task} rank {rank}" if world > 1 else args.task,
                unit="item", disable=args.no_progress or rank != 0, dynamic_ncols=True)
+    batches = [todo[b:b + args.batch_size] for b in range(0, len(todo), args.batch_size)]
+
+    def prepare(batch):
+        """Images, prompts and processor outputs of a batch (in a worker thread, while the
+        previous batch generates)."""
+        images = [Image.open(it["image"]).convert("RGB") for _, _, it in batch]
+        prompts = [protocol.prompt.format(question=it["question"]) for _, _, it in batch]
+        texts = [_chat_text(processor, protocol, p) for p in prompts]
+        return images, prompts, processor(images=images, text=texts, return_tensors="pt", padding=True)
+
     t_loop, gen_s = time.perf_counter(), 0.0
     try:
-        with open(own_path, "a") as out:
-            for b in range(0, len(todo), args.batch_size):
-                batch = todo[b:b + args.batch_size]
-                images = [Image.open(it["image"]).convert("RGB") for _, _, it in batch]
-                prompts = [protocol.prompt.format(question=it["question"]) for _, _, it in batch]
-                texts = [_chat_text(processor, protocol, p) for p in prompts]
-                inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        with open(own_path, "a") as out, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(prepare, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                images, prompts, inputs = pending.result()
+                if k + 1 < len(batches):
+                    pending = pool.submit(prepare, batches[k + 1])
                 maps = depth(processor, inputs, images) if depth is not None else (
                     "uniform" if needs_depth else None)
-                inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+                inputs = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in inputs.items()}
                 if inputs["pixel_values"].is_floating_point():
                     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
                 # Sampling: one stream per (seed, first item of the batch): reproducible for the
