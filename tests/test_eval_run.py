@@ -1,17 +1,13 @@
-"""kvfix.eval run / compare end to end on tiny random models and generated data (no download).
-
-kvfix.eval.scoring is written elsewhere; these tests install a small stand-in module under that
-name (in sys.modules, and in the subprocesses of the distributed test) that records what it is
-given, so that they test the harness: loading, prompting, batching, resuming, sharding, the
-records written and what is handed to the scorer.
+"""kvfix.eval run / score / compare end to end on a tiny random LLaVA and generated data in the
+benchmarks' official layouts (no download): loading, prompting, batching, every method and a
+stack, resuming, sharding over two processes, the records written, their scoring by
+kvfix.eval.scoring, and the comparison page.
 """
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,6 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tqdm")
+pytest.importorskip("lemminflect")
 from PIL import Image  # noqa: E402
 
 from kvfix.eval import compare as compare_mod  # noqa: E402
@@ -28,48 +25,6 @@ from kvfix.eval import run as run_mod  # noqa: E402
 from kvfix.eval.__main__ import main as eval_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The stand-in scorer: metrics are simple functions of the answers, and every call is recorded.
-STUB_SOURCE = r'''
-import random, re
-CALLS = []
-def score_task(task, predictions, *, data):
-    CALLS.append((task, len(predictions), sorted(data)))
-    n = len(predictions)
-    words = [len(p["text"].split()) for p in predictions]
-    return {"n": n, "mean_words": sum(words) / n if n else 0.0,
-            "even_first": sum(p["text"][:2] in ("w0", "w2", "w4", "w6", "w8") for p in predictions) / max(n, 1),
-            "task": task}
-def bootstrap_ci(metric_fn, items, *, n=1000, seed=0):
-    rng = random.Random(seed)
-    vals = sorted(metric_fn([rng.choice(items) for _ in items]) for _ in range(n))
-    return vals[int(0.025 * n)], vals[max(0, int(0.975 * n) - 1)]
-MAIN_CALLS = []
-def score_main(argv):
-    MAIN_CALLS.append(list(argv))
-    return 0
-EVEN = re.compile(r"^w\d*[02468]$")
-class Chair:
-    def __init__(self, coco_dir):
-        self.coco_dir = coco_dir
-    def per_caption(self, captions):
-        return [[w for w in c.split() if EVEN.match(w)] for c in captions]
-'''
-
-
-def _stub_module():
-    mod = types.ModuleType("kvfix.eval.scoring")
-    exec(STUB_SOURCE, mod.__dict__)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def scoring(monkeypatch):
-    mod = _stub_module()
-    monkeypatch.setitem(sys.modules, "kvfix.eval.scoring", mod)
-    import kvfix.eval
-    monkeypatch.setattr(kvfix.eval, "scoring", mod, raising=False)
-    return mod
 
 
 # ------------------------------------------------------------------------------------ tiny model
@@ -169,6 +124,13 @@ def datasets(tmp_path_factory):
     with open(amber / "data" / "query" / "query_all.json", "w") as f:
         json.dump([{"id": k + 1, "image": f"AMBER_{k + 1}.jpg", "query": "w1 w2" if k else "Describe this image."}
                    for k in range(3)], f)
+    with open(amber / "data" / "annotations.json", "w") as f:
+        json.dump([{"id": 1, "type": "generative", "truth": ["dog"], "hallu": ["cat"]},
+                   {"id": 2, "type": "discriminative-hallucination", "truth": "yes"},
+                   {"id": 3, "type": "discriminative-hallucination", "truth": "no"}], f)
+    with open(amber / "data" / "relation.json", "w") as f:
+        json.dump({"dog": [], "cat": []}, f)
+    (amber / "data" / "safe_words.txt").write_text("animal\n")
     return {"root": str(root), "coco": str(coco), "pope": str(pope), "images": str(coco / "val2014"),
             "mme": str(mme), "amber": str(amber)}
 
@@ -203,9 +165,10 @@ def test_loaders_read_the_official_layouts(datasets):
     assert len(pick) == 3 and pick == data_mod.load_items("chair", datasets["coco"], image_set="random-3", image_seed=5)
     mme = data_mod.load_items("mme", datasets["mme"])
     assert len(mme) == 8 and {m["category"] for m in mme} == {"existence", "color"}
-    assert mme[0]["gt"] in ("Yes", "No") and all(os.path.exists(m["image"]) for m in mme)
+    assert mme[0]["question_id"] == "color/000000000000.png/0" and mme[0]["label"] == "Yes"
+    assert all(os.path.exists(m["image"]) for m in mme)
     amber = data_mod.load_items("amber", datasets["amber"])
-    assert [a["amber_id"] for a in amber] == [1, 2, 3] and amber[0]["question"] == "Describe this image."
+    assert [a["id"] for a in amber] == [1, 2, 3] and amber[0]["question"] == "Describe this image."
     with pytest.raises(ValueError, match="--images"):
         data_mod.load_items("pope", datasets["pope"])
 
@@ -214,7 +177,7 @@ def test_protocol_presets_and_overrides():
     p = protocols.get_preset("cmac-pope", "pope")
     assert p.do_sample and p.max_new_tokens == 64 and "IMCCD" in p.source and p.methods == ("cmac:preset=pope",)
     for name, preset in protocols.PRESETS.items():
-        assert preset.source, name
+        assert preset.source and name.endswith(preset.task), name
     q, rec = protocols.apply_overrides(p, ["max_new_tokens=8", "seeds=1,2", "do_sample=false", "top_k=none"])
     assert (q.max_new_tokens, q.seeds, q.do_sample, q.top_k) == (8, (1, 2), False, None)
     assert rec == {"max_new_tokens": 8, "seeds": [1, 2], "do_sample": False, "top_k": None}
@@ -227,13 +190,13 @@ def test_protocol_presets_and_overrides():
         run_mod.parse_method("opera")
 
 
-def test_run_pope_writes_predictions_and_metrics(model_dir, datasets, tmp_path, scoring):
+def test_run_pope_writes_predictions_and_metrics(model_dir, datasets, tmp_path):
     preds, metrics = _run("pope", model_dir, datasets, tmp_path / "r", "--batch-size", "4")
-    assert [p["id"] for p in preds] == ["1", "2", "3", "4", "5", "6"]
+    assert [p["id"] for p in preds] == [1, 2, 3, 4, 5, 6]
     assert all(p["seed"] == 0 and p["label"] in ("yes", "no") and "question_id" in p for p in preds)
     assert preds[0]["prompt"] == "w0 w1 w7\nAnswer the question using a single word or phrase."
     assert all(len(p["text"].split()) <= 4 for p in preds) and any(p["text"] for p in preds)
-    # The tiny processor's text and model: each answer is what model.generate gives for the prompt.
+    # Each answer is what model.generate gives for the prompt through the processor's chat template.
     model, proc = run_mod.load_model(model_dir)
     proc.tokenizer.padding_side = "left"
     text = run_mod._chat_text(proc, protocols.get_preset("plain-pope"), preds[2]["prompt"])
@@ -242,23 +205,26 @@ def test_run_pope_writes_predictions_and_metrics(model_dir, datasets, tmp_path, 
     inp = proc(images=[img], text=[text], return_tensors="pt")
     out = model.generate(**inp, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert proc.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip() == preds[2]["text"]
-    assert metrics["metrics"]["n"] == 6 and metrics["metrics"]["task"] == "pope"
-    assert set(metrics["ci95"]) == {"n", "mean_words", "even_first"}
-    lo, hi = metrics["ci95"]["mean_words"]
-    assert lo <= metrics["metrics"]["mean_words"] <= hi
+    # The scorer's result for these predictions, intervals included.
+    from kvfix.eval.scoring import score_task
+    questions = data_mod.load_items("pope", datasets["pope"], images=datasets["images"])
+    assert metrics["metrics"] == json.loads(json.dumps(score_task("pope", preds, data={"questions": questions},
+                                                                  bootstrap=50)))
+    off = metrics["metrics"]["official"]
+    assert off["n"] == 6 and off["ci95"]["accuracy"][0] <= off["accuracy"] <= off["ci95"]["accuracy"][1]
     assert metrics["protocol"]["preset"] == "plain-pope" and metrics["protocol"]["overrides"] == {"max_new_tokens": 4}
     assert metrics["protocol"]["max_new_tokens"] == 4 and metrics["protocol"]["source"]
     env = metrics["environment"]
     assert env["torch"] == torch.__version__ and env["world_size"] == 1 and "transformers" in env
     t = metrics["timing"]
     assert t["generate_s"] > 0 and t["loop_s"] >= t["generate_s"] and t["harness_overhead"] is not None
-    assert ("pope", 6, ["questions"]) in scoring.CALLS
 
 
 def test_resume_after_interruption_and_limit(model_dir, datasets, tmp_path):
     full, _ = _run("pope", model_dir, datasets, tmp_path / "full", "--batch-size", "2")
     # --limit 2, then the whole set into the same folder: the first two are not generated again.
-    _run("pope", model_dir, datasets, tmp_path / "lim", "--batch-size", "2", "--limit", "2")
+    _, lim = _run("pope", model_dir, datasets, tmp_path / "lim", "--batch-size", "2", "--limit", "2")
+    assert lim["metrics"]["official"]["n"] == 2
     preds, metrics = _run("pope", model_dir, datasets, tmp_path / "lim", "--batch-size", "2")
     assert _answers(preds) == _answers(full)
     assert metrics["timing"]["per_rank"][0]["items"] == 4 and metrics["n_items"] == 6
@@ -276,25 +242,32 @@ def test_resume_after_interruption_and_limit(model_dir, datasets, tmp_path):
 def test_sampling_seeds_report_the_spread(model_dir, datasets, tmp_path):
     preds, metrics = _run("pope", model_dir, datasets, tmp_path / "s", "--set", "do_sample=true",
                           "--set", "seeds=3,4", "--limit", "3")
-    assert [(p["id"], p["seed"]) for p in preds] == [(i, s) for s in (3, 4) for i in ("1", "2", "3")]
+    assert [(p["id"], p["seed"]) for p in preds] == [(i, s) for s in (3, 4) for i in (1, 2, 3)]
     assert [p["seed"] for p in metrics["per_seed"]] == [3, 4]
-    assert set(metrics["seed_spread"]["mean_words"]) == {"std", "min", "max"}
+    accs = [p["metrics"]["official"]["accuracy"] for p in metrics["per_seed"]]
+    assert metrics["metrics"]["official.accuracy"] == pytest.approx(sum(accs) / 2)
+    spread = metrics["seed_spread"]["official.accuracy"]
+    assert (spread["min"], spread["max"]) == (min(accs), max(accs))
     again, _ = _run("pope", model_dir, datasets, tmp_path / "s2", "--set", "do_sample=true",
                     "--set", "seeds=3,4", "--limit", "3")
     assert _answers(again) == _answers(preds)  # sampling is reproducible
 
 
 @pytest.mark.parametrize("task,n", [("chair", 6), ("mme", 8), ("amber", 3)])
-def test_run_other_tasks(model_dir, datasets, tmp_path, scoring, task, n):
+def test_run_other_tasks(model_dir, datasets, tmp_path, task, n):
     preds, metrics = _run(task, model_dir, datasets, tmp_path / task, "--batch-size", "3")
-    assert len(preds) == n and metrics["metrics"]["n"] == n
-    key = {"chair": "image_id", "mme": "gt", "amber": "amber_id"}[task]
-    assert all(key in p for p in preds)
-    data_keys = {"chair": ["coco_dir"], "mme": ["records"], "amber": ["amber_dir", "queries"]}[task]
-    assert (task, n, data_keys) in scoring.CALLS
+    assert len(preds) == n
+    m = metrics["metrics"]
     if task == "chair":
         assert preds[0]["prompt"] == "Please describe this image in detail."
+        assert all(p["caption"] == p["text"] and "image_id" in p for p in preds)
+        assert m["n"] == 6 and set(m["ci95"]) >= {"chair_s", "chair_i"}
         assert metrics["data"]["coco_dir"] == os.path.abspath(datasets["coco"])
+    elif task == "mme":
+        assert set(m) == {"existence", "color", "total", "ci95"} and m["existence"]["n"] == 4 and m["color"]["images"] == 2
+    else:
+        assert all(p["response"] == p["text"] for p in preds)
+        assert m["generative"]["n"] == 1 and m["discriminative"]["all"]["n"] == 2
 
 
 STACK = ["dscr", "kvsmooth", "scr:top_k=2", "cmac"]
@@ -343,9 +316,12 @@ def test_every_method_and_a_stack(model_dir, depth_dir, datasets, tmp_path, meth
         assert _answers(again) == _answers(preds)
 
 
-def test_score_subcommand_dispatches(scoring):
-    assert eval_main(["score", "--task", "pope", "x.jsonl"]) == 0
-    assert scoring.MAIN_CALLS == [["--task", "pope", "x.jsonl"]]
+def test_score_subcommand_scores_a_run(model_dir, datasets, tmp_path, capsys):
+    preds, metrics = _run("chair", model_dir, datasets, tmp_path / "c")
+    capsys.readouterr()
+    assert eval_main(["score", "chair", "--captions", str(tmp_path / "c" / "predictions.jsonl"),
+                      "--coco", datasets["coco"], "--bootstrap", "50"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["metrics"]
     assert eval_main(["nope"]) == 2
 
 
@@ -354,6 +330,12 @@ def test_compare_table_plot_and_examples(model_dir, datasets, tmp_path, capsys):
     _run("chair", model_dir, datasets, tmp_path / "kvs", "--method", "kvsmooth", tokens=6)
     _run("chair", model_dir, datasets, tmp_path / "seeds", "--set", "do_sample=true", "--set", "seeds=0,1",
          tokens=6)
+    # The tiny model's words are no COCO objects: give one run captions that name some.
+    path = tmp_path / "kvs" / "predictions.jsonl"
+    recs = run_mod.read_predictions(str(path))
+    for r in recs:
+        r["text"] = r["caption"] = "A dog & a cat <b>on a sofa</b>."
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     capsys.readouterr()
     out = tmp_path / "cmp"
     assert eval_main(["compare", str(tmp_path / "plain"), str(tmp_path / "kvs"), str(tmp_path / "seeds"),
@@ -361,18 +343,17 @@ def test_compare_table_plot_and_examples(model_dir, datasets, tmp_path, capsys):
     table = (out / "compare.md").read_text()
     assert capsys.readouterr().out == table
     rows = table.strip().splitlines()
-    assert len(rows) == 5 and "mean_words" in rows[0] and "kvsmooth" in rows[3]
-    assert "[" in rows[2] and "±" in rows[4] and "2 seeds" in rows[4]
+    assert len(rows) == 5 and rows[0].split(" | ")[5:] == ["chair_s", "chair_i", "recall", "avg_len |"]
+    assert "kvsmooth" in rows[3] and "[" in rows[2] and "±" in rows[4] and "2 seeds" in rows[4]
     with Image.open(out / "compare.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     page = (out / "examples.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 4 and "Please describe this image in detail." in page
-    # The stand-in Chair flags words ending in an even digit; each is highlighted where it occurs.
-    shown = [p for p in run_mod.read_predictions(str(tmp_path / "plain" / "predictions.jsonl"))
-             if f"<small>{p['id']}</small>" in page]
-    assert len(shown) == 4
-    flagged = [w for p in shown for w in p["text"].split() if w[-1] in "02468"]
-    assert page.count("<mark>") >= len(set(flagged)) and all(f"<mark>{w}</mark>" in page for w in flagged)
+    # Every image's reference captions name a person and a dog: cat and sofa (a couch) are marked.
+    assert page.count("A dog &amp; a <mark>cat</mark> &lt;b&gt;on a <mark>sofa</mark>&lt;/b&gt;.") == 4
+    assert "<b>" not in page and page.count("<mark>") == 8
+    assert compare_mod.flatten_metrics({"a": {"x": 1.0, "ci95": {"x": [0, 2]}}, "n": 3, "t": "s"}) == {"a.x": 1.0, "n": 3}
+    assert compare_mod.ci95_of({"a": {"x": 1.0, "ci95": {"x": [0, 2]}}}, "a.x") == [0, 2]
 
 
 def _free_port():
@@ -383,25 +364,20 @@ def _free_port():
 
 def test_two_processes_merge_to_the_single_process_run(model_dir, datasets, tmp_path):
     argv = ["run", "--task", "pope", "--model", model_dir, *_task_args("pope", datasets), "--set",
-            "max_new_tokens=4", "--batch-size", "1", "--bootstrap", "20", "--no-progress"]
-    single, _ = _run("pope", model_dir, datasets, tmp_path / "one", "--batch-size", "1")
+            "max_new_tokens=4", "--batch-size", "1", "--bootstrap", "50", "--no-progress"]
+    single, one = _run("pope", model_dir, datasets, tmp_path / "one", "--batch-size", "1")
     out = tmp_path / "two"
     os.makedirs(out)
     # Rank 1 was interrupted after its first item: it resumes its shard.
     with open(out / "predictions.rank1.jsonl", "w") as f:
         f.write(json.dumps(single[1]) + "\n")
-    script = tmp_path / "launch.py"
-    script.write_text("import sys, types\n"
-                      f"mod = types.ModuleType('kvfix.eval.scoring'); exec({STUB_SOURCE!r}, mod.__dict__)\n"
-                      "sys.modules['kvfix.eval.scoring'] = mod\n"
-                      "from kvfix.eval.__main__ import main\nsys.exit(main(sys.argv[1:]))\n")
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                    CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out", str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "kvfix.eval", *argv, "--out", str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -410,5 +386,5 @@ def test_two_processes_merge_to_the_single_process_run(model_dir, datasets, tmp_
     assert sorted(os.listdir(out)) == ["metrics.json", "predictions.jsonl", "run.json"]
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
-    assert metrics["environment"]["world_size"] == 2 and metrics["metrics"]["n"] == 6
+    assert metrics["environment"]["world_size"] == 2 and metrics["metrics"] == one["metrics"]
     assert [t["items"] for t in metrics["timing"]["per_rank"]] == [3, 2]

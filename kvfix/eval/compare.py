@@ -8,8 +8,7 @@ Writes into `--out` (default: the current folder):
 - examples.html: a self-contained page (images embedded as data: URIs, no server): for a
   sample of items present in every run (first seed), the image, the prompt and each run's
   answer side by side; for CHAIR, each answer's hallucinated objects highlighted, as
-  kvfix.eval.scoring.Chair(coco_dir).per_caption(captions) reports them (per caption, a list of
-  the hallucinated words as they appear in it, or (word, object) pairs).
+  kvfix.eval.scoring.Chair(coco_dir).per_caption finds them (its mentions' character spans).
 """
 from __future__ import annotations
 
@@ -20,10 +19,10 @@ import io
 import json
 import os
 import random
-import re
 import sys
 
-__all__ = ["main", "load_run", "markdown_table", "plot_png", "examples_html"]
+__all__ = ["HEADLINE", "ci95_of", "examples_html", "flatten_metrics", "load_run", "main", "markdown_table",
+           "plot_png"]
 
 
 def load_run(path: str) -> dict:
@@ -40,29 +39,78 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def _metric_names(runs) -> list[str]:
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Numeric leaves of a (nested) metrics dict by dotted path ("official.accuracy"); the
+    "ci95" entries are left out (ci95_of finds them)."""
+    out = {}
+    for k, v in metrics.items():
+        if k == "ci95":
+            continue
+        if isinstance(v, dict):
+            out.update(flatten_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = v
+    return out
+
+
+def ci95_of(metrics: dict, path: str):
+    """The bootstrap interval [lo, hi] of `path` in score_task's nested result, or None."""
+    *parents, leaf = path.split(".")
+    node = metrics
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    ci = node.get("ci95") if isinstance(node, dict) else None
+    return ci.get(leaf) if isinstance(ci, dict) else None
+
+
+# The columns shown by default (those present): each benchmark's headline numbers.
+HEADLINE = {
+    "pope": ["official.accuracy", "official.precision", "official.recall", "official.f1", "official.yes_ratio",
+             "strict.accuracy", "strict.f1"],
+    "chair": ["chair_s", "chair_i", "recall", "avg_len"],
+    "mme": ["existence.score", "count.score", "position.score", "color.score", "total"],
+    "amber": ["generative.chair", "generative.cover", "generative.hal", "generative.cog",
+              "discriminative.all.accuracy", "discriminative.all.f1"],
+}
+
+
+def _metric_names(runs, which: str = "headline") -> list[str]:
     names: list[str] = []
     for r in runs:
-        for k, v in r["metrics"]["metrics"].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in names:
-                names.append(k)
+        flat = flatten_metrics(r["metrics"]["metrics"])
+        if which == "all":
+            wanted = list(flat)
+        elif which == "headline":
+            wanted = [n for n in HEADLINE.get(r["metrics"]["task"], []) if n in flat] or list(flat)
+        else:
+            wanted = [n.strip() for n in which.split(",") if n.strip() in flat]
+        names += [n for n in wanted if n not in names]
     return names
 
 
-def _cell(m: dict, name: str) -> str:
-    if name not in m["metrics"]:
-        return "-"
-    text = _fmt(m["metrics"][name])
+def _value(m: dict, name: str):
+    v = flatten_metrics(m["metrics"]).get(name)
+    lo = hi = None
     if name in m.get("seed_spread", {}):
-        return f"{text} ± {_fmt(m['seed_spread'][name]['std'])} ({len(m['per_seed'])} seeds)"
-    if name in m.get("ci95", {}):
-        lo, hi = m["ci95"][name]
-        return f"{text} [{_fmt(lo)}, {_fmt(hi)}]"
-    return text
+        lo, hi = m["seed_spread"][name]["min"], m["seed_spread"][name]["max"]
+    elif ci95_of(m["metrics"], name) is not None:
+        lo, hi = ci95_of(m["metrics"], name)
+    return v, lo, hi
 
 
-def markdown_table(runs) -> str:
-    names = _metric_names(runs)
+def _cell(m: dict, name: str) -> str:
+    v, lo, hi = _value(m, name)
+    if v is None:
+        return "-"
+    if name in m.get("seed_spread", {}):
+        return f"{_fmt(v)} ± {_fmt(m['seed_spread'][name]['std'])} ({len(m['per_seed'])} seeds)"
+    if lo is not None:
+        return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+    return _fmt(v)
+
+
+def markdown_table(runs, which: str = "headline") -> str:
+    names = _metric_names(runs, which)
     head = ["run", "task", "preset", "methods", "n"] + names
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in runs:
@@ -77,10 +125,11 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
             (227, 119, 194), (127, 127, 127)]
 
 
-def plot_png(runs, path: str) -> None:
-    """One panel per metric, one bar per run (colours listed in the legend), CI whiskers."""
+def plot_png(runs, path: str, which: str = "headline") -> None:
+    """One panel per metric, one bar per run (colours listed in the legend), whiskers: the
+    bootstrap 95% interval, or the range over seeds."""
     from PIL import Image, ImageDraw
-    names = _metric_names(runs)
+    names = _metric_names(runs, which)
     pw, ph, pad = 220, 180, 30
     cols = max(1, min(4, len(names)))
     rows = max(1, -(-len(names) // cols))
@@ -89,16 +138,7 @@ def plot_png(runs, path: str) -> None:
     d = ImageDraw.Draw(img)
     for j, name in enumerate(names):
         x0, y0 = (j % cols) * pw, (j // cols) * ph
-        vals = []
-        for r in runs:
-            m = r["metrics"]
-            v = m["metrics"].get(name)
-            lo = hi = v
-            if name in m.get("ci95", {}):
-                lo, hi = m["ci95"][name]
-            elif name in m.get("seed_spread", {}):
-                lo, hi = m["seed_spread"][name]["min"], m["seed_spread"][name]["max"]
-            vals.append((v, lo, hi))
+        vals = [_value(r["metrics"], name) for r in runs]
         finite = [x for t in vals for x in t if isinstance(x, (int, float))]
         top = max([abs(x) for x in finite] + [1e-12])
         d.text((x0 + 5, y0 + 4), name[:32], fill="black")
@@ -112,7 +152,7 @@ def plot_png(runs, path: str) -> None:
             bx = x0 + 12 + i * (bw + 4)
             by = base - int(height * abs(v) / top)
             d.rectangle([bx, min(by, base), bx + bw, max(by, base)], fill=_COLOURS[i % len(_COLOURS)])
-            if lo is not None and hi is not None and (lo != v or hi != v):
+            if lo is not None and (lo != v or hi != v):
                 ylo, yhi = base - int(height * abs(lo) / top), base - int(height * abs(hi) / top)
                 cx = bx + bw // 2
                 d.line([(cx, ylo), (cx, yhi)], fill="black")
@@ -136,21 +176,15 @@ def _data_uri(path: str, size: int = 336) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _highlight(text: str, words) -> str:
-    """HTML of `text` with every whole-word occurrence of `words` in <mark>."""
-    words = sorted({w for w in words if w}, key=len, reverse=True)
-    if not words:
-        return html.escape(text)
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+def _highlight(text: str, spans) -> str:
+    """HTML of `text` with the character spans [(start, end), ...] in <mark>."""
     out, pos = [], 0
-    for m in pattern.finditer(text):
-        out += [html.escape(text[pos:m.start()]), "<mark>", html.escape(m.group(0)), "</mark>"]
-        pos = m.end()
+    for a, b in sorted(spans):
+        if a < pos:
+            continue
+        out += [html.escape(text[pos:a]), "<mark>", html.escape(text[a:b]), "</mark>"]
+        pos = b
     return "".join(out + [html.escape(text[pos:])])
-
-
-def _hallucinated_words(per_caption) -> list[list[str]]:
-    return [[h if isinstance(h, str) else str(h[0]) for h in hs] for hs in per_caption]
 
 
 def examples_html(runs, path: str, *, n: int = 20, seed: int = 0) -> int:
@@ -158,7 +192,7 @@ def examples_html(runs, path: str, *, n: int = 20, seed: int = 0) -> int:
     first = []
     for r in runs:
         seeds = sorted({int(p["seed"]) for p in r["predictions"]})
-        first.append({p["id"]: p for p in r["predictions"] if seeds and int(p["seed"]) == seeds[0]})
+        first.append({str(p["id"]): p for p in r["predictions"] if seeds and int(p["seed"]) == seeds[0]})
     common = [i for i in first[0] if all(i in f for f in first[1:])] if first else []
     sample = sorted(random.Random(seed).sample(common, min(n, len(common))), key=common.index)
     marks = [dict() for _ in runs]
@@ -167,8 +201,10 @@ def examples_html(runs, path: str, *, n: int = 20, seed: int = 0) -> int:
         if m["task"] == "chair" and sample:
             from .scoring import Chair
             chair = Chair(m["data"]["coco_dir"])
-            per = _hallucinated_words(chair.per_caption([first[k][i]["text"] for i in sample]))
-            marks[k] = dict(zip(sample, per))
+            per = chair.per_caption([{"image_id": first[k][i]["image_id"], "caption": first[k][i]["text"]}
+                                     for i in sample])
+            marks[k] = {i: [(mt["start"], mt["end"]) for mt in d["mentions"] if mt["hallucinated"]]
+                        for i, d in zip(sample, per)}
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>kvfix.eval examples</title><style>"
              "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em}"
@@ -198,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".", help="folder for compare.md, compare.png, examples.html")
     p.add_argument("--examples", type=int, default=20, help="items shown in examples.html")
     p.add_argument("--seed", type=int, default=0, help="seed of the example sample")
+    p.add_argument("--metrics", default="headline",
+                   help="columns: 'headline' (each benchmark's main numbers), 'all', or a comma list of "
+                        "dotted names (official.f1, chair_s, ...)")
     args = p.parse_args(argv)
     runs = [load_run(r) for r in args.runs]
     tasks = {r["metrics"]["task"] for r in runs}
@@ -205,10 +244,10 @@ def main(argv=None) -> int:
         print(f"note: runs of several tasks ({', '.join(sorted(tasks))}); examples.html pairs items by id",
               file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    table = markdown_table(runs)
+    table = markdown_table(runs, args.metrics)
     with open(os.path.join(args.out, "compare.md"), "w") as f:
         f.write(table)
-    plot_png(runs, os.path.join(args.out, "compare.png"))
+    plot_png(runs, os.path.join(args.out, "compare.png"), args.metrics)
     examples_html(runs, os.path.join(args.out, "examples.html"), n=args.examples, seed=args.seed)
     print(table, end="")
     return 0

@@ -1,11 +1,12 @@
 """Loaders for the benchmarks' official layouts (local copies; nothing is downloaded).
 
 Every loader returns a list of items, dicts with at least
-    "id"        unique string (the prediction key, with the seed)
+    "id"        the item's id in the benchmark (unique; with the seed, the prediction's key)
     "image"     path of the image file
     "question"  the benchmark's question ("" for CHAIR, whose prompt is fixed by the protocol)
-and the task's own fields, copied into each prediction: POPE "question_id", "label";
-CHAIR "image_id"; MME "category", "image_name", "gt"; AMBER "amber_id".
+and the fields kvfix.eval.scoring reads, under its names, copied into each prediction:
+POPE "question_id", "label"; CHAIR "image_id"; MME "question_id" ("category/image/k"),
+"label" (Yes / No), "category"; AMBER: "id" is AMBER's own (an int).
 
 Layouts:
 - POPE: a question file (jsonl, one {"question_id", "image", "text", "label"} per line, as in
@@ -18,8 +19,9 @@ Layouts:
 - MME: MME_Benchmark_release_version/: one folder per category, either images/ +
   questions_answers_YN/*.txt or the images and their .txt side by side; each .txt line is
   "question<TAB>answer" for the image of the same stem.
-- AMBER: a folder with data/query/query_all.json (or query_generative.json /
-  query_discriminative.json: [{"id", "image", "query"}]) and image/ (AMBER_*.jpg).
+- AMBER: the repository's folder: data/query/query_all.json (or query_generative.json /
+  query_discriminative.json: [{"id", "image", "query"}]), data/annotations.json,
+  data/relation.json, data/safe_words.txt (read by the scorer) and image/ (AMBER_*.jpg).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import os
 import random
 import re
 
-__all__ = ["load_items", "load_pope", "load_chair", "load_mme", "load_amber", "scoring_data"]
+__all__ = ["ANSWER_FIELD", "load_items", "load_pope", "load_chair", "load_mme", "load_amber", "scoring_data"]
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
@@ -43,7 +45,7 @@ def load_pope(questions: str, images: str) -> list[dict]:
             for key in ("question_id", "image", "text", "label"):
                 if key not in q:
                     raise ValueError(f"{questions}:{n}: POPE question without {key!r}")
-            items.append({"id": str(q["question_id"]), "image": os.path.join(images, q["image"]),
+            items.append({"id": q["question_id"], "image": os.path.join(images, q["image"]),
                           "question": q["text"], "question_id": q["question_id"], "label": q["label"]})
     return items
 
@@ -68,7 +70,7 @@ def load_chair(coco_dir: str, image_set: str = "all", seed: int = 0) -> list[dic
         if not m:
             raise ValueError(f"CHAIR: cannot read a COCO image id from {name!r}")
         image_id = int(m.group(1))
-        items.append({"id": str(image_id), "image": os.path.join(folder, name), "question": "",
+        items.append({"id": image_id, "image": os.path.join(folder, name), "question": "",
                       "image_id": image_id})
     return items
 
@@ -99,9 +101,9 @@ def load_mme(mme_dir: str) -> list[dict]:
                 question, sep, gt = line.partition("\t")
                 if not sep:
                     raise ValueError(f"MME: {txt} line {k + 1} is not 'question<TAB>answer'")
-                name = os.path.basename(image)
-                items.append({"id": f"{cat}/{name}/{k}", "image": image, "question": question,
-                              "category": cat, "image_name": name, "gt": gt.strip()})
+                qid = f"{cat}/{os.path.basename(image)}/{k}"
+                items.append({"id": qid, "image": image, "question": question, "question_id": qid,
+                              "label": gt.strip(), "category": cat})
     if not items:
         raise ValueError(f"MME: no questions found under {mme_dir}")
     return items
@@ -113,8 +115,8 @@ def load_amber(amber_dir: str, split: str = "all") -> list[dict]:
         raise ValueError(f"AMBER: {query} not found")
     with open(query) as f:
         rows = json.load(f)
-    return [{"id": str(r["id"]), "image": os.path.join(amber_dir, "image", r["image"]), "question": r["query"],
-             "amber_id": r["id"]} for r in rows]
+    return [{"id": r["id"], "image": os.path.join(amber_dir, "image", r["image"]), "question": r["query"]}
+            for r in rows]
 
 
 def load_items(task: str, data: str, *, images: str | None = None, image_set: str = "all",
@@ -134,12 +136,14 @@ def load_items(task: str, data: str, *, images: str | None = None, image_set: st
     raise ValueError(f"unknown task {task!r}")
 
 
+# The answer is also written under the name the scorer's prediction format uses for it.
+ANSWER_FIELD = {"pope": "text", "chair": "caption", "mme": "text", "amber": "response"}
+
+
 def scoring_data(task: str, data: str, items: list[dict]) -> dict:
     """The `data=` argument of kvfix.eval.scoring.score_task for `task`."""
-    if task == "pope":
+    if task in ("pope", "mme"):
         return {"questions": items}
     if task == "chair":
         return {"coco_dir": data}
-    if task == "mme":
-        return {"records": items}
-    return {"amber_dir": data, "queries": items}
+    return {"amber_dir": data}

@@ -12,7 +12,8 @@ Sources (docs/EVAL.md has the details and the links):
   chair_eval,mme_llava}.py: sampling (temperature 1, top_p 1, no top_k), seed 55, POPE and MME
   questions + " Please answer this question with one word.", 64 (POPE) / 1024 (CHAIR, MME) new
   tokens, CHAIR on 500 images drawn at random from COCO val2014 with "Please describe this
-  image in detail.". Method parameters: kvfix.hf.CMAC's presets (pope / chair / mme).
+  image in detail.". Method parameters: kvfix.hf.CMAC's presets (pope / chair / mme), and for
+  CHAIR the authors' contrast gate (gate="first", docs/CMAC_HF.md).
 - LLaVA-1.5 baselines ("plain"): LLaVA-1.5's own evaluation (haotian-liu/LLaVA,
   scripts/v1_5/eval/{pope,mme}.sh with llava/eval/model_vqa_loader.py): greedy (temperature 0),
   128 new tokens, the question + "\\nAnswer the question using a single word or phrase.". CHAIR
@@ -92,7 +93,7 @@ PRESETS: dict[str, Protocol] = {
                           methods=("cmac:preset=pope",),
                           source=_IMCCD.format(script="pope", py="object_hallucination_vqa_llava")),
     "cmac-chair": Protocol("chair", _DESCRIBE, 1024, do_sample=True, seeds=(55,), image_set="random-500",
-                           image_seed=55, methods=("cmac:preset=chair",),
+                           image_seed=55, methods=("cmac:preset=chair,gate=first",),
                            source=_IMCCD.format(script="chair", py="chair_eval")),
     "cmac-mme": Protocol("mme", "{question}" + _ONE_WORD, 1024, do_sample=True, seeds=(55,),
                          methods=("cmac:preset=mme",), source=_IMCCD.format(script="mme", py="mme_llava")),

@@ -10,10 +10,13 @@ Writes into `--out`:
 - predictions.jsonl: one line per (item, seed), appended batch by batch as it goes (an
   interrupted run resumes where it stopped; a half-written last line is dropped). Each line is
   the item's fields (see kvfix.eval.data) plus "seed", "prompt" (the text given to the chat
-  template) and "text" (the decoded answer, stripped).
-- metrics.json: kvfix.eval.scoring.score_task's metrics per seed, bootstrap 95% intervals,
-  the mean and spread over seeds, the protocol (preset, overrides, source), the methods, the
-  environment and the timing (generation vs the harness's own time).
+  template) and "text" (the decoded answer, stripped), repeated as "caption" (CHAIR) or
+  "response" (AMBER): the file is what `python -m kvfix.eval score` reads as predictions.
+- metrics.json: "metrics" (kvfix.eval.scoring.score_task's result, each metric dict with its
+  bootstrap 95% intervals under "ci95"; with several seeds, the mean of every metric over the
+  seeds by dotted name, and "seed_spread" their std / min / max), "per_seed" (each seed's full
+  result), the protocol (preset, overrides, source), the methods, the data, the environment
+  and the timing (generation, depth maps, the harness's own time).
 
 Distributed: under torchrun / `accelerate launch` (WORLD_SIZE > 1) the process group is
 initialised with gloo (it only carries barriers and small objects); rank r takes items
@@ -301,7 +304,7 @@ def _run(args, model, processor, world, rank, local_rank):
                                 image_seed=protocol.image_seed, split=args.amber_split)
     if args.limit is not None:
         items = items[:args.limit]
-    ids = [it["id"] for it in items]
+    ids = [str(it["id"]) for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{args.task}: duplicate item ids in {args.data}")
 
@@ -338,11 +341,12 @@ def _run(args, model, processor, world, rank, local_rank):
     for path in _prediction_files(args.out):
         done |= {_key(r) for r in read_predictions(path, repair=(path == own_path))}
     mine = [(i, it) for i, it in enumerate(items) if i % world == rank]
-    todo = [(s, i, it) for s in protocol.seeds for i, it in mine if (it["id"], s) not in done]
+    todo = [(s, i, it) for s in protocol.seeds for i, it in mine if (str(it["id"]), s) not in done]
 
     import kvfix.hf
     handle = kvfix.hf.enable(model, *methods) if methods else None
     gen_kwargs = protocol.generation_kwargs()
+    answer_field = data_mod.ANSWER_FIELD[args.task]
     pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
     if pad is not None:
         gen_kwargs["pad_token_id"] = pad
@@ -386,7 +390,9 @@ def _run(args, model, processor, world, rank, local_rank):
                 gen_s += time.perf_counter() - t0
                 answers = processor.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
                 for (s, _, it), prompt, ans in zip(batch, prompts, answers):
-                    out.write(json.dumps({**it, "seed": s, "prompt": prompt, "text": ans.strip()}) + "\n")
+                    rec = {**it, "seed": s, "prompt": prompt, "text": ans.strip()}
+                    rec[answer_field] = rec["text"]
+                    out.write(json.dumps(rec) + "\n")
                 out.flush()
                 bar.update(len(batch))
     finally:
@@ -423,7 +429,7 @@ def _merge(out: str, items: list[dict], seeds) -> list[dict]:
     for path in files:
         for r in read_predictions(path):
             by_key.setdefault(_key(r), r)
-    keep = [(it["id"], s) for s in seeds for it in items]
+    keep = [(str(it["id"]), s) for s in seeds for it in items]
     records = [by_key[k] for k in keep if k in by_key]
     # Predictions of items outside this run's list (an earlier run without --limit) stay, after these.
     kept = set(keep)
@@ -439,50 +445,22 @@ def _merge(out: str, items: list[dict], seeds) -> list[dict]:
     return records
 
 
-class _Resamples:
-    """A metric function for bootstrap_ci that scores each resample once for all metrics (every
-    metric's bootstrap draws the same resamples: same items, same seed)."""
-
-    def __init__(self, task, preds, data):
-        self.task, self.preds, self.data = task, preds, data
-        self.cache: dict = {}
-
-    def metric(self, name):
-        from .scoring import score_task
-
-        def fn(indices):
-            key = tuple(indices)
-            if key not in self.cache:
-                self.cache[key] = score_task(self.task, [self.preds[i] for i in key], data=self.data)
-            return self.cache[key][name]
-        return fn
-
-
-def _numeric(metrics: dict) -> list[str]:
-    return [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
 def _score(args, items, records, protocol, preset, overrides, method_specs, timings, world, device, wall):
-    from .scoring import bootstrap_ci, score_task
+    from .compare import flatten_metrics
+    from .scoring import score_task
     sdata = data_mod.scoring_data(args.task, args.data, items)
     per_seed = []
     for s in protocol.seeds:
         preds = [r for r in records if int(r["seed"]) == s]
-        metrics = score_task(args.task, preds, data=sdata)
-        ci = {}
-        if args.bootstrap > 0 and preds:
-            res = _Resamples(args.task, preds, sdata)
-            for name in _numeric(metrics):
-                lo, hi = bootstrap_ci(res.metric(name), list(range(len(preds))), n=args.bootstrap, seed=0)
-                ci[name] = [lo, hi]
-        per_seed.append({"seed": s, "n": len(preds), "metrics": metrics, "ci95": ci})
-    names = _numeric(per_seed[0]["metrics"]) if per_seed else []
+        per_seed.append({"seed": s, "n": len(preds),
+                         "metrics": score_task(args.task, preds, data=sdata, bootstrap=args.bootstrap, seed=0)})
     if len(per_seed) == 1:
-        summary, spread = dict(per_seed[0]["metrics"]), {}
-    else:
+        summary, spread = per_seed[0]["metrics"], {}
+    else:  # the mean of each metric over the seeds, and its spread
+        flat = [flatten_metrics(p["metrics"]) for p in per_seed]
         summary, spread = {}, {}
-        for name in names:
-            vals = torch.tensor([float(p["metrics"][name]) for p in per_seed], dtype=torch.float64)
+        for name in flat[0]:
+            vals = torch.tensor([float(f[name]) for f in flat], dtype=torch.float64)
             summary[name] = float(vals.mean())
             spread[name] = {"std": float(vals.std(unbiased=True)), "min": float(vals.min()), "max": float(vals.max())}
     gen = sum(t["generate_s"] for t in timings)
@@ -490,8 +468,7 @@ def _score(args, items, records, protocol, preset, overrides, method_specs, timi
     dep = sum(t["depth_s"] for t in timings)
     result = {
         "task": args.task, "model": args.model, "n_items": len(items), "limit": args.limit,
-        "metrics": summary, "ci95": per_seed[0]["ci95"] if len(per_seed) == 1 else {},
-        "seed_spread": spread, "per_seed": per_seed,
+        "metrics": summary, "seed_spread": spread, "per_seed": per_seed,
         "protocol": {"preset": preset, "overrides": overrides, **protocol.to_dict()},
         "methods": method_specs, "depth_model": args.depth_model, "batch_size": args.batch_size,
         "data": {"data": os.path.abspath(args.data), "images": os.path.abspath(args.images) if args.images else None,
