@@ -204,7 +204,8 @@ def test_run_pope_writes_predictions_and_metrics(model_dir, datasets, tmp_path):
     img = Image.open(preds[2]["image"]).convert("RGB")
     inp = proc(images=[img], text=[text], return_tensors="pt")
     out = model.generate(**inp, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert proc.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip() == preds[2]["text"]
+    answer = proc.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert answer.strip() == preds[2]["text"]
     # The scorer's result for these predictions, intervals included.
     from kvfix.eval.scoring import score_task
     questions = data_mod.load_items("pope", datasets["pope"], images=datasets["images"])
@@ -251,6 +252,14 @@ def test_sampling_seeds_report_the_spread(model_dir, datasets, tmp_path):
     again, _ = _run("pope", model_dir, datasets, tmp_path / "s2", "--set", "do_sample=true",
                     "--set", "seeds=3,4", "--limit", "3")
     assert _answers(again) == _answers(preds)  # sampling is reproducible
+    # Batches of 2, interrupted after the first: the resumed run samples as the whole one.
+    whole, _ = _run("pope", model_dir, datasets, tmp_path / "b", "--set", "do_sample=true", "--set", "seeds=3,4",
+                    "--limit", "3", "--batch-size", "2")
+    os.makedirs(tmp_path / "b2")
+    (tmp_path / "b2" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:2]))
+    resumed, metrics = _run("pope", model_dir, datasets, tmp_path / "b2", "--set", "do_sample=true",
+                            "--set", "seeds=3,4", "--limit", "3", "--batch-size", "2")
+    assert _answers(resumed) == _answers(whole) and metrics["timing"]["per_rank"][0]["items"] == 4
 
 
 @pytest.mark.parametrize("task,n", [("chair", 6), ("mme", 8), ("amber", 3)])
@@ -264,7 +273,8 @@ def test_run_other_tasks(model_dir, datasets, tmp_path, task, n):
         assert m["n"] == 6 and set(m["ci95"]) >= {"chair_s", "chair_i"}
         assert metrics["data"]["coco_dir"] == os.path.abspath(datasets["coco"])
     elif task == "mme":
-        assert set(m) == {"existence", "color", "total", "ci95"} and m["existence"]["n"] == 4 and m["color"]["images"] == 2
+        assert set(m) == {"existence", "color", "total", "ci95"}
+        assert m["existence"]["n"] == 4 and m["color"]["images"] == 2
     else:
         assert all(p["response"] == p["text"] for p in preds)
         assert m["generative"]["n"] == 1 and m["discriminative"]["all"]["n"] == 2
@@ -352,8 +362,9 @@ def test_compare_table_plot_and_examples(model_dir, datasets, tmp_path, capsys):
     # Every image's reference captions name a person and a dog: cat and sofa (a couch) are marked.
     assert page.count("A dog &amp; a <mark>cat</mark> &lt;b&gt;on a <mark>sofa</mark>&lt;/b&gt;.") == 4
     assert "<b>" not in page and page.count("<mark>") == 8
-    assert compare_mod.flatten_metrics({"a": {"x": 1.0, "ci95": {"x": [0, 2]}}, "n": 3, "t": "s"}) == {"a.x": 1.0, "n": 3}
-    assert compare_mod.ci95_of({"a": {"x": 1.0, "ci95": {"x": [0, 2]}}}, "a.x") == [0, 2]
+    nested = {"a": {"x": 1.0, "ci95": {"x": [0, 2]}}, "n": 3, "t": "s"}
+    assert compare_mod.flatten_metrics(nested) == {"a.x": 1.0, "n": 3}
+    assert compare_mod.ci95_of(nested, "a.x") == [0, 2] and compare_mod.ci95_of(nested, "n") is None
 
 
 def _free_port():
@@ -388,3 +399,65 @@ def test_two_processes_merge_to_the_single_process_run(model_dir, datasets, tmp_
         metrics = json.load(f)
     assert metrics["environment"]["world_size"] == 2 and metrics["metrics"] == one["metrics"]
     assert [t["items"] for t in metrics["timing"]["per_rank"]] == [3, 2]
+
+
+class TinyQwenProcessor:
+    """What kvfix.eval.run needs of a Qwen2-VL processor, built offline (transformers' own
+    Qwen2VLProcessor needs torchvision for its video half): Qwen2-VL's image processor (patch 4,
+    merge 2), a word-level tokenizer with kvfix.hf.testing.tiny_qwen2_vl's ids, and the image
+    placeholder expanded to one token per merged patch, as Qwen2VLProcessor does."""
+    image_token = "<|vision_start|><|image_pad|><|vision_end|>"
+    chat_template = None
+
+    def __init__(self):
+        import transformers
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        special = ["<pad>", "<s>", "</s>", "<unk>"]
+        vision = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+        words = special + [f"w{i}" for i in range(96)] + vision     # ids 100..103
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.add_special_tokens(special + vision)
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                 eos_token="</s>", unk_token="<unk>")
+        cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+        self.image_processor = cls(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                                   max_pixels=32 * 32)
+
+    def __call__(self, images, text, return_tensors="pt", padding=True):
+        vis = self.image_processor(images=images, return_tensors="pt")
+        counts = (vis["image_grid_thw"].prod(-1) // 4).tolist()
+        text = [t.replace("<|image_pad|>", "<|image_pad|> " * n) for t, n in zip(text, counts)]
+        enc = self.tokenizer(text, return_tensors="pt", padding=True)
+        return {**enc, **vis, "mm_token_type_ids": (enc["input_ids"] == 100).int()}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_qwen2_vl_injected_model_and_whole_image_depth(depth_dir, datasets, tmp_path):
+    import kvfix.hf
+    from kvfix.depth import DepthEstimator
+    from kvfix.hf.testing import tiny_qwen2_vl
+    args = run_mod.build_parser().parse_args(
+        ["--task", "pope", "--model", "tiny-qwen2-vl", *_task_args("pope", datasets), "--out", str(tmp_path / "q"),
+         "--method", "dscr", "--method", "kvsmooth", "--depth-model", depth_dir, "--limit", "3", "--batch-size", "3",
+         "--set", "max_new_tokens=4", "--bootstrap", "0", "--no-progress"])
+    model, proc = tiny_qwen2_vl(), TinyQwenProcessor()
+    metrics = run_mod.run(args, model=model, processor=proc)
+    preds = run_mod.read_predictions(str(tmp_path / "q" / "predictions.jsonl"))
+    assert metrics["model"] == "tiny-qwen2-vl" and len(preds) == 3 and metrics["metrics"]["official"]["n"] == 3
+    assert len(os.listdir(tmp_path / "q" / "depth")) == 3
+    # By hand: Qwen2-VL sees the whole image (resized, no crop), so the depth maps are of the files.
+    items = data_mod.load_items("pope", datasets["pope"], images=datasets["images"])[:3]
+    imgs = [Image.open(it["image"]).convert("RGB") for it in items]
+    maps = DepthEstimator(depth_dir)(imgs)
+    assert [tuple(m.shape) for m in maps] == [(im.height, im.width) for im in imgs]
+    texts = [f"{proc.image_token}\n{it['question']}\nAnswer the question using a single word or phrase."
+             for it in items]
+    inp = proc(images=imgs, text=texts)
+    with kvfix.hf.enable(model, kvfix.hf.DSCR(), kvfix.hf.KVSmooth()) as h:
+        out = h.generate(**inp, depth_maps=maps, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expect = [t.strip() for t in proc.batch_decode(out[:, inp["input_ids"].shape[1]:])]
+    assert [p["text"] for p in preds] == expect

@@ -341,7 +341,16 @@ def _run(args, model, processor, world, rank, local_rank):
     for path in _prediction_files(args.out):
         done |= {_key(r) for r in read_predictions(path, repair=(path == own_path))}
     mine = [(i, it) for i, it in enumerate(items) if i % world == rank]
-    todo = [(s, i, it) for s in protocol.seeds for i, it in mine if (str(it["id"]), s) not in done]
+    # Batches have fixed boundaries (every batch_size items of this rank's list, per seed) and
+    # leave done items out: after an interruption (predictions are written a batch at a time) the
+    # remaining batches are the uninterrupted run's, padded and seeded the same.
+    batches = []
+    for s in protocol.seeds:
+        for b in range(0, len(mine), args.batch_size):
+            chunk = [(s, i, it) for i, it in mine[b:b + args.batch_size] if (str(it["id"]), s) not in done]
+            if chunk:
+                batches.append((s * 1_000_003 + mine[b][0], chunk))
+    n_todo = sum(len(c) for _, c in batches)
 
     import kvfix.hf
     handle = kvfix.hf.enable(model, *methods) if methods else None
@@ -353,10 +362,8 @@ def _run(args, model, processor, world, rank, local_rank):
     from PIL import Image
     from tqdm import tqdm
     total = len(mine) * len(protocol.seeds)
-    bar = tqdm(total=total, initial=total - len(todo), desc=f"{args.task} rank {rank}" if world > 1 else args.task,
+    bar = tqdm(total=total, initial=total - n_todo, desc=f"{args.task} rank {rank}" if world > 1 else args.task,
                unit="item", disable=args.no_progress or rank != 0, dynamic_ncols=True)
-    batches = [todo[b:b + args.batch_size] for b in range(0, len(todo), args.batch_size)]
-
     def prepare(batch):
         """Images, prompts and processor outputs of a batch (in a worker thread, while the
         previous batch generates)."""
@@ -368,19 +375,19 @@ def _run(args, model, processor, world, rank, local_rank):
     t_loop, gen_s = time.perf_counter(), 0.0
     try:
         with open(own_path, "a") as out, ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(prepare, batches[0]) if batches else None
-            for k, batch in enumerate(batches):
+            pending = pool.submit(prepare, batches[0][1]) if batches else None
+            for k, (batch_seed, batch) in enumerate(batches):
                 images, prompts, inputs = pending.result()
                 if k + 1 < len(batches):
-                    pending = pool.submit(prepare, batches[k + 1])
+                    pending = pool.submit(prepare, batches[k + 1][1])
                 maps = depth(processor, inputs, images) if depth is not None else (
                     "uniform" if needs_depth else None)
                 inputs = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in inputs.items()}
                 if inputs["pixel_values"].is_floating_point():
                     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-                # Sampling: one stream per (seed, first item of the batch): reproducible for the
-                # same batch size and world size.
-                torch.manual_seed(batch[0][0] * 1_000_003 + batch[0][1])
+                # Sampling: one random stream per batch (seed, the batch's place in the item list):
+                # reproducible for the same batch size and world size, resumed or not.
+                torch.manual_seed(batch_seed)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     if handle is not None:
@@ -400,7 +407,7 @@ def _run(args, model, processor, world, rank, local_rank):
         if handle is not None:
             handle.disable()
     timing = {"generate_s": gen_s, "loop_s": time.perf_counter() - t_loop,
-              "depth_s": depth.seconds if depth is not None else 0.0, "items": len(todo)}
+              "depth_s": depth.seconds if depth is not None else 0.0, "items": n_todo}
 
     if world > 1:
         import torch.distributed as dist
