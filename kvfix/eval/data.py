@@ -122,18 +122,22 @@ def load_amber(amber_dir: str, split: str = "all") -> list[dict]:
 def load_items(task: str, data: str, *, images: str | None = None, image_set: str = "all",
                image_seed: int = 0, split: str = "all") -> list[dict]:
     """The items of `task` from `data` (POPE: the question file, with `images`; CHAIR: the COCO
-    folder; MME: its folder; AMBER: its folder)."""
+    folder; MME: its folder; AMBER: its folder); image paths absolute."""
     if task == "pope":
         if images is None:
             raise ValueError("POPE needs --images (the COCO val2014 folder)")
-        return load_pope(data, images)
-    if task == "chair":
-        return load_chair(data, image_set, image_seed)
-    if task == "mme":
-        return load_mme(data)
-    if task == "amber":
-        return load_amber(data, split)
-    raise ValueError(f"unknown task {task!r}")
+        items = load_pope(data, images)
+    elif task == "chair":
+        items = load_chair(data, image_set, image_seed)
+    elif task == "mme":
+        items = load_mme(data)
+    elif task == "amber":
+        items = load_amber(data, split)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    for it in items:
+        it["image"] = os.path.abspath(it["image"])
+    return items
 
 
 # The answer is also written under the name the scorer's prediction format uses for it.

@@ -310,8 +310,8 @@ def _run(args, model, processor, world, rank, local_rank):
 
     os.makedirs(args.out, exist_ok=True)
     ident = _identity(args, protocol, preset, overrides, method_specs)
+    _check_identity(args.out, ident)  # on every rank: a refusal stops them all, none waits at a barrier
     if rank == 0:
-        _check_identity(args.out, ident)
         with open(os.path.join(args.out, "run.json.tmp"), "w") as f:
             json.dump(ident, f, indent=1)
         os.replace(os.path.join(args.out, "run.json.tmp"), os.path.join(args.out, "run.json"))
