@@ -247,8 +247,9 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     (algorithm, ranks, error bound, estimated cost). With method="structured" and no ranks that
     meet the dtype's tolerance: a ValueError.
     """
-    from .ops import _check_grid_form, _dscr_params
+    from .ops import _check_grid_form, _check_plan_depth, _dscr_params
     gh, gw = _check_grid_form((gh, gw))
+    depth = _check_plan_depth(depth, gh, gw)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if dtype not in _TOL:
