@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "kvfix.h"
 
@@ -18,6 +19,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
 
 namespace kvfix {
+
+constexpr double kFloatMax = std::numeric_limits<float>::max();
+constexpr double kFloatMinNormal = std::numeric_limits<float>::min();
 
 DscrCoefs dscr_coefs(double sigma_d, double sigma_s, double alpha, double beta) {
   TORCH_CHECK_VALUE(std::isfinite(sigma_d) && sigma_d > 0, "dscr: sigma_d must be finite and > 0, got ", sigma_d);
@@ -311,7 +315,9 @@ void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::
   TORCH_CHECK_VALUE(gh >= 1 && gw >= 1 && gh * gw == N, op, ": grid_hw (", gh, ", ", gw,
                     ") must be positive with gh * gw == N = ", N);
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0, got ", top_k);
-  TORCH_CHECK_VALUE(std::isfinite(lam) && lam > 0, op, ": lam must be finite and > 0, got ", lam);
+  // float32 arithmetic (h / lam, lam - 1): lam must be a normal float32 number
+  TORCH_CHECK_VALUE(lam >= kFloatMinNormal && lam <= kFloatMax, op,
+                    ": lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got ", lam);
   // Once per image (not a decode path): one host read.
   if (scores.numel() > 0)
     TORCH_CHECK_VALUE(scores.isfinite().all().item<bool>(), op, ": scores has non-finite values (nan or inf)");
@@ -389,6 +395,9 @@ void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std:
   const int64_t B = k.size(0), T = k.size(2), D = k.size(3);
   TORCH_CHECK(D % 2 == 0, op, ": the head dim must be even, got ", D);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, op, ": gamma must be finite and > 0, got ", gamma);
+  // The float32 angles (1 - 1/gamma) (a - p) inv_freq, |a - p| <= T: a tiny gamma overflows them (sin(inf) = nan).
+  TORCH_CHECK_VALUE(std::fabs(1.0 - 1.0 / gamma) * static_cast<double>(T > 1 ? T : 1) <= kFloatMax, op, ": gamma=",
+                    gamma, " is too small: the rotation angles (1 - 1/gamma) (a - p) overflow float32");
   TORCH_CHECK(0 <= n && n <= T, op, ": N = ", n, " out of [0, T = ", T, "]");
   cmac_check_spans(op, B, T, start, end, spans, k, n);
   TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == D / 2 && inv_freq.scalar_type() == at::kFloat,
@@ -482,7 +491,8 @@ void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorte
   TORCH_CHECK(distorted.sizes() == logits.sizes() && distorted.scalar_type() == st &&
                   distorted.device() == logits.device(),
               op, ": logits_distorted must match logits in shape, dtype and device");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0, op, ": alpha must be finite and >= 0, got ", alpha);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= kFloatMax, op, ": alpha must be in [0, 3.4e38] (finite in float32), got ",
+                    alpha);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0 && beta <= 1, op, ": beta must be in (0, 1], got ", beta);
 }
 

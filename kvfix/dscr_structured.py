@@ -296,9 +296,10 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     ([0, 255]) gets the dense kernel (module docstring, "Depth units").
     """
     from .geometry import check_grid_unit
-    from .ops import _check_grid_form, _dscr_params
+    from .ops import _check_grid_form, _check_plan_depth, _dscr_params
     gh, gw = _check_grid_form((gh, gw))
     check_grid_unit(grid_unit)
+    depth = _check_plan_depth(depth, gh, gw)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if dtype not in _TOL:

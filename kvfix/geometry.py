@@ -25,6 +25,7 @@ tokens contribute to the median token (1 / sum_i w_ij^2); with both earlier unit
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -35,7 +36,7 @@ GRID_UNITS = ("patch", "unit_square")
 
 def _check_grid(gh, gw):
     for name, g in (("gh", gh), ("gw", gw)):
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        if isinstance(g, (bool, torch.Tensor)) or not hasattr(g, "__index__") or operator.index(g) < 1:  # numpy ints too
             raise ValueError(f"{name} must be a positive int, got {g!r}")
 
 
@@ -61,6 +62,8 @@ def patch_coords(gh: int, gw: int, *, unit: str = "patch", device=None, dtype=to
     one scale so a non-square grid keeps its aspect ratio. Why patch units: module docstring.
     """
     _check_grid(gh, gw)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point dtype (coordinates are fractional), got {dtype}")
     g = 1.0 if check_grid_unit(unit) == "patch" else float(max(gh, gw))
     r = (torch.arange(gh, device=device, dtype=torch.float64) + 0.5) / g
     c = (torch.arange(gw, device=device, dtype=torch.float64) + 0.5) / g
@@ -98,9 +101,14 @@ def patch_depth(depth_map: torch.Tensor, gh: int, gw: int, *, scale: float = 255
         raise ValueError(f"depth_map is empty (shape {tuple(depth_map.shape)})")
     if not (depth_map.is_floating_point() or depth_map.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
         raise TypeError(f"depth_map must be a real-valued tensor, got {depth_map.dtype}")
+    if depth_map.device.type == "meta":
+        raise ValueError("depth_map is a meta tensor: patch_depth normalises by the map's values")
     x = depth_map.to(torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("depth_map has non-finite values (nan or inf)")
+    # Pooling and min-max are invariant to a positive scale: divide by the largest |value| per
+    # image first, so that maps near float64's range (+-1e308) neither overflow nor cancel.
+    x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     single = x.dim() == 2
     if single:
         x = x.unsqueeze(0)

@@ -8,6 +8,7 @@ naming the offending argument before any kernel runs.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -55,6 +56,132 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return value
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _as_int(value, name: str) -> int:
+    """An int or a numpy integer (anything with __index__), not a bool, not a tensor (reading a
+    tensor's value would synchronise)."""
+    if isinstance(value, (bool, torch.Tensor)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+# In-place ops (dscr_refine_cache_, kvsmooth_step_, scr_redistribute_) refuse outputs whose elements
+# overlap each other or an input, as torch's own in-place ops do: a stride-0 `expand`ed view, the
+# same view twice, keys that are the values. Metadata only (sizes, strides, addresses): no tensor
+# value is read, so nothing synchronises. Skipped while torch.compile traces (fake tensors have no
+# addresses) and for meta tensors.
+
+def _no_addresses(*xs) -> bool:
+    return torch.compiler.is_compiling() or any(x.device.type == "meta" for x in xs)
+
+
+def _element_offsets(x: torch.Tensor) -> torch.Tensor:
+    """int64 [numel]: the storage offset (in elements, from x's first element) of every element."""
+    off = torch.zeros((), dtype=torch.int64)
+    for n, s in zip(x.shape, x.stride()):
+        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
+    return off.reshape(-1)
+
+
+def _nested_dims(x: torch.Tensor):
+    """x's (stride, size) pairs with size > 1, by increasing stride, when each stride exceeds
+    everything the smaller ones reach (x's elements are then distinct and every difference of two
+    offsets has one signed-digit expansion per dim); else None."""
+    dims = sorted((s, n) for n, s in zip(x.shape, x.stride()) if n > 1)
+    reach = 0  # the largest offset reachable with the dims of smaller stride
+    for s, n in dims:
+        if s <= reach:
+            return None
+        reach += s * (n - 1)
+    return dims
+
+
+def _has_internal_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of x share memory (e.g. a stride-0 `expand`)."""
+    if _nested_dims(x) is not None:
+        return False
+    if any(s == 0 and n > 1 for n, s in zip(x.shape, x.stride())):
+        return True
+    off = _element_offsets(x)  # an exotic layout: count distinct offsets
+    return off.unique().numel() != off.numel()
+
+
+def _is_offset_difference(delta: int, dims) -> bool:
+    """Whether delta = sum e_d s_d with |e_d| < n_d, for nested dims (see _nested_dims): at most two
+    digits fit each dim, so the search is tiny."""
+    if not dims:
+        return delta == 0
+    (s, n), rest = dims[-1], dims[:-1]
+    reach = sum(sj * (nj - 1) for sj, nj in rest)
+    lo, hi = max(-(n - 1), -((reach - delta) // s)), min(n - 1, (delta + reach) // s)
+    return any(_is_offset_difference(delta - e * s, rest) for e in range(lo, hi + 1))
+
+
+def _byte_span(x: torch.Tensor) -> tuple[int, int]:
+    lo = x.data_ptr()
+    return lo, lo + (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b share a byte of memory (interleaved views, e.g. k and v of a fused buffer, do not)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (alo, ahi), (blo, bhi) = _byte_span(a), _byte_span(b)
+    if ahi <= blo or bhi <= alo:
+        return False
+    dims = _nested_dims(a)
+    if dims is not None and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype:
+        # one layout (e.g. k and v of one cache): element x of a and y of b share a byte iff
+        # (x - y) * size lies within one element of the two tensors' distance
+        size, gap = a.element_size(), blo - alo
+        return any(_is_offset_difference(d, dims) for d in {gap // size, -(-gap // size)})
+    lo, hi = max(alo, blo), min(ahi, bhi)
+    mark = torch.zeros(hi - lo, dtype=torch.bool)
+
+    def bytes_in(x):
+        o = (_element_offsets(x) * x.element_size() + (x.data_ptr() - lo)).unsqueeze(-1)
+        o = (o + torch.arange(x.element_size(), dtype=torch.int64)).reshape(-1)
+        return o[(o >= 0) & (o < hi - lo)]
+
+    mark[bytes_in(a)] = True
+    return bool(mark[bytes_in(b)].any())
+
+
+def _check_no_overlap(outputs, inputs=()) -> None:
+    """outputs, inputs: (name, tensor or None) pairs. ValueError naming the first offending argument
+    if an output overlaps itself, another output, or an input (the kernels read inputs while
+    writing outputs)."""
+    outputs = [(n, x) for n, x in outputs if x is not None]
+    inputs = [(n, x) for n, x in inputs if x is not None]
+    if _no_addresses(*(x for _, x in outputs + inputs)):
+        return
+    for name, x in outputs:
+        if _has_internal_overlap(x):
+            raise ValueError(f"{name} has elements that share memory (e.g. a stride-0 expand(), strides "
+                             f"{tuple(x.stride())}): an in-place op needs distinct elements; pass a .clone()")
+    # Sweep over the byte ranges in address order: only pairs whose ranges intersect are compared
+    # (dscr_refine_cache_ gets tens of layers).
+    items = sorted(((*_byte_span(x), i, name, x, i < len(outputs))
+                    for i, (name, x) in enumerate(outputs + inputs) if x.numel() > 0), key=lambda t: t[:3])
+    hits = []
+    for a in range(len(items)):
+        for b in range(a + 1, len(items)):
+            if items[b][0] >= items[a][1]:
+                break
+            if (items[a][5] or items[b][5]) and _overlaps(items[a][4], items[b][4]):
+                hits.append(tuple(sorted((items[a][2:4], items[b][2:4]))))
+    if hits:
+        (_, first), (_, second) = min(hits)  # the first pair in argument order
+        raise ValueError(f"{second} overlaps {first} in memory: an in-place op's outputs must not share "
+                         "memory with each other or with its inputs")
+
+
 def _geometry(depth, coords, B: int, N: int, device: torch.device):
     """depth [N] | [B, N], coords [N, 2] | [B, N, 2] -> float32 contiguous [Bd, N], [Bd, N, 2]."""
     _check_tensor(depth, "depth")
@@ -72,10 +199,26 @@ def _geometry(depth, coords, B: int, N: int, device: torch.device):
         coords = coords.unsqueeze(0)
     elif not (coords.dim() == 3 and coords.shape[1:] == (N, 2) and coords.shape[0] in (1, B)):
         raise ValueError(f"coords must be [N, 2] or [B, N, 2] with B={B}, N={N}, got shape {tuple(coords.shape)}")
-    if coords.shape[0] != depth.shape[0]:  # one broadcast, the other per item: expand the broadcast one
-        bd = max(coords.shape[0], depth.shape[0])
-        depth, coords = depth.expand(bd, N), coords.expand(bd, N, 2)
+    if coords.shape[0] != depth.shape[0]:  # one broadcast (1), the other per item (B, maybe 0): expand
+        depth, coords = depth.expand(B, N), coords.expand(B, N, 2)
     return (depth.to(torch.float32).contiguous(), coords.to(torch.float32).contiguous())
+
+
+def _check_plan_depth(depth, gh: int, gw: int):
+    """dscr_plan's depth: a real tensor [N] / [B, N] (N = gh * gw, not meta), or a range >= 0."""
+    if isinstance(depth, torch.Tensor):
+        if not depth.is_floating_point():
+            raise TypeError(f"depth must be a floating-point tensor or a float range, got {depth.dtype}")
+        if not ((depth.dim() == 1 and depth.shape[0] == gh * gw) or (depth.dim() == 2 and depth.shape[1] == gh * gw)):
+            raise ValueError(f"depth must be [N] or [B, N] with N = gh * gw = {gh * gw}, got shape {tuple(depth.shape)}")
+        if depth.device.type == "meta":
+            raise ValueError("depth is a meta tensor: the plan reads the depth range on the host")
+        return depth
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)):
+        raise TypeError(f"depth must be a tensor or a float range max - min, got {type(depth).__name__}")
+    if not (math.isfinite(depth) and depth >= 0):
+        raise ValueError(f"depth as a range max - min must be finite and >= 0, got {depth}")
+    return float(depth)
 
 
 def _check_built_for(x: torch.Tensor, op: str) -> None:
@@ -104,10 +247,16 @@ _DSCR_METHODS = ("auto", "dense", "structured")
 
 
 def _check_grid_form(coords) -> tuple[int, int]:
-    """(gh, gw) of the grid form of coords: two positive ints."""
-    if len(coords) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in coords):
+    """(gh, gw) of the grid form of coords: two positive ints (numpy integers too)."""
+    if len(coords) != 2:
         raise ValueError(f"coords as a grid must be (gh, gw), two positive ints, got {tuple(coords)!r}")
-    return int(coords[0]), int(coords[1])
+    try:
+        gh, gw = (_as_int(g, "coords") for g in coords)
+    except TypeError:
+        raise ValueError(f"coords as a grid must be (gh, gw), two positive ints, got {tuple(coords)!r}") from None
+    if gh < 1 or gw < 1:
+        raise ValueError(f"coords as a grid must be (gh, gw), two positive ints, got {tuple(coords)!r}")
+    return gh, gw
 
 
 def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params, grid_unit: str = "patch"):
@@ -130,6 +279,9 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
     if gh * gw != N:
         raise ValueError(f"coords grid {gh} x {gw} has {gh * gw} tokens but k has N={N}")
     d, c = _geometry(depth, patch_coords(gh, gw, unit=grid_unit, device=device), B, N, device)
+    if device.type == "meta":
+        raise ValueError("depth is a meta tensor: the grid form coords=(gh, gw) reads the depth range on the host; "
+                         "pass coords=kvfix.patch_coords(gh, gw) (the dense algorithm) for meta tensors")
     sd, ss, a, b = params
     plan = P.dscr_plan(gh, gw, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b, dtype=dtype, method=method,
                        grid_unit=grid_unit)
@@ -190,7 +342,8 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
 
     keys (and values, or None for keys only): sequences of [B, H, N, D] views of each layer's
     cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`; the views must not overlap
-    each other. coords, method and grid_unit as in `dscr_refine` (the grid form `(gh, gw)` lets "auto"
+    each other, themselves (no stride-0 `expand`), depth or coords (ValueError). coords, method and
+    grid_unit as in `dscr_refine` (the grid form `(gh, gw)` lets "auto"
     pick the structured algorithm, whose CPU and CUDA kernels need no copy of the sources).
     Dense: one weight matrix serves every layer and head: on the CPU it is built once per
     call (kept while it fits 64 MiB, i.e. N <= 2896 per image; beyond, once per group of layers
@@ -219,6 +372,9 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     # The plan's tolerance follows the strictest dtype among the layers.
     strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
     route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
+    _check_no_overlap([(f"keys[{i}]", x) for i, x in enumerate(keys)] +
+                      [(f"values[{i}]", x) for i, x in enumerate(values)],
+                      [("depth", route[1])] + ([("coords", route[2])] if route[0] == "dense" else []))
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
@@ -375,7 +531,8 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Args:
         q: [B, Hq, 1, D] the step's query (after RoPE).
         k_cache, v_cache: [B, Hkv, T, D] the layer's cache with the current token at T - 1 (any
-            strides with a contiguous last dim); modified in place.
+            strides with a contiguous last dim); modified in place. They must not share memory
+            with themselves (no stride-0 `expand`), each other, queue, q or mask (ValueError).
         queue: float32 [B, M] per-item state, modified in place; start from
             `torch.full((B, 15), float("nan"))`.
         scale, mask: as in `row_entropy`. With T == 1, or where the mask excludes position
@@ -419,6 +576,7 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"queue is on {queue.device} but q is on {q.device}")
     _check_key_mask(mask, q.shape[0], k_cache.shape[2], q.device)
     lam_ref, band = _check_lam(lam_ref, band)
+    _check_no_overlap([("k_cache", k_cache), ("v_cache", v_cache), ("queue", queue)], [("q", q), ("mask", mask)])
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
                                                   lam_ref, band)
 
@@ -440,8 +598,7 @@ __all__ += ["scr_scores", "scr_redistribute", "scr_redistribute_"]
 
 
 def _check_int(value, name: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = _as_int(value, name)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -488,6 +645,10 @@ def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | N
         p = softmax(q k^T * scale + mask) over ALL T keys of the row (choice: the sum over queries,
         the "attention mass"; divide by Tq for a mean). Rows without any key contribute 0.
         Computed in float32 without materialising a [Tq, T] matrix per head.
+
+    Non-finite input follows softmax (the reference, CPU and CUDA alike): a nan or +inf logit of
+    a key that takes part (nan / inf in q or k, nan in an additive mask) makes its row's
+    probabilities nan, hence that item's scores; a -inf logit takes no part, as a masked key.
     """
     _check_tensor(q, "q")
     _check_tensor(k, "k")
@@ -547,6 +708,8 @@ def _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border):
         raise ValueError(f"grid_hw ({gh}, {gw}) does not match the N = {N} tokens of hidden (gh * gw must be N)")
     top_k = _check_int(top_k, "top_k", minimum=0)
     lam = _check_positive(lam, "lam")
+    if not _FLOAT32_TINY <= lam <= _FLOAT32_MAX:  # h / lam and lam - 1 are float32 arithmetic
+        raise ValueError(f"lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got {lam}")
     if not isinstance(exclude_border, bool):
         raise TypeError(f"exclude_border must be a bool, got {type(exclude_border).__name__}")
     return scores.to(torch.float32).contiguous(), gh, gw, top_k, lam
@@ -562,7 +725,7 @@ def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top
             (one host read; SCR runs once per image, not per decoded token).
         grid_hw: (gh, gw) with gh * gw == N, tokens in row-major order over the patch grid.
         top_k (>= 0): number of sources, capped at the candidates; 0 leaves hidden unchanged.
-        lam (> 0): redistribution strength.
+        lam: redistribution strength, a normal float32 number > 0 (in [1.2e-38, 3.4e38]).
         exclude_border: sources only among patches off the first/last row and column (grids with
             fewer than 3 rows or columns then have none).
 
@@ -580,8 +743,11 @@ def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, to
                       exclude_border: bool = True) -> torch.Tensor:
     """In-place `scr_redistribute`: writes only the changed rows of hidden (which may be a view,
     e.g. the image span of a [B, T, C] residual stream) and returns hidden. Neighbours read the
-    original source rows (copied aside first), so the result equals the out-of-place op's."""
+    original source rows (copied aside first), so the result equals the out-of-place op's. hidden's
+    elements must be distinct memory (no stride-0 `expand`) and must not share memory with scores
+    (ValueError)."""
     s, gh, gw, top_k, lam = _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border)
+    _check_no_overlap([("hidden", hidden)], [("scores", s)])
     _check_built_for(hidden, "scr_redistribute_")
     torch.ops.kvfix.scr_redistribute_.default(hidden, s, gh, gw, top_k, lam, exclude_border)
     return hidden
@@ -660,10 +826,9 @@ def _check_span(image_span, B: int, T: int, device):
             raise ValueError(f"image_span is on {sp.device} but k is on {device}")
         sp = sp.to(torch.int64).contiguous()
         return 0, 0, sp
-    if not isinstance(image_span, (tuple, list)) or len(image_span) != 2 or any(
-            isinstance(x, bool) or not isinstance(x, int) for x in image_span):
+    if not isinstance(image_span, (tuple, list)) or len(image_span) != 2:
         raise TypeError(f"image_span must be (start, end) ints or an int64 tensor [B, 2], got {image_span!r}")
-    s, e = image_span
+    s, e = (_as_int(x, "image_span") for x in image_span)
     if not 0 <= s <= e <= T:
         raise ValueError(f"image_span ({s}, {e}) is out of range: need 0 <= start <= end <= T = {T}")
     return s, e, None
@@ -683,7 +848,8 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
             in range (the kernel clamps reads to [0, T); out-of-range tokens come out as 0).
         inv_freq: [D/2] float32, the model's rotary inverse frequencies (e.g.
             `model.language_model.rotary_emb.inv_freq`), on k's device.
-        gamma: calibration strength, > 0 (1: keys unchanged up to rounding; the authors use 3).
+        gamma: calibration strength, > 0 (1: keys unchanged up to rounding; the authors use 3);
+            ValueError where (1 - 1/gamma) T overflows float32 (gamma below ~T / 3.4e38).
         positions: None (RoPE position = cache index), [B, T] (1-D RoPE) or [S, B, T]
             (multi-section RoPE, S = len(mrope_section)) integer RoPE positions of the keys.
         mrope_section: section sizes of the D/2 frequencies (Qwen2-VL: [16, 24, 24] -> t, h, w),
@@ -707,6 +873,9 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
     gamma = _check_real(gamma, "gamma")
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
+    # float32 angles (1 - 1/gamma) (a - p) inv_freq with |a - p| <= T: a tiny gamma overflows them (sin(inf) = nan)
+    if not abs(1.0 - 1.0 / gamma) * max(T, 1) <= _FLOAT32_MAX:
+        raise ValueError(f"gamma={gamma} is too small: the rotation angles (1 - 1/gamma) (a - p) overflow float32")
     _check_tensor(inv_freq, "inv_freq")
     if inv_freq.shape != (D // 2,):
         raise ValueError(f"inv_freq must be [D/2] = [{D // 2}], got shape {tuple(inv_freq.shape)}")
@@ -723,6 +892,8 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
         n = num_tokens
     else:
         n = int(spans[0, 1] - spans[0, 0])
+        if n < 0:
+            raise ValueError(f"image_span [0] = ({int(spans[0, 0])}, {int(spans[0, 1])}) has start > end")
     sections = None
     if mrope_section is not None:
         if isinstance(mrope_section, torch.Tensor) or not isinstance(mrope_section, (list, tuple)) or any(
@@ -780,6 +951,12 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
 
     One streaming pass per query block (online softmax, fp32 accumulation; the [Tq, T] matrix is
     never stored). Output in q's dtype, a new contiguous tensor. No host synchronisation.
+
+    Non-finite input follows softmax(P) @ V, as the reference and SDPA's math path (reference, CPU
+    and CUDA alike): a nan or +inf logit of a key the row sees (nan / inf in q, k, k_calibrated, or
+    nan in an additive mask) makes the whole output row nan; a -inf logit takes no part, as a
+    masked key; a nan / inf value of a key the row sees reaches the dims it touches. Whether a
+    non-finite value of a key the row cannot see (masked, causal) reaches it is not specified.
     """
     _check_float_tensor(q, "q", dims=4, layout="[B, Hq, Tq, D]")
     _check_float_tensor(k, "k", dims=4, layout="[B, Hkv, T, D]")
@@ -832,9 +1009,13 @@ def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, 
     so the test is `l_y - max l >= log beta`), -inf elsewhere.
 
     logits, logits_distorted: [..., V] float32/float16/bfloat16, same shape, dtype and device
-    (any layout). alpha >= 0, beta in (0, 1]. One fused pass per row (row max, then the
-    combination), fp32 arithmetic, output [..., V] in the input dtype. Rows whose logits hold
-    nan give nan where compared; -inf logits are never plausible.
+    (any layout). alpha in [0, 3.4e38] (finite in float32), beta in (0, 1]. One fused pass per
+    row (row max, then the combination, computed as `l + alpha (l - l~)`: no cancellation of two
+    terms of size alpha |l|), fp32 arithmetic, output [..., V] in the input dtype; a value past
+    the dtype's range is +-inf. Non-finite input (the rule of softmax, which this op thresholds):
+    a row whose `logits` hold nan or +inf has no softmax and comes out all nan; -inf logits are
+    never plausible; a nan or inf in `logits_distorted` propagates to its own token where that
+    token is plausible.
     """
     for name, x in (("logits", logits), ("logits_distorted", logits_distorted)):
         _check_tensor(x, name)
@@ -847,8 +1028,8 @@ def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, 
                          f"{tuple(logits.shape)}")
     _check_same(logits_distorted, "logits_distorted", logits, "logits")
     alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if not 0 <= alpha <= _FLOAT32_MAX:
+        raise ValueError(f"alpha must be >= 0 and finite in float32 (<= 3.4e38), got {alpha}")
     if not 0 < beta <= 1:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
     _check_built_for(logits, "contrastive_logits")

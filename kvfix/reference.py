@@ -449,9 +449,9 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
     count = segh.sum(dim=(1, 2, 3)).to(dt)                                        # [B]
     mu_p = torch.where(segh, logits, torch.zeros_like(logits)).sum(dim=(1, 2, 3)) / count.clamp(min=1)
     hit = segh & (logits > mu_p[:, None, None, None]) & imd_b[:, None, None, None]
-    w_img = inimg[:, None, :, None].to(dt)                                        # [B, 1, T, 1]
     n_img = (en - st).clamp(min=1).to(dt)[:, None, None]
-    mu_v = (vv * w_img).sum(dim=2) / n_img                                        # [B, Hq, D]
+    # where, not a product with a 0/1 weight: a non-finite value outside the image must not reach mu_V
+    mu_v = torch.where(inimg[:, None, :, None], vv, torch.zeros((), dtype=dt, device=dev)).sum(dim=2) / n_img
     if value_mean == "scalar":
         mu_v = mu_v.mean(dim=-1, keepdim=True).expand(B, Hq, D)
     p_hit = torch.where(hit, probs, torch.zeros_like(probs))
@@ -462,7 +462,12 @@ def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, 
                        beta: float = 0.2) -> torch.Tensor:
     """Contrastive decoding (SPEC §4): (1 + alpha) l - alpha l~ on the plausible set
     {y : log p(y) >= log beta + max log p}, p = softmax(l) of the original branch; -inf elsewhere.
-    log p(y) - max log p = l_y - max l, so the cut needs the row maximum only. In l's dtype."""
+    log p(y) - max log p = l_y - max l, so the cut needs the row maximum only. In l's dtype,
+    computed as l + alpha (l - l~) (the same value without cancelling two terms of size alpha |l|).
+    Non-finite rule: a row whose l holds nan or +inf has no softmax (torch.softmax gives nan):
+    all nan."""
     keep = logits - logits.amax(dim=-1, keepdim=True) >= math.log(beta)
-    out = (1 + alpha) * logits - alpha * logits_distorted.to(logits.dtype)
-    return torch.where(keep, out, torch.full((), float("-inf"), dtype=out.dtype, device=out.device))
+    out = logits + alpha * (logits - logits_distorted.to(logits.dtype))
+    out = torch.where(keep, out, torch.full((), float("-inf"), dtype=out.dtype, device=out.device))
+    bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1, keepdim=True)
+    return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)

@@ -159,11 +159,17 @@ float mask_value(const CmacMask& m, int64_t off, bool& valid) {
 // Online-softmax fold of one row of logits s[0, n) (already scaled; masked entries -inf).
 // Updates the row state (m, l, imd) and returns the factor the row's accumulator must be scaled
 // by; s becomes the probabilities e^(s - m). hit (may be null): entries whose probability goes to
-// mu_V instead of v (1 or 0 per entry; summed into imd, zeroed in s).
+// mu_V instead of v (1 or 0 per entry; summed into imd, zeroed in s). A nan logit counts as +inf
+// in the max, so the row's state turns nan and stays nan (softmax's rule) even when every logit
+// so far is nan.
 KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m, float& l, float& imd) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] == s[j] ? s[j] : kInf;
+    mx = x > mx ? x : mx;
+  }
   const float m_new = std::max(m, mx);
   if (m_new == kNegInf) {  // nothing taking part yet
     for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
@@ -350,7 +356,7 @@ void attention(const AttnArgs& a) {
       }
       const float* mv = vsum.data();
       for (int64_t r = 0; r < rows; ++r) {
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];  // no key: 0; a nan state stays nan
         const float* ar = acc.data() + r * D;
         const float wi = imd[r];
         for (int64_t d = 0; d < D; ++d) ob[r * D + d] = static_cast<T>((ar[d] + (use_imd ? wi * mv[d] : 0.0f)) * inv);
@@ -403,18 +409,28 @@ void rope_rotate(const at::Tensor& k, const std::vector<Span>& spans, int64_t N,
   });
 }
 
+// out = l + alpha (l - l~) (= (1 + alpha) l - alpha l~ without the cancellation of two terms
+// of size alpha |l|) where l - max l >= log beta, else -inf. A row whose l holds nan or +inf has
+// no softmax: it comes out nan (a nan counts as +inf in the max).
 template <class T>
-void contrastive_rows(const T* l, const T* lt, T* out, int64_t rows, int64_t V, float a1, float a,
-                                        float log_beta) {
+void contrastive_rows(const T* l, const T* lt, T* out, int64_t rows, int64_t V, float a, float log_beta) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = l + r * V;
     const T* y = lt + r * V;
     T* o = out + r * V;
     float mx = kNegInf;
-    for (int64_t j = 0; j < V; ++j) mx = std::max(mx, to_f(x[j]));
     for (int64_t j = 0; j < V; ++j) {
       const float xv = to_f(x[j]);
-      o[j] = static_cast<T>(xv - mx >= log_beta ? a1 * xv - a * to_f(y[j]) : kNegInf);
+      mx = std::max(mx, xv == xv ? xv : kInf);
+    }
+    if (mx == kInf) {
+      std::fill(o, o + V, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
+    for (int64_t j = 0; j < V; ++j) {
+      const float xv = to_f(x[j]);
+      o[j] = static_cast<T>(xv - mx >= log_beta ? xv + a * (xv - to_f(y[j])) : kNegInf);
     }
   }
 }
@@ -499,7 +515,7 @@ at::Tensor contrastive_logits_cpu(const at::Tensor& logits, const at::Tensor& di
   const int64_t V = l.size(-1);
   if (out.numel() == 0) return out;
   const int64_t rows = l.numel() / V;
-  const float a1 = static_cast<float>(1.0 + alpha), a = static_cast<float>(alpha);
+  const float a = static_cast<float>(alpha);
   const float log_beta = static_cast<float>(std::log(beta));
   dispatch_float(l.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -507,7 +523,7 @@ at::Tensor contrastive_logits_cpu(const at::Tensor& logits, const at::Tensor& di
     const scalar_t* y = lt.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / V), [&](int64_t r0, int64_t r1) {
-      contrastive_rows<scalar_t>(x + r0 * V, y + r0 * V, o + r0 * V, r1 - r0, V, a1, a, log_beta);
+      contrastive_rows<scalar_t>(x + r0 * V, y + r0 * V, o + r0 * V, r1 - r0, V, a, log_beta);
     });
   });
   return out;

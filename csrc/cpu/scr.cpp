@@ -123,10 +123,18 @@ KVFIX_SCR_INLINE float row_max(const float* x, int64_t n) {
 }
 
 // One row of logits x[0, n) (scaled and masked): adds its softmax probabilities of columns
-// [start, end) to acc. The row's exponentials are left in x.
+// [start, end) to acc. The row's exponentials are left in x. Non-finite rule (that of softmax and
+// the reference): a nan logit (nan in q, k or an additive mask) makes the row's probabilities nan;
+// a row whose keys all take no part contributes 0.
 KVFIX_SCR_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
-  if (!(m > kNegInf)) return;  // no key takes part: the row contributes 0
+  if (!(m > kNegInf)) {  // no key takes part (the row contributes 0), or every logit is nan
+    bool nan = false;
+    for (int64_t t = 0; t < n; ++t) nan |= x[t] != x[t];
+    if (nan)
+      for (int64_t t = start; t < std::min(end, n); ++t) acc[t - start] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
   float l = 0.0f;
 #pragma omp simd reduction(+ : l)
   for (int64_t t = 0; t < n; ++t) {
@@ -141,14 +149,16 @@ KVFIX_SCR_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, 
 }
 
 // Without a mask and with scale > 0, the same in two passes instead of three: the max of the raw
-// logits, then e = exp(x * scale - m * scale).
+// logits, then e = exp((x - m) * scale), which is exactly exp(0) = 1 at the maximum. (Not
+// x * scale - m * scale: contracted to an FMA, that is off by up to half an ulp of m * scale,
+// hundreds for logits ~1e10, so every e of the row underflowed to 0 or overflowed and the row
+// gave nan.)
 KVFIX_SCR_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
-  const float ms = m * scale;
   float l = 0.0f;
 #pragma omp simd reduction(+ : l)
   for (int64_t t = 0; t < n; ++t) {
-    const float e = cpu::exp_nonpos(x[t] * scale - ms);
+    const float e = cpu::exp_nonpos((x[t] - m) * scale);
     x[t] = e;
     l += e;
   }

@@ -159,7 +159,6 @@ at::Tensor contrastive_logits_cuda(const at::Tensor& logits, const at::Tensor& d
   a.out = out.mutable_data_ptr();
   a.V = l.size(-1);
   a.rows = l.numel() / a.V;
-  a.a1 = static_cast<float>(1.0 + alpha);
   a.a = static_cast<float>(alpha);
   a.log_beta = static_cast<float>(std::log(beta));
   dispatch(l.scalar_type(), "contrastive_logits", [&](auto tag) {

@@ -27,7 +27,9 @@
 //   (acc + imd_sum * mu_V) / l, zeros for a row without any key.
 //
 // cmac_contrastive_kernel: one block per row of V logits: block max, then
-//   out = l - max >= log beta ? (1 + alpha) l - alpha l~ : -inf.
+//   out = l - max >= log beta ? l + alpha (l - l~) : -inf
+// ((1 + alpha) l - alpha l~ without cancelling two terms of size alpha |l|). A row whose l holds
+// nan or +inf has no softmax and comes out nan (a nan counts as +inf in the max).
 //
 // Plain CUDA C++ (shared memory, __syncthreads, shuffles; no inline PTX, no dynamic shared memory).
 // Head dims up to kCmacMaxHeadDim. Spans and IMD flags may live on the device (per-item tensors):
@@ -109,7 +111,7 @@ struct CmacContrastiveArgs {
   const void *l, *lt;  // [rows, V] contiguous
   void* out;
   int64_t rows, V;
-  float a1, a, log_beta;
+  float a, log_beta;
 };
 
 namespace cmac_detail {
@@ -326,7 +328,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
         }
         if (!valid) x = -INFINITY;
       }
-      const float m_new = fmaxf(m[r], cmac_detail::warp_max(x));
+      // a nan logit counts as +inf in the max: the row's state turns nan and stays nan (softmax's
+      // rule), even where every logit so far is nan (fmaxf alone would skip it)
+      const float m_new = fmaxf(m[r], cmac_detail::warp_max(x == x ? x : INFINITY));
       if (m_new == -INFINITY) continue;  // nothing taking part yet (warp-uniform)
       const float alpha = __expf(m[r] - m_new);
       float p = x == -INFINITY ? 0.0f : __expf(x - m_new);
@@ -362,7 +366,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
   for (int r = 0; r < RW; ++r) {
     const int64_t i = i0 + warp * RW + r;
     if (i >= i1) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];  // no key: 0; a nan state stays nan
     T* o = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.Tq + i) * D;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
@@ -380,7 +384,10 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_contrastive_kernel(const Cm
   T* o = static_cast<T*>(a.out) + row * a.V;
   __shared__ float red[kCmacThreads / 32];
   float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < a.V; j += blockDim.x) mx = fmaxf(mx, cmac_detail::ld(l + j));
+  for (int64_t j = threadIdx.x; j < a.V; j += blockDim.x) {
+    const float x = cmac_detail::ld(l + j);
+    mx = fmaxf(mx, x == x ? x : INFINITY);  // fmaxf would skip a nan
+  }
   mx = cmac_detail::warp_max(mx);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
   __syncthreads();
@@ -388,7 +395,8 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_contrastive_kernel(const Cm
   for (int w = 1; w < kCmacThreads / 32; ++w) mx = fmaxf(mx, red[w]);
   for (int64_t j = threadIdx.x; j < a.V; j += blockDim.x) {
     const float x = cmac_detail::ld(l + j);
-    o[j] = Num<T>::from_f(x - mx >= a.log_beta ? a.a1 * x - a.a * cmac_detail::ld(lt + j) : -INFINITY);
+    const float y = x - mx >= a.log_beta ? x + a.a * (x - cmac_detail::ld(lt + j)) : -INFINITY;
+    o[j] = Num<T>::from_f(mx == INFINITY ? NAN : y);
   }
 }
 

@@ -7,7 +7,7 @@
 //
 //   scores[b, j] = (1 / Hq) sum_hq sum_i p[b, hq, i, start + j],  p = softmax over all T keys of
 //   q_i . k_t * scale + mask (keys with bool False / additive -inf / causal t > T - Tq + i take no
-//   part; a row without keys contributes 0).
+//   part; a row without keys contributes 0; a nan or +inf logit makes its row's p nan).
 //
 // Three launches, all with 128 threads (4 warps) and static shared memory. Logits come in tiles of
 // kScrRows query rows x kScrCols keys: warp w owns rows 4w .. 4w + 3 of the tile, lane l key l; the
@@ -158,7 +158,9 @@ __device__ __forceinline__ void tile_dots(const ScrScoresArgs& a, int64_t b, int
   }
 }
 
-// Online softmax state (m, l) of x folded into (m, l).
+// Online softmax state (m, l) of x folded into (m, l). A nan logit makes l nan (x > m is false);
+// a +inf one makes m = +inf, and any other key of the row then gives expf(inf - inf) = nan (in
+// the lane merge or the mass pass).
 __device__ __forceinline__ void fold(float& m, float& l, float x) {
   if (x == neg_inf()) return;
   if (x > m) {

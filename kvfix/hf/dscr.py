@@ -232,6 +232,8 @@ class DSCR(Method):
             return
         if isinstance(d, str):
             return
+        if d.dtype == torch.bool or d.is_complex():
+            raise TypeError(f"depth map of image {img.index} must be real-valued, got {d.dtype}")
         if d.dim() == 1:
             if d.numel() != img.length:
                 raise ValueError(f"depth map of image {img.index} is 1-D with {d.numel()} values; a per-token "

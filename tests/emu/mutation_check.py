@@ -123,6 +123,8 @@ MUTATIONS = [
     Mutation("scr: causal rows start one tile late", SCR,
              "first = need > 0 ? (need / kScrRows) * kScrRows : 0;",
              "first = need > 0 ? (need / kScrRows + 1) * kScrRows : 0;", SCR_TESTS),
+    Mutation("scr: mass pass not shifted by the row max (exp(x) / exp(m) overflows for large logits)", SCR,
+             "acc += expf(x - mi) / li;", "acc += expf(x) / expf(mi) / li;", SCR_TESTS),
     # CMAC (cmac.cuh)
     Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
              "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
@@ -139,6 +141,10 @@ MUTATIONS = [
              CMAC_TESTS),
     Mutation("cmac: threshold averaged over every query row", CMAC,
              "static_cast<float>((a.Tq - i_after) * a.Hq)", "static_cast<float>(a.Tq * a.Hq)", CMAC_TESTS),
+    Mutation("cmac: contrastive row max skips nan (a row with a nan logit keeps its other tokens)", CMAC,
+             "mx = fmaxf(mx, x == x ? x : INFINITY);", "mx = fmaxf(mx, x);", CMAC_TESTS),
+    Mutation("cmac: attention row max skips nan (a row of nan logits comes out 0)", CMAC,
+             "cmac_detail::warp_max(x == x ? x : INFINITY)", "cmac_detail::warp_max(x)", CMAC_TESTS),
     Mutation("cmac: image-value mean term dropped", CMAC,
              "(acc[r][c] + (use_imd ? im[r] * vsum[c] : 0.0f)) * inv", "acc[r][c] * inv", CMAC_TESTS),
 ]

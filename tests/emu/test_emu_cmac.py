@@ -139,3 +139,40 @@ def test_contrastive(cm, dtype):
             keep = ~torch.isinf(want)
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(out.double()[keep], want[keep].to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_contrastive_nonfinite_rule_and_large_alpha(cm):
+    """Issue 15: a row whose logits hold nan or +inf comes out all nan (softmax's rule, as the
+    reference); l + alpha (l - l~) keeps a huge alpha from cancelling (l~ == l gives l)."""
+    l, lt = 3 * torch.randn(4, 300), 3 * torch.randn(4, 300)
+    l[0, 17] = NAN
+    l[1, 299] = math.inf
+    out = torch.full((4, 300), 0.0)
+    cm.contrastive_logits(l, lt, out, 3.0, 0.2)
+    want = R.contrastive_logits(l.double(), lt.double(), alpha=3.0, beta=0.2)
+    assert out[:2].isnan().all() and want[:2].isnan().all()
+    assert not out[2:].isnan().any()
+    keep = ~torch.isinf(want[2:])
+    torch.testing.assert_close(out[2:].double()[keep], want[2:][keep], rtol=1e-5, atol=1e-5)
+    same = torch.full((1, 300), 0.0)
+    cm.contrastive_logits(l[2:3], l[2:3].clone(), same, 1e30, 0.2)
+    keep = ~torch.isinf(same)
+    assert torch.equal(same[keep], l[2:3][keep])
+
+
+def test_attention_nonfinite_rule(cm):
+    """Issue 15: a nan query row (all its logits nan) comes out nan, as the reference (it came
+    out 0: the row max skipped nan and the row looked empty); +inf logits give nan rows."""
+    B, Hq, Hkv, Tq, T, D = 2, 2, 1, 4, 40, 16
+    q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    q[0, 0, 2] = NAN
+    k[1, 0, 30] = 0.0
+    k[1, 0, 30, 0] = math.inf
+    v[0, 0, 1, 3] = math.inf  # before the image: reaches dim 3 of the rows that see it, not mu_V
+    for imd in (False, True):
+        out = _attention(cm, q, k, v, (3, 21), imd=imd)
+        want = R.cmac_attention(q.double(), k.double(), v.double(), (3, 21), imd=imd)
+        assert out[0, 0, 2].isnan().all()
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-5, rtol=1e-5)

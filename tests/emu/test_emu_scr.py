@@ -135,3 +135,28 @@ def test_scr_redistribute_ties_at_the_cut(scr, top_k):
     B, grid = 3, (9, 11)
     scores = torch.randint(0, 4, (B, 99)).float()
     _redis(scr, torch.randn(B, 99, 12), scores, grid, top_k=top_k, lam=1.2)
+
+
+@pytest.mark.parametrize("D,scale", [(48, None), (64, 0.3)])
+def test_scr_scores_large_finite_logits(scr, D, scale):
+    """Keys ~1e10 (issue 15 item 4): the softmax must be shifted by the row max in both passes;
+    logits this large overflow any unshifted exp. The CPU's exp helper had returned nan here."""
+    q, k = _qk(2, 4, 2, 7, 40, D, torch.float32)
+    _scores(scr, q, 1e10 * k, (2, 10), scale=scale)
+
+
+def test_scr_scores_nonfinite_rule(scr):
+    """Issue 15: a nan or +inf logit of a key that takes part makes its row's softmax nan, hence
+    the item's scores (the reference's rule); a row whose keys are all masked out contributes 0."""
+    B, Hq, Tq, T, D = 3, 2, 5, 40, 16
+    q, k = _qk(B, Hq, 2, Tq, T, D, torch.float32)
+    k[1, 0, 33, :] = math.inf  # item 1: +inf logits (q has both signs: some rows +inf, some -inf)
+    q[1, :, :, :] = q[1, :, :, :].abs()  # ... make every logit of key 33 +inf
+    mask = torch.zeros(B, 1, Tq, T)
+    mask[0, :, 2, :] = NAN  # item 0: a row of nan logits
+    mask[2, :, 3, :] = -math.inf  # item 2: a row without keys
+    out = torch.full((B, 20), NAN)
+    scr.scr_scores(q, k, mask, out, 5, 0.25, 0)
+    want = R.scr_scores(q.double(), k.double(), (5, 25), scale=0.25, mask=mask.double())
+    assert out[:2].isnan().all() and want[:2].isnan().all()
+    torch.testing.assert_close(out[2].double(), want[2], atol=1e-6, rtol=1e-5)

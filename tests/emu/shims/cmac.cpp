@@ -113,7 +113,6 @@ KVEMU_ENTRY(contrastive_logits, args) {
   a.out = args.tensor(2).data;
   a.rows = args.size(0, 0);
   a.V = args.size(0, 1);
-  a.a1 = static_cast<float>(1.0 + args.f(3));
   a.a = static_cast<float>(args.f(3));
   a.log_beta = static_cast<float>(std::log(args.f(4)));
   return KVEMU_DISPATCH_FLOAT(args.dtype(0), T, { return kvfix::kernels::cmac_contrastive_launch<T>(a, nullptr); });
