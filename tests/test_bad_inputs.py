@@ -280,7 +280,8 @@ def test_scr_scores_large_finite_logits(D, scale):
 
 def test_patch_depth_near_float64_range():
     m = torch.tensor([[1e308, -1e308], [0.0, 1.0]], dtype=torch.float64)
-    torch.testing.assert_close(kvfix.patch_depth(m, 2, 2), torch.tensor([1.0, 0.0, 0.5, 0.5]))
+    torch.testing.assert_close(kvfix.patch_depth(m, 2, 2), torch.tensor([255.0, 0.0, 127.5, 127.5]))
+    torch.testing.assert_close(kvfix.patch_depth(m, 2, 2, scale=1.0), torch.tensor([1.0, 0.0, 0.5, 0.5]))
 
 
 def test_contrastive_large_alpha_no_cancellation():
