@@ -104,13 +104,14 @@ class Budget:
     def left(self) -> float:
         return math.inf if self.seconds is None else max(0.0, self.seconds - self.elapsed())
 
-    def share(self, parts_left: int, weight: float = 1.0, weights_left: float | None = None) -> "Budget":
-        """The next part's budget: what is left x weight / weights_left (default: / parts_left).
-        What a part leaves unspent goes to the parts after it."""
+    def share(self, parts_left: int, weight: float = 1.0, weights_left: float | None = None,
+              reserve: float = 0.0) -> "Budget":
+        """The next part's budget: (what is left - reserve) x weight / weights_left (default:
+        / parts_left). What a part leaves unspent goes to the parts after it."""
         if self.seconds is None:
             return Budget(None)
         total = weights_left if weights_left is not None else float(max(1, parts_left))
-        return Budget(self.left() * weight / total)
+        return Budget(max(0.0, self.left() - reserve) * weight / total)
 
 
 class Scaling:
@@ -133,6 +134,9 @@ class Scaling:
         return pts[c] * cost / c
 
 
+# seconds a memory worker (a fresh process) needs to start, import torch and kvfix and warm up:
+# kept out of the rows' shares; bench/table.py sets it from its own import time
+WORKER_START_S = 5.0
 DSCR_SCALING = Scaling()  # dense DSCR variants, key (dtype, variant), cost B H N^2 D: shared by sections
 
 

@@ -152,7 +152,7 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
     todo = [(shape, dt) for shape in shapes for dt in shape.dtypes]
     rows = []
     for i, (shape, dt) in enumerate(todo):
-        row_budget = budget.share(len(todo) - i)
+        row_budget = budget.share(len(todo) - i, reserve=common.WORKER_START_S)
         inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
         fns = structured_fns(shape, inp)
         fns = {n: fns[n] for n in PRIORITY if n in fns}
