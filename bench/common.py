@@ -200,8 +200,9 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
     timed, plus one for a later memory measurement): the row is skipped if the `required`
     variants alone do not fit, then each other variant, in order, is skipped if it does not fit
     beside those kept. The rest run once to warm up (those
-    calls are timed: `first`; if this pass exceeded budget / calls_needed, optional variants are
-    dropped, the last first, until it fits), then in passes of one call each, until `max_reps` passes, or until
+    calls are timed: `first`; the required ones first, then each other one, in order, only while
+    the pass so far fits budget / calls_needed, and dropped if its own call made it overflow),
+    then in passes of one call each, until `max_reps` passes, or until
     the next pass (timed as the median pass so far; plus one more pass when `reserve_pass`, for
     a later memory measurement) would overrun the budget, but at least `min_reps` passes (>= 1).
     Every variant that ran has the same repeats, so medians are compared over the same passes.
@@ -242,24 +243,22 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
         return t
 
     first = {n: call(n, keep=on_first is not None) for n in names if n in required}  # warm-up, required first
-    base = sum(first.values())
-    for n in names:
+    base = total = sum(first.values())
+    for n in names:  # then the others, in order, while the pass (as measured so far) fits
         if n in first:
             continue
         e = (relative or {}).get(n)
-        if e is not None and sum(first.values()) + e * base > limit:  # estimated from the required calls
-            skipped[n] = skip_reason(e * base, limit - sum(first.values()), left) + f" (~{e} x {'+'.join(required)})"
-            continue
-        first[n] = call(n, keep=on_first is not None)
-    names = [n for n in names if n not in skipped]
-    total = sum(first.values())
-    for n in reversed(names):  # the pass as measured does not fit: drop optional variants, last first
-        if total <= limit:
-            break
-        if n not in required:
-            skipped[n] = (f"skipped after one call: {fmt_s(first[n])} s, the pass {fmt_s(total)} s > "
-                          f"{fmt_s(limit)} s allowed (row budget {fmt_s(left)} s) on this machine")
-            total -= first[n]
+        if total > limit:
+            skipped[n] = (f"skipped: the pass without it took {fmt_s(total)} s > {fmt_s(limit)} s allowed "
+                          f"(row budget {fmt_s(left)} s) on this machine")
+        elif e is not None and total + e * base > limit:  # estimated from the required calls
+            skipped[n] = skip_reason(e * base, limit - total, left) + f" (~{e} x {'+'.join(required)})"
+        else:
+            first[n] = call(n, keep=on_first is not None)
+            total += first[n]
+            if total > limit:
+                skipped[n] = (f"skipped after one call: {fmt_s(first[n])} s, the pass {fmt_s(total)} s > "
+                              f"{fmt_s(limit)} s allowed (row budget {fmt_s(left)} s) on this machine")
     names = [n for n in names if n not in skipped]
     times = {n: [] for n in names}
     passes = []

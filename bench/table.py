@@ -9,8 +9,9 @@ Method:
 - time budget: the whole run gets --budget-s seconds (default 300; --quick: none). The DSCR
   table and each section (SECTIONS) get what is left x their weight / the weights of the parts
   not run yet, and each row an equal share of what is left of its part (what a part or row leaves
-  goes to the next). Before a row runs, one call of each variant is estimated (DSCR: from a probe
-  at N=256 or the largest row measured before, by the B H N^2 D scaling of the dense variants;
+  goes to the next). Before a row runs, one call of each variant is estimated (DSCR: from the
+  largest row measured before, by the B H N^2 D scaling of the dense variants; none for the
+  smallest row of a dtype, whose warm-up calls are the measurement;
   the transformers-level methods: by their known ratio to plain generate): a row whose required
   variant (kvfix) does not fit, or a variant that does not fit beside those kept, is skipped and
   the table says so ("skipped: one call ~X s > Y s left for it (row budget Z s) on this machine").
@@ -18,8 +19,9 @@ Method:
   The header gives the run's wall time, each section's, and the CPU path that ran.
 - timing: one process, torch threads = the cores available; each variant runs once to warm up,
   then the variants run interleaved (rotating order) for R repeats (common.interleave): every
-  variant of a row has the same R, over the same passes; the table shows medians. R: at most 21
-  (quick 9), fewer when the row's share of the budget is spent.
+  variant of a row has the same R, over the same passes; the table shows medians. R: at most 11
+  (quick 9), fewer when the row's share of the budget is spent. At warm-up, kvfix runs first and
+  the other variants (PRIORITY order) only while the measured pass fits the row's share.
 - memory: a fresh subprocess (started with MALLOC_MMAP_THRESHOLD_=65536, so that large blocks
   are mmapped and returned to the OS on free, not silently reused) first runs every variant on
   a small shape in each dtype (thread pool, code pages, one-time library state), then for each
@@ -41,7 +43,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import subprocess
@@ -115,37 +116,20 @@ def measure_memory(rows, n_threads: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # timing and errors (this process)
 
-PROBE = common.Shape("probe", 1, 4, 16, 16, 128, ())  # N = 256: a-priori times for a dtype's first row
-
-
-def probe(dt: str) -> None:
-    """Record one call of each variant on PROBE (the fastest of 3, after one untimed call) in
-    common.DSCR_SCALING."""
-    for name, fn in common.variant_fns(common.make_inputs(PROBE, DTYPES[dt])).items():
-        fn()
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        common.DSCR_SCALING.record((dt, name), common.dense_cost(PROBE), best)
-
-
 def time_row(shape, dt: str, budget: common.Budget, min_reps: int, max_reps: int) -> dict:
     """Errors and interleaved medians of one row within `budget` (which also pays for the row's
     float64 ground truth and, later, one call of each variant in the memory worker): with the
-    ground truth's and the variants' calls estimated by common.DSCR_SCALING (the probe and the
-    rows before), the row is skipped if kvfix's warm-up, one repeat and memory call do not fit,
-    then common.interleave keeps the other variants that fit (PRIORITY order)."""
+    ground truth's and the variants' calls estimated by common.DSCR_SCALING (from the rows measured
+    before; a dtype's first row, the smallest, has no estimate: its warm-up is the measurement),
+    the row is skipped if kvfix's warm-up, one repeat and memory call do not fit, then
+    common.interleave keeps the other variants that fit (PRIORITY order)."""
     row = {"shape": shape, "dtype": dt, "err": {}, "ms": {}, "skipped": {}, "reps": 0}
     names = [n for n in VARIANTS if n != "reference" or shape.ref_skip is None]
-    if (dt, "kvfix") not in common.DSCR_SCALING.points:
-        probe(dt)
     est = {n: common.DSCR_SCALING.estimate((dt, n), common.dense_cost(shape)) for n in names}
     truth_cost = common.dense_cost(shape) * (1 if shape.err_cols is None else min(1.0, shape.err_cols / shape.N))
     est_truth = common.DSCR_SCALING.estimate(("fp64", "truth"), truth_cost) or 0.0
     limit = (budget.left() - est_truth) / 3
-    if est["kvfix"] > limit:
+    if est["kvfix"] is not None and est["kvfix"] > limit:
         row["skip"] = common.skip_reason(est["kvfix"], limit, budget.left()) + (
             f" (float64 ground truth ~{common.fmt_s(est_truth)} s)" if est_truth >= 0.1 else "")
         return row
@@ -237,8 +221,8 @@ def render(rows, calib, info, cmd, started, loads, timing) -> tuple[str, list]:
     for row in rows:
         s, dt, ms, err, mem, sk = row["shape"], row["dtype"], row["ms"], row["err"], row.get("mem", {}), row["skipped"]
         if "skip" in row:
-            lines.append(f"| dscr_refine (K+V) | {s.label} | {dt} | {row['skip']} | {row['skip']} |" + " n/a |" * 14
-                         + " 0 |")
+            lines.append(f"| dscr_refine (K+V) | {s.label} | {dt} | skipped with kvfix | {row['skip']} |"
+                         + " n/a |" * 11 + " 0 |")
             continue
 
         def cell(n, text):
@@ -299,8 +283,7 @@ def targets(rows) -> list:
 
         def verdict(limit):
             return (f"kvfix/floor = {r1:.2f}, kvfix/mm floor = {r2:.2f} (target <= {limit}): "
-                    f"{'met' if r1 <= limit else 'NOT met' if r1 == r1 else 'not measured'} / "
-                    f"{'met' if r2 <= limit else 'NOT met' if r2 == r2 else 'not measured'}")
+                    f"{common.verdict(r1, limit)} / {common.verdict(r2, limit)}")
 
         if s.name == "LLaVA-1.5" and dt == "fp32":
             sp = ms.get("reference", float("nan")) / ms["kvfix"]
@@ -349,7 +332,7 @@ def main(argv=None) -> int:
     part = run.share(0, SECTIONS[0][2], weights_left)
     weights_left -= SECTIONS[0][2]
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    min_reps, max_reps = 1, (9 if args.quick else 21)
+    min_reps, max_reps = 1, (9 if args.quick else 11)
     todo = [(shape, dt) for shape in shapes for dt in shape.dtypes]
     rows = []
     common.WORKER_START_S = 2 * T_IMPORTS + 1

@@ -148,7 +148,7 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
     torch.set_num_threads(common.threads())
     budget = budget or common.Budget(None)
     shapes = STRUCT_QUICK if quick else STRUCT_SHAPES
-    max_reps = 3 if quick else 15
+    max_reps = 3 if quick else 11
     todo = [(shape, dt) for shape in shapes for dt in shape.dtypes]
     rows = []
     for i, (shape, dt) in enumerate(todo):
