@@ -200,8 +200,8 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
     timed, plus one for a later memory measurement): the row is skipped if the `required`
     variants alone do not fit, then each other variant, in order, is skipped if it does not fit
     beside those kept. The rest run once to warm up (those
-    calls are timed: `first`; the required ones first, then each other one, in order, only while
-    the pass so far fits budget / calls_needed, and dropped if its own call made it overflow),
+    calls are timed: `first`; the required ones first, then each other one, in order, if its
+    calls (estimated, or its warm-up as measured) fit beside the remaining calls of those kept),
     then in passes of one call each, until `max_reps` passes, or until
     the next pass (timed as the median pass so far; plus one more pass when `reserve_pass`, for
     a later memory measurement) would overrun the budget, but at least `min_reps` passes (>= 1).
@@ -243,22 +243,25 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
         return t
 
     first = {n: call(n, keep=on_first is not None) for n in names if n in required}  # warm-up, required first
-    base = total = sum(first.values())
-    for n in names:  # then the others, in order, while the pass (as measured so far) fits
+    base = kept = sum(first.values())  # kept: one pass of the variants kept so far
+    more = calls_needed - 1  # the calls each kept variant still needs after its warm-up
+    for n in names:  # then the others, in order, while their calls fit what is left
         if n in first:
             continue
-        e = (relative or {}).get(n)
-        if total > limit:
-            skipped[n] = (f"skipped: the pass without it took {fmt_s(total)} s > {fmt_s(limit)} s allowed "
-                          f"(row budget {fmt_s(left)} s) on this machine")
-        elif e is not None and total + e * base > limit:  # estimated from the required calls
-            skipped[n] = skip_reason(e * base, limit - total, left) + f" (~{e} x {'+'.join(required)})"
+        e = None if (relative or {}).get(n) is None else relative[n] * base
+        room = budget.left() - more * kept
+        if room <= 0:
+            skipped[n] = f"skipped: the variants kept fill the row budget ({fmt_s(left)} s) on this machine"
+        elif e is not None and e * calls_needed > room:  # estimated from the required calls
+            skipped[n] = skip_reason(e, room / calls_needed, left) + f" (~{relative[n]} x {'+'.join(required)})"
         else:
             first[n] = call(n, keep=on_first is not None)
-            total += first[n]
-            if total > limit:
-                skipped[n] = (f"skipped after one call: {fmt_s(first[n])} s, the pass {fmt_s(total)} s > "
-                              f"{fmt_s(limit)} s allowed (row budget {fmt_s(left)} s) on this machine")
+            if more * (kept + first[n]) > budget.left():
+                skipped[n] = (f"skipped after one call: {fmt_s(first[n])} s, too long for the "
+                              f"{fmt_s(max(0.0, room - first[n]))} s left of the row budget ({fmt_s(left)} s) "
+                              "on this machine")
+            else:
+                kept += first[n]
     names = [n for n in names if n not in skipped]
     times = {n: [] for n in names}
     passes = []
