@@ -282,12 +282,12 @@ def targets(rows) -> list:
         r1, r2 = ms["kvfix"] / ms.get("floor", nan), ms["kvfix"] / ms.get("mm_floor", nan)
 
         def verdict(limit):
-            return (f"kvfix/floor = {r1:.2f}, kvfix/mm floor = {r2:.2f} (target <= {limit}): "
+            return (f"kvfix/floor = {common.num(r1)}, kvfix/mm floor = {common.num(r2)} (target <= {limit}): "
                     f"{common.verdict(r1, limit)} / {common.verdict(r2, limit)}")
 
         if s.name == "LLaVA-1.5" and dt == "fp32":
             sp = ms.get("reference", float("nan")) / ms["kvfix"]
-            res.append(f"fp32 LLaVA-1.5: {verdict(1.15)}; speedup over the eager reference {sp:.2f}x")
+            res.append(f"fp32 LLaVA-1.5: {verdict(1.15)}; speedup over the eager reference {common.num(sp, '.2f', 'x')}")
         if dt == "bf16":
             res.append(f"bf16 {s.name}: {verdict(1.3)}")
         if s.name == "N=16384" and row["mem"]["kvfix"] is not None:
