@@ -221,7 +221,8 @@ def render(rows, calib, info, cmd, started, loads, timing) -> tuple[str, list]:
     for row in rows:
         s, dt, ms, err, mem, sk = row["shape"], row["dtype"], row["ms"], row["err"], row.get("mem", {}), row["skipped"]
         if "skip" in row:
-            lines.append(f"| dscr_refine (K+V) | {s.label} | {dt} | skipped with kvfix | {row['skip']} |"
+            ref = ref_skip_text(row, rows) if s.ref_skip is not None else "skipped with kvfix"
+            lines.append(f"| dscr_refine (K+V) | {s.label} | {dt} | {ref} | {row['skip']} |"
                          + " n/a |" * 11 + " 0 |")
             continue
 
