@@ -199,12 +199,12 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
     fit budget / calls_needed (`calls_needed`: the calls a variant needs at least: warm-up and one
     timed, plus one for a later memory measurement): the row is skipped if the `required`
     variants alone do not fit, then each other variant, in order, is skipped if it does not fit
-    beside those kept. The rest run once to warm up (those
-    calls are timed: `first`; the required ones first, then each other one, in order, if its
-    calls (estimated, or its warm-up as measured) fit beside the remaining calls of those kept),
-    then in passes of one call each, until `max_reps` passes, or until
-    the next pass (timed as the median pass so far; plus one more pass when `reserve_pass`, for
-    a later memory measurement) would overrun the budget, but at least `min_reps` passes (>= 1).
+    beside those kept. The rest run once to warm up (timed: `first`): the required ones first,
+    then each other one, in order, if its calls (estimated from `relative`, or its warm-up as
+    measured) fit beside the remaining calls of those kept. Then passes of one call each, until
+    `max_reps` passes, or until the next pass (timed as the median pass so far; twice that when
+    `reserve_pass`, for a later memory measurement) would overrun the budget, but at least
+    `min_reps` passes (>= 1).
     Every variant that ran has the same repeats, so medians are compared over the same passes.
     before(name): untimed, before each call; setup(name) -> kwargs of the call (untimed);
     on_first(name, output): called with each warm-up call's output (e.g. to take its error);
