@@ -200,8 +200,9 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
     timed, plus one for a later memory measurement): the row is skipped if the `required`
     variants alone do not fit, then each other variant, in order, is skipped if it does not fit
     beside those kept. The rest run once to warm up (timed: `first`): the required ones first,
-    then each other one, in order, if its calls (estimated from `relative`, or its warm-up as
-    measured) fit beside the remaining calls of those kept. Then passes of one call each, until
+    then each other one, in order, if its calls fit beside the remaining calls of those kept: as
+    estimated from `relative`, else assuming its call as fast as the fastest measured so far,
+    then as its warm-up measured. Then passes of one call each, until
     `max_reps` passes, or until the next pass (timed as the median pass so far; twice that when
     `reserve_pass`, for a later memory measurement) would overrun the budget, but at least
     `min_reps` passes (>= 1).
@@ -248,12 +249,15 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
     for n in names:  # then the others, in order, while their calls fit what is left
         if n in first:
             continue
-        e = None if (relative or {}).get(n) is None else relative[n] * base
+        if (relative or {}).get(n) is not None:
+            e, how = relative[n] * base, f" (~{relative[n]} x {'+'.join(required)})"
+        else:  # no estimate: assume it costs what the fastest call measured so far did
+            e, how = min(first.values(), default=0.0), " (not measured: assumed as fast as the fastest variant)"
         room = budget.left() - more * kept
         if room <= 0:
             skipped[n] = f"skipped: the variants kept fill the row budget ({fmt_s(left)} s) on this machine"
-        elif e is not None and e * calls_needed > room:  # estimated from the required calls
-            skipped[n] = skip_reason(e, room / calls_needed, left) + f" (~{relative[n]} x {'+'.join(required)})"
+        elif e * calls_needed > room:
+            skipped[n] = skip_reason(e, room / calls_needed, left) + how
         else:
             first[n] = call(n, keep=on_first is not None)
             if more * (kept + first[n]) > budget.left():

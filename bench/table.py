@@ -127,13 +127,16 @@ def time_row(shape, dt: str, budget: common.Budget, min_reps: int, max_reps: int
     names = [n for n in VARIANTS if n != "reference" or shape.ref_skip is None]
     est = {n: common.DSCR_SCALING.estimate((dt, n), common.dense_cost(shape)) for n in names}
     truth_cost = common.dense_cost(shape) * (1 if shape.err_cols is None else min(1.0, shape.err_cols / shape.N))
-    est_truth = common.DSCR_SCALING.estimate(("fp64", "truth"), truth_cost) or 0.0
+    est_truth = ((common.DSCR_SCALING.estimate(("fp64", "truth"), truth_cost) or 0.0)
+                 + (common.DSCR_SCALING.estimate(("inputs", dt), float(shape.N ** 2)) or 0.0))
     limit = (budget.left() - est_truth) / 3
     if est["kvfix"] is not None and est["kvfix"] > limit:
         row["skip"] = common.skip_reason(est["kvfix"], limit, budget.left()) + (
-            f" (float64 ground truth ~{common.fmt_s(est_truth)} s)" if est_truth >= 0.1 else "")
+            f" (inputs and float64 ground truth ~{common.fmt_s(est_truth)} s)" if est_truth >= 0.1 else "")
         return row
+    t0 = time.perf_counter()
     inp = common.make_inputs(shape, DTYPES[dt])
+    common.DSCR_SCALING.record(("inputs", dt), float(shape.N ** 2), time.perf_counter() - t0)  # mostly the N x N W
     fns = common.variant_fns(inp, with_reference=shape.ref_skip is None)
     fns = {n: fns[n] for n in PRIORITY if n in fns}  # what the budget keeps first: the targets' floors
     t0 = time.perf_counter()
