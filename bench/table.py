@@ -232,8 +232,8 @@ def render(rows, calib, info, cmd, started, loads, timing) -> tuple[str, list]:
         def cell(n, text):
             return sk[n] if n in sk else text(ms[n]) if n in ms else "n/a"
 
-        def ratio(x):
-            return f"{ms['kvfix'] / x:.2f}"
+        def ratio(n):
+            return f"{ms['kvfix'] / ms[n]:.2f}" if n in ms else "n/a"
 
         ref_ms = ref_skip_text(row, rows) if s.ref_skip is not None else cell("reference", _ms)
         speed = f"{ms['reference'] / ms['kvfix']:.2f}x" if "reference" in ms else "n/a"
@@ -241,7 +241,7 @@ def render(rows, calib, info, cmd, started, loads, timing) -> tuple[str, list]:
         ref_err = f"{err['reference']:.1e}" if "reference" in err else "n/a"
         lines.append(
             f"| dscr_refine (K+V) | {s.label} | {dt} | {ref_ms} | {_ms(ms['kvfix'])} | {speed} "
-            f"| {cell('floor', _ms)} | {cell('floor', ratio)} | {cell('mm_floor', _ms)} | {cell('mm_floor', ratio)} "
+            f"| {cell('floor', _ms)} | {ratio('floor')} | {cell('mm_floor', _ms)} | {ratio('mm_floor')} "
             f"| {err['kvfix']:.1e}{tok} | {ref_err} "
             f"| {_mb(mem.get('kvfix'))} | {_mb(mem.get('reference'))} | {_mb(mem.get('floor'))} "
             f"| {_mb(mem.get('mm_floor'))} | {row['reps']} |")
