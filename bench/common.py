@@ -12,6 +12,12 @@ Variants, all producing the refined keys and values of one layer:
   K materialises W expanded over the heads (H x N^2 elements, see its peak memory) and runs a
   slower batched path, so this is the tighter floor there; for fp32 the two agree.
 
+Time budgets (every section of bench/table.py): `Budget` shares a run's wall-clock seconds out
+as the work goes, `Scaling` estimates one call of a variant before it runs (from the nearest
+shape measured so far, by the variant's known scaling), and `interleave` times the variants of
+one row interleaved, skipping a variant whose estimated call would not fit the row's budget and
+stopping the repeats when the budget is spent (at least one).
+
 Errors are measured against `kvfix.reference.dscr_refine` in float64. Where the full float64
 reference is too large (N = 16384), it is evaluated on a subset of output tokens from the
 reference weights of those columns only (`reference_columns_f64`, checked against the full
@@ -21,8 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import re
+import statistics
+import time
 
 import torch
 
@@ -77,6 +86,257 @@ def threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# time budgets
+
+class Budget:
+    """Wall-clock seconds from now, shared out as the work goes (None: unlimited)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else max(0.0, self.seconds - self.elapsed())
+
+    def share(self, parts_left: int, weight: float = 1.0, weights_left: float | None = None,
+              reserve: float = 0.0) -> "Budget":
+        """The next part's budget: (what is left - reserve) x weight / weights_left (default:
+        / parts_left). What a part leaves unspent goes to the parts after it."""
+        if self.seconds is None:
+            return Budget(None)
+        total = weights_left if weights_left is not None else float(max(1, parts_left))
+        return Budget(max(0.0, self.left() - reserve) * weight / total)
+
+
+class Scaling:
+    """A-priori seconds of one call: the nearest measured call of the same key, scaled by the
+    cost units (e.g. B H N^2 D for a dense N x N variant): the largest measured point not above
+    the asked cost, else the smallest above it."""
+
+    def __init__(self):
+        self.points = {}  # key -> {cost units: seconds}
+
+    def record(self, key, cost: float, seconds: float) -> None:
+        self.points.setdefault(key, {})[cost] = seconds
+
+    def estimate(self, key, cost: float) -> float | None:
+        pts = self.points.get(key)
+        if not pts:
+            return None
+        below = [c for c in pts if c <= cost]
+        c = max(below) if below else min(pts)
+        return pts[c] * cost / c
+
+
+# seconds a memory worker (a fresh process) needs to start, import torch and kvfix and warm up:
+# kept out of the rows' shares; bench/table.py sets it from its own import time
+WORKER_START_S = 5.0
+DSCR_SCALING = Scaling()  # dense DSCR variants, key (dtype, variant), cost B H N^2 D: shared by sections
+
+
+def dense_cost(shape: "Shape") -> float:
+    return float(shape.B * shape.H * shape.N ** 2 * shape.D)
+
+
+def fmt_s(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 0.1 else f"{x:.2f}"
+
+
+@dataclasses.dataclass
+class Timing:
+    """What `interleave` measured: medians and minima (s) per variant that ran, the repeats (every
+    variant that ran has the same number), the warm-up call's seconds, and the reason per skipped
+    variant. The minima feed the a-priori estimates (Scaling): on a shared machine they are the
+    least disturbed by other processes."""
+    med: dict
+    best: dict
+    reps: int
+    first: dict
+    skipped: dict
+    seconds: float
+
+    def ms(self, name: str) -> float:
+        return 1e3 * self.med[name] if name in self.med else math.nan
+
+
+def cell(row: dict, name: str, spec: str = ".3g") -> str:
+    """A row dict's `{name}_ms` formatted, or why the variant was skipped (row["skipped"])."""
+    if name in row.get("skipped", {}):
+        return row["skipped"][name]
+    x = row.get(f"{name}_ms", math.nan)
+    return "n/a" if x != x else format(x, spec)
+
+
+def num(x: float, spec: str = ".2f", suffix: str = "") -> str:
+    """x formatted, or "n/a" for NaN (a ratio with a skipped variant)."""
+    return "n/a" if x != x else format(x, spec) + suffix
+
+
+def verdict(x: float, limit: float) -> str:
+    return "not measured" if x != x else "met" if x <= limit else "NOT met"
+
+
+def skip_reason(est: float, limit: float, budget: float) -> str:
+    """Why a variant is not run: its estimated call does not fit what the row's budget allows it."""
+    if budget < 0.01:
+        return f"skipped: the run's budget is spent (one call ~{fmt_s(est)} s on this machine)"
+    return (f"skipped: one call ~{fmt_s(est)} s > {fmt_s(max(0.0, limit))} s left for it (row budget "
+            f"{fmt_s(budget)} s) on this machine")
+
+
+def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, est: dict | None = None,
+               calls_needed: int = 2, before=None, setup=None, reserve_pass: bool = False,
+               on_first=None, required: tuple = (), relative: dict | None = None) -> Timing:
+    """Time the variants `fns` (name -> callable) of one row interleaved, in rotating order.
+
+    A-priori: the estimated pass (the sum of `est[name]`, seconds of one call, None: unknown) must
+    fit budget / calls_needed (`calls_needed`: the calls a variant needs at least: warm-up and one
+    timed, plus one for a later memory measurement): the row is skipped if the `required`
+    variants alone do not fit, then each other variant, in order, is skipped if it does not fit
+    beside those kept. The rest run once to warm up (timed: `first`): the required ones first,
+    then each other one, in order, if its calls fit beside the remaining calls of those kept: as
+    estimated from `relative`, else assuming its call as fast as the fastest measured so far,
+    then as its warm-up measured. Then passes of one call each, until
+    `max_reps` passes, or until the next pass (timed as the median pass so far; twice that when
+    `reserve_pass`, for a later memory measurement) would overrun the budget, but at least
+    `min_reps` passes (>= 1).
+    Every variant that ran has the same repeats, so medians are compared over the same passes.
+    before(name): untimed, before each call; setup(name) -> kwargs of the call (untimed);
+    on_first(name, output): called with each warm-up call's output (e.g. to take its error);
+    required: variants without which the row means nothing: if one is skipped, all are; they warm
+    up first; relative: name -> the known ratio of its call to the required ones' (e.g. a method's
+    generate against plain generate), checked against the budget before its warm-up call."""
+    t0 = time.perf_counter()
+    left = budget.left()
+    limit = left / calls_needed  # seconds per pass
+    skipped = {}
+    est = {n: e for n, e in (est or {}).items() if n in fns and e is not None}
+    need = sum(est.get(n, 0.0) for n in required)
+    if need > limit:  # the row cannot run
+        first_req = max((n for n in required if n in est), key=est.get)
+        skipped = {m: skip_reason(est[first_req], limit, left) if m == first_req else f"skipped with {first_req}"
+                   for m in fns}
+    for n in fns:  # the optional variants, in order, while the estimated pass fits
+        if n in required or n in skipped or n not in est:
+            continue
+        if need + est[n] > limit:
+            skipped[n] = skip_reason(est[n], limit - need, left)
+        else:
+            need += est[n]
+    names = [n for n in fns if n not in skipped]
+
+    def call(n, keep=False):
+        if before:
+            before(n)
+        kw = setup(n) if setup else {}
+        t = time.perf_counter()
+        out = fns[n](**kw)
+        t = time.perf_counter() - t
+        if keep:
+            on_first(n, out)
+        del out
+        return t
+
+    first = {n: call(n, keep=on_first is not None) for n in names if n in required}  # warm-up, required first
+    base = kept = sum(first.values())  # kept: one pass of the variants kept so far
+    more = calls_needed - 1  # the calls each kept variant still needs after its warm-up
+    for n in names:  # then the others, in order, while their calls fit what is left
+        if n in first:
+            continue
+        if (relative or {}).get(n) is not None:
+            e, how = relative[n] * base, f" (~{relative[n]} x {'+'.join(required)})"
+        else:  # no estimate: assume it costs what the fastest call measured so far did
+            e, how = min(first.values(), default=0.0), " (not measured: assumed as fast as the fastest variant)"
+        room = budget.left() - more * kept
+        if room <= 0:
+            skipped[n] = f"skipped: the variants kept fill the row budget ({fmt_s(left)} s) on this machine"
+        elif e * calls_needed > room:
+            skipped[n] = skip_reason(e, room / calls_needed, left) + how
+        else:
+            first[n] = call(n, keep=on_first is not None)
+            if more * (kept + first[n]) > budget.left():
+                skipped[n] = (f"skipped after one call: {fmt_s(first[n])} s, too long for the "
+                              f"{fmt_s(max(0.0, room - first[n]))} s left of the row budget ({fmt_s(left)} s) "
+                              "on this machine")
+            else:
+                kept += first[n]
+    names = [n for n in names if n not in skipped]
+    times = {n: [] for n in names}
+    passes = []
+    reps = 0
+    while names and reps < max_reps:
+        if reps >= max(1, min_reps):
+            nxt = statistics.median(passes) * (2 if reserve_pass else 1)
+            if nxt > budget.left():
+                break
+        t_pass = time.perf_counter()
+        for i in range(len(names)):
+            n = names[(reps + i) % len(names)]
+            times[n].append(call(n))
+        passes.append(time.perf_counter() - t_pass)
+        reps += 1
+    return Timing({n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()}, reps,
+                  first, skipped,
+                  time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# what ran: the CPU paths of ATen and of kvfix's kernels
+
+_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_path() -> str:
+    """One line: ATen's CPU capability, the clone of kvfix's CPU kernels that runs here, and the
+    bf16 / fp16 instructions the CPU has (without them bf16 / fp16 GEMMs are emulated, slowly).
+
+    kvfix's CPU kernels are compiled with target_clones("arch=x86-64-v4", "arch=x86-64-v3",
+    "default") (csrc/cpu/*.cpp); the loader's resolver takes the v4 (AVX-512) clone where the CPU
+    has AVX512F/BW/CD/DQ/VL, else v3 (AVX2 + FMA), else the default one: read from /proc/cpuinfo,
+    with a check that the built library holds the clones."""
+    try:
+        aten = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # pragma: no cover - old torch
+        aten = "unknown"
+    flags = cpu_flags()
+    clones = None
+    try:
+        lib = kvfix._C.__file__
+        with open(lib, "rb") as f:
+            clones = b"arch_x86_64_v4" in f.read()
+    except (AttributeError, OSError):
+        pass
+    if not flags:
+        ours = "unknown (no /proc/cpuinfo)"
+    elif clones is False:
+        ours = "one build, no clones found in kvfix._C"
+    elif _V4 <= flags:
+        ours = "x86-64-v4 clones (AVX-512)"
+    elif _V3 <= flags:
+        ours = "x86-64-v3 clones (AVX2 + FMA; no AVX-512)"
+    else:
+        ours = "default clones (no AVX2)"
+    low = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if f in flags]
+    return (f"ATen {aten} (torch.backends.cpu.get_cpu_capability()); kvfix CPU kernels: {ours}; "
+            f"bf16/fp16 instructions: {', '.join(low) if low else 'none (bf16 and fp16 GEMMs are emulated)'}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,10 +6,22 @@ memory of each variant beyond its inputs and outputs, prints a markdown table an
 --quick) writes bench/RESULTS.md. RESULTS.md is generated, never edited by hand.
 
 Method:
+- time budget: the whole run gets --budget-s seconds (default 300; --quick: none). The DSCR
+  table and each section (SECTIONS) get what is left x their weight / the weights of the parts
+  not run yet, and each row an equal share of what is left of its part (what a part or row leaves
+  goes to the next). Before a row runs, one call of each variant is estimated (DSCR: from the
+  largest row measured before, by the B H N^2 D scaling of the dense variants; none for the
+  smallest row of a dtype, whose warm-up calls are the measurement;
+  the transformers-level methods: by their known ratio to plain generate): a row whose required
+  variant (kvfix) does not fit, or a variant that does not fit beside those kept, is skipped and
+  the table says so ("skipped: one call ~X s > Y s left for it (row budget Z s) on this machine").
+  Repeats stop when the next pass would overrun the row's share (at least 1; the reps column).
+  The header gives the run's wall time, each section's, and the CPU path that ran.
 - timing: one process, torch threads = the cores available; each variant runs once to warm up,
-  then the variants run interleaved (rotating order) for R repeats; the table shows medians.
-  R: at least 5 (3 for rows where one pass over the variants takes more than 2 s), then more
-  until the row's time budget (--budget) is spent, at most 41.
+  then the variants run interleaved (rotating order) for R repeats (common.interleave): every
+  variant of a row has the same R, over the same passes; the table shows medians. R: at most 11
+  (quick 9), fewer when the row's share of the budget is spent. At warm-up, kvfix runs first and
+  the other variants (PRIORITY order) only while the measured pass fits the row's share.
 - memory: a fresh subprocess (started with MALLOC_MMAP_THRESHOLD_=65536, so that large blocks
   are mmapped and returned to the OS on free, not silently reused) first runs every variant on
   a small shape in each dtype (thread pool, code pages, one-time library state), then for each
@@ -33,10 +45,11 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
+
+T_START = time.perf_counter()  # the run's wall time counts from here (imports included)
 
 if __package__ in (None, ""):  # run as `python bench/table.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,12 +60,16 @@ import kvfix  # noqa: E402
 from bench import common, test_bench_cmac, test_bench_dscr, test_bench_hf_cmac, test_bench_hf_dscr, test_bench_hf_scr, test_bench_scr  # noqa: E402,E501
 from bench.common import DTYPES, FULL_SHAPES, QUICK_SHAPES  # noqa: E402
 
+T_IMPORTS = time.perf_counter() - T_START  # what a memory worker's start costs, about
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 TOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}
 VARIANTS = ("reference", "kvfix", "floor", "mm_floor")
+PRIORITY = ("kvfix", "floor", "mm_floor", "reference")  # the order a short budget keeps them in
 WARM_SHAPE = common.Shape("warm-up", 1, 2, 8, 8, 32, ())
 CALIB_BYTES = 64 << 20
+BUDGET_S = 300.0  # whole run (--budget-s); --quick: unlimited unless given
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,15 +84,15 @@ def _memory_worker(payload: str) -> None:
     calib = lambda: (torch.ones(CALIB_BYTES // 4).sum(),)  # noqa: E731
     calib()
     results["calibration"] = common.peak_bytes_beyond(calib)[0]
-    for dt in dict.fromkeys(dt for _, dt in spec["rows"]):  # one-time state, off the record
+    for dt in dict.fromkeys(dt for _, dt, _ in spec["rows"]):  # one-time state, off the record
         for fn in common.variant_fns(common.make_inputs(WARM_SHAPE, DTYPES[dt])).values():
             fn()
-    for name, dt in spec["rows"]:
+    for name, dt, variants in spec["rows"]:
         shape = shapes[name]
         inp = common.make_inputs(shape, DTYPES[dt])
         fns = common.variant_fns(inp, with_reference=shape.ref_skip is None)
-        for vname, fn in fns.items():
-            peak, out = common.peak_bytes_beyond(fn)
+        for vname in variants:
+            peak, out = common.peak_bytes_beyond(fns[vname])
             del out
             results[f"{name}|{dt}|{vname}"] = peak
         del inp, fns
@@ -99,41 +116,50 @@ def measure_memory(rows, n_threads: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # timing and errors (this process)
 
-def time_row(shape, dt: str, budget_s: float, min_reps: int, max_reps: int = 41) -> dict:
+def time_row(shape, dt: str, budget: common.Budget, min_reps: int, max_reps: int) -> dict:
+    """Errors and interleaved medians of one row within `budget` (which also pays for the row's
+    float64 ground truth and, later, one call of each variant in the memory worker): with the
+    ground truth's and the variants' calls estimated by common.DSCR_SCALING (from the rows measured
+    before; a dtype's first row, the smallest, has no estimate: its warm-up is the measurement),
+    the row is skipped if kvfix's warm-up, one repeat and memory call do not fit, then
+    common.interleave keeps the other variants that fit (PRIORITY order)."""
+    row = {"shape": shape, "dtype": dt, "err": {}, "ms": {}, "skipped": {}, "reps": 0}
+    names = [n for n in VARIANTS if n != "reference" or shape.ref_skip is None]
+    est = {n: common.DSCR_SCALING.estimate((dt, n), common.dense_cost(shape)) for n in names}
+    truth_cost = common.dense_cost(shape) * (1 if shape.err_cols is None else min(1.0, shape.err_cols / shape.N))
+    est_truth = ((common.DSCR_SCALING.estimate(("fp64", "truth"), truth_cost) or 0.0)
+                 + (common.DSCR_SCALING.estimate(("inputs", dt), float(shape.N ** 2)) or 0.0))
+    limit = (budget.left() - est_truth) / 3
+    if est["kvfix"] is not None and est["kvfix"] > limit:
+        row["skip"] = common.skip_reason(est["kvfix"], limit, budget.left()) + (
+            f" (inputs and float64 ground truth ~{common.fmt_s(est_truth)} s)" if est_truth >= 0.1 else "")
+        return row
+    t0 = time.perf_counter()
     inp = common.make_inputs(shape, DTYPES[dt])
+    common.DSCR_SCALING.record(("inputs", dt), float(shape.N ** 2), time.perf_counter() - t0)  # mostly the N x N W
     fns = common.variant_fns(inp, with_reference=shape.ref_skip is None)
+    fns = {n: fns[n] for n in PRIORITY if n in fns}  # what the budget keeps first: the targets' floors
+    t0 = time.perf_counter()
     truth, cols = common.ground_truth(shape, inp)
-    row = {"shape": shape, "dtype": dt, "err": {}, "ms": {}}
-    for name, fn in fns.items():  # warm-up, also the outputs the errors are taken on
-        out = fn()
+    common.DSCR_SCALING.record(("fp64", "truth"), truth_cost, time.perf_counter() - t0)
+
+    def on_first(name, out):  # the warm-up call's outputs: the errors
         if name in ("reference", "kvfix"):
             row["err"][name] = common.max_error(out, truth, cols)
-        del out
+
+    tm = common.interleave(fns, budget, max_reps=max_reps, min_reps=min_reps, est=est, calls_needed=3,
+                           reserve_pass=True, on_first=on_first, required=("kvfix",))
+    if "kvfix" in tm.skipped:
+        row["skip"] = tm.skipped["kvfix"]
+        return row
     row["scale"] = max(float(t.abs().max()) for t in truth)
     row["err_tokens"] = shape.N if cols is None else int(cols.numel())
-    del truth
-    gc.collect()
-    names = list(fns)
-    times = {n: [] for n in names}
-    passes = []
-    t_start, reps = time.perf_counter(), 0
-    while reps < max_reps:
-        if reps >= 3:  # enough for a median when one pass is slow (> 2 s); else min_reps
-            need = 3 if statistics.median(passes) > 2.0 else min_reps
-            if reps >= need and time.perf_counter() - t_start >= budget_s:
-                break
-        order = names[reps % len(names):] + names[:reps % len(names)]
-        t_pass = time.perf_counter()
-        for n in order:
-            t0 = time.perf_counter()
-            out = fns[n]()
-            times[n].append(time.perf_counter() - t0)
-            del out
-        passes.append(time.perf_counter() - t_pass)
-        reps += 1
-    row["ms"] = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    row["reps"] = reps
-    del inp, fns
+    row["ms"] = {n: 1e3 * t for n, t in tm.med.items()}
+    row["skipped"] = tm.skipped
+    row["reps"] = tm.reps
+    for n, t in tm.best.items():
+        common.DSCR_SCALING.record((dt, n), common.dense_cost(shape), t)
+    del inp, fns, truth
     gc.collect()
     return row
 
@@ -189,25 +215,36 @@ def ref_skip_text(row, rows) -> str:
     return f"n/a ({text})"
 
 
-def render(rows, calib, info, cmd, started, loads) -> tuple[str, list]:
+def render(rows, calib, info, cmd, started, loads, timing) -> tuple[str, list]:
     head = ("| op | shape | dtype | reference ms | kvfix ms | speedup (ref/kvfix) | floor ms | kvfix/floor "
             "| mm floor ms | kvfix/mm floor | max err kvfix | max err ref | peak MB kvfix | peak MB ref "
             "| peak MB floor | peak MB mm floor | reps |")
     lines = [head, "|" + "---|" * 17]
     failures = []
     for row in rows:
-        s, dt, ms, err, mem = row["shape"], row["dtype"], row["ms"], row["err"], row.get("mem", {})
-        skip = s.ref_skip is not None
-        ref_ms = ref_skip_text(row, rows) if skip else _ms(ms["reference"])
-        speed = "n/a" if skip else f"{ms['reference'] / ms['kvfix']:.2f}x"
+        s, dt, ms, err, mem, sk = row["shape"], row["dtype"], row["ms"], row["err"], row.get("mem", {}), row["skipped"]
+        if "skip" in row:
+            ref = ref_skip_text(row, rows) if s.ref_skip is not None else "skipped with kvfix"
+            lines.append(f"| dscr_refine (K+V) | {s.label} | {dt} | {ref} | {row['skip']} |"
+                         + " n/a |" * 11 + " 0 |")
+            continue
+
+        def cell(n, text):
+            return sk[n] if n in sk else text(ms[n]) if n in ms else "n/a"
+
+        def ratio(n):
+            return f"{ms['kvfix'] / ms[n]:.2f}" if n in ms else "n/a"
+
+        ref_ms = ref_skip_text(row, rows) if s.ref_skip is not None else cell("reference", _ms)
+        speed = f"{ms['reference'] / ms['kvfix']:.2f}x" if "reference" in ms else "n/a"
         tok = "" if row["err_tokens"] == s.N else f" ({row['err_tokens']} tokens)"
-        ref_err = "n/a" if skip else f"{err['reference']:.1e}"
-        ref_mem = "n/a" if skip else _mb(mem["reference"])
+        ref_err = f"{err['reference']:.1e}" if "reference" in err else "n/a"
         lines.append(
-            f"| dscr_refine (K+V) | {s.label} | {dt} | {ref_ms} | {_ms(ms['kvfix'])} | {speed} | {_ms(ms['floor'])} "
-            f"| {ms['kvfix'] / ms['floor']:.2f} | {_ms(ms['mm_floor'])} | {ms['kvfix'] / ms['mm_floor']:.2f} "
+            f"| dscr_refine (K+V) | {s.label} | {dt} | {ref_ms} | {_ms(ms['kvfix'])} | {speed} "
+            f"| {cell('floor', _ms)} | {ratio('floor')} | {cell('mm_floor', _ms)} | {ratio('mm_floor')} "
             f"| {err['kvfix']:.1e}{tok} | {ref_err} "
-            f"| {_mb(mem['kvfix'])} | {ref_mem} | {_mb(mem['floor'])} | {_mb(mem['mm_floor'])} | {row['reps']} |")
+            f"| {_mb(mem.get('kvfix'))} | {_mb(mem.get('reference'))} | {_mb(mem.get('floor'))} "
+            f"| {_mb(mem.get('mm_floor'))} | {row['reps']} |")
         bound = max(2 * err.get("reference", 0.0), TOL[dt] * row["scale"])
         if not (err["kvfix"] <= bound):
             failures.append(f"{s.label} {dt}: kvfix error {err['kvfix']:.2e} > bound {bound:.2e}")
@@ -227,6 +264,11 @@ def render(rows, calib, info, cmd, started, loads) -> tuple[str, list]:
         out.append(f"- WARNING: the machine was busy during this run (load up to {loads[1]:.1f} on "
                    f"{info['usable']} cores, this run's own {torch.get_num_threads()} threads included): "
                    "the timings are unreliable; rerun on a quiet machine")
+    elapsed, budget_s, section_s = timing
+    out.append(f"- CPU path: {common.cpu_path()}")
+    out.append(f"- whole run: {elapsed:.0f} s of wall time (budget "
+               f"{'none' if budget_s is None else f'{budget_s:.0f} s'}: `--budget-s`); per section: "
+               + ", ".join(f"{t} {x:.0f} s" for t, x in section_s))
     out.append(f"- memory calibration: a {CALIB_BYTES >> 20} MiB temporary reads as {_mb(calib)} MB")
     return "\n".join(out) + "\n\n" + table, failures
 
@@ -236,15 +278,20 @@ def targets(rows) -> list:
     res = []
     for row in rows:
         s, dt, ms = row["shape"], row["dtype"], row["ms"]
-        r1, r2 = ms["kvfix"] / ms["floor"], ms["kvfix"] / ms["mm_floor"]
+        if "skip" in row:
+            if (s.name == "LLaVA-1.5" and dt == "fp32") or dt == "bf16" or s.name == "N=16384":
+                res.append(f"{dt} {s.name}: not measured ({row['skip']})")
+            continue
+        nan = float("nan")
+        r1, r2 = ms["kvfix"] / ms.get("floor", nan), ms["kvfix"] / ms.get("mm_floor", nan)
 
         def verdict(limit):
-            return (f"kvfix/floor = {r1:.2f}, kvfix/mm floor = {r2:.2f} (target <= {limit}): "
-                    f"{'met' if r1 <= limit else 'NOT met'} / {'met' if r2 <= limit else 'NOT met'}")
+            return (f"kvfix/floor = {common.num(r1)}, kvfix/mm floor = {common.num(r2)} (target <= {limit}): "
+                    f"{common.verdict(r1, limit)} / {common.verdict(r2, limit)}")
 
         if s.name == "LLaVA-1.5" and dt == "fp32":
             sp = ms.get("reference", float("nan")) / ms["kvfix"]
-            res.append(f"fp32 LLaVA-1.5: {verdict(1.15)}; speedup over the eager reference {sp:.2f}x")
+            res.append(f"fp32 LLaVA-1.5: {verdict(1.15)}; speedup over the eager reference {common.num(sp, '.2f', 'x')}")
         if dt == "bf16":
             res.append(f"bf16 {s.name}: {verdict(1.3)}")
         if s.name == "N=16384" and row["mem"]["kvfix"] is not None:
@@ -257,7 +304,10 @@ def targets(rows) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.table", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds; prints only (CI smoke test)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per row (default 3; quick 0.2)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"seconds for the whole run, shared out over the sections and rows (default "
+                         f"{BUDGET_S:.0f}; --quick: unlimited): variants whose one call would not fit are "
+                         "skipped (noted in the table), repeats stop when a row's share is spent")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker is not None:
@@ -272,7 +322,8 @@ def main(argv=None) -> int:
     n_threads = common.threads()
     torch.set_num_threads(n_threads)
     started = datetime.datetime.now().astimezone()
-    t_start = time.perf_counter()
+    budget_s = args.budget_s if args.budget_s is not None else (None if args.quick else BUDGET_S)
+    run = common.Budget(None if budget_s is None else budget_s - (time.perf_counter() - T_START))
     load0 = os.getloadavg()[0]
     load_max = load0
 
@@ -281,47 +332,54 @@ def main(argv=None) -> int:
         print(f"reference_columns_f64 disagrees with kvfix.reference.dscr_refine: {check:.2e}", file=sys.stderr)
         return 1
 
+    weights_left = sum(w for _, _, w in SECTIONS)
+    part = run.share(0, SECTIONS[0][2], weights_left)
+    weights_left -= SECTIONS[0][2]
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    budget = args.budget if args.budget is not None else (0.2 if args.quick else 3.0)
-    min_reps, max_reps = (3, 9) if args.quick else (5, 41)
+    min_reps, max_reps = 1, (9 if args.quick else 11)
+    todo = [(shape, dt) for shape in shapes for dt in shape.dtypes]
     rows = []
-    for shape in shapes:
-        for dt in shape.dtypes:
-            t0 = time.perf_counter()
-            rows.append(time_row(shape, dt, budget, min_reps, max_reps))
-            load_max = max(load_max, os.getloadavg()[0])
-            print(f"  timed {shape.label} {dt} ({rows[-1]['reps']} reps, {time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+    common.WORKER_START_S = 2 * T_IMPORTS + 1
+    for i, (shape, dt) in enumerate(todo):
+        t0 = time.perf_counter()
+        share = part.share(len(todo) - i, reserve=common.WORKER_START_S)
+        rows.append(time_row(shape, dt, share, min_reps, max_reps))
+        load_max = max(load_max, os.getloadavg()[0])
+        print(f"  timed {shape.label} {dt} ({rows[-1]['reps']} reps, {time.perf_counter() - t0:.1f} s"
+              f"{', ' + rows[-1]['skip'] if 'skip' in rows[-1] else ''})", file=sys.stderr, flush=True)
+    measured = [(r["shape"].name, r["dtype"], list(r["ms"])) for r in rows if r["ms"]]
     if os.path.exists("/proc/self/clear_refs"):
-        mem = measure_memory([(r["shape"].name, r["dtype"]) for r in rows], n_threads)
+        mem = measure_memory(measured, n_threads) if measured else {"calibration": None}
     else:
         print("  no /proc/self/clear_refs (not Linux?): peak memory not measured", file=sys.stderr)
         mem = {"calibration": None}
     for r in rows:
         r["mem"] = {v: mem.get(f"{r['shape'].name}|{r['dtype']}|{v}") for v in VARIANTS}
-    loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
-    report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads)
+    section_s = [("imports", T_IMPORTS), ("DSCR table (incl. memory)", run.elapsed())]
     # Sections with their own shapes and floors, one per method / issue.
-    kvs_text = "\n\n".join(section(args.quick) for section in (
-        test_bench_dscr.dscr_structured_section,  # structured DSCR (issue 7)
-        test_bench_hf_dscr.dscr_hf_section,        # DSCR prefill cost in transformers (issue 13)
-        kvsmooth_section,                          # KVSmooth (issue 4)
-        test_bench_scr.scr_section,                # SCR ops (issue 5)
-        test_bench_hf_scr.scr_hf_section,          # SCR prefill cost in transformers
-        test_bench_cmac.cmac_section,              # CMAC ops (issue 6)
-        test_bench_hf_cmac.cmac_hf_section,        # CMAC generate cost in transformers
-    ))
-    elapsed = time.perf_counter() - t_start
+    texts = []
+    for title, section, weight in SECTIONS[1:]:
+        t0 = time.perf_counter()
+        texts.append(section(args.quick, run.share(0, weight, weights_left)))
+        weights_left -= weight
+        section_s.append((title, time.perf_counter() - t0))
+        load_max = max(load_max, os.getloadavg()[0])
+        print(f"  {title}: {section_s[-1][1]:.1f} s", file=sys.stderr, flush=True)
+    kvs_text = "\n\n".join(texts)
+    elapsed = time.perf_counter() - T_START
+    loads = (load0, max(load_max, os.getloadavg()[0]), os.getloadavg()[0])
+    report, failures = render(rows, mem["calibration"], machine(), cmd, started, loads,
+                              (elapsed, budget_s, section_s))
 
     print(report)
     tgt = [] if args.quick else targets(rows)
     if tgt:
         print("\n" + "\n".join(f"- {t}" for t in tgt))
-    print(f"\n{len(rows)} rows in {elapsed:.0f} s; accuracy check: "
-          f"{'all rows within tolerance' if not failures else 'FAILED'}")
+    print(f"\n{len(rows)} rows; accuracy check: {'all rows within tolerance' if not failures else 'FAILED'}")
     for f in failures:
         print(f"  {f}")
     print("\n" + kvs_text)
+    print(f"\nwhole run: {elapsed:.0f} s (budget {'none' if budget_s is None else f'{budget_s:.0f} s'})")
 
     if not args.quick:
         doc = ["# kvfix benchmark results", "",
@@ -336,8 +394,7 @@ def main(argv=None) -> int:
                "", "Targets (issue 2, CPU):", ""] + [f"- {t}" for t in tgt] + [
                "", f"Accuracy check (kvfix error <= max(2 x eager reference error, tol x max|exact|)): "
                f"{'all rows within tolerance' if not failures else 'FAILED: ' + '; '.join(failures)}.",
-               "", kvs_text, "",
-               f"Whole run: {elapsed:.0f} s.", ""]
+               "", kvs_text, ""]
         with open(RESULTS, "w") as f:
             f.write("\n".join(doc))
         print(f"wrote {os.path.relpath(RESULTS)}")
@@ -347,18 +404,32 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------------------------
 # KVSmooth (issue 4): measured by bench/test_bench_kvsmooth.py
 
-def kvsmooth_section(quick: bool) -> str:
+def kvsmooth_section(quick: bool, budget: common.Budget | None = None) -> str:
     """The KVSmooth tables (markdown): one decoding step of one layer against the eager reference
     and the floor (half the time of copying K: one read of K at copy bandwidth), and per-token
     decoding time with and without KVSmooth; interleaved medians (method: the docstring of
     bench/test_bench_kvsmooth.py). quick: small step shapes only, no decoding rows."""
     from bench import test_bench_kvsmooth as kvs
-    rows = kvs.kvsmooth_rows(quick=quick)
+    rows = kvs.kvsmooth_rows(quick=quick, budget=budget)
     return ("## KVSmooth (issue 4)\n\n" + kvs.render(rows) + "\n\nStep: eager = the step in plain PyTorch "
             "(materialised fp32 softmax, torch.sort rank); floor = `dst.copy_(k)` time / 2. Decoding: random-weight "
             "LLaVA with LLaVA-1.5's attention geometry (hidden 4096, 32 heads, D 128), 2 layers, KVSmooth on both, "
             f"{kvs.N_NEW} tokens after a ~{kvs.CONTEXT}-token prompt.")
 
+
+# (title, section(quick, budget), weight): each part gets what is left of the run's budget x its
+# weight / the weights of the parts not run yet (so what one leaves goes to the next). The first
+# is this file's DSCR table (timing, then the memory worker).
+SECTIONS = [
+    ("DSCR table", None, 0.30),
+    ("structured DSCR", test_bench_dscr.dscr_structured_section, 0.12),     # issue 7
+    ("DSCR in transformers", test_bench_hf_dscr.dscr_hf_section, 0.12),     # issue 13
+    ("KVSmooth", kvsmooth_section, 0.12),                                   # issue 4
+    ("SCR", test_bench_scr.scr_section, 0.06),                              # issue 5
+    ("SCR in transformers", test_bench_hf_scr.scr_hf_section, 0.10),
+    ("CMAC", test_bench_cmac.cmac_section, 0.07),                           # issue 6
+    ("CMAC in generate", test_bench_hf_cmac.cmac_hf_section, 0.11),
+]
 
 if __name__ == "__main__":
     sys.exit(main())

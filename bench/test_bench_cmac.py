@@ -20,9 +20,7 @@ bench.test_bench_cmac` prints that table, `cmac_section()` is what bench/table.p
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import kvfix  # noqa: E402
 import kvfix.reference  # noqa: E402
+from bench import common  # noqa: E402
 
 B, H, D = 1, 32, 128
 SPAN = (5, 581)
@@ -82,30 +81,21 @@ def max_error(inp: dict) -> float:
     return float((got.double() - want).abs().max())
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
-    names = list(fns)
-    for n in names:  # warm-up
-        fns[n]()
-    times = {n: [] for n in names}
-    for r in range(reps):
-        for i in range(len(names)):
-            n = names[(r + i) % len(names)]
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
-
-
-def cmac_rows(reps: int = 21, quick: bool = False, threads: int | None = None) -> list[dict]:
+def cmac_rows(reps: int = 21, quick: bool = False, threads: int | None = None,
+              budget: common.Budget | None = None) -> list[dict]:
+    """reps: at most (3 quick); budget: the time all rows may take, shared out per row
+    (common.interleave: at least one repeat; None: exactly the reps)."""
     torch.set_num_threads(threads or _threads())
+    budget = budget or common.Budget(None)
+    todo = [(dt, dtype, kind, shape) for dt, dtype in DTYPES.items()
+            for kind, shape in (QUICK_SHAPES if quick else SHAPES).items()]
     rows = []
-    for dt, dtype in DTYPES.items():
-        for kind, (Tq, T) in (QUICK_SHAPES if quick else SHAPES).items():
-            inp = inputs(Tq, T, dtype, span=QUICK_SPAN if quick else SPAN)
-            med = _interleaved(variant_fns(inp), 3 if quick else reps)
-            rows.append(dict(kind=kind, Tq=Tq, T=T, dtype=dt, threads=torch.get_num_threads(),
-                             reps=3 if quick else reps, err=max_error(inp),
-                             **{f"{n}_ms": t * 1e3 for n, t in med.items()}))
+    for i, (dt, dtype, kind, (Tq, T)) in enumerate(todo):
+        inp = inputs(Tq, T, dtype, span=QUICK_SPAN if quick else SPAN)
+        tm = common.interleave(variant_fns(inp), budget.share(len(todo) - i), max_reps=3 if quick else reps,
+                               required=("sdpa", "kvfix"))
+        rows.append(dict(kind=kind, Tq=Tq, T=T, dtype=dt, threads=torch.get_num_threads(), reps=tm.reps,
+                         err=max_error(inp), skipped=tm.skipped, **{f"{n}_ms": tm.ms(n) for n in variant_fns(inp)}))
     return rows
 
 
@@ -117,22 +107,22 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         ratio, imd = r["kvfix_ms"] / r["sdpa_ms"], r["kvfix_imd_ms"] / r["kvfix_ms"]
         out.append(f"| cmac_attention {r['kind']} | B={B} H={H} Tq={r['Tq']} T={r['T']} D={D} | {r['dtype']} | "
-                   f"{r['threads']} | {r['sdpa_ms']:.3g} | {r['kvfix_ms']:.3g} | {r['kvfix_imd_ms']:.3g} | "
-                   f"{r['eager_ms']:.3g} | {ratio:.2f} | {imd:.2f} | {r['eager_ms'] / r['kvfix_imd_ms']:.1f}x | "
+                   f"{r['threads']} | {common.cell(r, 'sdpa')} | {common.cell(r, 'kvfix')} | {common.cell(r, 'kvfix_imd')} | "
+                   f"{common.cell(r, 'eager')} | {common.num(ratio)} | {common.num(imd)} | {common.num(r['eager_ms'] / r['kvfix_imd_ms'], '.1f', 'x')} | "
                    f"{r['err']:.1e} | {r['reps']} |")
         if r["dtype"] == "fp32" and r["T"] >= 640:
             verdicts.append(f"- {r['kind']} fp32: kvfix/SDPA = {ratio:.2f} (target <= {TARGET_SDPA}): "
-                            f"{'met' if ratio <= TARGET_SDPA else 'NOT met'}; imd/no-imd = {imd:.2f} "
-                            f"(target <= {TARGET_IMD}): {'met' if imd <= TARGET_IMD else 'NOT met'}")
+                            f"{common.verdict(ratio, TARGET_SDPA)}; imd/no-imd = {common.num(imd)} "
+                            f"(target <= {TARGET_IMD}): {common.verdict(imd, TARGET_IMD)}")
     if verdicts:
         out += ["", "Targets (issue 6, CPU):", ""] + verdicts
     return "\n".join(out)
 
 
-def cmac_section(quick: bool) -> str:
+def cmac_section(quick: bool, budget: common.Budget | None = None) -> str:
     """The CMAC table (markdown) for bench/table.py: interleaved medians (method: this module's
-    docstring). quick: small shapes."""
-    return ("## CMAC (issue 6)\n\n" + render(cmac_rows(quick=quick)) + "\n\nSDPA = torch's "
+    docstring). quick: small shapes; budget: the time it may take."""
+    return ("## CMAC (issue 6)\n\n" + render(cmac_rows(quick=quick, budget=budget)) + "\n\nSDPA = torch's "
             "scaled_dot_product_attention on the same q, k, v (no calibration, no IMD); kvfix = cmac_attention "
             "with calibrated image keys (gamma 3); eager = kvfix.reference.cmac_attention in the input dtype; "
             f"image span {SPAN} (LLaVA-1.5: 576 image tokens); max err vs float64 reference, imd on.")

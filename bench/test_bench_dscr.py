@@ -9,10 +9,8 @@ For the one-run table with errors and memory, use `python -m bench.table`.
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -107,18 +105,18 @@ def test_dscr_structured(benchmark, struct_case, variant):
 
 
 def _structured_memory_worker(names: list) -> None:
-    """In a fresh process (see dscr_structured_section): peak bytes of each variant of each row."""
+    """In a fresh process (see dscr_structured_section): peak bytes of the given variants of each row."""
     shapes = {s.name: s for s in STRUCT_SHAPES + STRUCT_QUICK}
     warm = common.Shape("warm", 1, 2, 8, 8, 32, ("fp32",))
-    for dt in dict.fromkeys(dt for _, dt in names):
+    for dt in dict.fromkeys(dt for _, dt, _ in names):
         for fn in structured_fns(warm, common.make_inputs(warm, common.DTYPES[dt])).values():
             fn()
     res = {}
-    for name, dt in names:
+    for name, dt, variants in names:
         shape = shapes[name]
         fns = structured_fns(shape, common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None))
-        for vname, fn in fns.items():
-            res[f"{name}|{dt}|{vname}"] = common.peak_bytes_beyond(fn)[0]
+        for vname in variants:
+            res[f"{name}|{dt}|{vname}"] = common.peak_bytes_beyond(fns[vname])[0]
     print("KVFIX_MEMORY " + json.dumps(res), flush=True)
 
 
@@ -134,42 +132,56 @@ def _structured_memory(names: list) -> dict:
     raise RuntimeError(f"memory worker failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
 
 
-def dscr_structured_section(quick: bool) -> str:
+# the dense variants' a-priori times: common.DSCR_SCALING (the DSCR table's measurements)
+DENSE_KEYS = {"dense": "kvfix", "reference": "reference", "floor": "floor"}
+PRIORITY = ("structured", "in_place", "copy", "floor", "dense", "reference")  # the order a short budget keeps
+
+
+def dscr_structured_section(quick: bool, budget: common.Budget | None = None) -> str:
     """Markdown: the structured rows (timings, ratios, errors vs float64, peak memory, the plan).
 
-    Timing as bench/table.py (interleaved variants, medians); errors on all tokens, or on
-    `err_cols` evenly spaced tokens (float64 weights of those columns only); peak memory beyond
-    inputs and outputs in a fresh process (common.peak_bytes_beyond)."""
+    Timing as bench/table.py (common.interleave: interleaved variants, medians, within a share of
+    `budget` per row that also pays for one call of each variant in the memory worker; a dense
+    variant whose call, estimated by common.DSCR_SCALING, would not fit is skipped); errors on all
+    tokens, or on `err_cols` evenly spaced tokens (float64 weights of those columns only); peak
+    memory beyond inputs and outputs in a fresh process (common.peak_bytes_beyond)."""
     torch.set_num_threads(common.threads())
+    budget = budget or common.Budget(None)
     shapes = STRUCT_QUICK if quick else STRUCT_SHAPES
-    reps = 3 if quick else 7
+    max_reps = 3 if quick else 11
+    todo = [(shape, dt) for shape in shapes for dt in shape.dtypes]
     rows = []
-    for shape in shapes:
-        for dt in shape.dtypes:
-            inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
-            fns = structured_fns(shape, inp)
-            truth, cols = common.ground_truth(shape, inp)
-            err = {n: common.max_error(fns[n](), truth, cols) for n in ("structured", "dense") if n in fns}
-            times = {n: [] for n in fns}
-            for r in range(reps if shape.N < 16384 or not quick else 1):
-                names = list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]
-                for n in names:
-                    t0 = time.perf_counter()
-                    fns[n]()
-                    times[n].append(time.perf_counter() - t0)
-            ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-            plan = kvfix.dscr_plan(shape.gh, shape.gw, inp["depth"], dtype=common.DTYPES[dt], **common.PARAMS)
-            xmax = max(float(inp["k"].abs().max()), float(inp["v"].abs().max()))
-            rows.append((shape, dt, ms, err, plan, xmax))
-            del inp, fns, truth
-            gc.collect()
-    mem = _structured_memory([(s.name, dt) for s, dt, *_ in rows]) if os.path.exists("/proc/self/clear_refs") else {}
+    for i, (shape, dt) in enumerate(todo):
+        row_budget = budget.share(len(todo) - i, reserve=common.WORKER_START_S)
+        inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
+        fns = structured_fns(shape, inp)
+        fns = {n: fns[n] for n in PRIORITY if n in fns}
+        truth, cols = common.ground_truth(shape, inp)
+        err = {}
 
-    def cell(ms, n):
-        return f"{ms[n]:.2f}" if n in ms else "n/a"
+        def on_first(name, out):
+            if name in ("structured", "dense"):
+                err[name] = common.max_error(out, truth, cols)
 
-    def ratio(ms, a, b):
-        return f"{ms[a] / ms[b]:.3f}" if a in ms and b in ms else "n/a"
+        est = {n: common.DSCR_SCALING.estimate((dt, key), common.dense_cost(shape)) for n, key in DENSE_KEYS.items()}
+        tm = common.interleave(fns, row_budget, max_reps=max_reps, est=est, calls_needed=3, reserve_pass=True,
+                               on_first=on_first, required=("structured",))
+        for n, key in DENSE_KEYS.items():
+            if n in tm.med:
+                common.DSCR_SCALING.record((dt, key), common.dense_cost(shape), tm.best[n])
+        plan = kvfix.dscr_plan(shape.gh, shape.gw, inp["depth"], dtype=common.DTYPES[dt], **common.PARAMS)
+        xmax = max(float(inp["k"].abs().max()), float(inp["v"].abs().max()))
+        rows.append((shape, dt, tm, err, plan, xmax))
+        del inp, fns, truth
+        gc.collect()
+    measured = [(s.name, dt, list(tm.med)) for s, dt, tm, *_ in rows if tm.med]
+    mem = _structured_memory(measured) if measured and os.path.exists("/proc/self/clear_refs") else {}
+
+    def cell(tm, n):
+        return tm.skipped[n] if n in tm.skipped else f"{tm.ms(n):.2f}" if n in tm.med else "n/a"
+
+    def ratio(tm, a, b):
+        return f"{tm.med[a] / tm.med[b]:.3f}" if a in tm.med and b in tm.med else "n/a"
 
     def mb(key):
         return f"{mem[key] / 2**20:.1f}" if mem.get(key) is not None else "n/a"
@@ -177,19 +189,20 @@ def dscr_structured_section(quick: bool) -> str:
     lines = ["### Structured DSCR (issue 7): coords=(gh, gw)", "",
              "| shape | dtype | plan (r_depth, r_row, r_col) | structured ms | in place ms | dense ms | reference ms "
              "| floor ms | copy ms | structured/floor | in place/floor | structured/copy | err structured | err dense "
-             "| bound x max|x| | peak MB structured | peak MB dense | peak MB floor |",
-             "|" + "---|" * 18]
-    for shape, dt, ms, err, plan, xmax in rows:
+             "| bound x max|x| | peak MB structured | peak MB dense | peak MB floor | reps |",
+             "|" + "---|" * 19]
+    for shape, dt, tm, err, plan, xmax in rows:
         key = f"{shape.name}|{dt}"
         tok = "" if shape.err_cols is None or shape.err_cols >= shape.N else f" ({shape.err_cols} tokens)"
+        err_s = f"{err['structured']:.1e}{tok}" if "structured" in err else "n/a"
         err_dense = f"{err['dense']:.1e}" if "dense" in err else "n/a"
         lines.append(
             f"| {shape.label} | {dt} | {plan.algorithm} ({plan.rank_depth}, {plan.rank_row}, {plan.rank_col}) "
-            f"| {cell(ms, 'structured')} | {cell(ms, 'in_place')} | {cell(ms, 'dense')} | {cell(ms, 'reference')} "
-            f"| {cell(ms, 'floor')} | {cell(ms, 'copy')} | {ratio(ms, 'structured', 'floor')} "
-            f"| {ratio(ms, 'in_place', 'floor')} | {ratio(ms, 'structured', 'copy')} "
-            f"| {err['structured']:.1e}{tok} | {err_dense} | {plan.bound * xmax:.1e} ")
-        lines[-1] += f"| {mb(key + '|structured')} | {mb(key + '|dense')} | {mb(key + '|floor')} |"
+            f"| {cell(tm, 'structured')} | {cell(tm, 'in_place')} | {cell(tm, 'dense')} | {cell(tm, 'reference')} "
+            f"| {cell(tm, 'floor')} | {cell(tm, 'copy')} | {ratio(tm, 'structured', 'floor')} "
+            f"| {ratio(tm, 'in_place', 'floor')} | {ratio(tm, 'structured', 'copy')} "
+            f"| {err_s} | {err_dense} | {plan.bound * xmax:.1e} ")
+        lines[-1] += f"| {mb(key + '|structured')} | {mb(key + '|dense')} | {mb(key + '|floor')} | {tm.reps} |"
     lines += ["", "structured/floor: target <= 0.2 at 24x24 fp32, <= 1/30 at 64x64; structured/copy: target "
               "<= 3 at 128x128 (copy = K.clone() + V.clone()). Out-of-place variants (structured, dense, floor, "
               "copy) write fresh outputs: whether their pages must be faulted in depends on the C allocator's "

@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bench.test_bench_kvsmooth import _interleaved, _threads  # noqa: E402
+from bench import common  # noqa: E402
+from bench.test_bench_kvsmooth import _threads  # noqa: E402
 
 N_NEW = 32          # tokens per generate call
 TARGET = 2.2        # CMAC per token <= 2.2 x plain greedy
@@ -64,18 +65,23 @@ def variant_fns(model, inputs, n_new: int) -> dict:
     return {"plain": run(None), "cmac": run(hf.CMAC()), "cmpc": run(hf.CMAC(imd=False))}
 
 
-def cmac_hf_rows(quick: bool = False, reps: int = 7, threads: int | None = None) -> list[dict]:
+def cmac_hf_rows(quick: bool = False, reps: int = 7, threads: int | None = None,
+                 budget: common.Budget | None = None) -> list[dict]:
+    """reps: at most (2 quick); budget: the time the row may take, model set-up included
+    (common.interleave: at least one repeat; None: exactly reps)."""
     torch.set_num_threads(threads or _threads())
+    budget = budget or common.Budget(None)
     model, inputs = setup(quick)
     n_new = 4 if quick else N_NEW
     fns = variant_fns(model, inputs, n_new)
     with torch.no_grad():
-        med = _interleaved(fns, 2 if quick else reps)
+        tm = common.interleave(fns, budget, max_reps=2 if quick else reps, required=("plain",),
+                               relative={"cmac": TARGET, "cmpc": 1.0})
     cfg = model.config.get_text_config()
     return [dict(prompt=inputs["input_ids"].shape[1], n_new=n_new, layers=cfg.num_hidden_layers,
-                 hidden=cfg.hidden_size, threads=torch.get_num_threads(), reps=2 if quick else reps,
-                 **{f"{k}_ms": v / n_new * 1e3 for k, v in med.items()}, ratio=med["cmac"] / med["plain"],
-                 ratio_cmpc=med["cmpc"] / med["plain"])]
+                 hidden=cfg.hidden_size, threads=torch.get_num_threads(), reps=tm.reps, skipped=tm.skipped,
+                 **{f"{k}_ms": tm.ms(k) / n_new for k in fns}, ratio=tm.ms("cmac") / tm.ms("plain"),
+                 ratio_cmpc=tm.ms("cmpc") / tm.ms("plain"))]
 
 
 def render(rows: list[dict]) -> str:
@@ -83,17 +89,18 @@ def render(rows: list[dict]) -> str:
            "CMPC only ms | CMPC/plain | reps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| random LLaVA, {r['layers']} layers, hidden {r['hidden']}, fp32, greedy | {r['prompt']} | "
-                   f"{r['n_new']} | {r['threads']} | {r['plain_ms']:.3g} | {r['cmac_ms']:.3g} | {r['ratio']:.2f} | "
-                   f"{r['cmpc_ms']:.3g} | {r['ratio_cmpc']:.2f} | {r['reps']} |")
+                   f"{r['n_new']} | {r['threads']} | {common.cell(r, 'plain')} | {common.cell(r, 'cmac')} | {common.num(r['ratio'])} | "
+                   f"{common.cell(r, 'cmpc')} | {common.num(r['ratio_cmpc'])} | {r['reps']} |")
     for r in rows:
-        ok = "met" if r["ratio"] <= TARGET else "NOT met"
-        out += ["", f"Target (issue 6): CMAC per token {r['ratio']:.2f} x plain greedy (<= {TARGET}): {ok}"]
+        ok = common.verdict(r["ratio"], TARGET)
+        out += ["", f"Target (issue 6): CMAC per token {common.num(r['ratio'])} x plain greedy (<= {TARGET}): {ok}"]
     return "\n".join(out)
 
 
-def cmac_hf_section(quick: bool) -> str:
-    """The CMAC generate table (markdown) for bench/table.py; quick: a tiny model, 4 tokens."""
-    return ("## CMAC in generate (issue 6)\n\n" + render(cmac_hf_rows(quick=quick)) + "\n\nWhole `model.generate` "
+def cmac_hf_section(quick: bool, budget: common.Budget | None = None) -> str:
+    """The CMAC generate table (markdown) for bench/table.py; quick: a tiny model, 4 tokens;
+    budget: the time it may take."""
+    return ("## CMAC in generate (issue 6)\n\n" + render(cmac_hf_rows(quick=quick, budget=budget)) + "\n\nWhole `model.generate` "
             "time (prefill included) / new tokens, interleaved medians; CMAC runs both branches in one batched "
             "forward (method: the docstring of bench/test_bench_hf_cmac.py).")
 

@@ -33,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bench.test_bench_hf_scr import LAYERS, PATCH, QUICK, TEXT_AFTER, _interleaved, _threads, prefill, setup_model  # noqa: E402,E501
+from bench import common  # noqa: E402
+from bench.test_bench_hf_scr import LAYERS, PATCH, QUICK, TEXT_AFTER, _threads, prefill, setup_model  # noqa: E402
 
 BUDGET = 1.15  # prefill with DSCR <= BUDGET x plain prefill + the refinement itself
 
@@ -54,9 +55,13 @@ def _refine_fn(model, n_layers: int):
     return run
 
 
-def dscr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None) -> list[dict]:
+def dscr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None,
+                 budget: common.Budget | None = None) -> list[dict]:
     """One row: prefill ms with and without DSCR, the refinement's ms, and
-    (DSCR - refinement) / plain against the BUDGET."""
+    (DSCR - refinement) / plain against the BUDGET. reps: at most (3 quick); budget: the time the
+    whole row may take, model set-up included (common.interleave: at least one repeat; None:
+    exactly reps)."""
+    budget = budget or common.Budget(None)
     from kvfix import hf
     torch.set_num_threads(threads or _threads())
     cfg = QUICK if quick else {}
@@ -69,17 +74,17 @@ def dscr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None)
                 prefill(model, inputs)
 
         refine = _refine_fn(model, len(dscr.selected_layers))
-        med = _interleaved({"plain": plain, "dscr": lambda: prefill(model, inputs), "refine": refine},
-                           3 if quick else reps)
+        tm = common.interleave({"plain": plain, "dscr": lambda: prefill(model, inputs), "refine": refine}, budget,
+                               max_reps=3 if quick else reps, required=("plain",), relative={"dscr": BUDGET})
     finally:
         handle.disable()
     tc = model.config.text_config
     T = int(inputs["input_ids"].shape[1])
     S, L, C = len(dscr.selected_layers), tc.num_hidden_layers, tc.hidden_size
     return [dict(L=L, S=S, grid=model.config.vision_config.image_size // PATCH, T=T, hidden=C,
-                 plain_ms=med["plain"] * 1e3, dscr_ms=med["dscr"] * 1e3, refine_ms=med["refine"] * 1e3,
-                 ratio=(med["dscr"] - med["refine"]) / med["plain"], analytic=1 + (S / L) * T / (6 * C),
-                 reps=3 if quick else reps, threads=torch.get_num_threads())]
+                 plain_ms=tm.ms("plain"), dscr_ms=tm.ms("dscr"), refine_ms=tm.ms("refine"),
+                 ratio=(tm.ms("dscr") - tm.ms("refine")) / tm.ms("plain"), analytic=1 + (S / L) * T / (6 * C),
+                 reps=tm.reps, skipped=tm.skipped, threads=torch.get_num_threads())]
 
 
 def render(rows: list[dict]) -> str:
@@ -88,14 +93,15 @@ def render(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| LLaVA, {r['grid']}x{r['grid']} image, hidden {r['hidden']}, L={r['L']}, S={r['S']} | {r['T']} | "
-                   f"{r['threads']} | {r['plain_ms']:.4g} | {r['dscr_ms']:.4g} | {r['refine_ms']:.4g} | "
-                   f"{r['ratio']:.3f} | {r['analytic']:.3f} | {BUDGET} | {r['reps']} |")
+                   f"{r['threads']} | {common.cell(r, 'plain', '.4g')} | {common.cell(r, 'dscr', '.4g')} | "
+                   f"{common.cell(r, 'refine', '.4g')} | "
+                   f"{common.num(r['ratio'], '.3f')} | {r['analytic']:.3f} | {BUDGET} | {r['reps']} |")
     return "\n".join(out)
 
 
-def dscr_hf_section(quick: bool) -> str:
-    """The DSCR prefill-cost table (markdown) for bench/table.py."""
-    rows = dscr_hf_rows(quick=quick)
+def dscr_hf_section(quick: bool, budget: common.Budget | None = None) -> str:
+    """The DSCR prefill-cost table (markdown) for bench/table.py, within `budget`."""
+    rows = dscr_hf_rows(quick=quick, budget=budget)
     return ("## DSCR in transformers: prefill cost\n\n" + render(rows) + "\n\nDSCR refines each image inside the "
             "prefill (the tokens after the image read it refined, SPEC §1): each selected layer's attention runs "
             "twice (plain image keys up to the image end, refined after it) besides the refinement, about "

@@ -24,9 +24,7 @@ reports; `python -m bench.test_bench_hf_scr` prints that table.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from bench import common  # noqa: E402
 
 LAYERS = 8
 HIDDEN, HEADS = 1024, 16
@@ -63,23 +63,12 @@ def prefill(model, inputs):
     return model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
-    """Medians (s) of `reps` rounds, variants in rotating order, after one warm-up each."""
-    names = list(fns)
-    for n in names:
-        fns[n]()
-    times = {n: [] for n in names}
-    for r in range(reps):
-        for i in range(len(names)):
-            n = names[(r + i) % len(names)]
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
-
-
-def scr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None) -> list[dict]:
-    """One row: prefill ms with and without SCR, their ratio and the analytic bound 1 + d / L."""
+def scr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None,
+                budget: common.Budget | None = None) -> list[dict]:
+    """One row: prefill ms with and without SCR, their ratio and the analytic bound 1 + d / L.
+    reps: at most (3 quick); budget: the time the whole row may take, model set-up included
+    (common.interleave: at least one repeat; None: exactly reps)."""
+    budget = budget or common.Budget(None)
     from kvfix import hf
     torch.set_num_threads(threads or _threads())
     cfg = QUICK if quick else {}
@@ -91,15 +80,16 @@ def scr_hf_rows(quick: bool = False, reps: int = 9, threads: int | None = None) 
             with handle.suspended():
                 prefill(model, inputs)
 
-        med = _interleaved({"plain": plain, "scr": lambda: prefill(model, inputs)}, 3 if quick else reps)
+        L = model.config.text_config.num_hidden_layers
+        d = len(scr.selected_diagnostic_layers)
+        tm = common.interleave({"plain": plain, "scr": lambda: prefill(model, inputs)}, budget,
+                               max_reps=3 if quick else reps, required=("plain",), relative={"scr": 1 + d / L})
     finally:
         handle.disable()
-    L = model.config.text_config.num_hidden_layers
-    d = len(scr.selected_diagnostic_layers)
     g = model.config.vision_config.image_size // PATCH
     return [dict(L=L, d=d, grid=g, T=int(inputs["input_ids"].shape[1]), hidden=model.config.text_config.hidden_size,
-                 plain_ms=med["plain"] * 1e3, scr_ms=med["scr"] * 1e3, ratio=med["scr"] / med["plain"],
-                 bound=1 + d / L, reps=3 if quick else reps, threads=torch.get_num_threads())]
+                 plain_ms=tm.ms("plain"), scr_ms=tm.ms("scr"), ratio=tm.ms("scr") / tm.ms("plain"),
+                 bound=1 + d / L, reps=tm.reps, skipped=tm.skipped, threads=torch.get_num_threads())]
 
 
 def render(rows: list[dict]) -> str:
@@ -108,14 +98,15 @@ def render(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| LLaVA, {r['grid']}x{r['grid']} image, hidden {r['hidden']}, L={r['L']}, d={r['d']} | {r['T']} | "
-                   f"{r['threads']} | {r['plain_ms']:.4g} | {r['scr_ms']:.4g} | {r['ratio']:.3f} | {r['bound']:.3f} | "
+                   f"{r['threads']} | {common.cell(r, 'plain', '.4g')} | {common.cell(r, 'scr', '.4g')} | {common.num(r['ratio'], '.3f')} | "
+                   f"{r['bound']:.3f} | "
                    f"{r['reps']} |")
     return "\n".join(out)
 
 
-def scr_hf_section(quick: bool) -> str:
-    """The SCR prefill-cost table (markdown) for bench/table.py."""
-    rows = scr_hf_rows(quick=quick)
+def scr_hf_section(quick: bool, budget: common.Budget | None = None) -> str:
+    """The SCR prefill-cost table (markdown) for bench/table.py, within `budget`."""
+    rows = scr_hf_rows(quick=quick, budget=budget)
     return ("## SCR in transformers: prefill cost\n\n" + render(rows) + "\n\nSCR runs a diagnostic pass through the "
             "first d = 2 of the L layers before the real prefill: prefill time grows by about d / L (LLaVA-1.5-7B, "
             "L = 32: ~6%); decoding is untouched. Random-weight LLaVA, fp32, interleaved medians "

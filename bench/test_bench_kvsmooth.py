@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +33,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kvfix  # noqa: E402
+from bench import common  # noqa: E402
 
 B, H, D = 1, 32, 128
 STEP_T = (512, 2048, 8192)
@@ -43,6 +42,7 @@ CONTEXT = 1000     # prompt tokens of the generate benchmark (about)
 N_NEW = 8          # tokens generated per timed round
 TARGET_STEP = 1.3  # kvfix <= 1.3 x floor at T = 2048 and 8192
 TARGET_GEN = 1.15  # per-token time with KVSmooth <= 1.15 x plain decoding
+STEP_SHARE = 0.4   # of kvsmooth_rows' budget for the step rows (the rest: the generate row)
 
 
 def _threads() -> int:
@@ -135,36 +135,28 @@ def decode_round(model, ids, mask, cache, n_new: int = N_NEW):
 # --------------------------------------------------------------------------------------------
 # interleaved measurement (the figures the targets are judged on)
 
-def _interleaved(fns: dict, reps: int, setup=None) -> dict:
-    """Medians (s) of `reps` rounds, variants in rotating order; setup(name) -> kwargs per call."""
-    names = list(fns)
-    for n in names:  # warm-up
-        fns[n](**(setup(n) if setup else {}))
-    times = {n: [] for n in names}
-    for r in range(reps):
-        for i in range(len(names)):
-            n = names[(r + i) % len(names)]
-            kw = setup(n) if setup else {}
-            t0 = time.perf_counter()
-            fns[n](**kw)
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
-
-
 def kvsmooth_rows(step_reps: int = 31, gen_reps: int = 5, quick: bool = False, threads: int | None = None,
-                  generate: bool = True) -> list[dict]:
+                  generate: bool = True, budget: common.Budget | None = None) -> list[dict]:
     """Rows of the KVSmooth table: step (per T and dtype) and generate. quick: small shapes only;
-    threads: torch threads (default: the cores available)."""
+    threads: torch threads (default: the cores available); step_reps, gen_reps: at most (3 quick);
+    budget: the time all rows may take (common.interleave; STEP_SHARE of it for the step rows, the
+    rest for the generate row, model set-up included; at least one repeat each; None: exactly the
+    reps)."""
     torch.set_num_threads(threads or _threads())
+    budget = budget or common.Budget(None)
+    steps = common.Budget(None if budget.seconds is None else budget.left() * (1 if quick or not generate
+                                                                               else STEP_SHARE))
+    todo = [(dt, dtype, T) for dt, dtype in STEP_DTYPES.items() for T in ((64, 256) if quick else STEP_T)]
     rows = []
-    for dt, dtype in STEP_DTYPES.items():
-        for T in ((64, 256) if quick else STEP_T):
-            inp = step_inputs(T, dtype)
-            med = _interleaved(step_fns(inp), 3 if quick else step_reps)
-            floor = med["copy"] / 2
-            rows.append(dict(kind="step", T=T, dtype=dt, eager_ms=med["eager"] * 1e3, kvfix_ms=med["kvfix"] * 1e3,
-                             floor_ms=floor * 1e3, ratio=med["kvfix"] / floor, speedup=med["eager"] / med["kvfix"],
-                             reps=3 if quick else step_reps, threads=torch.get_num_threads()))
+    for i, (dt, dtype, T) in enumerate(todo):
+        inp = step_inputs(T, dtype)
+        tm = common.interleave(step_fns(inp), steps.share(len(todo) - i), max_reps=3 if quick else step_reps,
+                               required=("kvfix", "copy"))
+        floor = tm.med.get("copy", float("nan")) / 2
+        rows.append(dict(kind="step", T=T, dtype=dt, eager_ms=tm.ms("eager"), kvfix_ms=tm.ms("kvfix"),
+                         floor_ms=floor * 1e3, ratio=tm.ms("kvfix") / (floor * 1e3),
+                         speedup=tm.ms("eager") / tm.ms("kvfix"), reps=tm.reps, skipped=tm.skipped,
+                         threads=torch.get_num_threads()))
     if quick or not generate:
         return rows
     from kvfix import hf
@@ -179,13 +171,13 @@ def kvsmooth_rows(step_reps: int = 31, gen_reps: int = 5, quick: bool = False, t
         def smoothed(past_key_values):
             decode_round(model, ids, mask, past_key_values)
 
-        med = _interleaved({"plain": plain, "kvsmooth": smoothed}, gen_reps,
-                           setup=lambda n: {"past_key_values": copy.deepcopy(cache)})
+        tm = common.interleave({"plain": plain, "kvsmooth": smoothed}, budget, max_reps=gen_reps,
+                               setup=lambda n: {"past_key_values": copy.deepcopy(cache)}, required=("plain",))
     finally:
         handle.disable()
-    rows.append(dict(kind="generate", T=ids.shape[1], dtype="fp32", plain_ms=med["plain"] / N_NEW * 1e3,
-                     kvsmooth_ms=med["kvsmooth"] / N_NEW * 1e3, ratio=med["kvsmooth"] / med["plain"], reps=gen_reps,
-                     threads=torch.get_num_threads()))
+    rows.append(dict(kind="generate", T=ids.shape[1], dtype="fp32", plain_ms=tm.ms("plain") / N_NEW,
+                     kvsmooth_ms=tm.ms("kvsmooth") / N_NEW, ratio=tm.ms("kvsmooth") / tm.ms("plain"), reps=tm.reps,
+                     skipped=tm.skipped, threads=torch.get_num_threads()))
     return rows
 
 
@@ -195,24 +187,25 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         if r["kind"] == "step":
             out.append(f"| kvsmooth_step_ | B={B} H={H} T={r['T']} D={D} | {r['dtype']} | {r['threads']} | "
-                       f"{r['eager_ms']:.3g} | {r['kvfix_ms']:.3g} | {r['speedup']:.2f}x | {r['floor_ms']:.3g} | "
-                       f"{r['ratio']:.2f} | {r['reps']} |")
+                       f"{common.cell(r, 'eager')} | {common.cell(r, 'kvfix')} | {common.num(r['speedup'], '.2f', 'x')} | {r['floor_ms']:.3g} | "
+                       f"{common.num(r['ratio'])} | {r['reps']} |")
     gen = [r for r in rows if r["kind"] == "generate"]
     if gen:
         out += ["", "| generate (per token) | context | dtype | threads | plain ms | KVSmooth ms | KVSmooth/plain | reps |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in gen:
             out.append(f"| LLaVA-1.5 attention geometry, 2 layers, KVSmooth on both | {r['T']} | {r['dtype']} | "
-                       f"{r['threads']} | {r['plain_ms']:.3g} | {r['kvsmooth_ms']:.3g} | {r['ratio']:.3f} | {r['reps']} |")
+                       f"{r['threads']} | {common.cell(r, 'plain')} | {common.cell(r, 'kvsmooth')} | {common.num(r['ratio'], '.3f')} | "
+                       f"{r['reps']} |")
     verdicts = []
     for r in rows:
         if r["kind"] == "step" and r["T"] in (2048, 8192):
-            ok = "met" if r["ratio"] <= TARGET_STEP else "NOT met"
+            ok = common.verdict(r["ratio"], TARGET_STEP)
             verdicts.append(f"- {r['dtype']} T={r['T']} ({r['threads']} threads): kvfix/floor = {r['ratio']:.2f} "
-                            f"(target <= {TARGET_STEP}): {ok}; speedup over eager {r['speedup']:.1f}x")
+                            f"(target <= {TARGET_STEP}): {ok}; speedup over eager {common.num(r['speedup'], '.1f', 'x')}")
         if r["kind"] == "generate":
-            ok = "met" if r["ratio"] <= TARGET_GEN else "NOT met"
-            verdicts.append(f"- decode with KVSmooth ({r['threads']} threads): {r['ratio']:.3f} x plain per token "
+            ok = common.verdict(r["ratio"], TARGET_GEN)
+            verdicts.append(f"- decode with KVSmooth ({r['threads']} threads): {common.num(r['ratio'], '.3f')} x plain per token "
                             f"(target <= {TARGET_GEN}): {ok}")
     if verdicts:
         out += ["", "Targets (issue 4, CPU):", ""] + verdicts

@@ -22,9 +22,7 @@ what the targets are judged on (the machines are shared and noisy: compare ratio
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +31,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kvfix  # noqa: E402
+from bench import common  # noqa: E402
 from kvfix import reference as R  # noqa: E402
 
 C, TOP_K, LAM = 4096, 32, 1.1
@@ -81,25 +80,6 @@ def scores_fns(shape: dict, dtype, seed: int = 0) -> dict:
     }
 
 
-def _interleaved(fns: dict, reps: int, before=None) -> dict:
-    """Medians (s) of `reps` rounds, variants in rotating order; before(name) runs untimed first."""
-    names = list(fns)
-    for n in names:  # warm-up
-        if before:
-            before(n)
-        fns[n]()
-    times = {n: [] for n in names}
-    for r in range(reps):
-        for i in range(len(names)):
-            n = names[(r + i) % len(names)]
-            if before:
-                before(n)
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
-
-
 def check_agreement() -> float:
     """max |kvfix - reference| (float64 reference) of both ops at small shapes: the timed variants
     compute the same thing."""
@@ -111,54 +91,66 @@ def check_agreement() -> float:
     return max(e1, e2)
 
 
-def scr_rows(reps: int = 21, quick: bool = False, threads: int | None = None) -> list[dict]:
+def scr_rows(reps: int = 21, quick: bool = False, threads: int | None = None,
+             budget: common.Budget | None = None) -> list[dict]:
+    """reps: at most (3 quick; a third of it at 64 x 64); budget: the time all rows may take, shared
+    out per row (common.interleave: at least one repeat; None: exactly the reps)."""
     torch.set_num_threads(threads or _threads())
+    budget = budget or common.Budget(None)
+    grids = QUICK_GRIDS if quick else GRIDS
+    n_rows = (len(grids) + 1) * len(DTYPES)
     rows = []
-    for name, grid in (QUICK_GRIDS if quick else GRIDS).items():
+    for name, grid in grids.items():
         for dt, dtype in DTYPES.items():
             ref = grid[0] * grid[1] <= 1024
             fns, before = redistribute_fns(grid, dtype, reference=ref)
-            med = _interleaved(fns, 3 if quick else (reps if grid[0] <= 24 else max(5, reps // 3)), before)
-            rows.append(dict(kind="redistribute", shape=f"{name} C={C}", dtype=dt,
-                             ref_ms=med.get("reference", float("nan")) * 1e3,
-                             kvfix_ms=med["kvfix"] * 1e3, inplace_ms=med["kvfix_"] * 1e3, floor_ms=med["clone"] * 1e3,
-                             ratio=med["kvfix"] / med["clone"], grid=grid, threads=torch.get_num_threads()))
+            tm = common.interleave(fns, budget.share(n_rows - len(rows)), before=before, required=("kvfix", "clone"),
+                                   max_reps=3 if quick else (reps if grid[0] <= 24 else max(5, reps // 3)))
+            rows.append(dict(kind="redistribute", shape=f"{name} C={C}", dtype=dt, reference_ms=tm.ms("reference"),
+                             kvfix_ms=tm.ms("kvfix"), kvfix__ms=tm.ms("kvfix_"), clone_ms=tm.ms("clone"),
+                             ratio=tm.ms("kvfix") / tm.ms("clone"), grid=grid, reps=tm.reps, skipped=tm.skipped,
+                             threads=torch.get_num_threads()))
     shape = QUICK_SCORES_SHAPE if quick else SCORES_SHAPE
     for dt, dtype in DTYPES.items():
-        med = _interleaved(scores_fns(shape, dtype), 3 if quick else reps)
+        tm = common.interleave(scores_fns(shape, dtype), budget.share(n_rows - len(rows)), max_reps=3 if quick else reps,
+                               required=("kvfix", "floor"))
         rows.append(dict(kind="scores", shape="B={B} H={H} Tq={Tq} T={T} D={D}".format(**shape), dtype=dt,
-                         ref_ms=med["reference"] * 1e3, kvfix_ms=med["kvfix"] * 1e3, floor_ms=med["floor"] * 1e3,
-                         ratio=med["kvfix"] / med["floor"], threads=torch.get_num_threads()))
+                         reference_ms=tm.ms("reference"), kvfix_ms=tm.ms("kvfix"), floor_ms=tm.ms("floor"),
+                         ratio=tm.ms("kvfix") / tm.ms("floor"), reps=tm.reps, skipped=tm.skipped,
+                         threads=torch.get_num_threads()))
     return rows
 
 
 def render(rows: list[dict]) -> str:
     out = ["| op | shape | dtype | threads | reference ms | kvfix ms | in place ms | floor ms | kvfix/floor | "
-           "speedup (ref/kvfix) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "speedup (ref/kvfix) | reps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        inplace = f"{r['inplace_ms']:.3g}" if "inplace_ms" in r else "-"
-        ref = "not run" if r["ref_ms"] != r["ref_ms"] else f"{r['ref_ms']:.3g}"
-        speed = "-" if r["ref_ms"] != r["ref_ms"] else f"{r['ref_ms'] / r['kvfix_ms']:.1f}x"
-        op = "scr_redistribute (floor: clone)" if r["kind"] == "redistribute" else "scr_scores (floor: q @ k^T)"
-        out.append(f"| {op} | {r['shape']} | {r['dtype']} | {r['threads']} | {ref} | {r['kvfix_ms']:.3g} | {inplace} | "
-                   f"{r['floor_ms']:.3g} | {r['ratio']:.2f} | {speed} |")
+        redis = r["kind"] == "redistribute"
+        inplace = common.cell(r, "kvfix_") if redis else "-"
+        ref = "not run" if r["reference_ms"] != r["reference_ms"] and "reference" not in r["skipped"] \
+            else common.cell(r, "reference")
+        speed = "-" if r["reference_ms"] != r["reference_ms"] else f"{r['reference_ms'] / r['kvfix_ms']:.1f}x"
+        op = "scr_redistribute (floor: clone)" if redis else "scr_scores (floor: q @ k^T)"
+        out.append(f"| {op} | {r['shape']} | {r['dtype']} | {r['threads']} | {ref} | {common.cell(r, 'kvfix')} | "
+                   f"{inplace} | {common.cell(r, 'clone' if redis else 'floor')} | {common.num(r['ratio'])} | {speed} | "
+                   f"{r['reps']} |")
     verdicts = []
     for r in rows:
         if r["kind"] == "redistribute" and r.get("grid") == (24, 24):
-            ok = "met" if r["ratio"] <= TARGET_REDISTRIBUTE else "NOT met"
+            ok = common.verdict(r["ratio"], TARGET_REDISTRIBUTE)
             verdicts.append(f"- scr_redistribute 24x24 {r['dtype']}: kvfix/clone = {r['ratio']:.2f} "
                             f"(target <= {TARGET_REDISTRIBUTE}): {ok}")
         if r["kind"] == "scores" and r["dtype"] == "fp32" and r["shape"].startswith("B=1 H=32"):
-            ok = "met" if r["ratio"] <= TARGET_SCORES else "NOT met"
+            ok = common.verdict(r["ratio"], TARGET_SCORES)
             verdicts.append(f"- scr_scores fp32: kvfix/(q @ k^T) = {r['ratio']:.2f} (target <= {TARGET_SCORES}): {ok}")
     if verdicts:
         out += ["", "Targets (CPU):", ""] + verdicts
     return "\n".join(out)
 
 
-def scr_section(quick: bool) -> str:
-    """The SCR table (markdown) for bench/table.py."""
-    return ("## SCR\n\n" + render(scr_rows(quick=quick)) + "\n\nInterleaved medians (method: the docstring of "
+def scr_section(quick: bool, budget: common.Budget | None = None) -> str:
+    """The SCR table (markdown) for bench/table.py, within `budget`."""
+    return ("## SCR\n\n" + render(scr_rows(quick=quick, budget=budget)) + "\n\nInterleaved medians (method: the docstring of "
             "bench/test_bench_scr.py); redistribute: B=1, top_k=32, lam=1.1, in place timed on a fresh copy.")
 
 
