@@ -342,11 +342,11 @@ def cpu_path() -> str:
 # --------------------------------------------------------------------------------------------
 # inputs
 
-def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0, floor: bool = True) -> dict:
+def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0, floor: bool = True, unit: str = "patch") -> dict:
     """k, v ~ N(0, 1) [B, H, N, D]; depth: a smooth random depth map pooled to the grid
     (`kvfix.patch_depth`, scaled to [0, 1]: a depth range the structured algorithm serves; at
     the default [0, 255] the plan runs dense, docs/DSCR_UNITS.md); coords: `kvfix.patch_coords`
-    (patch units); W: the floor's N x N matrix."""
+    (`unit`: patch units by default); W: the floor's N x N matrix."""
     g = torch.Generator().manual_seed(seed)
     B, H, N, D = shape.B, shape.H, shape.N, shape.D
     k = torch.randn(B, H, N, D, generator=g).to(dtype)
@@ -356,7 +356,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0, floor: bool = T
                                            align_corners=True)[0, 0]
     dmap = dmap + 0.02 * torch.rand(dmap.shape, generator=g, dtype=torch.float64)
     depth = kvfix.patch_depth(dmap, shape.gh, shape.gw, scale=1.0)
-    coords = kvfix.patch_coords(shape.gh, shape.gw)
+    coords = kvfix.patch_coords(shape.gh, shape.gw, unit=unit)
     out = dict(k=k, v=v, depth=depth, coords=coords)
     if floor:
         out["W"] = (torch.rand(N, N, generator=g) * (2.0 / N)).to(dtype)

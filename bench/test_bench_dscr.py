@@ -67,6 +67,14 @@ STRUCT_QUICK = [
     common.Shape("skip-path", 1, 2, 16, 16, 16, ("fp32",), ref_skip="quick: no dense variants", err_cols=32),
 ]
 STRUCT_VARIANTS = ("structured", "in_place", "dense", "reference", "floor", "copy")
+# The structured algorithm serves smooth kernels: its rows keep the unit-square grid and depth in
+# [0, 1] (grid_unit="unit_square", still reachable); at the default units (patch coordinates,
+# depth in [0, 255]) the plan picks the dense kernel (docs/DSCR_UNITS.md, issue 13).
+STRUCT_UNIT = "unit_square"
+
+
+def struct_inputs(shape, dt: str, floor: bool = True) -> dict:
+    return common.make_inputs(shape, common.DTYPES[dt], floor=floor, unit=STRUCT_UNIT)
 
 
 def structured_fns(shape, inp: dict) -> dict:
@@ -75,9 +83,11 @@ def structured_fns(shape, inp: dict) -> dict:
     kc, vc = k.clone(), v.clone()  # refined again and again by "in_place" (values stay bounded)
 
     def in_place():
-        kvfix.dscr_refine_cache_([kc], [vc], depth, grid, method="structured", **common.PARAMS)
+        kvfix.dscr_refine_cache_([kc], [vc], depth, grid, method="structured", grid_unit=STRUCT_UNIT,
+                                 **common.PARAMS)
         return kc, vc
-    fns = {"structured": lambda: kvfix.dscr_refine(k, v, depth, grid, method="structured", **common.PARAMS),
+    fns = {"structured": lambda: kvfix.dscr_refine(k, v, depth, grid, method="structured", grid_unit=STRUCT_UNIT,
+                                                    **common.PARAMS),
            "in_place": in_place, "copy": lambda: (k.clone(), v.clone())}
     if shape.ref_skip is None:
         dense = common.variant_fns(inp)
@@ -89,7 +99,7 @@ def structured_fns(shape, inp: dict) -> dict:
                 ids=lambda c: f"{c[0].name}-{c[1]}")
 def struct_case(request):
     shape, dt = request.param
-    inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
+    inp = struct_inputs(shape, dt, floor=shape.ref_skip is None)
     return shape, dt, structured_fns(shape, inp)
 
 
@@ -109,12 +119,12 @@ def _structured_memory_worker(names: list) -> None:
     shapes = {s.name: s for s in STRUCT_SHAPES + STRUCT_QUICK}
     warm = common.Shape("warm", 1, 2, 8, 8, 32, ("fp32",))
     for dt in dict.fromkeys(dt for _, dt, _ in names):
-        for fn in structured_fns(warm, common.make_inputs(warm, common.DTYPES[dt])).values():
+        for fn in structured_fns(warm, struct_inputs(warm, dt)).values():
             fn()
     res = {}
     for name, dt, variants in names:
         shape = shapes[name]
-        fns = structured_fns(shape, common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None))
+        fns = structured_fns(shape, struct_inputs(shape, dt, floor=shape.ref_skip is None))
         for vname in variants:
             res[f"{name}|{dt}|{vname}"] = common.peak_bytes_beyond(fns[vname])[0]
     print("KVFIX_MEMORY " + json.dumps(res), flush=True)
@@ -153,7 +163,7 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
     rows = []
     for i, (shape, dt) in enumerate(todo):
         row_budget = budget.share(len(todo) - i, reserve=common.WORKER_START_S)
-        inp = common.make_inputs(shape, common.DTYPES[dt], floor=shape.ref_skip is None)
+        inp = struct_inputs(shape, dt, floor=shape.ref_skip is None)
         fns = structured_fns(shape, inp)
         fns = {n: fns[n] for n in PRIORITY if n in fns}
         truth, cols = common.ground_truth(shape, inp)
@@ -169,7 +179,8 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
         for n, key in DENSE_KEYS.items():
             if n in tm.med:
                 common.DSCR_SCALING.record((dt, key), common.dense_cost(shape), tm.best[n])
-        plan = kvfix.dscr_plan(shape.gh, shape.gw, inp["depth"], dtype=common.DTYPES[dt], **common.PARAMS)
+        plan = kvfix.dscr_plan(shape.gh, shape.gw, inp["depth"], dtype=common.DTYPES[dt], grid_unit=STRUCT_UNIT,
+                               **common.PARAMS)
         xmax = max(float(inp["k"].abs().max()), float(inp["v"].abs().max()))
         rows.append((shape, dt, tm, err, plan, xmax))
         del inp, fns, truth
@@ -186,7 +197,7 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
     def mb(key):
         return f"{mem[key] / 2**20:.1f}" if mem.get(key) is not None else "n/a"
 
-    lines = ["### Structured DSCR (issue 7): coords=(gh, gw)", "",
+    lines = ["### Structured DSCR (issue 7): coords=(gh, gw), grid_unit=\"unit_square\", depth in [0, 1]", "",
              "| shape | dtype | plan (r_depth, r_row, r_col) | structured ms | in place ms | dense ms | reference ms "
              "| floor ms | copy ms | structured/floor | in place/floor | structured/copy | err structured | err dense "
              "| bound x max|x| | peak MB structured | peak MB dense | peak MB floor | reps |",
