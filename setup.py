@@ -4,19 +4,18 @@ Environment:
   KVFIX_NO_CUDA=1        build the CPU kernels only.
   KVFIX_REQUIRE_CUDA=1   fail instead of falling back to a CPU-only build.
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0": no GPU is needed to build).
-  CUDA_HOME              CUDA toolkit. Default: the first of $CUDA_HOME, /usr/local/cuda and the
-                         toolkit of the nvcc on PATH whose major version matches torch's CUDA.
+  CUDA_HOME              CUDA toolkit. Default: the first of $CUDA_HOME, $CUDA_PATH, /usr/local/cuda
+                         and the toolkit of the nvcc on PATH whose major version matches torch's
+                         CUDA (tools/toolchain.py).
   MAX_JOBS               parallel compile jobs.
 
 Install with `pip install --no-build-isolation .` after torch is installed (keeping torch out
 of the build requirements stops pip from fetching a second, mismatched torch).
 """
 import glob
+import importlib.util
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 import warnings
 
@@ -25,58 +24,30 @@ from setuptools import setup
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
 
 
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cuda_home_candidates():
-    homes = []
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            homes.append(home)
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # /usr/local/bin/nvcc may be a wrapper script: take the toolkit of the real binary (torch
-        # would guess /usr/local and fail to link cudart).
-        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    seen = []
-    for h in homes:
-        if os.path.exists(os.path.join(h, "bin", "nvcc")) and os.path.exists(os.path.join(h, "include", "cuda_runtime.h")) \
-                and h not in seen:
-            seen.append(h)
-    return seen
+def _load_toolchain():
+    """tools/toolchain.py, by path: CUDA discovery and flags shared with the resource report,
+    the emulator build and scripts/dev."""
+    spec = importlib.util.spec_from_file_location("kvfix_toolchain", os.path.join(ROOT, "tools", "toolchain.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _nvcc_version(cuda_home):
-    try:
-        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    m = re.search(r"release (\d+)\.(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+toolchain = _load_toolchain()
 
 
 def _cuda_decision():
     """Return (use_cuda, cuda_home, reason)."""
     if _flag("KVFIX_NO_CUDA"):
         return False, None, "KVFIX_NO_CUDA is set"
-    if torch.version.cuda is None:
-        return False, None, "this torch has no CUDA (torch.version.cuda is None)"
-    homes = _cuda_home_candidates()
-    if not homes:
-        return False, None, "nvcc not found (set CUDA_HOME)"
-    tv = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
-    found = []
-    for home in homes:
-        nv = _nvcc_version(home)
-        if nv is not None and nv[0] == tv[0]:
-            return True, home, f"nvcc {nv[0]}.{nv[1]} at {home}, torch CUDA {torch.version.cuda}"
-        found.append(f"{home}: nvcc {'?' if nv is None else '.'.join(map(str, nv))}")
-    return False, None, (f"no CUDA toolkit matches the CUDA major version of torch ({torch.version.cuda}): "
-                         + "; ".join(found))
+    home, reason = toolchain.find_cuda(torch.version.cuda)
+    return home is not None, home, reason
 
 
 def _nvidia_include_dirs():
@@ -112,7 +83,7 @@ if use_cuda:
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 if use_cuda:
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or toolchain.DEFAULT_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += _nvidia_include_dirs()
@@ -120,7 +91,7 @@ if use_cuda:
     ext = CUDAExtension(
         "kvfix._C", sources, include_dirs=include_dirs, define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags,
-                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+                            "nvcc": [*toolchain.KVFIX_NVCC_FLAGS, "-lineinfo"]},
         extra_link_args=link_flags,
     )
 else:
@@ -133,7 +104,7 @@ info = {
     "cuda_archs": archs.replace(" ", ";").split(";") if use_cuda else [],
     "built_with_torch": torch.__version__,
     "built_with_torch_cuda": torch.version.cuda,
-    "nvcc": ".".join(map(str, _nvcc_version(cuda_home))) if use_cuda else None,
+    "nvcc": ".".join(map(str, toolchain.nvcc_version(cuda_home))) if use_cuda else None,
     "cuda_reason": reason,
 }
 with open(os.path.join(ROOT, "kvfix", "_build_info.json"), "w") as f:

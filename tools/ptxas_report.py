@@ -18,8 +18,8 @@ Header conventions (read by this script):
   constexpr int k<Name>DynamicSmemBytes = <n>;       dynamic shared memory the header's launchers
                                                      request (largest value; 0 if absent)
 
-The flags mirror torch's CUDAExtension nvcc flags (-O3, --expt-relaxed-constexpr, the
-__CUDA_NO_HALF*_ macros) so the report describes the code setup.py builds.
+The flags are setup.py's (tools/toolchain.py: kvfix's own plus the -std and __CUDA_NO_HALF*_
+macros torch's CUDAExtension adds) so the report describes the code setup.py builds.
 
 Usage: python tools/ptxas_report.py [--archs 80 90] [--out docs/RESOURCES.md] [--no-write]
 """
@@ -36,6 +36,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toolchain  # noqa: E402  (tools/toolchain.py: CUDA discovery and flags, shared with setup.py)
 
 # Per-architecture limits (CUDA programming guide, compute capabilities table).
 STATIC_SMEM_LIMIT = 48 * 1024  # a block's statically declared shared memory, every arch
@@ -49,11 +51,7 @@ ARCH_LIMITS = {
     "90": (232448, 233472, 1024, 65536, 2048, 32),
 }
 
-NVCC_FLAGS = [
-    "-O3", "--expt-relaxed-constexpr", "-std=c++20",
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-]
+NVCC_FLAGS = [*toolchain.KVFIX_NVCC_FLAGS, *toolchain.TORCH_NVCC_FLAGS]
 
 RE_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 RE_PROPS = re.compile(r"Function properties for (\S+)")
@@ -67,13 +65,10 @@ RE_DYN = re.compile(r"constexpr\s+(?:int|unsigned|size_t|int64_t)\s+k\w*DynamicS
 
 
 def find_nvcc() -> str:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    sys.exit("ptxas_report: nvcc not found (set CUDA_HOME)")
+    nvcc = toolchain.find_nvcc()
+    if nvcc is None:
+        sys.exit("ptxas_report: nvcc not found (set CUDA_HOME)")
+    return nvcc
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -183,7 +178,8 @@ def blocks_per_sm(arch: str, regs: int, smem_total: int, threads: int | None):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", nargs="+", default=["80", "90"], help="compute capabilities (default: 80 90)")
+    ap.add_argument("--archs", nargs="+", default=[a.replace(".", "") for a in toolchain.DEFAULT_ARCHS.split(";")],
+                    help="compute capabilities (default: setup.py's, 80 90)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "RESOURCES.md"))
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))

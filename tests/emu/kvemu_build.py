@@ -16,8 +16,8 @@ Nothing here imports pytest or torch: subprocesses use it with raw pointers (`Ra
 
 Environment: KVFIX_EMU_CXX (compiler, default $CXX or g++), KVFIX_EMU_CXXFLAGS (extra flags,
 e.g. -D defines for experiments), KVFIX_EMU_SRC_OVERLAY (a directory of replacement sources,
-see `_overlay`), CUDA_HOME (for cuda_fp16.h / cuda_bf16.h; default
-/usr/local/cuda), KVFIX_EMU_ASAN=1 (the fixtures use the asan variant).
+see `_overlay`), CUDA_HOME (for cuda_fp16.h / cuda_bf16.h; found as setup.py finds the
+toolkit, tools/toolchain.py), KVFIX_EMU_ASAN=1 (the fixtures use the asan variant).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import numbers
 import os
 import re
@@ -91,8 +92,17 @@ def cxx() -> list[str]:
 
 
 def cuda_include() -> Path:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    return Path(home) / "include"
+    """CUDA headers (cuda_fp16.h, cuda_bf16.h) from the toolkit setup.py would find
+    (tools/toolchain.py); only headers are needed."""
+    return Path(_toolchain().cuda_include())
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain():
+    spec = importlib.util.spec_from_file_location("kvfix_toolchain", REPO / "tools" / "toolchain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def toolchain_problem() -> str | None:
