@@ -14,9 +14,8 @@ Analytic cost: the diagnostic pass runs d of the L layers (d = 2 diagnostic laye
 one up to its attention scores) plus the embedding of the prompt, so prefill time grows by
 about d / L: 1 + 2/8 = 1.25 for the benchmark's 8 layers, 1 + 2/32 = 1.06 for LLaVA-1.5-7B's
 32, 1 + 2/40 = 1.05 for 13B. Scoring and redistribution are O(T_text * T * heads) and O(N * C):
-negligible next to a layer's O(T * C^2) projections. Decoding is untouched. Measured on a
-shared 2-core machine (load ~3.9, 5 interleaved reps): 3927 ms plain, 4975 ms with SCR, 1.27x
-(analytic 1.25x).
+negligible next to a layer's O(T * C^2) projections. Decoding is untouched. Measured figures:
+bench/RESULTS.md and docs/SCR_HF.md.
 
 `scr_hf_rows()` measures both variants interleaved (rotating order, medians), as bench/table.py
 reports; `python -m bench.test_bench_hf_scr` prints that table.

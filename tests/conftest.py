@@ -4,7 +4,7 @@ import zlib
 import pytest
 import torch
 
-# Small, reproducible runs on a 2-core machine.
+# Small, reproducible runs: at most two threads, whatever the machine has.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
