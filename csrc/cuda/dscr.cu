@@ -22,11 +22,11 @@ template cudaError_t kvfix::kernels::dscr_refine_launch<__nv_bfloat16>(const kvf
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <optional>
 #include <vector>
 
+#include "aten_view.h"
 #include "kvfix.h"
 
 namespace kvfix {
@@ -35,54 +35,17 @@ namespace {
 // out_k[...] = refine(k), out_v = refine(v) (v / out_v may be null) on the current stream.
 void launch_dscr(const at::Tensor& k, const at::Tensor* v, const at::Tensor& out_k, const at::Tensor* out_v,
                  const at::Tensor& depth, const at::Tensor& coords, DscrCoefs c) {
-  kernels::DscrArgs a{};
-  a.B = k.size(0);
-  a.H = k.size(1);
-  a.N = k.size(2);
-  a.D = k.size(3);
   if (k.numel() == 0) return;
-  TORCH_CHECK(a.N <= kernels::kDscrMaxTokens, "dscr: the CUDA kernel supports up to ", kernels::kDscrMaxTokens,
-              " tokens, got N=", a.N);
-  a.k = k.const_data_ptr();
-  a.k_out = out_k.mutable_data_ptr();
-  a.k_sb = k.stride(0);
-  a.k_sh = k.stride(1);
-  a.k_sn = k.stride(2);
-  a.ko_sb = out_k.stride(0);
-  a.ko_sh = out_k.stride(1);
-  a.ko_sn = out_k.stride(2);
-  if (v != nullptr) {
-    a.v = v->const_data_ptr();
-    a.v_out = out_v->mutable_data_ptr();
-    a.v_sb = v->stride(0);
-    a.v_sh = v->stride(1);
-    a.v_sn = v->stride(2);
-    a.vo_sb = out_v->stride(0);
-    a.vo_sh = out_v->stride(1);
-    a.vo_sn = out_v->stride(2);
-  }
-  a.depth = static_cast<const float*>(depth.const_data_ptr());
-  a.coords = static_cast<const float*>(coords.const_data_ptr());
-  a.geo_sb = depth.size(0) == 1 ? 0 : a.N;  // dscr_check: Bd in {1, B}, contiguous
-  a.coef_d = c.coef_d;
-  a.coef_s = c.coef_s;
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(k.device().index()).stream();
-  cudaError_t err;
-  switch (k.scalar_type()) {
-    case at::kFloat:
-      err = kernels::dscr_refine_launch<float>(a, stream);
-      break;
-    case at::kHalf:
-      err = kernels::dscr_refine_launch<__half>(a, stream);
-      break;
-    case at::kBFloat16:
-      err = kernels::dscr_refine_launch<__nv_bfloat16>(a, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "dscr: unsupported dtype ", k.scalar_type());
-  }
-  TORCH_CHECK(err == cudaSuccess, "dscr: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(k.size(2) <= kernels::kDscrMaxTokens, "dscr: the CUDA kernel supports up to ", kernels::kDscrMaxTokens,
+              " tokens, got N=", k.size(2));
+  // Outputs first: an in-place target is materialised (copy-on-write) before any pointer is read.
+  const kernels::View ko = out_view_of(out_k), vo = out_v != nullptr ? out_view_of(*out_v) : kernels::View{};
+  const kernels::DscrArgs a = kernels::dscr_pack(view_of(k), v != nullptr ? view_of(*v) : kernels::View{}, ko, vo,
+                                                 view_of(depth), view_of(coords), c.coef_d, c.coef_s);
+  const cudaStream_t stream = stream_of(k);
+  check_launch("dscr", kernels::dispatch_float(kernel_dtype(k.scalar_type()), [&](auto tag) {
+                 return kernels::dscr_refine_launch<decltype(tag)>(a, stream);
+               }));
 }
 
 }  // namespace

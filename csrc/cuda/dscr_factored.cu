@@ -31,12 +31,12 @@ template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const k
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
 #include <optional>
 #include <vector>
 
+#include "aten_view.h"
 #include "kvfix.h"
 
 namespace kvfix {
@@ -63,53 +63,25 @@ std::vector<at::Tensor> depth_factors(const at::Tensor& depth, const at::Tensor&
   return {u.to(at::kFloat).contiguous(), cinv.to(at::kFloat).contiguous()};
 }
 
-template <class T>
-void launch(const kernels::DscrFactoredArgs& a, cudaStream_t stream) {
-  const cudaError_t err = kernels::dscr_factored_launch<T>(a, stream);
-  TORCH_CHECK(err == cudaSuccess, "dscr_refine_factored: CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-// out = refine(x) for one [B, H, N, D] tensor (out may be x).
 void refine_one(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lr, const at::Tensor& rr,
                 const at::Tensor& lc, const at::Tensor& rc, const at::Tensor& u, const at::Tensor& cinv) {
-  const int64_t B = x.size(0), H = x.size(1), D = x.size(3), gh = lr.size(0), gw = lc.size(0);
-  const int64_t pc = lc.size(1), rd = u.size(2), N = gh * gw;
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3), gh = lr.size(0);
+  const int64_t pc = lc.size(1), rd = u.size(2);
   if (x.numel() == 0) return;
   const auto opts = x.options().dtype(at::kFloat);
   const at::Tensor z1 = at::empty({B, H, gh, pc, D}, opts);
   const at::Tensor pa = at::empty({B, H, gh, rd, D}, opts);
-  kernels::DscrFactoredArgs a{};
-  a.x = x.const_data_ptr();
-  a.out = out.mutable_data_ptr();
-  a.B = B;
-  a.H = H;
-  a.gh = gh;
-  a.gw = gw;
-  a.D = D;
-  a.x_sb = x.stride(0);
-  a.x_sh = x.stride(1);
-  a.x_sn = x.stride(2);
-  a.o_sb = out.stride(0);
-  a.o_sh = out.stride(1);
-  a.o_sn = out.stride(2);
-  a.rc = rc.const_data_ptr<float>();
-  a.lc = lc.const_data_ptr<float>();
-  a.u = u.const_data_ptr<float>();
-  a.cinv = cinv.const_data_ptr<float>();
-  a.pc = pc;
-  a.rd = rd;
-  a.u_sb = u.size(0) == 1 ? 0 : N * rd;
+  const kernels::View ov = out_view_of(out);  // first: in place, out is x (materialised if copy-on-write)
+  kernels::DscrFactoredArgs a =
+      kernels::dscr_factored_pack(view_of(x), ov, gh, view_of(rc), view_of(lc), view_of(u), view_of(cinv));
   a.z1 = z1.mutable_data_ptr<float>();
   a.pa = pa.mutable_data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = stream_of(x);
   auto run = [&](int stage) {
     a.stage = stage;
-    switch (x.scalar_type()) {
-      case at::kFloat: launch<float>(a, stream); break;
-      case at::kHalf: launch<__half>(a, stream); break;
-      case at::kBFloat16: launch<__nv_bfloat16>(a, stream); break;
-      default: TORCH_CHECK(false, "dscr_refine_factored: unsupported dtype ", x.scalar_type());
-    }
+    check_launch("dscr_refine_factored", kernels::dispatch_float(kernel_dtype(x.scalar_type()), [&](auto tag) {
+                   return kernels::dscr_factored_launch<decltype(tag)>(a, stream);
+                 }));
   };
   run(1);
   // Z3[b, h] = Lr (Rr^T Z1[b, h]) over the row axis (Z1 viewed as [gh, pc * D]); P = sum_a P_a.

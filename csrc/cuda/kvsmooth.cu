@@ -10,11 +10,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <atomic>
 #include <optional>
 
+#include "aten_view.h"
 #include "kernels/kvsmooth.cuh"
 #include "kvfix.h"
 
@@ -38,50 +38,24 @@ int sm_count(int device) {
 }
 
 void launch(kernels::KvsmoothArgs& a, const at::Tensor& q) {
-  const int sms = sm_count(q.device().index());
-  a.splits = kernels::kvsmooth_splits(a.B, a.Hkv, a.T, sms);
   at::Tensor work = at::empty({kernels::kvsmooth_workspace_floats(a)}, q.options().dtype(at::kFloat));
   a.work = work.mutable_data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  cudaError_t err;
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      err = kernels::kvsmooth_launch<float>(a, stream);
-      break;
-    case at::kHalf:
-      err = kernels::kvsmooth_launch<__half>(a, stream);
-      break;
-    case at::kBFloat16:
-      err = kernels::kvsmooth_launch<__nv_bfloat16>(a, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "kvsmooth: unsupported dtype ", q.scalar_type());
-  }
-  TORCH_CHECK(err == cudaSuccess, "kvsmooth: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  const cudaStream_t stream = stream_of(q);
+  check_launch("kvsmooth", kernels::dispatch_float(kernel_dtype(q.scalar_type()), [&](auto tag) {
+                 return kernels::kvsmooth_launch<decltype(tag)>(a, stream);
+               }));
 }
 
 kernels::KvsmoothArgs args_of(const at::Tensor& q, const at::Tensor& k, const KvsMask& m, float scale) {
   TORCH_CHECK(q.size(3) <= kernels::kKvsmoothMaxHeadDim, "kvsmooth: head dim ", q.size(3),
               " is larger than the CUDA kernel's ", kernels::kKvsmoothMaxHeadDim);
-  kernels::KvsmoothArgs a{};
-  a.q = q.const_data_ptr();
-  a.q_sb = q.stride(0);
-  a.q_sh = q.stride(1);
-  a.k = const_cast<void*>(k.const_data_ptr());
-  a.k_sb = k.stride(0);
-  a.k_sh = k.stride(1);
-  a.k_st = k.stride(2);
-  a.mask = m.data;
-  a.mask_kind = m.kind;
-  a.m_sb = m.sb;
-  a.m_st = m.st;
-  a.B = q.size(0);
-  a.Hq = q.size(1);
-  a.D = q.size(3);
-  a.Hkv = k.size(1);
-  a.T = k.size(2);
-  a.scale = scale;
-  return a;
+  kernels::MaskView mv;
+  mv.data = m.data;
+  mv.kind = m.kind;
+  mv.sb = m.sb;
+  mv.st = m.st;
+  const int64_t splits = kernels::kvsmooth_splits(q.size(0), k.size(1), k.size(2), sm_count(q.device().index()));
+  return kernels::kvsmooth_pack(view_of(q), view_of(k), mv, scale, splits);
 }
 
 }  // namespace
@@ -109,18 +83,9 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
   at::Tensor lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
   if (q.size(0) == 0) return lam;
   kernels::KvsmoothArgs a = args_of(q, k_cache, m, sc);
-  a.k = k_cache.mutable_data_ptr();
-  a.v = v_cache.mutable_data_ptr();
-  a.v_sb = v_cache.stride(0);
-  a.v_sh = v_cache.stride(1);
-  a.v_st = v_cache.stride(2);
-  a.queue = queue.mutable_data_ptr<float>();
-  a.qu_sb = queue.stride(0);
-  a.qu_sm = queue.stride(1);
-  a.M = queue.size(1);
-  a.lam = lam.mutable_data_ptr<float>();
-  a.lam_lo = static_cast<float>(lam_ref - band);
-  a.lam_hi = static_cast<float>(lam_ref + band);
+  a.k = k_cache.mutable_data_ptr();  // the step writes position T - 1 of both caches
+  kernels::kvsmooth_pack_step(a, out_view_of(v_cache), out_view_of(queue), lam.mutable_data_ptr<float>(),
+                              static_cast<float>(lam_ref - band), static_cast<float>(lam_ref + band));
   launch(a, q);
   return lam;
 }

@@ -452,4 +452,103 @@ cudaError_t cmac_contrastive_launch(const CmacContrastiveArgs& a, cudaStream_t s
   return cudaGetLastError();
 }
 
+// Host-side argument packing (view.h), shared by csrc/cuda/cmac.cu and the emulator's shim.
+// rope_calibrate: k [B, H, T, D], out [B, H, N, D], the span, inv_freq float32 [D/2], positions
+// int64 [rows, B, T] (contiguous) or absent, `nsections` RoPE section sizes (0: one section), c = 1 - 1/gamma.
+inline CmacRopeArgs cmac_rope_pack(const View& k, const View& out, CmacSpan span, const float* inv_freq,
+                                   const View& positions, const int64_t* sections, int nsections, float c) {
+  CmacRopeArgs a{};
+  a.k = k.data;
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_st = k.stride(2);
+  a.out = out.data;
+  a.span = span;
+  a.inv_freq = inv_freq;
+  a.pos = positions.present() ? static_cast<const int64_t*>(positions.data) : nullptr;
+  a.rows = positions.present() ? static_cast<int>(positions.size(0)) : 1;
+  a.B = k.size(0);
+  a.H = k.size(1);
+  a.T = k.size(2);
+  a.D = k.size(3);
+  a.N = out.size(2);
+  a.nsec = 1;
+  a.sec[0] = 0;
+  a.sec[1] = static_cast<int>(a.D / 2);
+  if (nsections > 0) {
+    a.nsec = nsections < kCmacMaxSections ? nsections : kCmacMaxSections;
+    int acc = 0;
+    for (int i = 0; i < a.nsec; ++i) {
+      a.sec[i] = acc;
+      acc += static_cast<int>(sections[i]);
+    }
+    a.sec[a.nsec] = acc;
+  }
+  a.c = c;
+  return a;
+}
+
+// cmac_attention: q [B, Hq, Tq, D], k, v [B, Hkv, T, D], calibrated keys [B, Hkv, N, D] or absent,
+// out [B, Hq, Tq, D], the span and the mask's view; `work` ([B * Hkv] floats with IMD) is the caller's.
+inline CmacAttnArgs cmac_attention_pack(const View& q, const View& k, const View& v, const View& k_cal,
+                                        const View& out, CmacSpan span, const MaskView& m, int imd,
+                                        const bool* imd_items, int vector_mean, float scale, int causal) {
+  CmacAttnArgs a{};
+  a.q = q.data;
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_st = q.stride(2);
+  a.k = k.data;
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_st = k.stride(2);
+  a.v = v.data;
+  a.v_sb = v.stride(0);
+  a.v_sh = v.stride(1);
+  a.v_st = v.stride(2);
+  if (k_cal.present()) {
+    a.kc = k_cal.data;
+    a.c_sb = k_cal.stride(0);
+    a.c_sh = k_cal.stride(1);
+    a.c_st = k_cal.stride(2);
+    a.N = k_cal.size(2);
+  }
+  a.out = out.data;
+  a.span = span;
+  a.mask = m.data;
+  a.mask_kind = m.kind;
+  a.m_sb = m.sb;
+  a.m_sh = m.sh;
+  a.m_si = m.si;
+  a.m_sj = m.st;
+  a.imd = imd;
+  a.imd_items = imd_items;
+  a.vector_mean = vector_mean;
+  a.scale = scale;
+  a.causal = causal;
+  a.B = q.size(0);
+  a.Hq = q.size(1);
+  a.Tq = q.size(2);
+  a.D = q.size(3);
+  a.Hkv = k.size(1);
+  a.T = k.size(2);
+  return a;
+}
+
+// contrastive_logits: logits and distorted logits [..., V] (contiguous), out like them.
+inline CmacContrastiveArgs cmac_contrastive_pack(const View& l, const View& lt, const View& out, float alpha,
+                                                 float log_beta) {
+  CmacContrastiveArgs a{};
+  a.l = l.data;
+  a.lt = lt.data;
+  a.out = out.data;
+  a.V = l.size(-1);
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < l.ndim; ++i) rows *= l.size(i);
+  a.rows = a.V > 0 ? rows : 0;
+  a.a = alpha;
+  a.log_beta = log_beta;
+  return a;
+}
+
 }  // namespace kvfix::kernels

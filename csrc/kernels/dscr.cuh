@@ -625,4 +625,40 @@ cudaError_t dscr_refine_launch(const DscrArgs& a, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// Host-side argument packing (view.h), shared by csrc/cuda/dscr.cu and the emulator's shim:
+// k [B, H, N, D], v like k or absent (keys only), their outputs, depth float32 [Bd, N] and coords
+// float32 [Bd, N, 2] (contiguous, Bd in {1, B}), the proximity coefficients.
+inline DscrArgs dscr_pack(const View& k, const View& v, const View& k_out, const View& v_out, const View& depth,
+                          const View& coords, float coef_d, float coef_s) {
+  DscrArgs a{};
+  a.B = k.size(0);
+  a.H = k.size(1);
+  a.N = k.size(2);
+  a.D = k.size(3);
+  a.k = k.data;
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_sn = k.stride(2);
+  a.k_out = k_out.data;
+  a.ko_sb = k_out.stride(0);
+  a.ko_sh = k_out.stride(1);
+  a.ko_sn = k_out.stride(2);
+  if (v.present()) {
+    a.v = v.data;
+    a.v_sb = v.stride(0);
+    a.v_sh = v.stride(1);
+    a.v_sn = v.stride(2);
+    a.v_out = v_out.data;
+    a.vo_sb = v_out.stride(0);
+    a.vo_sh = v_out.stride(1);
+    a.vo_sn = v_out.stride(2);
+  }
+  a.depth = static_cast<const float*>(depth.data);
+  a.coords = static_cast<const float*>(coords.data);
+  a.geo_sb = depth.size(0) == 1 ? 0 : a.N;
+  a.coef_d = coef_d;
+  a.coef_s = coef_s;
+  return a;
+}
+
 }  // namespace kvfix::kernels

@@ -161,4 +161,36 @@ cudaError_t dscr_factored_launch(const DscrFactoredArgs& a, cudaStream_t stream)
   return cudaGetLastError();
 }
 
+// Host-side argument packing (view.h), shared by csrc/cuda/dscr_factored.cu and the emulator's
+// shim: x [B, H, N, D], out like x (stage 2; may be x) or absent, the grid height, the column
+// factors rc, lc float32 [gw, pc], the depth factors u float32 [Bd, N, rd] and cinv [Bd, N]. The
+// stage and the float32 workspaces (z1, pa, z3, pd) are the caller's.
+inline DscrFactoredArgs dscr_factored_pack(const View& x, const View& out, int64_t gh, const View& rc, const View& lc,
+                                           const View& u, const View& cinv) {
+  DscrFactoredArgs a{};
+  a.x = x.data;
+  a.B = x.size(0);
+  a.H = x.size(1);
+  a.D = x.size(3);
+  a.x_sb = x.stride(0);
+  a.x_sh = x.stride(1);
+  a.x_sn = x.stride(2);
+  if (out.present()) {
+    a.out = out.data;
+    a.o_sb = out.stride(0);
+    a.o_sh = out.stride(1);
+    a.o_sn = out.stride(2);
+  }
+  a.gh = gh;
+  a.gw = rc.size(0);
+  a.pc = rc.size(1);
+  a.rc = static_cast<const float*>(rc.data);
+  a.lc = static_cast<const float*>(lc.data);
+  a.u = static_cast<const float*>(u.data);
+  a.rd = u.size(2);
+  a.u_sb = u.size(0) == 1 ? 0 : u.size(1) * a.rd;
+  a.cinv = static_cast<const float*>(cinv.data);
+  return a;
+}
+
 }  // namespace kvfix::kernels

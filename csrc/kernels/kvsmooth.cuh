@@ -413,4 +413,47 @@ cudaError_t kvsmooth_launch(const KvsmoothArgs& a, cudaStream_t stream) {
   return kvs_detail::launch_shape<T, 32, 4>(a, stream);
 }
 
+// Host-side argument packing (view.h), shared by csrc/cuda/kvsmooth.cu and the emulator's shim:
+// q [B, Hq, 1, D], k [B, Hkv, T, D], the mask's view, the logit scale and the position splits
+// (kvsmooth_splits). row_entropy then sets `entropy`; a step adds kvsmooth_pack_step. `work` is
+// the caller's (kvsmooth_workspace_floats).
+inline KvsmoothArgs kvsmooth_pack(const View& q, const View& k, const MaskView& m, float scale, int64_t splits) {
+  KvsmoothArgs a{};
+  a.q = q.data;
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.k = k.data;
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_st = k.stride(2);
+  a.mask = m.data;
+  a.mask_kind = m.kind;
+  a.m_sb = m.sb;
+  a.m_st = m.st;
+  a.B = q.size(0);
+  a.Hq = q.size(1);
+  a.D = q.size(3);
+  a.Hkv = k.size(1);
+  a.T = k.size(2);
+  a.scale = scale;
+  a.splits = splits;
+  return a;
+}
+
+// The step's arguments: v like k, queue float32 [B, M] (in/out), lam float32 [B] (out), lam_ref -/+ band.
+inline void kvsmooth_pack_step(KvsmoothArgs& a, const View& v, const View& queue, float* lam, float lam_lo,
+                               float lam_hi) {
+  a.v = v.data;
+  a.v_sb = v.stride(0);
+  a.v_sh = v.stride(1);
+  a.v_st = v.stride(2);
+  a.queue = static_cast<float*>(queue.data);
+  a.qu_sb = queue.stride(0);
+  a.qu_sm = queue.stride(1);
+  a.M = queue.size(1);
+  a.lam = lam;
+  a.lam_lo = lam_lo;
+  a.lam_hi = lam_hi;
+}
+
 }  // namespace kvfix::kernels

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "view.h"
+
 namespace kvfix::kernels {
 
 // Num<T>::to_f / from_f (round to nearest); bits_to_f reads a 16-bit element from its raw bits.
@@ -35,5 +37,18 @@ struct Num<__nv_bfloat16> {
     return __uint_as_float(static_cast<uint32_t>(bits) << 16);  // bf16 is the top half of a float
   }
 };
+
+// Runs f(T{}) with T the element type of a float dtype (float, __half, __nv_bfloat16) and returns
+// its cudaError_t; cudaErrorInvalidValue for any other dtype. The one dtype dispatch of the CUDA
+// launchers, shared by csrc/cuda/*.cu and the emulator's shims.
+template <class F>
+cudaError_t dispatch_float(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: return f(float{});
+    case DType::kF16: return f(__half{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace kvfix::kernels

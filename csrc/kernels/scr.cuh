@@ -365,4 +365,63 @@ cudaError_t scr_redistribute_launch(const ScrRedistributeArgs& a, cudaStream_t s
   return cudaGetLastError();
 }
 
+// Host-side argument packing (view.h), shared by csrc/cuda/scr.cu and the emulator's shim.
+// scr_scores: q [B, Hq, Tq, D], k [B, Hkv, T, D], the mask's view, scores float32 [B, N] (out),
+// the image start and scale; `work` is the caller's (scr_scores_workspace_floats).
+inline ScrScoresArgs scr_scores_pack(const View& q, const View& k, const MaskView& m, const View& scores,
+                                     int64_t start, float scale, bool causal) {
+  ScrScoresArgs a{};
+  a.q = q.data;
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_si = q.stride(2);
+  a.k = k.data;
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_st = k.stride(2);
+  a.mask = m.data;
+  a.mask_kind = m.kind;
+  a.m_sb = m.sb;
+  a.m_sh = m.sh;
+  a.m_si = m.si;
+  a.m_st = m.st;
+  a.scores = static_cast<float*>(scores.data);
+  a.B = q.size(0);
+  a.Hq = q.size(1);
+  a.Tq = q.size(2);
+  a.D = q.size(3);
+  a.Hkv = k.size(1);
+  a.T = k.size(2);
+  a.start = start;
+  a.N = scores.size(1);
+  a.scale = scale;
+  a.causal = causal;
+  return a;
+}
+
+// scr_redistribute: hidden [B, N, C], out [B, N, C] (hidden itself in place), scores float32 [B, N];
+// `flags` ([B, N] bytes) is the caller's.
+inline ScrRedistributeArgs scr_redistribute_pack(const View& hidden, const View& out, const View& scores, int64_t gh,
+                                                 int64_t gw, int64_t top_k, float lam, bool exclude_border,
+                                                 bool in_place) {
+  ScrRedistributeArgs a{};
+  a.hidden = hidden.data;
+  a.h_sb = hidden.stride(0);
+  a.h_sn = hidden.stride(1);
+  a.out = out.data;
+  a.o_sb = out.stride(0);
+  a.o_sn = out.stride(1);
+  a.scores = static_cast<const float*>(scores.data);
+  a.B = hidden.size(0);
+  a.N = hidden.size(1);
+  a.C = hidden.size(2);
+  a.gh = gh;
+  a.gw = gw;
+  a.top_k = top_k;
+  a.lam = lam;
+  a.exclude_border = exclude_border;
+  a.in_place = in_place;
+  return a;
+}
+
 }  // namespace kvfix::kernels

@@ -14,8 +14,9 @@
 //     return kvfix::kernels::foo_launch(a, nullptr);
 //   }
 //
-// For a kernel templated on the element type, KVEMU_DISPATCH_FLOAT(args.dtype(0), T, { ... })
-// runs the block with T = float, __half or __nv_bfloat16.
+// kvfix's shims (tests/emu/shims) hand their arguments to the kernels' own packing functions
+// through tests/emu/shims/views.h, and pick the element type with kvfix::kernels::dispatch_float,
+// exactly as csrc/cuda/*.cu do.
 #pragma once
 
 #include <kvemu/emu.h>
@@ -146,17 +147,6 @@ int invoke(const char* name, F&& f, const kvemu_arg* a, int n) {
     return ::kvemu::shim::invoke(#name, kvemu_impl_##name, a, n);                                \
   }                                                                                              \
   static cudaError_t kvemu_impl_##name(const ::kvemu::shim::Args& args_name)
-
-// Runs BODY with the C++ element type T matching a float32 / float16 / bfloat16 dtype code.
-#define KVEMU_DISPATCH_FLOAT(dtype, T, ...)                                                     \
-  [&]() -> cudaError_t {                                                                        \
-    switch (dtype) {                                                                            \
-      case ::kvemu::shim::kF32: { using T = float; __VA_ARGS__ }                                \
-      case ::kvemu::shim::kF16: { using T = __half; __VA_ARGS__ }                               \
-      case ::kvemu::shim::kBF16: { using T = __nv_bfloat16; __VA_ARGS__ }                       \
-      default: throw ::kvemu::shim::ArgError("unsupported dtype code " + std::to_string(dtype)); \
-    }                                                                                           \
-  }()
 
 // Module-wide exports (defined once per module: a module is one shim translation unit).
 KVEMU_EXPORT const char* kvemu_last_error() { return ::kvemu::shim::error_text().c_str(); }
