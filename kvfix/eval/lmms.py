@@ -20,9 +20,10 @@ Model arguments (`--model_args key=value,...`):
 - depth_model / depth_cache: DSCR's depth maps, as `run --depth-model / --depth-cache`
   ("uniform": no depth cue; the cache defaults to $XDG_CACHE_HOME/kvfix/depth).
 - dtype (auto, float32, float16, bfloat16), device (default cuda when there is one, else cpu;
-  lmms-eval's --device), batch_size (lmms-eval's --batch_size; a number), chat_template (true:
-  the processor's chat template wraps the images and the task's text; false: one image token
-  per image, a newline, then the text).
+  lmms-eval's --device), batch_size (lmms-eval's --batch_size; a number; max_batch_size, which
+  lmms-eval always passes, is accepted and unused), chat_template (true: the processor's chat
+  template wraps the images and the task's text; false: one image token per image, a newline,
+  then the text).
 
 Requests: `generate_until` takes lmms-eval's simple-model arguments (context, generation
 kwargs, doc_to_visual, doc_id, task, split); the images are `doc_to_visual(doc)` of the task's
@@ -106,8 +107,7 @@ class KvfixLMMS(lmms):
 
     def __init__(self, pretrained: str, methods="", depth_model: str | None = None,
                  depth_cache: str | None = None, dtype: str = "auto", device: str | None = None,
-                 batch_size=1, max_batch_size=None, chat_template=True, model=None, processor=None,
-                 **kwargs) -> None:
+                 batch_size=1, max_batch_size=None, chat_template=True, **kwargs) -> None:
         super().__init__()
         if kwargs:
             raise ValueError(f"kvfix: unknown model_args {sorted(kwargs)}")
@@ -129,10 +129,7 @@ class KvfixLMMS(lmms):
             self._device = self.accelerator.device
         else:
             self._device = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if model is None:
-            model, processor = run_mod.load_model(self.pretrained, dtype=str(dtype), device=str(self._device))
-        else:
-            model = model.to(self._device).eval()
+        model, processor = run_mod.load_model(self.pretrained, dtype=str(dtype), device=str(self._device))
         self._model = model
         self.processor = run_mod._prepare_processor(processor)
         self.methods = run_mod.build_methods(self.method_specs)

@@ -24,6 +24,11 @@ r, r + W, ...; each rank appends to predictions.rank{r}.jsonl; rank 0 merges eve
 predictions.jsonl in item order, removes the shards, and scores once. Resuming reads every
 prediction file present, so it works per shard and across a change of world size.
 
+Data: `--data` is a benchmark's local copy in its official layout (kvfix.eval.data) or, for
+POPE / MME / AMBER, a hub dataset `hub:NAME[:CONFIG][@SPLIT]` (kvfix.eval.hub; its images are
+written to `--images`, default <out>/images; AMBER's scoring files then come from
+`--amber-data`).
+
 Methods: `--method NAME[:key=value,...]` (dscr, kvsmooth, scr, cmac; values are Python
 literals) builds kvfix.hf.DSCR / KVSmooth / SCR / CMAC with those keyword arguments; several
 stack in the given order. DSCR's depth maps come from `--depth-model` (a transformers
