@@ -138,8 +138,8 @@ def load_items(task: str, data: str, *, images: str | None = None, image_set: st
         items = load_hub_items(task, data, images)
         if task == "amber":
             if split != "all":
-                from .scoring import load_amber
-                ann = load_amber(amber_data)["annotations"]
+                from .scoring import load_amber as load_amber_files
+                ann = load_amber_files(amber_data)["annotations"]
                 missing = [it["id"] for it in items if it["id"] not in ann]
                 if missing:
                     raise ValueError(f"AMBER: {len(missing)} hub ids not in {amber_data}'s annotations "
