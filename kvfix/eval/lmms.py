@@ -34,8 +34,9 @@ cut before the first one found). `loglikelihood` and `generate_until_multi_round
 NotImplementedError: kvfix's methods act on generation (the prefill and the decoding loop,
 which CMAC replaces), so a likelihood of a fixed continuation is not what they define.
 
-Under `accelerate launch` (several processes) each process takes cuda:LOCAL_RANK and lmms-eval
-shards the requests by `rank` / `world_size`.
+Several processes (torchrun / accelerate launch, WORLD_SIZE > 1): the model creates an
+accelerate `Accelerator`, runs on its device (cuda:LOCAL_RANK; the CPU without GPUs) and reports
+its `rank` / `world_size`, by which lmms-eval shards the requests and merges the results.
 """
 from __future__ import annotations
 
