@@ -94,7 +94,8 @@ def test_mme_rows_match_the_local_layout(tmp_path):
                       "image": {"bytes": img, "path": name}} for q, a in qa]
     from_hub = hub.hub_items("mme", rows, str(tmp_path / "img"))
     from_disk = data_mod.load_items("mme", str(local))
-    strip = lambda its: sorted((dict(it, image=None) for it in its), key=lambda it: it["id"])  # noqa: E731
+    def strip(its):
+        return sorted((dict(it, image=None) for it in its), key=lambda it: it["id"])
     assert strip(from_hub) == strip(from_disk)
     assert from_hub[0]["id"] == "existence/000000000001.jpg/0" and from_hub[1]["id"] == "existence/000000000001.jpg/1"
     answers = ["Yes", "No", "Yes", "Yes", "No", "No"]  # image 1 right twice, image 2 once, image 3 once

@@ -95,8 +95,8 @@ def _instances(docs, task="pope_t", split="test", gens=None):
 @pytest.mark.parametrize("methods", [["dscr", "kvsmooth:lam_ref=0.9"], ["cmac", "scr:top_k=2"]],
                          ids=["dscr+kvsmooth", "cmac+scr"])
 def test_generate_until_equals_the_methods_enabled_by_hand(model_dir, methods):
-    from kvfix.eval.lmms import KvfixLMMS
     import kvfix.hf
+    from kvfix.eval.lmms import KvfixLMMS
     lm = KvfixLMMS.create_from_arg_string(f'pretrained={model_dir},methods="{";".join(methods)}",depth_model=uniform',
                                           {"batch_size": 2, "device": "cpu", "max_batch_size": None})
     assert lm.method_specs == methods and lm.batch_size == 2 and lm.device == torch.device("cpu")

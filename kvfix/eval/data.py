@@ -136,15 +136,14 @@ def load_items(task: str, data: str, *, images: str | None = None, image_set: st
             raise ValueError("AMBER from the hub needs --amber-data (AMBER's data folder: annotations.json, "
                              "relation.json, safe_words.txt)")
         items = load_hub_items(task, data, images)
-        if task == "amber":
-            if split != "all":
-                from .scoring import load_amber as load_amber_files
-                ann = load_amber_files(amber_data)["annotations"]
-                missing = [it["id"] for it in items if it["id"] not in ann]
-                if missing:
-                    raise ValueError(f"AMBER: {len(missing)} hub ids not in {amber_data}'s annotations "
-                                     f"({missing[0]!r}, ...)")
-                items = [it for it in items if (ann[it["id"]]["type"] == "generative") == (split == "generative")]
+        if task == "amber" and split != "all":
+            from .scoring import load_amber as load_amber_files
+            ann = load_amber_files(amber_data)["annotations"]
+            missing = [it["id"] for it in items if it["id"] not in ann]
+            if missing:
+                raise ValueError(f"AMBER: {len(missing)} hub ids not in {amber_data}'s annotations "
+                                 f"({missing[0]!r}, ...)")
+            items = [it for it in items if (ann[it["id"]]["type"] == "generative") == (split == "generative")]
         return items
     if task == "pope":
         if images is None:
