@@ -7,7 +7,10 @@
 
 `kvfix.eval.scoring` scores predictions from any source against the benchmarks' own files
 (docs/EVAL_SCORING.md). run.py (generation, resume, sharding), data.py (the official layouts),
-protocols.py (presets per paper) and compare.py (table, plot, examples.html): docs/EVAL.md.
+hub.py (`--data hub:...`, hub datasets through `datasets`), protocols.py (presets per paper),
+compare.py (table, plot, examples.html) and lmms.py (kvfix as an lmms-eval model, registered
+through the `lmms_eval.models` entry point; imported only where lmms-eval is installed):
+docs/EVAL.md.
 """
 from .protocols import PRESETS, Protocol, get_preset
 

@@ -22,6 +22,8 @@ Layouts:
 - AMBER: the repository's folder: data/query/query_all.json (or query_generative.json /
   query_discriminative.json: [{"id", "image", "query"}]), data/annotations.json,
   data/relation.json, data/safe_words.txt (read by the scorer) and image/ (AMBER_*.jpg).
+- A hub dataset, `hub:NAME[:CONFIG][@SPLIT]` (POPE, MME, AMBER): kvfix.eval.hub; `images` is
+  then the folder its images are written to.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import json
 import os
 import random
 import re
+
+from .hub import is_hub, load_hub_items
 
 __all__ = ["ANSWER_FIELD", "load_items", "load_pope", "load_chair", "load_mme", "load_amber", "scoring_data"]
 
@@ -120,9 +124,27 @@ def load_amber(amber_dir: str, split: str = "all") -> list[dict]:
 
 
 def load_items(task: str, data: str, *, images: str | None = None, image_set: str = "all",
-               image_seed: int = 0, split: str = "all") -> list[dict]:
+               image_seed: int = 0, split: str = "all", amber_data: str | None = None) -> list[dict]:
     """The items of `task` from `data` (POPE: the question file, with `images`; CHAIR: the COCO
-    folder; MME: its folder; AMBER: its folder); image paths absolute."""
+    folder; MME: its folder; AMBER: its folder; a hub dataset "hub:...", with `images` the folder
+    its images are written to and, for AMBER, `amber_data` AMBER's data folder, whose
+    annotations pick the `split`); image paths absolute."""
+    if is_hub(data):
+        if images is None:
+            raise ValueError("--data hub:... needs a folder to write the images to (--images)")
+        if task == "amber" and amber_data is None:
+            raise ValueError("AMBER from the hub needs --amber-data (AMBER's data folder: annotations.json, "
+                             "relation.json, safe_words.txt)")
+        items = load_hub_items(task, data, images)
+        if task == "amber" and split != "all":
+            from .scoring import load_amber as load_amber_files
+            ann = load_amber_files(amber_data)["annotations"]
+            missing = [it["id"] for it in items if it["id"] not in ann]
+            if missing:
+                raise ValueError(f"AMBER: {len(missing)} hub ids not in {amber_data}'s annotations "
+                                 f"({missing[0]!r}, ...)")
+            items = [it for it in items if (ann[it["id"]]["type"] == "generative") == (split == "generative")]
+        return items
     if task == "pope":
         if images is None:
             raise ValueError("POPE needs --images (the COCO val2014 folder)")
@@ -144,10 +166,11 @@ def load_items(task: str, data: str, *, images: str | None = None, image_set: st
 ANSWER_FIELD = {"pope": "text", "chair": "caption", "mme": "text", "amber": "response"}
 
 
-def scoring_data(task: str, data: str, items: list[dict]) -> dict:
-    """The `data=` argument of kvfix.eval.scoring.score_task for `task`."""
+def scoring_data(task: str, data: str, items: list[dict], amber_data: str | None = None) -> dict:
+    """The `data=` argument of kvfix.eval.scoring.score_task for `task` (AMBER: `amber_data`
+    when given, else the `data` folder)."""
     if task in ("pope", "mme"):
         return {"questions": items}
     if task == "chair":
         return {"coco_dir": data}
-    return {"amber_dir": data}
+    return {"amber_dir": amber_data or data}

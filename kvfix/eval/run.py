@@ -24,6 +24,11 @@ r, r + W, ...; each rank appends to predictions.rank{r}.jsonl; rank 0 merges eve
 predictions.jsonl in item order, removes the shards, and scores once. Resuming reads every
 prediction file present, so it works per shard and across a change of world size.
 
+Data: `--data` is a benchmark's local copy in its official layout (kvfix.eval.data) or, for
+POPE / MME / AMBER, a hub dataset `hub:NAME[:CONFIG][@SPLIT]` (kvfix.eval.hub; its images are
+written to `--images`, default <out>/images; AMBER's scoring files then come from
+`--amber-data`).
+
 Methods: `--method NAME[:key=value,...]` (dscr, kvsmooth, scr, cmac; values are Python
 literals) builds kvfix.hf.DSCR / KVSmooth / SCR / CMAC with those keyword arguments; several
 stack in the given order. DSCR's depth maps come from `--depth-model` (a transformers
@@ -236,9 +241,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="python -m kvfix.eval run", description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model", required=True, help="hub name or local folder (model + processor)")
-    p.add_argument("--data", required=True, help="POPE: question file; CHAIR: COCO folder; MME / AMBER: folder")
-    p.add_argument("--images", help="POPE: the image folder the question file's names are relative to")
+    p.add_argument("--data", required=True, help="POPE: question file; CHAIR: COCO folder; MME / AMBER: folder; "
+                   "POPE / MME / AMBER: a hub dataset hub:NAME[:CONFIG][@SPLIT] (kvfix.eval.hub)")
+    p.add_argument("--images", help="POPE: the image folder the question file's names are relative to; "
+                   "hub:...: the folder its images are written to (default <out>/images)")
     p.add_argument("--amber-split", default="all", choices=("all", "generative", "discriminative"))
+    p.add_argument("--amber-data", help="AMBER from the hub: AMBER's data folder (annotations.json, "
+                   "relation.json, safe_words.txt), for scoring")
     p.add_argument("--out", required=True, help="run folder (created; a rerun resumes)")
     p.add_argument("--preset", help=f"protocol (default plain-TASK); one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -257,9 +266,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def _data_record(args) -> dict:
+    """--data (a hub spec as given, a path made absolute), --images and --amber-data."""
+    return {"data": args.data if data_mod.is_hub(args.data) else os.path.abspath(args.data),
+            "images": os.path.abspath(args.images) if args.images else None,
+            **({"amber_data": os.path.abspath(args.amber_data)} if args.amber_data else {})}
+
+
 def _identity(args, protocol: Protocol, preset: str, overrides: dict, methods: list[str]) -> dict:
-    return {"task": args.task, "model": args.model, "data": os.path.abspath(args.data),
-            "images": os.path.abspath(args.images) if args.images else None, "preset": preset,
+    return {"task": args.task, "model": args.model, **_data_record(args), "preset": preset,
             "overrides": overrides, "protocol": protocol.to_dict(), "methods": methods,
             "depth_model": args.depth_model}
 
@@ -300,8 +315,11 @@ def _run(args, model, processor, world, rank, local_rank):
         parse_method(spec)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    items = data_mod.load_items(args.task, args.data, images=args.images, image_set=protocol.image_set,
-                                image_seed=protocol.image_seed, split=args.amber_split)
+    images = args.images
+    if images is None and data_mod.is_hub(args.data):
+        images = os.path.join(args.out, "images")
+    items = data_mod.load_items(args.task, args.data, images=images, image_set=protocol.image_set,
+                                image_seed=protocol.image_seed, split=args.amber_split, amber_data=args.amber_data)
     if args.limit is not None:
         items = items[:args.limit]
     ids = [str(it["id"]) for it in items]
@@ -455,7 +473,7 @@ def _merge(out: str, items: list[dict], seeds) -> list[dict]:
 def _score(args, items, records, protocol, preset, overrides, method_specs, timings, world, device, wall):
     from .compare import flatten_metrics
     from .scoring import score_task
-    sdata = data_mod.scoring_data(args.task, args.data, items)
+    sdata = data_mod.scoring_data(args.task, args.data, items, amber_data=args.amber_data)
     per_seed = []
     for s in protocol.seeds:
         preds = [r for r in records if int(r["seed"]) == s]
@@ -478,8 +496,7 @@ def _score(args, items, records, protocol, preset, overrides, method_specs, timi
         "metrics": summary, "seed_spread": spread, "per_seed": per_seed,
         "protocol": {"preset": preset, "overrides": overrides, **protocol.to_dict()},
         "methods": method_specs, "depth_model": args.depth_model, "batch_size": args.batch_size,
-        "data": {"data": os.path.abspath(args.data), "images": os.path.abspath(args.images) if args.images else None,
-                 **({"coco_dir": os.path.abspath(args.data)} if args.task == "chair" else {})},
+        "data": {**_data_record(args), **({"coco_dir": os.path.abspath(args.data)} if args.task == "chair" else {})},
         "environment": {**environment(device), "world_size": world},
         "timing": {"per_rank": timings, "generate_s": gen, "depth_s": dep, "loop_s": loop,
                    "harness_overhead": (loop - gen - dep) / gen if gen > 0 else None, "wall_s": wall},
