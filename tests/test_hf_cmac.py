@@ -90,7 +90,7 @@ def _positions(model, family, inputs, n_new):
     B, T = mask.shape
     full = torch.cat([mask, torch.ones(B, n_new, dtype=mask.dtype)], dim=1)
     text = (full.long().cumsum(-1) - 1).clamp(min=0)
-    if family.startswith("llava"):
+    if not family.startswith("qwen"):  # 1-D RoPE: positions count the real tokens
         return text[None]
     pos3, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                               image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)

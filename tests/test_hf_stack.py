@@ -104,14 +104,21 @@ def make_prompt(model, family, items, seed):
 _S = {}  # what the reference attention and the SCR hooks read
 
 
+def _causal(mask):
+    """A mask with a row per query is the model's whole mask (causality and its exceptions:
+    Gemma 3's bidirectional image blocks); without one, attention is causal."""
+    return mask is None or mask.shape[-2] == 1
+
+
 def _plain_attention(query, key, value, mask, scale):
     g = query.shape[1] // key.shape[1]
     k = key.double().repeat_interleave(g, 1)
     v = value.double().repeat_interleave(g, 1)
     Tq, T = query.shape[2], key.shape[2]
     logits = query.double() @ k.transpose(-1, -2) * scale
-    causal = torch.arange(T)[None] <= torch.arange(T - Tq, T)[:, None]
-    logits = logits.masked_fill(~causal, float("-inf"))
+    if _causal(mask):
+        causal = torch.arange(T)[None] <= torch.arange(T - Tq, T)[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
     p = torch.softmax(logits, -1).nan_to_num(0.0)  # a padded query sees no key: zeros, not NaN
@@ -123,9 +130,9 @@ def _ref_attention(module, query, key, value, attention_mask, scaling=None, drop
     mask = None if attention_mask is None else attention_mask[..., :T]
     if _S["cmac"]:
         s, e = _S["span"]
-        k_cal = _calibrated_keys(key, s, e, _S["positions"], _S["inv_freq"], GAMMA, _S["mrope_section"])
+        k_cal = _calibrated_keys(key, s, e, _S["positions"], _S["inv_freq"][layer], GAMMA, _S["mrope_section"])
         out = R.cmac_attention(query, key, value, torch.tensor([[s, e]]), k_calibrated=k_cal, scale=scaling,
-                               mask=mask, causal=True, imd=_S["imd"], value_mean="scalar")
+                               mask=mask, causal=_causal(mask), imd=_S["imd"], value_mean="scalar")
     else:
         out = _plain_attention(query, key, value, mask, scaling)
     if _S["kvsmooth"] and query.shape[2] == 1 and layer in KS_LAYERS:  # a decoding step: smooth K[T-1]
@@ -158,9 +165,20 @@ def _scr_hook(module, args, kwargs):
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None):
+def layer_inv_freq(text, cfg, layer):
+    """The RoPE frequencies of one text layer: the rotary embedding's, or those of the layer's
+    type where each type has its own (Gemma 3)."""
+    rotary = text.rotary_emb
+    if hasattr(rotary, "inv_freq"):
+        return rotary.inv_freq.float()
+    return getattr(rotary, f"{cfg.layer_types[layer]}_inv_freq").float()
+
+
+def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None, prefill_mask=None):
     """The composed reference: new tokens [B, N_NEW] and each step's (contrasted) logits [B, V].
-    sample: None (greedy) or (seed, temperature)."""
+    sample: None (greedy) or (seed, temperature). prefill_mask(b, a, c): the text model's attention
+    mask for item b's prompt rows [a, c) (default: its 2-D padding mask, the text model makes it
+    causal)."""
     use = {m: m in methods for m in METHODS}
     cfg = model.config.get_text_config(decoder=True)
     section = (cfg.rope_parameters or {}).get("mrope_section")
@@ -172,7 +190,8 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
     mask = inputs["attention_mask"]
     branches = (False, True) if use["cmac"] else (False,)
     states = {(b, br): {"cache": DynamicCache(config=model.config), "queues": {}} for b in range(B) for br in branches}
-    _S.update(inv_freq=text.rotary_emb.inv_freq.float(), mrope_section=None if section is None else tuple(section),
+    _S.update(inv_freq=[layer_inv_freq(text, cfg, i) for i in range(len(text.layers))],
+              mrope_section=None if section is None else tuple(section),
               cmac=use["cmac"], kvsmooth=use["kvsmooth"], scr=None)
     base = cfg._attn_implementation
     model.set_attn_implementation({"text_config": "kvfix_test_stack_ref"})
@@ -196,7 +215,8 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
                         def forward(x, a, c):
                             _S["offset"] = a
                             p = pos[..., a:c] if family == "qwen" else pos[0, :, a:c]
-                            h = text(inputs_embeds=x, position_ids=p, attention_mask=m[:, :c],
+                            am = prefill_mask(b, a, c) if (prefill_mask is not None and step == 0) else m[:, :c]
+                            h = text(inputs_embeds=x, position_ids=p, attention_mask=am,
                                      past_key_values=st["cache"], use_cache=True)
                             return head(h.last_hidden_state[:, -1])[0].float()
 
@@ -242,7 +262,7 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
 # kvfix.hf
 
 def build(methods, fork, beta, order):
-    made = {"dscr": lambda: kvfix.hf.DSCR(), "kvsmooth": lambda: kvfix.hf.KVSmooth(layers=KS_LAYERS),
+    made = {"dscr": lambda: kvfix.hf.DSCR(), "kvsmooth": lambda: kvfix.hf.KVSmooth(layers=KS_LAYERS, lam_ref=0.9),
             "scr": lambda: kvfix.hf.SCR(**SCR_KW),
             "cmac": lambda: kvfix.hf.CMAC(alpha=ALPHA, beta=beta, gamma=GAMMA, fork_prefill=fork)}
     return [made[m]() for m in (methods if order == 1 else methods[::-1])]
@@ -282,20 +302,23 @@ def settings(methods):
     return (True, False) if "cmac" in methods else (True,)  # CMAC's fork_prefill
 
 
-def check_subset(model, family, methods, *, order=1, seed=0):
+def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt, prefill_mask=None):
+    """prefill_mask(inputs) -> the reference's prefill_mask for that prompt (see ref_generate)."""
+    pm = (lambda inputs: None) if prefill_mask is None else prefill_mask
     # greedy, batch 2 left padded, image ends 5 apart: CMAC's forked prefill cuts item 0's image
-    inputs, spans = make_prompt(model, family, [(3, 3), (2, 8)], seed)
+    inputs, spans = prompt(model, family, [(3, 3), (2, 8)], seed)
     assert (inputs["attention_mask"] == 0).any()
     maps = depth_maps(len(spans), seed=seed)
-    ref = ref_generate(model, family, inputs, spans, methods, maps=maps)
+    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, prefill_mask=pm(inputs))
     for fork in settings(methods):
         check(run(model, inputs, methods, maps, fork=fork, order=order), ref, inputs)
     # seeded sampling, one item whose question (45 tokens) is longer than the prompt up to the image end
-    inputs, spans = make_prompt(model, family, [(3, 45)], seed + 1)
+    inputs, spans = prompt(model, family, [(3, 45)], seed + 1)
     end = spans[0][1] + spans[0][2] * spans[0][3]
     assert inputs["input_ids"].shape[1] - end > end
     maps = depth_maps(1, seed=seed + 1)
-    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5))
+    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5),
+                       prefill_mask=pm(inputs))
     for fork in settings(methods):
         check(run(model, inputs, methods, maps, fork=fork, beta=0.05, sample=(seed + 7, 1.5), order=order),
               ref, inputs)

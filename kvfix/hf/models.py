@@ -25,6 +25,7 @@ docs/ADAPTERS.md shows how to add a family without touching kvfix.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -392,5 +393,95 @@ class QwenVLAdapter(ModelAdapter):
         return grid_list(grid, self.merge, where)
 
 
+class Gemma3Adapter(ModelAdapter):
+    """Gemma 3: each image is `mm_tokens_per_image` tokens (between begin / end-of-image markers),
+    the vision tower's patch grid average-pooled to a square grid of sqrt(mm_tokens_per_image)
+    per side. The model's mask lets an image's tokens attend to each other both ways (prefill);
+    the methods keep the mask the model hands to the attention (CMAC's attention included). The
+    layers' RoPE differs per layer type (sliding / full attention): `rope_frequencies(layer)`."""
+    family = "gemma3"
+
+    def __init__(self, model):
+        super().__init__(model)
+        n = int(self.config.mm_tokens_per_image)
+        self.side = math.isqrt(n)
+        if self.side * self.side != n:
+            raise ValueError(f"Gemma 3: mm_tokens_per_image {n} is not a square grid")
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            raise ValueError("image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; Gemma 3's grid comes from "
+                             "mm_tokens_per_image")
+        layout = Layout.single(self.side, self.side)
+        if n_tokens % layout.tokens:
+            raise ValueError(f"Gemma 3: {n_tokens} image tokens are not a multiple of {layout.tokens} per image")
+        return [layout] * (n_tokens // layout.tokens)
+
+
+class InstructBlipAdapter(ModelAdapter):
+    """InstructBLIP (decoder-only language model): each image is `num_query_tokens` Q-Former
+    query outputs, with no spatial layout: DSCR and SCR refuse the model, KVSmooth and CMAC run.
+
+    The model's `generate` embeds the prompt (image placeholders included) with the language
+    model's input embeddings, writes the query outputs into the placeholders and calls its
+    language model's `generate` with the embeddings only: the language model is the step module,
+    and a forward hook on the input embeddings keeps the latest token ids that hold placeholders,
+    which give the image positions of the next prefill of the same shape.
+    """
+    family = "instructblip"
+    kvsmooth_preset = "instructblip"
+    grid_support = False
+    grid_refusal = ("InstructBLIP's image is a set of Q-Former query tokens with no patch grid "
+                    "(KVSmooth and CMAC support it)")
+
+    def __init__(self, model):
+        super().__init__(model)
+        if not getattr(self.config, "use_decoder_only_language_model", True):
+            raise TypeError("kvfix.hf supports InstructBLIP with a decoder-only language model (Vicuna), not "
+                            "an encoder-decoder one (Flan-T5)")
+        self.queries = int(self.config.num_query_tokens)
+        self._ids = None  # the latest embedded token ids holding image placeholders
+
+    def step_module(self):
+        return self.model.language_model
+
+    def hooks(self, handle):
+        def remember(module, args, kwargs, output):
+            ids = args[0] if args else kwargs.get("input")
+            if isinstance(ids, torch.Tensor) and ids.dim() == 2 and bool((ids == self.image_token_id).any()):
+                self._ids = ids.detach()
+        return [_compat.input_embeddings(self.model).register_forward_hook(remember, with_kwargs=True)]
+
+    def _pending(self, inputs):
+        ids = _compat.step_inputs(inputs)[0]
+        if ids is not None:
+            return ids
+        embeds = _compat.step_inputs(inputs)[1]
+        if self._ids is not None and embeds is not None and tuple(self._ids.shape) == tuple(embeds.shape[:2]):
+            return self._ids
+        return None
+
+    def carries_images(self, inputs):
+        ids = self._pending(inputs)
+        return ids is not None and _compat.cache_length(_compat.step_inputs(inputs)[2]) == 0 and \
+            bool((ids == self.image_token_id).any())
+
+    def placeholder_ids(self, inputs):
+        ids = self._pending(inputs)
+        self._ids = None  # used once: a later forward of the same shape is not this prompt
+        return ids
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            raise ValueError("image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; InstructBLIP's images are "
+                             "query tokens")
+        if n_tokens % self.queries:
+            raise ValueError(f"InstructBLIP: {n_tokens} image tokens are not a multiple of the {self.queries} query "
+                             "tokens per image")
+        return [Layout(self.queries)] * (n_tokens // self.queries)
+
+
 register_adapter(LlavaAdapter, "llava")
 register_adapter(QwenVLAdapter, "qwen2_vl", "qwen2_5_vl")
+register_adapter(InstructBlipAdapter, "instructblip")
+register_adapter(Gemma3Adapter, "gemma3")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_qwen2_vl", "llava_prompt", "qwen_prompt", "IMAGE_TOKEN", "PAD"]
+__all__ = ["tiny_llava", "tiny_qwen2_vl", "tiny_instructblip", "tiny_gemma3", "llava_prompt", "qwen_prompt",
+           "instructblip_prompt", "gemma3_prompt", "IMAGE_TOKEN", "PAD"]
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
@@ -22,8 +23,10 @@ _VOCAB = 128
 
 def _finish(model):
     model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
+    for m in (model, getattr(model, "language_model", None)):  # InstructBLIP generates with its language model
+        if getattr(m, "generation_config", None) is not None:
+            m.generation_config.eos_token_id = None
+            m.generation_config.pad_token_id = PAD
     return model
 
 
@@ -70,6 +73,49 @@ def tiny_qwen2_vl(*, num_layers: int = 4, seed: int = 0, version: str = "2", hid
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(cfg)
+    return _finish(model)
+
+
+def tiny_instructblip(*, num_layers: int = 4, seed: int = 0, queries: int = 4, hidden: int = 32, heads: int = 4,
+                      kv_heads: int = 2):
+    """InstructBlipForConditionalGeneration: BLIP vision (16 x 16 images, 2 x 2 patches), a one-layer
+    Q-Former with `queries` query tokens, Llama text model (1-D RoPE)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
+    from transformers.models.instructblip.configuration_instructblip import (InstructBlipQFormerConfig,
+                                                                              InstructBlipVisionConfig)
+    vc = InstructBlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=16, patch_size=8)
+    qc = InstructBlipQFormerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64, pad_token_id=PAD)
+    tc = LlamaConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                     pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cfg = InstructBlipConfig(vision_config=vc.to_dict(), qformer_config=qc.to_dict(), text_config=tc.to_dict(),
+                             num_query_tokens=queries, image_token_index=IMAGE_TOKEN)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InstructBlipForConditionalGeneration(cfg)
+    return _finish(model)
+
+
+def tiny_gemma3(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2):
+    """Gemma3ForConditionalGeneration: SigLIP vision (32 x 32 images, 4 x 4 patches: an 8 x 8 patch
+    grid, pooled to 4 x 4 = 16 tokens per image), Gemma 3 text model with 4 layers, sliding and
+    full attention alternating (each type its own RoPE base; the window, 512, wider than the
+    prompts), images between markers 102 / 103."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=32, patch_size=4)
+    tc = Gemma3TextConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                          query_pre_attn_scalar=hidden // heads, max_position_embeddings=512, sliding_window=512,
+                          layer_types=["sliding_attention", "full_attention"] * 2,
+                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cfg = Gemma3Config(text_config=tc.to_dict(), vision_config=vc.to_dict(), mm_tokens_per_image=16,
+                       image_token_index=IMAGE_TOKEN, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(cfg)
     return _finish(model)
 
 
@@ -132,3 +178,41 @@ def qwen_prompt(model, grids_per_item, *, seed: int = 0, text_len: int = 3):
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grid_thw,
               "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
     return inputs, spans
+
+
+def instructblip_prompt(model, items, *, seed: int = 0):
+    """Left-padded InstructBLIP batch, one image per item: items[b] = (text before, text after) the
+    image's query tokens. Returns (inputs dict, spans [(batch, start, 1, queries)]): the query
+    tokens as a 1 x queries row (they have no grid)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.config.num_query_tokens
+    rows, local = [], []
+    for b, (before, after) in enumerate(items):
+        r = [BOS] + _text(before, gen)
+        local.append((b, len(r), 1, n))
+        rows.append(r + [IMAGE_TOKEN] * n + _text(after, gen))
+    ids, mask, spans = _left_pad(rows, local)
+    vc = model.config.vision_config
+    pixel_values = torch.randn(len(items), 3, vc.image_size, vc.image_size, generator=gen)
+    qformer_ids = torch.randint(3, model.config.qformer_config.vocab_size, (len(items), 5), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "qformer_input_ids": qformer_ids}, spans
+
+
+def gemma3_prompt(model, items, *, seed: int = 0):
+    """Left-padded Gemma 3 batch, one image per item: items[b] = (text before, text after) the image
+    (its tokens between the begin / end-of-image markers). Returns (inputs dict, spans
+    [(batch, start, side, side)]); `token_type_ids` marks the image tokens (the model's
+    bidirectional image mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.config.mm_tokens_per_image
+    side = int(round(n ** 0.5))
+    rows, local = [], []
+    for b, (before, after) in enumerate(items):
+        r = [BOS] + _text(before, gen) + [VISION_START]
+        local.append((b, len(r), side, side))
+        rows.append(r + [IMAGE_TOKEN] * n + [VISION_END] + _text(after, gen))
+    ids, mask, spans = _left_pad(rows, local)
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(len(items), 3, size, size, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
+            "token_type_ids": (ids == IMAGE_TOKEN).long()}, spans
