@@ -150,16 +150,50 @@ AttentionInterface.register("kvfix_test_stack_ref", _ref_attention)
 AttentionMaskInterface.register("kvfix_test_stack_ref", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def image_of(span):
+    """(start, end, grids [(positions, gh, gw)]) of a prompt's image: `(batch, start, gh, gw)`, one
+    contiguous grid, or `(batch, start, end, grids)`."""
+    if isinstance(span[3], list):
+        return span[1], span[2], span[3]
+    _, s, gh, gw = span
+    return s, s + gh * gw, [(torch.arange(s, s + gh * gw), gh, gw)]
+
+
+def ref_grid_scores(model, inputs, spans, diag_layers):
+    """Per image, per grid: SCR's scores (`test_hf_scr.ref_scores` per grid: eager attention
+    probabilities of the text tokens after the image on the grid's tokens, summed over those
+    queries, mean over heads and layers)."""
+    if not any(isinstance(sp[3], list) for sp in spans):
+        return [[sc] for sc in ref_scores(model, inputs, spans, diag_layers)]
+    base = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(**inputs, output_attentions=True, use_cache=False).attentions
+    finally:
+        model.set_attn_implementation(base)
+    ids, pad = inputs["input_ids"], inputs["attention_mask"]
+    out = []
+    for sp in spans:
+        b, (s, e, grids) = sp[0], image_of(sp)
+        rows = [p for p in range(e, ids.shape[1]) if ids[b, p] != testing.IMAGE_TOKEN and pad[b, p]]
+        out.append([torch.stack([att[layer][b][:, rows][:, :, idx].double().sum(1).mean(0) for layer in diag_layers])
+                    .mean(0) if rows else None for idx, _, _ in grids])
+    return out
+
+
 def _scr_hook(module, args, kwargs):
     """SCR on the reference's prefill chunks: the image rows of the chunk that holds the image."""
     hidden = args[0] if args else kwargs["hidden_states"]
     if _S["scr"] is None or hidden.shape[1] == 1:
         return None
-    (s, e, gh, gw), scores, a = _S["scr"], _S["scr_scores"], _S["offset"]
+    (s, e, grids), scores, a = _S["scr"], _S["scr_scores"], _S["offset"]
     if not (a <= s and e <= a + hidden.shape[1]):
         return None
     hidden = hidden.clone()
-    hidden[0, s - a:e - a] = ref_redistribute(hidden[0, s - a:e - a], scores, gh, gw, exclude_border=True, **SCR_KW)
+    for (idx, gh, gw), sc in zip(grids, scores):  # each grid on its own
+        if sc is not None:
+            hidden[0, idx - a] = ref_redistribute(hidden[0, idx - a], sc, gh, gw, exclude_border=True, **SCR_KW)
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
@@ -185,7 +219,7 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
     B, T = inputs["input_ids"].shape
     emb, _ = text_model_inputs(model, inputs, 1)
     positions = _positions(model, family, inputs, N_NEW)                    # [S, B, T + N_NEW]
-    scores = ref_scores(model, inputs, spans, (0, 1)) if use["scr"] else None
+    scores = ref_grid_scores(model, inputs, spans, (0, 1)) if use["scr"] else None
     text, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
     mask = inputs["attention_mask"]
     branches = (False, True) if use["cmac"] else (False,)
@@ -204,8 +238,8 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
             for step in range(N_NEW):
                 step_logits = []
                 for b in range(B):
-                    (_, s, gh, gw), = [sp for sp in spans if sp[0] == b]
-                    e = s + gh * gw
+                    span, = [sp for sp in spans if sp[0] == b]
+                    s, e, grids = image_of(span)
                     pos = positions[:, b:b + 1]
                     out = []
                     for br in branches:
@@ -222,21 +256,22 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
 
                         if step == 0:  # the prefill: split at the image end for DSCR
                             m = mask[b:b + 1]
-                            _S["scr"] = (s, e, gh, gw) if use["scr"] else None
-                            _S["scr_scores"] = scores[spans.index((b, s, gh, gw))] if use["scr"] else None
+                            _S["scr"] = (s, e, grids) if use["scr"] else None
+                            _S["scr_scores"] = scores[spans.index(span)] if use["scr"] else None
                             a = 0
                             for c in ([e, T] if use["dscr"] else [T]):
                                 logits = forward(emb[b:b + 1, a:c], a, c)
                                 a = c
                                 if use["dscr"] and c == e:
-                                    d = token_depth(maps[b], gh, gw).double()
-                                    co = kvfix.patch_coords(gh, gw).double()
-                                    for layer in LAYERS:
-                                        lay = st["cache"].layers[layer]
-                                        rk, rv = R.dscr_refine(lay.keys[:, :, s:e].double(),
-                                                               lay.values[:, :, s:e].double(), d, co)
-                                        lay.keys[:, :, s:e] = rk.float()
-                                        lay.values[:, :, s:e] = rv.float()
+                                    for idx, gh, gw in grids:  # each grid on its own, depth from the image's map
+                                        d = token_depth(maps[b], gh, gw).double()
+                                        co = kvfix.patch_coords(gh, gw).double()
+                                        for layer in LAYERS:
+                                            lay = st["cache"].layers[layer]
+                                            rk, rv = R.dscr_refine(lay.keys[:, :, idx].double(),
+                                                                   lay.values[:, :, idx].double(), d, co)
+                                            lay.keys[:, :, idx] = rk.float()
+                                            lay.values[:, :, idx] = rv.float()
                             _S["scr"] = None
                         else:
                             m = torch.cat([mask[b:b + 1], mask.new_ones(1, step)], dim=1)
@@ -314,7 +349,7 @@ def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt,
         check(run(model, inputs, methods, maps, fork=fork, order=order), ref, inputs)
     # seeded sampling, one item whose question (45 tokens) is longer than the prompt up to the image end
     inputs, spans = prompt(model, family, [(3, 45)], seed + 1)
-    end = spans[0][1] + spans[0][2] * spans[0][3]
+    end = image_of(spans[0])[1]
     assert inputs["input_ids"].shape[1] - end > end
     maps = depth_maps(1, seed=seed + 1)
     ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5),

@@ -1,7 +1,7 @@
 """kvfix for transformers vision-language models: one line switches a method on.
 
     import kvfix, kvfix.hf
-    handle = kvfix.hf.enable(model, kvfix.hf.DSCR())          # LLaVA, Qwen2-VL, Qwen2.5-VL
+    handle = kvfix.hf.enable(model, kvfix.hf.DSCR())          # LLaVA(-NeXT), Qwen2(.5)-VL, Gemma 3
     with handle.images(depth_maps=[depth0, depth1]):          # one map per image, any resolution
         out = model.generate(**inputs, max_new_tokens=64)     # greedy or sampling, batch, padding
     handle.disable()                                          # the plain model again
@@ -47,7 +47,8 @@ What a stack of methods computes, and in which order they compose: docs/STACKING
 DSCR (dscr.py): the timing of a split prefill (SPEC §1): every token after an image attends to
 its refined keys/values at the selected layers, the image and what precedes it to the plain
 ones. In the forward that carries the images, the attention hook of each selected layer refines
-each image span `[s, s + gh*gw)` with the DSCR op and runs the layer's attention once per
+each grid of each image (its `gh x gw` tokens; several grids per image for LLaVA-NeXT) with
+the DSCR op and runs the layer's attention once per
 refinement level, each query keeping its own level's output; the refined spans are written into
 the cache at the end of the forward, so decoding reads them and never refines again (decoding
 forwards carry no images).

@@ -93,6 +93,34 @@ def attention_modules(layer) -> list:
     return [mod for mod in layer.modules() if mod is not layer and hasattr(mod, "layer_idx")]
 
 
+def named_parameter(model, name: str):
+    """The parameter of `model` whose qualified name ends with `name` (e.g. LLaVA-NeXT's
+    `image_newline`), or None."""
+    for full, p in model.named_parameters():
+        if full == name or full.endswith("." + name):
+            return p
+    return None
+
+
+def encoded_features(encoded) -> list | None:
+    """The per-image feature tensors of an image encoder output `generate` handed over (its
+    `pooler_output`: a list of [tokens, C], or one [images, tokens, C] tensor), or None."""
+    feats = getattr(encoded, "pooler_output", None)
+    if isinstance(feats, torch.Tensor):
+        return list(feats.unbind(0)) if feats.dim() == 3 else None
+    return list(feats) if isinstance(feats, (list, tuple)) else None
+
+
+def anyres_unpadded_grid(image_size, grid_pinpoints, tile: int, side: int) -> tuple[int, int]:
+    """LLaVA-NeXT's high-resolution grid (rows, cols) for an image of `image_size` (h, w): the
+    tiles of its best pinpoint resolution, `side` patches per tile side, unpadded to the image's
+    aspect (transformers' `get_anyres_image_grid_shape` and `unpad_image`)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    th, tw = get_anyres_image_grid_shape(image_size, grid_pinpoints, tile)
+    shape = unpad_image(torch.empty(0, th * side, tw * side, device="meta"), torch.as_tensor(image_size)).shape
+    return int(shape[1]), int(shape[2])
+
+
 def input_embeddings(model):
     """The token embedding module of a model (`get_input_embeddings()`)."""
     return model.get_input_embeddings()

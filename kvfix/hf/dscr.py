@@ -83,9 +83,12 @@ class DSCR(Method):
     the distorted rows before decoding).
 
     After each run, `last_images` lists the ImageSpans refined in the latest generation,
-    `last_algorithms` the algorithm used for each ("structured" or "dense"), `refine_calls`
-    counts images refined (one per image and forward that carries it) and `kernel_calls` the
-    calls into the DSCR op (one per image, selected layer and attention pass).
+    `last_algorithms` the algorithm used for each grid ("structured" or "dense"; one per image
+    for single-grid models), `refine_calls` counts images refined (one per image and forward
+    that carries it) and `kernel_calls` the calls into the DSCR op (one per grid, selected layer
+    and attention pass). Each grid of an image is refined on its own (its `gh x gw` tokens; a
+    row stride skips row-end tokens, which stay as they are), with the part of the image's depth
+    map the grid shows (`Grid.region`, docs/ADAPTERS.md).
     """
 
     name = "dscr"
@@ -165,9 +168,10 @@ class DSCR(Method):
                 for layer, entries in fw.pending.items():
                     keys, values = _compat.layer_kv(ctx.cache, layer, needed)
                     for g, rows, k_hat, v_hat in entries:
-                        keys[rows, :, g.start:g.end] = k_hat
+                        cols = g.cols(0, keys.device)
+                        keys[rows, :, cols] = k_hat
                         if v_hat is not None:
-                            values[rows, :, g.start:g.end] = v_hat
+                            values[rows, :, cols] = v_hat
         routes = next(iter(fw.routes.values()))
         self.last_images.extend(ctx.images)
         self.last_algorithms.extend(r[0] for r in routes)
@@ -202,9 +206,10 @@ class DSCR(Method):
         for j in range(1, hi + 1):
             for g, order, rows, k_hat, v_hat in refined:
                 if order == j:
-                    k_lvl[rows, :, g.start:g.end] = k_hat
+                    cols = g.cols(0, k_lvl.device)
+                    k_lvl[rows, :, cols] = k_hat
                     if v_hat is not None:
-                        v_lvl[rows, :, g.start:g.end] = v_hat
+                        v_lvl[rows, :, cols] = v_hat
             if j < lo:
                 continue
             res = call_next(query, k_lvl, v_lvl, attention_mask, **kwargs)
@@ -217,8 +222,9 @@ class DSCR(Method):
         out = []
         for g, order, route in zip(fw.grids, fw.order, routes):
             rows = slice(g.batch, R, B)
-            k = key[rows, :, g.start:g.end]
-            v = None if value is None else value[rows, :, g.start:g.end]
+            cols = g.cols(0, key.device)  # a row stride (row-end tokens between the rows): gathered
+            k = key[rows, :, cols]
+            v = None if value is None else value[rows, :, cols]
             out.append((g, order, rows) + _apply(route, k, v, self._params))
             self.kernel_calls += 1
         return out

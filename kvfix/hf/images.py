@@ -55,6 +55,8 @@ def resolve_images(adapter, inputs: dict, input_ids, past_len: int, given: Image
     explicit = given.grids[given.grid_cursor:] if (given is not None and given.grids is not None) else None
     layouts = adapter.layouts(inputs, n_tokens, explicit)
     layouts, used = _match_layouts(layouts, n_tokens, explicit is not None, is_img, input_ids)
+    for lay in {id(lay): lay for lay in layouts}.values():
+        lay.check(f"{type(adapter).__name__}.layouts")
 
     # contiguous runs of image tokens per batch item, split into images in order
     spans, it = [], iter(layouts)

@@ -47,17 +47,25 @@ _ROPE_KINDS = ("1d", "mrope", "mrope_interleaved")
 @dataclass(frozen=True)
 class Grid:
     """One patch grid of an image: `gh x gw` tokens in row-major order, starting `offset` tokens
-    into the image's placeholder run. `region = (top, left, bottom, right)` is the part of the
-    image the grid shows, as fractions of its height and width (a tile of a multi-crop image);
-    the whole image by default."""
+    into the image's placeholder run, rows `row_stride` tokens apart (0: `gw`, the rows follow
+    each other; `gw + 1` for a row-end token after every row, LLaVA-NeXT's newline, which is not
+    part of the grid). `region = (top, left, bottom, right)` is the part of the image the grid
+    shows, as fractions of its height and width (a tile of a multi-crop image); the whole image
+    by default."""
     offset: int
     gh: int
     gw: int
     region: tuple = (0.0, 0.0, 1.0, 1.0)
+    row_stride: int = 0
 
     @property
-    def tokens(self) -> int:
-        return self.gh * self.gw
+    def stride(self) -> int:
+        return self.row_stride or self.gw
+
+    @property
+    def extent(self) -> int:
+        """Tokens from the grid's first to its last, row-end tokens inside included."""
+        return (self.gh - 1) * self.stride + self.gw
 
 
 @dataclass(frozen=True)
@@ -71,18 +79,34 @@ class Layout:
         """One `gh x gw` grid after `prefix` non-grid tokens (LLaVA's CLS with the "full" strategy)."""
         return cls(prefix + gh * gw, (Grid(prefix, gh, gw),))
 
+    def check(self, where: str) -> "Layout":
+        """The layout, after checking that its grids lie inside its tokens and do not overlap."""
+        taken = set()
+        for g in self.grids:
+            if g.gh <= 0 or g.gw <= 0 or g.offset < 0 or g.offset + g.extent > self.tokens or g.stride < g.gw:
+                raise ValueError(f"{where}: grid {g} does not fit an image of {self.tokens} tokens")
+            cells = {g.offset + r * g.stride + c for r in range(g.gh) for c in range(g.gw)}
+            if cells & taken:
+                raise ValueError(f"{where}: the grids of an image overlap")
+            taken |= cells
+        return self
+
 
 @dataclass
 class GridSpan:
-    """One grid of one image, as it sits in the KV cache: `gh * gw` tokens from cache position
-    `start`, row-major. `image` is the ImageSpan it belongs to (its `index`, `batch` and
-    `depth_map` are the image's)."""
+    """One grid of one image, as it sits in the KV cache: `gh * gw` tokens row-major, row r at
+    cache positions `[start + r * stride, start + r * stride + gw)`. `image` is the ImageSpan it
+    belongs to (its `index`, `batch` and `depth_map` are the image's)."""
     image: "ImageSpan"
     grid: int           # its number among the image's grids
     start: int
     gh: int
     gw: int
     region: tuple = (0.0, 0.0, 1.0, 1.0)
+    stride: int = 0     # 0: gw
+
+    def __post_init__(self):
+        self.stride = self.stride or self.gw
 
     @property
     def index(self) -> int:
@@ -102,7 +126,24 @@ class GridSpan:
 
     @property
     def end(self) -> int:
-        return self.start + self.length
+        """One past the grid's last token."""
+        return self.start + (self.gh - 1) * self.stride + self.gw
+
+    @property
+    def contiguous(self) -> bool:
+        return self.stride == self.gw
+
+    def positions(self, device=None) -> torch.Tensor:
+        """The grid's cache positions in row-major order, int64 [gh * gw]."""
+        rows = torch.arange(self.gh, device=device)[:, None] * self.stride
+        return (self.start + rows + torch.arange(self.gw, device=device)[None]).flatten()
+
+    def cols(self, offset: int = 0, device=None):
+        """Its tokens along a sequence axis that starts at cache position `offset`: a slice when
+        the grid is contiguous, else the positions."""
+        if self.contiguous:
+            return slice(self.start - offset, self.end - offset)
+        return self.positions(device) - offset
 
 
 @dataclass
@@ -110,7 +151,7 @@ class ImageSpan:
     """One image of one batch item, as it sits in the KV cache.
 
     `[start, end)` are the cache positions of its tokens (from the first grid's first token to
-    the last grid's last; the placeholder run when the image has no grid). `grids` lists its
+    the end of its placeholder run; the whole run when the image has no grid). `grids` lists its
     patch grids (`GridSpan`), `index` numbers the images of a generation session in the order
     the model consumes them (batch item first, then position). `depth_map` is what the user
     supplied for this image (a tensor, "uniform"), or None. For an image with one grid, `gh`
@@ -144,13 +185,10 @@ class ImageSpan:
 
 def place(layout: Layout, index: int, batch: int, run_start: int) -> ImageSpan:
     """The ImageSpan of an image whose placeholder run starts at cache position `run_start`."""
-    if layout.grids:
-        first = min(g.offset for g in layout.grids)
-        last = max(g.offset + g.tokens for g in layout.grids)
-        img = ImageSpan(index=index, batch=batch, start=run_start + first, end=run_start + last, prefix=first)
-    else:
-        img = ImageSpan(index=index, batch=batch, start=run_start, end=run_start + layout.tokens)
-    img.grids = tuple(GridSpan(img, i, run_start + g.offset, g.gh, g.gw, g.region) for i, g in enumerate(layout.grids))
+    first = min((g.offset for g in layout.grids), default=0)
+    img = ImageSpan(index=index, batch=batch, start=run_start + first, end=run_start + layout.tokens, prefix=first)
+    img.grids = tuple(GridSpan(img, i, run_start + g.offset, g.gh, g.gw, g.region, g.stride)
+                      for i, g in enumerate(layout.grids))
     return img
 
 
@@ -293,7 +331,7 @@ def adapter_for(model) -> ModelAdapter:
     cls = _REGISTRY.get(model_type)
     if cls is None:
         raise TypeError(f"kvfix.hf has no adapter for config.model_type {model_type!r} ({type(model).__name__}); "
-                        f"supported: {', '.join(sorted(_REGISTRY))}. kvfix.hf.register_adapter adds one "
+                        f"kvfix.hf supports {', '.join(sorted(_REGISTRY))}; kvfix.hf.register_adapter adds one "
                         "(docs/ADAPTERS.md)")
     return cls(model)
 
@@ -393,6 +431,87 @@ class QwenVLAdapter(ModelAdapter):
         return grid_list(grid, self.merge, where)
 
 
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT (LLaVA-1.6): each image is its base grid (the image resized to one tile,
+    `image_size // patch_size` per side), then its high-resolution grid (the anyres tiles'
+    patches, unpadded to the image's aspect), a newline token after each of its rows; an image
+    of one tile is its base grid and one newline. Two grids per image, refined / redistributed
+    each on its own; the newline tokens belong to neither. The high-resolution grid comes from
+    `image_sizes` in a forward that carries them, else (generate passes the encoded features
+    only) from the encoded features: the newline rows are the model's `image_newline` vector.
+    The "default" feature strategy (CLS dropped) only."""
+    family = "llava_next"
+    strategies = ("default",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        vc = self.config.vision_config
+        self.tile = _side(vc.image_size)
+        self.side = self.tile // _side(vc.patch_size)
+        self.newline = _compat.named_parameter(model, "image_newline")
+
+    def _layout(self, rows: int, cols: int) -> Layout:
+        base = Grid(0, self.side, self.side)
+        n = self.side * self.side
+        if rows == 0:
+            return Layout(n + 1, (base,))
+        return Layout(n + rows * (cols + 1), (base, Grid(n, rows, cols, row_stride=cols + 1)))
+
+    def _hires(self, hw, inputs) -> tuple[int, int]:
+        """The high-resolution grid (rows, cols) of an image of size `hw`."""
+        return _compat.anyres_unpadded_grid(hw, self.config.image_grid_pinpoints, self.tile, self.side)
+
+    def _from_features(self, feats) -> Layout:
+        n = self.side * self.side
+        if self.newline is None:
+            raise ValueError("LLaVA-NeXT: the model has no image_newline parameter to read the grids from")
+        hi = feats[n:]
+        nl = torch.nonzero((hi == self.newline.to(hi.dtype)).all(-1)).flatten().tolist()
+        if len(hi) == 1 and nl == [0]:
+            return self._layout(0, 0)
+        cols = (nl[0] if nl else -1)
+        rows = len(nl)
+        if cols <= 0 or len(hi) != rows * (cols + 1) or nl != list(range(cols, len(hi), cols + 1)):
+            raise ValueError(f"LLaVA-NeXT: cannot read the high-resolution grid of an image of {len(feats)} "
+                             "feature tokens from its newline rows")
+        return self._layout(rows, cols)
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            raise ValueError("image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; LLaVA-NeXT's grids come from "
+                             "image_sizes")
+        strategy = inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        if strategy not in self.strategies:
+            raise ValueError(f"{self.family}: vision_feature_select_strategy {strategy!r} is not supported "
+                             f"({', '.join(self.strategies)})")
+        sizes = inputs.get("image_sizes")
+        if sizes is not None and inputs.get("pixel_values") is not None:
+            return [self._layout(*self._hires(hw, inputs)) for hw in sizes.tolist()]
+        feats = _compat.encoded_features(_compat.encoded_images(inputs))
+        if feats is None:
+            raise ValueError("LLaVA-NeXT: cannot tell the image grids of this forward (no image_sizes with the "
+                             "pixel values, no encoded features)")
+        return [self._from_features(f) for f in feats]
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: LLaVA-NeXT's layout (base grid, then the high-resolution grid with a
+    newline per row), the high-resolution grid pooled (bilinear) when it holds more than
+    `anyres_max_N` tiles' worth of patches (`vision_aspect_ratio`); SigLIP towers (no CLS, the
+    "full" strategy). Images only (video tokens are another token)."""
+    family = "llava_onevision"
+    strategies = ("default", "full")
+
+    def _hires(self, hw, inputs):
+        rows, cols = super()._hires(hw, inputs)
+        ratio_name = inputs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        limit = int(ratio_name.strip("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (limit * self.side ** 2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows, cols
+
+
 class Gemma3Adapter(ModelAdapter):
     """Gemma 3: each image is `mm_tokens_per_image` tokens (between begin / end-of-image markers),
     the vision tower's patch grid average-pooled to a square grid of sqrt(mm_tokens_per_image)
@@ -485,3 +604,5 @@ register_adapter(LlavaAdapter, "llava")
 register_adapter(QwenVLAdapter, "qwen2_vl", "qwen2_5_vl")
 register_adapter(InstructBlipAdapter, "instructblip")
 register_adapter(Gemma3Adapter, "gemma3")
+register_adapter(LlavaNextAdapter, "llava_next")
+register_adapter(LlavaOnevisionAdapter, "llava_onevision")

@@ -201,6 +201,8 @@ class SCR(Method):
                 mask = _query_mask(attention_mask, b, pos, diag["offset"], key.shape[-2])
                 s = ops.scr_scores(query[b:b + 1, :, pos], key[b:b + 1], (img.start, img.end),
                                    scale=scale, mask=mask)
+                if not img.contiguous:  # the grid's tokens among those of its extent (full softmax rows)
+                    s = s[:, img.cols(img.start, s.device)]
                 diag["sums"][i] = s if diag["sums"][i] is None else diag["sums"][i] + s
         diag["seen"].add(layer_idx)
         return call_next(query, key, value, attention_mask, **kwargs)
@@ -229,10 +231,13 @@ class SCR(Method):
                     out = hidden_states.clone()  # not in place: the input may be referenced (output_hidden_states)
                 rows = slice(img.batch, R, B)  # every row showing the item (CMAC: [original; distorted])
                 if a == img.start and e == img.end:
-                    seg = out[rows, img.start - off:img.end - off]  # a view: written in place
+                    cols = img.cols(off, out.device)
+                    seg = out[rows, cols]  # a view (contiguous grid), else a copy written back below
                     for r in range(seg.shape[0]):
                         ops.scr_redistribute_(seg[r:r + 1], scores, (img.gh, img.gw), top_k=self.top_k,
                                               lam=self.lam, exclude_border=self.exclude_border)
+                    if not img.contiguous:
+                        out[rows, cols] = seg
                     kept[(layer_idx, i)] = seg[0].clone()
                     self.redistribute_calls += 1
                     continue
@@ -243,7 +248,9 @@ class SCR(Method):
                 if full is None:
                     raise RuntimeError(f"kvfix.hf.SCR: layer {layer_idx} sees image {img.index} from position {a} "
                                        f"on, without a forward over its whole span [{img.start}, {img.end}) first")
-                out[rows, a - off:e - off] = full[a - img.start:e - img.start]
+                pos = img.positions(out.device)
+                present = (pos >= off) & (pos < off + T)
+                out[rows, pos[present] - off] = full[present]
         return out
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_qwen2_vl", "tiny_instructblip", "tiny_gemma3", "llava_prompt", "qwen_prompt",
+__all__ = ["tiny_llava", "tiny_qwen2_vl", "tiny_instructblip", "tiny_gemma3", "tiny_llava_next", "llava_prompt",
+           "qwen_prompt", "llava_next_prompt", "LLAVA_NEXT_IMAGES", "LLAVA_ONEVISION_IMAGES",
            "instructblip_prompt", "gemma3_prompt", "IMAGE_TOKEN", "PAD"]
 
 PAD, BOS, EOS = 0, 1, 2
@@ -216,3 +217,73 @@ def gemma3_prompt(model, items, *, seed: int = 0):
     pixel_values = torch.randn(len(items), 3, size, size, generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
             "token_type_ids": (ids == IMAGE_TOKEN).long()}, spans
+
+
+def tiny_llava_next(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2, onevision: bool = False):
+    """LlavaNextForConditionalGeneration: CLIP vision (16 x 16 tiles, 4 x 4 patches per tile),
+    anyres pinpoints (16, 32), (32, 16), (32, 32), Llama text model with 4 layers. `onevision`:
+    LlavaOnevisionForConditionalGeneration instead: SigLIP vision (same tiles, "full" strategy),
+    Qwen2 text model, `vision_aspect_ratio="anyres_max_1"` (a high-resolution grid above one
+    tile's worth of patches is pooled)."""
+    import transformers
+    tc = dict(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+              pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+              patch_size=4)
+    common = dict(image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                  image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    if onevision:
+        cfg = transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**vc).to_dict(),
+            text_config=transformers.Qwen2Config(**tc).to_dict(), vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_1", video_token_index=VIDEO_TOKEN, **common)
+        cls = transformers.LlavaOnevisionForConditionalGeneration
+    else:
+        cfg = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(projection_dim=32, **vc).to_dict(),
+            text_config=transformers.LlamaConfig(**tc).to_dict(), vision_feature_select_strategy="default", **common)
+        cls = transformers.LlavaNextForConditionalGeneration
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    return _finish(model)
+
+
+# the images llava_next_prompt uses, by (height, width): the best pinpoint (16, 32) is 1 x 2 tiles, a
+# 4 x 8 patch grid, unpadded to the image's aspect (worked out by hand from LLaVA-NeXT's rules):
+# (16, 32) keeps 4 x 8; (8, 32) keeps rows 1..2 (scale 8/32: 2 rows, padding 1): 2 x 8.
+# LLaVA-OneVision with anyres_max_1 then pools a grid of more than 16 patches by
+# ratio = sqrt(rows * cols / 16): 4 x 8 by 1.414 (> 1.1) to (4 // 1.414, 8 // 1.414) = 2 x 5; 2 x 8
+# (ratio 1) stays.
+LLAVA_NEXT_IMAGES = {(16, 32): (4, 8), (8, 32): (2, 8)}
+LLAVA_ONEVISION_IMAGES = {(16, 32): (2, 5), (8, 32): (2, 8)}
+
+
+def llava_next_prompt(model, items, *, seed: int = 0):
+    """Left-padded LLaVA-NeXT (or LLaVA-OneVision) batch, one image per item: items[b] = (text
+    before, text after, (height, width)) with a size from LLAVA_NEXT_IMAGES. Returns (inputs dict, images
+    [(batch, start, end, grids)]): the image's tokens [start, end) and its grids
+    `(positions [gh * gw] int64, gh, gw)`: the 4 x 4 base grid, then the high-resolution grid,
+    whose rows are each followed by a newline token."""
+    gen = torch.Generator().manual_seed(seed)
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    rows, local = [], []
+    table = LLAVA_ONEVISION_IMAGES if model.config.model_type == "llava_onevision" else LLAVA_NEXT_IMAGES
+    for b, (before, after, hw) in enumerate(items):
+        gh, gw = table[tuple(hw)]
+        n = g * g + gh * (gw + 1)
+        r = [BOS] + _text(before, gen)
+        local.append((b, len(r), n, gh, gw))
+        rows.append(r + [IMAGE_TOKEN] * n + _text(after, gen))
+    ids, mask, _ = _left_pad(rows, [])
+    images = []
+    for b, s0, n, gh, gw in local:
+        s = s0 + (ids.shape[1] - len(rows[b]))
+        base = torch.arange(s, s + g * g)
+        hires = (s + g * g + torch.arange(gh)[:, None] * (gw + 1) + torch.arange(gw)[None]).flatten()
+        images.append((b, s, s + n, [(base, g, g), (hires, gh, gw)]))
+    tile = model.config.vision_config.image_size
+    pixel_values = torch.randn(len(items), 3, 3, tile, tile, generator=gen)  # base + 2 tiles each
+    sizes = torch.tensor([list(hw) for _, _, hw in items], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}, images
