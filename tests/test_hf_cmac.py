@@ -55,8 +55,11 @@ def _calibrated_keys(key, s, e, pos, inv_freq, gamma, sections):
     first token after the image (per section: frequency f of section i uses position row i), by
     a rotation of (calibrated - p) * inv_freq in float64, rotate_half convention."""
     half = key.shape[-1] // 2
-    sizes = [half] if sections is None else list(sections)
-    row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).clamp(max=pos.shape[0] - 1)
+    if isinstance(sections, torch.Tensor):  # each frequency's section, given (interleaved M-RoPE)
+        row = sections.clamp(max=pos.shape[0] - 1)
+    else:
+        sizes = [half] if sections is None else list(sections)
+        row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).clamp(max=pos.shape[0] - 1)
     p = pos[row][:, s:e].double()                          # [D/2, N]: each frequency's positions
     a = pos[row][:, e:e + 1].double()                      # the token after the image, per frequency
     ang = ((a - (a - p) / gamma) - p).T * inv_freq.double()  # [N, D/2]

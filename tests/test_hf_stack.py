@@ -208,11 +208,19 @@ def layer_inv_freq(text, cfg, layer):
     return getattr(rotary, f"{cfg.layer_types[layer]}_inv_freq").float()
 
 
-def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None, prefill_mask=None):
+def interleaved_sections(section, n):
+    """Qwen3-VL's interleaved M-RoPE written out: frequency f (of n) is height when f % 3 == 1 and
+    f < 3 * section[1], width when f % 3 == 2 and f < 3 * section[2], else temporal."""
+    return torch.tensor([1 if f % 3 == 1 and f < 3 * section[1] else 2 if f % 3 == 2 and f < 3 * section[2] else 0
+                         for f in range(n)])
+
+
+def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None, prefill_mask=None,
+                 text_extra=None):
     """The composed reference: new tokens [B, N_NEW] and each step's (contrasted) logits [B, V].
     sample: None (greedy) or (seed, temperature). prefill_mask(b, a, c): the text model's attention
     mask for item b's prompt rows [a, c) (default: its 2-D padding mask, the text model makes it
-    causal)."""
+    causal). text_extra(b, a, c): more text-model arguments for those rows (Qwen3-VL's deepstack)."""
     use = {m: m in methods for m in METHODS}
     cfg = model.config.get_text_config(decoder=True)
     section = (cfg.rope_parameters or {}).get("mrope_section")
@@ -225,7 +233,9 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
     branches = (False, True) if use["cmac"] else (False,)
     states = {(b, br): {"cache": DynamicCache(config=model.config), "queues": {}} for b in range(B) for br in branches}
     _S.update(inv_freq=[layer_inv_freq(text, cfg, i) for i in range(len(text.layers))],
-              mrope_section=None if section is None else tuple(section),
+              mrope_section=None if section is None else (
+                  interleaved_sections(section, text.rotary_emb.inv_freq.numel())
+                  if cfg.rope_parameters.get("mrope_interleaved") else tuple(section)),
               cmac=use["cmac"], kvsmooth=use["kvsmooth"], scr=None)
     base = cfg._attn_implementation
     model.set_attn_implementation({"text_config": "kvfix_test_stack_ref"})
@@ -248,10 +258,11 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
 
                         def forward(x, a, c):
                             _S["offset"] = a
-                            p = pos[..., a:c] if family == "qwen" else pos[0, :, a:c]
+                            p = pos[..., a:c] if family.startswith("qwen") else pos[0, :, a:c]
                             am = prefill_mask(b, a, c) if (prefill_mask is not None and step == 0) else m[:, :c]
+                            extra = text_extra(b, a, c) if (text_extra is not None and step == 0) else {}
                             h = text(inputs_embeds=x, position_ids=p, attention_mask=am,
-                                     past_key_values=st["cache"], use_cache=True)
+                                     past_key_values=st["cache"], use_cache=True, **extra)
                             return head(h.last_hidden_state[:, -1])[0].float()
 
                         if step == 0:  # the prefill: split at the image end for DSCR
@@ -337,14 +348,17 @@ def settings(methods):
     return (True, False) if "cmac" in methods else (True,)  # CMAC's fork_prefill
 
 
-def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt, prefill_mask=None):
-    """prefill_mask(inputs) -> the reference's prefill_mask for that prompt (see ref_generate)."""
+def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt, prefill_mask=None, text_extra=None):
+    """prefill_mask(inputs), text_extra(inputs) -> the reference's prefill_mask, text_extra for that
+    prompt (see ref_generate)."""
     pm = (lambda inputs: None) if prefill_mask is None else prefill_mask
+    te = (lambda inputs: None) if text_extra is None else text_extra
     # greedy, batch 2 left padded, image ends 5 apart: CMAC's forked prefill cuts item 0's image
     inputs, spans = prompt(model, family, [(3, 3), (2, 8)], seed)
     assert (inputs["attention_mask"] == 0).any()
     maps = depth_maps(len(spans), seed=seed)
-    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, prefill_mask=pm(inputs))
+    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, prefill_mask=pm(inputs),
+                       text_extra=te(inputs))
     for fork in settings(methods):
         check(run(model, inputs, methods, maps, fork=fork, order=order), ref, inputs)
     # seeded sampling, one item whose question (45 tokens) is longer than the prompt up to the image end
@@ -353,7 +367,7 @@ def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt,
     assert inputs["input_ids"].shape[1] - end > end
     maps = depth_maps(1, seed=seed + 1)
     ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5),
-                       prefill_mask=pm(inputs))
+                       prefill_mask=pm(inputs), text_extra=te(inputs))
     for fork in settings(methods):
         check(run(model, inputs, methods, maps, fork=fork, beta=0.05, sample=(seed + 7, 1.5), order=order),
               ref, inputs)

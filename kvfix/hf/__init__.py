@@ -1,7 +1,7 @@
 """kvfix for transformers vision-language models: one line switches a method on.
 
     import kvfix, kvfix.hf
-    handle = kvfix.hf.enable(model, kvfix.hf.DSCR())          # LLaVA(-NeXT), Qwen2(.5)-VL, Gemma 3
+    handle = kvfix.hf.enable(model, kvfix.hf.DSCR())          # LLaVA(-NeXT/-OneVision), Qwen-VL 2/2.5/3, Gemma 3
     with handle.images(depth_maps=[depth0, depth1]):          # one map per image, any resolution
         out = model.generate(**inputs, max_new_tokens=64)     # greedy or sampling, batch, padding
     handle.disable()                                          # the plain model again

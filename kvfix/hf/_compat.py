@@ -31,7 +31,9 @@ Argument and output names (documented, but not a formal API)
   `.hidden_states`, `.attentions` (`step_inputs`, `output_*`, `diagnostic_inputs`).
 - The text model's forward: `inputs_embeds` / `input_ids`, `attention_mask` (a tensor or a
   dict per layer type), `position_ids` (`[B, t]` or `[S, B, t]`), `past_key_values`,
-  `use_cache`; its output's `.last_hidden_state` (`text_inputs_*`, `text_hidden`).
+  `use_cache`, Qwen3-VL's `visual_pos_masks` ([B, t] bool) and `deepstack_visual_embeds`
+  (per layer, the features of the True positions in row-major order); its output's
+  `.last_hidden_state` (`text_inputs_*`, `text_hidden`).
 - A decoder layer's first argument or `hidden_states` (`layer_hidden`); an attention function's
   `(module, query, key, value, attention_mask, scaling=..., dropout=...)`, the module's
   `scaling` and `layer_idx` (`attention_kwargs`, `attention_scale`, `attention_modules`);
@@ -264,6 +266,11 @@ def text_inputs_doubled(kwargs: dict) -> dict:
     pos = out.get("position_ids")
     if pos is not None:
         out["position_ids"] = torch.cat([pos, pos], dim=0 if pos.dim() == 2 else 1)
+    visual = out.get("visual_pos_masks")
+    if isinstance(visual, torch.Tensor):  # deepstack (Qwen3-VL): features of the image positions, row-major
+        out["visual_pos_masks"] = torch.cat([visual, visual])
+        if out.get("deepstack_visual_embeds") is not None:
+            out["deepstack_visual_embeds"] = [torch.cat([e, e]) for e in out["deepstack_visual_embeds"]]
     return out
 
 
@@ -283,6 +290,12 @@ def text_inputs_after(kwargs: dict, c: int, cache) -> dict:
     elif isinstance(mask, dict):
         out["attention_mask"] = {k: (m[:, :, c:] if isinstance(m, torch.Tensor) and m.dim() == 4 else m)
                                  for k, m in mask.items()}
+    visual = out.get("visual_pos_masks")
+    if isinstance(visual, torch.Tensor):  # deepstack (Qwen3-VL): the features of the image positions kept
+        keep = torch.nonzero(visual)[:, 1] >= c  # row-major, as the features are
+        out["visual_pos_masks"] = visual[:, c:]
+        if out.get("deepstack_visual_embeds") is not None:
+            out["deepstack_visual_embeds"] = [e[keep.to(e.device)] for e in out["deepstack_visual_embeds"]]
     out["past_key_values"] = cache
     return out
 

@@ -8,6 +8,7 @@ import torch
 from .. import ops
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
+from .models import frequency_sections
 
 __all__ = ["CMAC", "CMAC_PRESETS"]
 
@@ -209,6 +210,7 @@ class CMAC(Method):
         self._handle: Handle | None = None
         self._inv_freq: dict = {}   # layer -> the RoPE frequencies of that layer [D/2] float32
         self._mrope_section = None
+        self._perm = None           # interleaved RoPE sections: (frequency order, key columns, inverse)
 
     def __repr__(self):
         return (f"CMAC(alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, imd={self.imd}, "
@@ -223,12 +225,18 @@ class CMAC(Method):
         if not self.selected_layers:
             raise ValueError(f"CMAC selects no layer of the {L}-layer text model (layers={self.layers!r})")
         self._selected = frozenset(self.selected_layers)
-        if handle.adapter.rope not in ("1d", "mrope"):
-            raise ValueError(f"kvfix.hf.CMAC: CMPC supports 1-D and multi-section (contiguous) RoPE; "
-                             f"{handle.adapter.family} uses {handle.adapter.rope!r}")
         freqs = [handle.adapter.rope_frequencies(layer) for layer in range(L)]
         self._inv_freq = {layer: f for layer, (f, _) in enumerate(freqs)}
         self._mrope_section = freqs[0][1]
+        self._perm = None
+        if handle.adapter.rope == "mrope_interleaved":
+            # kvfix.rope_calibrate takes contiguous sections: group the frequencies by section (a
+            # permutation of the rotary pairs (f, f + D/2), which CMPC rotates independently)
+            n = freqs[0][0].numel()
+            owner = frequency_sections(handle.adapter.rope, self._mrope_section, n)
+            perm = torch.sort(owner, stable=True).indices
+            self._perm = (perm, torch.cat([perm, perm + n]), torch.argsort(torch.cat([perm, perm + n])))
+            self._mrope_section = tuple(int((owner == s).sum()) for s in range(len(self._mrope_section)))
         self._handle = handle
 
     def unbind(self, handle: Handle) -> None:
@@ -417,6 +425,9 @@ class CMAC(Method):
         inv_freq = self._inv_freq[layer_idx].to(key.device)
         pos = st.positions.to(key.device)
         pos = pos[0] if pos.shape[0] == 1 else pos
+        if self._perm is not None:  # interleaved sections: calibrate with the frequencies grouped by section
+            freq_perm, cols, back = (t.to(key.device) for t in self._perm)
+            key, inv_freq = key[..., cols], inv_freq[freq_perm]
         if st.equal:
             k_cal = ops.rope_calibrate(key, spans, inv_freq, gamma=self.gamma, positions=pos,
                                        mrope_section=self._mrope_section, num_tokens=lengths[0])
@@ -425,6 +436,8 @@ class CMAC(Method):
                                         positions=pos[..., r:r + 1, :], mrope_section=self._mrope_section,
                                         num_tokens=lengths[r])
                      for r in range(key.shape[0])]
+        if self._perm is not None:
+            k_cal = k_cal[..., back] if st.equal else [k[..., back] for k in k_cal]
         if keep:
             st.k_cal[layer_idx] = k_cal
         return k_cal

@@ -600,9 +600,33 @@ class InstructBlipAdapter(ModelAdapter):
         return [Layout(self.queries)] * (n_tokens // self.queries)
 
 
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: Qwen2-VL's grids (merged, from image_grid_thw); interleaved multi-section RoPE
+    (`frequency_sections`); deepstack visual features added to the hidden states of the first
+    layers at the image positions (the text model's `visual_pos_masks` / `deepstack_visual_embeds`,
+    carried along when CMAC changes the text model's rows)."""
+    family = "qwen3_vl"
+    rope = "mrope_interleaved"
+
+
+def frequency_sections(rope: str, section, n: int) -> torch.Tensor:
+    """The RoPE section (0: temporal, 1: height, 2: width) of each of the `n` rotary frequencies,
+    int64 [n]: contiguous blocks of `section[i]` for "mrope"; for "mrope_interleaved" (Qwen3-VL)
+    frequency f is height when f % 3 == 1 and f < 3 * section[1], width when f % 3 == 2 and
+    f < 3 * section[2], else temporal."""
+    if rope == "mrope":
+        return torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section))
+    f = torch.arange(n)
+    out = torch.zeros(n, dtype=torch.int64)
+    for dim in (1, 2):
+        out[(f % 3 == dim) & (f < 3 * section[dim])] = dim
+    return out
+
+
 register_adapter(LlavaAdapter, "llava")
 register_adapter(QwenVLAdapter, "qwen2_vl", "qwen2_5_vl")
 register_adapter(InstructBlipAdapter, "instructblip")
 register_adapter(Gemma3Adapter, "gemma3")
 register_adapter(LlavaNextAdapter, "llava_next")
 register_adapter(LlavaOnevisionAdapter, "llava_onevision")
+register_adapter(Qwen3VLAdapter, "qwen3_vl")

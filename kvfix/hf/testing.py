@@ -53,8 +53,9 @@ def tiny_llava(*, num_layers: int = 4, seed: int = 0, strategy: str = "default",
 
 def tiny_qwen2_vl(*, num_layers: int = 4, seed: int = 0, version: str = "2", hidden: int = 32, heads: int = 4,
                   kv_heads: int = 2):
-    """Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration ("2.5"):
-    patch 4, merge 2, temporal patch 2 (pixel rows of 96 values)."""
+    """Qwen2VLForConditionalGeneration (version "2"), Qwen2_5_VLForConditionalGeneration ("2.5") or
+    Qwen3VLForConditionalGeneration ("3": interleaved multi-section RoPE, deepstack features into
+    layers 0 and 1): patch 4, merge 2, temporal patch 2 (pixel rows of 96 values)."""
     import transformers
     tc = dict(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
@@ -67,8 +68,15 @@ def tiny_qwen2_vl(*, num_layers: int = 4, seed: int = 0, version: str = "2", hid
     elif version == "2.5":
         cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
         vc.update(out_hidden_size=hidden, intermediate_size=64, window_size=8, fullatt_block_indexes=[1])
+    elif version == "3":
+        cfg_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+        tc.update(head_dim=hidden // heads)
+        tc["rope_parameters"] = dict(tc["rope_parameters"], mrope_interleaved=True)
+        vc = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=hidden, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
     else:
-        raise ValueError(f'version must be "2" or "2.5", got {version!r}')
+        raise ValueError(f'version must be "2", "2.5" or "3", got {version!r}')
     cfg = cfg_cls(text_config=tc, vision_config=vc, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
                   vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     with torch.random.fork_rng():
