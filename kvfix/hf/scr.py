@@ -175,7 +175,8 @@ class SCR(Method):
         adapter = ctx.handle.adapter
         try:
             # only the layers up to the last diagnostic one run; the pass's output is dropped
-            with torch.no_grad(), ctx.handle.auxiliary_pass(_PASS), _compat.first_layers(adapter.text_model(), last + 1):
+            with (torch.no_grad(), ctx.handle.auxiliary_pass(_PASS),
+                  _compat.first_layers(adapter.text_model(), last + 1)):
                 adapter.step_module()(**kwargs)
             sums, seen = self._diag["sums"], self._diag["seen"]
         finally:

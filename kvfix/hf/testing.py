@@ -204,7 +204,8 @@ def instructblip_prompt(model, items, *, seed: int = 0):
     vc = model.config.vision_config
     pixel_values = torch.randn(len(items), 3, vc.image_size, vc.image_size, generator=gen)
     qformer_ids = torch.randint(3, model.config.qformer_config.vocab_size, (len(items), 5), generator=gen)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "qformer_input_ids": qformer_ids}, spans
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "qformer_input_ids": qformer_ids}
+    return inputs, spans
 
 
 def gemma3_prompt(model, items, *, seed: int = 0):
