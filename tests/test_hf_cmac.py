@@ -55,8 +55,11 @@ def _calibrated_keys(key, s, e, pos, inv_freq, gamma, sections):
     first token after the image (per section: frequency f of section i uses position row i), by
     a rotation of (calibrated - p) * inv_freq in float64, rotate_half convention."""
     half = key.shape[-1] // 2
-    sizes = [half] if sections is None else list(sections)
-    row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).clamp(max=pos.shape[0] - 1)
+    if isinstance(sections, torch.Tensor):  # each frequency's section, given (interleaved M-RoPE)
+        row = sections.clamp(max=pos.shape[0] - 1)
+    else:
+        sizes = [half] if sections is None else list(sections)
+        row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).clamp(max=pos.shape[0] - 1)
     p = pos[row][:, s:e].double()                          # [D/2, N]: each frequency's positions
     a = pos[row][:, e:e + 1].double()                      # the token after the image, per frequency
     ang = ((a - (a - p) / gamma) - p).T * inv_freq.double()  # [N, D/2]
@@ -90,7 +93,7 @@ def _positions(model, family, inputs, n_new):
     B, T = mask.shape
     full = torch.cat([mask, torch.ones(B, n_new, dtype=mask.dtype)], dim=1)
     text = (full.long().cumsum(-1) - 1).clamp(min=0)
-    if family.startswith("llava"):
+    if not family.startswith("qwen"):  # 1-D RoPE: positions count the real tokens
         return text[None]
     pos3, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                               image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)

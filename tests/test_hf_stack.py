@@ -104,14 +104,21 @@ def make_prompt(model, family, items, seed):
 _S = {}  # what the reference attention and the SCR hooks read
 
 
+def _causal(mask):
+    """A mask with a row per query is the model's whole mask (causality and its exceptions:
+    Gemma 3's bidirectional image blocks); without one, attention is causal."""
+    return mask is None or mask.shape[-2] == 1
+
+
 def _plain_attention(query, key, value, mask, scale):
     g = query.shape[1] // key.shape[1]
     k = key.double().repeat_interleave(g, 1)
     v = value.double().repeat_interleave(g, 1)
     Tq, T = query.shape[2], key.shape[2]
     logits = query.double() @ k.transpose(-1, -2) * scale
-    causal = torch.arange(T)[None] <= torch.arange(T - Tq, T)[:, None]
-    logits = logits.masked_fill(~causal, float("-inf"))
+    if _causal(mask):
+        causal = torch.arange(T)[None] <= torch.arange(T - Tq, T)[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
     p = torch.softmax(logits, -1).nan_to_num(0.0)  # a padded query sees no key: zeros, not NaN
@@ -123,9 +130,9 @@ def _ref_attention(module, query, key, value, attention_mask, scaling=None, drop
     mask = None if attention_mask is None else attention_mask[..., :T]
     if _S["cmac"]:
         s, e = _S["span"]
-        k_cal = _calibrated_keys(key, s, e, _S["positions"], _S["inv_freq"], GAMMA, _S["mrope_section"])
+        k_cal = _calibrated_keys(key, s, e, _S["positions"], _S["inv_freq"][layer], GAMMA, _S["mrope_section"])
         out = R.cmac_attention(query, key, value, torch.tensor([[s, e]]), k_calibrated=k_cal, scale=scaling,
-                               mask=mask, causal=True, imd=_S["imd"], value_mean="scalar")
+                               mask=mask, causal=_causal(mask), imd=_S["imd"], value_mean="scalar")
     else:
         out = _plain_attention(query, key, value, mask, scaling)
     if _S["kvsmooth"] and query.shape[2] == 1 and layer in KS_LAYERS:  # a decoding step: smooth K[T-1]
@@ -143,36 +150,92 @@ AttentionInterface.register("kvfix_test_stack_ref", _ref_attention)
 AttentionMaskInterface.register("kvfix_test_stack_ref", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def image_of(span):
+    """(start, end, grids [(positions, gh, gw)]) of a prompt's image: `(batch, start, gh, gw)`, one
+    contiguous grid, or `(batch, start, end, grids)`."""
+    if isinstance(span[3], list):
+        return span[1], span[2], span[3]
+    _, s, gh, gw = span
+    return s, s + gh * gw, [(torch.arange(s, s + gh * gw), gh, gw)]
+
+
+def ref_grid_scores(model, inputs, spans, diag_layers):
+    """Per image, per grid: SCR's scores (`test_hf_scr.ref_scores` per grid: eager attention
+    probabilities of the text tokens after the image on the grid's tokens, summed over those
+    queries, mean over heads and layers)."""
+    if not any(isinstance(sp[3], list) for sp in spans):
+        return [[sc] for sc in ref_scores(model, inputs, spans, diag_layers)]
+    base = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(**inputs, output_attentions=True, use_cache=False).attentions
+    finally:
+        model.set_attn_implementation(base)
+    ids, pad = inputs["input_ids"], inputs["attention_mask"]
+    out = []
+    for sp in spans:
+        b, (s, e, grids) = sp[0], image_of(sp)
+        rows = [p for p in range(e, ids.shape[1]) if ids[b, p] != testing.IMAGE_TOKEN and pad[b, p]]
+        out.append([torch.stack([att[layer][b][:, rows][:, :, idx].double().sum(1).mean(0) for layer in diag_layers])
+                    .mean(0) if rows else None for idx, _, _ in grids])
+    return out
+
+
 def _scr_hook(module, args, kwargs):
     """SCR on the reference's prefill chunks: the image rows of the chunk that holds the image."""
     hidden = args[0] if args else kwargs["hidden_states"]
     if _S["scr"] is None or hidden.shape[1] == 1:
         return None
-    (s, e, gh, gw), scores, a = _S["scr"], _S["scr_scores"], _S["offset"]
+    (s, e, grids), scores, a = _S["scr"], _S["scr_scores"], _S["offset"]
     if not (a <= s and e <= a + hidden.shape[1]):
         return None
     hidden = hidden.clone()
-    hidden[0, s - a:e - a] = ref_redistribute(hidden[0, s - a:e - a], scores, gh, gw, exclude_border=True, **SCR_KW)
+    for (idx, gh, gw), sc in zip(grids, scores):  # each grid on its own
+        if sc is not None:
+            hidden[0, idx - a] = ref_redistribute(hidden[0, idx - a], sc, gh, gw, exclude_border=True, **SCR_KW)
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None):
+def layer_inv_freq(text, cfg, layer):
+    """The RoPE frequencies of one text layer: the rotary embedding's, or those of the layer's
+    type where each type has its own (Gemma 3)."""
+    rotary = text.rotary_emb
+    if hasattr(rotary, "inv_freq"):
+        return rotary.inv_freq.float()
+    return getattr(rotary, f"{cfg.layer_types[layer]}_inv_freq").float()
+
+
+def interleaved_sections(section, n):
+    """Qwen3-VL's interleaved M-RoPE written out: frequency f (of n) is height when f % 3 == 1 and
+    f < 3 * section[1], width when f % 3 == 2 and f < 3 * section[2], else temporal."""
+    return torch.tensor([1 if f % 3 == 1 and f < 3 * section[1] else 2 if f % 3 == 2 and f < 3 * section[2] else 0
+                         for f in range(n)])
+
+
+def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None, prefill_mask=None,
+                 text_extra=None):
     """The composed reference: new tokens [B, N_NEW] and each step's (contrasted) logits [B, V].
-    sample: None (greedy) or (seed, temperature)."""
+    sample: None (greedy) or (seed, temperature). prefill_mask(b, a, c): the text model's attention
+    mask for item b's prompt rows [a, c) (default: its 2-D padding mask, the text model makes it
+    causal). text_extra(b, a, c): more text-model arguments for those rows (Qwen3-VL's deepstack)."""
     use = {m: m in methods for m in METHODS}
     cfg = model.config.get_text_config(decoder=True)
     section = (cfg.rope_parameters or {}).get("mrope_section")
     B, T = inputs["input_ids"].shape
     emb, _ = text_model_inputs(model, inputs, 1)
     positions = _positions(model, family, inputs, N_NEW)                    # [S, B, T + N_NEW]
-    scores = ref_scores(model, inputs, spans, (0, 1)) if use["scr"] else None
+    scores = ref_grid_scores(model, inputs, spans, (0, 1)) if use["scr"] else None
     text, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
     mask = inputs["attention_mask"]
     branches = (False, True) if use["cmac"] else (False,)
     states = {(b, br): {"cache": DynamicCache(config=model.config), "queues": {}} for b in range(B) for br in branches}
-    _S.update(inv_freq=text.rotary_emb.inv_freq.float(), mrope_section=None if section is None else tuple(section),
+    _S.update(inv_freq=[layer_inv_freq(text, cfg, i) for i in range(len(text.layers))],
+              mrope_section=None if section is None else (
+                  interleaved_sections(section, text.rotary_emb.inv_freq.numel())
+                  if cfg.rope_parameters.get("mrope_interleaved") else tuple(section)),
               cmac=use["cmac"], kvsmooth=use["kvsmooth"], scr=None)
     base = cfg._attn_implementation
     model.set_attn_implementation({"text_config": "kvfix_test_stack_ref"})
@@ -185,8 +248,8 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
             for step in range(N_NEW):
                 step_logits = []
                 for b in range(B):
-                    (_, s, gh, gw), = [sp for sp in spans if sp[0] == b]
-                    e = s + gh * gw
+                    span, = [sp for sp in spans if sp[0] == b]
+                    s, e, grids = image_of(span)
                     pos = positions[:, b:b + 1]
                     out = []
                     for br in branches:
@@ -195,28 +258,31 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
 
                         def forward(x, a, c):
                             _S["offset"] = a
-                            p = pos[..., a:c] if family == "qwen" else pos[0, :, a:c]
-                            h = text(inputs_embeds=x, position_ids=p, attention_mask=m[:, :c],
-                                     past_key_values=st["cache"], use_cache=True)
+                            p = pos[..., a:c] if family.startswith("qwen") else pos[0, :, a:c]
+                            am = prefill_mask(b, a, c) if (prefill_mask is not None and step == 0) else m[:, :c]
+                            extra = text_extra(b, a, c) if (text_extra is not None and step == 0) else {}
+                            h = text(inputs_embeds=x, position_ids=p, attention_mask=am,
+                                     past_key_values=st["cache"], use_cache=True, **extra)
                             return head(h.last_hidden_state[:, -1])[0].float()
 
                         if step == 0:  # the prefill: split at the image end for DSCR
                             m = mask[b:b + 1]
-                            _S["scr"] = (s, e, gh, gw) if use["scr"] else None
-                            _S["scr_scores"] = scores[spans.index((b, s, gh, gw))] if use["scr"] else None
+                            _S["scr"] = (s, e, grids) if use["scr"] else None
+                            _S["scr_scores"] = scores[spans.index(span)] if use["scr"] else None
                             a = 0
                             for c in ([e, T] if use["dscr"] else [T]):
                                 logits = forward(emb[b:b + 1, a:c], a, c)
                                 a = c
                                 if use["dscr"] and c == e:
-                                    d = token_depth(maps[b], gh, gw).double()
-                                    co = kvfix.patch_coords(gh, gw).double()
-                                    for layer in LAYERS:
-                                        lay = st["cache"].layers[layer]
-                                        rk, rv = R.dscr_refine(lay.keys[:, :, s:e].double(),
-                                                               lay.values[:, :, s:e].double(), d, co)
-                                        lay.keys[:, :, s:e] = rk.float()
-                                        lay.values[:, :, s:e] = rv.float()
+                                    for idx, gh, gw in grids:  # each grid on its own, depth from the image's map
+                                        d = token_depth(maps[b], gh, gw).double()
+                                        co = kvfix.patch_coords(gh, gw).double()
+                                        for layer in LAYERS:
+                                            lay = st["cache"].layers[layer]
+                                            rk, rv = R.dscr_refine(lay.keys[:, :, idx].double(),
+                                                                   lay.values[:, :, idx].double(), d, co)
+                                            lay.keys[:, :, idx] = rk.float()
+                                            lay.values[:, :, idx] = rv.float()
                             _S["scr"] = None
                         else:
                             m = torch.cat([mask[b:b + 1], mask.new_ones(1, step)], dim=1)
@@ -242,7 +308,7 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
 # kvfix.hf
 
 def build(methods, fork, beta, order):
-    made = {"dscr": lambda: kvfix.hf.DSCR(), "kvsmooth": lambda: kvfix.hf.KVSmooth(layers=KS_LAYERS),
+    made = {"dscr": lambda: kvfix.hf.DSCR(), "kvsmooth": lambda: kvfix.hf.KVSmooth(layers=KS_LAYERS, lam_ref=0.9),
             "scr": lambda: kvfix.hf.SCR(**SCR_KW),
             "cmac": lambda: kvfix.hf.CMAC(alpha=ALPHA, beta=beta, gamma=GAMMA, fork_prefill=fork)}
     return [made[m]() for m in (methods if order == 1 else methods[::-1])]
@@ -282,20 +348,26 @@ def settings(methods):
     return (True, False) if "cmac" in methods else (True,)  # CMAC's fork_prefill
 
 
-def check_subset(model, family, methods, *, order=1, seed=0):
+def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt, prefill_mask=None, text_extra=None):
+    """prefill_mask(inputs), text_extra(inputs) -> the reference's prefill_mask, text_extra for that
+    prompt (see ref_generate)."""
+    pm = (lambda inputs: None) if prefill_mask is None else prefill_mask
+    te = (lambda inputs: None) if text_extra is None else text_extra
     # greedy, batch 2 left padded, image ends 5 apart: CMAC's forked prefill cuts item 0's image
-    inputs, spans = make_prompt(model, family, [(3, 3), (2, 8)], seed)
+    inputs, spans = prompt(model, family, [(3, 3), (2, 8)], seed)
     assert (inputs["attention_mask"] == 0).any()
     maps = depth_maps(len(spans), seed=seed)
-    ref = ref_generate(model, family, inputs, spans, methods, maps=maps)
+    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, prefill_mask=pm(inputs),
+                       text_extra=te(inputs))
     for fork in settings(methods):
         check(run(model, inputs, methods, maps, fork=fork, order=order), ref, inputs)
     # seeded sampling, one item whose question (45 tokens) is longer than the prompt up to the image end
-    inputs, spans = make_prompt(model, family, [(3, 45)], seed + 1)
-    end = spans[0][1] + spans[0][2] * spans[0][3]
+    inputs, spans = prompt(model, family, [(3, 45)], seed + 1)
+    end = image_of(spans[0])[1]
     assert inputs["input_ids"].shape[1] - end > end
     maps = depth_maps(1, seed=seed + 1)
-    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5))
+    ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5),
+                       prefill_mask=pm(inputs), text_extra=te(inputs))
     for fork in settings(methods):
         check(run(model, inputs, methods, maps, fork=fork, beta=0.05, sample=(seed + 7, 1.5), order=order),
               ref, inputs)

@@ -8,6 +8,7 @@ import torch
 from .. import ops
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
+from .models import frequency_sections
 
 __all__ = ["CMAC", "CMAC_PRESETS"]
 
@@ -57,8 +58,8 @@ def _attention_mask(mask, T: int):
     if mask.dim() == 2:  # a padding mask [B, T] (flash attention's mask function): 1 = attend
         return mask[:, None, None, :T].bool()
     mask = mask[..., :T]
-    if mask.dtype != torch.bool:  # transformers' "no attention" is finfo.min: make it -inf
-        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    if mask.dtype != torch.bool:
+        mask = _compat.mask_minus_inf(mask)
     return mask
 
 
@@ -207,9 +208,9 @@ class CMAC(Method):
         self.selected_layers: tuple[int, ...] = ()
         self._selected: frozenset = frozenset()
         self._handle: Handle | None = None
-        self._hooks: list = []
-        self._inv_freq: torch.Tensor | None = None
+        self._inv_freq: dict = {}   # layer -> the RoPE frequencies of that layer [D/2] float32
         self._mrope_section = None
+        self._perm = None           # interleaved RoPE sections: (frequency order, key columns, inverse)
 
     def __repr__(self):
         return (f"CMAC(alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, imd={self.imd}, "
@@ -224,16 +225,21 @@ class CMAC(Method):
         if not self.selected_layers:
             raise ValueError(f"CMAC selects no layer of the {L}-layer text model (layers={self.layers!r})")
         self._selected = frozenset(self.selected_layers)
-        self._inv_freq, self._mrope_section = _compat.rope_frequencies(handle.model)
+        freqs = [handle.adapter.rope_frequencies(layer) for layer in range(L)]
+        self._inv_freq = {layer: f for layer, (f, _) in enumerate(freqs)}
+        self._mrope_section = freqs[0][1]
+        self._perm = None
+        if handle.adapter.rope == "mrope_interleaved":
+            # kvfix.rope_calibrate takes contiguous sections: group the frequencies by section (a
+            # permutation of the rotary pairs (f, f + D/2), which CMPC rotates independently)
+            n = freqs[0][0].numel()
+            owner = frequency_sections(handle.adapter.rope, self._mrope_section, n)
+            perm = torch.sort(owner, stable=True).indices
+            self._perm = (perm, torch.cat([perm, perm + n]), torch.argsort(torch.cat([perm, perm + n])))
+            self._mrope_section = tuple(int((owner == s).sum()) for s in range(len(self._mrope_section)))
         self._handle = handle
-        text = _compat.text_model(handle.model)
-        self._hooks = [text.register_forward_pre_hook(self._text_inputs, with_kwargs=True),
-                       text.register_forward_hook(self._text_output, with_kwargs=True)]
 
     def unbind(self, handle: Handle) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
         self._handle = None
 
     def _state(self, ctx) -> _State | None:
@@ -248,7 +254,7 @@ class CMAC(Method):
     def on_prefill_start(self, ctx: ForwardContext) -> None:
         if ctx.pass_name != "main":
             return
-        if ctx.inputs.get("labels") is not None:
+        if _compat.has_labels(ctx.inputs):
             raise ValueError("kvfix.hf.CMAC changes the logits for decoding; forwards with labels (a loss) are "
                              "not supported: disable the handle or use handle.suspended()")
         if not ctx.images:
@@ -306,20 +312,12 @@ class CMAC(Method):
 
     # ---- the text model's inputs: [original; distorted] rows ---------------------------------
 
-    def _text_inputs(self, module, args, kwargs):
-        handle = self._handle
-        if handle is None or handle._suspended:
-            return None
-        ctx = handle._current_ctx()
+    def text_input(self, ctx, kwargs):
         st = self._state(ctx)
         if st is None:
             return None
-        if args:
-            raise TypeError("kvfix.hf.CMAC: the text model was called with positional arguments")
-        ref = kwargs.get("inputs_embeds")
-        if ref is None:
-            ref = kwargs.get("input_ids")
-        if ref is None or st.mode == "dist":  # "dist": the pass started by _text_output, as given
+        ref = _compat.text_tokens(kwargs)
+        if ref is None or st.mode == "dist":  # "dist": the pass started by text_output, as given
             return None
         kwargs = dict(kwargs)
         t = ref.shape[1]
@@ -328,28 +326,14 @@ class CMAC(Method):
             if ref.shape[0] != st.batch:
                 raise ValueError(f"kvfix.hf.CMAC: the text model got {ref.shape[0]} rows, the generation has "
                                  f"{st.batch} (a batch that changes size during generation is not supported)")
-            cache = kwargs.get("past_key_values")
-            if (self.fork_prefill and ctx.past_len == 0 and cache is not None and kwargs.get("use_cache") is not False
-                    and t >= 2):
+            if self.fork_prefill and ctx.past_len == 0 and _compat.writes_cache(kwargs) and t >= 2:
                 # forked prefill: the original rows now, the distorted rows after the split in
-                # _text_output (their prefix up to the first image end is the original's)
+                # text_output (their prefix up to the first image end is the original's)
                 st.mode, st.split, st.pending = "orig", min(max(st.min_end, 1), t - 1), dict(kwargs)
             else:
                 rows = 2 * st.batch
-                for name in ("inputs_embeds", "input_ids"):
-                    if kwargs.get(name) is not None:
-                        kwargs[name] = torch.cat([kwargs[name], kwargs[name]])
-                mask = kwargs.get("attention_mask")
-                if isinstance(mask, torch.Tensor):
-                    kwargs["attention_mask"] = torch.cat([mask, mask])
-                elif isinstance(mask, dict):
-                    kwargs["attention_mask"] = {k: (torch.cat([m, m]) if isinstance(m, torch.Tensor) else m)
-                                                for k, m in mask.items()}
-                pos = kwargs.get("position_ids")
-                if pos is not None:
-                    kwargs["position_ids"] = torch.cat([pos, pos], dim=_compat.position_batch_dim(pos))
-        sections = len(self._mrope_section) if self._mrope_section else 1
-        pos = _compat.rope_positions(kwargs.get("position_ids"), sections)
+                kwargs = _compat.text_inputs_doubled(kwargs)
+        pos = ctx.handle.adapter.rope_positions(kwargs.get("position_ids"))
         if pos is None:
             pos = torch.arange(ctx.past_len, ctx.past_len + t, device=ref.device).expand(1, rows, t)
         pos = pos.to(torch.int64)
@@ -359,44 +343,29 @@ class CMAC(Method):
             prev = st.positions
             S = max(prev.shape[0], pos.shape[0])
             st.positions = torch.cat([prev.expand(S, -1, -1), pos.expand(S, -1, -1)], dim=-1)
-        return args, kwargs
+        return kwargs
 
-    def _text_output(self, module, args, kwargs, output):
+    def text_output(self, ctx, module, kwargs, output):
         """End of the original rows' prefill pass (forked prefill): run the distorted rows on the
         prompt after the split, on a copy of the original's cache up to there, then append their
         cache rows and hidden states: from here on the text model holds 2B rows."""
-        handle = self._handle
-        if handle is None or handle._suspended:
-            return None
-        st = self._state(handle._current_ctx())
+        st = self._state(ctx)
         if st is None or st.mode != "orig":
             return None
         c, sub = st.split, st.pending
         st.pending = None
         cache = sub["past_key_values"]
-        fork = _compat.fork_cache(handle.model, cache, c)
-        for name in ("inputs_embeds", "input_ids"):
-            if sub.get(name) is not None:
-                sub[name] = sub[name][:, c:]
-        pos = sub.get("position_ids")
-        if pos is not None:
-            sub["position_ids"] = pos[..., c:]
-        mask = sub.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            sub["attention_mask"] = mask[:, :, c:]
-        elif isinstance(mask, dict):
-            sub["attention_mask"] = {k: (m[:, :, c:] if isinstance(m, torch.Tensor) and m.dim() == 4 else m)
-                                     for k, m in mask.items()}
-        sub["past_key_values"] = fork
+        fork = _compat.fork_cache(ctx.handle.model, cache, c)
+        sub = _compat.text_inputs_after(sub, c, fork)
         st.mode = "dist"
         try:
             out_d = module(**sub)
         finally:
             st.mode = "both"
         _compat.stack_cache_rows(cache, fork)
-        h = output.last_hidden_state
-        h_d = torch.cat([h[:, :c], out_d.last_hidden_state], dim=1)
-        output.last_hidden_state = torch.cat([h, h_d])
+        h = _compat.text_hidden(output)
+        h_d = torch.cat([h[:, :c], _compat.text_hidden(out_d)], dim=1)
+        _compat.set_text_hidden(output, torch.cat([h, h_d]))
         st.positions = torch.cat([st.positions, st.positions], dim=1)
         return output
 
@@ -406,10 +375,7 @@ class CMAC(Method):
         st = self._state(ctx)
         if st is None:
             return call_next(query, key, value, attention_mask, **kwargs)
-        scale = kwargs.get("scaling")
-        if scale is None:
-            scale = getattr(module, "scaling", None)
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        scale = _compat.attention_scale(module, kwargs, query.shape[-1])
         if layer_idx not in self._selected:
             if self.gate is not None and st.mode != "dist":
                 self._gate_term(st, layer_idx, query, key, None, scale, ctx.phase == "decode")
@@ -427,19 +393,22 @@ class CMAC(Method):
                              f"sliding-window layers): layer {layer_idx} has {T} keys for "
                              f"{ctx.past_len + ctx.q_len} positions")
         mask = _attention_mask(attention_mask, T)
+        # the model's mask with a row per query holds its causality (and exceptions to it: Gemma 3's
+        # bidirectional image blocks); without one (SDPA's causal path, a padding row), causal
+        causal = mask is None or mask.shape[-2] == 1
         with torch.no_grad():
             k_cal = self._calibrated(st, layer_idx, key, spans, lengths, ctx.phase == "decode")
             if self.gate is not None and st.mode != "dist":
                 self._gate_term(st, layer_idx, query, key, k_cal, scale, ctx.phase == "decode")
             if st.equal:
                 out = ops.cmac_attention(query, key, value, spans, k_calibrated=k_cal, scale=scale, mask=mask,
-                                         causal=True, imd=imd, value_mean=self.value_mean)
+                                         causal=causal, imd=imd, value_mean=self.value_mean)
             else:
                 out = torch.cat([
                     ops.cmac_attention(query[r:r + 1], key[r:r + 1], value[r:r + 1], spans[r:r + 1],
                                        k_calibrated=None if k_cal is None else k_cal[r], scale=scale,
                                        mask=None if mask is None else mask[r:r + 1] if mask.shape[0] > 1 else mask,
-                                       causal=True, imd=imd if isinstance(imd, bool) else imd[r:r + 1],
+                                       causal=causal, imd=imd if isinstance(imd, bool) else imd[r:r + 1],
                                        value_mean=self.value_mean)
                     for r in range(R)])
         return out.transpose(1, 2).contiguous(), None
@@ -453,9 +422,12 @@ class CMAC(Method):
         k_cal = st.k_cal.get(layer_idx)
         if k_cal is not None:
             return k_cal
-        inv_freq = self._inv_freq.to(key.device)
+        inv_freq = self._inv_freq[layer_idx].to(key.device)
         pos = st.positions.to(key.device)
         pos = pos[0] if pos.shape[0] == 1 else pos
+        if self._perm is not None:  # interleaved sections: calibrate with the frequencies grouped by section
+            freq_perm, cols, back = (t.to(key.device) for t in self._perm)
+            key, inv_freq = key[..., cols], inv_freq[freq_perm]
         if st.equal:
             k_cal = ops.rope_calibrate(key, spans, inv_freq, gamma=self.gamma, positions=pos,
                                        mrope_section=self._mrope_section, num_tokens=lengths[0])
@@ -464,6 +436,8 @@ class CMAC(Method):
                                         positions=pos[..., r:r + 1, :], mrope_section=self._mrope_section,
                                         num_tokens=lengths[r])
                      for r in range(key.shape[0])]
+        if self._perm is not None:
+            k_cal = k_cal[..., back] if st.equal else [k[..., back] for k in k_cal]
         if keep:
             st.k_cal[layer_idx] = k_cal
         return k_cal
@@ -517,9 +491,7 @@ class CMAC(Method):
         if not st.doubled:
             return
         out = ctx.output
-        logits = getattr(out, "logits", None)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError("kvfix.hf.CMAC needs the model's output with `.logits` (return_dict=True)")
+        logits = _compat.output_logits(out)
         B = st.batch
         if logits.shape[0] != 2 * B:
             raise ValueError(f"kvfix.hf.CMAC: the model returned {logits.shape[0]} rows of logits, expected {2 * B}")
@@ -532,9 +504,7 @@ class CMAC(Method):
                                              beta=self.beta).reshape(logits[:B].shape)
                 gated = self._gated(st).to(cd.device).view(B, *([1] * (cd.dim() - 1)))
                 cd = torch.where(gated, cut, cd)
-        out.logits = cd
-        for name in ("hidden_states", "attentions"):
-            val = getattr(out, name, None)
-            if isinstance(val, tuple):
-                setattr(out, name, tuple(x[:B] if isinstance(x, torch.Tensor) and x.shape[0] == 2 * B else x
-                                         for x in val))
+        _compat.set_output_logits(out, cd)
+        for name in _compat.output_row_fields(out):
+            setattr(out, name, tuple(x[:B] if isinstance(x, torch.Tensor) and x.shape[0] == 2 * B else x
+                                     for x in getattr(out, name)))

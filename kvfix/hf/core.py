@@ -8,12 +8,13 @@ import contextlib
 import inspect
 import warnings
 import weakref
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from . import _compat
-from .models import ImageSpan, Layout, adapter_for
+from .images import ImageInputs, resolve_images
+from .models import ImageSpan, adapter_for
 
 __all__ = ["Method", "ForwardContext", "Session", "Handle", "enable", "get_handle"]
 
@@ -50,6 +51,12 @@ class Method:
       flash, ...) keeps running underneath.
     - `layer_input(ctx, layer_idx, hidden_states) -> Tensor | None`: the residual stream entering
       each text decoder layer; return a replacement or None.
+    - `text_input(ctx, kwargs) -> dict | None`: the keyword arguments of a text-model forward
+      (`inputs_embeds`, `attention_mask`, `position_ids`, `past_key_values`, ...); return a
+      replacement dict (e.g. more rows) or None. Methods run in the enable order.
+    - `text_output(ctx, module, kwargs, output) -> output | None`: the text model's output
+      (`kwargs`: the inputs it ran on, after every `text_input`); return a replacement or None.
+      A method may run `module(**...)` again from here (its own hooks see that nested forward).
 
     The rows a hook sees need not be the forward's `B x q_len` tokens: a method may run the text
     model on more rows (CMAC: `[original; distorted]`, row r showing batch item r mod B) or on a
@@ -58,11 +65,9 @@ class Method:
     (`hidden_states.shape[1]`, `query.shape[2]`) sit at cache positions
     `[past_len + q_len - T, past_len + q_len)`. Slice by those positions, never by `past_len`
     alone (docs/STACKING.md).
-    - `wrap_generate(handle, generate, kwargs)`: used by `handle.generate(...)`; call
-      `generate(**kwargs)` or run your own loop (two-branch decoding).
 
-    `ctx` is None in `attention`/`layer_input` when the text model runs outside a forward of the
-    top-level model (the hooks only see forwards of the model given to `enable`).
+    `ctx` is None in the text-model hooks when the text model runs outside a forward of the
+    model's generation step (the hooks only see forwards of the model given to `enable`).
 
     `attention_innermost = True` puts a method's `attention` innermost in the chain whatever the
     enable order (a method that replaces the attention computation itself, CMAC, so that methods
@@ -100,8 +105,11 @@ class Method:
     def layer_input(self, ctx, layer_idx: int, hidden_states: torch.Tensor):
         return None
 
-    def wrap_generate(self, handle: "Handle", generate: Callable, kwargs: dict):
-        return generate(**kwargs)
+    def text_input(self, ctx, kwargs: dict):
+        return None
+
+    def text_output(self, ctx, module, kwargs: dict, output):
+        return None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -145,34 +153,6 @@ class ForwardContext:
         return self.session.state(method)
 
 
-class _ImageInputs:
-    def __init__(self, depth_maps):
-        if isinstance(depth_maps, str):
-            if depth_maps != "uniform":
-                raise ValueError(f'depth_maps must be tensors or "uniform", got {depth_maps!r}')
-            self.depth = "uniform"
-        elif depth_maps is None:
-            self.depth = None
-        elif isinstance(depth_maps, torch.Tensor):
-            if depth_maps.dim() == 2:
-                self.depth = [depth_maps]
-            elif depth_maps.dim() == 3:
-                self.depth = list(depth_maps.unbind(0))
-            else:
-                raise ValueError(f"depth_maps tensor must be [H, W] or [num_images, H, W], got {tuple(depth_maps.shape)}")
-        elif isinstance(depth_maps, (list, tuple)):
-            for i, d in enumerate(depth_maps):
-                if not isinstance(d, torch.Tensor):
-                    raise TypeError(f"depth_maps[{i}] must be a torch.Tensor, got {type(d).__name__}")
-            self.depth = list(depth_maps)
-        else:
-            raise TypeError(f"depth_maps must be a tensor, a list of tensors or \"uniform\", got {type(depth_maps).__name__}")
-        self.grids: list[Layout] | None = None  # resolved by the handle (needs the adapter)
-        self.cursor = 0  # depth maps consumed in the current session
-        self.grid_cursor = 0  # explicit grids consumed in the current session
-        self.max_used = 0
-
-
 # --------------------------------------------------------------------------------------------
 # handle
 
@@ -183,20 +163,22 @@ class Handle:
         self.model = model
         self.methods: tuple[Method, ...] = tuple(methods)
         self.adapter = adapter_for(model)
-        self.num_layers = _compat.num_text_layers(model)
+        self.num_layers = self.adapter.num_layers()
         self.session: Session | None = None
-        self._signature = inspect.signature(model.forward)
+        self._signature = inspect.signature(self.adapter.step_module().forward)
         self._varkw = next((p.name for p in self._signature.parameters.values()
                             if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self._hooks: list = []
         self._ctx_stack: list[ForwardContext] = []
-        self._images: _ImageInputs | None = None
+        self._images: ImageInputs | None = None
         self._pass_name = "main"
         self._suspended = 0
         self._base_attn: str | None = None
         attn = [m for m in self.methods if m.uses_attention or _overrides(m, "attention")]
         self._attn_methods = tuple(sorted(attn, key=lambda m: bool(m.attention_innermost)))  # stable
         self._layer_methods = tuple(m for m in self.methods if _overrides(m, "layer_input"))
+        self._text_in_methods = tuple(m for m in self.methods if _overrides(m, "text_input"))
+        self._text_out_methods = tuple(m for m in self.methods if _overrides(m, "text_output"))
         self._active = False
 
     # ---- public API ------------------------------------------------------------------------
@@ -224,9 +206,9 @@ class Handle:
         repeats every batch item (num_return_sequences / num_beams > 1), per-image inputs given
         for the original items are repeated the same way.
         """
-        inputs = _ImageInputs(depth_maps)
+        inputs = ImageInputs(depth_maps)
         if image_grid_thw is not None:
-            inputs.grids = _explicit_grids(self.adapter, image_grid_thw)
+            inputs.grids = self.adapter.explicit_layouts(image_grid_thw)
         self._images = inputs
 
     def clear_images(self) -> None:
@@ -247,18 +229,13 @@ class Handle:
                               f"{inputs.max_used} images", stacklevel=3)
 
     def generate(self, inputs=None, *, depth_maps=None, **kwargs):
-        """`model.generate(inputs, **kwargs)` inside `images(depth_maps)` (when given), letting
-        methods that own the decoding loop (`wrap_generate`) take over. Every keyword argument
-        other than `depth_maps` goes to `generate` (`image_grid_thw` included)."""
-        call = self.model.generate
+        """`model.generate(inputs, **kwargs)` inside `images(depth_maps)` (when given). Every
+        keyword argument other than `depth_maps` goes to `generate` (`image_grid_thw` included)."""
         if inputs is not None:
             kwargs["inputs"] = inputs
-        for m in reversed(self.methods):
-            if _overrides(m, "wrap_generate"):
-                call = (lambda m, nxt: (lambda **kw: m.wrap_generate(self, nxt, kw)))(m, call)
         ctx = self.images(depth_maps) if depth_maps is not None else contextlib.nullcontext()
         with ctx:
-            return call(**kwargs)
+            return self.model.generate(**kwargs)
 
     @contextlib.contextmanager
     def suspended(self):
@@ -326,11 +303,16 @@ class Handle:
                 m.bind(self)
                 m._kvfix_handle = self
                 bound.append(m)
-            self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-            self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+            step = self.adapter.step_module()
+            self._hooks.append(step.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._hooks.append(step.register_forward_hook(self._post_forward, with_kwargs=True))
             self._hooks.extend(self.adapter.hooks(self))
+            if self._text_in_methods or self._text_out_methods:
+                text = self.adapter.text_model()
+                self._hooks.append(text.register_forward_pre_hook(self._text_pre_hook, with_kwargs=True))
+                self._hooks.append(text.register_forward_hook(self._text_post_hook, with_kwargs=True))
             if self._layer_methods:
-                for i, layer in enumerate(_compat.decoder_layers(self.model)):
+                for i, layer in enumerate(self.adapter.decoder_layers()):
                     self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             if self._attn_methods:
                 self._install_attention()
@@ -353,10 +335,9 @@ class Handle:
             raise ValueError(f"the text model already uses {base!r}")
         name = _ATTN_PREFIX + base
         _compat.register_attention(name, _make_attention_entry(base), base)
-        for i, layer in enumerate(_compat.decoder_layers(self.model)):
-            for mod in layer.modules():
-                if hasattr(mod, "layer_idx") and mod is not layer:
-                    _ATTN_OWNERS[mod] = (self, i)
+        for i, layer in enumerate(self.adapter.decoder_layers()):
+            for mod in self.adapter.attention_modules(layer):
+                _ATTN_OWNERS[mod] = (self, i)
         _compat.set_text_attn_implementation(self.model, name)
         self._base_attn = base
 
@@ -376,12 +357,10 @@ class Handle:
         if self._suspended:
             return None
         inputs = self._bind(args, kwargs)
-        input_ids = inputs.get("input_ids")
-        embeds = inputs.get("inputs_embeds")
+        input_ids, embeds, cache, padding, _ = _compat.step_inputs(inputs)
         ref = input_ids if input_ids is not None else embeds
         if ref is None:
             return None
-        cache = inputs.get("past_key_values")
         past_len = _compat.cache_length(cache)
         q_len = int(ref.shape[1])
         main = self._pass_name == "main"
@@ -396,10 +375,10 @@ class Handle:
         ctx = ForwardContext(handle=self, model=self.model, pass_name=self._pass_name,
                              phase="prefill" if (q_len > 1 or past_len == 0) else "decode",
                              past_len=past_len, q_len=q_len, batch_size=int(ref.shape[0]), input_ids=input_ids,
-                             attention_mask=inputs.get("attention_mask"), cache=cache, images=[],
+                             attention_mask=padding, cache=cache, images=[],
                              inputs=inputs, output=None, session=self.session, _key=id(kwargs))
         if self.adapter.carries_images(inputs):
-            ctx.images = self._resolve_images(inputs, input_ids, past_len, record=main)
+            ctx.images = self._resolve_images(inputs, self.adapter.placeholder_ids(inputs), past_len, record=main)
         self._ctx_stack.append(ctx)
         try:
             if new_session:
@@ -427,7 +406,7 @@ class Handle:
         del self._ctx_stack[at:]
         ctx.output = output
         if ctx.cache is None:
-            ctx.cache = getattr(output, "past_key_values", None)
+            ctx.cache = _compat.output_cache(output)
         hook = "on_prefill_end" if ctx.phase == "prefill" else "on_decode_end"
         for m in self.methods:
             getattr(m, hook)(ctx)
@@ -436,23 +415,40 @@ class Handle:
     def _current_ctx(self):
         return self._ctx_stack[-1] if self._ctx_stack else None
 
+    def _text_pre_hook(self, module, args, kwargs):
+        if self._suspended or not self._text_in_methods:
+            return None
+        if args:
+            raise TypeError("kvfix.hf: the text model was called with positional arguments")
+        ctx, changed = self._current_ctx(), False
+        for m in self._text_in_methods:
+            new = m.text_input(ctx, kwargs)
+            if new is not None:
+                kwargs, changed = new, True
+        return (args, kwargs) if changed else None
+
+    def _text_post_hook(self, module, args, kwargs, output):
+        if self._suspended or not self._text_out_methods:
+            return None
+        ctx, changed = self._current_ctx(), False
+        for m in self._text_out_methods:
+            new = m.text_output(ctx, module, kwargs, output)
+            if new is not None:
+                output, changed = new, True
+        return output if changed else None
+
     def _layer_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
             if self._suspended:
                 return None
             ctx = self._current_ctx()
-            in_args = bool(args)
-            hidden = args[0] if in_args else kwargs.get("hidden_states")
+            hidden = _compat.layer_hidden(args, kwargs)
             changed = False
             for m in self._layer_methods:
                 new = m.layer_input(ctx, layer_idx, hidden)
                 if new is not None:
                     hidden, changed = new, True
-            if not changed:
-                return None
-            if in_args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
+            return _compat.with_layer_hidden(args, kwargs, hidden) if changed else None
         return hook
 
     def _dispatch_attention(self, layer_idx, base_fn, module, query, key, value, attention_mask, kwargs):
@@ -470,131 +466,18 @@ class Handle:
     # ---- images ----------------------------------------------------------------------------
 
     def _resolve_images(self, inputs: dict, input_ids, past_len: int, record: bool) -> list[ImageSpan]:
-        if input_ids is None:
-            raise ValueError("kvfix.hf needs input_ids to locate the image tokens (got inputs_embeds only)")
-        is_img = (input_ids == self.adapter.image_token_id).cpu()
-        n_tokens = int(is_img.sum())
-        if n_tokens == 0:
-            return []
         given = self._images if record else None
-        explicit = given.grids[given.grid_cursor:] if (given is not None and given.grids is not None) else None
-        layouts = self.adapter.layouts(inputs, n_tokens, explicit)
-        layouts, used = _match_layouts(layouts, n_tokens, explicit is not None, is_img, input_ids)
-
-        # contiguous runs of image tokens per batch item, split into images in order
-        spans, it = [], iter(layouts)
         first_index = len(self.session.images) if (record and self.session is not None) else 0
-        for b in range(is_img.shape[0]):
-            for s, e in _runs(is_img[b]):
-                while s < e:
-                    lay = next(it, None)
-                    if lay is None or s + lay.tokens > e:
-                        raise ValueError(f"batch item {b}: an image token run [{s}, {e}) does not split into whole "
-                                         f"images of the expected grids (an image cut across forward passes?)")
-                    spans.append(ImageSpan(index=first_index + len(spans), batch=b, start=past_len + s + lay.prefix,
-                                           gh=lay.gh, gw=lay.gw, prefix=lay.prefix))
-                    s += lay.tokens
-        if given is not None:
-            given.grid_cursor += used if explicit is not None else 0
-            if isinstance(given.depth, list):
-                left = len(given.depth) - given.cursor
-                src = _source_images(left, [sum(1 for sp in spans if sp.batch == b) for b in range(is_img.shape[0])],
-                                     input_ids)
-                if src is None:
-                    raise ValueError(f"{len(given.depth)} depth maps were given but the input has "
-                                     f"{given.cursor + len(spans)} images (one depth map per image, in order)")
-                for sp, i in zip(spans, src):
-                    sp.depth_map = given.depth[given.cursor + i]
-                given.cursor += max(src) + 1
-            elif given.depth == "uniform":
-                for sp in spans:
-                    sp.depth_map = "uniform"
-            given.max_used = max(given.max_used, given.cursor)
+        spans = resolve_images(self.adapter, inputs, input_ids, past_len, given, first_index)
         if record and self.session is not None:
             self.session.images.extend(spans)
         return spans
 
 
-def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of the runs of True in a 1-D bool tensor."""
-    pos = torch.nonzero(row).flatten().tolist()
-    runs, i = [], 0
-    while i < len(pos):
-        j = i
-        while j + 1 < len(pos) and pos[j + 1] == pos[j] + 1:
-            j += 1
-        runs.append((pos[i], pos[j] + 1))
-        i = j + 1
-    return runs
-
-
-def _repeat_factor(total: int, n_src: int, input_ids) -> int | None:
-    """k when the batch is each of B / k items repeated k times in a row (what generate does for
-    num_return_sequences / num_beams > 1) and `total == k * n_src`; else None."""
-    if n_src <= 0 or total % n_src or total == n_src:
-        return None
-    k = total // n_src
-    B = input_ids.shape[0]
-    if B % k:
-        return None
-    blocks = input_ids.reshape(B // k, k, -1)
-    return k if bool((blocks == blocks[:, :1]).all()) else None
-
-
-def _source_images(n_src: int, per_row: list[int], input_ids) -> list[int] | None:
-    """For each image of the batch (row-major), the index of its per-image input among `n_src`:
-    one each in order, or, when generate repeated every item k times, item i's inputs k times."""
-    total = sum(per_row)
-    if n_src >= total:
-        return list(range(total))
-    k = _repeat_factor(total, n_src, input_ids)
-    if k is None:
-        return None
-    src, p = [], 0
-    for i in range(0, len(per_row), k):
-        src += list(range(p, p + per_row[i])) * k
-        p += per_row[i]
-    return src
-
-
-def _match_layouts(layouts, n_tokens: int, explicit: bool, is_img, input_ids):
-    """The layouts of this forward's images in order, and how many of `layouts` were used."""
-    total, count = 0, 0
-    while count < len(layouts) and total < n_tokens:
-        total += layouts[count].tokens
-        count += 1
-    if total == n_tokens and (explicit or count == len(layouts)):
-        return layouts[:count], count
-    have = sum(lay.tokens for lay in layouts)
-    k = _repeat_factor(n_tokens, have, input_ids)
-    if k is not None:  # items repeated by generate: each copy of item i takes item i's grids
-        out, p = [], 0
-        for i in range(0, is_img.shape[0], k):
-            t, start = int(is_img[i].sum()), p
-            while t > 0 and p < len(layouts):
-                t -= layouts[p].tokens
-                p += 1
-            if t != 0:
-                break
-            out += layouts[start:p] * k
-        else:
-            if p == len(layouts):
-                return out, p
-    raise ValueError(f"the image grids account for {have} tokens but the input has {n_tokens} image tokens")
-
-
-def _explicit_grids(adapter, image_grid_thw) -> list[Layout]:
-    from .models import QwenVLAdapter, _grid_list
-    if not isinstance(adapter, QwenVLAdapter):
-        raise ValueError("image_grid_thw applies to Qwen2-VL models; LLaVA's grid comes from its vision config")
-    return _grid_list(image_grid_thw, adapter.merge, "image_grid_thw")
-
-
 def _make_attention_entry(base: str):
     def kvfix_attention(module, query, key, value, attention_mask, *args, **kwargs):
         base_fn = _compat.base_attention(base)
-        if args:  # transformers passes these by keyword; accept the positional form too
-            kwargs.update(zip(("scaling", "dropout"), args))
+        kwargs = _compat.attention_kwargs(args, kwargs)
         owner = _ATTN_OWNERS.get(module)
         if owner is None or owner[0]._suspended:
             return base_fn(module, query, key, value, attention_mask, **kwargs)

@@ -8,7 +8,7 @@ from .. import ops
 from ..geometry import check_depth_scale, check_grid_unit, patch_depth
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
-from .models import ImageSpan
+from .models import GridSpan, ImageSpan
 
 __all__ = ["DSCR"]
 
@@ -83,9 +83,12 @@ class DSCR(Method):
     the distorted rows before decoding).
 
     After each run, `last_images` lists the ImageSpans refined in the latest generation,
-    `last_algorithms` the algorithm used for each ("structured" or "dense"), `refine_calls`
-    counts images refined (one per image and forward that carries it) and `kernel_calls` the
-    calls into the DSCR op (one per image, selected layer and attention pass).
+    `last_algorithms` the algorithm used for each grid ("structured" or "dense"; one per image
+    for single-grid models), `refine_calls` counts images refined (one per image and forward
+    that carries it) and `kernel_calls` the calls into the DSCR op (one per grid, selected layer
+    and attention pass). Each grid of an image is refined on its own (its `gh x gw` tokens; a
+    row stride skips row-end tokens, which stay as they are), with the part of the image's depth
+    map the grid shows (`Grid.region`, docs/ADAPTERS.md).
     """
 
     name = "dscr"
@@ -125,6 +128,8 @@ class DSCR(Method):
         return self.sigma_d, self.sigma_s, self.alpha, self.beta
 
     def bind(self, handle: Handle) -> None:
+        if not handle.adapter.grid_support:
+            raise ValueError(f"kvfix.hf.DSCR needs images on a patch grid: {handle.adapter.grid_refusal}")
         L = handle.num_layers
         self.selected_layers = resolve_layers(self.layers, L, L // 4)
         if not self.selected_layers:
@@ -145,8 +150,10 @@ class DSCR(Method):
         self._fw = None
         if not ctx.images:
             return
-        depths = [self._token_depth(img) for img in ctx.images]  # fail before the forward runs, not after
-        self._fw = _Forward(ctx, depths, store=ctx.inputs.get("use_cache") is not False)
+        for img in ctx.images:  # fail before the forward runs, not after
+            self._check_depth(img)
+        depths = [self._token_depth(g) for img in ctx.images for g in img.grids]
+        self._fw = _Forward(ctx, depths, store=_compat.step_inputs(ctx.inputs)[4] is not False)
 
     def on_prefill_end(self, ctx: ForwardContext) -> None:
         fw = self._fw
@@ -160,10 +167,11 @@ class DSCR(Method):
             with torch.no_grad():
                 for layer, entries in fw.pending.items():
                     keys, values = _compat.layer_kv(ctx.cache, layer, needed)
-                    for img, rows, k_hat, v_hat in entries:
-                        keys[rows, :, img.start:img.end] = k_hat
+                    for g, rows, k_hat, v_hat in entries:
+                        cols = g.cols(0, keys.device)
+                        keys[rows, :, cols] = k_hat
                         if v_hat is not None:
-                            values[rows, :, img.start:img.end] = v_hat
+                            values[rows, :, cols] = v_hat
         routes = next(iter(fw.routes.values()))
         self.last_images.extend(ctx.images)
         self.last_algorithms.extend(r[0] for r in routes)
@@ -189,18 +197,19 @@ class DSCR(Method):
         with torch.no_grad():
             refined = self._refine(fw, key, None if self.keys_only else value, R, B)
         if store:
-            fw.pending[layer_idx] = [(img, rows, k_hat, v_hat) for (img, _, rows, k_hat, v_hat) in refined]
+            fw.pending[layer_idx] = [(g, rows, k_hat, v_hat) for (g, _, rows, k_hat, v_hat) in refined]
         out = call_next(query, key, value, attention_mask, **kwargs) if lo == 0 else None
         if hi == 0:
             return out
         k_lvl = key.clone()
         v_lvl = value if self.keys_only else value.clone()
         for j in range(1, hi + 1):
-            for img, order, rows, k_hat, v_hat in refined:
+            for g, order, rows, k_hat, v_hat in refined:
                 if order == j:
-                    k_lvl[rows, :, img.start:img.end] = k_hat
+                    cols = g.cols(0, k_lvl.device)
+                    k_lvl[rows, :, cols] = k_hat
                     if v_hat is not None:
-                        v_lvl[rows, :, img.start:img.end] = v_hat
+                        v_lvl[rows, :, cols] = v_hat
             if j < lo:
                 continue
             res = call_next(query, k_lvl, v_lvl, attention_mask, **kwargs)
@@ -208,14 +217,15 @@ class DSCR(Method):
         return out
 
     def _refine(self, fw: "_Forward", key, value, R: int, B: int) -> list:
-        """[(image, its order in its item, rows, k_hat, v_hat)] for this layer's keys/values."""
+        """[(grid, its image's order in its item, rows, k_hat, v_hat)] for this layer's keys/values."""
         routes = fw.route(self, key.device, key.dtype)
         out = []
-        for img, order, route in zip(fw.ctx.images, fw.order, routes):
-            rows = slice(img.batch, R, B)
-            k = key[rows, :, img.start:img.end]
-            v = None if value is None else value[rows, :, img.start:img.end]
-            out.append((img, order, rows) + _apply(route, k, v, self._params))
+        for g, order, route in zip(fw.grids, fw.order, routes):
+            rows = slice(g.batch, R, B)
+            cols = g.cols(0, key.device)  # a row stride (row-end tokens between the rows): gathered
+            k = key[rows, :, cols]
+            v = None if value is None else value[rows, :, cols]
+            out.append((g, order, rows) + _apply(route, k, v, self._params))
             self.kernel_calls += 1
         return out
 
@@ -235,22 +245,24 @@ class DSCR(Method):
         if d.dtype == torch.bool or d.is_complex():
             raise TypeError(f"depth map of image {img.index} must be real-valued, got {d.dtype}")
         if d.dim() == 1:
-            if d.numel() != img.length:
+            if len(img.grids) != 1 or d.numel() != img.grids[0].length:
                 raise ValueError(f"depth map of image {img.index} is 1-D with {d.numel()} values; a per-token "
-                                 f"depth needs gh * gw = {img.length}")
+                                 f"depth needs gh * gw = {img.grids[0].length if img.grids else 0} values of the "
+                                 f"image's one grid (it has {len(img.grids)})")
         elif d.dim() != 2:
             raise ValueError(f"depth map of image {img.index} must be [H, W] or [N], got {tuple(d.shape)}")
         if d.numel() == 0 or not bool(torch.isfinite(d.float()).all()):
             raise ValueError(f"depth map of image {img.index} is empty or has non-finite values")
 
-    def _token_depth(self, img: ImageSpan) -> torch.Tensor:
-        self._check_depth(img)
-        d = img.depth_map
+    def _token_depth(self, g: GridSpan) -> torch.Tensor:
+        """The per-token depth of one grid: the part of its image's depth map the grid shows
+        (`g.region`), area-pooled to the grid."""
+        d = g.depth_map
         if d is None or isinstance(d, str):
-            return torch.zeros(img.length, dtype=torch.float32)
+            return torch.zeros(g.length, dtype=torch.float32)
         if d.dim() == 1:
             return d.to(torch.float32)
-        return patch_depth(d, img.gh, img.gw, scale=self.depth_scale)
+        return patch_depth(_crop(d, g.region), g.gh, g.gw, scale=self.depth_scale)
 
 
 class _Forward:
@@ -258,26 +270,28 @@ class _Forward:
 
     def __init__(self, ctx: ForwardContext, depths: list, store: bool):
         self.ctx = ctx
-        self.depths = depths        # per image: float32 [N]
+        self.grids = [g for img in ctx.images for g in img.grids]
+        self.depths = depths        # per grid: float32 [N]
         self.store = store          # keep the refined spans for the cache (not with use_cache=False)
-        self.pending: dict = {}     # layer -> [(image, rows, k_hat, v_hat)], written into the cache at the end
-        self.routes: dict = {}      # (device, dtype) -> per image: what the op runs (ops._dscr_route)
+        self.pending: dict = {}     # layer -> [(grid, rows, k_hat, v_hat)], written into the cache at the end
+        self.routes: dict = {}      # (device, dtype) -> per grid: what the op runs (ops._dscr_route)
         self._levels: dict = {}     # (R, Tq, offset, device) -> (level [R, Tq], min, max)
         ends: dict[int, list] = {}
         for img in ctx.images:
             ends.setdefault(img.batch, []).append(img.end)
         self.ends = {b: sorted(e) for b, e in ends.items()}
-        # 1-based rank of each image's end among its item's images
-        self.order = [self.ends[img.batch].index(img.end) + 1 for img in ctx.images]
+        # per grid: the 1-based rank of its image's end among its item's images (the split prefill
+        # refines every grid of an image at the image's end)
+        self.order = [self.ends[g.batch].index(g.image.end) + 1 for g in self.grids]
 
     def route(self, dscr: DSCR, device, dtype) -> list:
         key = (device, dtype)
         routes = self.routes.get(key)
         if routes is None:
             routes = self.routes[key] = [
-                ops._dscr_route(1, img.length, device, dtype, d.to(device), (img.gh, img.gw), dscr.method, dscr._params,
+                ops._dscr_route(1, g.length, device, dtype, d.to(device), (g.gh, g.gw), dscr.method, dscr._params,
                                 dscr.grid_unit)
-                for img, d in zip(self.ctx.images, self.depths)]
+                for g, d in zip(self.grids, self.depths)]
         return routes
 
     def levels(self, R: int, Tq: int, offset: int, device):
@@ -295,6 +309,17 @@ class _Forward:
             level = (ends[:, None, :] <= pos[None, :, None]).sum(-1)
             got = self._levels[key] = (level.to(device), int(level.min()), int(level.max()))
         return got
+
+
+def _crop(d: torch.Tensor, region) -> torch.Tensor:
+    """The part `region = (top, left, bottom, right)` (fractions) of a depth map [H, W]."""
+    if tuple(region) == (0.0, 0.0, 1.0, 1.0):
+        return d
+    H, W = d.shape
+    top, left, bottom, right = region
+    y0, x0 = int(round(top * H)), int(round(left * W))
+    y1, x1 = max(int(round(bottom * H)), y0 + 1), max(int(round(right * W)), x0 + 1)
+    return d[y0:y1, x0:x1]
 
 
 def _apply(route, k, v, params):

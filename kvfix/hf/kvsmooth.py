@@ -1,7 +1,6 @@
 """KVSmooth as a kvfix.hf method: entropy-guided EMA of the KV cache while decoding (SPEC §2)."""
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 
@@ -15,11 +14,10 @@ __all__ = ["KVSmooth", "KVSMOOTH_PRESETS"]
 
 # lam_ref per model family, the paper's values (CVPR 2026, arXiv 2602.04268).
 KVSMOOTH_PRESETS = {"llava-1.5": 0.9, "minigpt-4": 0.5, "instructblip": 0.7}
-# The preset a supported model family gets when neither lam_ref nor preset is given. kvfix.hf runs
-# LLaVA and Qwen2-VL / Qwen2.5-VL; the paper gives no value for Qwen2-VL, which takes the LLaVA-1.5
-# value (the closest architecture the paper tuned: a LLaMA-style decoder over projected patch
-# tokens). Override with lam_ref=... or preset=....
-_FAMILY_PRESET = {"llava": "llava-1.5", "qwen2_vl": "llava-1.5"}
+# The preset a model family gets when neither lam_ref nor preset is given is its adapter's
+# `kvsmooth_preset` (models.py): the paper gives no value for Qwen2-VL and the newer families,
+# which take the LLaVA-1.5 value (the closest architecture the paper tuned: a LLaMA-style decoder
+# over projected patch tokens). Override with lam_ref=... or preset=....
 
 
 class KVSmooth(Method):
@@ -108,7 +106,7 @@ class KVSmooth(Method):
         if self.lam_ref is not None:
             self.resolved_lam_ref = self.lam_ref
         else:
-            preset = self.preset or _FAMILY_PRESET.get(handle.adapter.family, "llava-1.5")
+            preset = self.preset or handle.adapter.kvsmooth_preset
             self.resolved_lam_ref = KVSMOOTH_PRESETS[preset]
 
     def on_session_start(self, ctx: ForwardContext) -> None:
@@ -165,16 +163,12 @@ class KVSmooth(Method):
             if mask.dim() == 4 and mask.shape[-1] != n:
                 mask = mask[..., :n]
             if mask.dtype != torch.bool:
-                # transformers' additive masks use finfo.min for "no attention": make that -inf so
-                # the kernel treats those positions as padding (no part, no EMA across them)
-                mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
-        scale = kwargs.get("scaling")
-        if scale is None:
-            scale = getattr(module, "scaling", None)
-        if scale is None:
-            scale = 1.0 / math.sqrt(query.shape[-1])
+                # "no attention" as -inf: the kernel treats those positions as padding (no part,
+                # no EMA across them)
+                mask = _compat.mask_minus_inf(mask)
+        scale = _compat.attention_scale(module, kwargs, query.shape[-1])
         with torch.no_grad():
-            lam = ops.kvsmooth_step_(query, k, v, queue, scale=float(scale), mask=mask, lam_ref=self.resolved_lam_ref,
+            lam = ops.kvsmooth_step_(query, k, v, queue, scale=scale, mask=mask, lam_ref=self.resolved_lam_ref,
                                      band=self.band)
         self.steps += 1
         if self.record_lam:

@@ -8,15 +8,11 @@ import torch
 from .. import ops
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
-from .models import ImageSpan
+from .models import GridSpan
 
 __all__ = ["SCR"]
 
 _PASS = "scr_diagnostic"
-
-
-class _DiagnosticDone(Exception):
-    """Raised from the last diagnostic layer's attention to end the diagnostic pass there."""
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -40,8 +36,8 @@ class SCR(Method):
        (image tokens of later images and padding excluded), the keys are all positions, with
        the model's scale and its causal / padding mask. The scores (attention mass per patch,
        summed over those queries, averaged over query heads) are averaged over the diagnostic
-       layers. The pass stops inside the last diagnostic layer (later layers never run) and
-       its cache is dropped.
+       layers. Only the layers up to the last diagnostic one run (the text model's layer
+       list is cut to them for the pass, and restored after); its output and cache are dropped.
     2. the real prefill: the hidden states of each image's tokens entering every
        redistribution layer go through `kvfix.scr_redistribute_` on the image's patch grid
        (LLaVA: the square patch grid; Qwen2-VL / Qwen2.5-VL: the merged grid of
@@ -96,7 +92,7 @@ class SCR(Method):
         self.diagnostic_layers = check_layers(diagnostic_layers)
         self.selected_layers: tuple[int, ...] = ()
         self.selected_diagnostic_layers: tuple[int, ...] = ()
-        self.last_scores: list[tuple[ImageSpan, torch.Tensor]] = []
+        self.last_scores: list[tuple[GridSpan, torch.Tensor]] = []
         self.diagnostic_passes = 0
         self.redistribute_calls = 0
         self._redistribute: frozenset = frozenset()
@@ -111,6 +107,8 @@ class SCR(Method):
     # ---- lifecycle -------------------------------------------------------------------------
 
     def bind(self, handle: Handle) -> None:
+        if not handle.adapter.grid_support:
+            raise ValueError(f"kvfix.hf.SCR needs images on a patch grid: {handle.adapter.grid_refusal}")
         L = handle.num_layers
         self.selected_layers = (tuple(range(1, min(5, L))) if self.layers is None
                                 else resolve_layers(self.layers, L, 1))
@@ -138,11 +136,12 @@ class SCR(Method):
         if ctx.pass_name != "main" or not ctx.images:
             return
         self._pending = None
-        queries = self._query_positions(ctx)
-        scores = [None] * len(ctx.images)
+        grids = [g for img in ctx.images for g in img.grids]
+        queries = self._query_positions(ctx, grids)
+        scores = [None] * len(grids)
         if any(q is not None for q in queries):
-            scores = self._diagnose(ctx, queries)
-        entries = [(img, s) for img, s in zip(ctx.images, scores) if s is not None]
+            scores = self._diagnose(ctx, grids, queries)
+        entries = [(g, s) for g, s in zip(grids, scores) if s is not None]
         self.last_scores = [(img, s[0]) for img, s in entries]
         # the redistributed spans per (layer, image) of this prefill, for a later partial pass
         self._pending = (ctx, entries, {})
@@ -151,44 +150,40 @@ class SCR(Method):
         if self._pending is not None and self._pending[0] is ctx:
             self._pending = None
 
-    def _query_positions(self, ctx: ForwardContext) -> list:
-        """Per image, a long tensor of its query positions (text tokens after the span; indices
+    def _query_positions(self, ctx: ForwardContext, grids: list) -> list:
+        """Per grid, a long tensor of its query positions (text tokens after its image; indices
         into this forward's tokens, cache position - past_len), or None."""
         ids = ctx.input_ids
         text = ids != ctx.handle.adapter.image_token_id
         if ctx.attention_mask is not None and ctx.attention_mask.dim() == 2:
             text &= ctx.attention_mask[:, -ids.shape[1]:].to(torch.bool)
         out = []
-        for img in ctx.images:
-            after = text[img.batch].clone()
-            after[:img.end - ctx.past_len] = False
+        for g in grids:
+            after = text[g.batch].clone()
+            after[:g.image.end - ctx.past_len] = False
             pos = torch.nonzero(after).flatten()
             out.append(pos if pos.numel() else None)
         return out
 
-    def _diagnose(self, ctx: ForwardContext, queries: list) -> list:
+    def _diagnose(self, ctx: ForwardContext, grids: list, queries: list) -> list:
         last = max(self.selected_diagnostic_layers)
-        kwargs = {k: v for k, v in ctx.inputs.items() if k != "labels"}
-        kwargs.update(output_attentions=False, output_hidden_states=False)
-        if ctx.past_len:  # a continued prompt: the diagnostic layers' cached prefix, copied
-            kwargs.update(past_key_values=_compat.prefix_cache(ctx.cache, last + 1, ctx.past_len), use_cache=True)
-        else:
-            kwargs.update(past_key_values=None, use_cache=False)
-        self._diag = {"images": ctx.images, "queries": queries, "sums": [None] * len(ctx.images), "last": last,
+        # a continued prompt runs on a copy of the diagnostic layers' cached prefix
+        prefix = _compat.prefix_cache(ctx.cache, last + 1, ctx.past_len) if ctx.past_len else None
+        kwargs = _compat.diagnostic_inputs(ctx.inputs, prefix)
+        self._diag = {"grids": grids, "queries": queries, "sums": [None] * len(grids), "seen": set(),
                       "offset": ctx.past_len}
-        handle = ctx.handle
+        adapter = ctx.handle.adapter
         try:
-            with torch.no_grad(), handle.auxiliary_pass(_PASS):
-                try:
-                    handle.model(**kwargs)
-                except _DiagnosticDone:
-                    pass
-                else:
-                    raise RuntimeError("kvfix.hf.SCR: the diagnostic pass ran to the end without reaching its "
-                                       "last diagnostic layer's attention")
-            sums = self._diag["sums"]
+            # only the layers up to the last diagnostic one run; the pass's output is dropped
+            with (torch.no_grad(), ctx.handle.auxiliary_pass(_PASS),
+                  _compat.first_layers(adapter.text_model(), last + 1)):
+                adapter.step_module()(**kwargs)
+            sums, seen = self._diag["sums"], self._diag["seen"]
         finally:
             self._diag = None
+        if seen != self._diagnostic:
+            raise RuntimeError(f"kvfix.hf.SCR: the diagnostic pass ran the attention of layers {sorted(seen)}, "
+                               f"expected {sorted(self._diagnostic)}")
         self.diagnostic_passes += 1
         n = len(self.selected_diagnostic_layers)
         return [None if s is None else s / n for s in sums]
@@ -197,21 +192,20 @@ class SCR(Method):
         diag = self._diag
         if diag is None or ctx is None or ctx.pass_name != _PASS or layer_idx not in self._diagnostic:
             return call_next(query, key, value, attention_mask, **kwargs)
-        scale = kwargs.get("scaling")
-        if scale is None:
-            scale = getattr(module, "scaling", None)
+        scale = _compat.attention_scale(module, kwargs, query.shape[-1])
         with torch.no_grad():
-            for i, (img, pos) in enumerate(zip(diag["images"], diag["queries"])):
+            for i, (img, pos) in enumerate(zip(diag["grids"], diag["queries"])):
                 if pos is None:
                     continue
                 b = img.batch
                 pos = pos.to(query.device)
                 mask = _query_mask(attention_mask, b, pos, diag["offset"], key.shape[-2])
                 s = ops.scr_scores(query[b:b + 1, :, pos], key[b:b + 1], (img.start, img.end),
-                                   scale=None if scale is None else float(scale), mask=mask)
+                                   scale=scale, mask=mask)
+                if not img.contiguous:  # the grid's tokens among those of its extent (full softmax rows)
+                    s = s[:, img.cols(img.start, s.device)]
                 diag["sums"][i] = s if diag["sums"][i] is None else diag["sums"][i] + s
-        if layer_idx == diag["last"]:
-            raise _DiagnosticDone()
+        diag["seen"].add(layer_idx)
         return call_next(query, key, value, attention_mask, **kwargs)
 
     # ---- pass 2: redistribution ------------------------------------------------------------
@@ -238,10 +232,13 @@ class SCR(Method):
                     out = hidden_states.clone()  # not in place: the input may be referenced (output_hidden_states)
                 rows = slice(img.batch, R, B)  # every row showing the item (CMAC: [original; distorted])
                 if a == img.start and e == img.end:
-                    seg = out[rows, img.start - off:img.end - off]  # a view: written in place
+                    cols = img.cols(off, out.device)
+                    seg = out[rows, cols]  # a view (contiguous grid), else a copy written back below
                     for r in range(seg.shape[0]):
                         ops.scr_redistribute_(seg[r:r + 1], scores, (img.gh, img.gw), top_k=self.top_k,
                                               lam=self.lam, exclude_border=self.exclude_border)
+                    if not img.contiguous:
+                        out[rows, cols] = seg
                     kept[(layer_idx, i)] = seg[0].clone()
                     self.redistribute_calls += 1
                     continue
@@ -252,7 +249,9 @@ class SCR(Method):
                 if full is None:
                     raise RuntimeError(f"kvfix.hf.SCR: layer {layer_idx} sees image {img.index} from position {a} "
                                        f"on, without a forward over its whole span [{img.start}, {img.end}) first")
-                out[rows, a - off:e - off] = full[a - img.start:e - img.start]
+                pos = img.positions(out.device)
+                present = (pos >= off) & (pos < off + T)
+                out[rows, pos[present] - off] = full[present]
         return out
 
 
@@ -269,6 +268,5 @@ def _query_mask(attention_mask, b: int, pos: torch.Tensor, offset: int, T: int) 
         return (causal & attention_mask[b, :T].to(torch.bool)[None, :])[None, None]
     m = attention_mask[b:b + 1][..., :T]
     if m.shape[-2] == 1:  # one row for every query: padding only, add causality
-        keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-        return keep & causal
+        return _compat.mask_keep(m) & causal
     return m.index_select(-2, pos)

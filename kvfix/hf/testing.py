@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_qwen2_vl", "llava_prompt", "qwen_prompt", "IMAGE_TOKEN", "PAD"]
+__all__ = ["tiny_llava", "tiny_qwen2_vl", "tiny_instructblip", "tiny_gemma3", "tiny_llava_next", "llava_prompt",
+           "qwen_prompt", "llava_next_prompt", "LLAVA_NEXT_IMAGES", "LLAVA_ONEVISION_IMAGES",
+           "instructblip_prompt", "gemma3_prompt", "IMAGE_TOKEN", "PAD"]
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
@@ -22,8 +24,10 @@ _VOCAB = 128
 
 def _finish(model):
     model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
+    for m in (model, getattr(model, "language_model", None)):  # InstructBLIP generates with its language model
+        if getattr(m, "generation_config", None) is not None:
+            m.generation_config.eos_token_id = None
+            m.generation_config.pad_token_id = PAD
     return model
 
 
@@ -49,8 +53,9 @@ def tiny_llava(*, num_layers: int = 4, seed: int = 0, strategy: str = "default",
 
 def tiny_qwen2_vl(*, num_layers: int = 4, seed: int = 0, version: str = "2", hidden: int = 32, heads: int = 4,
                   kv_heads: int = 2):
-    """Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration ("2.5"):
-    patch 4, merge 2, temporal patch 2 (pixel rows of 96 values)."""
+    """Qwen2VLForConditionalGeneration (version "2"), Qwen2_5_VLForConditionalGeneration ("2.5") or
+    Qwen3VLForConditionalGeneration ("3": interleaved multi-section RoPE, deepstack features into
+    layers 0 and 1): patch 4, merge 2, temporal patch 2 (pixel rows of 96 values)."""
     import transformers
     tc = dict(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
@@ -63,13 +68,63 @@ def tiny_qwen2_vl(*, num_layers: int = 4, seed: int = 0, version: str = "2", hid
     elif version == "2.5":
         cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
         vc.update(out_hidden_size=hidden, intermediate_size=64, window_size=8, fullatt_block_indexes=[1])
+    elif version == "3":
+        cfg_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+        tc.update(head_dim=hidden // heads)
+        tc["rope_parameters"] = dict(tc["rope_parameters"], mrope_interleaved=True)
+        vc = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=hidden, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
     else:
-        raise ValueError(f'version must be "2" or "2.5", got {version!r}')
+        raise ValueError(f'version must be "2", "2.5" or "3", got {version!r}')
     cfg = cfg_cls(text_config=tc, vision_config=vc, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
                   vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(cfg)
+    return _finish(model)
+
+
+def tiny_instructblip(*, num_layers: int = 4, seed: int = 0, queries: int = 4, hidden: int = 32, heads: int = 4,
+                      kv_heads: int = 2):
+    """InstructBlipForConditionalGeneration: BLIP vision (16 x 16 images, 2 x 2 patches), a one-layer
+    Q-Former with `queries` query tokens, Llama text model (1-D RoPE)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
+    from transformers.models.instructblip.configuration_instructblip import (InstructBlipQFormerConfig,
+                                                                              InstructBlipVisionConfig)
+    vc = InstructBlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=16, patch_size=8)
+    qc = InstructBlipQFormerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64, pad_token_id=PAD)
+    tc = LlamaConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                     pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cfg = InstructBlipConfig(vision_config=vc.to_dict(), qformer_config=qc.to_dict(), text_config=tc.to_dict(),
+                             num_query_tokens=queries, image_token_index=IMAGE_TOKEN)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InstructBlipForConditionalGeneration(cfg)
+    return _finish(model)
+
+
+def tiny_gemma3(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2):
+    """Gemma3ForConditionalGeneration: SigLIP vision (32 x 32 images, 4 x 4 patches: an 8 x 8 patch
+    grid, pooled to 4 x 4 = 16 tokens per image), Gemma 3 text model with 4 layers, sliding and
+    full attention alternating (each type its own RoPE base; the window, 512, wider than the
+    prompts), images between markers 102 / 103."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=32, patch_size=4)
+    tc = Gemma3TextConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                          query_pre_attn_scalar=hidden // heads, max_position_embeddings=512, sliding_window=512,
+                          layer_types=["sliding_attention", "full_attention"] * 2,
+                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cfg = Gemma3Config(text_config=tc.to_dict(), vision_config=vc.to_dict(), mm_tokens_per_image=16,
+                       image_token_index=IMAGE_TOKEN, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(cfg)
     return _finish(model)
 
 
@@ -132,3 +187,112 @@ def qwen_prompt(model, grids_per_item, *, seed: int = 0, text_len: int = 3):
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grid_thw,
               "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
     return inputs, spans
+
+
+def instructblip_prompt(model, items, *, seed: int = 0):
+    """Left-padded InstructBLIP batch, one image per item: items[b] = (text before, text after) the
+    image's query tokens. Returns (inputs dict, spans [(batch, start, 1, queries)]): the query
+    tokens as a 1 x queries row (they have no grid)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.config.num_query_tokens
+    rows, local = [], []
+    for b, (before, after) in enumerate(items):
+        r = [BOS] + _text(before, gen)
+        local.append((b, len(r), 1, n))
+        rows.append(r + [IMAGE_TOKEN] * n + _text(after, gen))
+    ids, mask, spans = _left_pad(rows, local)
+    vc = model.config.vision_config
+    pixel_values = torch.randn(len(items), 3, vc.image_size, vc.image_size, generator=gen)
+    qformer_ids = torch.randint(3, model.config.qformer_config.vocab_size, (len(items), 5), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "qformer_input_ids": qformer_ids}
+    return inputs, spans
+
+
+def gemma3_prompt(model, items, *, seed: int = 0):
+    """Left-padded Gemma 3 batch, one image per item: items[b] = (text before, text after) the image
+    (its tokens between the begin / end-of-image markers). Returns (inputs dict, spans
+    [(batch, start, side, side)]); `token_type_ids` marks the image tokens (the model's
+    bidirectional image mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.config.mm_tokens_per_image
+    side = int(round(n ** 0.5))
+    rows, local = [], []
+    for b, (before, after) in enumerate(items):
+        r = [BOS] + _text(before, gen) + [VISION_START]
+        local.append((b, len(r), side, side))
+        rows.append(r + [IMAGE_TOKEN] * n + [VISION_END] + _text(after, gen))
+    ids, mask, spans = _left_pad(rows, local)
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(len(items), 3, size, size, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
+            "token_type_ids": (ids == IMAGE_TOKEN).long()}, spans
+
+
+def tiny_llava_next(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2, onevision: bool = False):
+    """LlavaNextForConditionalGeneration: CLIP vision (16 x 16 tiles, 4 x 4 patches per tile),
+    anyres pinpoints (16, 32), (32, 16), (32, 32), Llama text model with 4 layers. `onevision`:
+    LlavaOnevisionForConditionalGeneration instead: SigLIP vision (same tiles, "full" strategy),
+    Qwen2 text model, `vision_aspect_ratio="anyres_max_1"` (a high-resolution grid above one
+    tile's worth of patches is pooled)."""
+    import transformers
+    tc = dict(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+              pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+              patch_size=4)
+    common = dict(image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                  image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    if onevision:
+        cfg = transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**vc).to_dict(),
+            text_config=transformers.Qwen2Config(**tc).to_dict(), vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_1", video_token_index=VIDEO_TOKEN, **common)
+        cls = transformers.LlavaOnevisionForConditionalGeneration
+    else:
+        cfg = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(projection_dim=32, **vc).to_dict(),
+            text_config=transformers.LlamaConfig(**tc).to_dict(), vision_feature_select_strategy="default", **common)
+        cls = transformers.LlavaNextForConditionalGeneration
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    return _finish(model)
+
+
+# the images llava_next_prompt uses, by (height, width): the best pinpoint (16, 32) is 1 x 2 tiles, a
+# 4 x 8 patch grid, unpadded to the image's aspect (worked out by hand from LLaVA-NeXT's rules):
+# (16, 32) keeps 4 x 8; (8, 32) keeps rows 1..2 (scale 8/32: 2 rows, padding 1): 2 x 8.
+# LLaVA-OneVision with anyres_max_1 then pools a grid of more than 16 patches by
+# ratio = sqrt(rows * cols / 16): 4 x 8 by 1.414 (> 1.1) to (4 // 1.414, 8 // 1.414) = 2 x 5; 2 x 8
+# (ratio 1) stays.
+LLAVA_NEXT_IMAGES = {(16, 32): (4, 8), (8, 32): (2, 8)}
+LLAVA_ONEVISION_IMAGES = {(16, 32): (2, 5), (8, 32): (2, 8)}
+
+
+def llava_next_prompt(model, items, *, seed: int = 0):
+    """Left-padded LLaVA-NeXT (or LLaVA-OneVision) batch, one image per item: items[b] = (text
+    before, text after, (height, width)) with a size from LLAVA_NEXT_IMAGES. Returns (inputs dict, images
+    [(batch, start, end, grids)]): the image's tokens [start, end) and its grids
+    `(positions [gh * gw] int64, gh, gw)`: the 4 x 4 base grid, then the high-resolution grid,
+    whose rows are each followed by a newline token."""
+    gen = torch.Generator().manual_seed(seed)
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    rows, local = [], []
+    table = LLAVA_ONEVISION_IMAGES if model.config.model_type == "llava_onevision" else LLAVA_NEXT_IMAGES
+    for b, (before, after, hw) in enumerate(items):
+        gh, gw = table[tuple(hw)]
+        n = g * g + gh * (gw + 1)
+        r = [BOS] + _text(before, gen)
+        local.append((b, len(r), n, gh, gw))
+        rows.append(r + [IMAGE_TOKEN] * n + _text(after, gen))
+    ids, mask, _ = _left_pad(rows, [])
+    images = []
+    for b, s0, n, gh, gw in local:
+        s = s0 + (ids.shape[1] - len(rows[b]))
+        base = torch.arange(s, s + g * g)
+        hires = (s + g * g + torch.arange(gh)[:, None] * (gw + 1) + torch.arange(gw)[None]).flatten()
+        images.append((b, s, s + n, [(base, g, g), (hires, gh, gw)]))
+    tile = model.config.vision_config.image_size
+    pixel_values = torch.randn(len(items), 3, 3, tile, tile, generator=gen)  # base + 2 tiles each
+    sizes = torch.tensor([list(hw) for _, _, hw in items], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}, images
