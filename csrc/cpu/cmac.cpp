@@ -30,11 +30,7 @@
 #define KVFIX_CMAC_SGEMM_SYMBOL "sgemm_"  // -DKVFIX_CMAC_SGEMM_SYMBOL=\"none\" forces the ATen path
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KVFIX_CMAC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVFIX_CMAC_CLONES
-#endif
+#include "cpu/simd.h"
 
 namespace kvfix {
 namespace {
@@ -162,7 +158,7 @@ float mask_value(const CmacMask& m, int64_t off, bool& valid) {
 // mu_V instead of v (1 or 0 per entry; summed into imd, zeroed in s). A nan logit counts as +inf
 // in the max, so the row's state turns nan and stays nan (softmax's rule) even when every logit
 // so far is nan.
-KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m, float& l, float& imd) {
+KVFIX_CPU_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m, float& l, float& imd) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
@@ -199,7 +195,7 @@ KVFIX_CMAC_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m
 }
 
 // sum[d] += x[j * ld + d] for rows j < n (mu_V's sums of the image values).
-KVFIX_CMAC_CLONES void add_rows(const float* x, int64_t n, int64_t ld, int64_t D, float* sum) {
+KVFIX_CPU_CLONES void add_rows(const float* x, int64_t n, int64_t ld, int64_t D, float* sum) {
   for (int64_t j = 0; j < n; ++j) {
     const float* r = x + j * ld;
 #pragma omp simd

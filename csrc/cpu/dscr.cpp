@@ -18,12 +18,7 @@
 #include "cpu/exp_nonpos.h"
 #include "kvfix.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One build that still uses AVX-512 / AVX2 where the machine has them.
-#define KVFIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVFIX_CPU_CLONES
-#endif
+#include "cpu/simd.h"
 
 namespace kvfix {
 namespace {

@@ -32,11 +32,7 @@
 #include "fresh_pages.h"
 #include "kvfix.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KVFIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVFIX_CPU_CLONES
-#endif
+#include "cpu/simd.h"
 
 namespace kvfix {
 namespace {
@@ -54,13 +50,12 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
-#define KVFIX_AI static inline __attribute__((always_inline))
-KVFIX_AI v16 ld(const float* p) { return *reinterpret_cast<const v16*>(p); }
-KVFIX_AI void st(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
+static KVFIX_INLINE v16 ld(const float* p) { return *reinterpret_cast<const v16*>(p); }
+static KVFIX_INLINE void st(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
 // p[0, kW) as float32.
 template <typename T>
-KVFIX_AI v16 load_x(const T* p) {
+static KVFIX_INLINE v16 load_x(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return *reinterpret_cast<const v16u*>(p);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 -> float32: the bits shifted up
@@ -74,7 +69,7 @@ KVFIX_AI v16 load_x(const T* p) {
 
 // p[0, kW) = T(v), rounded to nearest even as c10's conversions.
 template <typename T>
-KVFIX_AI void store_y(T* p, v16 v) {
+static KVFIX_INLINE void store_y(T* p, v16 v) {
   if constexpr (std::is_same_v<T, float>) {
     *reinterpret_cast<v16u*>(p) = v;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // c10::BFloat16(float), NaN -> 0x7fc0
@@ -100,7 +95,7 @@ struct Factors {
 // pf (or nullptr): the same tokens of a later grid row, prefetched (a block's tokens are
 // 64-byte pieces D elements apart, which the hardware prefetchers follow poorly).
 template <int Q, typename T>
-KVFIX_AI void reduce_row(const T* x, int64_t sx, const float* fa, int64_t gw, int64_t q, int64_t pc, float* z1a,
+static KVFIX_INLINE void reduce_row(const T* x, int64_t sx, const float* fa, int64_t gw, int64_t q, int64_t pc, float* z1a,
                          float* pd, float* acc_mem, const T* pf) {
   if constexpr (Q == 0) {
     for (int64_t p = 0; p < q; ++p) st(acc_mem + p * kW, v16{});
@@ -135,7 +130,7 @@ KVFIX_AI void reduce_row(const T* x, int64_t sx, const float* fa, int64_t gw, in
 // Pass B over grid row a: y_i = fb[i, :q] . [Z3[a] | P] + fb[i, q] x_i, written to y (stride sy).
 // pf (or nullptr): the outputs of a later grid row, prefetched for writing.
 template <int Q, typename T>
-KVFIX_AI void expand_row(const T* x, int64_t sx, T* y, int64_t sy, const float* fb, int64_t gw, int64_t q,
+static KVFIX_INLINE void expand_row(const T* x, int64_t sx, T* y, int64_t sy, const float* fb, int64_t gw, int64_t q,
                          int64_t pc, const float* z3a, const float* pd, T* pf) {
   if constexpr (Q == 0) {
     for (int64_t w = 0; w < gw; ++w) {
@@ -182,7 +177,7 @@ struct Scratch {
 // (stride sy; may be x). Grid rows outer, blocks inner, so each pass walks K and V row after
 // row (the hardware prefetchers follow; software prefetches cover the rest).
 template <typename T>
-KVFIX_AI void refine_group(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, const Scratch& w) {
+static KVFIX_INLINE void refine_group(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy, int64_t m, const Scratch& w) {
   const int64_t gh = f.gh, gw = f.gw, pr = f.pr, pc = f.pc, q = f.q;
   const int64_t row = pc * kW;  // one grid row of Z1 / Z3, or one j of Z2
   const int64_t zb = gh * row, pb = (q - pc) * kW;  // per-block sizes of z1 / z3 and pd

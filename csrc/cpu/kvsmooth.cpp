@@ -47,13 +47,7 @@
 // The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One build that still uses AVX-512 / AVX2 where the machine has them.
-#define KVFIX_KVS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVFIX_KVS_CLONES
-#endif
-#define KVFIX_KVS_INLINE inline __attribute__((always_inline))
+#include "cpu/simd.h"
 
 namespace kvfix {
 namespace {
@@ -71,29 +65,29 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 
-KVFIX_KVS_INLINE vf bits_to_f(vu u) {
+KVFIX_INLINE vf bits_to_f(vu u) {
   vf f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-KVFIX_KVS_INLINE vu f_to_bits(vf f) {
+KVFIX_INLINE vu f_to_bits(vf f) {
   vu u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
 
 // 16 elements at p (any alignment) widened to fp32.
-KVFIX_KVS_INLINE vf load16(const float* p) {
+KVFIX_INLINE vf load16(const float* p) {
   vf r;
   std::memcpy(&r, p, sizeof(r));
   return r;
 }
-KVFIX_KVS_INLINE vf load16(const c10::BFloat16* p) {
+KVFIX_INLINE vf load16(const c10::BFloat16* p) {
   vh h;
   std::memcpy(&h, p, sizeof(h));
   return bits_to_f(__builtin_convertvector(h, vu) << 16);
 }
-KVFIX_KVS_INLINE vf load16(const c10::Half* p) {
+KVFIX_INLINE vf load16(const c10::Half* p) {
   // IEEE half -> float with integer operations: the magnitude bits shifted into place and
   // rescaled by 2^112 (exact for normals and subnormals); inf / nan keep an all-ones exponent.
   vh h;
@@ -109,7 +103,7 @@ KVFIX_KVS_INLINE vf load16(const c10::Half* p) {
   return bits_to_f(mag | sign);
 }
 
-KVFIX_KVS_INLINE float hsum(vf v) {
+KVFIX_INLINE float hsum(vf v) {
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
   v8 lo, hi;
@@ -123,12 +117,12 @@ KVFIX_KVS_INLINE float hsum(vf v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-KVFIX_KVS_INLINE float to_f(float x) { return x; }
-KVFIX_KVS_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
-KVFIX_KVS_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+KVFIX_INLINE float to_f(float x) { return x; }
+KVFIX_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
+KVFIX_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 
 // Value of the key mask at (b, t): the additive bias, -inf where the position takes no part.
-KVFIX_KVS_INLINE float mask_bias(const KvsMask& m, int64_t b, int64_t t) {
+KVFIX_INLINE float mask_bias(const KvsMask& m, int64_t b, int64_t t) {
   if (m.kind == 0) return 0.0f;
   const int64_t off = b * m.sb + t * m.st;
   switch (m.kind) {
@@ -176,7 +170,7 @@ struct Problem {
 // Partial dot products of a query row (fp32; bf16 layout: see run_item_d) with a key
 // row of DC * 16 elements, as 16 lanes whose sum is the dot product.
 template <class T, int DC>
-KVFIX_KVS_INLINE vf dot_lanes(const float* qj, const T* krow) {
+KVFIX_INLINE vf dot_lanes(const float* qj, const T* krow) {
   vf a0 = {}, a1 = {};
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // 32 bf16 = 16 u32 words: w << 16 are the even elements, w & 0xffff0000 the odd ones; the
@@ -199,7 +193,7 @@ KVFIX_KVS_INLINE vf dot_lanes(const float* qj, const T* krow) {
 }
 
 // out[i] = sum of the 16 lanes of x_i, for 4 vectors at once (a transposing reduction tree).
-KVFIX_KVS_INLINE void hsum4(vf x0, vf x1, vf x2, vf x3, float* out) {
+KVFIX_INLINE void hsum4(vf x0, vf x1, vf x2, vf x3, float* out) {
   const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
   const vf y0 = __builtin_shuffle(x0, x1, lo8) + __builtin_shuffle(x0, x1, hi8);  // x0: 0-7, x1: 8-15
@@ -221,7 +215,7 @@ KVFIX_KVS_INLINE void hsum4(vf x0, vf x1, vf x2, vf x3, float* out) {
 // s[j * kRows + r]; qs: the G query rows, fp32 [G][D]; kr: scratch [D]; bias[r]: the
 // mask's value for row t0 + r (-inf: no part). DC = D / 16 when known at compile time, 0 for any D.
 template <class T, int DC>
-KVFIX_KVS_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, const float* qs,
+KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, const float* qs,
                                    float* kr, const float* bias, float* s) {
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const int64_t D = p.D, G = p.G, st = p.k_st;
@@ -289,7 +283,7 @@ KVFIX_KVS_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64
 }
 
 // bias[r] for rows [t0, t0 + n) of item b (the mask's dtype switch outside the row loop).
-KVFIX_KVS_INLINE void block_bias(const KvsMask& m, int64_t b, int64_t t0, int64_t n, float* bias) {
+KVFIX_INLINE void block_bias(const KvsMask& m, int64_t b, int64_t t0, int64_t n, float* bias) {
   const int64_t off = b * m.sb + t0 * m.st;
   switch (m.kind) {
     case 0:
@@ -319,7 +313,7 @@ KVFIX_KVS_INLINE void block_bias(const KvsMask& m, int64_t b, int64_t t0, int64_
 }
 
 // Fold a block of logits x[0, n) into the state (vectorised over the block).
-KVFIX_KVS_INLINE void fold_block(State& st, const float* x, int64_t n) {
+KVFIX_INLINE void fold_block(State& st, const float* x, int64_t n) {
   float bm = kNegInf;
 #pragma omp simd reduction(max : bm)
   for (int64_t r = 0; r < n; ++r) bm = std::max(bm, x[r]);
@@ -348,7 +342,7 @@ KVFIX_KVS_INLINE void fold_block(State& st, const float* x, int64_t n) {
 
 // One work item: positions [t0, t1) of kv head h of item b; out[j] = state of query head h*G + j.
 template <class T, int DC>
-KVFIX_KVS_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+KVFIX_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
   const int64_t D = p.D, G = p.G;
   std::vector<float> buf(G * D + D + G * kRows + kRows);
   float* qs = buf.data();
@@ -373,7 +367,7 @@ KVFIX_KVS_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t
 }
 
 template <class T>
-KVFIX_KVS_INLINE void run_item(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+KVFIX_INLINE void run_item(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
   switch (p.D) {
     case 64:
       return run_item_d<T, 4>(p, b, h, t0, t1, out);
@@ -384,13 +378,13 @@ KVFIX_KVS_INLINE void run_item(const Problem& p, int64_t b, int64_t h, int64_t t
   }
 }
 
-KVFIX_KVS_CLONES void run_item_f32(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+KVFIX_CPU_CLONES void run_item_f32(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
   run_item<float>(p, b, h, t0, t1, out);
 }
-KVFIX_KVS_CLONES void run_item_f16(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+KVFIX_CPU_CLONES void run_item_f16(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
   run_item<c10::Half>(p, b, h, t0, t1, out);
 }
-KVFIX_KVS_CLONES void run_item_bf16(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
+KVFIX_CPU_CLONES void run_item_bf16(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
   run_item<c10::BFloat16>(p, b, h, t0, t1, out);
 }
 

@@ -41,13 +41,7 @@
 // The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// The row loops below, compiled for AVX-512 / AVX2 / baseline and picked at load time.
-#define KVFIX_SCR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVFIX_SCR_CLONES
-#endif
-#define KVFIX_SCR_INLINE inline __attribute__((always_inline))
+#include "cpu/simd.h"
 
 namespace kvfix {
 namespace {
@@ -57,7 +51,7 @@ constexpr int64_t kBlockBytes = int64_t(1) << 20;  // fp32 logits of one block, 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // x[t] = x[t] * scale + mask(b, h, i, t) for t < n, -inf where the key takes no part.
-KVFIX_SCR_INLINE void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h,
+KVFIX_INLINE void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h,
                                      int64_t i) {
   const int64_t off = b * m.sb + h * m.sh + i * m.si, st = m.st;
   switch (m.kind) {
@@ -98,7 +92,7 @@ KVFIX_SCR_INLINE void scale_and_mask(float* x, int64_t n, float scale, const Scr
 // with vector extensions: GCC leaves `#pragma omp simd reduction(max)` over std::max scalar (a
 // serial vmaxss chain), which made the max pass cost more than the exp pass.
 typedef float scr_vf __attribute__((vector_size(64)));
-KVFIX_SCR_INLINE float row_max(const float* x, int64_t n) {
+KVFIX_INLINE float row_max(const float* x, int64_t n) {
   const scr_vf lowest = scr_vf{} + kNegInf;
   scr_vf m[4] = {lowest, lowest, lowest, lowest};
   int64_t t = 0;
@@ -126,7 +120,7 @@ KVFIX_SCR_INLINE float row_max(const float* x, int64_t n) {
 // [start, end) to acc. The row's exponentials are left in x. Non-finite rule (that of softmax and
 // the reference): a nan logit (nan in q, k or an additive mask) makes the row's probabilities nan;
 // a row whose keys all take no part contributes 0.
-KVFIX_SCR_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
+KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
   if (!(m > kNegInf)) {  // no key takes part (the row contributes 0), or every logit is nan
     bool nan = false;
@@ -153,7 +147,7 @@ KVFIX_SCR_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, 
 // x * scale - m * scale: contracted to an FMA, that is off by up to half an ulp of m * scale,
 // hundreds for logits ~1e10, so every e of the row underflowed to 0 or overflowed and the row
 // gave nan.)
-KVFIX_SCR_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start, int64_t end, float* acc) {
+KVFIX_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
   float l = 0.0f;
 #pragma omp simd reduction(+ : l)
@@ -169,7 +163,7 @@ KVFIX_SCR_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t s
 }
 
 // Rows r0 + [0, rows) of item (b, h), logits in buf (row stride cols): their image mass into acc.
-KVFIX_SCR_CLONES void block_mass(float* buf, int64_t rows, int64_t cols, int64_t r0, int64_t Tq, int64_t T,
+KVFIX_CPU_CLONES void block_mass(float* buf, int64_t rows, int64_t cols, int64_t r0, int64_t Tq, int64_t T,
                                  bool causal, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t start,
                                  int64_t end, float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -248,23 +242,23 @@ constexpr int64_t kChunk = 256;  // fp32 accumulator per chunk of a row
 
 // Element <-> fp32 with integer operations only (no calls, no branches), so that the row loops
 // vectorise in the target clones (c10's scalar conversions and GCC 12's _Float16 do not).
-KVFIX_SCR_INLINE float bits_f(uint32_t u) {
+KVFIX_INLINE float bits_f(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
-KVFIX_SCR_INLINE uint32_t f_bits(float f) {
+KVFIX_INLINE uint32_t f_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
-KVFIX_SCR_INLINE float load_f(const float* p) { return *p; }
-KVFIX_SCR_INLINE float load_f(const c10::BFloat16* p) {  // bf16 is the top half of a float
+KVFIX_INLINE float load_f(const float* p) { return *p; }
+KVFIX_INLINE float load_f(const c10::BFloat16* p) {  // bf16 is the top half of a float
   uint16_t b;
   std::memcpy(&b, p, sizeof(b));
   return bits_f(static_cast<uint32_t>(b) << 16);
 }
-KVFIX_SCR_INLINE float load_f(const c10::Half* p) {
+KVFIX_INLINE float load_f(const c10::Half* p) {
   // magnitude bits shifted into place and rescaled by 2^112 (exact for normals and subnormals);
   // inf / nan keep an all-ones exponent
   uint16_t h;
@@ -273,13 +267,13 @@ KVFIX_SCR_INLINE float load_f(const c10::Half* p) {
   const uint32_t mag = em >= 0x7c00u ? (shifted | 0x7f800000u) : f_bits(bits_f(shifted) * 0x1p112f);
   return bits_f(mag | ((x & 0x8000u) << 16));
 }
-KVFIX_SCR_INLINE void store_f(float* p, float x) { *p = x; }
-KVFIX_SCR_INLINE void store_f(c10::BFloat16* p, float x) {  // round to nearest even, NaN stays quiet NaN
+KVFIX_INLINE void store_f(float* p, float x) { *p = x; }
+KVFIX_INLINE void store_f(c10::BFloat16* p, float x) {  // round to nearest even, NaN stays quiet NaN
   const uint32_t u = f_bits(x);
   const uint16_t b = static_cast<uint16_t>(x != x ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   std::memcpy(p, &b, sizeof(b));
 }
-KVFIX_SCR_INLINE void store_f(c10::Half* p, float x) {
+KVFIX_INLINE void store_f(c10::Half* p, float x) {
   // round to nearest even: overflow -> inf, NaN -> quiet NaN; subnormal results by adding 0.5 in
   // float arithmetic (the FPU rounds), normal results by integer rounding of the mantissa
   const uint32_t u = f_bits(x), sign = u & 0x80000000u, a = u ^ sign;
@@ -332,7 +326,7 @@ const HalfConv& half_conv() {
 }
 
 // redistribute_row for fp16 rows: the same arithmetic on fp32 chunks.
-KVFIX_SCR_INLINE void redistribute_row_half(int64_t C, bool is_source, const c10::Half* const* nb, int count,
+KVFIX_INLINE void redistribute_row_half(int64_t C, bool is_source, const c10::Half* const* nb, int count,
                                             float lam, const c10::Half* in, c10::Half* out) {
   const HalfConv& cv = half_conv();
   const float w = lam - 1.0f;
@@ -358,7 +352,7 @@ KVFIX_SCR_INLINE void redistribute_row_half(int64_t C, bool is_source, const c10
 // Output row n of one item. src(s): the original row of source s. in: the row's input, out: where
 // it goes (may alias in); copy_plain: write rows that do not change (out of place).
 template <class T, class Src>
-KVFIX_SCR_INLINE void redistribute_row(int64_t n, int64_t gh, int64_t gw, int64_t C, const uint8_t* flag, float lam,
+KVFIX_INLINE void redistribute_row(int64_t n, int64_t gh, int64_t gw, int64_t C, const uint8_t* flag, float lam,
                                        const T* in, T* out, bool copy_plain, const Src& src) {
   if (flag[n]) {
     if constexpr (std::is_same_v<T, c10::Half>) {
@@ -411,7 +405,7 @@ struct RedisJob {
 };
 
 template <class T>
-KVFIX_SCR_INLINE void redistribute_range(const RedisJob& j, int64_t i0, int64_t i1) {
+KVFIX_INLINE void redistribute_range(const RedisJob& j, int64_t i0, int64_t i1) {
   const T* h = static_cast<const T*>(j.h);
   T* out = static_cast<T*>(j.out);
   for (int64_t i = i0; i < i1; ++i) {
@@ -430,13 +424,13 @@ KVFIX_SCR_INLINE void redistribute_range(const RedisJob& j, int64_t i0, int64_t 
   }
 }
 
-KVFIX_SCR_CLONES void redistribute_f32(const RedisJob& j, int64_t i0, int64_t i1) {
+KVFIX_CPU_CLONES void redistribute_f32(const RedisJob& j, int64_t i0, int64_t i1) {
   redistribute_range<float>(j, i0, i1);
 }
-KVFIX_SCR_CLONES void redistribute_f16(const RedisJob& j, int64_t i0, int64_t i1) {
+KVFIX_CPU_CLONES void redistribute_f16(const RedisJob& j, int64_t i0, int64_t i1) {
   redistribute_range<c10::Half>(j, i0, i1);
 }
-KVFIX_SCR_CLONES void redistribute_bf16(const RedisJob& j, int64_t i0, int64_t i1) {
+KVFIX_CPU_CLONES void redistribute_bf16(const RedisJob& j, int64_t i0, int64_t i1) {
   redistribute_range<c10::BFloat16>(j, i0, i1);
 }
 
