@@ -107,6 +107,7 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["DscrPlan", "dscr_plan", "dscr_factors", "DscrFactors"]
@@ -318,7 +319,7 @@ def _plan_structure(gh: int, gw: int, depth_range: float, cd: float, cs: float, 
                 f"method='structured' cannot meet the {dtype} tolerance here (gh={gh}, gw={gw}, depth range "
                 f"{depth_range:g}: banded: {info.get('reason', 'n/a')}; low-rank: {lr['why'] or 'n/a'}"
                 f"{'' if neighbour_ok else '; spatial neighbour term below exp(-60)'}); use method='dense'")
-        variant = min(structured, key=structured.get) if structured else "banded"
+        variant = min(structured, key=structured.get) if structured else "lowrank"  # N <= 1: keeps the token
         reason = "method='structured'"
     elif N <= 1:
         variant, reason = "", "N <= 1: nothing to refine"
@@ -338,7 +339,7 @@ def _plan_structure(gh: int, gw: int, depth_range: float, cd: float, cs: float, 
         variant = "lowrank" if "lowrank" in structured else ""
         reason += "; the banded variant is CPU-only"
     algorithm = "structured" if variant else "dense"
-    use = info if variant == "banded" or (not variant and st is not None) else None
+    use = "bound" in info and (variant == "banded" or (not variant and st is not None))
     bound = info["bound"] if use else lr["bound"]
     round_est = info["round_est"] if use else lr["round_est"]
     plan = DscrPlan(algorithm, gh, gw, lr["rd"], lr["rr"], lr["rc"], lr["row_exact"], lr["col_exact"], bound,
@@ -571,27 +572,43 @@ def _interp_error_coef(p: int, cd: float) -> float:
     return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * math.factorial(p // 2) ** 2 / 4.0
 
 
+# The structure is built with numpy's single-threaded searchsorted / repeat (small arrays: torch's
+# parallel versions only add thread hand-offs).
+def _searchsorted(a: torch.Tensor, v: torch.Tensor, right: bool) -> torch.Tensor:
+    return torch.from_numpy(np.searchsorted(a.numpy(), v.numpy(), side="right" if right else "left"))
+
+
+def _repeat(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.repeat(x.numpy(), n.numpy()))
+
+
 def _reach_count(ds: torch.Tensor, r: float) -> int:
     """max over tokens of #{i: |d_i - d_j| <= r}, ds sorted."""
-    lo = torch.searchsorted(ds, ds - r, right=False)
-    hi = torch.searchsorted(ds, ds + r, right=True)
-    return int((hi - lo).max())
+    return int((_searchsorted(ds, ds + r, True) - _searchsorted(ds, ds - r, False)).max())
 
 
 def _rows(pos: torch.Tensor, reach: float):
     """Banded rows over sorted node positions: (row_lo, row_len) of the nodes within reach."""
-    lo = torch.searchsorted(pos, pos - reach, right=False)
-    hi = torch.searchsorted(pos, pos + reach, right=True)
-    return lo, hi - lo
+    lo = _searchsorted(pos, pos - reach, False)
+    return lo, _searchsorted(pos, pos + reach, True) - lo
+
+
+def _row_cols(lo: torch.Tensor, ln: torch.Tensor):
+    """(row, column) of every entry of banded rows (lo, ln), row by row."""
+    rows = _repeat(torch.arange(ln.numel()), ln)
+    cols = torch.arange(int(ln.sum())) + _repeat(lo - (torch.cumsum(ln, 0) - ln), ln)
+    return rows, cols
 
 
 def _band_values(pos: torch.Tensor, lo: torch.Tensor, ln: torch.Tensor, cd: float, cut: bool):
     """T values row by row: exp(-cd (pos_g - pos_g')^2) for g' in [lo_g, lo_g + ln_g) (float64)."""
-    rows = torch.repeat_interleave(torch.arange(pos.numel()), ln)
-    start = torch.repeat_interleave(lo - (torch.cumsum(ln, 0) - ln), ln)
-    cols = torch.arange(int(ln.sum())) + start
-    e = -cd * (pos[rows] - pos[cols]) ** 2
-    return torch.where(e < -87.0, torch.zeros_like(e), torch.exp(e)) if cut else torch.exp(e)
+    rows, cols = _row_cols(lo, ln)
+    p = pos.numpy()
+    e = -cd * (p[rows.numpy()] - p[cols.numpy()]) ** 2
+    v = np.exp(e)
+    if cut:
+        v[e < -87.0] = 0.0
+    return torch.from_numpy(v)
 
 
 @dataclasses.dataclass
@@ -669,7 +686,7 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
     def build():
         L = _lagrange(t - m, p)                                # [N, p]
         vals = _band_values(pos, lo, ln, cd, cut=False)
-        return _DepthStructure("grid", torch.searchsorted(touched, first), L, lo, ln, vals, err, ops, step, p)
+        return _DepthStructure("grid", _searchsorted(touched, first, False), L, lo, ln, vals, err, ops, step, p)
     return ops, build
 
 
@@ -735,20 +752,24 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
     spatial = (sr[:, None] * sc[None, :]).reshape(-1)
     C = max(it.tokw.shape[1] for it in items)
     toks, tokws, cinvs, ptrs, los, vals, offs = [], [], [], [], [], [], [0]
-    nnz = 0
+    nnz, amp = 0, 1.0
     for it in items:
         G = it.row_lo.numel()
         ones = torch.zeros(G, dtype=torch.float64).index_add_(
             0, (it.tok[:, None] + torch.arange(it.tokw.shape[1])).reshape(-1), it.tokw.reshape(-1))
-        rows = torch.repeat_interleave(torch.arange(G), it.row_len)
-        start = torch.repeat_interleave(it.row_lo - (torch.cumsum(it.row_len, 0) - it.row_len), it.row_len)
-        cols = torch.arange(int(it.row_len.sum())) + start
+        rows, cols = _row_cols(it.row_lo, it.row_len)
         y1 = torch.zeros(G, dtype=torch.float64).index_add_(0, rows, it.tvals * ones[cols])
-        depth_sum = (it.tokw * y1[it.tok[:, None] + torch.arange(it.tokw.shape[1])]).sum(1)
+        nodes = it.tok[:, None] + torch.arange(it.tokw.shape[1])
+        depth_sum = (it.tokw * y1[nodes]).sum(1)
         c = spatial + depth_sum - 2.0
         cinv = torch.where(c > 0, 1.0 / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
         if N == 1:
             cinv.zero_()
+        # rounding amplification: (sum_i |wt~(i, j)| + 2) / c~_j, the magnitude of the float32 sums
+        # before the diagonal is subtracted, relative to the result's scale
+        aones = torch.zeros(G, dtype=torch.float64).index_add_(0, nodes.reshape(-1), it.tokw.abs().reshape(-1))
+        ay1 = torch.zeros(G, dtype=torch.float64).index_add_(0, rows, it.tvals.abs() * aones[cols])
+        amp = max(amp, float(((spatial + (it.tokw.abs() * ay1[nodes]).sum(1) + 2.0) * cinv).max()))
         toks.append(it.tok.to(torch.int32))
         tokws.append(torch.nn.functional.pad(it.tokw, (0, C - it.tokw.shape[1])).to(dtype))
         cinvs.append(cinv.to(dtype))
@@ -763,9 +784,8 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
                          torch.tensor(offs, dtype=torch.int64), torch.stack(cinvs),
                          torch.tensor(s, dtype=dtype), gh)
     worst = max(items, key=lambda it: it.ops)
-    lam = _lebesgue(worst.order) if worst.mode == "grid" else 1.0
     info = dict(K=K, bound=bound, ops=ops, c_min=c_min, mode=worst.mode, order=worst.order, step=worst.step,
-                nnz=max(int(it.row_len.sum()) for it in items), round_est=4.0 * _U32 * (2 * K + 3 + lam * lam) * 3.0)
+                nnz=max(int(it.row_len.sum()) for it in items), round_est=4.0 * _U32 * amp)
     return st, info
 
 

@@ -11,11 +11,11 @@
 // The plan (Python) builds all of it in float64 once per image, with an a-priori error bound.
 // out_i = (S(x) S X + A^T T A X - 2 x_i) * cinv_i, or x_i where cinv_i == 0.
 //
-// A task is one head of one batch item of one tensor; it walks the head dim in blocks of kW = 16
+// A task is one head of one batch item of one tensor; it walks the head dim in blocks of kB = 64
 // columns: (1) M = A X, (2) Y = T M (node scratch), (3) Z = the row pass of S over X (scratch),
 // (4) the column pass of S over Z plus A^T Y, the diagonal and the normalisation, written once in
 // the output dtype. Step (4) writes token i only after (1) and (3) have read the whole block, and
-// reads only scratch and x_i: in place is safe. A head dim not a multiple of kW leaves a narrow
+// reads only scratch and x_i: in place is safe. A head dim not a multiple of kB leaves a narrow
 // last block, run on a zero-padded float32 copy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,16 +26,22 @@
 #include <cstdlib>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "fresh_pages.h"
 #include "kvfix.h"
-#include "simd16.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVFIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVFIX_CPU_CLONES
+#endif
 
 namespace kvfix {
 namespace {
 
-using namespace simd16;
+#define KVFIX_AI static inline __attribute__((always_inline))
 
 struct Item {
   const int32_t* tok;     // [N] first node of each token (item-local)
@@ -52,78 +58,153 @@ struct Geometry {
   int64_t K, gh, gw;
 };
 
-// One block of kW columns: x (token stride sx) -> y (stride sy; may be x). m, yn: [G, kW] and
-// z: [N, kW] float scratch (64-byte aligned).
+// A block of kB = 64 columns: eight v8 (eight AVX2 registers; AVX-512VL ymm in the v4 clone), so
+// that each scalar weight (a node kernel entry, a band coefficient) is broadcast once for 64
+// multiply-adds and each loop step has 8 independent FMA chains. (GCC's 64-byte generic vectors
+// compile to stack round trips on AVX2: 32-byte ones keep the accumulators in registers.)
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+constexpr int kNB = 8;
+constexpr int64_t kL = 8;  // lanes of a v8
+constexpr int64_t kB = kNB * kL;
+struct Vb {
+  v8 v[kNB];
+};
+#define KVFIX_NB _Pragma("GCC unroll 8") for (int j = 0; j < kNB; ++j)
+
+// p[0, 8) as float32 (K and V: any alignment).
+template <typename T>
+KVFIX_AI v8 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return *reinterpret_cast<const v8u*>(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 -> float32: the bits shifted up
+    return (v8)(__builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16);
+  } else {
+    v8 t;
+    for (int l = 0; l < kL; ++l) t[l] = static_cast<float>(p[l]);
+    return t;
+  }
+}
+
+// p[0, 8) = T(v), rounded to nearest even as c10's conversions.
+template <typename T>
+KVFIX_AI void store8(T* p, v8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<v8u*>(p) = v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // c10::BFloat16(float), NaN -> 0x7fc0
+    const u32x8 b = (u32x8)v;
+    const u32x8 r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const i32x8 nan = v != v;
+    *reinterpret_cast<u16x8*>(p) = __builtin_convertvector(nan ? u32x8{} + 0x7fc0u : r, u16x8);
+  } else {
+    for (int l = 0; l < kL; ++l) p[l] = static_cast<T>(v[l]);
+  }
+}
+
+KVFIX_AI Vb ldb(const float* p) {
+  Vb r;
+  KVFIX_NB r.v[j] = *reinterpret_cast<const v8*>(p + j * kL);
+  return r;
+}
+template <typename T>
+KVFIX_AI Vb load_b(const T* p) {
+  Vb r;
+  KVFIX_NB r.v[j] = load8(p + j * kL);
+  return r;
+}
+KVFIX_AI void stb(float* p, const Vb& a) { KVFIX_NB *reinterpret_cast<v8*>(p + j * kL) = a.v[j]; }
+KVFIX_AI void fma_b(Vb& acc, float s, const Vb& x) { KVFIX_NB acc.v[j] += s * x.v[j]; }
+KVFIX_AI Vb scale_b(float s, const Vb& x) {
+  Vb r;
+  KVFIX_NB r.v[j] = s * x.v[j];
+  return r;
+}
+KVFIX_AI Vb add_b(const Vb& a, const Vb& b) {
+  Vb r;
+  KVFIX_NB r.v[j] = a.v[j] + b.v[j];
+  return r;
+}
+
+// One block of kB columns: x (token stride sx) -> y (stride sy; may be x). m, yn: [G, kB] and
+// z: [N, kB] float scratch (64-byte aligned).
 template <typename T>
 KVFIX_AI void refine_block(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
                            float* yn, float* z) {
   const int64_t gh = g.gh, gw = g.gw, N = gh * gw, K = g.K, G = it.G, cnt = it.cnt, C = it.C;
   const float* s = g.band;
   // (1) M = A X
-  for (int64_t n = 0; n < G; ++n) st(m + n * kW, v16{});
+  for (int64_t n = 0; n < G * kB; ++n) m[n] = 0.0f;
   if (cnt == 1) {
     for (int64_t i = 0; i < N; ++i) {
-      float* mp = m + int64_t(it.tok[i]) * kW;
-      st(mp, ld(mp) + it.tokw[i * C] * load_x(x + i * sx));
+      float* mp = m + int64_t(it.tok[i]) * kB;
+      Vb acc = ldb(mp);
+      fma_b(acc, it.tokw[i * C], load_b(x + i * sx));
+      stb(mp, acc);
     }
   } else {
     for (int64_t i = 0; i < N; ++i) {
-      const v16 xv = load_x(x + i * sx);
-      float* mp = m + int64_t(it.tok[i]) * kW;
+      const Vb xv = load_b(x + i * sx);
+      float* mp = m + int64_t(it.tok[i]) * kB;
       const float* w = it.tokw + i * C;
-      for (int64_t c = 0; c < cnt; ++c) st(mp + c * kW, ld(mp + c * kW) + w[c] * xv);
+      for (int64_t c = 0; c < cnt; ++c) {
+        Vb acc = ldb(mp + c * kB);
+        fma_b(acc, w[c], xv);
+        stb(mp + c * kB, acc);
+      }
     }
   }
-  // (2) Y = T M, two chains
+  // (2) Y = T M
   for (int64_t n = 0; n < G; ++n) {
     const float* t = it.tvals + it.row_ptr[n];
     const int64_t len = it.row_ptr[n + 1] - it.row_ptr[n];
-    const float* mp = m + int64_t(it.row_lo[n]) * kW;
-    v16 a0{}, a1{};
-    int64_t e = 0;
-    for (; e + 1 < len; e += 2) {
-      a0 += t[e] * ld(mp + e * kW);
-      a1 += t[e + 1] * ld(mp + (e + 1) * kW);
-    }
-    if (e < len) a0 += t[e] * ld(mp + e * kW);
-    st(yn + n * kW, a0 + a1);
+    const float* mp = m + int64_t(it.row_lo[n]) * kB;
+    Vb acc{};
+    for (int64_t e = 0; e < len; ++e) fma_b(acc, t[e], ldb(mp + e * kB));
+    stb(yn + n * kB, acc);
   }
   // (3) row pass: Z[a, w] = sum_{|k| <= K} s_|k| x[a, w + k]
   for (int64_t a = 0; a < gh; ++a) {
     const T* xr = x + a * gw * sx;
-    float* zr = z + a * gw * kW;
+    float* zr = z + a * gw * kB;
     for (int64_t w = 0; w < gw; ++w) {
-      v16 acc = s[0] * load_x(xr + w * sx);
+      Vb acc = scale_b(s[0], load_b(xr + w * sx));
       const int64_t klo = std::min(K, w), khi = std::min(K, gw - 1 - w);
       if (klo == K && khi == K) {
-        for (int64_t k = 1; k <= K; ++k) acc += s[k] * (load_x(xr + (w - k) * sx) + load_x(xr + (w + k) * sx));
+        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(load_b(xr + (w - k) * sx), load_b(xr + (w + k) * sx)));
       } else {
-        for (int64_t k = 1; k <= klo; ++k) acc += s[k] * load_x(xr + (w - k) * sx);
-        for (int64_t k = 1; k <= khi; ++k) acc += s[k] * load_x(xr + (w + k) * sx);
+        for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], load_b(xr + (w - k) * sx));
+        for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], load_b(xr + (w + k) * sx));
       }
-      st(zr + w * kW, acc);
+      stb(zr + w * kB, acc);
     }
   }
   // (4) column pass + depth + diagonal + normalisation
-  const int64_t rs = gw * kW;  // one grid row of Z
+  const int64_t rs = gw * kB;  // one grid row of Z
   for (int64_t a = 0; a < gh; ++a) {
     const int64_t klo = std::min(K, a), khi = std::min(K, gh - 1 - a);
     for (int64_t w = 0; w < gw; ++w) {
       const int64_t i = a * gw + w;
-      const float* zp = z + i * kW;
-      v16 acc = s[0] * ld(zp);
+      const float* zp = z + i * kB;
+      Vb acc = scale_b(s[0], ldb(zp));
       if (klo == K && khi == K) {
-        for (int64_t k = 1; k <= K; ++k) acc += s[k] * (ld(zp - k * rs) + ld(zp + k * rs));
+        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(ldb(zp - k * rs), ldb(zp + k * rs)));
       } else {
-        for (int64_t k = 1; k <= klo; ++k) acc += s[k] * ld(zp - k * rs);
-        for (int64_t k = 1; k <= khi; ++k) acc += s[k] * ld(zp + k * rs);
+        for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], ldb(zp - k * rs));
+        for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], ldb(zp + k * rs));
       }
-      const float* yp = yn + int64_t(it.tok[i]) * kW;
+      const float* yp = yn + int64_t(it.tok[i]) * kB;
       const float* wv = it.tokw + i * C;
-      for (int64_t c = 0; c < cnt; ++c) acc += wv[c] * ld(yp + c * kW);
-      const v16 xv = load_x(x + i * sx);
+      for (int64_t c = 0; c < cnt; ++c) fma_b(acc, wv[c], ldb(yp + c * kB));
+      const Vb xv = load_b(x + i * sx);
       const float ci = it.cinv[i];
-      store_y(y + i * sy, ci != 0.0f ? (acc - 2.0f * xv) * ci : xv);
+      if (ci != 0.0f) {
+        KVFIX_NB store8(y + i * sy + j * kL, (acc.v[j] - 2.0f * xv.v[j]) * ci);
+      } else {
+        KVFIX_NB store8(y + i * sy + j * kL, xv.v[j]);
+      }
     }
   }
 }
@@ -222,7 +303,7 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   std::vector<int64_t> first(srcs.size() + 1, 0);  // task t -> (tensor p, batch b, head h)
   for (size_t p = 0; p < srcs.size(); ++p) first[p + 1] = first[p] + B * srcs[p].size(1);
   at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
-    Buffer m(Gmax * kW), yn(Gmax * kW), z(N * kW);
+    Buffer m(Gmax * kB), yn(Gmax * kB), z(N * kB);
     std::unique_ptr<Buffer> tail;
     for (int64_t t = t0; t < t1; ++t) {
       const size_t p = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
@@ -237,17 +318,17 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
         using scalar_t = decltype(zero);
         const scalar_t* x = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
         scalar_t* y = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1);
-        const int64_t sx = src.stride(2), sy = dst.stride(2), full = D / kW;
-        for (int64_t c = 0; c < full; ++c) refine_block_any(geo, it, x + c * kW, sx, y + c * kW, sy, m.p, yn.p, z.p);
-        if (D % kW == 0) return;
-        const int64_t d0 = full * kW, width = D - d0;
-        if (!tail) tail = std::make_unique<Buffer>(N * kW);
+        const int64_t sx = src.stride(2), sy = dst.stride(2), full = D / kB;
+        for (int64_t c = 0; c < full; ++c) refine_block_any(geo, it, x + c * kB, sx, y + c * kB, sy, m.p, yn.p, z.p);
+        if (D % kB == 0) return;
+        const int64_t d0 = full * kB, width = D - d0;
+        if (!tail) tail = std::make_unique<Buffer>(N * kB);
         float* xb = tail->p;
         for (int64_t i = 0; i < N; ++i)
-          for (int64_t l = 0; l < kW; ++l) xb[i * kW + l] = l < width ? static_cast<float>(x[i * sx + d0 + l]) : 0.0f;
-        refine_block_any(geo, it, static_cast<const float*>(xb), kW, xb, kW, m.p, yn.p, z.p);
+          for (int64_t l = 0; l < kB; ++l) xb[i * kB + l] = l < width ? static_cast<float>(x[i * sx + d0 + l]) : 0.0f;
+        refine_block_any(geo, it, static_cast<const float*>(xb), kB, xb, kB, m.p, yn.p, z.p);
         for (int64_t i = 0; i < N; ++i)
-          for (int64_t l = 0; l < width; ++l) y[i * sy + d0 + l] = static_cast<scalar_t>(xb[i * kW + l]);
+          for (int64_t l = 0; l < width; ++l) y[i * sy + d0 + l] = static_cast<scalar_t>(xb[i * kB + l]);
       };
       switch (src.scalar_type()) {
         case at::kFloat: run(float{}); break;
