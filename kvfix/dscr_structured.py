@@ -83,12 +83,13 @@ csrc/cpu/dscr_factored.cpp):
   grows with (depth range / sigma_d)^2: at [0, 255] depth no rank up to 512 meets the bound.
 
 Choice ("auto"): the fastest by the cost model `ms_per_column` of the candidates: dense
-(0.0165 ns x N^2), low-rank where its bound and rounding estimate are met and its factors fit
-the kernels' register path (`rank_col + rank_depth <= 24`; 0.12 ns per multiply-add of
-cost_structured), banded where its bound is met and K <= 64 (0.075 ns per counted operation:
+(0.031 ns x N^2), low-rank where its bound and rounding estimate are met and its factors fit
+the kernels' register path (`rank_col + rank_depth <= 24`; 0.21 ns per multiply-add of
+cost_structured), banded where its bound is met and K <= 64 (0.055 ns per counted operation:
 2 (2K + 1) + 3 per token plus the depth part's 2N + nnz or 2pN + nnz). The constants are
-per-column times measured on the development CPU (AVX2, 2 threads, float32, bench.table's
-structured section). method="structured" takes the faster feasible structured variant
+single-thread CPU times per feature column measured on the development CPU (AVX2, float32;
+K + V of 24 x 24 to 128 x 128 grids on the map kinds of bench.common.depth_map, within +-30%
+of these across maps and sizes). method="structured" takes the faster feasible structured variant
 (also the low-rank one off its fast path), and raises where none meets the tolerance. On CUDA
 the banded variant is not available: "auto" runs low-rank where it applies and is faster,
 else dense (so dense at the default units).
@@ -511,12 +512,13 @@ _CRAMER = 1.0865       # |H_n(x)| e^{-x^2 / 2} <= 1.0865 sqrt(2^n n!) (Cramér's
 _E87 = math.exp(-87.0)
 _MAX_BAND = 64         # spatial half-band beyond which the banded variant is not planned (wide sigma_s)
 _GRID_ORDERS = (6, 8, 12, 16, 20, 24)
-# Measured per-operation costs (CPU, AVX2, float32, one feature column, ns; see "Choice"): the
-# dense kernel per N^2, the low-rank kernel per cost_structured multiply-add, the banded kernel
-# per counted vector operation (`_banded_ops`).
-_NS_DENSE = 0.0165
-_NS_LOWRANK = 0.12
-_NS_BANDED = 0.075
+# Measured per-operation costs (see "Choice"; ns of single-thread CPU time per feature column,
+# float32, AVX2): the dense kernel per N^2, the low-rank kernel per multiply-add of
+# cost_structured, the banded kernel per counted operation (2 (2K + 1) + 3 per token plus the
+# depth part's).
+_NS_DENSE = 0.031
+_NS_LOWRANK = 0.21
+_NS_BANDED = 0.055
 
 
 def _axis_band(g: int, cs_eff: float):
@@ -565,11 +567,21 @@ def _lagrange(u: torch.Tensor, p: int) -> torch.Tensor:
     return torch.where(exact.any(1, keepdim=True), exact.to(torch.float64), L)
 
 
+@functools.lru_cache(maxsize=None)
+def _node_poly(p: int) -> float:
+    """max over u in [0, 1] of prod_j |u - j| (nodes j = 1 - p/2 .. p/2): evaluated on 4097 points,
+    +2% (a smooth polynomial; the margin covers the sampling). Below ((p/2)!)^2 / 4, its
+    closed-form bound, by 6x at p = 16."""
+    u = torch.linspace(0.0, 1.0, 4097, dtype=torch.float64)
+    j = torch.arange(1 - p // 2, p // 2 + 1, dtype=torch.float64)
+    return float((u[:, None] - j[None, :]).abs().prod(1).max()) * 1.02
+
+
 def _interp_error_coef(p: int, cd: float) -> float:
     """C with |f - I_p f| <= C delta^p for f(x) = exp(-cd (x - s)^2), any s, x in the central interval
     of p equispaced nodes delta apart: |f^(p)| <= 1.0865 (2 cd)^{p/2} sqrt(p!) (Cramér) and
-    prod |x - x_m| <= delta^p ((p/2)!)^2 / 4."""
-    return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * math.factorial(p // 2) ** 2 / 4.0
+    prod |x - x_m| <= delta^p `_node_poly(p)`."""
+    return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * _node_poly(p)
 
 
 # The structure is built with numpy's single-threaded searchsorted / repeat (small arrays: torch's

@@ -12,7 +12,8 @@
 // out_i = (S(x) S X + A^T T A X - 2 x_i) * cinv_i, or x_i where cinv_i == 0.
 //
 // A task is one head of one batch item of one tensor; it walks the head dim in blocks of kB = 64
-// columns: (1) M = A X, (2) Y = T M (node scratch), (3) Z = the row pass of S over X (scratch),
+// columns: (1) M = A X (cnt > 1: node by node, over the tokens ordered by first node), (2) Y = T M
+// (node scratch), (3) Z = the row pass of S over X (scratch),
 // (4) the column pass of S over Z plus A^T Y, the diagonal and the normalisation, written once in
 // the output dtype. Step (4) writes token i only after (1) and (3) have read the whole block, and
 // reads only scratch and x_i: in place is safe. A head dim not a multiple of kB leaves a narrow
@@ -50,6 +51,8 @@ struct Item {
   const int32_t* row_lo;  // [G] first column node of each row (item-local)
   const float* tvals;
   const float* cinv;      // [N]
+  const int32_t* perm;    // [N] tokens ordered by first node (cnt > 1)
+  const int32_t* start;   // [G + 1] start[g]: first position in perm whose first node is >= g
   int64_t G, cnt, C;
 };
 
@@ -136,24 +139,22 @@ KVFIX_AI void refine_block(const Geometry& g, const Item& it, const T* x, int64_
   const int64_t gh = g.gh, gw = g.gw, N = gh * gw, K = g.K, G = it.G, cnt = it.cnt, C = it.C;
   const float* s = g.band;
   // (1) M = A X
-  for (int64_t n = 0; n < G * kB; ++n) m[n] = 0.0f;
   if (cnt == 1) {
+    for (int64_t n = 0; n < G * kB; ++n) m[n] = 0.0f;
     for (int64_t i = 0; i < N; ++i) {
       float* mp = m + int64_t(it.tok[i]) * kB;
       Vb acc = ldb(mp);
       fma_b(acc, it.tokw[i * C], load_b(x + i * sx));
       stb(mp, acc);
     }
-  } else {
-    for (int64_t i = 0; i < N; ++i) {
-      const Vb xv = load_b(x + i * sx);
-      float* mp = m + int64_t(it.tok[i]) * kB;
-      const float* w = it.tokw + i * C;
-      for (int64_t c = 0; c < cnt; ++c) {
-        Vb acc = ldb(mp + c * kB);
-        fma_b(acc, w[c], xv);
-        stb(mp + c * kB, acc);
+  } else {  // node by node (no read-modify-write of M): the tokens whose cnt nodes include g
+    for (int64_t n = 0; n < G; ++n) {
+      Vb acc{};
+      for (int64_t q = it.start[std::max<int64_t>(0, n - cnt + 1)], e = it.start[n + 1]; q < e; ++q) {
+        const int64_t i = it.perm[q];
+        fma_b(acc, it.tokw[i * C + (n - it.tok[i])], load_b(x + i * sx));
       }
+      stb(m + n * kB, acc);
     }
   }
   // (2) Y = T M
@@ -300,6 +301,18 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   int64_t Gmax = 0;
   for (int64_t bd = 0; bd < Bd; ++bd) Gmax = std::max(Gmax, off[bd + 1] - off[bd]);
   const Geometry geo{s.band.data_ptr<float>(), s.band.numel() - 1, s.gh, N / s.gh};
+  // per item: tokens ordered by their first node (a counting sort), for the node-by-node sums
+  std::vector<std::vector<int32_t>> perm(Bd), start(Bd);
+  for (int64_t bd = 0; bd < Bd; ++bd) {
+    const int64_t G = off[bd + 1] - off[bd];
+    const int32_t* tok = s.tok.data_ptr<int32_t>() + bd * N;
+    start[bd].assign(G + 1, 0);
+    for (int64_t i = 0; i < N; ++i) ++start[bd][tok[i] + 1];
+    for (int64_t g = 0; g < G; ++g) start[bd][g + 1] += start[bd][g];
+    std::vector<int32_t> fill(start[bd].begin(), start[bd].end() - 1);
+    perm[bd].resize(N);
+    for (int64_t i = 0; i < N; ++i) perm[bd][fill[tok[i]]++] = static_cast<int32_t>(i);
+  }
   std::vector<int64_t> first(srcs.size() + 1, 0);  // task t -> (tensor p, batch b, head h)
   for (size_t p = 0; p < srcs.size(); ++p) first[p + 1] = first[p] + B * srcs[p].size(1);
   at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
@@ -313,7 +326,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
       const int64_t bd = Bd == 1 ? 0 : b, g0 = off[bd];
       const Item it{s.tok.data_ptr<int32_t>() + bd * N, s.tokw.data_ptr<float>() + bd * N * C,
                     s.row_ptr.data_ptr<int64_t>() + g0, s.row_lo.data_ptr<int32_t>() + g0, s.tvals.data_ptr<float>(),
-                    s.cinv.data_ptr<float>() + bd * N, off[bd + 1] - g0, s.cnt.data_ptr<int32_t>()[bd], C};
+                    s.cinv.data_ptr<float>() + bd * N, perm[bd].data(), start[bd].data(), off[bd + 1] - g0,
+                    s.cnt.data_ptr<int32_t>()[bd], C};
       auto run = [&](auto zero) {
         using scalar_t = decltype(zero);
         const scalar_t* x = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
