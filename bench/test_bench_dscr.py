@@ -97,7 +97,7 @@ def structured_fns(shape, inp: dict, reference: bool = True) -> dict:
            "copy": lambda: (k.clone(), v.clone())}
     if shape.ref_skip is None:
         dense = common.variant_fns(inp, with_reference=reference)
-        fns.update(dense=dense["kvfix"], floor=dense["floor"])
+        fns.update({"dense": dense["kvfix"]}, **({"floor": dense["floor"]} if "floor" in dense else {}))
         if reference:
             fns["reference"] = dense["reference"]
     return fns

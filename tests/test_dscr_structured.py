@@ -46,20 +46,24 @@ def test_plan_patch_units_exact_axes():
             a = kvfix.dscr_plan(gh, gw, depth)
             assert a.algorithm == "structured" and a.variant == "banded" and a.band == 4, a
             assert "lowrank" not in a.ms_per_column and a.ms_per_column["banded"] < a.ms_per_column["dense"]
-    # a wide sigma_s makes the axes low-rank again (and the spatial band wide)
+    # a wide sigma_s makes the axes low-rank again (and the spatial band wide): both variants are
+    # candidates, the cost model picks
     p = kvfix.dscr_plan(24, 24, torch.zeros(576), sigma_s=6.0)
-    assert p.algorithm == "structured" and p.variant == "lowrank" and not p.row_exact, p
-    assert p.rank_col + p.rank_depth <= 24
+    assert p.algorithm == "structured" and not p.row_exact and p.rank_col + p.rank_depth <= 24, p
+    assert {"lowrank", "banded"} <= set(p.ms_per_column) and p.band > 4
+    assert p.variant == min(("lowrank", "banded"), key=p.ms_per_column.get)
 
 
 def test_plan_unit_square_units_use_low_rank_axes():
     # The earlier units (coordinates in the unit square): a smooth, numerically low-rank axis
-    # kernel; the banded variant's spatial band would span the grid.
+    # kernel; the banded variant's spatial band spans the grid (beyond 64: not planned).
     for gh, gw in [(24, 24), (23, 37), (64, 64), (128, 128)]:
-        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw), grid_unit="unit_square")
-        assert p.algorithm == "structured" and p.variant == "lowrank" and p.grid_unit == "unit_square", p
+        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw), grid_unit="unit_square", method="structured")
+        assert p.algorithm == "structured" and p.grid_unit == "unit_square" and "lowrank" in p.ms_per_column, p
         assert p.bound <= p.tol and p.cost_structured < p.cost_dense
         assert 1 <= p.rank_depth <= 16 and p.rank_row <= 12 and p.rank_col <= 12
+        assert ("banded" in p.ms_per_column) == (max(gh, gw) <= 65)
+        assert p.variant == min(("lowrank", "banded"), key=lambda v: p.ms_per_column.get(v, math.inf))
 
 
 @pytest.mark.parametrize("kind", common.DEPTH_KINDS)
@@ -101,7 +105,7 @@ def test_plan_constant_depth_needs_rank_one():
 @pytest.mark.parametrize("gh,gw,rng,kw,why", [
     (24, 24, 1.0, dict(sigma_s=0.07), "underflow"),                 # grid neighbours' spatial terms ~ 0
     (1, 7, 1.0, {}, "estimated ms per column: dense"),              # tiny grid: dense is cheaper
-    (24, 24, 80.0, dict(grid_unit="unit_square"), "band"),          # neither variant applies
+    (128, 128, 80.0, dict(grid_unit="unit_square"), "band"),        # neither variant applies
     (1, 1, 0.0, {}, "N <= 1"),
 ])
 def test_plan_falls_back_to_dense(gh, gw, rng, kw, why):
@@ -137,7 +141,7 @@ def test_plan_method_override():
     with pytest.raises(ValueError, match="method='structured' cannot meet"):
         kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.07, method="structured")
     with pytest.raises(ValueError, match="method='structured' cannot meet"):
-        kvfix.dscr_plan(24, 24, 80.0, grid_unit="unit_square", method="structured")
+        kvfix.dscr_plan(128, 128, 80.0, grid_unit="unit_square", method="structured")
     with pytest.raises(ValueError, match="banded variant is CPU-only"):
         kvfix.dscr_plan(24, 24, 255.0, method="structured", device="cuda")
     with pytest.raises(ValueError, match="method must be one of"):
@@ -357,17 +361,19 @@ def test_cache_inplace_structured(keys_only, dtype, device):
 
 
 def test_cache_auto_uses_structured_and_dense_consistently():
-    """auto on the cache path: structured at 24x24 (low-rank in the unit square, banded in patch
-    units), dense where the plan falls back."""
+    """auto on the cache path follows the plan (structured or dense) and equals the out-of-place op."""
     B, H, D = 1, 2, 16
     m = torch.rand(48, 48)
-    for unit, depth, variant in [("unit_square", torch.rand(576), "lowrank"), ("patch", torch.rand(576), "banded"),
-                                 ("unit_square", 80 * torch.rand(576), ""),
-                                 ("patch", kvfix.patch_depth(m, 24, 24), "banded")]:
-        assert kvfix.dscr_plan(24, 24, depth, grid_unit=unit).variant == variant
-        k = torch.randn(B, H, 576, D)
-        ref = kvfix.dscr_refine(k, None, depth, (24, 24), grid_unit=unit)[0]
-        kvfix.dscr_refine_cache_([k], None, depth, (24, 24), grid_unit=unit)
+    for gh, gw, unit, depth, algorithm in [(24, 24, "unit_square", torch.rand(576), "structured"),
+                                           (24, 24, "patch", torch.rand(576), "structured"),
+                                           (24, 24, "patch", kvfix.patch_depth(m, 24, 24), "structured"),
+                                           (4, 4, "patch", kvfix.patch_depth(m, 4, 4), "dense"),
+                                           (24, 24, "patch", torch.rand(576), "dense")]:
+        kw = dict(sigma_s=0.07) if algorithm == "dense" and gh == 24 else {}  # underflow rule: dense
+        assert kvfix.dscr_plan(gh, gw, depth, grid_unit=unit, **kw).algorithm == algorithm
+        k = torch.randn(B, H, gh * gw, D)
+        ref = kvfix.dscr_refine(k, None, depth, (gh, gw), grid_unit=unit, **kw)[0]
+        kvfix.dscr_refine_cache_([k], None, depth, (gh, gw), grid_unit=unit, **kw)
         assert torch.equal(k, ref)
 
 
