@@ -44,18 +44,19 @@ defaults. So
     nearest nodes (Lagrange, the token inside the central interval), `T[g, g'] = exp(-cd ((g -
     g') delta)^2)` for `|g - g'| delta <= r_T`. Per entry `|f_d~ - f_d| <= eps (1 + Lambda_p) +
     Lambda_p^2 exp(-cd r_T^2) + exp(-87)` for pairs closer than r_T + p delta (0 vs at most
-    exp(-cd r_T^2) beyond), with `eps = 1.0865 (2 cd)^{p/2} / sqrt(p!) ((p/2)!)^2 / 4 delta^p`
-    (Cramér's bound of the Gaussian's p-th derivative times the node polynomial on the
-    central interval) and Lambda_p the Lebesgue constant of that interval (computed). Summed
+    exp(-cd r_T^2) beyond), with `eps = 1.0865 (2 cd)^{p/2} / sqrt(p!) P_p delta^p` (Cramér's
+    bound of the Gaussian's p-th derivative over p!, times P_p = max prod_j |u - j|, the node
+    polynomial on the central interval in units of delta) and Lambda_p the Lebesgue constant of
+    that interval (P_p and Lambda_p evaluated on 4097 points, +2%). Summed
     over the at most n_int sources within r_T + p delta of a token (counted on the sorted
     depths) and the N - 1 beyond, this is E_d <= E_max / 2 by the choice of delta and r_T.
     Cost 2 p N + nnz(T): cheap where many tokens share few depth levels' worth of nodes
     (continuous depth at large N, narrow depth ranges).
   The cheaper of "values" and the grid orders p in (6, 8, 12, 16, 20, 24) is used per item.
   E_max = tol c_min / (2 + tol), so the bound is at most tol. The kernel walks the head dim in
-  blocks of 16 columns: M = A X, Y = T M, the row pass, then the column pass with A^T Y, the
-  diagonal and 1 / c~_j in one write (K and V read from their strided cache slices, written
-  once; in place is safe).
+  blocks of 64 columns: M = A X (grid mode: node by node over the tokens ordered by node), Y =
+  T M, the row pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K
+  and V read from their strided cache slices, written once; in place is safe).
   The structure (sort, nodes, T, c~) is built in float64 once per call (once per image for
   `kvfix.hf.DSCR`), shared by every layer and head.
 
