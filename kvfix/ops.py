@@ -322,9 +322,11 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): proximity kernel
             `exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2))`.
         method: "auto" (default: `kvfix.dscr_plan` decides; dense for tensor coords), "dense"
-            (the N x N weights) or "structured" (grid form only; ValueError where its ranks
-            cannot meet the dtype's tolerance). With the grid form the plan reads the depth
-            range on the host (one sync; DSCR runs once per image, not per decoded token).
+            (the N x N weights) or "structured" (grid form only: the banded variant on the CPU,
+            the low-rank one where it is faster or on CUDA; ValueError where none meets the
+            dtype's tolerance). With the grid form the plan reads depth on the host (one sync;
+            DSCR runs once per image, not per decoded token; the plan is kept for the next
+            calls with the same depth values).
         grid_unit: units of the grid form: "patch" (default) or "unit_square" (the earlier
             `[0, 1]` units); tensor coords take only the default.
 
