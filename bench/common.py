@@ -342,20 +342,52 @@ def cpu_path() -> str:
 # --------------------------------------------------------------------------------------------
 # inputs
 
-def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0, floor: bool = True, unit: str = "patch") -> dict:
-    """k, v ~ N(0, 1) [B, H, N, D]; depth: a smooth random depth map pooled to the grid
-    (`kvfix.patch_depth`, scaled to [0, 1]: a depth range the structured algorithm serves; at
-    the default [0, 255] the plan runs dense, docs/DSCR_UNITS.md); coords: `kvfix.patch_coords`
-    (`unit`: patch units by default); W: the floor's N x N matrix."""
+DEPTH_KINDS = ("smooth", "surfaces-1", "surfaces-3", "surfaces-20", "ramp")
+
+
+def depth_map(kind: str, gh: int, gw: int, seed: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A float64 [4 gh, 4 gw] depth map (4 x 4 pixels per patch), to be pooled by `kvfix.patch_depth`.
+
+    - "smooth": bicubic interpolation of random 5 x 5 values, plus 2% pixel noise;
+    - "surfaces-k" (k = 1, 3, 20): k fronto-parallel regions at distinct depths (evenly spaced
+      levels in a random order), the Voronoi cells of k random points; pooled, a patch on a
+      boundary gets a mix of its regions' depths (k = 1: a constant map, pooled to zeros);
+    - "ramp": a tilted plane, depth = y + 0.618 x (pixel coordinates): every patch at its own
+      depth, the continuum case.
+    generator: draw from it instead of a fresh one seeded with `seed`.
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    H, W = 4 * gh, 4 * gw
+    if kind == "smooth":
+        coarse = torch.rand(1, 1, 5, 5, generator=g, dtype=torch.float64)
+        dmap = torch.nn.functional.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=True)[0, 0]
+        return dmap + 0.02 * torch.rand(dmap.shape, generator=g, dtype=torch.float64)
+    if kind.startswith("surfaces-"):
+        k = int(kind.split("-")[1])
+        pts = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([H, W], dtype=torch.float64)
+        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
+                                indexing="ij")
+        dist = (yy[None] - pts[:, 0, None, None]) ** 2 + (xx[None] - pts[:, 1, None, None]) ** 2
+        levels = torch.linspace(1.0, 2.0, k, dtype=torch.float64)[torch.randperm(k, generator=g)]
+        return levels[dist.argmin(0)]
+    if kind == "ramp":
+        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
+                                indexing="ij")
+        return yy + 0.618 * xx
+    raise ValueError(f"depth kind must be one of {DEPTH_KINDS}, got {kind!r}")
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0, floor: bool = True, unit: str = "patch",
+                depth_kind: str = "smooth", depth_scale: float = 1.0) -> dict:
+    """k, v ~ N(0, 1) [B, H, N, D]; depth: `depth_map(depth_kind)` pooled to the grid by
+    `kvfix.patch_depth(..., scale=depth_scale)` (1.0 by default for the dense table, 255.0 the
+    default units); coords: `kvfix.patch_coords` (`unit`: patch units by default); W: the
+    floor's N x N matrix."""
     g = torch.Generator().manual_seed(seed)
     B, H, N, D = shape.B, shape.H, shape.N, shape.D
     k = torch.randn(B, H, N, D, generator=g).to(dtype)
     v = torch.randn(B, H, N, D, generator=g).to(dtype)
-    coarse = torch.rand(1, 1, 5, 5, generator=g, dtype=torch.float64)
-    dmap = torch.nn.functional.interpolate(coarse, size=(4 * shape.gh, 4 * shape.gw), mode="bicubic",
-                                           align_corners=True)[0, 0]
-    dmap = dmap + 0.02 * torch.rand(dmap.shape, generator=g, dtype=torch.float64)
-    depth = kvfix.patch_depth(dmap, shape.gh, shape.gw, scale=1.0)
+    depth = kvfix.patch_depth(depth_map(depth_kind, shape.gh, shape.gw, generator=g), shape.gh, shape.gw, scale=depth_scale)
     coords = kvfix.patch_coords(shape.gh, shape.gw, unit=unit)
     out = dict(k=k, v=v, depth=depth, coords=coords)
     if floor:

@@ -1,82 +1,115 @@
-"""Structured DSCR on a patch grid: the plan (algorithm, ranks, error bound, cost) and the factors.
+"""Structured DSCR on a patch grid: the plan (algorithm, error bound, cost) and the factors.
 
 On a row-major gh x gw grid with `patch_coords(gh, gw, unit=grid_unit)` the proximity is a sum
-of two smooth kernels (SPEC §1), `wt = f_d + f_s`, and both have cheap structure:
+of two kernels (SPEC §1), `wt = f_d + f_s`, `f_d = exp(-cd (d_i - d_j)^2)`, `f_s = exp(-cs |s_i -
+s_j|^2)`, with the dense backends' cut-off (an exponent below -87 counts as 0). Two structured
+variants compute `k_hat_j = (sum_i wt~(i, j) x_i - 2 x_j) / c~_j` (the unmasked diagonal is
+exactly 2) with approximated weights wt~ whose column sums c~_j are computed from the same wt~.
+Both come with an a-priori bound of the approximation error, kept below the output dtype's
+rounding; "auto" picks the variant (or the dense kernel) that its cost model says is fastest.
 
-- spatial: `f_s(i, j) = S_row[r_i, r_j] * S_col[c_i, c_j]` (the squared distance splits into the
-  two axes), a Kronecker product of two tiny Gaussian matrices, `S[a, b] = exp(-cs ((a - b) / G)^2)`
-  (G = 1 in patch units, the default; G = max(gh, gw) in the unit square; the dense backends'
-  cut-off at exponents below -87 applied). Each axis is used either exactly (`L = S`, `R = I`)
-  or through its top-p eigenpairs (`L = V_p diag(lam_p)`, `R = V_p`), the fewest that meet the
-  error budget (float64 eigendecomposition, cached). In patch units with the default sigma_s
-  the axis matrices are nearly diagonal and of full numerical rank: both axes are used exactly.
+Error bound (common to both). If every column of wt~ differs from wt by at most
+`E = max_j sum_i |wt~(i, j) - wt(i, j)|`, numerator and column sum are off by at most `E max|x|`
+and `E`, and since |k_hat_j| <= max|x| (a convex combination):
+
+    |k_hat~_j - k_hat_j| <= 2 E max|x| / (c_min - E),
+
+with `c_min` a lower bound of every column sum c_j. `DscrPlan.bound` is this, relative to max|x|
+of each feature column, in exact arithmetic; tol(dtype) = 2^-27 (float32), 2^-14 (float16),
+2^-11 (bfloat16), a fraction of the output's unit roundoff. Floating-point rounding is separate
+(`round_est`, an estimate).
+
+Banded (the default units: patch coordinates, depth in [0, 255]; CPU, csrc/cpu/dscr_banded.cpp).
+Both kernels are local there: in patch units `f_s` is `s_|da| s_|dc|` with `s_k = exp(-cs' k^2)`
+(cs' = cs / G^2, G = 1 in patch units), 0.33 for a side neighbour and below float32 rounding a
+few patches away; in depth, `f_d` is below `exp(-87)` beyond `sqrt(87 / cd)` = 10.2 levels at the
+defaults. So
+
+    wt~ = S_K (x) S_K + A^T T A,
+
+- spatial: the two axis kernels cut to the band |k| <= K, applied as two 1-D passes over the
+  grid (2 (2K + 1) multiply-adds per token). Dropped weight per column <= `tail_r tot_c + tot_r
+  tail_c` (tot: an axis's full two-sided sum of s_k, tail: its part beyond K); K is the
+  smallest with this <= E_max / 4 (K = 4 at the defaults for float32, 3 for bfloat16).
+  Every token has a grid neighbour, so `c_min = (sum_k s_k over an axis's end row)^2 - 1`
+  (0.77 at the defaults on grids of at least 2 x 2; 0.33 for 1 x N) bounds c_j from below.
+- depth: `A` [G x N] maps tokens to depth nodes and `T` [G x G] is the node kernel, banded in
+  the nodes' depth order (row g non-zero on consecutive nodes). Per image (per batch item) the
+  plan builds one of:
+  - "values": a node per distinct depth value (tokens of one value share it: exact), rows
+    reaching r with `(N - 1) exp(-cd r^2) <= E_max / 2` (r <= 10.2): the dropped entries are the
+    only error. Cost 2N + nnz(T) per feature column: cheap where depths repeat (surfaces at one
+    depth, constant maps) or are sparse (few tokens per level).
+  - "grid": nodes on a uniform depth grid of step delta, each token interpolated from its p
+    nearest nodes (Lagrange, the token inside the central interval), `T[g, g'] = exp(-cd ((g -
+    g') delta)^2)` for `|g - g'| delta <= r_T`. Per entry `|f_d~ - f_d| <= eps (1 + Lambda_p) +
+    Lambda_p^2 exp(-cd r_T^2) + exp(-87)` for pairs closer than r_T + p delta (0 vs at most
+    exp(-cd r_T^2) beyond), with `eps = 1.0865 (2 cd)^{p/2} / sqrt(p!) P_p delta^p` (Cramér's
+    bound of the Gaussian's p-th derivative over p!, times P_p = max prod_j |u - j|, the node
+    polynomial on the central interval in units of delta) and Lambda_p the Lebesgue constant of
+    that interval (P_p and Lambda_p evaluated on 4097 points, +2%). Summed
+    over the at most n_int sources within r_T + p delta of a token (counted on the sorted
+    depths) and the N - 1 beyond, this is E_d <= E_max / 2 by the choice of delta and r_T.
+    Cost 2 p N + nnz(T): cheap where many tokens share few depth levels' worth of nodes
+    (continuous depth at large N, narrow depth ranges).
+  The cheaper of "values" and the grid orders p in (6, 8, 12, 16, 20, 24) is used per item.
+  E_max = tol c_min / (2 + tol), so the bound is at most tol. The kernel walks the head dim in
+  blocks of 64 columns: M = A X (grid mode: node by node over the tokens ordered by node), Y =
+  T M, the row pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K
+  and V read from their strided cache slices, written once; in place is safe).
+  The structure (sort, nodes, T, c~) is built in float64 once per call (once per image for
+  `kvfix.hf.DSCR`), shared by every layer and head.
+
+Low-rank (the earlier units: unit-square coordinates with depth in [0, 1]; CPU and CUDA,
+csrc/cpu/dscr_factored.cpp):
+
+- spatial: `f_s(i, j) = S_row[r_i, r_j] * S_col[c_i, c_j]`, each axis used exactly (`L = S`,
+  `R = I`) or through its top-p eigenpairs (`L = V_p diag(lam_p)`, `R = V_p`), the fewest that
+  meet the error budget (float64 eigendecomposition, cached). In patch units with sigma_s ~ 0.6
+  the axis matrices are nearly diagonal and of full numerical rank (used exactly: slow).
 - depth: with centred depths `x = d - m` (m the midpoint of the item's depth range, |x| <= R),
   `exp(-cd (x_i - x_j)^2) = sum_n U[i, n] U[j, n]`, `U[i, n] = exp(-cd x_i^2) (sqrt(2 cd) x_i)^n / sqrt(n!)`
-  (Taylor series of exp(2 cd x_i x_j)), truncated at rank r. (Data-dependent, so no
-  eigendecomposition per image: U is built by the op, in float64, O(N r).)
+  (Taylor series of exp(2 cd x_i x_j)), truncated at rank r, built by the op in float64.
 
-The refinement is then
+    y_j = (U U^T X)_j + ((L_row R_row^T) (x) (L_col R_col^T) X)_j,   k_hat_j = (y_j - 2 x_j) / c_j.
 
-    y_j = sum_i wt~(i, j) x_i = (U U^T X)_j + ((L_row R_row^T) (x) (L_col R_col^T) X)_j
-    k_hat_j = (y_j - 2 x_j) / c_j,   c_j = (wt~ 1)_j - 2,
+  Cost per feature column: about `N (2 p_col + 2 r_depth + 3) + 2 gh p_col p_row`.
+  Truncating the Taylor series at rank r leaves, for t = 2 c |x_i x_j| <= T = 2 c R^2, at most
+  `P(Poisson(T) >= r) =: eps_d` per entry; an axis with p eigenpairs at most `max_a sum_{k >= p}
+  |lam_k| V_ak^2 =: eps_axis` (Cauchy-Schwarz), plus 1e-13 g for the float64 eigensolver. Every
+  entry is within `eps = eps_d + eps_row + eps_col + eps_row eps_col`, so E <= N eps, with
+  `c_min = min_a sum_b S_row[a, b] * min_a sum_b S_col[a, b] - 1 + (N - 1) exp(-4 cd R^2)`; the
+  ranks are the smallest with `eps_each <= tol c_min / (8 N)`. The Taylor terms alternate in
+  sign, so the plan also requires `round_est = 4 u32 (N + 2) / c_min <= 2e-6`. The Taylor rank
+  grows with (depth range / sigma_d)^2: at [0, 255] depth no rank up to 512 meets the bound.
 
-because the unmasked diagonal is exactly 2 (both terms are 1 at distance 0). Cost per feature
-column: about `N (2 p_col + 2 r_depth + 3) + 2 gh p_col p_row` multiply-adds, against `N^2`
-for the dense product.
+Choice ("auto"): the fastest by the cost model `ms_per_column` of the candidates: dense
+(0.031 ns x N^2), low-rank where its bound and rounding estimate are met and its factors fit
+the kernels' register path (`rank_col + rank_depth <= 24`; 0.21 ns per multiply-add of
+cost_structured), banded where its bound is met and K <= 64 (0.055 ns per counted operation:
+2 (2K + 1) + 3 per token plus the depth part's 2N + nnz or 2pN + nnz). The constants are
+single-thread CPU times per feature column measured on the development CPU (AVX2, float32;
+K + V of 24 x 24 to 128 x 128 grids on the map kinds of bench.common.depth_map, within +-30%
+of these across maps and sizes). method="structured" takes the faster feasible structured variant
+(also the low-rank one off its fast path), and raises where none meets the tolerance. On CUDA
+the banded variant is not available: "auto" runs low-rank where it applies and is faster,
+else dense (so dense at the default units).
 
-Error bound (exact arithmetic, relative to max_i |x_i| of each feature column).
-- depth: truncating the Taylor series at rank r leaves, for |x_i|, |x_j| <= R and
-  t = 2 c |x_i x_j| <= T = 2 c R^2, `e^{-c (x_i^2 + x_j^2)} sum_{n >= r} t^n / n! <= e^{-t} sum_{n >= r}
-  t^n / n! = P(Poisson(t) >= r) <= P(Poisson(T) >= r) =: eps_d` per entry.
-- spatial axis with p eigenpairs: the remainder E = sum_{k >= p} lam_k v_k v_k^T has
-  `|E_ab| <= max_a sum_{k >= p} |lam_k| V_ak^2 =: eps_axis` (Cauchy-Schwarz), plus 1e-13 g for the
-  float64 eigensolver.
-With these, every entry of wt~ is within `eps = eps_d + eps_row + eps_col + eps_row eps_col` of
-wt, so numerator and column sum are off by at most `N eps max|x|` and `N eps`, and since
-|k_hat_j| <= max|x| (a convex combination):
-
-    |k_hat~_j - k_hat_j| <= 2 N eps max|x| / (c_min - N eps),
-
-with `c_min` a lower bound of every column sum: `min_a sum_b S_row[a, b] * min_a sum_b S_col[a, b]
-- 1 + (N - 1) exp(-4 cd R^2)`. This is `DscrPlan.bound`. The ranks are the smallest with
-`eps_each <= tol c_min / (8 N)` for each of the three factors. Floating-point rounding is
-separate: the kernels accumulate in float32 and the Taylor terms alternate in sign for
-opposite-signed x, so the plan also estimates `round_est = 4 u32 (N + 2) / c_min` (an estimate,
-not a bound).
-
-Depth units. The Taylor rank grows with `T = 2 cd R^2`, i.e. with (depth range / sigma_d)^2. At
-the default units (depth maps scaled to [0, 255] by `patch_depth`, sigma_d = 0.6: T ~ 2.7e4)
-no rank up to 512 meets the bound for any depth map with more than one level: "auto" runs the
-exact dense kernel there and `DscrPlan.reason` says so. The structured path serves narrow
-depth ranges (uniform depth, depth in [0, 1] units, or a wide sigma_d) with low-rank spatial
-axes (the earlier unit-square coordinates, or a wide sigma_s). An exact fast algorithm for
-8-bit depth is the open part of issue 13 (docs/DSCR_UNITS.md).
-
-Choice ("auto"): structured when the grid form is given, N > 1, `bound <= tol(dtype)` is met by
-some ranks (rank_depth <= 512), `round_est <= 2e-6`, the nearest grid neighbour's spatial term
-is not below `exp(-60)` (see below), `rank_col + rank_depth <= 24` (the kernels' register
-path) and the estimated cost is at most a tenth of the dense one (the structured kernels do
-8-10x fewer useful operations per second than the dense kernel: measured on the CPU, break-even
-near a ratio of 9); dense otherwise. In patch units with sigma_s ~ 0.6 the axes are full rank
-(rank_col = gw), so "auto" picks dense there whatever the depth; `method="structured"` still
-runs it wherever the bound is met. tol(dtype) = 2^-27 (float32), 2^-14 (float16), 2^-11
-(bfloat16): a fraction of the output's unit roundoff.
-
-Underflow rule. The dense kernels count a term whose exponent is below -87 as 0
-(`reference.DSCR_EXP_CUTOFF`) and keep a token whose column sum is then 0. The structured
-form applies the cut-off to each axis matrix only (per-axis exponent), and the depth Taylor
-factor never underflows to an exact 0. The two agree to `N e^{-87} / c_j` relative, negligible
-as long as column sums are not themselves near e^{-87}: the plan therefore requires
-`exp(-cs / G^2) >= exp(-60)` (every token has a grid neighbour with a non-negligible spatial
-term, so c_j >= e^{-60}) and picks dense otherwise (tiny sigma_s). Tokens with c_j <= 0 (N == 1)
-keep their key, as in SPEC §1.
+Underflow rule. The dense kernels count a term whose exponent is below -87 as 0 and keep a
+token whose column sum is then 0. The structured forms never produce such a column while
+every token has a grid neighbour with a non-negligible spatial term, so the plan requires
+`exp(-cs / G^2) >= exp(-60)` (c_j >= e^{-60}) and picks dense otherwise (tiny sigma_s). Tokens
+with c_j <= 0 (N == 1) keep their key, as in SPEC §1. The cut-off's effect on the entries the
+structured forms keep is at most exp(-87) each, counted in the bounds.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["DscrPlan", "dscr_plan", "dscr_factors", "DscrFactors"]
@@ -90,12 +123,9 @@ _U32 = 2.0 ** -24
 _ROUND_MAX = 2e-6                 # largest accepted float32 rounding estimate
 _NEIGHBOUR_MIN_EXPONENT = -60.0   # see "Underflow rule" above
 _MAX_RANK = 512
-# "auto" only (see "Choice"): the structured kernels keep rank_col + rank_depth accumulators in
-# registers up to this many (csrc/cpu/dscr_factored.cpp, kMaxUnrolled) ...
+# "auto" only (see "Choice"): the low-rank kernels keep rank_col + rank_depth accumulators in
+# registers up to this many (csrc/cpu/dscr_factored.cpp, kMaxUnrolled).
 _FAST_PATH_Q = 24
-# ... and even then do about 8-10x fewer useful operations per second than the dense kernel
-# (measured on the CPU: break-even at a cost ratio of about 9), so they must save at least this.
-_MIN_SAVING = 10.0
 
 
 def _poisson_tail(T: float, r: int) -> float:
@@ -145,13 +175,18 @@ def _axis_matrix(g: int, G: float, cs: float) -> torch.Tensor:
 class DscrPlan:
     """What `dscr_refine` will run for one geometry (see kvfix.dscr_plan).
 
-    algorithm: "structured" or "dense". grid_unit: the units of the grid form's coordinates
-    ("patch" or "unit_square", `kvfix.patch_coords`). rank_depth, rank_row, rank_col: the factor widths
-    (an axis whose Taylor rank would reach its length is exact: rank = its length). bound:
-    a-priori bound of the structured approximation error relative to max|x| per feature
-    column (exact arithmetic); round_est: estimate of float32 rounding, same scale; tol: the
-    truncation target for the dtype. cost_structured, cost_dense: estimated multiply-adds per
-    feature column (one head dim of one head of K or V). reason: why this algorithm.
+    algorithm: "structured" or "dense"; variant: which structured algorithm ("banded" or
+    "lowrank"; "" for dense). grid_unit: the units of the grid form's coordinates ("patch" or
+    "unit_square", `kvfix.patch_coords`). bound: a-priori bound of the chosen structured
+    variant's approximation error relative to max|x| per feature column (exact arithmetic; the
+    low-rank one's when dense runs); round_est: estimate of float32 rounding, same scale; tol:
+    the truncation target for the dtype. Low-rank variant: rank_depth, rank_row, rank_col, the
+    factor widths (an axis whose Taylor rank would reach its length is exact: rank = its length),
+    cost_structured its multiply-adds per feature column. Banded variant: band (spatial
+    half-band K), depth_mode ("values": one node per distinct depth, exact; "grid": Lagrange
+    interpolation of order grid_order on a depth grid of step grid_step), the widest item's.
+    cost_dense: N^2. ms_per_column: the cost model's estimate per variant (ms per feature
+    column: one head dim of one head of K or V; CPU measurements). reason: why this algorithm.
     """
 
     algorithm: str
@@ -170,6 +205,12 @@ class DscrPlan:
     depth_range: float
     reason: str
     grid_unit: str = "patch"
+    variant: str = ""
+    band: int = 0
+    depth_mode: str = ""
+    grid_order: int = 0
+    grid_step: float = 0.0
+    ms_per_column: dict = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,24 +239,20 @@ def _axis_plan(g: int, G: float, cs: float, eps: float):
     return r, False, tails[r]
 
 
-def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: torch.dtype,
-          method: str, grid_unit: str = "patch") -> DscrPlan:
+def _lowrank(gh: int, gw: int, depth_range: float, cd: float, cs: float, tol: float, G: float) -> dict:
+    """The low-rank variant's ranks, bound, rounding estimate and cost (module docstring, "Low-rank")."""
     N = gh * gw
-    G = _grid_divisor(gh, gw, grid_unit)
-    tol = _TOL[dtype]
     R = 0.5 * depth_range
-    # Share the truncation budget between the three factors: eps <= tol c_min / (2 N) / ~3.
-    min_row = min_col = 1.0
     rr = rc = rd = 1
     row_exact = col_exact = True
     bound = round_est = math.inf
     cost_s = math.inf
-    cost_d = float(N) * N
     c_lb = 0.0
     if N > 1:
         min_row, min_col = _axis_spectrum(gh, G, cs)[4], _axis_spectrum(gw, G, cs)[4]
         c_lb = min_row * min_col - 1.0 + (N - 1) * math.exp(-4.0 * cd * R * R)
         if c_lb > 0:
+            # Share the truncation budget between the three factors: eps <= tol c_min / (2 N) / ~3.
             eps_each = tol * c_lb / (2.0 * N) / 4.0
             rr, row_exact, e_row = _axis_plan(gh, G, cs, eps_each)
             rc, col_exact, e_col = _axis_plan(gw, G, cs, eps_each)
@@ -226,44 +263,94 @@ def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: tor
             bound = 2.0 * N * eps / (c_lb - N * eps) if c_lb > N * eps else math.inf
             round_est = 4.0 * _U32 * (N + 2) / c_lb
             cost_s = float(N) * (2 * rc + 2 * rd + 3) + 2.0 * gh * rc * rr
+    if N <= 1:
+        why = "N <= 1"
+    elif rd > _MAX_RANK or bound > tol:
+        why = (f"depth range {depth_range:g} too wide for its Taylor factor of exp(-cd dd^2), cd = {cd:.3g}: "
+               + (f"the rank would exceed {_MAX_RANK}" if rd > _MAX_RANK else f"bound {bound:.3g} > tol {tol:.3g}"))
+    elif round_est > _ROUND_MAX:
+        why = f"float32 rounding estimate {round_est:.3g} above {_ROUND_MAX:g} (column sums >= {c_lb:.3g} only)"
+    elif rc + rd > _FAST_PATH_Q:
+        why = (f"factors too wide for its kernels' fast path (rank_col + rank_depth = {rc} + {rd} > {_FAST_PATH_Q}"
+               f"{'; the spatial axes are full rank at this sigma_s' if row_exact and col_exact else ''})")
+    else:
+        why = ""
+    feasible = N > 1 and rd <= _MAX_RANK and bound <= tol and round_est <= _ROUND_MAX
+    return dict(rr=rr, rc=rc, rd=rd, row_exact=row_exact, col_exact=col_exact, bound=bound, round_est=round_est,
+                cost=cost_s, feasible=feasible, fast=feasible and rc + rd <= _FAST_PATH_Q, why=why)
+
+
+def _plan(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: torch.dtype,
+          method: str, grid_unit: str = "patch", depth=None, device_type: str = "cpu") -> DscrPlan:
+    """The DscrPlan of `_plan_structure`."""
+    return _plan_structure(gh, gw, depth_range, cd, cs, dtype, method, grid_unit, depth, device_type)[0]
+
+
+def _plan_structure(gh: int, gw: int, depth_range: float, cd: float, cs: float, dtype: torch.dtype,
+                    method: str, grid_unit: str = "patch", depth=None, device_type: str = "cpu"):
+    """(DscrPlan, BandedStructure or None). depth: [Bd, N] float64 CPU tensor, or None (a range
+    only: the banded variant is planned for depths spread evenly over the range)."""
+    N = gh * gw
+    G = _grid_divisor(gh, gw, grid_unit)
+    tol = _TOL[dtype]
+    cost_d = float(N) * N
+    lr = _lowrank(gh, gw, depth_range, cd, cs, tol, G)
     neighbour_ok = max(gh, gw) == 1 or -cs / (G * G) >= _NEIGHBOUR_MIN_EXPONENT
-    feasible = N > 1 and rd <= _MAX_RANK and bound <= tol and round_est <= _ROUND_MAX and neighbour_ok
+    st, info = None, dict(reason="N <= 1")
+    if N > 1 and neighbour_ok:
+        if depth is None:
+            depth = torch.linspace(0.0, depth_range, N, dtype=torch.float64)[None]
+        st, info = _banded(gh, gw, depth, cd, cs / (G * G), tol)
+        if st is not None and not info["bound"] <= tol:
+            info["reason"] = f"bound {info['bound']:.3g} > tol {tol:.3g}"
+            st = None
+    ms = {"dense": _NS_DENSE * cost_d * 1e-6}
+    if lr["fast"] and neighbour_ok:
+        ms["lowrank"] = _NS_LOWRANK * lr["cost"] * 1e-6
+    if st is not None:
+        ms["banded"] = _NS_BANDED * info["ops"] * 1e-6
+    structured = {v: ms[v] for v in ("banded", "lowrank") if v in ms}
+    if method == "structured" and lr["feasible"] and neighbour_ok and "lowrank" not in structured:
+        structured["lowrank"] = _NS_LOWRANK * lr["cost"] * 1e-6  # forced: its slow path too
+    fmt = ", ".join(f"{k} {v:.3g}" for k, v in sorted(ms.items(), key=lambda kv: kv[1]))
     if method == "dense":
-        algorithm, reason = "dense", "method='dense'"
+        variant, reason = "", "method='dense'"
     elif method == "structured":
-        if N > 1 and not feasible:
+        if N > 1 and not structured:
             raise ValueError(
                 f"method='structured' cannot meet the {dtype} tolerance here (gh={gh}, gw={gw}, depth range "
-                f"{depth_range:g}: bound {bound:.3g} vs tol {tol:.3g}, rounding estimate {round_est:.3g}"
-                f"{'' if neighbour_ok else ', spatial neighbour term below exp(-60)'}); use method='dense'")
-        algorithm, reason = "structured", "method='structured'"
+                f"{depth_range:g}: banded: {info.get('reason', 'n/a')}; low-rank: {lr['why'] or 'n/a'}"
+                f"{'' if neighbour_ok else '; spatial neighbour term below exp(-60)'}); use method='dense'")
+        variant = min(structured, key=structured.get) if structured else "lowrank"  # N <= 1: keeps the token
+        reason = "method='structured'"
     elif N <= 1:
-        algorithm, reason = "dense", "N <= 1: nothing to refine"
+        variant, reason = "", "N <= 1: nothing to refine"
     elif not neighbour_ok:
-        algorithm, reason = "dense", "sigma_s so small that grid neighbours' spatial terms underflow"
-    elif rd > _MAX_RANK or bound > tol:
-        algorithm, reason = "dense", (
-            f"depth range {depth_range:g} too wide for the depth kernel exp(-cd dd^2), cd = alpha / (2 sigma_d^2) "
-            f"= {cd:.3g}: " + (f"its Taylor rank would exceed {_MAX_RANK}" if rd > _MAX_RANK else
-                               f"error bound {bound:.3g} above the tolerance {tol:.3g}")
-            + " (every multi-level depth map at the default [0, 255] units with sigma_d = 0.6 is)")
-    elif round_est > _ROUND_MAX:
-        algorithm, reason = "dense", (
-            f"float32 rounding estimate {round_est:.3g} above {_ROUND_MAX:g}: the lower bound of the column sums "
-            f"({c_lb:.3g}) is small, the depth range {depth_range:g} being wide for cd = {cd:.3g}")
-    elif cost_s >= cost_d:
-        algorithm, reason = "dense", f"structured costs more ({cost_s:.3g} vs {cost_d:.3g} per column)"
-    elif rc + rd > _FAST_PATH_Q:
-        algorithm, reason = "dense", (
-            f"structured factors too wide for the kernels' fast path (rank_col + rank_depth = {rc} + {rd} > "
-            f"{_FAST_PATH_Q}{'; the spatial axes are full rank at this sigma_s' if row_exact and col_exact else ''})")
-    elif cost_d < _MIN_SAVING * cost_s:
-        algorithm, reason = "dense", (f"structured saves only {cost_d / cost_s:.1f}x the operations "
-                                      f"(< {_MIN_SAVING:g}x, the dense kernel's per-operation advantage)")
+        variant, reason = "", "sigma_s so small that grid neighbours' spatial terms underflow"
     else:
-        algorithm, reason = "structured", f"{cost_d / cost_s:.1f}x fewer operations than dense"
-    return DscrPlan(algorithm, gh, gw, rd, rr, rc, row_exact, col_exact, bound, round_est, tol, cost_s, cost_d,
-                    depth_range, reason, grid_unit)
+        best = min(ms, key=ms.get)
+        variant = "" if best == "dense" else best
+        why = [] if "banded" in ms else [f"banded: {info.get('reason')}"]
+        why += [] if "lowrank" in ms else [f"low-rank: {lr['why']}"]
+        reason = f"estimated ms per column: {fmt}" + (f" ({'; '.join(why)})" if why else "")
+    if device_type != "cpu" and variant == "banded":
+        # the banded kernel is CPU-only: CUDA runs the low-rank variant where it applies, else dense
+        if method == "structured" and "lowrank" not in structured:
+            raise ValueError("method='structured' on CUDA needs the low-rank variant, which cannot meet the "
+                             f"tolerance here ({lr['why']}); the banded variant is CPU-only; use method='dense'")
+        variant = "lowrank" if "lowrank" in structured else ""
+        reason += "; the banded variant is CPU-only"
+    algorithm = "structured" if variant else "dense"
+    use = "bound" in info and (variant == "banded" or (not variant and st is not None))
+    bound = info["bound"] if use else lr["bound"]
+    round_est = info["round_est"] if use else lr["round_est"]
+    plan = DscrPlan(algorithm, gh, gw, lr["rd"], lr["rr"], lr["rc"], lr["row_exact"], lr["col_exact"], bound,
+                    round_est, tol, lr["cost"], cost_d, depth_range, reason, grid_unit, variant,
+                    info.get("K", 0) if st is not None else 0,
+                    {"atoms": "values", "grid": "grid"}.get(info.get("mode"), "") if st is not None else "",
+                    info.get("order", 0) if st is not None and info.get("mode") == "grid" else 0,
+                    info.get("step", 0.0) if st is not None else 0.0, ms)
+    return plan, (st if variant == "banded" else None)
 
 
 def _coefs(sigma_d, sigma_s, alpha, beta):
@@ -283,18 +370,25 @@ def _depth_range(depth: torch.Tensor | float) -> float:
 
 def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
               beta: float = 0.8, dtype: torch.dtype = torch.float32, method: str = "auto",
-              grid_unit: str = "patch") -> DscrPlan:
+              grid_unit: str = "patch", device=None) -> DscrPlan:
     """The algorithm `kvfix.dscr_refine(..., coords=(gh, gw), method=method, grid_unit=grid_unit)`
     runs, and why.
 
-    depth: the depth tensor ([N] or [B, N]) or its range max - min as a float (the plan depends
-    on the largest per-item range only). dtype: the dtype of k and v. grid_unit: "patch"
-    (default: the grid's coordinates are `patch_coords(gh, gw)`, adjacent patches 1 apart) or
-    "unit_square" (the earlier units). Returns a `DscrPlan` (algorithm, ranks, error bound,
-    estimated cost, reason). With method="structured" and no ranks that meet the dtype's
-    tolerance: a ValueError. At the default units a multi-level depth map from `patch_depth`
-    ([0, 255]) gets the dense kernel (module docstring, "Depth units").
+    depth: the depth tensor ([N] or [B, N]) or its range max - min as a float (then the banded
+    variant is planned for depths spread evenly over that range: the densest case). dtype: the
+    dtype of k and v. grid_unit: "patch" (default: the grid's coordinates are `patch_coords(gh,
+    gw)`, adjacent patches 1 apart) or "unit_square" (the earlier units). device: where k and v
+    are (default: depth's device, or the CPU): the banded variant is CPU-only. Returns a
+    `DscrPlan` (algorithm, variant, error bound, cost estimates, reason). With
+    method="structured" and no structured variant that meets the dtype's tolerance: a ValueError.
     """
+    if device is None:
+        device = depth.device if isinstance(depth, torch.Tensor) else "cpu"
+    return _plan_checked(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device)[0]
+
+
+def _plan_checked(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device):
+    """dscr_plan's checks, then (DscrPlan, BandedStructure or None)."""
     from .geometry import check_grid_unit
     from .ops import _check_grid_form, _check_plan_depth, _dscr_params
     gh, gw = _check_grid_form((gh, gw))
@@ -309,7 +403,28 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     if not math.isfinite(rng):
         raise ValueError("depth has non-finite values (nan or inf)")
     cd, cs = _coefs(sd, ss, a, b)
-    return _plan(gh, gw, rng, cd, cs, dtype, method, grid_unit)
+    d = None
+    if isinstance(depth, torch.Tensor):
+        d = depth.detach().to("cpu", torch.float64)
+        d = d[None] if d.dim() == 1 else d
+    key = (gh, gw, rng, cd, cs, dtype, method, grid_unit, torch.device(device).type,
+           None if d is None else (tuple(d.shape), d.numpy().tobytes()))
+    got = _PLANS.get(key)
+    if got is None:
+        got = _plan_structure(gh, gw, rng, cd, cs, dtype, method, grid_unit, d, torch.device(device).type)
+        _PLANS[key] = got
+        while len(_PLANS) > _PLAN_CACHE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return got
+
+
+# The last plans and their banded structures, by geometry, parameters and the depth values: the
+# same image planned again (every layer of a model through dscr_refine, a benchmark's repeats)
+# reuses its structure. Each entry holds O(N p + nnz) numbers.
+_PLAN_CACHE = 16
+_PLANS: collections.OrderedDict = collections.OrderedDict()
 
 
 @dataclasses.dataclass
@@ -389,3 +504,331 @@ def dscr_factors(plan: DscrPlan, depth: torch.Tensor, *, sigma_d: float, sigma_s
         cinv = torch.zeros_like(cinv)
     return DscrFactors(lr.to(dtype), rr.to(dtype), lc.to(dtype), rc.to(dtype), u.to(dtype).contiguous(),
                        cinv.to(dtype).contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# the banded variant (module docstring, "Banded")
+
+_CRAMER = 1.0865       # |H_n(x)| e^{-x^2 / 2} <= 1.0865 sqrt(2^n n!) (Cramér's inequality, constant 1.086435)
+_E87 = math.exp(-87.0)
+_MAX_BAND = 64         # spatial half-band beyond which the banded variant is not planned (wide sigma_s)
+_GRID_ORDERS = (6, 8, 12, 16, 20, 24)
+# Measured per-operation costs (see "Choice"; ns of single-thread CPU time per feature column,
+# float32, AVX2): the dense kernel per N^2, the low-rank kernel per multiply-add of
+# cost_structured, the banded kernel per counted operation (2 (2K + 1) + 3 per token plus the
+# depth part's).
+_NS_DENSE = 0.031
+_NS_LOWRANK = 0.21
+_NS_BANDED = 0.055
+
+
+def _axis_band(g: int, cs_eff: float):
+    """s_k = exp(-cs_eff k^2) with the dense cut-off, k = 0..g-1 (float64 list)."""
+    return [0.0 if -cs_eff * k * k < -87.0 else math.exp(-cs_eff * k * k) for k in range(g)]
+
+
+def _spatial_band(gh: int, gw: int, cs_eff: float, budget: float):
+    """(K, E_sp, c_min, s[0..K]): the smallest half-band K whose dropped spatial weight per
+    column, sum over (da, dc) with |da| > K or |dc| > K of s_da s_dc <= tail_r tot_c + tot_r tail_c,
+    is <= budget (tot: an axis's full two-sided sum, tail: its part beyond K); c_min: the
+    smallest spatial column sum minus the diagonal (a lower bound of every c_j)."""
+    g = max(gh, gw)
+    s = _axis_band(g, cs_eff)
+    sr, sc = s[:gh], s[:gw]
+    tot_r, tot_c = 1.0 + 2.0 * sum(sr[1:]), 1.0 + 2.0 * sum(sc[1:])
+
+    # the smallest row sum of an axis matrix is an end row's (s_k decreases in k)
+    c_min = sum(sr) * sum(sc) - 1.0
+    K = 0
+    while True:
+        tail_r, tail_c = 2.0 * sum(sr[K + 1:]), 2.0 * sum(sc[K + 1:])
+        e_sp = tail_r * tot_c + tot_r * tail_c
+        if e_sp <= budget or K >= g - 1:
+            return K, (0.0 if K >= g - 1 else e_sp), c_min, s[:K + 1] if K + 1 <= g else s
+        K += 1
+
+
+@functools.lru_cache(maxsize=None)
+def _lebesgue(p: int) -> float:
+    """max over the central interval of sum_k |L_k(u)| for p equispaced nodes (j = 1 - p/2 .. p/2,
+    u in [0, 1]): evaluated on 4097 points, +2% (the function is a polynomial of degree p - 1 on
+    that interval with |L'| small; the margin covers the sampling)."""
+    u = torch.linspace(0.0, 1.0, 4097, dtype=torch.float64)
+    return float(_lagrange(u, p).abs().sum(1).max()) * 1.02
+
+
+def _lagrange(u: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, p] Lagrange weights at u in [0, 1] of the nodes j = 1 - p/2 .. p/2 (barycentric form)."""
+    j = torch.arange(1 - p // 2, p // 2 + 1, dtype=torch.float64, device=u.device)
+    w = torch.tensor([(-1.0) ** k * math.comb(p - 1, k) for k in range(p)], dtype=torch.float64, device=u.device)
+    diff = u[:, None] - j[None, :]
+    exact = diff == 0
+    q = w / torch.where(exact, torch.ones_like(diff), diff)
+    L = q / q.sum(1, keepdim=True)
+    return torch.where(exact.any(1, keepdim=True), exact.to(torch.float64), L)
+
+
+@functools.lru_cache(maxsize=None)
+def _node_poly(p: int) -> float:
+    """max over u in [0, 1] of prod_j |u - j| (nodes j = 1 - p/2 .. p/2): evaluated on 4097 points,
+    +2% (a smooth polynomial; the margin covers the sampling). Below ((p/2)!)^2 / 4, its
+    closed-form bound, by 6x at p = 16."""
+    u = torch.linspace(0.0, 1.0, 4097, dtype=torch.float64)
+    j = torch.arange(1 - p // 2, p // 2 + 1, dtype=torch.float64)
+    return float((u[:, None] - j[None, :]).abs().prod(1).max()) * 1.02
+
+
+def _interp_error_coef(p: int, cd: float) -> float:
+    """C with |f - I_p f| <= C delta^p for f(x) = exp(-cd (x - s)^2), any s, x in the central interval
+    of p equispaced nodes delta apart: |f^(p)| <= 1.0865 (2 cd)^{p/2} sqrt(p!) (Cramér) and
+    prod |x - x_m| <= delta^p `_node_poly(p)`."""
+    return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * _node_poly(p)
+
+
+# The structure is built with numpy's single-threaded searchsorted / repeat (small arrays: torch's
+# parallel versions only add thread hand-offs).
+def _searchsorted(a: torch.Tensor, v: torch.Tensor, right: bool) -> torch.Tensor:
+    return torch.from_numpy(np.searchsorted(a.numpy(), v.numpy(), side="right" if right else "left"))
+
+
+def _repeat(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.repeat(x.numpy(), n.numpy()))
+
+
+def _reach_count(ds: torch.Tensor, r: float) -> int:
+    """max over tokens of #{i: |d_i - d_j| <= r}, ds sorted."""
+    return int((_searchsorted(ds, ds + r, True) - _searchsorted(ds, ds - r, False)).max())
+
+
+def _rows(pos: torch.Tensor, reach: float):
+    """Banded rows over sorted node positions: (row_lo, row_len) of the nodes within reach."""
+    lo = _searchsorted(pos, pos - reach, False)
+    return lo, _searchsorted(pos, pos + reach, True) - lo
+
+
+def _row_cols(lo: torch.Tensor, ln: torch.Tensor):
+    """(row, column) of every entry of banded rows (lo, ln), row by row."""
+    rows = _repeat(torch.arange(ln.numel()), ln)
+    cols = torch.arange(int(ln.sum())) + _repeat(lo - (torch.cumsum(ln, 0) - ln), ln)
+    return rows, cols
+
+
+def _band_values(pos: torch.Tensor, lo: torch.Tensor, ln: torch.Tensor, cd: float, cut: bool):
+    """T values row by row: exp(-cd (pos_g - pos_g')^2) for g' in [lo_g, lo_g + ln_g) (float64)."""
+    rows, cols = _row_cols(lo, ln)
+    p = pos.numpy()
+    e = -cd * (p[rows.numpy()] - p[cols.numpy()]) ** 2
+    v = np.exp(e)
+    if cut:
+        v[e < -87.0] = 0.0
+    return torch.from_numpy(v)
+
+
+@dataclasses.dataclass
+class _DepthStructure:
+    """One item's depth part (float64 until packed): token -> nodes, node kernel rows, bound."""
+    mode: str
+    tok: torch.Tensor     # [N] first node
+    tokw: torch.Tensor    # [N, c]
+    row_lo: torch.Tensor  # [G]
+    row_len: torch.Tensor
+    tvals: torch.Tensor   # [nnz]
+    error: float          # E_d: bound of sum_i |f_d~(i, j) - f_d(i, j)| per column
+    ops: float            # counted operations per feature column (M, T, the gather)
+    step: float = 0.0
+    order: int = 1
+
+
+def _depth_atoms(d: torch.Tensor, cd: float, budget: float):
+    """Nodes = the distinct depth values (exact); rows reach r: dropped entries are < exp(-cd r^2).
+    (cost, a function that builds the structure)."""
+    N = d.numel()
+    e, inv = torch.unique(d, sorted=True, return_inverse=True)
+    r_cut = math.sqrt(87.0 / cd) if cd > 0 else math.inf
+    r = math.sqrt(math.log(max(N - 1, 1) / budget) / cd) if cd > 0 and N > 1 else math.inf
+    if r >= r_cut:
+        r, err = r_cut, N * _E87
+    else:
+        err = (N - 1) * math.exp(-cd * r * r) + N * _E87
+    if cd > 0:
+        lo, ln = _rows(e, r)
+    else:
+        lo, ln = torch.zeros(e.numel(), dtype=torch.int64), torch.full((e.numel(),), e.numel(), dtype=torch.int64)
+    ops = float(2 * N + int(ln.sum()))
+
+    def build():
+        vals = _band_values(e, lo, ln, cd, cut=True)
+        return _DepthStructure("atoms", inv, torch.ones(N, 1, dtype=torch.float64), lo, ln, vals, err, ops)
+    return ops, build
+
+
+def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: int, best_ops: float):
+    """Nodes on a uniform depth grid (step delta), each token interpolated from its p nearest
+    (Lagrange); rows reach r_T. None if no step meets the budget or the cost is not below
+    best_ops; else (cost, a function that builds the structure)."""
+    N = d.numel()
+    if 2.0 * p * N >= best_ops:
+        return None
+    lam = _lebesgue(p)
+    C = _interp_error_coef(p, cd)
+    # tail: (N + n_int lam^2) exp(-cd r^2) <= budget / 4, with n_int <= N
+    r = math.sqrt(math.log(4.0 * N * (1.0 + lam * lam) / budget) / cd)
+    n_int = N
+    step = None
+    for _ in range(3):
+        st = (budget / (2.0 * n_int * (1.0 + lam) * C)) ** (1.0 / p)
+        n_new = _reach_count(ds, r + p * st)
+        if step is not None and n_new > n_int:
+            break
+        step, n_int = st, max(n_new, 1)
+    err = (n_int * (C * step ** p * (1.0 + lam) + lam * lam * math.exp(-cd * r * r) + _E87)
+           + N * math.exp(-cd * r * r))
+    if not err <= budget:
+        return None
+    d0 = float(ds[0])
+    t = (d - d0) / step
+    m = torch.floor(t)
+    first = m.to(torch.int64) + (1 - p // 2)                  # global node of weight 0
+    touched = torch.unique((first[:, None] + torch.arange(p)[None, :]).reshape(-1), sorted=True)
+    pos = touched.to(torch.float64) * step                    # node positions (relative to d0)
+    lo, ln = _rows(pos, math.floor(r / step + 1e-9) * step + 0.5 * step)
+    ops = float(2 * p * N + int(ln.sum()))
+    if ops >= best_ops:
+        return None
+
+    def build():
+        L = _lagrange(t - m, p)                                # [N, p]
+        vals = _band_values(pos, lo, ln, cd, cut=False)
+        return _DepthStructure("grid", _searchsorted(touched, first, False), L, lo, ln, vals, err, ops, step, p)
+    return ops, build
+
+
+def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructure:
+    """The cheapest of the exact distinct-value nodes and the grid orders that meet the budget."""
+    if cd == 0.0:  # alpha = 0: the depth term is 1 for every pair
+        d = torch.zeros_like(d)
+    ops, build = _depth_atoms(d, cd, budget)
+    if cd > 0 and ops > 4.0 * d.numel():
+        ds = torch.sort(d).values
+        for p in _GRID_ORDERS:
+            got = _depth_grid(d, ds, cd, budget, p, ops)
+            if got is not None:
+                ops, build = got
+    return build()
+
+
+@dataclasses.dataclass
+class BandedStructure:
+    """What the banded kernel takes (csrc/cpu/dscr_banded.cpp), float32 / int32 / int64 on the CPU:
+    tok [Bd, N], tokw [Bd, N, C], cnt [Bd], row_ptr [G + 1], row_lo [G], tvals [nnz], node_off
+    [Bd + 1] (items' node ranges), cinv [Bd, N], band [K + 1] (s_0..s_K); gh."""
+    tok: torch.Tensor
+    tokw: torch.Tensor
+    cnt: torch.Tensor
+    row_ptr: torch.Tensor
+    row_lo: torch.Tensor
+    tvals: torch.Tensor
+    node_off: torch.Tensor
+    cinv: torch.Tensor
+    band: torch.Tensor
+    gh: int
+
+    def args(self) -> tuple:
+        return (self.tok, self.tokw, self.cnt, self.row_ptr, self.row_lo, self.tvals, self.node_off, self.cinv,
+                self.band, self.gh)
+
+
+def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol: float,
+            dtype: torch.dtype = torch.float32):
+    """(structure or None, info dict) of the banded variant for depth [Bd, N] (any device); the
+    weights packed in `dtype` (float32 for the kernel; float64 to test the truncation alone)."""
+    N = gh * gw
+    K, e_sp, c_min, s = _spatial_band(gh, gw, cs_eff, math.inf)
+    if not c_min > 0:
+        return None, dict(reason="column sums not bounded away from 0")
+    e_max = tol * c_min / (2.0 + tol)
+    K, e_sp, c_min, s = _spatial_band(gh, gw, cs_eff, e_max / 4.0)
+    if K > _MAX_BAND:
+        return None, dict(reason=f"spatial band {K} > {_MAX_BAND} (wide sigma_s)")
+    d64 = depth.detach().to("cpu", torch.float64)
+    items = [_depth_structure(d64[b], cd, e_max / 2.0) for b in range(d64.shape[0])]
+    e_d = max(it.error for it in items)
+    E = e_sp + e_d
+    bound = 2.0 * E / (c_min - E) if c_min > E else math.inf
+    ops_sp = 2.0 * (2 * K + 1) + 3.0
+    ops = max(N * ops_sp + it.ops for it in items)
+    # pack, with the column sums of the approximated weights (consistent with the numerators)
+    sr = torch.tensor([sum(s[abs(a - b)] for b in range(max(0, a - K), min(gh, a + K + 1))) for a in range(gh)],
+                      dtype=torch.float64)
+    sc = torch.tensor([sum(s[abs(a - b)] for b in range(max(0, a - K), min(gw, a + K + 1))) for a in range(gw)],
+                      dtype=torch.float64)
+    spatial = (sr[:, None] * sc[None, :]).reshape(-1)
+    C = max(it.tokw.shape[1] for it in items)
+    toks, tokws, cinvs, ptrs, los, vals, offs = [], [], [], [], [], [], [0]
+    nnz, amp = 0, 1.0
+    for it in items:
+        G = it.row_lo.numel()
+        ones = torch.zeros(G, dtype=torch.float64).index_add_(
+            0, (it.tok[:, None] + torch.arange(it.tokw.shape[1])).reshape(-1), it.tokw.reshape(-1))
+        rows, cols = _row_cols(it.row_lo, it.row_len)
+        y1 = torch.zeros(G, dtype=torch.float64).index_add_(0, rows, it.tvals * ones[cols])
+        nodes = it.tok[:, None] + torch.arange(it.tokw.shape[1])
+        depth_sum = (it.tokw * y1[nodes]).sum(1)
+        c = spatial + depth_sum - 2.0
+        cinv = torch.where(c > 0, 1.0 / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
+        if N == 1:
+            cinv.zero_()
+        # rounding amplification: (sum_i |wt~(i, j)| + 2) / c~_j, the magnitude of the float32 sums
+        # before the diagonal is subtracted, relative to the result's scale
+        aones = torch.zeros(G, dtype=torch.float64).index_add_(0, nodes.reshape(-1), it.tokw.abs().reshape(-1))
+        ay1 = torch.zeros(G, dtype=torch.float64).index_add_(0, rows, it.tvals.abs() * aones[cols])
+        amp = max(amp, float(((spatial + (it.tokw.abs() * ay1[nodes]).sum(1) + 2.0) * cinv).max()))
+        toks.append(it.tok.to(torch.int32))
+        tokws.append(torch.nn.functional.pad(it.tokw, (0, C - it.tokw.shape[1])).to(dtype))
+        cinvs.append(cinv.to(dtype))
+        ptrs.append(torch.cumsum(it.row_len, 0) + nnz)
+        nnz += int(it.row_len.sum())
+        los.append(it.row_lo.to(torch.int32))
+        vals.append(it.tvals.to(dtype))
+        offs.append(offs[-1] + G)
+    st = BandedStructure(torch.stack(toks), torch.stack(tokws),
+                         torch.tensor([it.tokw.shape[1] for it in items], dtype=torch.int32),
+                         torch.cat([torch.zeros(1, dtype=torch.int64)] + ptrs), torch.cat(los), torch.cat(vals),
+                         torch.tensor(offs, dtype=torch.int64), torch.stack(cinvs),
+                         torch.tensor(s, dtype=dtype), gh)
+    worst = max(items, key=lambda it: it.ops)
+    info = dict(K=K, bound=bound, ops=ops, c_min=c_min, mode=worst.mode, order=worst.order, step=worst.step,
+                nnz=max(int(it.row_len.sum()) for it in items), round_est=4.0 * _U32 * amp)
+    return st, info
+
+
+def banded_weights(st: BandedStructure, item: int = 0) -> torch.Tensor:
+    """The [N, N] float64 weights wt~[i, j] (diagonal included) that structure `st` applies to
+    item `item`: for tests and the reference."""
+    N = st.tok.shape[1]
+    gh = st.gh
+    gw = N // gh
+    s = st.band.double()
+    K = s.numel() - 1
+    a = torch.arange(gh)
+    w = torch.arange(gw)
+
+    def axis(idx):
+        dist = (idx[:, None] - idx[None, :]).abs()
+        return torch.where(dist <= K, s[dist.clamp(max=K)], torch.zeros((), dtype=torch.float64))
+
+    spatial = torch.kron(axis(a), axis(w))
+    g0, g1 = int(st.node_off[item]), int(st.node_off[item + 1])
+    G = g1 - g0
+    T = torch.zeros(G, G, dtype=torch.float64)
+    ptr = st.row_ptr[g0:g1 + 1]
+    for g in range(G):
+        lo = int(st.row_lo[g0 + g])
+        n = int(ptr[g + 1] - ptr[g])
+        T[g, lo:lo + n] = st.tvals[int(ptr[g]):int(ptr[g]) + n].double()
+    c = int(st.cnt[item])
+    A = torch.zeros(G, N, dtype=torch.float64)
+    tok = st.tok[item].long()
+    for k in range(c):
+        A[tok + k, torch.arange(N)] += st.tokw[item, :, k].double()
+    return spatial + A.T @ T @ A

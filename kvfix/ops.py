@@ -260,8 +260,9 @@ def _check_grid_form(coords) -> tuple[int, int]:
 
 
 def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params, grid_unit: str = "patch"):
-    """Resolve coords and method: ("dense", depth [Bd, N], coords [Bd, N, 2]) or
-    ("structured", depth [Bd, N], (lr, rr, lc, rc, coef_d, rank_d)). Nothing run yet."""
+    """Resolve coords and method: ("dense", depth [Bd, N], coords [Bd, N, 2]),
+    ("structured", depth [Bd, N], (lr, rr, lc, rc, coef_d, rank_d)) (the low-rank variant) or
+    ("banded", depth [Bd, N], the banded structure's arguments). Nothing run yet."""
     from . import dscr_structured as P
     from .geometry import patch_coords
     if method not in _DSCR_METHODS:
@@ -283,11 +284,23 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
         raise ValueError("depth is a meta tensor: the grid form coords=(gh, gw) reads the depth range on the host; "
                          "pass coords=kvfix.patch_coords(gh, gw) (the dense algorithm) for meta tensors")
     sd, ss, a, b = params
-    plan = P.dscr_plan(gh, gw, d, sigma_d=sd, sigma_s=ss, alpha=a, beta=b, dtype=dtype, method=method,
-                       grid_unit=grid_unit)
+    plan, banded = P._plan_checked(gh, gw, d, sd, ss, a, b, dtype, method, grid_unit, device)
     if plan.algorithm == "dense":
         return "dense", d, c
+    if plan.variant == "banded":
+        return "banded", d, banded.args()
     return "structured", d, P.spatial_factors(plan, sigma_s=ss, beta=b, device=device) + P.depth_args(plan, sd, a)
+
+
+def _dscr_run(route, k, v, params):
+    """The DSCR op on a resolved route (`_dscr_route`): [k_hat, v_hat] (v_hat only with v)."""
+    if route[0] == "dense":
+        _check_built_for(k, "dscr_refine")
+        return torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
+    if route[0] == "banded":
+        return torch.ops.kvfix.dscr_refine_banded.default(k, v, *route[2])
+    _check_built_for(k, "dscr_refine_factored")
+    return torch.ops.kvfix.dscr_refine_factored.default(k, v, route[1], *route[2])
 
 
 def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords, *,
@@ -309,9 +322,11 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): proximity kernel
             `exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2))`.
         method: "auto" (default: `kvfix.dscr_plan` decides; dense for tensor coords), "dense"
-            (the N x N weights) or "structured" (grid form only; ValueError where its ranks
-            cannot meet the dtype's tolerance). With the grid form the plan reads the depth
-            range on the host (one sync; DSCR runs once per image, not per decoded token).
+            (the N x N weights) or "structured" (grid form only: the banded variant on the CPU,
+            the low-rank one where it is faster or on CUDA; ValueError where none meets the
+            dtype's tolerance). With the grid form the plan reads depth on the host (one sync;
+            DSCR runs once per image, not per decoded token; the plan is kept for the next
+            calls with the same depth values).
         grid_unit: units of the grid form: "patch" (default) or "unit_square" (the earlier
             `[0, 1]` units); tensor coords take only the default.
 
@@ -325,12 +340,7 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         _check_kv(v, "v", like=k)
     params = _dscr_params(sigma_d, sigma_s, alpha, beta)
     route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params, grid_unit)
-    if route[0] == "dense":
-        _check_built_for(k, "dscr_refine")
-        outs = torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
-    else:
-        _check_built_for(k, "dscr_refine_factored")
-        outs = torch.ops.kvfix.dscr_refine_factored.default(k, v, route[1], *route[2])
+    outs = _dscr_run(route, k, v, params)
     return outs[0], (outs[1] if v is not None else None)
 
 
@@ -378,6 +388,8 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
+    elif route[0] == "banded":
+        torch.ops.kvfix.dscr_refine_banded_cache_.default(list(keys), list(values), *route[2])
     else:
         _check_built_for(k0, "dscr_refine_factored_cache_")
         torch.ops.kvfix.dscr_refine_factored_cache_.default(list(keys), list(values), route[1], *route[2])
@@ -409,6 +421,19 @@ def _dscr_refine_factored_fake(k, v, depth, lr, rr, lc, rc, coef_d, rank_d):
 
 @torch.library.register_fake("kvfix::dscr_refine_factored_cache_")
 def _dscr_refine_factored_cache_fake(keys, values, depth, lr, rr, lc, rc, coef_d, rank_d):
+    return None
+
+
+@torch.library.register_fake("kvfix::dscr_refine_banded")
+def _dscr_refine_banded_fake(k, v, tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh):
+    outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
+    if v is not None:
+        outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
+    return outs
+
+
+@torch.library.register_fake("kvfix::dscr_refine_banded_cache_")
+def _dscr_refine_banded_cache_fake(keys, values, tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh):
     return None
 
 

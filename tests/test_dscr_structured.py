@@ -8,6 +8,7 @@ import torch
 import kvfix
 from kvfix import dscr_structured as S
 from kvfix import reference as R
+from bench import common
 from bench.common import reference_columns_f64
 from test_dscr import DEVICES, assert_close_to_reference
 
@@ -34,71 +35,90 @@ def _truth(k, v, depth, gh, gw, unit="patch", **kw):
 
 def test_plan_patch_units_exact_axes():
     # Patch units (default): the axis matrices exp(-cs (a - b)^2) are nearly diagonal, of full
-    # numerical rank, so both axes are exact; for a depth range <= 1 the bound is met (forced
-    # structured runs), but the factors are too wide for the kernels' fast path: auto is dense.
+    # numerical rank, so the low-rank variant uses both axes exactly (too wide for its fast
+    # path); the banded variant runs instead (CPU).
     for gh, gw in [(24, 24), (23, 37), (64, 64), (128, 128)]:
         for depth in (torch.rand(gh * gw), torch.zeros(gh * gw)):
             p = kvfix.dscr_plan(gh, gw, depth, method="structured")
-            assert p.grid_unit == "patch" and p.bound <= p.tol and p.cost_structured < p.cost_dense
+            assert p.grid_unit == "patch" and p.bound <= p.tol and p.algorithm == "structured"
             assert p.row_exact and p.col_exact and (p.rank_row, p.rank_col) == (gh, gw)
             assert 1 <= p.rank_depth <= 16
             a = kvfix.dscr_plan(gh, gw, depth)
-            assert a.algorithm == "dense" and "fast path" in a.reason and "full rank" in a.reason, a
-    # a wide sigma_s makes the axes low-rank again
+            assert a.algorithm == "structured" and a.variant == "banded" and a.band == 4, a
+            assert "lowrank" not in a.ms_per_column and a.ms_per_column["banded"] < a.ms_per_column["dense"]
+    # a wide sigma_s makes the axes low-rank again (and the spatial band wide): both variants are
+    # candidates, the cost model picks
     p = kvfix.dscr_plan(24, 24, torch.zeros(576), sigma_s=6.0)
     assert p.algorithm == "structured" and not p.row_exact and p.rank_col + p.rank_depth <= 24, p
+    assert {"lowrank", "banded"} <= set(p.ms_per_column) and p.band > 4
+    assert p.variant == min(("lowrank", "banded"), key=p.ms_per_column.get)
 
 
 def test_plan_unit_square_units_use_low_rank_axes():
-    # The earlier units (coordinates in the unit square): a smooth, numerically low-rank axis kernel.
+    # The earlier units (coordinates in the unit square): a smooth, numerically low-rank axis
+    # kernel; the banded variant's spatial band spans the grid (beyond 64: not planned).
     for gh, gw in [(24, 24), (23, 37), (64, 64), (128, 128)]:
-        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw), grid_unit="unit_square")
-        assert p.algorithm == "structured" and p.grid_unit == "unit_square", p
+        p = kvfix.dscr_plan(gh, gw, torch.rand(gh * gw), grid_unit="unit_square", method="structured")
+        assert p.algorithm == "structured" and p.grid_unit == "unit_square" and "lowrank" in p.ms_per_column, p
         assert p.bound <= p.tol and p.cost_structured < p.cost_dense
         assert 1 <= p.rank_depth <= 16 and p.rank_row <= 12 and p.rank_col <= 12
+        assert ("banded" in p.ms_per_column) == (max(gh, gw) <= 65)
+        assert p.variant == min(("lowrank", "banded"), key=lambda v: p.ms_per_column.get(v, math.inf))
 
 
-def test_plan_picks_dense_for_depth_maps_at_default_units():
-    """patch_depth scales a depth map to [0, 255]: with sigma_d = 0.6 no Taylor rank <= 512 meets
-    the bound, so "auto" runs the exact dense kernel and says why; the earlier units stay structured."""
-    m = torch.arange(48.0).reshape(6, 8) ** 1.5  # any map with more than one level
-    for gh, gw in [(24, 24), (6, 8)]:
-        depth = kvfix.patch_depth(m, gh, gw)
-        assert float(depth.max() - depth.min()) == 255.0
+@pytest.mark.parametrize("kind", common.DEPTH_KINDS)
+def test_plan_picks_banded_for_depth_maps_at_default_units(kind):
+    """patch_depth scales a depth map to [0, 255]: no Taylor rank <= 512 meets the low-rank bound,
+    the banded variant does (its bound below the dtype's tolerance) and "auto" runs it on the CPU;
+    on CUDA (banded is CPU-only) auto is dense."""
+    for gh, gw in [(24, 24), (6, 8), (32, 20)]:
+        depth = kvfix.patch_depth(common.depth_map(kind, gh, gw), gh, gw)
         for dtype in DTYPES:
             p = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
-            assert p.algorithm == "dense" and p.rank_depth > 512, p
-            assert "depth range 255 too wide" in p.reason and "Taylor rank would exceed 512" in p.reason
-        with pytest.raises(ValueError, match="method='structured' cannot meet"):
-            kvfix.dscr_plan(gh, gw, depth, method="structured")
-        old = kvfix.dscr_plan(gh, gw, kvfix.patch_depth(m, gh, gw, scale=1.0), grid_unit="unit_square",
-                              method="structured")  # feasible at the earlier units
-        assert old.bound <= old.tol
-    # and the op follows the plan: auto is the dense kernel, bit for bit
-    depth = kvfix.patch_depth(m, 6, 8)
-    k = torch.randn(2, 3, 48, 16)
-    assert torch.equal(kvfix.dscr_refine(k, None, depth, (6, 8))[0],
-                       kvfix.dscr_refine(k, None, depth, kvfix.patch_coords(6, 8))[0])
+            if gh * gw >= 576:
+                assert p.algorithm == "structured" and p.variant == "banded", p
+            assert p.bound <= p.tol and p.depth_mode in ("values", "grid")
+            assert p.band == (4 if dtype == torch.float32 else 3)
+            if kind != "surfaces-1":
+                assert p.rank_depth > 512 and "lowrank" not in p.ms_per_column
+            c = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, device="cuda")
+            assert c.variant in ("", "lowrank") and (c.variant == "" or kind == "surfaces-1")
+
+
+def test_plan_grid_mode_for_dense_continuous_depth():
+    """Many tokens per depth level: interpolation on a depth grid is cheaper than one node per
+    value, and its bound still holds."""
+    depth = 3.0 * torch.rand(4096)
+    p = kvfix.dscr_plan(64, 64, depth)
+    assert p.variant == "banded" and p.depth_mode == "grid" and p.grid_order in S._GRID_ORDERS, p
+    assert 0 < p.grid_step < 1 and p.bound <= p.tol
+    # a float range plans for the evenly spread depth of that range (the densest continuum)
+    q = kvfix.dscr_plan(64, 64, 255.0)
+    assert q.variant == "banded" and q.bound <= q.tol
 
 
 def test_plan_constant_depth_needs_rank_one():
     p = kvfix.dscr_plan(24, 24, torch.full((576,), 3.0))
-    assert p.rank_depth == 1 and p.depth_range == 0.0
+    assert p.rank_depth == 1 and p.depth_range == 0.0 and p.depth_mode == "values"
 
 
 @pytest.mark.parametrize("gh,gw,rng,kw,why", [
-    (24, 24, 80.0, dict(sigma_d=0.6), "Taylor rank would exceed"),  # unnormalised depth, narrow kernel
-    (24, 24, 255.0, {}, "Taylor rank would exceed"),                # a depth map at the default units
-    (24, 24, 3.0, {}, "rounding estimate"),                         # small column-sum bound
     (24, 24, 1.0, dict(sigma_s=0.07), "underflow"),                 # grid neighbours' spatial terms ~ 0
-    (1, 7, 1.0, {}, "costs more"),                                # tiny grid: dense is cheaper
-    (24, 24, 1.0, {}, "fast path"),                               # patch units: full-rank axes
-    (12, 12, 1.0, dict(grid_unit="unit_square"), "saves only"),   # saves less than 10x
+    (1, 7, 1.0, {}, "estimated ms per column: dense"),              # tiny grid: dense is cheaper
+    (128, 128, 80.0, dict(grid_unit="unit_square"), "band"),        # neither variant applies
     (1, 1, 0.0, {}, "N <= 1"),
 ])
 def test_plan_falls_back_to_dense(gh, gw, rng, kw, why):
     p = kvfix.dscr_plan(gh, gw, rng, **kw)
-    assert p.algorithm == "dense" and why in p.reason, p
+    assert p.algorithm == "dense" and p.variant == "" and why in p.reason, p
+
+
+def test_plan_auto_picks_the_cheapest_estimate():
+    for gh, gw, depth, kw in [(24, 24, torch.rand(576), {}), (24, 24, torch.rand(576), dict(grid_unit="unit_square")),
+                              (64, 64, 255 * torch.rand(4096), {}), (3, 3, torch.rand(9), {})]:
+        p = kvfix.dscr_plan(gh, gw, depth, **kw)
+        best = min(p.ms_per_column, key=p.ms_per_column.get)
+        assert (p.variant or "dense") == best, p
 
 
 def test_plan_underflow_rule_follows_the_units():
@@ -119,7 +139,11 @@ def test_plan_method_override():
     assert kvfix.dscr_plan(24, 24, 1.0, method="dense").algorithm == "dense"
     assert kvfix.dscr_plan(1, 7, 1.0, method="structured").algorithm == "structured"
     with pytest.raises(ValueError, match="method='structured' cannot meet"):
-        kvfix.dscr_plan(24, 24, 80.0, method="structured")
+        kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.07, method="structured")
+    with pytest.raises(ValueError, match="method='structured' cannot meet"):
+        kvfix.dscr_plan(128, 128, 80.0, grid_unit="unit_square", method="structured")
+    with pytest.raises(ValueError, match="banded variant is CPU-only"):
+        kvfix.dscr_plan(24, 24, 255.0, method="structured", device="cuda")
     with pytest.raises(ValueError, match="method must be one of"):
         kvfix.dscr_plan(24, 24, 1.0, method="fast")
 
@@ -149,9 +173,11 @@ def test_bound_is_never_violated(gh, gw, kind, sigma_d, unit, dtype):
     got = R.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
     truth = _truth(k, None, depth, gh, gw, unit, **kw)[0]
     rel = ((got - truth).abs().amax(2) / k.abs().amax(2)).max().item()  # per feature column
+    cd, cs = S._coefs(sigma_d, 0.6, 0.6, 0.8)
+    bound = S._lowrank(gh, gw, plan.depth_range, cd, cs, plan.tol, S._grid_divisor(gh, gw, unit))["bound"]
     # The bound is for exact arithmetic (0 where every factor is exact): allow float64 rounding
     # of the N-term sums on top.
-    assert rel <= plan.bound + N * 2.0 ** -52, (rel, plan)
+    assert rel <= bound + N * 2.0 ** -52, (rel, plan)
 
 
 def test_bound_is_tight_enough_to_matter():
@@ -335,16 +361,19 @@ def test_cache_inplace_structured(keys_only, dtype, device):
 
 
 def test_cache_auto_uses_structured_and_dense_consistently():
-    """auto on the cache path: structured at 24x24, dense where the plan falls back."""
+    """auto on the cache path follows the plan (structured or dense) and equals the out-of-place op."""
     B, H, D = 1, 2, 16
     m = torch.rand(48, 48)
-    for unit, depth, algorithm in [("unit_square", torch.rand(576), "structured"), ("patch", torch.rand(576), "dense"),
-                                   ("unit_square", 80 * torch.rand(576), "dense"),
-                                   ("patch", kvfix.patch_depth(m, 24, 24), "dense")]:
-        assert kvfix.dscr_plan(24, 24, depth, grid_unit=unit).algorithm == algorithm
-        k = torch.randn(B, H, 576, D)
-        ref = kvfix.dscr_refine(k, None, depth, (24, 24), grid_unit=unit)[0]
-        kvfix.dscr_refine_cache_([k], None, depth, (24, 24), grid_unit=unit)
+    for gh, gw, unit, depth, algorithm in [(24, 24, "unit_square", torch.rand(576), "structured"),
+                                           (24, 24, "patch", torch.rand(576), "structured"),
+                                           (24, 24, "patch", kvfix.patch_depth(m, 24, 24), "structured"),
+                                           (4, 4, "patch", kvfix.patch_depth(m, 4, 4), "dense"),
+                                           (24, 24, "patch", torch.rand(576), "dense")]:
+        kw = dict(sigma_s=0.07) if algorithm == "dense" and gh == 24 else {}  # underflow rule: dense
+        assert kvfix.dscr_plan(gh, gw, depth, grid_unit=unit, **kw).algorithm == algorithm
+        k = torch.randn(B, H, gh * gw, D)
+        ref = kvfix.dscr_refine(k, None, depth, (gh, gw), grid_unit=unit, **kw)[0]
+        kvfix.dscr_refine_cache_([k], None, depth, (gh, gw), grid_unit=unit, **kw)
         assert torch.equal(k, ref)
 
 
@@ -421,3 +450,174 @@ def test_empty_batch_or_heads():
         k = torch.randn(shape)
         k_hat, v_hat = kvfix.dscr_refine(k, k.clone(), torch.rand(6), (2, 3), method="structured")
         assert k_hat.shape == k.shape and v_hat.shape == k.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# the banded variant (default units): bound, kernel, every depth-map kind
+
+CD, CS = S._coefs(0.6, 0.6, 0.6, 0.8)
+GRIDS = [(24, 24), (12, 20), (20, 7), (1, 9), (9, 1), (2, 2), (1, 2)]
+
+
+def _map_depth(kind, gh, gw, B=1, seed=0):
+    return torch.stack([kvfix.patch_depth(common.depth_map(kind, gh, gw, seed=seed + b), gh, gw) for b in range(B)])
+
+
+def _column_error(st, depth, gh, gw, item=0):
+    """max_j sum_i |w~(i, j) - w(i, j)| of the normalised weights (float64): the error of k_hat
+    relative to max|x| per feature column, in exact arithmetic."""
+    N = gh * gw
+    wt = S.banded_weights(st, item) - 2.0 * torch.eye(N, dtype=torch.float64)
+    c = wt.sum(0)
+    w = torch.where(c > 0, wt / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(wt))
+    ref = R.dscr_weights(depth.double(), kvfix.patch_coords(gh, gw, dtype=torch.float64))[0]
+    return (w - ref).abs().sum(0).max().item()
+
+
+@pytest.mark.parametrize("tol", [2.0 ** -27, 2.0 ** -11], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", common.DEPTH_KINDS)
+def test_banded_bound_holds(kind, tol):
+    """The structure built in float64 (truncation only): every column's weight error is within
+    the a-priori bound, which is below the dtype's tolerance."""
+    for gh, gw in GRIDS:
+        depth = _map_depth(kind, gh, gw)
+        st, info = S._banded(gh, gw, depth.double(), CD, CS, tol, dtype=torch.float64)
+        assert info["bound"] <= tol
+        assert _column_error(st, depth[0], gh, gw) <= info["bound"] + gh * gw * 2.0 ** -50, (gh, gw, info)
+
+
+@pytest.mark.parametrize("tol", [2.0 ** -27, 2.0 ** -11], ids=["fp32", "bf16"])
+def test_banded_bound_holds_in_grid_mode(tol):
+    """Interpolation on the depth grid (many tokens per level): its bound holds too, and a
+    coarser grid (a step 1.5x larger) would break the tolerance somewhere (the bound matters)."""
+    gh, gw = 16, 16
+    depth = 2.0 * torch.rand(1, gh * gw, dtype=torch.float64)
+    N = gh * gw
+    budget = tol * 0.77 / (2 + tol) / 2
+    ds = torch.sort(depth[0]).values
+    for p in (6, 12):
+        ops, build = S._depth_grid(depth[0], ds, CD, budget, p, math.inf)
+        it = build()
+        assert it.mode == "grid" and it.error <= budget
+        st, info = S._banded(gh, gw, depth, CD, CS, tol, dtype=torch.float64)
+        assert info["bound"] <= tol
+    st, info = S._banded(gh, gw, depth, CD, CS, tol, dtype=torch.float64)
+    assert info["mode"] == "grid"
+    assert _column_error(st, depth[0], gh, gw) <= info["bound"] + N * 2.0 ** -50
+
+
+def _check_banded_output(out, x, depth, gh, gw, plan):
+    """Within the plan's bound plus rounding. float32: the flash-attention rule of test_dscr (2x the
+    error of the float32 reference, plus a slack below it) with the bound and the plan's float32
+    rounding estimate on top (4 u32 (sum_i |wt~(i, j)| + 2) / c~_j: the kernel sums the weights
+    with the diagonal 2 included and subtracts it, a cancellation where c~_j is small). 16-bit
+    inputs (exact in float32, float32 arithmetic): the same plus the output's rounding, u |k_hat|
+    (u = 2^-8 bfloat16, 2^-11 float16)."""
+    truth = R.dscr_refine(x.double(), None, depth.double(), kvfix.patch_coords(gh, gw, dtype=torch.float64))[0]
+    assert out.dtype == x.dtype and out.shape == x.shape and torch.isfinite(out).all()
+    err = (out.double() - truth).abs().max().item()
+    scale = max(1.0, truth.abs().max().item())
+    xmax = x.abs().max().item()
+    x32 = x.float()
+    ref = R.dscr_refine(x32, None, depth.float(), kvfix.patch_coords(gh, gw))[0]
+    ref_err = (ref.double() - truth).abs().max().item()
+    u_out = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[x.dtype]
+    tol = (plan.bound + plan.round_est) * xmax + 2 * ref_err + 1e-7 * scale + u_out * truth.abs().max().item()
+    assert err <= tol, (err, ref_err, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", common.DEPTH_KINDS)
+def test_banded_kernel_matches_dense_reference(kind, dtype):
+    """Every map kind, square, non-square and one-row grids, a batch with per-item depth."""
+    for gh, gw in [(24, 24), (12, 20), (1, 9), (2, 2)]:
+        B, H, D = 2, 2, 32
+        depth = _map_depth(kind, gh, gw, B)
+        plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, method="structured")
+        assert plan.variant == "banded"
+        k = torch.randn(B, H, gh * gw, D).to(dtype)
+        v = torch.randn(B, H, gh * gw, D).to(dtype)
+        k_hat, v_hat = kvfix.dscr_refine(k, v, depth, (gh, gw), method="structured")
+        _check_banded_output(k_hat, k, depth, gh, gw, plan)
+        _check_banded_output(v_hat, v, depth, gh, gw, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_banded_kernel_equals_its_weights(dtype):
+    """Same structure, same formula: the kernel equals the structure's weights applied in float64,
+    to float32 rounding; D = 40 leaves a narrow last block; v strided; broadcast depth; in place
+    gives the same bits; the grid mode too."""
+    for gh, gw, depth in [(6, 9, _map_depth("ramp", 6, 9)), (16, 16, 2.0 * torch.rand(1, 256))]:
+        N, B, H, D = gh * gw, 2, 3, 40
+        plan, st = S._plan_checked(gh, gw, depth, 0.6, 0.6, 0.6, 0.8, dtype, "structured", "patch", "cpu")
+        k = torch.randn(B, H, N, D).to(dtype)
+        v = torch.randn(B, N, H, D).to(dtype).transpose(1, 2)
+        got_k, got_v = torch.ops.kvfix.dscr_refine_banded(k, v, *st.args())
+        F = S.banded_weights(st)                                     # [N, N], F[i, j] = wt~(i, j)
+        ci = st.cinv[0].double()[None, None, :, None]
+        for got, x in ((got_k, k), (got_v, v)):
+            want = (torch.einsum("ij,bhid->bhjd", F, x.double()) - 2 * x.double()) * ci
+            tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+        kk, vv = k.clone(), v.clone()
+        torch.ops.kvfix.dscr_refine_banded_cache_([kk], [vv], *st.args())
+        assert torch.equal(kk, got_k) and torch.equal(vv, got_v)
+
+
+def test_banded_single_token_and_tiny_grids():
+    k = torch.randn(2, 3, 1, 16)
+    assert torch.equal(kvfix.dscr_refine(k, None, torch.rand(2, 1), (1, 1), method="structured")[0], k)
+    for gh, gw in [(1, 2), (2, 1), (2, 2), (1, 3)]:
+        depth = 255 * torch.rand(gh * gw)
+        x = torch.randn(1, 2, gh * gw, 16)
+        plan = kvfix.dscr_plan(gh, gw, depth, method="structured")
+        _check_banded_output(kvfix.dscr_refine(x, None, depth, (gh, gw), method="structured")[0], x,
+                             depth, gh, gw, plan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_banded_cache_inplace_strided_slices(dtype):
+    """Cache slices (strided, inside a longer sequence), several layers, per-item depth maps: the
+    in-place op equals the out-of-place one and leaves the rest of the cache alone."""
+    L, B, H, T, D, s, gh, gw = 3, 2, 2, 90, 24, 5, 8, 10
+    N = gh * gw
+    ks = [torch.randn(B, H, T, D).to(dtype) for _ in range(L)]
+    vs = [torch.randn(B, T, H, D).to(dtype).transpose(1, 2) for _ in range(L)]
+    depth = _map_depth("surfaces-3", gh, gw, B)
+    assert kvfix.dscr_plan(gh, gw, depth, dtype=dtype, method="structured").variant == "banded"
+    expected = [kvfix.dscr_refine(k[:, :, s:s + N], v[:, :, s:s + N], depth, (gh, gw), method="structured")
+                for k, v in zip(ks, vs)]
+    before = [(k.clone(), v.clone()) for k, v in zip(ks, vs)]
+    kvfix.dscr_refine_cache_([k[:, :, s:s + N] for k in ks], [v[:, :, s:s + N] for v in vs], depth, (gh, gw),
+                             method="structured")
+    for (k, v), (k0, v0), (ek, ev) in zip(zip(ks, vs), before, expected):
+        assert torch.equal(k[:, :, s:s + N], ek) and torch.equal(v[:, :, s:s + N], ev)
+        assert torch.equal(k[:, :, :s], k0[:, :, :s]) and torch.equal(k[:, :, s + N:], k0[:, :, s + N:])
+        assert torch.equal(v[:, :, :s], v0[:, :, :s]) and torch.equal(v[:, :, s + N:], v0[:, :, s + N:])
+
+
+def test_opcheck_banded():
+    depth = _map_depth("smooth", 4, 5, 2)
+    _, st = S._plan_checked(4, 5, depth, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
+    k, v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_banded.default, (k, v) + st.args())
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_banded.default, (k, None) + st.args())
+    ks, vs = [torch.randn(2, 2, 20, 16) for _ in range(2)], [torch.randn(2, 2, 20, 16) for _ in range(2)]
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_banded_cache_.default, (ks, vs) + st.args())
+
+
+def test_banded_op_checks_structure():
+    depth = _map_depth("smooth", 4, 5)
+    _, st = S._plan_checked(4, 5, depth, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
+    k = torch.randn(1, 2, 20, 8)
+    args = list(st.args())
+    with pytest.raises(RuntimeError, match="does not divide"):
+        torch.ops.kvfix.dscr_refine_banded(k, None, *args[:-1], 3)
+    bad = args.copy()
+    bad[0] = st.tok + 1000
+    with pytest.raises(RuntimeError, match="token node out of range"):
+        torch.ops.kvfix.dscr_refine_banded(k, None, *bad)
+    bad = args.copy()
+    bad[1] = st.tokw.double()
+    with pytest.raises(RuntimeError, match="documented dtypes"):
+        torch.ops.kvfix.dscr_refine_banded(k, None, *bad)

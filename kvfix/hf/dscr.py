@@ -174,7 +174,7 @@ class DSCR(Method):
                             values[rows, :, cols] = v_hat
         routes = next(iter(fw.routes.values()))
         self.last_images.extend(ctx.images)
-        self.last_algorithms.extend(r[0] for r in routes)
+        self.last_algorithms.extend("dense" if r[0] == "dense" else "structured" for r in routes)
         self.refine_calls += len(ctx.images)
 
     # ---- the attention of a selected layer ---------------------------------------------------
@@ -327,12 +327,7 @@ def _apply(route, k, v, params):
     ops._check_kv(k, "k")
     if v is not None:
         ops._check_kv(v, "v", like=k)
-    if route[0] == "dense":
-        ops._check_built_for(k, "dscr_refine")
-        outs = torch.ops.kvfix.dscr_refine.default(k, v, route[1], route[2], *params)
-    else:
-        ops._check_built_for(k, "dscr_refine_factored")
-        outs = torch.ops.kvfix.dscr_refine_factored.default(k, v, route[1], *route[2])
+    outs = ops._dscr_run(route, k, v, params)
     return outs[0], (outs[1] if v is not None else None)
 
 

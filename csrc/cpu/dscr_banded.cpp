@@ -1,0 +1,397 @@
+// Banded structured DSCR on the CPU (kvfix/dscr_structured.py, variant "banded"): the default units
+// (patch coordinates, depth in [0, 255]), where the proximity is local in space and in depth.
+//
+// Per item the weights are  wt~ = S (x) S  +  A^T T A  (diagonal included, exactly 2), with
+//   S: the spatial axis kernel s_|a-b| cut to the band |a - b| <= K (both axes; `band` = s_0..s_K),
+//   A: [G x N] token -> depth node weights, token i touching the cnt consecutive nodes from tok[i]
+//      (cnt = 1: a node is one depth value shared by all its tokens, exact; cnt = p: Lagrange
+//      weights of the p nearest nodes of a uniform depth grid),
+//   T: [G x G] node kernel, row g non-zero on the consecutive nodes [row_lo[g], row_lo[g] + len),
+//      values tvals[row_ptr[g], row_ptr[g + 1]).
+// The plan (Python) builds all of it in float64 once per image, with an a-priori error bound.
+// out_i = (S(x) S X + A^T T A X - 2 x_i) * cinv_i, or x_i where cinv_i == 0.
+//
+// A task is one head of one batch item of one tensor; it walks the head dim in blocks of kB = 64
+// columns: (1) M = A X (cnt > 1: node by node, over the tokens ordered by first node), (2) Y = T M
+// (node scratch), (3) Z = the row pass of S over X (scratch),
+// (4) the column pass of S over Z plus A^T Y, the diagonal and the normalisation, written once in
+// the output dtype. Step (4) writes token i only after (1) and (3) have read the whole block, and
+// reads only scratch and x_i: in place is safe. A head dim not a multiple of kB leaves a narrow
+// last block, run on a zero-padded float32 copy.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "fresh_pages.h"
+#include "kvfix.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVFIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVFIX_CPU_CLONES
+#endif
+
+namespace kvfix {
+namespace {
+
+#define KVFIX_AI static inline __attribute__((always_inline))
+
+struct Item {
+  const int32_t* tok;     // [N] first node of each token (item-local)
+  const float* tokw;      // [N, C] node weights (the first cnt used)
+  const int64_t* row_ptr; // [G + 1] offsets into tvals (absolute)
+  const int32_t* row_lo;  // [G] first column node of each row (item-local)
+  const float* tvals;
+  const float* cinv;      // [N]
+  const int32_t* perm;    // [N] tokens ordered by first node (cnt > 1)
+  const int32_t* start;   // [G + 1] start[g]: first position in perm whose first node is >= g
+  int64_t G, cnt, C;
+};
+
+struct Geometry {
+  const float* band;  // s_0..s_K
+  int64_t K, gh, gw;
+};
+
+// A block of kB = 64 columns: eight v8 (eight AVX2 registers; AVX-512VL ymm in the v4 clone), so
+// that each scalar weight (a node kernel entry, a band coefficient) is broadcast once for 64
+// multiply-adds and each loop step has 8 independent FMA chains. (GCC's 64-byte generic vectors
+// compile to stack round trips on AVX2: 32-byte ones keep the accumulators in registers.)
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+constexpr int kNB = 8;
+constexpr int64_t kL = 8;  // lanes of a v8
+constexpr int64_t kB = kNB * kL;
+struct Vb {
+  v8 v[kNB];
+};
+#define KVFIX_NB _Pragma("GCC unroll 8") for (int j = 0; j < kNB; ++j)
+
+// p[0, 8) as float32 (K and V: any alignment).
+template <typename T>
+KVFIX_AI v8 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return *reinterpret_cast<const v8u*>(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 -> float32: the bits shifted up
+    return (v8)(__builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16);
+  } else {
+    v8 t;
+    for (int l = 0; l < kL; ++l) t[l] = static_cast<float>(p[l]);
+    return t;
+  }
+}
+
+// p[0, 8) = T(v), rounded to nearest even as c10's conversions.
+template <typename T>
+KVFIX_AI void store8(T* p, v8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<v8u*>(p) = v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // c10::BFloat16(float), NaN -> 0x7fc0
+    const u32x8 b = (u32x8)v;
+    const u32x8 r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    const i32x8 nan = v != v;
+    *reinterpret_cast<u16x8*>(p) = __builtin_convertvector(nan ? u32x8{} + 0x7fc0u : r, u16x8);
+  } else {
+    for (int l = 0; l < kL; ++l) p[l] = static_cast<T>(v[l]);
+  }
+}
+
+KVFIX_AI Vb ldb(const float* p) {
+  Vb r;
+  KVFIX_NB r.v[j] = *reinterpret_cast<const v8*>(p + j * kL);
+  return r;
+}
+template <typename T>
+KVFIX_AI Vb load_b(const T* p) {
+  Vb r;
+  KVFIX_NB r.v[j] = load8(p + j * kL);
+  return r;
+}
+KVFIX_AI void stb(float* p, const Vb& a) { KVFIX_NB *reinterpret_cast<v8*>(p + j * kL) = a.v[j]; }
+KVFIX_AI void fma_b(Vb& acc, float s, const Vb& x) { KVFIX_NB acc.v[j] += s * x.v[j]; }
+KVFIX_AI Vb scale_b(float s, const Vb& x) {
+  Vb r;
+  KVFIX_NB r.v[j] = s * x.v[j];
+  return r;
+}
+KVFIX_AI Vb add_b(const Vb& a, const Vb& b) {
+  Vb r;
+  KVFIX_NB r.v[j] = a.v[j] + b.v[j];
+  return r;
+}
+
+// One block of kB columns: x (token stride sx) -> y (stride sy; may be x). m, yn: [G, kB] and
+// z: [N, kB] float scratch (64-byte aligned).
+template <typename T>
+KVFIX_AI void refine_block(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
+                           float* yn, float* z) {
+  const int64_t gh = g.gh, gw = g.gw, N = gh * gw, K = g.K, G = it.G, cnt = it.cnt, C = it.C;
+  const float* s = g.band;
+  // (1) M = A X
+  if (cnt == 1) {
+    for (int64_t n = 0; n < G * kB; ++n) m[n] = 0.0f;
+    for (int64_t i = 0; i < N; ++i) {
+      float* mp = m + int64_t(it.tok[i]) * kB;
+      Vb acc = ldb(mp);
+      fma_b(acc, it.tokw[i * C], load_b(x + i * sx));
+      stb(mp, acc);
+    }
+  } else {  // node by node (no read-modify-write of M): the tokens whose cnt nodes include g
+    for (int64_t n = 0; n < G; ++n) {
+      Vb acc{};
+      for (int64_t q = it.start[std::max<int64_t>(0, n - cnt + 1)], e = it.start[n + 1]; q < e; ++q) {
+        const int64_t i = it.perm[q];
+        fma_b(acc, it.tokw[i * C + (n - it.tok[i])], load_b(x + i * sx));
+      }
+      stb(m + n * kB, acc);
+    }
+  }
+  // (2) Y = T M
+  for (int64_t n = 0; n < G; ++n) {
+    const float* t = it.tvals + it.row_ptr[n];
+    const int64_t len = it.row_ptr[n + 1] - it.row_ptr[n];
+    const float* mp = m + int64_t(it.row_lo[n]) * kB;
+    Vb acc{};
+    for (int64_t e = 0; e < len; ++e) fma_b(acc, t[e], ldb(mp + e * kB));
+    stb(yn + n * kB, acc);
+  }
+  // (3) row pass: Z[a, w] = sum_{|k| <= K} s_|k| x[a, w + k]
+  for (int64_t a = 0; a < gh; ++a) {
+    const T* xr = x + a * gw * sx;
+    float* zr = z + a * gw * kB;
+    for (int64_t w = 0; w < gw; ++w) {
+      Vb acc = scale_b(s[0], load_b(xr + w * sx));
+      const int64_t klo = std::min(K, w), khi = std::min(K, gw - 1 - w);
+      if (klo == K && khi == K) {
+        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(load_b(xr + (w - k) * sx), load_b(xr + (w + k) * sx)));
+      } else {
+        for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], load_b(xr + (w - k) * sx));
+        for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], load_b(xr + (w + k) * sx));
+      }
+      stb(zr + w * kB, acc);
+    }
+  }
+  // (4) column pass + depth + diagonal + normalisation
+  const int64_t rs = gw * kB;  // one grid row of Z
+  for (int64_t a = 0; a < gh; ++a) {
+    const int64_t klo = std::min(K, a), khi = std::min(K, gh - 1 - a);
+    for (int64_t w = 0; w < gw; ++w) {
+      const int64_t i = a * gw + w;
+      const float* zp = z + i * kB;
+      Vb acc = scale_b(s[0], ldb(zp));
+      if (klo == K && khi == K) {
+        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(ldb(zp - k * rs), ldb(zp + k * rs)));
+      } else {
+        for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], ldb(zp - k * rs));
+        for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], ldb(zp + k * rs));
+      }
+      const float* yp = yn + int64_t(it.tok[i]) * kB;
+      const float* wv = it.tokw + i * C;
+      for (int64_t c = 0; c < cnt; ++c) fma_b(acc, wv[c], ldb(yp + c * kB));
+      const Vb xv = load_b(x + i * sx);
+      const float ci = it.cinv[i];
+      if (ci != 0.0f) {
+        KVFIX_NB store8(y + i * sy + j * kL, (acc.v[j] - 2.0f * xv.v[j]) * ci);
+      } else {
+        KVFIX_NB store8(y + i * sy + j * kL, xv.v[j]);
+      }
+    }
+  }
+}
+
+// One instantiation per dtype, each compiled for AVX-512, AVX2 and baseline x86-64.
+#define KVFIX_BLOCK_FN(NAME, T)                                                                          \
+  KVFIX_CPU_CLONES void NAME(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, \
+                             float* m, float* yn, float* z) {                                            \
+    refine_block<T>(g, it, x, sx, y, sy, m, yn, z);                                                      \
+  }
+KVFIX_BLOCK_FN(refine_block_f32, float)
+KVFIX_BLOCK_FN(refine_block_f16, c10::Half)
+KVFIX_BLOCK_FN(refine_block_bf16, c10::BFloat16)
+#undef KVFIX_BLOCK_FN
+
+template <typename T>
+void refine_block_any(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
+                      float* yn, float* z) {
+  if constexpr (std::is_same_v<T, float>) refine_block_f32(g, it, x, sx, y, sy, m, yn, z);
+  else if constexpr (std::is_same_v<T, c10::Half>) refine_block_f16(g, it, x, sx, y, sy, m, yn, z);
+  else refine_block_bf16(g, it, x, sx, y, sy, m, yn, z);
+}
+
+struct Buffer {  // 64-byte aligned floats
+  float* p = nullptr;
+  explicit Buffer(int64_t n) : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64 + 64))) {
+    TORCH_CHECK(p != nullptr, "dscr_refine_banded: out of memory");
+  }
+  ~Buffer() { std::free(p); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+struct Structure {
+  at::Tensor tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band;
+  int64_t gh;
+};
+
+// Checks the operands; returns every tensor to refine (keys, then each layer's values) as one list.
+std::vector<at::Tensor> operands(const char* op, at::TensorList keys, at::TensorList values, const Structure& s) {
+  TORCH_CHECK(!keys.empty(), op, ": needs at least one key tensor");
+  TORCH_CHECK(values.empty() || values.size() == keys.size(), op, ": values must be empty or one per key");
+  std::vector<at::Tensor> all;
+  for (size_t l = 0; l < keys.size(); ++l) {
+    for (const at::Tensor* t : {&keys[l], values.empty() ? nullptr : &values[l]}) {
+      if (t == nullptr) continue;
+      TORCH_CHECK(t->dim() == 4 && t->sizes() == keys[l].sizes() && t->device().is_cpu(), op,
+                  ": k and v must be [B, H, N, D] CPU tensors of one shape per layer");
+      TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16,
+                  op, ": k and v must be float32, float16 or bfloat16");
+      TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op, ": k and v need a contiguous last dim");
+      TORCH_CHECK(t->size(0) == keys[0].size(0) && t->size(2) == keys[0].size(2), op,
+                  ": every layer needs the same B and N");
+      all.push_back(*t);
+    }
+  }
+  const int64_t B = keys[0].size(0), N = keys[0].size(2);
+  TORCH_CHECK(s.gh >= 1 && N % s.gh == 0, op, ": gh=", s.gh, " does not divide N=", N);
+  auto is = [](const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st && t.is_contiguous() && t.device().is_cpu(); };
+  TORCH_CHECK(is(s.tok, at::kInt) && is(s.cnt, at::kInt) && is(s.row_lo, at::kInt) && is(s.row_ptr, at::kLong) &&
+                  is(s.node_off, at::kLong) && is(s.tokw, at::kFloat) && is(s.tvals, at::kFloat) &&
+                  is(s.cinv, at::kFloat) && is(s.band, at::kFloat),
+              op, ": the structure tensors must be contiguous CPU tensors of the documented dtypes");
+  const int64_t Bd = s.tok.size(0);
+  TORCH_CHECK(s.tok.dim() == 2 && (Bd == 1 || Bd == B) && s.tok.size(1) == N && s.cinv.sizes() == s.tok.sizes() &&
+                  s.tokw.dim() == 3 && s.tokw.size(0) == Bd && s.tokw.size(1) == N && s.cnt.numel() == Bd &&
+                  s.node_off.numel() == Bd + 1 && s.band.dim() == 1 && s.band.numel() >= 1,
+              op, ": structure shapes do not match B=", B, ", N=", N);
+  const int64_t G = s.row_lo.numel();
+  TORCH_CHECK(s.row_ptr.numel() == G + 1, op, ": row_ptr must have one entry more than row_lo");
+  const int64_t* off = s.node_off.data_ptr<int64_t>();
+  const int64_t* rp = s.row_ptr.data_ptr<int64_t>();
+  const int32_t* lo = s.row_lo.data_ptr<int32_t>();
+  const int32_t* cnt = s.cnt.data_ptr<int32_t>();
+  TORCH_CHECK(off[0] == 0 && off[Bd] == G && rp[0] == 0 && rp[G] == s.tvals.numel(), op, ": inconsistent offsets");
+  for (int64_t bd = 0; bd < Bd; ++bd) {
+    const int64_t g0 = off[bd], g1 = off[bd + 1], Gi = g1 - g0;
+    TORCH_CHECK(g1 >= g0 && cnt[bd] >= 1 && cnt[bd] <= s.tokw.size(2), op, ": bad node range or count");
+    for (int64_t n = g0; n < g1; ++n)
+      TORCH_CHECK(rp[n + 1] >= rp[n] && lo[n] >= 0 && lo[n] + (rp[n + 1] - rp[n]) <= Gi, op, ": node row out of range");
+    const int32_t* tk = s.tok.data_ptr<int32_t>() + bd * N;
+    for (int64_t i = 0; i < N; ++i)
+      TORCH_CHECK(tk[i] >= 0 && tk[i] + cnt[bd] <= Gi, op, ": token node out of range");
+  }
+  return all;
+}
+
+void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& dsts, const Structure& s) {
+  const int64_t B = srcs[0].size(0), N = srcs[0].size(2);
+  if (N == 0 || B == 0) return;
+  const int64_t Bd = s.tok.size(0), C = s.tokw.size(2);
+  const int64_t* off = s.node_off.data_ptr<int64_t>();
+  int64_t Gmax = 0;
+  for (int64_t bd = 0; bd < Bd; ++bd) Gmax = std::max(Gmax, off[bd + 1] - off[bd]);
+  const Geometry geo{s.band.data_ptr<float>(), s.band.numel() - 1, s.gh, N / s.gh};
+  // per item: tokens ordered by their first node (a counting sort), for the node-by-node sums
+  std::vector<std::vector<int32_t>> perm(Bd), start(Bd);
+  for (int64_t bd = 0; bd < Bd; ++bd) {
+    const int64_t G = off[bd + 1] - off[bd];
+    const int32_t* tok = s.tok.data_ptr<int32_t>() + bd * N;
+    start[bd].assign(G + 1, 0);
+    for (int64_t i = 0; i < N; ++i) ++start[bd][tok[i] + 1];
+    for (int64_t g = 0; g < G; ++g) start[bd][g + 1] += start[bd][g];
+    std::vector<int32_t> fill(start[bd].begin(), start[bd].end() - 1);
+    perm[bd].resize(N);
+    for (int64_t i = 0; i < N; ++i) perm[bd][fill[tok[i]]++] = static_cast<int32_t>(i);
+  }
+  std::vector<int64_t> first(srcs.size() + 1, 0);  // task t -> (tensor p, batch b, head h)
+  for (size_t p = 0; p < srcs.size(); ++p) first[p + 1] = first[p] + B * srcs[p].size(1);
+  at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
+    Buffer m(Gmax * kB), yn(Gmax * kB), z(N * kB);
+    std::unique_ptr<Buffer> tail;
+    for (int64_t t = t0; t < t1; ++t) {
+      const size_t p = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+      const at::Tensor& src = srcs[p];
+      const at::Tensor& dst = dsts[p];
+      const int64_t H = src.size(1), D = src.size(3), local = t - first[p], h = local % H, b = local / H;
+      const int64_t bd = Bd == 1 ? 0 : b, g0 = off[bd];
+      const Item it{s.tok.data_ptr<int32_t>() + bd * N, s.tokw.data_ptr<float>() + bd * N * C,
+                    s.row_ptr.data_ptr<int64_t>() + g0, s.row_lo.data_ptr<int32_t>() + g0, s.tvals.data_ptr<float>(),
+                    s.cinv.data_ptr<float>() + bd * N, perm[bd].data(), start[bd].data(), off[bd + 1] - g0,
+                    s.cnt.data_ptr<int32_t>()[bd], C};
+      auto run = [&](auto zero) {
+        using scalar_t = decltype(zero);
+        const scalar_t* x = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
+        scalar_t* y = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1);
+        const int64_t sx = src.stride(2), sy = dst.stride(2), full = D / kB;
+        for (int64_t c = 0; c < full; ++c) refine_block_any(geo, it, x + c * kB, sx, y + c * kB, sy, m.p, yn.p, z.p);
+        if (D % kB == 0) return;
+        const int64_t d0 = full * kB, width = D - d0;
+        if (!tail) tail = std::make_unique<Buffer>(N * kB);
+        float* xb = tail->p;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t l = 0; l < kB; ++l) xb[i * kB + l] = l < width ? static_cast<float>(x[i * sx + d0 + l]) : 0.0f;
+        refine_block_any(geo, it, static_cast<const float*>(xb), kB, xb, kB, m.p, yn.p, z.p);
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t l = 0; l < width; ++l) y[i * sy + d0 + l] = static_cast<scalar_t>(xb[i * kB + l]);
+      };
+      switch (src.scalar_type()) {
+        case at::kFloat: run(float{}); break;
+        case at::kHalf: run(c10::Half{}); break;
+        case at::kBFloat16: run(c10::BFloat16{}); break;
+        default: TORCH_CHECK(false, "dscr_refine_banded: unsupported dtype ", src.scalar_type());
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> dscr_refine_banded_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                               const at::Tensor& tok, const at::Tensor& tokw, const at::Tensor& cnt,
+                                               const at::Tensor& row_ptr, const at::Tensor& row_lo,
+                                               const at::Tensor& tvals, const at::Tensor& node_off,
+                                               const at::Tensor& cinv, const at::Tensor& band, int64_t gh) {
+  const Structure s{tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh};
+  std::vector<at::Tensor> vs;
+  if (v.has_value()) vs.push_back(*v);
+  const std::vector<at::Tensor> srcs = operands("dscr_refine_banded", {k}, vs, s);
+  std::vector<at::Tensor> outs;
+  for (const auto& x : srcs) {
+    outs.push_back(at::empty(x.sizes(), x.options()));
+    prefault_output(outs.back());
+  }
+  refine(srcs, outs, s);
+  return outs;
+}
+
+void dscr_refine_banded_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& tok,
+                                  const at::Tensor& tokw, const at::Tensor& cnt, const at::Tensor& row_ptr,
+                                  const at::Tensor& row_lo, const at::Tensor& tvals, const at::Tensor& node_off,
+                                  const at::Tensor& cinv, const at::Tensor& band, int64_t gh) {
+  const Structure s{tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh};
+  const std::vector<at::Tensor> all = operands("dscr_refine_banded_cache_", keys, values, s);
+  refine(all, all, s);
+}
+
+}  // namespace
+}  // namespace kvfix
+
+TORCH_LIBRARY_FRAGMENT(kvfix, m) {
+  m.def("dscr_refine_banded(Tensor k, Tensor? v, Tensor tok, Tensor tokw, Tensor cnt, Tensor row_ptr, "
+        "Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> Tensor[]");
+  m.def("dscr_refine_banded_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor tok, Tensor tokw, Tensor cnt, "
+        "Tensor row_ptr, Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
+  m.impl("dscr_refine_banded", &kvfix::dscr_refine_banded_cpu);
+  m.impl("dscr_refine_banded_cache_", &kvfix::dscr_refine_banded_cache_cpu);
+}
