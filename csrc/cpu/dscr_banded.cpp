@@ -30,19 +30,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "fresh_pages.h"
 #include "kvfix.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KVFIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVFIX_CPU_CLONES
-#endif
-
 namespace kvfix {
 namespace {
-
-#define KVFIX_AI static inline __attribute__((always_inline))
 
 struct Item {
   const int32_t* tok;     // [N] first node of each token (item-local)
@@ -80,7 +73,7 @@ struct Vb {
 
 // p[0, 8) as float32 (K and V: any alignment).
 template <typename T>
-KVFIX_AI v8 load8(const T* p) {
+static KVFIX_INLINE v8 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return *reinterpret_cast<const v8u*>(p);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bfloat16 -> float32: the bits shifted up
@@ -94,7 +87,7 @@ KVFIX_AI v8 load8(const T* p) {
 
 // p[0, 8) = T(v), rounded to nearest even as c10's conversions.
 template <typename T>
-KVFIX_AI void store8(T* p, v8 v) {
+static KVFIX_INLINE void store8(T* p, v8 v) {
   if constexpr (std::is_same_v<T, float>) {
     *reinterpret_cast<v8u*>(p) = v;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // c10::BFloat16(float), NaN -> 0x7fc0
@@ -107,25 +100,25 @@ KVFIX_AI void store8(T* p, v8 v) {
   }
 }
 
-KVFIX_AI Vb ldb(const float* p) {
+static KVFIX_INLINE Vb ldb(const float* p) {
   Vb r;
   KVFIX_NB r.v[j] = *reinterpret_cast<const v8*>(p + j * kL);
   return r;
 }
 template <typename T>
-KVFIX_AI Vb load_b(const T* p) {
+static KVFIX_INLINE Vb load_b(const T* p) {
   Vb r;
   KVFIX_NB r.v[j] = load8(p + j * kL);
   return r;
 }
-KVFIX_AI void stb(float* p, const Vb& a) { KVFIX_NB *reinterpret_cast<v8*>(p + j * kL) = a.v[j]; }
-KVFIX_AI void fma_b(Vb& acc, float s, const Vb& x) { KVFIX_NB acc.v[j] += s * x.v[j]; }
-KVFIX_AI Vb scale_b(float s, const Vb& x) {
+static KVFIX_INLINE void stb(float* p, const Vb& a) { KVFIX_NB *reinterpret_cast<v8*>(p + j * kL) = a.v[j]; }
+static KVFIX_INLINE void fma_b(Vb& acc, float s, const Vb& x) { KVFIX_NB acc.v[j] += s * x.v[j]; }
+static KVFIX_INLINE Vb scale_b(float s, const Vb& x) {
   Vb r;
   KVFIX_NB r.v[j] = s * x.v[j];
   return r;
 }
-KVFIX_AI Vb add_b(const Vb& a, const Vb& b) {
+static KVFIX_INLINE Vb add_b(const Vb& a, const Vb& b) {
   Vb r;
   KVFIX_NB r.v[j] = a.v[j] + b.v[j];
   return r;
@@ -134,7 +127,7 @@ KVFIX_AI Vb add_b(const Vb& a, const Vb& b) {
 // One block of kB columns: x (token stride sx) -> y (stride sy; may be x). m, yn: [G, kB] and
 // z: [N, kB] float scratch (64-byte aligned).
 template <typename T>
-KVFIX_AI void refine_block(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
+static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
                            float* yn, float* z) {
   const int64_t gh = g.gh, gw = g.gw, N = gh * gw, K = g.K, G = it.G, cnt = it.cnt, C = it.C;
   const float* s = g.band;
