@@ -51,7 +51,7 @@ class Grid:
     each other; `gw + 1` for a row-end token after every row, LLaVA-NeXT's newline, which is not
     part of the grid). `region = (top, left, bottom, right)` is the part of the image the grid
     shows, as fractions of its height and width (a tile of a multi-crop image); the whole image
-    by default."""
+    by default; None when the model's inputs do not say (DSCR then refuses a depth map)."""
     offset: int
     gh: int
     gw: int
@@ -270,6 +270,11 @@ class ModelAdapter:
         """Layouts from a user-given `image_grid_thw` (models whose grids vary per image)."""
         raise ValueError(f"image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; {self.family}'s image layout "
                          "comes from its config")
+
+    def tile_layouts(self, tiles) -> list[Layout]:
+        """Layouts from user-given tile arrangements (`handle.images(tiles=...)`: multi-crop
+        models whose forward does not say how an image's tiles are arranged)."""
+        raise ValueError(f"tiles applies to InternVL models; {self.family}'s image layout does not need it")
 
     # ---- RoPE ------------------------------------------------------------------------------
 
@@ -609,6 +614,77 @@ class Qwen3VLAdapter(QwenVLAdapter):
     rope = "mrope_interleaved"
 
 
+class InternVLAdapter(ModelAdapter):
+    """InternVL (InternVL2 / 2.5 / 3): each image is its tiles (row-major over the tile
+    arrangement), then, when it has more than one tile, its thumbnail (the whole image resized to
+    one tile); the image's tokens are one placeholder run (between its <img> / </img> markers),
+    `side x side` tokens per tile: the vision tower's patch grid (CLS dropped), pixel-shuffled by
+    `downsample_ratio` (token (r, c) merges patch rows 2r, 2r + 1 and columns 2c, 2c + 1:
+    row-major, like the tile's patches). Each tile is one grid, refined (DSCR) / redistributed
+    (SCR) on its own.
+
+    The model's forward sees a tile count per image (its run of placeholder tokens), never how
+    the tiles are arranged (rows x cols), so a tile's `region` is unknown (None): SCR, KVSmooth
+    and CMAC do not need it, DSCR with a depth map does, from `handle.images(tiles=[(rows,
+    cols), ...])`, one per image (the processor's choice: docs/ADAPTERS.md). A one-tile image
+    and the thumbnail show the whole image. Each placeholder run is one image."""
+    family = "internvl"
+
+    def __init__(self, model):
+        super().__init__(model)
+        vc = self.config.vision_config
+        ratio = float(self.config.downsample_ratio)
+        patches = _side(vc.image_size) // _side(vc.patch_size)
+        self.side = int(patches * ratio)
+        if self.side <= 0 or self.side != patches * ratio:
+            raise ValueError(f"InternVL: a {patches} x {patches} patch grid does not pixel-shuffle by {ratio}")
+        self.tile = self.side * self.side
+
+    def _layout(self, n_tiles: int, arrangement=None) -> Layout:
+        grids = []
+        for t in range(n_tiles):
+            if n_tiles == 1 or t == n_tiles - 1:  # the one tile, or the thumbnail: the whole image
+                region = (0.0, 0.0, 1.0, 1.0)
+            elif arrangement is None:
+                region = None
+            else:
+                rows, cols = arrangement
+                r, c = divmod(t, cols)
+                region = (r / rows, c / cols, (r + 1) / rows, (c + 1) / cols)
+            grids.append(Grid(t * self.tile, self.side, self.side, region))
+        return Layout(n_tiles * self.tile, tuple(grids))
+
+    def tile_layouts(self, tiles) -> list[Layout]:
+        out = []
+        for i, t in enumerate(tiles):
+            if not (isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, int) and x > 0 for x in t)):
+                raise ValueError(f"tiles[{i}] must be (rows, cols) of positive ints, got {t!r}")
+            n = t[0] * t[1]
+            out.append(self._layout(n + 1 if n > 1 else 1, tuple(t)))
+        return out
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            return explicit
+        strategy = inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(f"InternVL: vision_feature_select_strategy {strategy!r} is not supported (\"default\")")
+        ids = self.placeholder_ids(inputs)
+        out = []
+        for row in (ids == self.image_token_id).cpu():
+            pos = torch.nonzero(row).flatten()
+            if not len(pos):
+                continue
+            starts = torch.cat([pos[:1], pos[1:][pos[1:] != pos[:-1] + 1]])
+            ends = torch.cat([pos[:-1][pos[1:] != pos[:-1] + 1], pos[-1:]]) + 1
+            for n in (ends - starts).tolist():
+                if n % self.tile:
+                    raise ValueError(f"InternVL: an image of {n} placeholder tokens is not a whole number of tiles "
+                                     f"({self.tile} tokens each); an image cut across forward passes is not supported")
+                out.append(self._layout(n // self.tile))
+        return out
+
+
 def frequency_sections(rope: str, section, n: int) -> torch.Tensor:
     """The RoPE section (0: temporal, 1: height, 2: width) of each of the `n` rotary frequencies,
     int64 [n]: contiguous blocks of `section[i]` for "mrope"; for "mrope_interleaved" (Qwen3-VL)
@@ -630,3 +706,4 @@ register_adapter(Gemma3Adapter, "gemma3")
 register_adapter(LlavaNextAdapter, "llava_next")
 register_adapter(LlavaOnevisionAdapter, "llava_onevision")
 register_adapter(Qwen3VLAdapter, "qwen3_vl")
+register_adapter(InternVLAdapter, "internvl")
