@@ -428,6 +428,9 @@ class Handle:
         if args:
             raise TypeError("kvfix.hf: the text model was called with positional arguments")
         ctx, changed = self._current_ctx(), False
+        merged = self.adapter.merge_text_inputs(kwargs)  # a text model that embeds its own images
+        if merged is not None:
+            kwargs, changed = merged, True
         for m in self._text_in_methods:
             new = m.text_input(ctx, kwargs)
             if new is not None:

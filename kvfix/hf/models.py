@@ -14,7 +14,9 @@ adapter. For one forward pass of the model it answers:
   tokens and its patch grids (`Grid`: offset inside the placeholder run, `gh x gw` tokens
   row-major, and the region of the image it covers, where DSCR takes its depth from). An image
   may have several grids (multi-crop models) or none (query-token models: DSCR and SCR refuse
-  those); placeholder tokens outside every grid (a CLS token, separators) are left alone;
+  those); placeholder tokens outside every grid (a CLS token, separators) are left alone; a
+  text model that embeds its own images (Chameleon) has them merged into `inputs_embeds` first
+  (`merge_text_inputs`);
 - the RoPE of the text model (`rope`): `"1d"` (one position per token), `"mrope"` (multi-section
   RoPE, sections contiguous in the frequency axis: Qwen2-VL / Qwen2.5-VL) or
   `"mrope_interleaved"` (frequency f uses section f mod 3 while f < 3 * section size: Qwen3-VL),
@@ -260,6 +262,12 @@ class ModelAdapter:
     def hooks(self, handle) -> list:
         """Extra hooks the adapter needs (removable handles), installed with the handle's."""
         return []
+
+    def merge_text_inputs(self, kwargs: dict):
+        """The text model's arguments with its images merged into `inputs_embeds`, for a text
+        model that embeds its own images (Chameleon: token ids and images go in, so rows cannot
+        be doubled or cut without them); None (the default): the text model gets embeddings."""
+        return None
 
     def layouts(self, inputs: dict, n_tokens: int, explicit) -> list[Layout]:
         """The layouts of this forward's images in order (`n_tokens` placeholder tokens in all;
@@ -685,6 +693,33 @@ class InternVLAdapter(ModelAdapter):
         return out
 
 
+class ChameleonAdapter(ModelAdapter):
+    """Chameleon: each image is the VQ-VAE's `side x side` code grid (row-major), embedded as
+    tokens (`resolution / 2^(levels - 1)` per side: 32 x 32 for the released models), its
+    placeholders between begin / end-of-image markers. The text model itself encodes the images
+    and writes their embeddings into the placeholders: `merge_text_inputs` does that merge first
+    (the model's own steps: the token embeddings, the images' code embeddings scattered into the
+    placeholders), so the methods see `inputs_embeds` as for the other families."""
+    family = "chameleon"
+
+    def __init__(self, model):
+        super().__init__(model)
+        vq = self.config.vq_config
+        self.side = int(vq.resolution) // 2 ** (len(vq.channel_multiplier) - 1)
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            raise ValueError("image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; Chameleon's grid comes from "
+                             "its VQ-VAE config")
+        layout = Layout.single(self.side, self.side)
+        if n_tokens % layout.tokens:
+            raise ValueError(f"Chameleon: {n_tokens} image tokens are not a multiple of {layout.tokens} per image")
+        return [layout] * (n_tokens // layout.tokens)
+
+    def merge_text_inputs(self, kwargs):
+        return _compat.merge_image_embeddings(self.text_model(), kwargs, self.image_token_id)
+
+
 def frequency_sections(rope: str, section, n: int) -> torch.Tensor:
     """The RoPE section (0: temporal, 1: height, 2: width) of each of the `n` rotary frequencies,
     int64 [n]: contiguous blocks of `section[i]` for "mrope"; for "mrope_interleaved" (Qwen3-VL)
@@ -707,3 +742,4 @@ register_adapter(LlavaNextAdapter, "llava_next")
 register_adapter(LlavaOnevisionAdapter, "llava_onevision")
 register_adapter(Qwen3VLAdapter, "qwen3_vl")
 register_adapter(InternVLAdapter, "internvl")
+register_adapter(ChameleonAdapter, "chameleon")

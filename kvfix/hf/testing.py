@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["tiny_llava", "tiny_qwen2_vl", "tiny_instructblip", "tiny_gemma3", "tiny_llava_next", "llava_prompt",
            "qwen_prompt", "llava_next_prompt", "LLAVA_NEXT_IMAGES", "LLAVA_ONEVISION_IMAGES",
-           "instructblip_prompt", "gemma3_prompt", "tiny_internvl", "internvl_prompt", "IMAGE_TOKEN", "PAD"]
+           "instructblip_prompt", "gemma3_prompt", "tiny_internvl", "internvl_prompt", "tiny_chameleon", "chameleon_prompt", "IMAGE_TOKEN", "PAD"]
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
@@ -347,3 +347,40 @@ def internvl_prompt(model, items, *, seed: int = 0):
     pixel_values = torch.randn(sum(n for _, _, n, _, _ in local), 3, vc.image_size[0], vc.image_size[1],
                                generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}, images
+
+
+def tiny_chameleon(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2, codes: int = 16):
+    """ChameleonForConditionalGeneration: a VQ-VAE of three levels (32 x 32 images to an 8 x 8 code
+    grid, `codes` codes, embedded as tokens 104, 105, ...), Chameleon text model with 4 layers
+    (per-head query / key norms, 1-D RoPE); image placeholder 100 (`<image>`)."""
+    import transformers
+    vmap = {"<image>": IMAGE_TOKEN, "<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    for i in range(codes):  # code i is the token named IMGIMG<i, digits as letters A..J>Z
+        vmap["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z"] = 104 + i
+    vq = dict(embed_dim=8, num_embeddings=codes, latent_channels=32, resolution=32, in_channels=3, base_channels=32,
+              channel_multiplier=[1, 1, 1], num_res_blocks=1, attn_resolutions=[])
+    cfg = transformers.ChameleonConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                       num_hidden_layers=4, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                       max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS,
+                                       eos_token_id=EOS, vq_config=vq, vocabulary_map=vmap)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.ChameleonForConditionalGeneration(cfg)
+    return _finish(model)
+
+
+def chameleon_prompt(model, items, *, seed: int = 0):
+    """Left-padded Chameleon batch, one image per item: items[b] = (text before, text after) the
+    image (its side x side placeholders between markers 102 / 103). Returns (inputs dict, spans
+    [(batch, start, side, side)])."""
+    gen = torch.Generator().manual_seed(seed)
+    vq = model.config.vq_config
+    side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
+    rows, local = [], []
+    for b, (before, after) in enumerate(items):
+        r = [BOS] + _text(before, gen) + [VISION_START]
+        local.append((b, len(r), side, side))
+        rows.append(r + [IMAGE_TOKEN] * (side * side) + [VISION_END] + _text(after, gen))
+    ids, mask, spans = _left_pad(rows, local)
+    pixel_values = torch.randn(len(items), 3, vq.resolution, vq.resolution, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}, spans
