@@ -152,7 +152,8 @@ AttentionMaskInterface.register("kvfix_test_stack_ref", ALL_MASK_ATTENTION_FUNCT
 
 def image_of(span):
     """(start, end, grids [(positions, gh, gw)]) of a prompt's image: `(batch, start, gh, gw)`, one
-    contiguous grid, or `(batch, start, end, grids)`."""
+    contiguous grid, or `(batch, start, end, grids)`; a grid may carry a fourth element, the
+    region (top, left, bottom, right) of the image it shows (DSCR's depth: `crop`)."""
     if isinstance(span[3], list):
         return span[1], span[2], span[3]
     _, s, gh, gw = span
@@ -178,7 +179,7 @@ def ref_grid_scores(model, inputs, spans, diag_layers):
         b, (s, e, grids) = sp[0], image_of(sp)
         rows = [p for p in range(e, ids.shape[1]) if ids[b, p] != testing.IMAGE_TOKEN and pad[b, p]]
         out.append([torch.stack([att[layer][b][:, rows][:, :, idx].double().sum(1).mean(0) for layer in diag_layers])
-                    .mean(0) if rows else None for idx, _, _ in grids])
+                    .mean(0) if rows else None for idx, *_ in grids])
     return out
 
 
@@ -191,12 +192,29 @@ def _scr_hook(module, args, kwargs):
     if not (a <= s and e <= a + hidden.shape[1]):
         return None
     hidden = hidden.clone()
-    for (idx, gh, gw), sc in zip(grids, scores):  # each grid on its own
+    for (idx, gh, gw, *_), sc in zip(grids, scores):  # each grid on its own
         if sc is not None:
             hidden[0, idx - a] = ref_redistribute(hidden[0, idx - a], sc, gh, gw, exclude_border=True, **SCR_KW)
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def crop(d, region=(0.0, 0.0, 1.0, 1.0)):
+    """The part of a depth map [H, W] a grid shows: rows [top * H, bottom * H), columns
+    [left * W, right * W) (tests give maps whose sides the tile counts divide)."""
+    if isinstance(d, str) or d.dim() != 2:
+        return d
+    H, W = d.shape
+    top, left, bottom, right = region
+    return d[int(top * H):int(bottom * H), int(left * W):int(right * W)]
+
+
+def set_text_attn(model, name):
+    """The text model's attention implementation (the whole model's where its config is the text
+    config: Chameleon)."""
+    model.set_attn_implementation(name if model.config.get_text_config(decoder=True) is model.config
+                                  else {"text_config": name})
 
 
 def layer_inv_freq(text, cfg, layer):
@@ -216,16 +234,18 @@ def interleaved_sections(section, n):
 
 
 def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, sample=None, prefill_mask=None,
-                 text_extra=None):
+                 text_extra=None, embeds=None, banned=None):
     """The composed reference: new tokens [B, N_NEW] and each step's (contrasted) logits [B, V].
     sample: None (greedy) or (seed, temperature). prefill_mask(b, a, c): the text model's attention
     mask for item b's prompt rows [a, c) (default: its 2-D padding mask, the text model makes it
-    causal). text_extra(b, a, c): more text-model arguments for those rows (Qwen3-VL's deepstack)."""
+    causal). text_extra(b, a, c): more text-model arguments for those rows (Qwen3-VL's deepstack).
+    embeds: the prompt's embeddings [B, T, d] (default: what a plain generate hands the text
+    model). banned: token ids whose logits the model sets to finfo.min (Chameleon's image codes)."""
     use = {m: m in methods for m in METHODS}
     cfg = model.config.get_text_config(decoder=True)
     section = (cfg.rope_parameters or {}).get("mrope_section")
     B, T = inputs["input_ids"].shape
-    emb, _ = text_model_inputs(model, inputs, 1)
+    emb = text_model_inputs(model, inputs, 1)[0] if embeds is None else embeds
     positions = _positions(model, family, inputs, N_NEW)                    # [S, B, T + N_NEW]
     scores = ref_grid_scores(model, inputs, spans, (0, 1)) if use["scr"] else None
     text, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
@@ -238,7 +258,7 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
                   if cfg.rope_parameters.get("mrope_interleaved") else tuple(section)),
               cmac=use["cmac"], kvsmooth=use["kvsmooth"], scr=None)
     base = cfg._attn_implementation
-    model.set_attn_implementation({"text_config": "kvfix_test_stack_ref"})
+    set_text_attn(model, "kvfix_test_stack_ref")
     hooks = [text.layers[i].register_forward_pre_hook(_scr_hook, with_kwargs=True) for i in LAYERS]
     tokens, all_logits = [], []
     try:
@@ -263,7 +283,10 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
                             extra = text_extra(b, a, c) if (text_extra is not None and step == 0) else {}
                             h = text(inputs_embeds=x, position_ids=p, attention_mask=am,
                                      past_key_values=st["cache"], use_cache=True, **extra)
-                            return head(h.last_hidden_state[:, -1])[0].float()
+                            logits = head(h.last_hidden_state[:, -1])[0].float()
+                            if banned is not None:
+                                logits[banned] = torch.finfo(logits.dtype).min
+                            return logits
 
                         if step == 0:  # the prefill: split at the image end for DSCR
                             m = mask[b:b + 1]
@@ -274,8 +297,8 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
                                 logits = forward(emb[b:b + 1, a:c], a, c)
                                 a = c
                                 if use["dscr"] and c == e:
-                                    for idx, gh, gw in grids:  # each grid on its own, depth from the image's map
-                                        d = token_depth(maps[b], gh, gw).double()
+                                    for idx, gh, gw, *region in grids:  # each grid on its own, depth from
+                                        d = token_depth(crop(maps[b], *region), gh, gw).double()  # its part
                                         co = kvfix.patch_coords(gh, gw).double()
                                         for layer in LAYERS:
                                             lay = st["cache"].layers[layer]
@@ -300,7 +323,7 @@ def ref_generate(model, family, inputs, spans, methods, *, maps=None, beta=0.2, 
     finally:
         for hk in hooks:
             hk.remove()
-        model.set_attn_implementation({"text_config": base})
+        set_text_attn(model, base)
     return torch.stack(tokens, 1), all_logits
 
 
@@ -314,14 +337,16 @@ def build(methods, fork, beta, order):
     return [made[m]() for m in (methods if order == 1 else methods[::-1])]
 
 
-def run(model, inputs, methods, maps, *, fork=True, beta=0.2, sample=None, order=1):
+def run(model, inputs, methods, maps, *, fork=True, beta=0.2, sample=None, order=1, images=None):
+    """kvfix.hf's generate; `images`: more `handle.images` arguments with the depth maps (DSCR)."""
     kw = dict(max_new_tokens=N_NEW, return_dict_in_generate=True, output_logits=True)
     if sample is None:
         kw.update(do_sample=False)
     else:
         kw.update(do_sample=True, temperature=sample[1], top_k=0, top_p=1.0)
     objs = build(methods, fork, beta, order)
-    with kvfix.hf.enable(model, *objs) as h, h.images(depth_maps=maps if "dscr" in methods else None):
+    extra = (images or {}) if "dscr" in methods else {}
+    with kvfix.hf.enable(model, *objs) as h, h.images(depth_maps=maps if "dscr" in methods else None, **extra):
         if sample is not None:
             torch.manual_seed(sample[0])
         out = model.generate(**inputs, **kw)
@@ -348,29 +373,33 @@ def settings(methods):
     return (True, False) if "cmac" in methods else (True,)  # CMAC's fork_prefill
 
 
-def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt, prefill_mask=None, text_extra=None):
+def check_subset(model, family, methods, *, order=1, seed=0, prompt=make_prompt, prefill_mask=None, text_extra=None,
+                 image_kw=None, ref_kw=None):
     """prefill_mask(inputs), text_extra(inputs) -> the reference's prefill_mask, text_extra for that
-    prompt (see ref_generate)."""
+    prompt (see ref_generate); image_kw(spans) -> more `handle.images` arguments for it (run);
+    ref_kw(inputs) -> more ref_generate arguments (embeds, banned)."""
     pm = (lambda inputs: None) if prefill_mask is None else prefill_mask
     te = (lambda inputs: None) if text_extra is None else text_extra
+    ik = (lambda spans: None) if image_kw is None else image_kw
+    rk = (lambda inputs: {}) if ref_kw is None else ref_kw
     # greedy, batch 2 left padded, image ends 5 apart: CMAC's forked prefill cuts item 0's image
     inputs, spans = prompt(model, family, [(3, 3), (2, 8)], seed)
     assert (inputs["attention_mask"] == 0).any()
     maps = depth_maps(len(spans), seed=seed)
     ref = ref_generate(model, family, inputs, spans, methods, maps=maps, prefill_mask=pm(inputs),
-                       text_extra=te(inputs))
+                       text_extra=te(inputs), **rk(inputs))
     for fork in settings(methods):
-        check(run(model, inputs, methods, maps, fork=fork, order=order), ref, inputs)
+        check(run(model, inputs, methods, maps, fork=fork, order=order, images=ik(spans)), ref, inputs)
     # seeded sampling, one item whose question (45 tokens) is longer than the prompt up to the image end
     inputs, spans = prompt(model, family, [(3, 45)], seed + 1)
     end = image_of(spans[0])[1]
     assert inputs["input_ids"].shape[1] - end > end
     maps = depth_maps(1, seed=seed + 1)
     ref = ref_generate(model, family, inputs, spans, methods, maps=maps, beta=0.05, sample=(seed + 7, 1.5),
-                       prefill_mask=pm(inputs), text_extra=te(inputs))
+                       prefill_mask=pm(inputs), text_extra=te(inputs), **rk(inputs))
     for fork in settings(methods):
-        check(run(model, inputs, methods, maps, fork=fork, beta=0.05, sample=(seed + 7, 1.5), order=order),
-              ref, inputs)
+        check(run(model, inputs, methods, maps, fork=fork, beta=0.05, sample=(seed + 7, 1.5), order=order,
+                  images=ik(spans)), ref, inputs)
     return ref
 
 

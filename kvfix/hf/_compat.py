@@ -12,7 +12,8 @@ Public API
   `config.model_type`: the adapter registry's key.
 - `AttentionInterface` / `AttentionMaskInterface` (`register`), `ALL_ATTENTION_FUNCTIONS`,
   `ALL_MASK_ATTENTION_FUNCTIONS`, and `model.set_attn_implementation({"text_config": name})`,
-  so that only the text model goes through the kvfix attention function.
+  so that only the text model goes through the kvfix attention function (the whole model's
+  where its config is the text config: Chameleon).
 - `Cache.get_seq_length()` and `Cache.layers[i].keys / .values` (`[B, H, T, D]` tensors of the
   dynamic and static cache layers; transformers >= 4.56 exposes them on each layer).
 - `DynamicCache(ddp_cache_data=[(keys, values), ...])`: a cache prefilled per layer (SCR's
@@ -29,7 +30,9 @@ Argument and output names (documented, but not a formal API)
   `past_key_values`, `use_cache`, `labels`, `pixel_values`, `mm_encoder_outputs`,
   `output_attentions`, `output_hidden_states`; its output's `.logits`, `.past_key_values`,
   `.hidden_states`, `.attentions` (`step_inputs`, `output_*`, `diagnostic_inputs`).
-- The text model's forward: `inputs_embeds` / `input_ids`, `attention_mask` (a tensor or a
+- The text model's forward: `inputs_embeds` / `input_ids` (Chameleon's also `pixel_values` /
+  `mm_encoder_outputs`, merged by `get_image_features(...).pooler_output` scattered into the
+  placeholders as its forward does: `merge_image_embeddings`), `attention_mask` (a tensor or a
   dict per layer type), `position_ids` (`[B, t]` or `[S, B, t]`), `past_key_values`,
   `use_cache`, Qwen3-VL's `visual_pos_masks` ([B, t] bool) and `deepstack_visual_embeds`
   (per layer, the features of the True positions in row-major order); its output's
@@ -251,6 +254,26 @@ def writes_cache(kwargs: dict) -> bool:
     return kwargs.get("past_key_values") is not None and kwargs.get("use_cache") is not False
 
 
+def merge_image_embeddings(text, kwargs: dict, image_token_id: int):
+    """For a text model that takes token ids and images (Chameleon): its arguments with
+    `inputs_embeds` = the token embeddings with the images' features (`pixel_values` encoded by
+    the text model's `get_image_features`, or the `pooler_output` of `mm_encoder_outputs["image"]`)
+    scattered into the image placeholders, the ids and images dropped; None when the forward
+    brings no images (or embeddings already)."""
+    ids = kwargs.get("input_ids")
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    pixels = kwargs.get("pixel_values")
+    if ids is None or kwargs.get("inputs_embeds") is not None or (encoded is None and pixels is None):
+        return None
+    if encoded is None:
+        encoded = text.get_image_features(pixels, return_dict=True)
+    embeds = text.get_input_embeddings()(ids)
+    mask = (ids == image_token_id)[..., None].to(embeds.device)
+    out = {k: v for k, v in kwargs.items() if k not in ("input_ids", "pixel_values", "mm_encoder_outputs")}
+    out["inputs_embeds"] = embeds.masked_scatter(mask, encoded.pooler_output)
+    return out
+
+
 def text_inputs_doubled(kwargs: dict) -> dict:
     """The text model's arguments with every batch row given twice (rows [x; x]): tokens or
     embeddings, the attention mask (a tensor or a per-layer-type dict) and the position ids."""
@@ -422,8 +445,13 @@ def text_attn_implementation(model) -> str:
 
 
 def set_text_attn_implementation(model, name: str) -> None:
-    """Switch the text model only; the vision tower keeps its implementation."""
-    model.set_attn_implementation({"text_config": name})
+    """Switch the text model only; the vision tower keeps its implementation. A model whose
+    config is its text config (Chameleon: its VQ-VAE does not use the attention interface) is
+    switched whole."""
+    if text_config(model) is model.config:
+        model.set_attn_implementation(name)
+    else:
+        model.set_attn_implementation({"text_config": name})
 
 
 def register_attention(name: str, fn, base: str) -> None:

@@ -194,7 +194,7 @@ class Handle:
                 return m
         raise KeyError(f"no method {name_or_type!r} in {self.methods}")
 
-    def set_images(self, depth_maps=None, *, image_grid_thw=None) -> None:
+    def set_images(self, depth_maps=None, *, image_grid_thw=None, tiles=None) -> None:
         """Per-image inputs for the following generations, in the order the model consumes the
         images (batch item first, then position in the prompt), e.g. the processor's order.
 
@@ -202,23 +202,30 @@ class Handle:
             on the patch grid), a [num_images, H, W] tensor, or "uniform" (no depth cue).
         image_grid_thw: Qwen2-VL only, needed only when the grids cannot be seen by the handle
             (features encoded outside the model, chunked prefill).
+        tiles: InternVL only, one (rows, cols) per image: how the processor arranged its tiles,
+            which the model's forward does not say; DSCR needs it to take each tile's depth from
+            its part of the image's depth map (docs/ADAPTERS.md).
         Every new generation (empty cache) starts again from the first image. When `generate`
         repeats every batch item (num_return_sequences / num_beams > 1), per-image inputs given
         for the original items are repeated the same way.
         """
         inputs = ImageInputs(depth_maps)
+        if image_grid_thw is not None and tiles is not None:
+            raise ValueError("give image_grid_thw or tiles, not both")
         if image_grid_thw is not None:
             inputs.grids = self.adapter.explicit_layouts(image_grid_thw)
+        if tiles is not None:
+            inputs.grids = self.adapter.tile_layouts(tiles)
         self._images = inputs
 
     def clear_images(self) -> None:
         self._images = None
 
     @contextlib.contextmanager
-    def images(self, depth_maps=None, *, image_grid_thw=None):
+    def images(self, depth_maps=None, *, image_grid_thw=None, tiles=None):
         """`with handle.images(depth_maps=[...]): model.generate(...)` (see `set_images`)."""
         previous = self._images
-        self.set_images(depth_maps, image_grid_thw=image_grid_thw)
+        self.set_images(depth_maps, image_grid_thw=image_grid_thw, tiles=tiles)
         inputs = self._images
         try:
             yield self
@@ -421,6 +428,9 @@ class Handle:
         if args:
             raise TypeError("kvfix.hf: the text model was called with positional arguments")
         ctx, changed = self._current_ctx(), False
+        merged = self.adapter.merge_text_inputs(kwargs)  # a text model that embeds its own images
+        if merged is not None:
+            kwargs, changed = merged, True
         for m in self._text_in_methods:
             new = m.text_input(ctx, kwargs)
             if new is not None:

@@ -251,6 +251,11 @@ class DSCR(Method):
                                  f"image's one grid (it has {len(img.grids)})")
         elif d.dim() != 2:
             raise ValueError(f"depth map of image {img.index} must be [H, W] or [N], got {tuple(d.shape)}")
+        elif any(g.region is None for g in img.grids):
+            raise ValueError(f"image {img.index} (batch item {img.batch}) is cut into tiles whose arrangement the "
+                             "model's inputs do not say, so the part of its depth map each tile shows is unknown: "
+                             "pass it with handle.images(depth_maps=..., tiles=[(rows, cols), ...]), one per image "
+                             "(docs/ADAPTERS.md), or depth_maps=\"uniform\"")
         if d.numel() == 0 or not bool(torch.isfinite(d.float()).all()):
             raise ValueError(f"depth map of image {img.index} is empty or has non-finite values")
 

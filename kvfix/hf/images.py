@@ -1,5 +1,5 @@
 """Image bookkeeping of the adapter layer: the per-image inputs the user gives (`handle.images`:
-depth maps, explicit grids) and the ImageSpans of one forward, found from the placeholder tokens
+depth maps, explicit grids or tile arrangements) and the ImageSpans of one forward, found from the placeholder tokens
 and the adapter's layouts (models.py). The dispatcher (core.py) calls `resolve_images` once per
 forward that carries images."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ImageInputs:
             self.depth = list(depth_maps)
         else:
             raise TypeError(f"depth_maps must be a tensor, a list of tensors or \"uniform\", got {type(depth_maps).__name__}")
-        self.grids: list[Layout] | None = None  # explicit layouts (the adapter reads image_grid_thw)
+        self.grids: list[Layout] | None = None  # explicit layouts (from image_grid_thw or tiles)
         self.cursor = 0  # depth maps consumed in the current session
         self.grid_cursor = 0  # explicit grids consumed in the current session
         self.max_used = 0

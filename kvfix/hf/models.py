@@ -14,7 +14,9 @@ adapter. For one forward pass of the model it answers:
   tokens and its patch grids (`Grid`: offset inside the placeholder run, `gh x gw` tokens
   row-major, and the region of the image it covers, where DSCR takes its depth from). An image
   may have several grids (multi-crop models) or none (query-token models: DSCR and SCR refuse
-  those); placeholder tokens outside every grid (a CLS token, separators) are left alone;
+  those); placeholder tokens outside every grid (a CLS token, separators) are left alone; a
+  text model that embeds its own images (Chameleon) has them merged into `inputs_embeds` first
+  (`merge_text_inputs`);
 - the RoPE of the text model (`rope`): `"1d"` (one position per token), `"mrope"` (multi-section
   RoPE, sections contiguous in the frequency axis: Qwen2-VL / Qwen2.5-VL) or
   `"mrope_interleaved"` (frequency f uses section f mod 3 while f < 3 * section size: Qwen3-VL),
@@ -51,7 +53,7 @@ class Grid:
     each other; `gw + 1` for a row-end token after every row, LLaVA-NeXT's newline, which is not
     part of the grid). `region = (top, left, bottom, right)` is the part of the image the grid
     shows, as fractions of its height and width (a tile of a multi-crop image); the whole image
-    by default."""
+    by default; None when the model's inputs do not say (DSCR then refuses a depth map)."""
     offset: int
     gh: int
     gw: int
@@ -261,6 +263,12 @@ class ModelAdapter:
         """Extra hooks the adapter needs (removable handles), installed with the handle's."""
         return []
 
+    def merge_text_inputs(self, kwargs: dict):
+        """The text model's arguments with its images merged into `inputs_embeds`, for a text
+        model that embeds its own images (Chameleon: token ids and images go in, so rows cannot
+        be doubled or cut without them); None (the default): the text model gets embeddings."""
+        return None
+
     def layouts(self, inputs: dict, n_tokens: int, explicit) -> list[Layout]:
         """The layouts of this forward's images in order (`n_tokens` placeholder tokens in all;
         `explicit`: layouts the user gave with `handle.images(image_grid_thw=...)`, or None)."""
@@ -270,6 +278,11 @@ class ModelAdapter:
         """Layouts from a user-given `image_grid_thw` (models whose grids vary per image)."""
         raise ValueError(f"image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; {self.family}'s image layout "
                          "comes from its config")
+
+    def tile_layouts(self, tiles) -> list[Layout]:
+        """Layouts from user-given tile arrangements (`handle.images(tiles=...)`: multi-crop
+        models whose forward does not say how an image's tiles are arranged)."""
+        raise ValueError(f"tiles applies to InternVL models; {self.family}'s image layout does not need it")
 
     # ---- RoPE ------------------------------------------------------------------------------
 
@@ -609,6 +622,104 @@ class Qwen3VLAdapter(QwenVLAdapter):
     rope = "mrope_interleaved"
 
 
+class InternVLAdapter(ModelAdapter):
+    """InternVL (InternVL2 / 2.5 / 3): each image is its tiles (row-major over the tile
+    arrangement), then, when it has more than one tile, its thumbnail (the whole image resized to
+    one tile); the image's tokens are one placeholder run (between its <img> / </img> markers),
+    `side x side` tokens per tile: the vision tower's patch grid (CLS dropped), pixel-shuffled by
+    `downsample_ratio` (token (r, c) merges patch rows 2r, 2r + 1 and columns 2c, 2c + 1:
+    row-major, like the tile's patches). Each tile is one grid, refined (DSCR) / redistributed
+    (SCR) on its own.
+
+    The model's forward sees a tile count per image (its run of placeholder tokens), never how
+    the tiles are arranged (rows x cols), so a tile's `region` is unknown (None): SCR, KVSmooth
+    and CMAC do not need it, DSCR with a depth map does, from `handle.images(tiles=[(rows,
+    cols), ...])`, one per image (the processor's choice: docs/ADAPTERS.md). A one-tile image
+    and the thumbnail show the whole image. Each placeholder run is one image."""
+    family = "internvl"
+
+    def __init__(self, model):
+        super().__init__(model)
+        vc = self.config.vision_config
+        ratio = float(self.config.downsample_ratio)
+        patches = _side(vc.image_size) // _side(vc.patch_size)
+        self.side = int(patches * ratio)
+        if self.side <= 0 or self.side != patches * ratio:
+            raise ValueError(f"InternVL: a {patches} x {patches} patch grid does not pixel-shuffle by {ratio}")
+        self.tile = self.side * self.side
+
+    def _layout(self, n_tiles: int, arrangement=None) -> Layout:
+        grids = []
+        for t in range(n_tiles):
+            if n_tiles == 1 or t == n_tiles - 1:  # the one tile, or the thumbnail: the whole image
+                region = (0.0, 0.0, 1.0, 1.0)
+            elif arrangement is None:
+                region = None
+            else:
+                rows, cols = arrangement
+                r, c = divmod(t, cols)
+                region = (r / rows, c / cols, (r + 1) / rows, (c + 1) / cols)
+            grids.append(Grid(t * self.tile, self.side, self.side, region))
+        return Layout(n_tiles * self.tile, tuple(grids))
+
+    def tile_layouts(self, tiles) -> list[Layout]:
+        out = []
+        for i, t in enumerate(tiles):
+            if not (isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, int) and x > 0 for x in t)):
+                raise ValueError(f"tiles[{i}] must be (rows, cols) of positive ints, got {t!r}")
+            n = t[0] * t[1]
+            out.append(self._layout(n + 1 if n > 1 else 1, tuple(t)))
+        return out
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            return explicit
+        strategy = inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(f"InternVL: vision_feature_select_strategy {strategy!r} is not supported (\"default\")")
+        ids = self.placeholder_ids(inputs)
+        out = []
+        for row in (ids == self.image_token_id).cpu():
+            pos = torch.nonzero(row).flatten()
+            if not len(pos):
+                continue
+            starts = torch.cat([pos[:1], pos[1:][pos[1:] != pos[:-1] + 1]])
+            ends = torch.cat([pos[:-1][pos[1:] != pos[:-1] + 1], pos[-1:]]) + 1
+            for n in (ends - starts).tolist():
+                if n % self.tile:
+                    raise ValueError(f"InternVL: an image of {n} placeholder tokens is not a whole number of tiles "
+                                     f"({self.tile} tokens each); an image cut across forward passes is not supported")
+                out.append(self._layout(n // self.tile))
+        return out
+
+
+class ChameleonAdapter(ModelAdapter):
+    """Chameleon: each image is the VQ-VAE's `side x side` code grid (row-major), embedded as
+    tokens (`resolution / 2^(levels - 1)` per side: 32 x 32 for the released models), its
+    placeholders between begin / end-of-image markers. The text model itself encodes the images
+    and writes their embeddings into the placeholders: `merge_text_inputs` does that merge first
+    (the model's own steps: the token embeddings, the images' code embeddings scattered into the
+    placeholders), so the methods see `inputs_embeds` as for the other families."""
+    family = "chameleon"
+
+    def __init__(self, model):
+        super().__init__(model)
+        vq = self.config.vq_config
+        self.side = int(vq.resolution) // 2 ** (len(vq.channel_multiplier) - 1)
+
+    def layouts(self, inputs, n_tokens, explicit):
+        if explicit is not None:
+            raise ValueError("image_grid_thw applies to Qwen2-VL / Qwen2.5-VL models; Chameleon's grid comes from "
+                             "its VQ-VAE config")
+        layout = Layout.single(self.side, self.side)
+        if n_tokens % layout.tokens:
+            raise ValueError(f"Chameleon: {n_tokens} image tokens are not a multiple of {layout.tokens} per image")
+        return [layout] * (n_tokens // layout.tokens)
+
+    def merge_text_inputs(self, kwargs):
+        return _compat.merge_image_embeddings(self.text_model(), kwargs, self.image_token_id)
+
+
 def frequency_sections(rope: str, section, n: int) -> torch.Tensor:
     """The RoPE section (0: temporal, 1: height, 2: width) of each of the `n` rotary frequencies,
     int64 [n]: contiguous blocks of `section[i]` for "mrope"; for "mrope_interleaved" (Qwen3-VL)
@@ -630,3 +741,5 @@ register_adapter(Gemma3Adapter, "gemma3")
 register_adapter(LlavaNextAdapter, "llava_next")
 register_adapter(LlavaOnevisionAdapter, "llava_onevision")
 register_adapter(Qwen3VLAdapter, "qwen3_vl")
+register_adapter(InternVLAdapter, "internvl")
+register_adapter(ChameleonAdapter, "chameleon")

@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["tiny_llava", "tiny_qwen2_vl", "tiny_instructblip", "tiny_gemma3", "tiny_llava_next", "llava_prompt",
            "qwen_prompt", "llava_next_prompt", "LLAVA_NEXT_IMAGES", "LLAVA_ONEVISION_IMAGES",
-           "instructblip_prompt", "gemma3_prompt", "IMAGE_TOKEN", "PAD"]
+           "instructblip_prompt", "gemma3_prompt", "tiny_internvl", "internvl_prompt", "tiny_chameleon", "chameleon_prompt", "IMAGE_TOKEN", "PAD"]
 
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
@@ -296,3 +296,91 @@ def llava_next_prompt(model, items, *, seed: int = 0):
     pixel_values = torch.randn(len(items), 3, 3, tile, tile, generator=gen)  # base + 2 tiles each
     sizes = torch.tensor([list(hw) for _, _, hw in items], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}, images
+
+
+def tiny_internvl(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2):
+    """InternVLForConditionalGeneration: InternViT-style vision (32 x 32 tiles, 4 x 4 patches: an
+    8 x 8 patch grid, its CLS dropped, pixel-shuffled by 0.5 to a 4 x 4 grid of 16 tokens per
+    tile), Qwen2 text model with 4 layers (1-D RoPE)."""
+    import transformers
+    vc = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=4)
+    tc = transformers.Qwen2Config(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=4, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cfg = transformers.InternVLConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(), image_token_id=IMAGE_TOKEN,
+                                      image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="default")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.InternVLForConditionalGeneration(cfg)
+    return _finish(model)
+
+
+def internvl_prompt(model, items, *, seed: int = 0):
+    """Left-padded InternVL batch, one image per item: items[b] = (text before, text after,
+    (rows, cols)) with the image cut into rows x cols tiles (row-major), then, when there is more
+    than one tile, its thumbnail; each tile a side x side grid of tokens (the pixel-shuffled
+    patch grid), the image's tokens between markers 102 / 103. Returns (inputs dict, images
+    [(batch, start, end, grids)]): the image's tokens [start, end) and its grids
+    `(positions [side * side] int64, side, side, region)`, region = (top, left, bottom, right)
+    fractions of the image (the thumbnail: the whole image)."""
+    gen = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    side = int(vc.image_size[0] // vc.patch_size[0] * model.config.downsample_ratio)
+    rows, local = [], []
+    for b, (before, after, (tr, tc)) in enumerate(items):
+        n_tiles = tr * tc + (1 if tr * tc > 1 else 0)
+        r = [BOS] + _text(before, gen) + [VISION_START]
+        local.append((b, len(r), n_tiles, tr, tc))
+        rows.append(r + [IMAGE_TOKEN] * (n_tiles * side * side) + [VISION_END] + _text(after, gen))
+    ids, mask, _ = _left_pad(rows, [])
+    images = []
+    for b, s0, n_tiles, tr, tc in local:
+        s = s0 + (ids.shape[1] - len(rows[b]))
+        regions = [(i // tc / tr, i % tc / tc, (i // tc + 1) / tr, (i % tc + 1) / tc) for i in range(tr * tc)]
+        if n_tiles > 1:
+            regions.append((0.0, 0.0, 1.0, 1.0))
+        grids = [(torch.arange(s + t * side * side, s + (t + 1) * side * side), side, side, reg)
+                 for t, reg in enumerate(regions)]
+        images.append((b, s, s + n_tiles * side * side, grids))
+    pixel_values = torch.randn(sum(n for _, _, n, _, _ in local), 3, vc.image_size[0], vc.image_size[1],
+                               generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}, images
+
+
+def tiny_chameleon(*, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2, codes: int = 16):
+    """ChameleonForConditionalGeneration: a VQ-VAE of three levels (32 x 32 images to an 8 x 8 code
+    grid, `codes` codes, embedded as tokens 104, 105, ...), Chameleon text model with 4 layers
+    (per-head query / key norms, 1-D RoPE); image placeholder 100 (`<image>`)."""
+    import transformers
+    vmap = {"<image>": IMAGE_TOKEN, "<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    for i in range(codes):  # code i is the token named IMGIMG<i, digits as letters A..J>Z
+        vmap["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z"] = 104 + i
+    vq = dict(embed_dim=8, num_embeddings=codes, latent_channels=32, resolution=32, in_channels=3, base_channels=32,
+              channel_multiplier=[1, 1, 1], num_res_blocks=1, attn_resolutions=[])
+    cfg = transformers.ChameleonConfig(vocab_size=_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                       num_hidden_layers=4, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                       max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS,
+                                       eos_token_id=EOS, vq_config=vq, vocabulary_map=vmap)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.ChameleonForConditionalGeneration(cfg)
+    return _finish(model)
+
+
+def chameleon_prompt(model, items, *, seed: int = 0):
+    """Left-padded Chameleon batch, one image per item: items[b] = (text before, text after) the
+    image (its side x side placeholders between markers 102 / 103). Returns (inputs dict, spans
+    [(batch, start, side, side)])."""
+    gen = torch.Generator().manual_seed(seed)
+    vq = model.config.vq_config
+    side = vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
+    rows, local = [], []
+    for b, (before, after) in enumerate(items):
+        r = [BOS] + _text(before, gen) + [VISION_START]
+        local.append((b, len(r), side, side))
+        rows.append(r + [IMAGE_TOKEN] * (side * side) + [VISION_END] + _text(after, gen))
+    ids, mask, spans = _left_pad(rows, local)
+    pixel_values = torch.randn(len(items), 3, vq.resolution, vq.resolution, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}, spans
