@@ -18,7 +18,7 @@ from kvfix.hf.models import LlavaAdapter, registered_model_types  # noqa: E402
 def test_builtin_families_by_model_type():
     types = registered_model_types()
     for t in ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision", "gemma3",
-              "instructblip"):
+              "instructblip", "internvl", "chameleon"):
         assert issubclass(types[t], ModelAdapter)
 
 
