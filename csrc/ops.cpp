@@ -4,8 +4,12 @@
 #endif
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "kvfix.h"
 
@@ -64,10 +68,198 @@ void dscr_check(const at::Tensor& k, const std::optional<at::Tensor>& v, const a
               "dscr: depth and coords must be on k's device");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Aliasing of the in-place ops (dscr_refine_cache_, dscr_refine_factored_cache_, kvsmooth_step_,
+// scr_redistribute_): their outputs must not overlap themselves (a stride-0 `expand`), each other
+// (the same view twice, keys that are the values) or an input the kernels read while writing, as
+// torch's own in-place ops refuse. Metadata only (sizes, strides, addresses): nothing is read, so
+// nothing synchronises. Called by the CPU and CUDA registrations before anything is written.
+
+namespace {
+
+using Dims = std::vector<std::pair<int64_t, int64_t>>;  // (stride, size) with size > 1
+
+// x's dims of size > 1 by increasing stride, when each stride exceeds everything the smaller ones
+// reach (x's elements are then distinct and every difference of two offsets has one signed-digit
+// expansion per dim); false otherwise.
+bool nested_dims(const at::Tensor& x, Dims& dims) {
+  dims.clear();
+  for (int64_t i = 0; i < x.dim(); ++i)
+    if (x.size(i) > 1) dims.emplace_back(x.stride(i), x.size(i));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // the largest offset reachable with the dims of smaller stride
+  for (const auto& [s, n] : dims) {
+    if (s <= reach) return false;
+    reach += s * (n - 1);
+  }
+  return true;
+}
+
+// f(offset) for every element of x (offsets in elements from x's first element).
+template <class F>
+void for_each_offset(const at::Tensor& x, const F& f) {
+  const int64_t nd = x.dim();
+  std::vector<int64_t> idx(static_cast<size_t>(nd), 0);
+  const int64_t numel = x.numel();
+  int64_t off = 0;
+  for (int64_t e = 0; e < numel; ++e) {
+    f(off);
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < x.size(d)) {
+        off += x.stride(d);
+        break;
+      }
+      off -= x.stride(d) * (x.size(d) - 1);
+      idx[d] = 0;
+    }
+  }
+}
+
+// Whether two elements of x share memory (e.g. a stride-0 `expand`).
+bool has_internal_overlap(const at::Tensor& x) {
+  Dims dims;
+  if (nested_dims(x, dims)) return false;
+  for (int64_t i = 0; i < x.dim(); ++i)
+    if (x.size(i) > 1 && x.stride(i) == 0) return true;
+  std::vector<int64_t> offs;  // an exotic layout: look for a repeated offset
+  offs.reserve(static_cast<size_t>(x.numel()));
+  for_each_offset(x, [&](int64_t o) { offs.push_back(o); });
+  std::sort(offs.begin(), offs.end());
+  return std::adjacent_find(offs.begin(), offs.end()) != offs.end();
+}
+
+// Whether delta = sum_d e_d s_d with |e_d| < n_d, for nested dims[0, count) (at most two digits
+// fit each dim, so the search is tiny).
+bool is_offset_difference(int64_t delta, const Dims& dims, size_t count) {
+  if (count == 0) return delta == 0;
+  const auto [s, n] = dims[count - 1];
+  int64_t reach = 0;
+  for (size_t j = 0; j + 1 < count; ++j) reach += dims[j].first * (dims[j].second - 1);
+  auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0); };
+  const int64_t lo = std::max(-(n - 1), -floor_div(reach - delta, s));
+  const int64_t hi = std::min(n - 1, floor_div(delta + reach, s));
+  for (int64_t e = lo; e <= hi; ++e)
+    if (is_offset_difference(delta - e * s, dims, count - 1)) return true;
+  return false;
+}
+
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& x) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+  int64_t last = 0;
+  for (int64_t i = 0; i < x.dim(); ++i) last += (x.size(i) - 1) * x.stride(i);
+  return {lo, lo + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(x.element_size()))};
+}
+
+// Whether a and b share a byte (interleaved views, e.g. k and v of a fused buffer, do not).
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [alo, ahi] = byte_span(a);
+  const auto [blo, bhi] = byte_span(b);
+  if (ahi <= blo || bhi <= alo) return false;
+  Dims dims;
+  if (a.sizes() == b.sizes() && a.strides() == b.strides() && a.element_size() == b.element_size() &&
+      nested_dims(a, dims)) {
+    // One layout (e.g. k and v of one cache): element x of a and y of b share a byte iff
+    // (x - y) * size lies within one element of the two tensors' distance.
+    const int64_t size = static_cast<int64_t>(a.element_size());
+    const int64_t gap = static_cast<int64_t>(blo - alo);  // two's complement: negative when b starts first
+    const int64_t fl = gap / size - ((gap % size != 0 && gap < 0) ? 1 : 0);
+    const int64_t cl = fl + (gap % size != 0 ? 1 : 0);
+    return is_offset_difference(fl, dims, dims.size()) || (cl != fl && is_offset_difference(cl, dims, dims.size()));
+  }
+  // Anything else: mark the bytes of a within the common range, then look for b's.
+  const uintptr_t lo = std::max(alo, blo), hi = std::min(ahi, bhi);
+  std::vector<bool> mark(hi - lo, false);
+  auto bytes_of = [&](const at::Tensor& x, bool set, bool& hit) {
+    const int64_t es = static_cast<int64_t>(x.element_size());
+    const intptr_t base = static_cast<intptr_t>(reinterpret_cast<uintptr_t>(x.const_data_ptr()) - lo);
+    for_each_offset(x, [&](int64_t o) {
+      for (int64_t c = 0; c < es; ++c) {
+        const intptr_t p = base + o * es + c;
+        if (p < 0 || p >= static_cast<intptr_t>(hi - lo)) continue;
+        if (set) mark[p] = true;
+        else if (mark[p]) hit = true;
+      }
+    });
+  };
+  bool hit = false;
+  bytes_of(a, true, hit);
+  bytes_of(b, false, hit);
+  return hit;
+}
+
+struct Named {
+  std::string name;
+  const at::Tensor* t;
+  bool output;
+  uintptr_t lo, hi;
+};
+
+}  // namespace
+
+static void check_no_overlap(const char* op, const std::vector<std::pair<std::string, const at::Tensor*>>& outputs,
+                      const std::vector<std::pair<std::string, const at::Tensor*>>& inputs) {
+  std::vector<Named> all;
+  for (int pass = 0; pass < 2; ++pass)
+    for (const auto& [name, t] : pass == 0 ? outputs : inputs) {
+      if (t == nullptr || !t->defined()) continue;
+      if (t->is_meta() || !t->has_storage()) return;  // no addresses (meta, FakeTensor)
+      all.push_back({name, t, pass == 0, 0, 0});
+    }
+  for (const Named& x : all) {
+    if (!x.output) break;
+    if (has_internal_overlap(*x.t)) {
+      TORCH_CHECK_VALUE(false, op, ": ", x.name, " has elements that share memory (e.g. a stride-0 expand(), strides ",
+                        x.t->strides(), "): an in-place op needs distinct elements; pass a .clone()");
+    }
+  }
+  // Sweep over the byte ranges in address order: only pairs whose ranges intersect are compared
+  // (dscr_refine_cache_ gets tens of layers). The first offending pair in argument order is named.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].t->numel() == 0) continue;
+    std::tie(all[i].lo, all[i].hi) = byte_span(*all[i].t);
+    order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return all[a].lo != all[b].lo ? all[a].lo < all[b].lo : a < b;
+  });
+  std::pair<size_t, size_t> first{all.size(), all.size()};
+  for (size_t x = 0; x < order.size(); ++x) {
+    for (size_t y = x + 1; y < order.size(); ++y) {
+      const Named &a = all[order[x]], &b = all[order[y]];
+      if (b.lo >= a.hi) break;
+      if (!(a.output || b.output) || !overlaps(*a.t, *b.t)) continue;
+      const std::pair<size_t, size_t> hit{std::min(order[x], order[y]), std::max(order[x], order[y])};
+      first = std::min(first, hit);
+    }
+  }
+  TORCH_CHECK_VALUE(first.first == all.size(), op, ": ", all[first.second].name, " overlaps ",
+                    all[first.first < all.size() ? first.first : 0].name,
+                    " in memory: an in-place op's outputs must not share memory with each other or with its inputs");
+}
+
 void dscr_check_finite(const at::Tensor& depth, const at::Tensor& coords) {
   // Once per image after prefill (not a decode path): one host read each.
   TORCH_CHECK_VALUE(depth.isfinite().all().item<bool>(), "dscr: depth has non-finite values (nan or inf)");
   TORCH_CHECK_VALUE(coords.isfinite().all().item<bool>(), "dscr: coords has non-finite values (nan or inf)");
+}
+
+// The in-place registrations: the aliasing check, then the device's implementation.
+using TensorRefs = std::vector<std::pair<std::string, const at::Tensor*>>;
+
+static TensorRefs layer_refs(at::TensorList keys, at::TensorList values) {
+  TensorRefs out;
+  for (size_t i = 0; i < keys.size(); ++i) out.emplace_back("keys[" + std::to_string(i) + "]", &keys[i]);
+  for (size_t i = 0; i < values.size(); ++i) out.emplace_back("values[" + std::to_string(i) + "]", &values[i]);
+  return out;
+}
+
+template <auto Impl>
+void dscr_refine_cache_checked(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                               const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta) {
+  check_no_overlap("dscr_refine_cache_", layer_refs(keys, values), {{"depth", &depth}, {"coords", &coords}});
+  Impl(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta);
 }
 
 }  // namespace kvfix
@@ -81,13 +273,13 @@ TORCH_LIBRARY(kvfix, m) {
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_cpu);
-  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_cpu);
+  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cpu>);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_cuda);
-  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_cuda);
+  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cuda>);
 }
 #endif
 
@@ -165,6 +357,15 @@ void kvsmooth_check_lam(double lam_ref, double band) {
   TORCH_CHECK_VALUE(std::isfinite(band) && band >= 0, "kvsmooth_step_: band must be finite and >= 0, got ", band);
 }
 
+template <auto Impl>
+at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& queue, std::optional<double> scale,
+                                 const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+  check_no_overlap("kvsmooth_step_", {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"queue", &queue}},
+                   {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr}});
+  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
@@ -175,13 +376,13 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cpu);
-  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cpu);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu>);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cuda);
-  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cuda);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda>);
 }
 #endif
 
@@ -226,6 +427,15 @@ std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList ke
   return all;
 }
 
+template <auto Impl>
+void dscr_refine_factored_cache_checked(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                        const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                        const at::Tensor& rc, double coef_d, int64_t rank_d) {
+  check_no_overlap("dscr_refine_factored_cache_", layer_refs(keys, values),
+                   {{"depth", &depth}, {"lr", &lr}, {"rr", &rr}, {"lc", &lc}, {"rc", &rc}});
+  Impl(keys, values, depth, lr, rr, lc, rc, coef_d, rank_d);
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
@@ -237,13 +447,13 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cpu);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_cpu);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cpu>);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cuda);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_cuda);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cuda>);
 }
 #endif
 
@@ -323,6 +533,13 @@ void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::
     TORCH_CHECK_VALUE(scores.isfinite().all().item<bool>(), op, ": scores has non-finite values (nan or inf)");
 }
 
+template <auto Impl>
+void scr_redistribute__checked(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                               int64_t top_k, double lam, bool exclude_border) {
+  check_no_overlap("scr_redistribute_", {{"hidden", &hidden}}, {{"scores", &scores}});
+  Impl(hidden, scores, gh, gw, top_k, lam, exclude_border);
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
@@ -336,14 +553,14 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("scr_scores", &kvfix::scr_scores_cpu);
   m.impl("scr_redistribute", &kvfix::scr_redistribute_cpu);
-  m.impl("scr_redistribute_", &kvfix::scr_redistribute__cpu);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__checked<&kvfix::scr_redistribute__cpu>);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("scr_scores", &kvfix::scr_scores_cuda);
   m.impl("scr_redistribute", &kvfix::scr_redistribute_cuda);
-  m.impl("scr_redistribute_", &kvfix::scr_redistribute__cuda);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__checked<&kvfix::scr_redistribute__cuda>);
 }
 #endif
 

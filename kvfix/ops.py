@@ -3,7 +3,9 @@
 The C++ library (`kvfix._C`) declares the ops once (`TORCH_LIBRARY(kvfix, ...)`) and registers
 CPU and, when built, CUDA kernels. This module adds the fake (meta) implementations that
 torch.compile needs and thin wrappers that turn bad input into a `ValueError` / `TypeError`
-naming the offending argument before any kernel runs.
+naming the offending argument before any kernel runs. The in-place ops' aliasing check (targets
+overlapping themselves, each other or an input) runs in C++, in the ops' CPU and CUDA
+registrations (csrc/ops.cpp), before anything is written.
 """
 from __future__ import annotations
 
@@ -69,117 +71,6 @@ def _as_int(value, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-
-
-# In-place ops (dscr_refine_cache_, kvsmooth_step_, scr_redistribute_) refuse outputs whose elements
-# overlap each other or an input, as torch's own in-place ops do: a stride-0 `expand`ed view, the
-# same view twice, keys that are the values. Metadata only (sizes, strides, addresses): no tensor
-# value is read, so nothing synchronises. Skipped while torch.compile traces (fake tensors have no
-# addresses) and for meta tensors.
-
-def _no_addresses(*xs) -> bool:
-    return torch.compiler.is_compiling() or any(x.device.type == "meta" for x in xs)
-
-
-def _element_offsets(x: torch.Tensor) -> torch.Tensor:
-    """int64 [numel]: the storage offset (in elements, from x's first element) of every element."""
-    off = torch.zeros((), dtype=torch.int64)
-    for n, s in zip(x.shape, x.stride()):
-        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
-    return off.reshape(-1)
-
-
-def _nested_dims(x: torch.Tensor):
-    """x's (stride, size) pairs with size > 1, by increasing stride, when each stride exceeds
-    everything the smaller ones reach (x's elements are then distinct and every difference of two
-    offsets has one signed-digit expansion per dim); else None."""
-    dims = sorted((s, n) for n, s in zip(x.shape, x.stride()) if n > 1)
-    reach = 0  # the largest offset reachable with the dims of smaller stride
-    for s, n in dims:
-        if s <= reach:
-            return None
-        reach += s * (n - 1)
-    return dims
-
-
-def _has_internal_overlap(x: torch.Tensor) -> bool:
-    """Whether two elements of x share memory (e.g. a stride-0 `expand`)."""
-    if _nested_dims(x) is not None:
-        return False
-    if any(s == 0 and n > 1 for n, s in zip(x.shape, x.stride())):
-        return True
-    off = _element_offsets(x)  # an exotic layout: count distinct offsets
-    return off.unique().numel() != off.numel()
-
-
-def _is_offset_difference(delta: int, dims) -> bool:
-    """Whether delta = sum e_d s_d with |e_d| < n_d, for nested dims (see _nested_dims): at most two
-    digits fit each dim, so the search is tiny."""
-    if not dims:
-        return delta == 0
-    (s, n), rest = dims[-1], dims[:-1]
-    reach = sum(sj * (nj - 1) for sj, nj in rest)
-    lo, hi = max(-(n - 1), -((reach - delta) // s)), min(n - 1, (delta + reach) // s)
-    return any(_is_offset_difference(delta - e * s, rest) for e in range(lo, hi + 1))
-
-
-def _byte_span(x: torch.Tensor) -> tuple[int, int]:
-    lo = x.data_ptr()
-    return lo, lo + (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b share a byte of memory (interleaved views, e.g. k and v of a fused buffer, do not)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    (alo, ahi), (blo, bhi) = _byte_span(a), _byte_span(b)
-    if ahi <= blo or bhi <= alo:
-        return False
-    dims = _nested_dims(a)
-    if dims is not None and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype:
-        # one layout (e.g. k and v of one cache): element x of a and y of b share a byte iff
-        # (x - y) * size lies within one element of the two tensors' distance
-        size, gap = a.element_size(), blo - alo
-        return any(_is_offset_difference(d, dims) for d in {gap // size, -(-gap // size)})
-    lo, hi = max(alo, blo), min(ahi, bhi)
-    mark = torch.zeros(hi - lo, dtype=torch.bool)
-
-    def bytes_in(x):
-        o = (_element_offsets(x) * x.element_size() + (x.data_ptr() - lo)).unsqueeze(-1)
-        o = (o + torch.arange(x.element_size(), dtype=torch.int64)).reshape(-1)
-        return o[(o >= 0) & (o < hi - lo)]
-
-    mark[bytes_in(a)] = True
-    return bool(mark[bytes_in(b)].any())
-
-
-def _check_no_overlap(outputs, inputs=()) -> None:
-    """outputs, inputs: (name, tensor or None) pairs. ValueError naming the first offending argument
-    if an output overlaps itself, another output, or an input (the kernels read inputs while
-    writing outputs)."""
-    outputs = [(n, x) for n, x in outputs if x is not None]
-    inputs = [(n, x) for n, x in inputs if x is not None]
-    if _no_addresses(*(x for _, x in outputs + inputs)):
-        return
-    for name, x in outputs:
-        if _has_internal_overlap(x):
-            raise ValueError(f"{name} has elements that share memory (e.g. a stride-0 expand(), strides "
-                             f"{tuple(x.stride())}): an in-place op needs distinct elements; pass a .clone()")
-    # Sweep over the byte ranges in address order: only pairs whose ranges intersect are compared
-    # (dscr_refine_cache_ gets tens of layers).
-    items = sorted(((*_byte_span(x), i, name, x, i < len(outputs))
-                    for i, (name, x) in enumerate(outputs + inputs) if x.numel() > 0), key=lambda t: t[:3])
-    hits = []
-    for a in range(len(items)):
-        for b in range(a + 1, len(items)):
-            if items[b][0] >= items[a][1]:
-                break
-            if (items[a][5] or items[b][5]) and _overlaps(items[a][4], items[b][4]):
-                hits.append(tuple(sorted((items[a][2:4], items[b][2:4]))))
-    if hits:
-        (_, first), (_, second) = min(hits)  # the first pair in argument order
-        raise ValueError(f"{second} overlaps {first} in memory: an in-place op's outputs must not share "
-                         "memory with each other or with its inputs")
 
 
 def _geometry(depth, coords, B: int, N: int, device: torch.device):
@@ -372,9 +263,6 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     # The plan's tolerance follows the strictest dtype among the layers.
     strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
     route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
-    _check_no_overlap([(f"keys[{i}]", x) for i, x in enumerate(keys)] +
-                      [(f"values[{i}]", x) for i, x in enumerate(values)],
-                      [("depth", route[1])] + ([("coords", route[2])] if route[0] == "dense" else []))
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
@@ -508,6 +396,11 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
     Returns:
         [B, Hq] float32: `H = -sum p log p` of `p = softmax(q . k^T * scale + mask)`, computed in
         one streaming pass over k (online softmax, fp32 accumulation, nothing materialised).
+
+    Non-finite input follows softmax, as the reference and SDPA (reference, CPU and CUDA alike): a
+    nan or +inf logit of a position taking part (nan / inf in q or k, nan or +inf in an additive
+    mask) gives that head a nan entropy, also where it is the only position; a -inf logit takes
+    no part, as a masked position; a masked position takes no part whatever k holds there.
     """
     _check_decode_query(q, k, "k")
     _check_key_mask(mask, q.shape[0], k.shape[2], q.device)
@@ -539,6 +432,12 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             T - 2, nothing is smoothed and lam is 0 for that item (z is still pushed).
         lam_ref: centre of the allowed band, in [0, 1] (paper: 0.9 LLaVA-1.5, 0.5 MiniGPT-4,
             0.7 InstructBLIP); band: half width, >= 0.
+
+    Non-finite input: the entropies follow `row_entropy`'s rule; a nan z (a nan entropy in any
+    query head) is pushed (an empty slot from then on) and has no rank, so lam = nan and the EMA
+    writes nan into position T - 1 of that item's k_cache and v_cache (the step's attention is
+    nan anyway); non-finite values at positions T - 2 / T - 1 go through the EMA's arithmetic
+    (inf * 0 = nan at lam = 1); lam = 0 (T == 1, T - 2 masked) writes nothing.
 
     No host synchronisation: inputs are validated from their metadata only, so bad input raises
     a ValueError / TypeError naming the argument before anything is written. On CUDA the step is
@@ -576,7 +475,6 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"queue is on {queue.device} but q is on {q.device}")
     _check_key_mask(mask, q.shape[0], k_cache.shape[2], q.device)
     lam_ref, band = _check_lam(lam_ref, band)
-    _check_no_overlap([("k_cache", k_cache), ("v_cache", v_cache), ("queue", queue)], [("q", q), ("mask", mask)])
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
                                                   lam_ref, band)
 
@@ -647,8 +545,9 @@ def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | N
         Computed in float32 without materialising a [Tq, T] matrix per head.
 
     Non-finite input follows softmax (the reference, CPU and CUDA alike): a nan or +inf logit of
-    a key that takes part (nan / inf in q or k, nan in an additive mask) makes its row's
-    probabilities nan, hence that item's scores; a -inf logit takes no part, as a masked key.
+    a key that takes part (nan / inf in q or k, nan or +inf in an additive mask) makes its row's
+    probabilities nan in every column, also where it is the row's only key and when the row sees
+    no image column (causal), hence that item's scores; a -inf logit takes no part, as a masked key.
     """
     _check_tensor(q, "q")
     _check_tensor(k, "k")
@@ -747,7 +646,6 @@ def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, to
     elements must be distinct memory (no stride-0 `expand`) and must not share memory with scores
     (ValueError)."""
     s, gh, gw, top_k, lam = _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border)
-    _check_no_overlap([("hidden", hidden)], [("scores", s)])
     _check_built_for(hidden, "scr_redistribute_")
     torch.ops.kvfix.scr_redistribute_.default(hidden, s, gh, gw, top_k, lam, exclude_border)
     return hidden
@@ -792,13 +690,13 @@ def _check_real(x, name: str) -> float:
     return x
 
 
-def _check_float_tensor(x, name: str, *, dims: int, layout: str) -> torch.Tensor:
+def _check_float_tensor(x, name: str, *, dims: int, layout: str, allow_empty: bool = False) -> torch.Tensor:
     _check_tensor(x, name)
     if x.dim() != dims:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in _KV_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.numel() == 0:
+    if x.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
@@ -977,7 +875,8 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
         raise ValueError(f"q has more positions (Tq={Tq}) than k (T={T}): queries are the last Tq cache positions")
     start, end, spans = _check_span(image_span, B, T, q.device)
     if k_calibrated is not None:
-        _check_float_tensor(k_calibrated, "k_calibrated", dims=4, layout="[B, Hkv, N, D]")
+        # (empty where the span is: rope_calibrate of an empty span)
+        _check_float_tensor(k_calibrated, "k_calibrated", dims=4, layout="[B, Hkv, N, D]", allow_empty=True)
         _check_same(k_calibrated, "k_calibrated", q, "q")
         n = end - start if spans is None else k_calibrated.shape[2]
         if k_calibrated.shape != (B, Hkv, n, D):
