@@ -396,6 +396,30 @@ def test_cpp_checks_behind_the_wrappers():
         torch.ops.kvfix.scr_scores(q, k, 0, 5, None, torch.ones(1, 3, 1, 5, dtype=torch.bool), False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_scores_inf_only_visible_key(causal, device):
+    """Issue 15: a +inf logit (from an additive mask) that is its row's only visible key has no
+    softmax: the row is nan in every column, so the item's scores are nan, as the reference (the
+    CUDA kernel had turned only that key's column nan). Item 0: an image key (causal: after the
+    row, which then has no key: finite); item 1: a key before the image, in a row that sees no
+    image column when causal; item 2: finite."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Tq, T, D = 3, 2, 40, 70, 16
+    q, k = torch.randn(B, Hq, Tq, D, generator=g), torch.randn(B, 1, T, D, generator=g)
+    mask = torch.zeros(B, 1, Tq, T)
+    mask[0, :, 2] = -math.inf
+    mask[0, :, 2, 55] = math.inf
+    mask[1, :, 0] = -math.inf
+    mask[1, :, 0, 3] = math.inf
+    got = kvfix.scr_scores(q.to(device), k.to(device), (50, 70), scale=0.25, mask=mask.to(device), causal=causal).cpu()
+    want = R.scr_scores(q.double(), k.double(), (50, 70), scale=0.25, mask=mask.double(), causal=causal)
+    assert want[1].isnan().all() and want[0].isnan().all() == (not causal)
+    assert torch.equal(got.isnan(), want.isnan())
+    fin = ~want.isnan()
+    torch.testing.assert_close(got.double()[fin], want[fin], atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # registration: opcheck, torch.compile
 

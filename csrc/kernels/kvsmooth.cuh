@@ -6,13 +6,15 @@
 // head hq reads kv head hq / g, g = Hq / Hkv), per batch item b:
 //
 //   H[b, hq] = entropy of softmax(q . k^T * scale + mask) over the positions taking part
-//   (bool mask False or additive -inf: no part; no position at all: H = 0);
+//   (bool mask False or additive -inf: no part, whatever k holds there; a -inf logit: no part;
+//   no position at all: H = 0; a nan or +inf logit of a position taking part: H = nan);
 //
 // and for the step (queue given):
 //
 //   z = mean_hq H[b, hq];  push z onto queue[b] (oldest first, NaN = empty slot, drop slot 0);
 //   rank = k / M, k = #{entries <= z} (the 1-based rank of z, z included; M = queue capacity,
-//   also while the queue fills; NaN slots never count);  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1);
+//   also while the queue fills; NaN slots never count);  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1)
+//   (a nan z has no rank: lam = nan, which the EMA writes into position T - 1);
 //   K[b, :, T-1] = (1 - lam) K[b, :, T-1] + lam K[b, :, T-2], the same for V (fp32, rounded once);
 //   lam = 0 (and nothing smoothed) when T == 1 or the mask excludes position T - 2.
 //
@@ -145,8 +147,15 @@ __device__ __forceinline__ void load_vec(const T* p, float* out) {
 }
 
 // Fold logit x into (m, l, u) with one expf: if x raises the max, the old state is rescaled by
-// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m).
+// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m). A -inf logit takes no
+// part; a nan or +inf one poisons the state (l = nan; l stays nan through every later fold and
+// merge, whatever m does).
 __device__ __forceinline__ void fold(float& m, float& l, float& u, float x) {
+  if (x == neg_inf()) return;
+  if (!(x <= 3.402823466e38f)) {
+    l = u = __int_as_float(0x7fffffff);
+    return;
+  }
   const float d = x - m;  // +inf while the state is empty (m = -inf)
   const float e = expf(-fabsf(d));
   if (d > 0.0f) {
@@ -159,8 +168,13 @@ __device__ __forceinline__ void fold(float& m, float& l, float& u, float x) {
   }
 }
 
-// Merge state (m2, l2, u2) into (m, l, u).
+// Merge state (m2, l2, u2) into (m, l, u); a poisoned state (l = nan) wins.
 __device__ __forceinline__ void merge(float& m, float& l, float& u, float m2, float l2, float u2) {
+  if (l != l) return;
+  if (l2 != l2) {
+    l = u = l2;
+    return;
+  }
   if (!(l2 > 0.0f)) return;
   if (!(l > 0.0f)) {
     m = m2;
@@ -278,8 +292,8 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
 #pragma unroll
         for (int j = 0; j < GP; ++j)
           if (j < gn) dot[j] += __shfl_xor_sync(0xffffffffu, dot[j], off, TPR);
-      if (bias > neg_inf()) {  // scaled after the dot, as in the reference (a pre-scaled query
-                               // row would add its rounding error to every logit)
+      if (bias != neg_inf()) {  // (a nan bias takes part) scaled after the dot, as in the reference
+                                // (a pre-scaled query row would add its rounding error to every logit)
 #pragma unroll
         for (int j = 0; j < GP; ++j)
           if (j < gn) fold(m[j], l[j], u[j], dot[j] * a.scale + bias);
@@ -321,7 +335,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     float m = neg_inf(), l = 0.0f, u = 0.0f;
     const float* w = a.work + (b * a.Hq + hq) * S * 3;
     for (int64_t s = 0; s < S; ++s) merge(m, l, u, w[3 * s], w[3 * s + 1], w[3 * s + 2]);
-    const float H = l > 0.0f ? logf(l) - u / l : 0.0f;
+    const float H = l != l ? l : l > 0.0f ? logf(l) - u / l : 0.0f;  // nan: no softmax
     if (a.entropy != nullptr) a.entropy[b * a.Hq + hq] = H;
     hsum += H;
   }
@@ -345,6 +359,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     float lam = static_cast<float>(k) / static_cast<float>(M);
     lam = fminf(fmaxf(lam, a.lam_lo), a.lam_hi);
     lam = fminf(fmaxf(lam, 0.0f), 1.0f);
+    if (z != z) lam = z;  // no rank (fminf / fmaxf would drop the nan)
     if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;
     a.lam[b] = lam;
     s_lam = lam;
