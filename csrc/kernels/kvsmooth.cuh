@@ -147,36 +147,33 @@ __device__ __forceinline__ void load_vec(const T* p, float* out) {
 }
 
 // Fold logit x into (m, l, u) with one expf: if x raises the max, the old state is rescaled by
-// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m). A -inf logit takes no
-// part; a nan or +inf one poisons the state (l = nan; l stays nan through every later fold and
-// merge, whatever m does).
+// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m). Non-finite logits without
+// a branch (a branch per head in the hot loop cost up to ~25 registers, fewer resident blocks):
+// an empty state starts at m = -FLT_MAX (kFoldEmpty), so a -inf logit gives d = -inf, e = 0 and
+// changes nothing (the product takes d >= -104, below which e is 0 anyway: no 0 * -inf), i.e. it
+// takes no part; a nan logit turns l nan (kept by every later fold and merge); a +inf one makes
+// m = +inf (kept, or l turns nan): either has no softmax (is_poisoned).
+constexpr float kFoldEmpty = -3.402823466e38f;
 __device__ __forceinline__ void fold(float& m, float& l, float& u, float x) {
-  if (x == neg_inf()) return;
-  if (!(x <= 3.402823466e38f)) {
-    l = u = __int_as_float(0x7fffffff);
-    return;
-  }
-  const float d = x - m;  // +inf while the state is empty (m = -inf)
+  const float d = x - m;  // huge while the state is empty
   const float e = expf(-fabsf(d));
   if (d > 0.0f) {
     u = l > 0.0f ? e * (u - d * l) : 0.0f;
     l = fmaf(e, l, 1.0f);
     m = x;
   } else {
-    u = fmaf(e, d, u);
+    u = fmaf(e, fmaxf(d, -104.0f), u);
     l += e;
   }
 }
 
-// Merge state (m2, l2, u2) into (m, l, u); a poisoned state (l = nan) wins.
+__device__ __forceinline__ bool is_poisoned(float m, float l) { return l != l || m > 3.402823466e38f; }
+
+// Merge state (m2, l2, u2) into (m, l, u) (empty: l == 0). l = nan survives it (nan times
+// anything is nan; an empty state copies it); m = +inf stays +inf or turns l nan.
 __device__ __forceinline__ void merge(float& m, float& l, float& u, float m2, float l2, float u2) {
-  if (l != l) return;
-  if (l2 != l2) {
-    l = u = l2;
-    return;
-  }
-  if (!(l2 > 0.0f)) return;
-  if (!(l > 0.0f)) {
+  if (l2 == 0.0f) return;
+  if (l == 0.0f) {
     m = m2;
     l = l2;
     u = u2;
@@ -237,7 +234,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
     float m[GP], l[GP], u[GP];
 #pragma unroll
     for (int j = 0; j < GP; ++j) {
-      m[j] = neg_inf();
+      m[j] = kFoldEmpty;
       l[j] = 0.0f;
       u[j] = 0.0f;
     }
@@ -335,7 +332,8 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     float m = neg_inf(), l = 0.0f, u = 0.0f;
     const float* w = a.work + (b * a.Hq + hq) * S * 3;
     for (int64_t s = 0; s < S; ++s) merge(m, l, u, w[3 * s], w[3 * s + 1], w[3 * s + 2]);
-    const float H = l != l ? l : l > 0.0f ? logf(l) - u / l : 0.0f;  // nan: no softmax
+    const float H = is_poisoned(m, l) ? __int_as_float(0x7fffffff)  // a nan or +inf logit: no softmax
+                                      : l > 0.0f ? logf(l) - u / l : 0.0f;
     if (a.entropy != nullptr) a.entropy[b * a.Hq + hq] = H;
     hsum += H;
   }
