@@ -2,6 +2,7 @@
 #ifndef KVFIX_NO_PYTHON_MODULE
 #include <Python.h>
 #endif
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -296,49 +297,65 @@ static void check_float_input(const char* op, const at::Tensor& x, const char* n
   TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
 }
 
+// Every check of row_entropy / kvsmooth_step_, stated once: the CPU and CUDA implementations and
+// the Meta kernel (torch.compile, FakeTensor, meta tensors) call it; the Python wrappers only
+// convert arguments. Errors name the argument: ValueError (shape, device, range), TypeError (dtype).
 KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  check_float_input(op, q, "q");
-  check_float_input(op, k, "k");
+  const char* kn = queue != nullptr ? "k_cache" : "k";
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D] (a single-token query), got shape ",
+                    q.sizes());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK_TYPE(qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16, op,
+                   ": q must be float32, float16 or bfloat16, got ", qt);
+  TORCH_CHECK_VALUE(q.size(3) <= 1 || q.stride(3) == 1, op, ": q needs a contiguous last dimension (stride ",
+                    q.stride(3), ")");
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": ", kn, " must be [B, Hkv, T, D], got shape ", k.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == qt, op, ": ", kn, " dtype ", k.scalar_type(), " does not match q dtype ", qt);
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": ", kn, " is on ", k.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(k.size(3) <= 1 || k.stride(3) == 1, op, ": ", kn, " needs a contiguous last dimension (stride ",
+                    k.stride(3), ")");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
-  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
-              Hkv, ")");
-  TORCH_CHECK(T >= 1, op, ": k needs at least one position");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
-  TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": ", kn, " shape ", k.sizes(), " does not match q shape ",
+                    q.sizes(), " (same B and head dim D expected)");
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads of q (", Hq,
+                    ") must be a multiple of the kv heads of ", kn, " (", Hkv, ")");
+  TORCH_CHECK_VALUE(T >= 1, op, ": ", kn, " needs at least one position (T >= 1), got shape ", k.sizes());
   if (v != nullptr) {
-    check_float_input(op, *v, "v");
-    TORCH_CHECK(v->sizes() == k.sizes(), op, ": v shape ", v->sizes(), " != k shape ", k.sizes());
-    TORCH_CHECK(v->scalar_type() == k.scalar_type() && v->device() == k.device(), op,
-                ": v dtype or device differs from k");
+    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), op, ": v_cache shape ", v->sizes(), " does not match k_cache shape ",
+                      k.sizes());
+    TORCH_CHECK_TYPE(v->scalar_type() == k.scalar_type(), op, ": v_cache dtype ", v->scalar_type(),
+                     " does not match k_cache dtype ", k.scalar_type());
+    TORCH_CHECK_VALUE(v->device() == k.device(), op, ": v_cache is on ", v->device(), " but k_cache is on ",
+                      k.device());
+    TORCH_CHECK_VALUE(v->size(3) <= 1 || v->stride(3) == 1, op,
+                      ": v_cache needs a contiguous last dimension (stride ", v->stride(3), ")");
   }
   if (queue != nullptr) {
-    TORCH_CHECK(queue->dim() == 2 && queue->size(0) == B && queue->size(1) >= 1, op,
-                ": queue must be [B, M] with B=", B, " and M >= 1, got ", queue->sizes());
-    TORCH_CHECK(queue->scalar_type() == at::kFloat, op, ": queue must be float32");
-    TORCH_CHECK(queue->device() == q.device(), op, ": queue device differs from q");
+    TORCH_CHECK_VALUE(queue->dim() == 2 && queue->size(0) == B && queue->size(1) >= 1, op,
+                      ": queue must be [B, M] with B=", B, " and M >= 1, got shape ", queue->sizes());
+    TORCH_CHECK_TYPE(queue->scalar_type() == at::kFloat, op, ": queue must be float32, got ", queue->scalar_type());
+    TORCH_CHECK_VALUE(queue->device() == q.device(), op, ": queue is on ", queue->device(), " but q is on ",
+                      q.device());
   }
   KvsMask m;
   if (!mask.has_value()) return m;
   const at::Tensor& mk = *mask;
-  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
   const auto st = mk.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, 1, 1, T], got ", mk.sizes());
+  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
   const int64_t want[4] = {B, 1, 1, T};
   int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < mk.dim(); ++i) {
+  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
+  for (int64_t i = 0; ok && i < mk.dim(); ++i) {
     size[4 - mk.dim() + i] = mk.size(i);
     stride[4 - mk.dim() + i] = mk.stride(i);
   }
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(),
-                " is not broadcastable to [B, 1, 1, T] = [", B, ", 1, 1, ", T, "]");
-  m.data = mk.const_data_ptr();
+  for (int i = 0; i < 4; ++i) ok = ok && (size[i] == want[i] || size[i] == 1);
+  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [B, 1, 1, T] = [", B, ", 1, 1, ", T, "], got shape ",
+                    mk.sizes(), " (a 2-D [B, T] padding mask: pass mask[:, None, None, :])");
+  if (!mk.is_meta()) m.data = mk.const_data_ptr();  // meta / fake tensors: checks only
   m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
   m.sb = size[0] == 1 ? 0 : stride[0];
   m.st = size[3] == 1 ? 0 : stride[3];
@@ -347,7 +364,7 @@ KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k,
 
 float kvsmooth_scale(std::optional<double> scale, int64_t D) {
   if (!scale.has_value()) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1)));
-  TORCH_CHECK_VALUE(std::isfinite(*scale), "kvsmooth: scale must be finite, got ", *scale);
+  TORCH_CHECK_VALUE(std::isfinite(*scale), "scale must be finite, got ", *scale);
   return static_cast<float>(*scale);
 }
 
@@ -355,6 +372,23 @@ void kvsmooth_check_lam(double lam_ref, double band) {
   TORCH_CHECK_VALUE(std::isfinite(lam_ref) && lam_ref >= 0 && lam_ref <= 1,
                     "kvsmooth_step_: lam_ref must be in [0, 1], got ", lam_ref);
   TORCH_CHECK_VALUE(std::isfinite(band) && band >= 0, "kvsmooth_step_: band must be finite and >= 0, got ", band);
+}
+
+// Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
+static at::Tensor row_entropy_meta(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                                   const std::optional<at::Tensor>& mask) {
+  kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+}
+
+static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& queue, std::optional<double> scale,
+                                     const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+  kvsmooth_check_lam(lam_ref, band);
+  kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty({q.size(0)}, q.options().dtype(at::kFloat));
 }
 
 template <auto Impl>
@@ -377,6 +411,11 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cpu);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_meta);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_meta);
 }
 
 #ifdef KVFIX_WITH_CUDA

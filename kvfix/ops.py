@@ -31,6 +31,13 @@ def _check_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
+def _check_tensors(**xs) -> None:
+    """TypeError naming the first argument that is not a tensor (None allowed for mask)."""
+    for name, x in xs.items():
+        if not (name == "mask" and x is None):
+            _check_tensor(x, name)
+
+
 def _check_kv(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
     _check_tensor(x, name)
     if x.dim() != 4:
@@ -157,6 +164,9 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
     from .geometry import patch_coords
     if method not in _DSCR_METHODS:
         raise ValueError(f"method must be one of {_DSCR_METHODS}, got {method!r}")
+    from .geometry import GRID_UNITS
+    if grid_unit not in GRID_UNITS:
+        raise ValueError(f"grid_unit must be one of {GRID_UNITS}, got {grid_unit!r}")
     if isinstance(coords, torch.Tensor):
         if grid_unit != "patch":
             raise ValueError(f"grid_unit={grid_unit!r} applies to the grid form (gh, gw); tensor coords are used "
@@ -303,76 +313,37 @@ def _dscr_refine_factored_cache_fake(keys, values, depth, lr, rr, lc, rc, coef_d
 # --------------------------------------------------------------------------------------------
 # KVSmooth (SPEC §2)
 #
-# Validation reads shapes, dtypes, devices and Python numbers only: no tensor value is read on
-# the host (no .item(), no sync), so the ops stay usable inside CUDA graphs and torch.compile.
+# Every check of these two ops is stated once, in C++ (kvsmooth_check and friends in
+# csrc/ops.cpp), and runs in the CPU, CUDA and Meta kernels alike (the Meta kernel serves
+# torch.compile / FakeTensor / opcheck): shapes, dtypes, devices and numbers only, no tensor value
+# read on the host (no .item(), no sync), so the ops stay usable inside CUDA graphs. The wrappers
+# below only convert arguments.
 
 __all__ += ["row_entropy", "kvsmooth_step_"]
 
 _MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16)
-# The CUDA kernel keeps a query head's slice of D in registers: heads up to this size.
-KVSMOOTH_CUDA_MAX_HEAD_DIM = 512
-
-
-def _check_decode_query(q, k, k_name: str):
-    _check_tensor(q, "q")
-    _check_tensor(k, k_name)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must be [B, Hq, 1, D] (a single-token query), got shape {tuple(q.shape)}")
-    if q.dtype not in _KV_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
-        raise ValueError(f"q needs a contiguous last dimension (stride {q.stride(-1)})")
-    if k.dim() != 4:
-        raise ValueError(f"{k_name} must be [B, Hkv, T, D], got shape {tuple(k.shape)}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"{k_name} dtype {k.dtype} does not match q dtype {q.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"{k_name} is on {k.device} but q is on {q.device}")
-    if k.shape[-1] > 1 and k.stride(-1) != 1:
-        raise ValueError(f"{k_name} needs a contiguous last dimension (stride {k.stride(-1)})")
-    B, Hq, _, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{k_name} shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-                         "(same B and head dim D expected)")
-    if k.shape[1] < 1 or Hq % k.shape[1]:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of {k_name} ({k.shape[1]})")
-    if k.shape[2] < 1:
-        raise ValueError(f"{k_name} needs at least one position (T >= 1), got shape {tuple(k.shape)}")
-    if q.device.type == "cuda" and D > KVSMOOTH_CUDA_MAX_HEAD_DIM:
-        raise ValueError(f"q head dim {D} is larger than the CUDA kernel's {KVSMOOTH_CUDA_MAX_HEAD_DIM}")
-
-
-def _check_key_mask(mask, B: int, T: int, device):
-    if mask is None:
-        return
-    _check_tensor(mask, "mask")
-    if mask.dtype not in _MASK_DTYPES:
-        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but q is on {device}")
-    want = (B, 1, 1, T)
-    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape) if 1 <= mask.dim() <= 4 else None
-    if shape is None or any(s not in (1, w) for s, w in zip(shape, want)):
-        raise ValueError(f"mask must be broadcastable to [B, 1, 1, T] = {list(want)}, got shape {tuple(mask.shape)} "
-                         "(a 2-D [B, T] padding mask: pass mask[:, None, None, :])")
 
 
 def _check_scale(scale):
+    """scale as the ops take it (float or None): a TypeError for anything else (bool included);
+    its value (finite) is checked in C++."""
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    return float(scale)
+
+
+def _as_real(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
 
 
 def _check_lam(lam_ref, band):
-    for name, x in (("lam_ref", lam_ref), ("band", band)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    lam_ref, band = float(lam_ref), float(band)
+    """kvfix.hf.KVSmooth validates its settings when it is built, before any op runs: the ops
+    themselves check lam_ref and band in C++ (kvsmooth_check_lam)."""
+    lam_ref, band = _as_real(lam_ref, "lam_ref"), _as_real(band, "band")
     if not (math.isfinite(lam_ref) and 0.0 <= lam_ref <= 1.0):
         raise ValueError(f"lam_ref must be in [0, 1], got {lam_ref}")
     if not (math.isfinite(band) and band >= 0.0):
@@ -402,8 +373,7 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
     mask) gives that head a nan entropy, also where it is the only position; a -inf logit takes
     no part, as a masked position; a masked position takes no part whatever k holds there.
     """
-    _check_decode_query(q, k, "k")
-    _check_key_mask(mask, q.shape[0], k.shape[2], q.device)
+    _check_tensors(q=q, k=k, mask=mask)
     return torch.ops.kvfix.row_entropy.default(q, k, _check_scale(scale), mask)
 
 
@@ -456,37 +426,9 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     length (what torch.compile's CUDA-graph trees do per shape), or a fixed-length view whose
     last position is the current token.
     """
-    _check_decode_query(q, k_cache, "k_cache")
-    _check_tensor(v_cache, "v_cache")
-    if v_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} does not match k_cache shape {tuple(k_cache.shape)}")
-    if v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"v_cache dtype {v_cache.dtype} does not match k_cache dtype {k_cache.dtype}")
-    if v_cache.device != k_cache.device:
-        raise ValueError(f"v_cache is on {v_cache.device} but k_cache is on {k_cache.device}")
-    if v_cache.shape[-1] > 1 and v_cache.stride(-1) != 1:
-        raise ValueError(f"v_cache needs a contiguous last dimension (stride {v_cache.stride(-1)})")
-    _check_tensor(queue, "queue")
-    if queue.dim() != 2 or queue.shape[0] != q.shape[0] or queue.shape[1] < 1:
-        raise ValueError(f"queue must be [B, M] with B={q.shape[0]} and M >= 1, got shape {tuple(queue.shape)}")
-    if queue.dtype != torch.float32:
-        raise TypeError(f"queue must be float32, got {queue.dtype}")
-    if queue.device != q.device:
-        raise ValueError(f"queue is on {queue.device} but q is on {q.device}")
-    _check_key_mask(mask, q.shape[0], k_cache.shape[2], q.device)
-    lam_ref, band = _check_lam(lam_ref, band)
+    _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, queue=queue, mask=mask)
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
-                                                  lam_ref, band)
-
-
-@torch.library.register_fake("kvfix::row_entropy")
-def _row_entropy_fake(q, k, scale, mask):
-    return q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
-
-
-@torch.library.register_fake("kvfix::kvsmooth_step_")
-def _kvsmooth_step_fake(q, k_cache, v_cache, queue, scale, mask, lam_ref, band):
-    return q.new_empty((q.shape[0],), dtype=torch.float32)
+                                                  _as_real(lam_ref, "lam_ref"), _as_real(band, "band"))
 
 
 # --------------------------------------------------------------------------------------------
