@@ -289,6 +289,10 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 
 namespace kvfix {
 
+// x has elements; sizes may be symbolic (the Meta kernels under torch.compile's dynamic shapes,
+// where numel() would throw): a guard on the symbolic count.
+static bool nonempty(const at::Tensor& x) { return x.sym_numel() != 0; }  // (a guard when symbolic)
+
 // float32 / float16 / bfloat16 with a contiguous last dim (KVSmooth, SCR and CMAC inputs).
 static void check_float_input(const char* op, const at::Tensor& x, const char* name) {
   const auto st = x.scalar_type();
@@ -501,20 +505,29 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 
 namespace kvfix {
 
+// Every check of scr_scores / scr_redistribute(_), stated once: the CPU, CUDA and Meta kernels
+// call them; the Python wrappers only convert arguments. Errors name the argument: ValueError
+// (shape, device, range, non-finite scores), TypeError (dtype).
 ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
                          const std::optional<at::Tensor>& mask, bool causal) {
   const char* op = "scr_scores";
-  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  check_float_input(op, q, "q");
-  check_float_input(op, k, "k");
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got shape ", k.sizes());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK_TYPE(qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16, op,
+                   ": q must be float32, float16 or bfloat16, got ", qt);
+  TORCH_CHECK_TYPE(k.scalar_type() == qt, op, ": k dtype ", k.scalar_type(), " does not match q dtype ", qt);
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": k is on ", k.device(), " but q is on ", q.device());
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}}) {
+    TORCH_CHECK_VALUE(nonempty(*x), op, ": ", name, " must not be empty, got shape ", x->sym_sizes());
+    TORCH_CHECK_VALUE(x->size(3) <= 1 || x->stride(3) == 1, op, ": ", name,
+                      " needs a contiguous last dimension (stride ", x->stride(3), ")");
+  }
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(q.numel() > 0 && k.numel() > 0, op, ": q and k must not be empty, got ", q.sizes(), " and ",
-              k.sizes());
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
-  TORCH_CHECK(Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (", Hkv, ")");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
-  TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": k shape ", k.sizes(), " does not match q shape ",
+                    q.sizes(), " (same B and D expected)");
+  TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the query heads of q (", Hq, ") must be a multiple of the kv heads of k (",
+                    Hkv, ")");
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= T, op, ": image_span (", start, ", ", end,
                     ") must satisfy 0 <= start <= end <= T = ", T);
   TORCH_CHECK_VALUE(!causal || Tq <= T, op, ": causal needs Tq <= T (query i sits at T - Tq + i), got Tq=", Tq,
@@ -522,21 +535,21 @@ ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start
   ScrMask m;
   if (!mask.has_value()) return m;
   const at::Tensor& mk = *mask;
-  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
   const auto st = mk.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, Hq, Tq, T], got ", mk.sizes());
+  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
   const int64_t want[4] = {B, Hq, Tq, T};
   int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < mk.dim(); ++i) {
+  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
+  for (int64_t i = 0; ok && i < mk.dim(); ++i) {
     size[4 - mk.dim() + i] = mk.size(i);
     stride[4 - mk.dim() + i] = mk.stride(i);
   }
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(),
-                " is not broadcastable to [B, Hq, Tq, T] = [", B, ", ", Hq, ", ", Tq, ", ", T, "]");
-  m.data = mk.const_data_ptr();
+  for (int i = 0; i < 4; ++i) ok = ok && (size[i] == want[i] || size[i] == 1);
+  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [B, Hq, Tq, T] = [", B, ", ", Hq, ", ", Tq, ", ", T,
+                    "], got shape ", mk.sizes());
+  if (!mk.is_meta()) m.data = mk.const_data_ptr();  // meta / fake tensors: checks only
   m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
   m.sb = size[0] == 1 ? 0 : stride[0];
   m.sh = size[1] == 1 ? 0 : stride[1];
@@ -553,23 +566,48 @@ float scr_scale(std::optional<double> scale, int64_t D) {
 
 void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::Tensor& scores, int64_t gh,
                             int64_t gw, int64_t top_k, double lam) {
-  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [B, N, C], got ", hidden.sizes());
-  check_float_input(op, hidden, "hidden");
+  TORCH_CHECK_VALUE(hidden.dim() == 3, op, ": hidden must be [B, N, C], got shape ", hidden.sizes());
+  const auto ht = hidden.scalar_type();
+  TORCH_CHECK_TYPE(ht == at::kFloat || ht == at::kHalf || ht == at::kBFloat16, op,
+                   ": hidden must be float32, float16 or bfloat16, got ", ht);
+  TORCH_CHECK_VALUE(hidden.size(2) <= 1 || hidden.stride(2) == 1, op,
+                    ": hidden needs a contiguous last dimension (stride ", hidden.stride(2), ")");
+  TORCH_CHECK_VALUE(nonempty(hidden), op, ": hidden must not be empty, got shape ", hidden.sym_sizes());
   const int64_t B = hidden.size(0), N = hidden.size(1);
-  TORCH_CHECK(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N, op, ": scores must be [B, N] = [",
-              B, ", ", N, "], got ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous(), op,
-              ": scores must be contiguous float32");
-  TORCH_CHECK(scores.device() == hidden.device(), op, ": scores device differs from hidden");
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, op, ": scores must be float32 (the wrapper converts), got ",
+                   scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N, op, ": scores must be [B, N] = [",
+                    B, ", ", N, "], got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.is_contiguous(), op, ": scores must be contiguous (the wrapper converts)");
+  TORCH_CHECK_VALUE(scores.device() == hidden.device(), op, ": scores is on ", scores.device(), " but hidden is on ",
+                    hidden.device());
   TORCH_CHECK_VALUE(gh >= 1 && gw >= 1 && gh * gw == N, op, ": grid_hw (", gh, ", ", gw,
-                    ") must be positive with gh * gw == N = ", N);
+                    ") does not match the N = ", N, " tokens of hidden (gh * gw must be N)");
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0, got ", top_k);
   // float32 arithmetic (h / lam, lam - 1): lam must be a normal float32 number
   TORCH_CHECK_VALUE(lam >= kFloatMinNormal && lam <= kFloatMax, op,
                     ": lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got ", lam);
-  // Once per image (not a decode path): one host read.
-  if (scores.numel() > 0)
+  // Once per image (not a decode path): one host read; nothing to read on meta / fake tensors.
+  if (!scores.is_meta() && scores.numel() > 0)
     TORCH_CHECK_VALUE(scores.isfinite().all().item<bool>(), op, ": scores has non-finite values (nan or inf)");
+}
+
+static at::Tensor scr_scores_meta(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+                                  std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal) {
+  scr_scores_check(q, k, start, end, mask, causal);
+  scr_scale(scale, q.size(3));
+  return at::empty({q.size(0), end - start}, q.options().dtype(at::kFloat));
+}
+
+static at::Tensor scr_redistribute_meta(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                        int64_t top_k, double lam, bool exclude_border) {
+  scr_redistribute_check("scr_redistribute", hidden, scores, gh, gw, top_k, lam);
+  return at::empty(hidden.sizes(), hidden.options());
+}
+
+static void scr_redistribute__meta(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                   int64_t top_k, double lam, bool exclude_border) {
+  scr_redistribute_check("scr_redistribute_", hidden, scores, gh, gw, top_k, lam);
 }
 
 template <auto Impl>
@@ -593,6 +631,12 @@ TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("scr_scores", &kvfix::scr_scores_cpu);
   m.impl("scr_redistribute", &kvfix::scr_redistribute_cpu);
   m.impl("scr_redistribute_", &kvfix::scr_redistribute__checked<&kvfix::scr_redistribute__cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("scr_scores", &kvfix::scr_scores_meta);
+  m.impl("scr_redistribute", &kvfix::scr_redistribute_meta);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__meta);
 }
 
 #ifdef KVFIX_WITH_CUDA
@@ -738,18 +782,33 @@ CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
   return m;
 }
 
+// Every check of contrastive_logits, stated once (CPU, CUDA and Meta kernels; the wrapper only
+// converts arguments).
 void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta) {
   const char* op = "contrastive_logits";
-  TORCH_CHECK(logits.dim() >= 1, op, ": logits must be [..., V]");
-  const auto st = logits.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": logits must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(distorted.sizes() == logits.sizes() && distorted.scalar_type() == st &&
-                  distorted.device() == logits.device(),
-              op, ": logits_distorted must match logits in shape, dtype and device");
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= kFloatMax, op, ": alpha must be in [0, 3.4e38] (finite in float32), got ",
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&logits, "logits"},
+                                {&distorted, "logits_distorted"}}) {
+    const auto st = x->scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                     " must be float32, float16 or bfloat16, got ", st);
+    TORCH_CHECK_VALUE(x->dim() >= 1 && nonempty(*x), op, ": ", name,
+                      " must be a non-empty [..., V] tensor, got shape ", x->sym_sizes());
+  }
+  TORCH_CHECK_VALUE(distorted.sizes() == logits.sizes(), op, ": logits_distorted shape ", distorted.sizes(),
+                    " does not match logits shape ", logits.sizes());
+  TORCH_CHECK_TYPE(distorted.scalar_type() == logits.scalar_type(), op, ": logits_distorted dtype ",
+                   distorted.scalar_type(), " does not match logits dtype ", logits.scalar_type());
+  TORCH_CHECK_VALUE(distorted.device() == logits.device(), op, ": logits_distorted is on ", distorted.device(),
+                    " but logits is on ", logits.device());
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= kFloatMax, op, ": alpha must be >= 0 and finite in float32 (<= 3.4e38), got ",
                     alpha);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0 && beta <= 1, op, ": beta must be in (0, 1], got ", beta);
+}
+
+static at::Tensor contrastive_logits_meta(const at::Tensor& logits, const at::Tensor& distorted, double alpha,
+                                          double beta) {
+  cmac_check_contrastive(logits, distorted, alpha, beta);
+  return at::empty(logits.sizes(), logits.options());
 }
 
 }  // namespace kvfix
@@ -766,6 +825,10 @@ TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("rope_calibrate", &kvfix::rope_calibrate_cpu);
   m.impl("cmac_attention", &kvfix::cmac_attention_cpu);
   m.impl("contrastive_logits", &kvfix::contrastive_logits_cpu);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("contrastive_logits", &kvfix::contrastive_logits_meta);
 }
 
 #ifdef KVFIX_WITH_CUDA

@@ -1,11 +1,17 @@
 """Python entry points of the kvfix ops: input validation, then `torch.ops.kvfix.*`.
 
 The C++ library (`kvfix._C`) declares the ops once (`TORCH_LIBRARY(kvfix, ...)`) and registers
-CPU and, when built, CUDA kernels. This module adds the fake (meta) implementations that
-torch.compile needs and thin wrappers that turn bad input into a `ValueError` / `TypeError`
-naming the offending argument before any kernel runs. The in-place ops' aliasing check (targets
-overlapping themselves, each other or an input) runs in C++, in the ops' CPU and CUDA
-registrations (csrc/ops.cpp), before anything is written.
+CPU and, when built, CUDA kernels. Bad input is a `ValueError` / `TypeError` naming the offending
+argument, raised before anything is written.
+
+Where the checks live: for `row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)`
+and `contrastive_logits` every check is stated once, in C++ (csrc/ops.cpp), and runs in the CPU,
+CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor / opcheck see);
+their wrappers here only convert arguments (Python / numpy ints and numbers, tuples, dtype
+conversions) and refuse non-tensors. DSCR, `rope_calibrate` and `cmac_attention` still check in
+their wrappers first (C++ checks stand behind them) and have Python fake implementations below.
+The in-place ops' aliasing check (targets overlapping themselves, each other or an input) runs in
+C++, in the ops' CPU and CUDA registrations, before anything is written.
 """
 from __future__ import annotations
 
@@ -66,7 +72,6 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def _as_int(value, name: str) -> int:
@@ -433,21 +438,17 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 # --------------------------------------------------------------------------------------------
 # SCR (SPEC §3)
+#
+# Every check of the SCR ops is stated once, in C++ (scr_scores_check / scr_redistribute_check in
+# csrc/ops.cpp), run by the CPU, CUDA and Meta kernels; the wrappers below convert arguments.
 
 __all__ += ["scr_scores", "scr_redistribute", "scr_redistribute_"]
-
-
-def _check_int(value, name: str, *, minimum: int | None = None) -> int:
-    value = _as_int(value, name)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_pair(value, name: str) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair of ints, got {value!r}")
-    return _check_int(value[0], f"{name}[0]"), _check_int(value[1], f"{name}[1]")
+    return _as_int(value[0], f"{name}[0]"), _as_int(value[1], f"{name}[1]")
 
 
 def _check_mask4(mask, shape, device):
@@ -491,69 +492,24 @@ def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | N
     probabilities nan in every column, also where it is the row's only key and when the row sees
     no image column (causal), hence that item's scores; a -inf logit takes no part, as a masked key.
     """
-    _check_tensor(q, "q")
-    _check_tensor(k, "k")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, Hq, Tq, D], got shape {tuple(q.shape)}")
-    if k.dim() != 4:
-        raise ValueError(f"k must be [B, Hkv, T, D], got shape {tuple(k.shape)}")
-    if q.dtype not in _KV_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k dtype {k.dtype} does not match q dtype {q.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k is on {k.device} but q is on {q.device}")
-    for name, x in (("q", q), ("k", k)):
-        if x.numel() == 0:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
-    B, Hq, Tq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (same B and D expected)")
-    if Hq % Hkv:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    _check_tensors(q=q, k=k, mask=mask)
     start, end = _check_pair(image_span, "image_span")
-    if not 0 <= start <= end <= T:
-        raise ValueError(f"image_span ({start}, {end}) must satisfy 0 <= start <= end <= T = {T}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and Tq > T:
-        raise ValueError(f"causal needs Tq <= T (query i sits at T - Tq + i), got Tq={Tq}, T={T}")
-    _check_mask4(mask, (B, Hq, Tq, T), q.device)
     _check_built_for(q, "scr_scores")
     return torch.ops.kvfix.scr_scores.default(q, k, start, end, _check_scale(scale), mask, causal)
 
 
 def _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border):
-    _check_tensor(hidden, "hidden")
-    _check_tensor(scores, "scores")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, N, C], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _KV_DTYPES:
-        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
-        raise ValueError(f"hidden needs a contiguous last dimension (stride {hidden.stride(-1)})")
-    if hidden.numel() == 0:
-        raise ValueError(f"hidden must not be empty, got shape {tuple(hidden.shape)}")
-    B, N, _ = hidden.shape
+    """Argument conversion only (scores to float32 contiguous, Python ints and numbers); every
+    check of the values is scr_redistribute_check in csrc/ops.cpp."""
+    _check_tensors(hidden=hidden, scores=scores)
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-    if scores.shape != (B, N):
-        raise ValueError(f"scores must be [B, N] = [{B}, {N}], got shape {tuple(scores.shape)}")
-    if scores.device != hidden.device:
-        raise ValueError(f"scores is on {scores.device} but hidden is on {hidden.device}")
     gh, gw = _check_pair(grid_hw, "grid_hw")
-    if gh < 1 or gw < 1 or gh * gw != N:
-        raise ValueError(f"grid_hw ({gh}, {gw}) does not match the N = {N} tokens of hidden (gh * gw must be N)")
-    top_k = _check_int(top_k, "top_k", minimum=0)
-    lam = _check_positive(lam, "lam")
-    if not _FLOAT32_TINY <= lam <= _FLOAT32_MAX:  # h / lam and lam - 1 are float32 arithmetic
-        raise ValueError(f"lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got {lam}")
     if not isinstance(exclude_border, bool):
         raise TypeError(f"exclude_border must be a bool, got {type(exclude_border).__name__}")
-    return scores.to(torch.float32).contiguous(), gh, gw, top_k, lam
+    return scores.to(torch.float32).contiguous(), gh, gw, _as_int(top_k, "top_k"), _as_real(lam, "lam")
 
 
 def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
@@ -591,21 +547,6 @@ def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, to
     _check_built_for(hidden, "scr_redistribute_")
     torch.ops.kvfix.scr_redistribute_.default(hidden, s, gh, gw, top_k, lam, exclude_border)
     return hidden
-
-
-@torch.library.register_fake("kvfix::scr_scores")
-def _scr_scores_fake(q, k, start, end, scale, mask, causal):
-    return q.new_empty((q.shape[0], end - start), dtype=torch.float32)
-
-
-@torch.library.register_fake("kvfix::scr_redistribute")
-def _scr_redistribute_fake(hidden, scores, gh, gw, top_k, lam, exclude_border):
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("kvfix::scr_redistribute_")
-def _scr_redistribute__fake(hidden, scores, gh, gw, top_k, lam, exclude_border):
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,21 +799,8 @@ def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, 
     never plausible; a nan or inf in `logits_distorted` propagates to its own token where that
     token is plausible.
     """
-    for name, x in (("logits", logits), ("logits_distorted", logits_distorted)):
-        _check_tensor(x, name)
-        if x.dtype not in _KV_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.dim() < 1 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty [..., V] tensor, got shape {tuple(x.shape)}")
-    if logits_distorted.shape != logits.shape:
-        raise ValueError(f"logits_distorted shape {tuple(logits_distorted.shape)} does not match logits shape "
-                         f"{tuple(logits.shape)}")
-    _check_same(logits_distorted, "logits_distorted", logits, "logits")
-    alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
-    if not 0 <= alpha <= _FLOAT32_MAX:
-        raise ValueError(f"alpha must be >= 0 and finite in float32 (<= 3.4e38), got {alpha}")
-    if not 0 < beta <= 1:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    _check_tensors(logits=logits, logits_distorted=logits_distorted)
+    alpha, beta = _as_real(alpha, "alpha"), _as_real(beta, "beta")  # their ranges: checked in C++
     _check_built_for(logits, "contrastive_logits")
     return torch.ops.kvfix.contrastive_logits.default(logits, logits_distorted, alpha, beta)
 
@@ -886,8 +814,3 @@ def _rope_calibrate_fake(k, start, end, spans, n, inv_freq, gamma, positions, se
 def _cmac_attention_fake(q, k, v, start, end, spans, k_calibrated, scale, mask, causal, imd, imd_items,
                          value_mean):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("kvfix::contrastive_logits")
-def _contrastive_logits_fake(logits, logits_distorted, alpha, beta):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)

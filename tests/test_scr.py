@@ -381,18 +381,19 @@ def test_scores_bad_input(change, exc, match):
 
 
 def test_cpp_checks_behind_the_wrappers():
-    """The ops check their input themselves too (direct torch.ops calls)."""
+    """The checks are the C++ ones (the wrappers only convert arguments): direct torch.ops calls
+    get the same errors."""
     h, s = torch.randn(1, 6, 4), torch.rand(1, 6)
     with pytest.raises(ValueError, match="grid_hw"):
         torch.ops.kvfix.scr_redistribute(h, s, 2, 2, 1, 1.1, True)
     with pytest.raises(ValueError, match="lam"):
         torch.ops.kvfix.scr_redistribute_(h, s, 2, 3, 1, 0.0, True)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(TypeError, match="scores must be float32"):
         torch.ops.kvfix.scr_redistribute(h, s.double(), 2, 3, 1, 1.1, True)
     q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4)
     with pytest.raises(ValueError, match="image_span"):
         torch.ops.kvfix.scr_scores(q, k, 2, 6, None, None, False)
-    with pytest.raises(RuntimeError, match="broadcastable"):
+    with pytest.raises(ValueError, match="mask must be broadcastable"):
         torch.ops.kvfix.scr_scores(q, k, 0, 5, None, torch.ones(1, 3, 1, 5, dtype=torch.bool), False)
 
 
