@@ -359,7 +359,7 @@ def _nonfinite_case(dtype, device="cpu"):
     k, v = 2 * torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     mask = torch.zeros(B, 1, 1, T)
     q[0, 1, 0, 5] = NAN
-    k[1, 0, 7, 3] = math.inf
+    k[1, 0, 30, 3] = math.inf  # not its row group's first key (a -inf logit then meets a state)
     q[1, 0, 0, 3], q[1, 1, 0, 3] = 1.0, -1.0
     mask[2, ..., 5] = NAN
     mask[3] = -math.inf
