@@ -2,10 +2,15 @@
 #ifndef KVFIX_NO_PYTHON_MODULE
 #include <Python.h>
 #endif
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "kvfix.h"
 
@@ -64,10 +69,198 @@ void dscr_check(const at::Tensor& k, const std::optional<at::Tensor>& v, const a
               "dscr: depth and coords must be on k's device");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Aliasing of the in-place ops (dscr_refine_cache_, dscr_refine_factored_cache_, kvsmooth_step_,
+// scr_redistribute_): their outputs must not overlap themselves (a stride-0 `expand`), each other
+// (the same view twice, keys that are the values) or an input the kernels read while writing, as
+// torch's own in-place ops refuse. Metadata only (sizes, strides, addresses): nothing is read, so
+// nothing synchronises. Called by the CPU and CUDA registrations before anything is written.
+
+namespace {
+
+using Dims = std::vector<std::pair<int64_t, int64_t>>;  // (stride, size) with size > 1
+
+// x's dims of size > 1 by increasing stride, when each stride exceeds everything the smaller ones
+// reach (x's elements are then distinct and every difference of two offsets has one signed-digit
+// expansion per dim); false otherwise.
+bool nested_dims(const at::Tensor& x, Dims& dims) {
+  dims.clear();
+  for (int64_t i = 0; i < x.dim(); ++i)
+    if (x.size(i) > 1) dims.emplace_back(x.stride(i), x.size(i));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // the largest offset reachable with the dims of smaller stride
+  for (const auto& [s, n] : dims) {
+    if (s <= reach) return false;
+    reach += s * (n - 1);
+  }
+  return true;
+}
+
+// f(offset) for every element of x (offsets in elements from x's first element).
+template <class F>
+void for_each_offset(const at::Tensor& x, const F& f) {
+  const int64_t nd = x.dim();
+  std::vector<int64_t> idx(static_cast<size_t>(nd), 0);
+  const int64_t numel = x.numel();
+  int64_t off = 0;
+  for (int64_t e = 0; e < numel; ++e) {
+    f(off);
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < x.size(d)) {
+        off += x.stride(d);
+        break;
+      }
+      off -= x.stride(d) * (x.size(d) - 1);
+      idx[d] = 0;
+    }
+  }
+}
+
+// Whether two elements of x share memory (e.g. a stride-0 `expand`).
+bool has_internal_overlap(const at::Tensor& x) {
+  Dims dims;
+  if (nested_dims(x, dims)) return false;
+  for (int64_t i = 0; i < x.dim(); ++i)
+    if (x.size(i) > 1 && x.stride(i) == 0) return true;
+  std::vector<int64_t> offs;  // an exotic layout: look for a repeated offset
+  offs.reserve(static_cast<size_t>(x.numel()));
+  for_each_offset(x, [&](int64_t o) { offs.push_back(o); });
+  std::sort(offs.begin(), offs.end());
+  return std::adjacent_find(offs.begin(), offs.end()) != offs.end();
+}
+
+// Whether delta = sum_d e_d s_d with |e_d| < n_d, for nested dims[0, count) (at most two digits
+// fit each dim, so the search is tiny).
+bool is_offset_difference(int64_t delta, const Dims& dims, size_t count) {
+  if (count == 0) return delta == 0;
+  const auto [s, n] = dims[count - 1];
+  int64_t reach = 0;
+  for (size_t j = 0; j + 1 < count; ++j) reach += dims[j].first * (dims[j].second - 1);
+  auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0); };
+  const int64_t lo = std::max(-(n - 1), -floor_div(reach - delta, s));
+  const int64_t hi = std::min(n - 1, floor_div(delta + reach, s));
+  for (int64_t e = lo; e <= hi; ++e)
+    if (is_offset_difference(delta - e * s, dims, count - 1)) return true;
+  return false;
+}
+
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& x) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+  int64_t last = 0;
+  for (int64_t i = 0; i < x.dim(); ++i) last += (x.size(i) - 1) * x.stride(i);
+  return {lo, lo + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(x.element_size()))};
+}
+
+// Whether a and b share a byte (interleaved views, e.g. k and v of a fused buffer, do not).
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [alo, ahi] = byte_span(a);
+  const auto [blo, bhi] = byte_span(b);
+  if (ahi <= blo || bhi <= alo) return false;
+  Dims dims;
+  if (a.sizes() == b.sizes() && a.strides() == b.strides() && a.element_size() == b.element_size() &&
+      nested_dims(a, dims)) {
+    // One layout (e.g. k and v of one cache): element x of a and y of b share a byte iff
+    // (x - y) * size lies within one element of the two tensors' distance.
+    const int64_t size = static_cast<int64_t>(a.element_size());
+    const int64_t gap = static_cast<int64_t>(blo - alo);  // two's complement: negative when b starts first
+    const int64_t fl = gap / size - ((gap % size != 0 && gap < 0) ? 1 : 0);
+    const int64_t cl = fl + (gap % size != 0 ? 1 : 0);
+    return is_offset_difference(fl, dims, dims.size()) || (cl != fl && is_offset_difference(cl, dims, dims.size()));
+  }
+  // Anything else: mark the bytes of a within the common range, then look for b's.
+  const uintptr_t lo = std::max(alo, blo), hi = std::min(ahi, bhi);
+  std::vector<bool> mark(hi - lo, false);
+  auto bytes_of = [&](const at::Tensor& x, bool set, bool& hit) {
+    const int64_t es = static_cast<int64_t>(x.element_size());
+    const intptr_t base = static_cast<intptr_t>(reinterpret_cast<uintptr_t>(x.const_data_ptr()) - lo);
+    for_each_offset(x, [&](int64_t o) {
+      for (int64_t c = 0; c < es; ++c) {
+        const intptr_t p = base + o * es + c;
+        if (p < 0 || p >= static_cast<intptr_t>(hi - lo)) continue;
+        if (set) mark[p] = true;
+        else if (mark[p]) hit = true;
+      }
+    });
+  };
+  bool hit = false;
+  bytes_of(a, true, hit);
+  bytes_of(b, false, hit);
+  return hit;
+}
+
+struct Named {
+  std::string name;
+  const at::Tensor* t;
+  bool output;
+  uintptr_t lo, hi;
+};
+
+}  // namespace
+
+static void check_no_overlap(const char* op, const std::vector<std::pair<std::string, const at::Tensor*>>& outputs,
+                      const std::vector<std::pair<std::string, const at::Tensor*>>& inputs) {
+  std::vector<Named> all;
+  for (int pass = 0; pass < 2; ++pass)
+    for (const auto& [name, t] : pass == 0 ? outputs : inputs) {
+      if (t == nullptr || !t->defined()) continue;
+      if (t->is_meta() || !t->has_storage()) return;  // no addresses (meta, FakeTensor)
+      all.push_back({name, t, pass == 0, 0, 0});
+    }
+  for (const Named& x : all) {
+    if (!x.output) break;
+    if (has_internal_overlap(*x.t)) {
+      TORCH_CHECK_VALUE(false, op, ": ", x.name, " has elements that share memory (e.g. a stride-0 expand(), strides ",
+                        x.t->strides(), "): an in-place op needs distinct elements; pass a .clone()");
+    }
+  }
+  // Sweep over the byte ranges in address order: only pairs whose ranges intersect are compared
+  // (dscr_refine_cache_ gets tens of layers). The first offending pair in argument order is named.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].t->numel() == 0) continue;
+    std::tie(all[i].lo, all[i].hi) = byte_span(*all[i].t);
+    order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return all[a].lo != all[b].lo ? all[a].lo < all[b].lo : a < b;
+  });
+  std::pair<size_t, size_t> first{all.size(), all.size()};
+  for (size_t x = 0; x < order.size(); ++x) {
+    for (size_t y = x + 1; y < order.size(); ++y) {
+      const Named &a = all[order[x]], &b = all[order[y]];
+      if (b.lo >= a.hi) break;
+      if (!(a.output || b.output) || !overlaps(*a.t, *b.t)) continue;
+      const std::pair<size_t, size_t> hit{std::min(order[x], order[y]), std::max(order[x], order[y])};
+      first = std::min(first, hit);
+    }
+  }
+  TORCH_CHECK_VALUE(first.first == all.size(), op, ": ", all[first.second].name, " overlaps ",
+                    all[first.first < all.size() ? first.first : 0].name,
+                    " in memory: an in-place op's outputs must not share memory with each other or with its inputs");
+}
+
 void dscr_check_finite(const at::Tensor& depth, const at::Tensor& coords) {
   // Once per image after prefill (not a decode path): one host read each.
   TORCH_CHECK_VALUE(depth.isfinite().all().item<bool>(), "dscr: depth has non-finite values (nan or inf)");
   TORCH_CHECK_VALUE(coords.isfinite().all().item<bool>(), "dscr: coords has non-finite values (nan or inf)");
+}
+
+// The in-place registrations: the aliasing check, then the device's implementation.
+using TensorRefs = std::vector<std::pair<std::string, const at::Tensor*>>;
+
+static TensorRefs layer_refs(at::TensorList keys, at::TensorList values) {
+  TensorRefs out;
+  for (size_t i = 0; i < keys.size(); ++i) out.emplace_back("keys[" + std::to_string(i) + "]", &keys[i]);
+  for (size_t i = 0; i < values.size(); ++i) out.emplace_back("values[" + std::to_string(i) + "]", &values[i]);
+  return out;
+}
+
+template <auto Impl>
+void dscr_refine_cache_checked(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                               const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta) {
+  check_no_overlap("dscr_refine_cache_", layer_refs(keys, values), {{"depth", &depth}, {"coords", &coords}});
+  Impl(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta);
 }
 
 }  // namespace kvfix
@@ -81,13 +274,13 @@ TORCH_LIBRARY(kvfix, m) {
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_cpu);
-  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_cpu);
+  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cpu>);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_cuda);
-  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_cuda);
+  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cuda>);
 }
 #endif
 
@@ -95,6 +288,10 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 // KVSmooth (SPEC §2): checks shared by the CPU and CUDA implementations, schemas, registrations.
 
 namespace kvfix {
+
+// x has elements; sizes may be symbolic (the Meta kernels under torch.compile's dynamic shapes,
+// where numel() would throw): a guard on the symbolic count.
+static bool nonempty(const at::Tensor& x) { return x.sym_numel() != 0; }  // (a guard when symbolic)
 
 // float32 / float16 / bfloat16 with a contiguous last dim (KVSmooth, SCR and CMAC inputs).
 static void check_float_input(const char* op, const at::Tensor& x, const char* name) {
@@ -104,49 +301,65 @@ static void check_float_input(const char* op, const at::Tensor& x, const char* n
   TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
 }
 
+// Every check of row_entropy / kvsmooth_step_, stated once: the CPU and CUDA implementations and
+// the Meta kernel (torch.compile, FakeTensor, meta tensors) call it; the Python wrappers only
+// convert arguments. Errors name the argument: ValueError (shape, device, range), TypeError (dtype).
 KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  check_float_input(op, q, "q");
-  check_float_input(op, k, "k");
+  const char* kn = queue != nullptr ? "k_cache" : "k";
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D] (a single-token query), got shape ",
+                    q.sizes());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK_TYPE(qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16, op,
+                   ": q must be float32, float16 or bfloat16, got ", qt);
+  TORCH_CHECK_VALUE(q.size(3) <= 1 || q.stride(3) == 1, op, ": q needs a contiguous last dimension (stride ",
+                    q.stride(3), ")");
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": ", kn, " must be [B, Hkv, T, D], got shape ", k.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == qt, op, ": ", kn, " dtype ", k.scalar_type(), " does not match q dtype ", qt);
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": ", kn, " is on ", k.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(k.size(3) <= 1 || k.stride(3) == 1, op, ": ", kn, " needs a contiguous last dimension (stride ",
+                    k.stride(3), ")");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
-  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
-              Hkv, ")");
-  TORCH_CHECK(T >= 1, op, ": k needs at least one position");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
-  TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": ", kn, " shape ", k.sizes(), " does not match q shape ",
+                    q.sizes(), " (same B and head dim D expected)");
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads of q (", Hq,
+                    ") must be a multiple of the kv heads of ", kn, " (", Hkv, ")");
+  TORCH_CHECK_VALUE(T >= 1, op, ": ", kn, " needs at least one position (T >= 1), got shape ", k.sizes());
   if (v != nullptr) {
-    check_float_input(op, *v, "v");
-    TORCH_CHECK(v->sizes() == k.sizes(), op, ": v shape ", v->sizes(), " != k shape ", k.sizes());
-    TORCH_CHECK(v->scalar_type() == k.scalar_type() && v->device() == k.device(), op,
-                ": v dtype or device differs from k");
+    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), op, ": v_cache shape ", v->sizes(), " does not match k_cache shape ",
+                      k.sizes());
+    TORCH_CHECK_TYPE(v->scalar_type() == k.scalar_type(), op, ": v_cache dtype ", v->scalar_type(),
+                     " does not match k_cache dtype ", k.scalar_type());
+    TORCH_CHECK_VALUE(v->device() == k.device(), op, ": v_cache is on ", v->device(), " but k_cache is on ",
+                      k.device());
+    TORCH_CHECK_VALUE(v->size(3) <= 1 || v->stride(3) == 1, op,
+                      ": v_cache needs a contiguous last dimension (stride ", v->stride(3), ")");
   }
   if (queue != nullptr) {
-    TORCH_CHECK(queue->dim() == 2 && queue->size(0) == B && queue->size(1) >= 1, op,
-                ": queue must be [B, M] with B=", B, " and M >= 1, got ", queue->sizes());
-    TORCH_CHECK(queue->scalar_type() == at::kFloat, op, ": queue must be float32");
-    TORCH_CHECK(queue->device() == q.device(), op, ": queue device differs from q");
+    TORCH_CHECK_VALUE(queue->dim() == 2 && queue->size(0) == B && queue->size(1) >= 1, op,
+                      ": queue must be [B, M] with B=", B, " and M >= 1, got shape ", queue->sizes());
+    TORCH_CHECK_TYPE(queue->scalar_type() == at::kFloat, op, ": queue must be float32, got ", queue->scalar_type());
+    TORCH_CHECK_VALUE(queue->device() == q.device(), op, ": queue is on ", queue->device(), " but q is on ",
+                      q.device());
   }
   KvsMask m;
   if (!mask.has_value()) return m;
   const at::Tensor& mk = *mask;
-  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
   const auto st = mk.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, 1, 1, T], got ", mk.sizes());
+  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
   const int64_t want[4] = {B, 1, 1, T};
   int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < mk.dim(); ++i) {
+  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
+  for (int64_t i = 0; ok && i < mk.dim(); ++i) {
     size[4 - mk.dim() + i] = mk.size(i);
     stride[4 - mk.dim() + i] = mk.stride(i);
   }
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(),
-                " is not broadcastable to [B, 1, 1, T] = [", B, ", 1, 1, ", T, "]");
-  m.data = mk.const_data_ptr();
+  for (int i = 0; i < 4; ++i) ok = ok && (size[i] == want[i] || size[i] == 1);
+  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [B, 1, 1, T] = [", B, ", 1, 1, ", T, "], got shape ",
+                    mk.sizes(), " (a 2-D [B, T] padding mask: pass mask[:, None, None, :])");
+  if (!mk.is_meta()) m.data = mk.const_data_ptr();  // meta / fake tensors: checks only
   m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
   m.sb = size[0] == 1 ? 0 : stride[0];
   m.st = size[3] == 1 ? 0 : stride[3];
@@ -155,7 +368,7 @@ KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k,
 
 float kvsmooth_scale(std::optional<double> scale, int64_t D) {
   if (!scale.has_value()) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1)));
-  TORCH_CHECK_VALUE(std::isfinite(*scale), "kvsmooth: scale must be finite, got ", *scale);
+  TORCH_CHECK_VALUE(std::isfinite(*scale), "scale must be finite, got ", *scale);
   return static_cast<float>(*scale);
 }
 
@@ -163,6 +376,32 @@ void kvsmooth_check_lam(double lam_ref, double band) {
   TORCH_CHECK_VALUE(std::isfinite(lam_ref) && lam_ref >= 0 && lam_ref <= 1,
                     "kvsmooth_step_: lam_ref must be in [0, 1], got ", lam_ref);
   TORCH_CHECK_VALUE(std::isfinite(band) && band >= 0, "kvsmooth_step_: band must be finite and >= 0, got ", band);
+}
+
+// Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
+static at::Tensor row_entropy_meta(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                                   const std::optional<at::Tensor>& mask) {
+  kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+}
+
+static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& queue, std::optional<double> scale,
+                                     const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+  kvsmooth_check_lam(lam_ref, band);
+  kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty({q.size(0)}, q.options().dtype(at::kFloat));
+}
+
+template <auto Impl>
+at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& queue, std::optional<double> scale,
+                                 const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+  check_no_overlap("kvsmooth_step_", {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"queue", &queue}},
+                   {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr}});
+  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
 }
 
 }  // namespace kvfix
@@ -175,13 +414,18 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cpu);
-  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cpu);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_meta);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_meta);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cuda);
-  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_cuda);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda>);
 }
 #endif
 
@@ -226,6 +470,15 @@ std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList ke
   return all;
 }
 
+template <auto Impl>
+void dscr_refine_factored_cache_checked(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                        const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                        const at::Tensor& rc, double coef_d, int64_t rank_d) {
+  check_no_overlap("dscr_refine_factored_cache_", layer_refs(keys, values),
+                   {{"depth", &depth}, {"lr", &lr}, {"rr", &rr}, {"lc", &lc}, {"rc", &rc}});
+  Impl(keys, values, depth, lr, rr, lc, rc, coef_d, rank_d);
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
@@ -237,13 +490,13 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cpu);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_cpu);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cpu>);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cuda);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_cuda);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cuda>);
 }
 #endif
 
@@ -252,20 +505,29 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 
 namespace kvfix {
 
+// Every check of scr_scores / scr_redistribute(_), stated once: the CPU, CUDA and Meta kernels
+// call them; the Python wrappers only convert arguments. Errors name the argument: ValueError
+// (shape, device, range, non-finite scores), TypeError (dtype).
 ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
                          const std::optional<at::Tensor>& mask, bool causal) {
   const char* op = "scr_scores";
-  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  check_float_input(op, q, "q");
-  check_float_input(op, k, "k");
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got shape ", k.sizes());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK_TYPE(qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16, op,
+                   ": q must be float32, float16 or bfloat16, got ", qt);
+  TORCH_CHECK_TYPE(k.scalar_type() == qt, op, ": k dtype ", k.scalar_type(), " does not match q dtype ", qt);
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": k is on ", k.device(), " but q is on ", q.device());
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}}) {
+    TORCH_CHECK_VALUE(nonempty(*x), op, ": ", name, " must not be empty, got shape ", x->sym_sizes());
+    TORCH_CHECK_VALUE(x->size(3) <= 1 || x->stride(3) == 1, op, ": ", name,
+                      " needs a contiguous last dimension (stride ", x->stride(3), ")");
+  }
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(q.numel() > 0 && k.numel() > 0, op, ": q and k must not be empty, got ", q.sizes(), " and ",
-              k.sizes());
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k ", k.sizes(), " does not match q ", q.sizes());
-  TORCH_CHECK(Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (", Hkv, ")");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k dtype differs from q");
-  TORCH_CHECK(k.device() == q.device(), op, ": k device differs from q");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": k shape ", k.sizes(), " does not match q shape ",
+                    q.sizes(), " (same B and D expected)");
+  TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the query heads of q (", Hq, ") must be a multiple of the kv heads of k (",
+                    Hkv, ")");
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= T, op, ": image_span (", start, ", ", end,
                     ") must satisfy 0 <= start <= end <= T = ", T);
   TORCH_CHECK_VALUE(!causal || Tq <= T, op, ": causal needs Tq <= T (query i sits at T - Tq + i), got Tq=", Tq,
@@ -273,21 +535,21 @@ ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start
   ScrMask m;
   if (!mask.has_value()) return m;
   const at::Tensor& mk = *mask;
-  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
   const auto st = mk.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, Hq, Tq, T], got ", mk.sizes());
+  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
   const int64_t want[4] = {B, Hq, Tq, T};
   int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < mk.dim(); ++i) {
+  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
+  for (int64_t i = 0; ok && i < mk.dim(); ++i) {
     size[4 - mk.dim() + i] = mk.size(i);
     stride[4 - mk.dim() + i] = mk.stride(i);
   }
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(),
-                " is not broadcastable to [B, Hq, Tq, T] = [", B, ", ", Hq, ", ", Tq, ", ", T, "]");
-  m.data = mk.const_data_ptr();
+  for (int i = 0; i < 4; ++i) ok = ok && (size[i] == want[i] || size[i] == 1);
+  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [B, Hq, Tq, T] = [", B, ", ", Hq, ", ", Tq, ", ", T,
+                    "], got shape ", mk.sizes());
+  if (!mk.is_meta()) m.data = mk.const_data_ptr();  // meta / fake tensors: checks only
   m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
   m.sb = size[0] == 1 ? 0 : stride[0];
   m.sh = size[1] == 1 ? 0 : stride[1];
@@ -304,23 +566,55 @@ float scr_scale(std::optional<double> scale, int64_t D) {
 
 void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::Tensor& scores, int64_t gh,
                             int64_t gw, int64_t top_k, double lam) {
-  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [B, N, C], got ", hidden.sizes());
-  check_float_input(op, hidden, "hidden");
+  TORCH_CHECK_VALUE(hidden.dim() == 3, op, ": hidden must be [B, N, C], got shape ", hidden.sizes());
+  const auto ht = hidden.scalar_type();
+  TORCH_CHECK_TYPE(ht == at::kFloat || ht == at::kHalf || ht == at::kBFloat16, op,
+                   ": hidden must be float32, float16 or bfloat16, got ", ht);
+  TORCH_CHECK_VALUE(hidden.size(2) <= 1 || hidden.stride(2) == 1, op,
+                    ": hidden needs a contiguous last dimension (stride ", hidden.stride(2), ")");
+  TORCH_CHECK_VALUE(nonempty(hidden), op, ": hidden must not be empty, got shape ", hidden.sym_sizes());
   const int64_t B = hidden.size(0), N = hidden.size(1);
-  TORCH_CHECK(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N, op, ": scores must be [B, N] = [",
-              B, ", ", N, "], got ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous(), op,
-              ": scores must be contiguous float32");
-  TORCH_CHECK(scores.device() == hidden.device(), op, ": scores device differs from hidden");
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, op, ": scores must be float32 (the wrapper converts), got ",
+                   scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N, op, ": scores must be [B, N] = [",
+                    B, ", ", N, "], got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.is_contiguous(), op, ": scores must be contiguous (the wrapper converts)");
+  TORCH_CHECK_VALUE(scores.device() == hidden.device(), op, ": scores is on ", scores.device(), " but hidden is on ",
+                    hidden.device());
   TORCH_CHECK_VALUE(gh >= 1 && gw >= 1 && gh * gw == N, op, ": grid_hw (", gh, ", ", gw,
-                    ") must be positive with gh * gw == N = ", N);
+                    ") does not match the N = ", N, " tokens of hidden (gh * gw must be N)");
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0, got ", top_k);
   // float32 arithmetic (h / lam, lam - 1): lam must be a normal float32 number
   TORCH_CHECK_VALUE(lam >= kFloatMinNormal && lam <= kFloatMax, op,
                     ": lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got ", lam);
-  // Once per image (not a decode path): one host read.
-  if (scores.numel() > 0)
+  // Once per image (not a decode path): one host read; nothing to read on meta / fake tensors.
+  if (!scores.is_meta() && scores.numel() > 0)
     TORCH_CHECK_VALUE(scores.isfinite().all().item<bool>(), op, ": scores has non-finite values (nan or inf)");
+}
+
+static at::Tensor scr_scores_meta(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+                                  std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal) {
+  scr_scores_check(q, k, start, end, mask, causal);
+  scr_scale(scale, q.size(3));
+  return at::empty({q.size(0), end - start}, q.options().dtype(at::kFloat));
+}
+
+static at::Tensor scr_redistribute_meta(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                        int64_t top_k, double lam, bool exclude_border) {
+  scr_redistribute_check("scr_redistribute", hidden, scores, gh, gw, top_k, lam);
+  return at::empty(hidden.sizes(), hidden.options());
+}
+
+static void scr_redistribute__meta(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                                   int64_t top_k, double lam, bool exclude_border) {
+  scr_redistribute_check("scr_redistribute_", hidden, scores, gh, gw, top_k, lam);
+}
+
+template <auto Impl>
+void scr_redistribute__checked(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
+                               int64_t top_k, double lam, bool exclude_border) {
+  check_no_overlap("scr_redistribute_", {{"hidden", &hidden}}, {{"scores", &scores}});
+  Impl(hidden, scores, gh, gw, top_k, lam, exclude_border);
 }
 
 }  // namespace kvfix
@@ -336,14 +630,20 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("scr_scores", &kvfix::scr_scores_cpu);
   m.impl("scr_redistribute", &kvfix::scr_redistribute_cpu);
-  m.impl("scr_redistribute_", &kvfix::scr_redistribute__cpu);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__checked<&kvfix::scr_redistribute__cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("scr_scores", &kvfix::scr_scores_meta);
+  m.impl("scr_redistribute", &kvfix::scr_redistribute_meta);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__meta);
 }
 
 #ifdef KVFIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("scr_scores", &kvfix::scr_scores_cuda);
   m.impl("scr_redistribute", &kvfix::scr_redistribute_cuda);
-  m.impl("scr_redistribute_", &kvfix::scr_redistribute__cuda);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__checked<&kvfix::scr_redistribute__cuda>);
 }
 #endif
 
@@ -482,18 +782,33 @@ CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
   return m;
 }
 
+// Every check of contrastive_logits, stated once (CPU, CUDA and Meta kernels; the wrapper only
+// converts arguments).
 void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta) {
   const char* op = "contrastive_logits";
-  TORCH_CHECK(logits.dim() >= 1, op, ": logits must be [..., V]");
-  const auto st = logits.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": logits must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(distorted.sizes() == logits.sizes() && distorted.scalar_type() == st &&
-                  distorted.device() == logits.device(),
-              op, ": logits_distorted must match logits in shape, dtype and device");
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= kFloatMax, op, ": alpha must be in [0, 3.4e38] (finite in float32), got ",
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&logits, "logits"},
+                                {&distorted, "logits_distorted"}}) {
+    const auto st = x->scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                     " must be float32, float16 or bfloat16, got ", st);
+    TORCH_CHECK_VALUE(x->dim() >= 1 && nonempty(*x), op, ": ", name,
+                      " must be a non-empty [..., V] tensor, got shape ", x->sym_sizes());
+  }
+  TORCH_CHECK_VALUE(distorted.sizes() == logits.sizes(), op, ": logits_distorted shape ", distorted.sizes(),
+                    " does not match logits shape ", logits.sizes());
+  TORCH_CHECK_TYPE(distorted.scalar_type() == logits.scalar_type(), op, ": logits_distorted dtype ",
+                   distorted.scalar_type(), " does not match logits dtype ", logits.scalar_type());
+  TORCH_CHECK_VALUE(distorted.device() == logits.device(), op, ": logits_distorted is on ", distorted.device(),
+                    " but logits is on ", logits.device());
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= kFloatMax, op, ": alpha must be >= 0 and finite in float32 (<= 3.4e38), got ",
                     alpha);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0 && beta <= 1, op, ": beta must be in (0, 1], got ", beta);
+}
+
+static at::Tensor contrastive_logits_meta(const at::Tensor& logits, const at::Tensor& distorted, double alpha,
+                                          double beta) {
+  cmac_check_contrastive(logits, distorted, alpha, beta);
+  return at::empty(logits.sizes(), logits.options());
 }
 
 }  // namespace kvfix
@@ -510,6 +825,10 @@ TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("rope_calibrate", &kvfix::rope_calibrate_cpu);
   m.impl("cmac_attention", &kvfix::cmac_attention_cpu);
   m.impl("contrastive_logits", &kvfix::contrastive_logits_cpu);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("contrastive_logits", &kvfix::contrastive_logits_meta);
 }
 
 #ifdef KVFIX_WITH_CUDA

@@ -1,9 +1,17 @@
 """Python entry points of the kvfix ops: input validation, then `torch.ops.kvfix.*`.
 
 The C++ library (`kvfix._C`) declares the ops once (`TORCH_LIBRARY(kvfix, ...)`) and registers
-CPU and, when built, CUDA kernels. This module adds the fake (meta) implementations that
-torch.compile needs and thin wrappers that turn bad input into a `ValueError` / `TypeError`
-naming the offending argument before any kernel runs.
+CPU and, when built, CUDA kernels. Bad input is a `ValueError` / `TypeError` naming the offending
+argument, raised before anything is written.
+
+Where the checks live: for `row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)`
+and `contrastive_logits` every check is stated once, in C++ (csrc/ops.cpp), and runs in the CPU,
+CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor / opcheck see);
+their wrappers here only convert arguments (Python / numpy ints and numbers, tuples, dtype
+conversions) and refuse non-tensors. DSCR, `rope_calibrate` and `cmac_attention` still check in
+their wrappers first (C++ checks stand behind them) and have Python fake implementations below.
+The in-place ops' aliasing check (targets overlapping themselves, each other or an input) runs in
+C++, in the ops' CPU and CUDA registrations, before anything is written.
 """
 from __future__ import annotations
 
@@ -27,6 +35,13 @@ def _check_tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     return x
+
+
+def _check_tensors(**xs) -> None:
+    """TypeError naming the first argument that is not a tensor (None allowed for mask)."""
+    for name, x in xs.items():
+        if not (name == "mask" and x is None):
+            _check_tensor(x, name)
 
 
 def _check_kv(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,7 +72,6 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def _as_int(value, name: str) -> int:
@@ -69,117 +83,6 @@ def _as_int(value, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-
-
-# In-place ops (dscr_refine_cache_, kvsmooth_step_, scr_redistribute_) refuse outputs whose elements
-# overlap each other or an input, as torch's own in-place ops do: a stride-0 `expand`ed view, the
-# same view twice, keys that are the values. Metadata only (sizes, strides, addresses): no tensor
-# value is read, so nothing synchronises. Skipped while torch.compile traces (fake tensors have no
-# addresses) and for meta tensors.
-
-def _no_addresses(*xs) -> bool:
-    return torch.compiler.is_compiling() or any(x.device.type == "meta" for x in xs)
-
-
-def _element_offsets(x: torch.Tensor) -> torch.Tensor:
-    """int64 [numel]: the storage offset (in elements, from x's first element) of every element."""
-    off = torch.zeros((), dtype=torch.int64)
-    for n, s in zip(x.shape, x.stride()):
-        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
-    return off.reshape(-1)
-
-
-def _nested_dims(x: torch.Tensor):
-    """x's (stride, size) pairs with size > 1, by increasing stride, when each stride exceeds
-    everything the smaller ones reach (x's elements are then distinct and every difference of two
-    offsets has one signed-digit expansion per dim); else None."""
-    dims = sorted((s, n) for n, s in zip(x.shape, x.stride()) if n > 1)
-    reach = 0  # the largest offset reachable with the dims of smaller stride
-    for s, n in dims:
-        if s <= reach:
-            return None
-        reach += s * (n - 1)
-    return dims
-
-
-def _has_internal_overlap(x: torch.Tensor) -> bool:
-    """Whether two elements of x share memory (e.g. a stride-0 `expand`)."""
-    if _nested_dims(x) is not None:
-        return False
-    if any(s == 0 and n > 1 for n, s in zip(x.shape, x.stride())):
-        return True
-    off = _element_offsets(x)  # an exotic layout: count distinct offsets
-    return off.unique().numel() != off.numel()
-
-
-def _is_offset_difference(delta: int, dims) -> bool:
-    """Whether delta = sum e_d s_d with |e_d| < n_d, for nested dims (see _nested_dims): at most two
-    digits fit each dim, so the search is tiny."""
-    if not dims:
-        return delta == 0
-    (s, n), rest = dims[-1], dims[:-1]
-    reach = sum(sj * (nj - 1) for sj, nj in rest)
-    lo, hi = max(-(n - 1), -((reach - delta) // s)), min(n - 1, (delta + reach) // s)
-    return any(_is_offset_difference(delta - e * s, rest) for e in range(lo, hi + 1))
-
-
-def _byte_span(x: torch.Tensor) -> tuple[int, int]:
-    lo = x.data_ptr()
-    return lo, lo + (sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1) * x.element_size()
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b share a byte of memory (interleaved views, e.g. k and v of a fused buffer, do not)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    (alo, ahi), (blo, bhi) = _byte_span(a), _byte_span(b)
-    if ahi <= blo or bhi <= alo:
-        return False
-    dims = _nested_dims(a)
-    if dims is not None and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype:
-        # one layout (e.g. k and v of one cache): element x of a and y of b share a byte iff
-        # (x - y) * size lies within one element of the two tensors' distance
-        size, gap = a.element_size(), blo - alo
-        return any(_is_offset_difference(d, dims) for d in {gap // size, -(-gap // size)})
-    lo, hi = max(alo, blo), min(ahi, bhi)
-    mark = torch.zeros(hi - lo, dtype=torch.bool)
-
-    def bytes_in(x):
-        o = (_element_offsets(x) * x.element_size() + (x.data_ptr() - lo)).unsqueeze(-1)
-        o = (o + torch.arange(x.element_size(), dtype=torch.int64)).reshape(-1)
-        return o[(o >= 0) & (o < hi - lo)]
-
-    mark[bytes_in(a)] = True
-    return bool(mark[bytes_in(b)].any())
-
-
-def _check_no_overlap(outputs, inputs=()) -> None:
-    """outputs, inputs: (name, tensor or None) pairs. ValueError naming the first offending argument
-    if an output overlaps itself, another output, or an input (the kernels read inputs while
-    writing outputs)."""
-    outputs = [(n, x) for n, x in outputs if x is not None]
-    inputs = [(n, x) for n, x in inputs if x is not None]
-    if _no_addresses(*(x for _, x in outputs + inputs)):
-        return
-    for name, x in outputs:
-        if _has_internal_overlap(x):
-            raise ValueError(f"{name} has elements that share memory (e.g. a stride-0 expand(), strides "
-                             f"{tuple(x.stride())}): an in-place op needs distinct elements; pass a .clone()")
-    # Sweep over the byte ranges in address order: only pairs whose ranges intersect are compared
-    # (dscr_refine_cache_ gets tens of layers).
-    items = sorted(((*_byte_span(x), i, name, x, i < len(outputs))
-                    for i, (name, x) in enumerate(outputs + inputs) if x.numel() > 0), key=lambda t: t[:3])
-    hits = []
-    for a in range(len(items)):
-        for b in range(a + 1, len(items)):
-            if items[b][0] >= items[a][1]:
-                break
-            if (items[a][5] or items[b][5]) and _overlaps(items[a][4], items[b][4]):
-                hits.append(tuple(sorted((items[a][2:4], items[b][2:4]))))
-    if hits:
-        (_, first), (_, second) = min(hits)  # the first pair in argument order
-        raise ValueError(f"{second} overlaps {first} in memory: an in-place op's outputs must not share "
-                         "memory with each other or with its inputs")
 
 
 def _geometry(depth, coords, B: int, N: int, device: torch.device):
@@ -267,6 +170,9 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
     from .geometry import patch_coords
     if method not in _DSCR_METHODS:
         raise ValueError(f"method must be one of {_DSCR_METHODS}, got {method!r}")
+    from .geometry import GRID_UNITS
+    if grid_unit not in GRID_UNITS:
+        raise ValueError(f"grid_unit must be one of {GRID_UNITS}, got {grid_unit!r}")
     if isinstance(coords, torch.Tensor):
         if grid_unit != "patch":
             raise ValueError(f"grid_unit={grid_unit!r} applies to the grid form (gh, gw); tensor coords are used "
@@ -382,9 +288,6 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     # The plan's tolerance follows the strictest dtype among the layers.
     strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
     route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
-    _check_no_overlap([(f"keys[{i}]", x) for i, x in enumerate(keys)] +
-                      [(f"values[{i}]", x) for i, x in enumerate(values)],
-                      [("depth", route[1])] + ([("coords", route[2])] if route[0] == "dense" else []))
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
@@ -440,76 +343,37 @@ def _dscr_refine_banded_cache_fake(keys, values, tok, tokw, cnt, row_ptr, row_lo
 # --------------------------------------------------------------------------------------------
 # KVSmooth (SPEC §2)
 #
-# Validation reads shapes, dtypes, devices and Python numbers only: no tensor value is read on
-# the host (no .item(), no sync), so the ops stay usable inside CUDA graphs and torch.compile.
+# Every check of these two ops is stated once, in C++ (kvsmooth_check and friends in
+# csrc/ops.cpp), and runs in the CPU, CUDA and Meta kernels alike (the Meta kernel serves
+# torch.compile / FakeTensor / opcheck): shapes, dtypes, devices and numbers only, no tensor value
+# read on the host (no .item(), no sync), so the ops stay usable inside CUDA graphs. The wrappers
+# below only convert arguments.
 
 __all__ += ["row_entropy", "kvsmooth_step_"]
 
 _MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16)
-# The CUDA kernel keeps a query head's slice of D in registers: heads up to this size.
-KVSMOOTH_CUDA_MAX_HEAD_DIM = 512
-
-
-def _check_decode_query(q, k, k_name: str):
-    _check_tensor(q, "q")
-    _check_tensor(k, k_name)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must be [B, Hq, 1, D] (a single-token query), got shape {tuple(q.shape)}")
-    if q.dtype not in _KV_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
-        raise ValueError(f"q needs a contiguous last dimension (stride {q.stride(-1)})")
-    if k.dim() != 4:
-        raise ValueError(f"{k_name} must be [B, Hkv, T, D], got shape {tuple(k.shape)}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"{k_name} dtype {k.dtype} does not match q dtype {q.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"{k_name} is on {k.device} but q is on {q.device}")
-    if k.shape[-1] > 1 and k.stride(-1) != 1:
-        raise ValueError(f"{k_name} needs a contiguous last dimension (stride {k.stride(-1)})")
-    B, Hq, _, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{k_name} shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-                         "(same B and head dim D expected)")
-    if k.shape[1] < 1 or Hq % k.shape[1]:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of {k_name} ({k.shape[1]})")
-    if k.shape[2] < 1:
-        raise ValueError(f"{k_name} needs at least one position (T >= 1), got shape {tuple(k.shape)}")
-    if q.device.type == "cuda" and D > KVSMOOTH_CUDA_MAX_HEAD_DIM:
-        raise ValueError(f"q head dim {D} is larger than the CUDA kernel's {KVSMOOTH_CUDA_MAX_HEAD_DIM}")
-
-
-def _check_key_mask(mask, B: int, T: int, device):
-    if mask is None:
-        return
-    _check_tensor(mask, "mask")
-    if mask.dtype not in _MASK_DTYPES:
-        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but q is on {device}")
-    want = (B, 1, 1, T)
-    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape) if 1 <= mask.dim() <= 4 else None
-    if shape is None or any(s not in (1, w) for s, w in zip(shape, want)):
-        raise ValueError(f"mask must be broadcastable to [B, 1, 1, T] = {list(want)}, got shape {tuple(mask.shape)} "
-                         "(a 2-D [B, T] padding mask: pass mask[:, None, None, :])")
 
 
 def _check_scale(scale):
+    """scale as the ops take it (float or None): a TypeError for anything else (bool included);
+    its value (finite) is checked in C++."""
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    return float(scale)
+
+
+def _as_real(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
 
 
 def _check_lam(lam_ref, band):
-    for name, x in (("lam_ref", lam_ref), ("band", band)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    lam_ref, band = float(lam_ref), float(band)
+    """kvfix.hf.KVSmooth validates its settings when it is built, before any op runs: the ops
+    themselves check lam_ref and band in C++ (kvsmooth_check_lam)."""
+    lam_ref, band = _as_real(lam_ref, "lam_ref"), _as_real(band, "band")
     if not (math.isfinite(lam_ref) and 0.0 <= lam_ref <= 1.0):
         raise ValueError(f"lam_ref must be in [0, 1], got {lam_ref}")
     if not (math.isfinite(band) and band >= 0.0):
@@ -533,9 +397,13 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
     Returns:
         [B, Hq] float32: `H = -sum p log p` of `p = softmax(q . k^T * scale + mask)`, computed in
         one streaming pass over k (online softmax, fp32 accumulation, nothing materialised).
+
+    Non-finite input follows softmax, as the reference and SDPA (reference, CPU and CUDA alike): a
+    nan or +inf logit of a position taking part (nan / inf in q or k, nan or +inf in an additive
+    mask) gives that head a nan entropy, also where it is the only position; a -inf logit takes
+    no part, as a masked position; a masked position takes no part whatever k holds there.
     """
-    _check_decode_query(q, k, "k")
-    _check_key_mask(mask, q.shape[0], k.shape[2], q.device)
+    _check_tensors(q=q, k=k, mask=mask)
     return torch.ops.kvfix.row_entropy.default(q, k, _check_scale(scale), mask)
 
 
@@ -565,6 +433,12 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         lam_ref: centre of the allowed band, in [0, 1] (paper: 0.9 LLaVA-1.5, 0.5 MiniGPT-4,
             0.7 InstructBLIP); band: half width, >= 0.
 
+    Non-finite input: the entropies follow `row_entropy`'s rule; a nan z (a nan entropy in any
+    query head) is pushed (an empty slot from then on) and has no rank, so lam = nan and the EMA
+    writes nan into position T - 1 of that item's k_cache and v_cache (the step's attention is
+    nan anyway); non-finite values at positions T - 2 / T - 1 go through the EMA's arithmetic
+    (inf * 0 = nan at lam = 1); lam = 0 (T == 1, T - 2 masked) writes nothing.
+
     No host synchronisation: inputs are validated from their metadata only, so bad input raises
     a ValueError / TypeError naming the argument before anything is written. On CUDA the step is
     two kernel launches on the current stream (split-T streaming pass, then combine + queue +
@@ -582,57 +456,24 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     length (what torch.compile's CUDA-graph trees do per shape), or a fixed-length view whose
     last position is the current token.
     """
-    _check_decode_query(q, k_cache, "k_cache")
-    _check_tensor(v_cache, "v_cache")
-    if v_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} does not match k_cache shape {tuple(k_cache.shape)}")
-    if v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"v_cache dtype {v_cache.dtype} does not match k_cache dtype {k_cache.dtype}")
-    if v_cache.device != k_cache.device:
-        raise ValueError(f"v_cache is on {v_cache.device} but k_cache is on {k_cache.device}")
-    if v_cache.shape[-1] > 1 and v_cache.stride(-1) != 1:
-        raise ValueError(f"v_cache needs a contiguous last dimension (stride {v_cache.stride(-1)})")
-    _check_tensor(queue, "queue")
-    if queue.dim() != 2 or queue.shape[0] != q.shape[0] or queue.shape[1] < 1:
-        raise ValueError(f"queue must be [B, M] with B={q.shape[0]} and M >= 1, got shape {tuple(queue.shape)}")
-    if queue.dtype != torch.float32:
-        raise TypeError(f"queue must be float32, got {queue.dtype}")
-    if queue.device != q.device:
-        raise ValueError(f"queue is on {queue.device} but q is on {q.device}")
-    _check_key_mask(mask, q.shape[0], k_cache.shape[2], q.device)
-    lam_ref, band = _check_lam(lam_ref, band)
-    _check_no_overlap([("k_cache", k_cache), ("v_cache", v_cache), ("queue", queue)], [("q", q), ("mask", mask)])
+    _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, queue=queue, mask=mask)
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
-                                                  lam_ref, band)
-
-
-@torch.library.register_fake("kvfix::row_entropy")
-def _row_entropy_fake(q, k, scale, mask):
-    return q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
-
-
-@torch.library.register_fake("kvfix::kvsmooth_step_")
-def _kvsmooth_step_fake(q, k_cache, v_cache, queue, scale, mask, lam_ref, band):
-    return q.new_empty((q.shape[0],), dtype=torch.float32)
+                                                  _as_real(lam_ref, "lam_ref"), _as_real(band, "band"))
 
 
 # --------------------------------------------------------------------------------------------
 # SCR (SPEC §3)
+#
+# Every check of the SCR ops is stated once, in C++ (scr_scores_check / scr_redistribute_check in
+# csrc/ops.cpp), run by the CPU, CUDA and Meta kernels; the wrappers below convert arguments.
 
 __all__ += ["scr_scores", "scr_redistribute", "scr_redistribute_"]
-
-
-def _check_int(value, name: str, *, minimum: int | None = None) -> int:
-    value = _as_int(value, name)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_pair(value, name: str) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair of ints, got {value!r}")
-    return _check_int(value[0], f"{name}[0]"), _check_int(value[1], f"{name}[1]")
+    return _as_int(value[0], f"{name}[0]"), _as_int(value[1], f"{name}[1]")
 
 
 def _check_mask4(mask, shape, device):
@@ -672,72 +513,28 @@ def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | N
         Computed in float32 without materialising a [Tq, T] matrix per head.
 
     Non-finite input follows softmax (the reference, CPU and CUDA alike): a nan or +inf logit of
-    a key that takes part (nan / inf in q or k, nan in an additive mask) makes its row's
-    probabilities nan, hence that item's scores; a -inf logit takes no part, as a masked key.
+    a key that takes part (nan / inf in q or k, nan or +inf in an additive mask) makes its row's
+    probabilities nan in every column, also where it is the row's only key and when the row sees
+    no image column (causal), hence that item's scores; a -inf logit takes no part, as a masked key.
     """
-    _check_tensor(q, "q")
-    _check_tensor(k, "k")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, Hq, Tq, D], got shape {tuple(q.shape)}")
-    if k.dim() != 4:
-        raise ValueError(f"k must be [B, Hkv, T, D], got shape {tuple(k.shape)}")
-    if q.dtype not in _KV_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k dtype {k.dtype} does not match q dtype {q.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k is on {k.device} but q is on {q.device}")
-    for name, x in (("q", q), ("k", k)):
-        if x.numel() == 0:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
-    B, Hq, Tq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (same B and D expected)")
-    if Hq % Hkv:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
+    _check_tensors(q=q, k=k, mask=mask)
     start, end = _check_pair(image_span, "image_span")
-    if not 0 <= start <= end <= T:
-        raise ValueError(f"image_span ({start}, {end}) must satisfy 0 <= start <= end <= T = {T}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and Tq > T:
-        raise ValueError(f"causal needs Tq <= T (query i sits at T - Tq + i), got Tq={Tq}, T={T}")
-    _check_mask4(mask, (B, Hq, Tq, T), q.device)
     _check_built_for(q, "scr_scores")
     return torch.ops.kvfix.scr_scores.default(q, k, start, end, _check_scale(scale), mask, causal)
 
 
 def _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border):
-    _check_tensor(hidden, "hidden")
-    _check_tensor(scores, "scores")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, N, C], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _KV_DTYPES:
-        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
-        raise ValueError(f"hidden needs a contiguous last dimension (stride {hidden.stride(-1)})")
-    if hidden.numel() == 0:
-        raise ValueError(f"hidden must not be empty, got shape {tuple(hidden.shape)}")
-    B, N, _ = hidden.shape
+    """Argument conversion only (scores to float32 contiguous, Python ints and numbers); every
+    check of the values is scr_redistribute_check in csrc/ops.cpp."""
+    _check_tensors(hidden=hidden, scores=scores)
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-    if scores.shape != (B, N):
-        raise ValueError(f"scores must be [B, N] = [{B}, {N}], got shape {tuple(scores.shape)}")
-    if scores.device != hidden.device:
-        raise ValueError(f"scores is on {scores.device} but hidden is on {hidden.device}")
     gh, gw = _check_pair(grid_hw, "grid_hw")
-    if gh < 1 or gw < 1 or gh * gw != N:
-        raise ValueError(f"grid_hw ({gh}, {gw}) does not match the N = {N} tokens of hidden (gh * gw must be N)")
-    top_k = _check_int(top_k, "top_k", minimum=0)
-    lam = _check_positive(lam, "lam")
-    if not _FLOAT32_TINY <= lam <= _FLOAT32_MAX:  # h / lam and lam - 1 are float32 arithmetic
-        raise ValueError(f"lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got {lam}")
     if not isinstance(exclude_border, bool):
         raise TypeError(f"exclude_border must be a bool, got {type(exclude_border).__name__}")
-    return scores.to(torch.float32).contiguous(), gh, gw, top_k, lam
+    return scores.to(torch.float32).contiguous(), gh, gw, _as_int(top_k, "top_k"), _as_real(lam, "lam")
 
 
 def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
@@ -772,25 +569,9 @@ def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, to
     elements must be distinct memory (no stride-0 `expand`) and must not share memory with scores
     (ValueError)."""
     s, gh, gw, top_k, lam = _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border)
-    _check_no_overlap([("hidden", hidden)], [("scores", s)])
     _check_built_for(hidden, "scr_redistribute_")
     torch.ops.kvfix.scr_redistribute_.default(hidden, s, gh, gw, top_k, lam, exclude_border)
     return hidden
-
-
-@torch.library.register_fake("kvfix::scr_scores")
-def _scr_scores_fake(q, k, start, end, scale, mask, causal):
-    return q.new_empty((q.shape[0], end - start), dtype=torch.float32)
-
-
-@torch.library.register_fake("kvfix::scr_redistribute")
-def _scr_redistribute_fake(hidden, scores, gh, gw, top_k, lam, exclude_border):
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("kvfix::scr_redistribute_")
-def _scr_redistribute__fake(hidden, scores, gh, gw, top_k, lam, exclude_border):
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,13 +598,13 @@ def _check_real(x, name: str) -> float:
     return x
 
 
-def _check_float_tensor(x, name: str, *, dims: int, layout: str) -> torch.Tensor:
+def _check_float_tensor(x, name: str, *, dims: int, layout: str, allow_empty: bool = False) -> torch.Tensor:
     _check_tensor(x, name)
     if x.dim() != dims:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in _KV_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.numel() == 0:
+    if x.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
@@ -1002,7 +783,8 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
         raise ValueError(f"q has more positions (Tq={Tq}) than k (T={T}): queries are the last Tq cache positions")
     start, end, spans = _check_span(image_span, B, T, q.device)
     if k_calibrated is not None:
-        _check_float_tensor(k_calibrated, "k_calibrated", dims=4, layout="[B, Hkv, N, D]")
+        # (empty where the span is: rope_calibrate of an empty span)
+        _check_float_tensor(k_calibrated, "k_calibrated", dims=4, layout="[B, Hkv, N, D]", allow_empty=True)
         _check_same(k_calibrated, "k_calibrated", q, "q")
         n = end - start if spans is None else k_calibrated.shape[2]
         if k_calibrated.shape != (B, Hkv, n, D):
@@ -1042,21 +824,8 @@ def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, 
     never plausible; a nan or inf in `logits_distorted` propagates to its own token where that
     token is plausible.
     """
-    for name, x in (("logits", logits), ("logits_distorted", logits_distorted)):
-        _check_tensor(x, name)
-        if x.dtype not in _KV_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.dim() < 1 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty [..., V] tensor, got shape {tuple(x.shape)}")
-    if logits_distorted.shape != logits.shape:
-        raise ValueError(f"logits_distorted shape {tuple(logits_distorted.shape)} does not match logits shape "
-                         f"{tuple(logits.shape)}")
-    _check_same(logits_distorted, "logits_distorted", logits, "logits")
-    alpha, beta = _check_real(alpha, "alpha"), _check_real(beta, "beta")
-    if not 0 <= alpha <= _FLOAT32_MAX:
-        raise ValueError(f"alpha must be >= 0 and finite in float32 (<= 3.4e38), got {alpha}")
-    if not 0 < beta <= 1:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    _check_tensors(logits=logits, logits_distorted=logits_distorted)
+    alpha, beta = _as_real(alpha, "alpha"), _as_real(beta, "beta")  # their ranges: checked in C++
     _check_built_for(logits, "contrastive_logits")
     return torch.ops.kvfix.contrastive_logits.default(logits, logits_distorted, alpha, beta)
 
@@ -1070,8 +839,3 @@ def _rope_calibrate_fake(k, start, end, spans, n, inv_freq, gamma, positions, se
 def _cmac_attention_fake(q, k, v, start, end, spans, k_calibrated, scale, mask, causal, imd, imd_items,
                          value_mean):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("kvfix::contrastive_logits")
-def _contrastive_logits_fake(logits, logits_distorted, alpha, beta):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)

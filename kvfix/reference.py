@@ -113,6 +113,13 @@ def dscr_refine_factored(k: torch.Tensor, v: torch.Tensor | None, lr: torch.Tens
 #   small ranks. Empty (NaN) slots never count.
 # - the EMA needs position T - 2: with T == 1, or when the mask excludes position T - 2 (a padded
 #   slot), nothing is smoothed and the returned lam is 0 for that item. z is pushed either way.
+# - non-finite input propagates, as softmax (and SDPA) do: a nan or +inf logit of a position
+#   taking part (nan / inf in q or k, nan or +inf in an additive mask) gives that query head a nan
+#   entropy; a -inf logit takes no part, as a masked position (a row of -inf logits has entropy
+#   0); a masked position takes no part whatever k holds there. The step: a nan z (a nan entropy
+#   in any head) is pushed (an empty slot from then on) and gives lam = nan, so the EMA writes nan
+#   into position T - 1 of K and V; otherwise non-finite cache values at T - 2 / T - 1 go through
+#   the EMA's arithmetic (inf * 0 = nan). lam = 0 (T == 1, T - 2 masked) writes nothing.
 
 import math  # noqa: E402
 
@@ -146,12 +153,13 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
     bias, valid = key_mask(mask, B, T, q.dtype, q.device)
     logits = torch.where(valid[:, None, :], logits + bias[:, None, :],
                          torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
-    any_valid = valid.any(dim=-1)[:, None]                              # [B, 1]
-    logits = torch.where(any_valid[..., None], logits, torch.zeros_like(logits))
-    p = torch.softmax(logits, dim=-1)
+    any_part = (logits != float("-inf")).any(dim=-1)                   # [B, Hq] (a nan logit takes part)
+    logits = torch.where(any_part[..., None], logits, torch.zeros_like(logits))
+    p = torch.softmax(logits, dim=-1)                                   # nan rows: a nan or +inf logit
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
-    h = -plogp.sum(dim=-1)
-    return torch.where(any_valid, h, torch.zeros_like(h))
+    h = torch.where(p.isnan().any(dim=-1), torch.full((), float("nan"), dtype=q.dtype, device=q.device),
+                    -plogp.sum(dim=-1))
+    return torch.where(any_part, h, torch.zeros_like(h))
 
 
 def kvsmooth_queue(queue: torch.Tensor, z: torch.Tensor, *, lam_ref: float = 0.9, band: float = 0.2):
@@ -159,27 +167,28 @@ def kvsmooth_queue(queue: torch.Tensor, z: torch.Tensor, *, lam_ref: float = 0.9
 
     Pushes z (rounded to float32) onto each item's FIFO (oldest first, NaN = empty), then
     lam = clamp(clamp(k / M, lam_ref - band, lam_ref + band), 0, 1) with k = #{entries <= z}
-    (the 1-based rank of z, z included; NaN slots never count) and M the queue capacity.
-    `queue` is not modified.
+    (the 1-based rank of z, z included; NaN slots never count) and M the queue capacity; a NaN z
+    has no rank: lam = NaN. `queue` is not modified.
     """
     z32 = z.to(torch.float32)
     new = torch.cat([queue[:, 1:], z32[:, None]], dim=1)
     M = queue.shape[1]
     rank = (new <= z32[:, None]).sum(dim=1).to(torch.float32) / M
     lam = rank.clamp(lam_ref - band, lam_ref + band).clamp(0.0, 1.0)
-    return lam, new
+    return torch.where(z32.isnan(), z32, lam), new
 
 
 def kvsmooth_ema(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """SPEC §2 step 4 on a copy: x[:, :, T-1] = (1 - lam) x[:, :, T-1] + lam x[:, :, T-2] per item,
-    computed in float64 when x is float64, else in float32 and rounded once to x's dtype."""
+    computed in float64 when x is float64, else in float32 and rounded once to x's dtype. Items
+    with lam == 0 are left as they are (not even 0 * a non-finite x[:, :, T-2] is added)."""
     out = x.clone()
     if x.shape[2] < 2:
         return out
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     lam = lam.to(ct)[:, None, None]
     last, prev = x[:, :, -1].to(ct), x[:, :, -2].to(ct)
-    out[:, :, -1] = ((1 - lam) * last + lam * prev).to(x.dtype)
+    out[:, :, -1] = torch.where(lam == 0, x[:, :, -1], ((1 - lam) * last + lam * prev).to(x.dtype))
     return out
 
 

@@ -347,6 +347,83 @@ def test_step_rank_counts_z_and_ties(dtype, device):
         torch.testing.assert_close(lam.cpu(), torch.tensor(want), rtol=0, atol=1e-7)
 
 
+def _nonfinite_case(dtype, device="cpu"):
+    """The rule's cases (kvfix/reference.py, KVSmooth): item 0 a nan query head; item 1 an inf key
+    that head 0 sees as +inf (nan entropy) and head 1 as -inf (no part: finite); item 2 a nan
+    additive mask value; item 3 a +inf one at its only visible position (T - 2 masked: lam 0);
+    item 4 a nan key at a masked position (no part) and inf values at T - 2 (the EMA carries
+    them); item 5 a nan query with T - 2 masked (lam 0: nothing written)."""
+    B, Hq, Hkv, T, D = 6, 4, 2, 600, 64
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = 2 * torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    mask = torch.zeros(B, 1, 1, T)
+    q[0, 1, 0, 5] = NAN
+    k[1, 0, 30, 3] = math.inf  # not its row group's first key (a -inf logit then meets a state)
+    q[1, 0, 0, 3], q[1, 1, 0, 3] = 1.0, -1.0
+    mask[2, ..., 5] = NAN
+    mask[3] = -math.inf
+    mask[3, ..., 5] = math.inf
+    mask[4, ..., 3] = -math.inf
+    k[4, 1, 3, 0] = NAN
+    v[4, :, T - 2, :4] = math.inf
+    q[5, 2, 0, 0] = NAN
+    mask[5, ..., T - 2] = -math.inf
+    return [x.to(device) for x in (q.to(dtype), k.to(dtype), v.to(dtype), mask)]
+
+
+def _same(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_rule(dtype, device):
+    """Issue 15's rule, as softmax and SDPA: a nan / +inf logit of a position taking part gives
+    that head a nan entropy, a -inf one takes no part, a masked position takes no part whatever k
+    holds; the step pushes the nan z and smooths with lam = nan (position T - 1 of that item turns
+    nan), except where lam is 0 (nothing written)."""
+    q, k, v, mask = _nonfinite_case(dtype, device)
+    B, Hq = q.shape[0], q.shape[1]
+    nan_heads = torch.zeros(B, Hq, dtype=torch.bool)
+    nan_heads[0, 1] = nan_heads[1, 0] = nan_heads[5, 2] = True
+    nan_heads[2:4] = True
+    truth = R.row_entropy(q.double().cpu(), k.double().cpu(), scale=0.2, mask=mask.double().cpu())
+    got = kvfix.row_entropy(q, k, scale=0.2, mask=mask).cpu()
+    assert torch.equal(truth.isnan(), nan_heads) and torch.equal(got.isnan(), nan_heads), got
+    torch.testing.assert_close(got.double()[~nan_heads], truth[~nan_heads], rtol=1e-4, atol=1e-4)
+    queue = torch.full((B, 5), NAN, device=device)
+    queue[:, 2:] = torch.tensor([0.5, 1.0, 9.0])
+    lam_want, kw, vw, qw = R.kvsmooth_step(q.cpu(), k.cpu(), v.cpu(), queue.cpu(), scale=0.2, mask=mask.cpu())
+    assert lam_want[:3].isnan().all() and lam_want[3] == lam_want[5] == 0 and lam_want[4] > 0
+    kk, vv, qq = k.clone(), v.clone(), queue.clone()
+    lam = kvfix.kvsmooth_step_(q, kk, vv, qq, scale=0.2, mask=mask).cpu()
+    torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7, equal_nan=True)
+    kk, vv, qq = kk.cpu(), vv.cpu(), qq.cpu()
+    assert _same(kk[:, :, :-1], k[:, :, :-1].cpu()) and _same(vv[:, :, :-1], v[:, :, :-1].cpu())
+    assert _same(kk[3::2], k[3::2].cpu()) and _same(vv[3::2], v[3::2].cpu())  # lam 0: nothing written
+    for got_c, want_c in ((kk, kw), (vv, vw)):
+        torch.testing.assert_close(got_c[:, :, -1].float(), want_c[:, :, -1].float(), rtol=0, atol=0.02,
+                                   equal_nan=True)
+    assert kk[:3, :, -1].isnan().all() and vv[4, :, -1, :4].isinf().all()
+    torch.testing.assert_close(qq, qw, rtol=0, atol=2e-6 * 10, equal_nan=True)
+
+
+def test_reference_nonfinite_hand_computed():
+    """The reference's rule on hand-sized rows: [0, +inf] and [0, nan] have no softmax (nan);
+    [0, -inf] is the one-position row (entropy 0); [0, 0] is log 2; lam = 0 adds nothing."""
+    q = torch.ones(4, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor([[0.0, math.inf], [0.0, NAN], [0.0, -math.inf], [0.0, 0.0]], dtype=torch.float64)
+    h = R.row_entropy(q, k.view(4, 1, 2, 1), scale=1.0)
+    assert h[0].isnan().all() and h[1].isnan().all()
+    torch.testing.assert_close(h[2:, 0], torch.tensor([0.0, math.log(2)], dtype=torch.float64))
+    x = torch.tensor([math.inf, 1.0]).view(1, 1, 2, 1)  # position T - 2 holds inf
+    assert torch.equal(R.kvsmooth_ema(x, torch.zeros(1)), x)
+    assert R.kvsmooth_ema(x, torch.full((1,), 0.5))[0, 0, 1, 0] == math.inf
+    lam, _ = R.kvsmooth_queue(torch.zeros(1, 3), torch.tensor([NAN]))
+    assert lam.isnan().all()
+
+
 def test_step_sequence_matches_reference_over_decoding():
     """A 12-step decode: the cache grows by one token per step, the queue carries over, the smoothed
     positions feed later steps (K[t-1] already smoothed), compared step by step. The reference keeps
@@ -438,8 +515,8 @@ def test_row_entropy_bad_input():
         kvfix.row_entropy(q, k.half())
     with pytest.raises(ValueError, match="mask must be broadcastable"):
         kvfix.row_entropy(q, k, mask=torch.ones(3, 1, 1, 6, dtype=torch.bool))
-    # the C++ checks stand behind the wrappers
-    with pytest.raises(RuntimeError, match="multiple of the kv heads"):
+    # the checks are the C++ ones (the wrappers only convert arguments): direct calls get them too
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
         torch.ops.kvfix.row_entropy.default(q[:, :3], k, None, None)
     with pytest.raises(ValueError, match="lam_ref must be in"):
         torch.ops.kvfix.kvsmooth_step_.default(q, k.clone(), k.clone(), torch.zeros(2, 3), None, None, 2.0, 0.2)

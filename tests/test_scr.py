@@ -381,19 +381,44 @@ def test_scores_bad_input(change, exc, match):
 
 
 def test_cpp_checks_behind_the_wrappers():
-    """The ops check their input themselves too (direct torch.ops calls)."""
+    """The checks are the C++ ones (the wrappers only convert arguments): direct torch.ops calls
+    get the same errors."""
     h, s = torch.randn(1, 6, 4), torch.rand(1, 6)
     with pytest.raises(ValueError, match="grid_hw"):
         torch.ops.kvfix.scr_redistribute(h, s, 2, 2, 1, 1.1, True)
     with pytest.raises(ValueError, match="lam"):
         torch.ops.kvfix.scr_redistribute_(h, s, 2, 3, 1, 0.0, True)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(TypeError, match="scores must be float32"):
         torch.ops.kvfix.scr_redistribute(h, s.double(), 2, 3, 1, 1.1, True)
     q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4)
     with pytest.raises(ValueError, match="image_span"):
         torch.ops.kvfix.scr_scores(q, k, 2, 6, None, None, False)
-    with pytest.raises(RuntimeError, match="broadcastable"):
+    with pytest.raises(ValueError, match="mask must be broadcastable"):
         torch.ops.kvfix.scr_scores(q, k, 0, 5, None, torch.ones(1, 3, 1, 5, dtype=torch.bool), False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_scores_inf_only_visible_key(causal, device):
+    """Issue 15: a +inf logit (from an additive mask) that is its row's only visible key has no
+    softmax: the row is nan in every column, so the item's scores are nan, as the reference (the
+    CUDA kernel had turned only that key's column nan). Item 0: an image key (causal: after the
+    row, which then has no key: finite); item 1: a key before the image, in a row that sees no
+    image column when causal; item 2: finite."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Tq, T, D = 3, 2, 40, 70, 16
+    q, k = torch.randn(B, Hq, Tq, D, generator=g), torch.randn(B, 1, T, D, generator=g)
+    mask = torch.zeros(B, 1, Tq, T)
+    mask[0, :, 2] = -math.inf
+    mask[0, :, 2, 55] = math.inf
+    mask[1, :, 0] = -math.inf
+    mask[1, :, 0, 3] = math.inf
+    got = kvfix.scr_scores(q.to(device), k.to(device), (50, 70), scale=0.25, mask=mask.to(device), causal=causal).cpu()
+    want = R.scr_scores(q.double(), k.double(), (50, 70), scale=0.25, mask=mask.double(), causal=causal)
+    assert want[1].isnan().all() and want[0].isnan().all() == (not causal)
+    assert torch.equal(got.isnan(), want.isnan())
+    fin = ~want.isnan()
+    torch.testing.assert_close(got.double()[fin], want[fin], atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,13 +20,15 @@
 //     (SPEC §2's `H = m + log l - u / l`, with u kept relative to the running max so that no large
 //     logit cancels against itself; partial states merge exactly: u = sum_c a_c (u_c + (m_c - m) l_c),
 //     l = sum_c a_c l_c, a_c = e^(m_c - m).) Masked positions (bool False, additive -inf) take no
-//     part; an all-masked row has entropy 0.
+//     part, whatever k holds there, and so does a -inf logit; an all-masked row has entropy 0.
+//     A nan or +inf logit of a position taking part has no softmax: the state turns nan (l = u =
+//     nan, kept through every later fold and merge) and so does the row's entropy.
 //
 // Then, per batch item and in a fixed order (deterministic): merge the chunks, H per query head,
 // z = mean over query heads; for the step also push z onto the queue (oldest first, NaN = empty),
 // rank = k / M with k = #{entries <= z} (the 1-based rank of z, which counts itself; M the queue
 // capacity, also while the queue fills; NaN slots never count: the paper's k / M),
-// lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1), and
+// lam = clamp(clamp(rank, lam_ref - band, lam_ref + band), 0, 1) (a nan z: lam = nan), and
 // the in-place EMA K[T-1] = (1 - lam) K[T-1] + lam K[T-2] (same for V, every kv head, in fp32,
 // rounded once). No EMA (lam reported as 0) when T == 1 or position T - 2 is masked. All
 // validation happens before anything is written.
@@ -141,8 +143,13 @@ struct State {
   float m = kNegInf, l = 0.0f, u = 0.0f;
 };
 
-// Merge state b into a (exact up to rounding; states with l == 0 are empty).
+// Merge state b into a (exact up to rounding; states with l == 0 are empty, l = nan poisons).
 inline void merge(State& a, const State& b) {
+  if (a.l != a.l) return;
+  if (b.l != b.l) {
+    a = b;
+    return;
+  }
   if (!(b.l > 0.0f)) return;
   if (!(a.l > 0.0f)) {
     a = b;
@@ -155,7 +162,10 @@ inline void merge(State& a, const State& b) {
   a.m = m;
 }
 
-inline float entropy_of(const State& s) { return s.l > 0.0f ? std::log(s.l) - s.u / s.l : 0.0f; }
+inline float entropy_of(const State& s) {
+  if (s.l != s.l) return s.l;  // a nan or +inf logit: no softmax
+  return s.l > 0.0f ? std::log(s.l) - s.u / s.l : 0.0f;
+}
 
 struct Problem {
   const void* q;
@@ -229,7 +239,7 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
     }
   };
   auto put = [&](int64_t j, int64_t r, float dot) {
-    s[j * kRows + r] = bias[r] > kNegInf ? dot * p.scale + bias[r] : kNegInf;
+    s[j * kRows + r] = bias[r] == kNegInf ? kNegInf : dot * p.scale + bias[r];  // a nan bias takes part
   };
   int64_t r = 0;
   if constexpr (DC > 0) {
@@ -314,13 +324,20 @@ KVFIX_INLINE void block_bias(const KvsMask& m, int64_t b, int64_t t0, int64_t n,
 
 // Fold a block of logits x[0, n) into the state (vectorised over the block).
 KVFIX_INLINE void fold_block(State& st, const float* x, int64_t n) {
+  if (st.l != st.l) return;  // poisoned: stays nan
+  constexpr float kMax = std::numeric_limits<float>::max();
   float bm = kNegInf;
-#pragma omp simd reduction(max : bm)
-  for (int64_t r = 0; r < n; ++r) bm = std::max(bm, x[r]);
-  if (!(bm > kNegInf)) {  // everything masked (or nan: propagate it)
-    if (bm != bm) st.l = st.u = bm;
+  int bad = 0;  // a nan or +inf logit (the max reduction alone would skip a nan)
+#pragma omp simd reduction(max : bm) reduction(| : bad)
+  for (int64_t r = 0; r < n; ++r) {
+    bm = std::max(bm, x[r]);
+    bad |= x[r] <= kMax ? 0 : 1;  // -inf passes
+  }
+  if (bad) {
+    st.l = st.u = st.m = std::numeric_limits<float>::quiet_NaN();
     return;
   }
+  if (!(bm > kNegInf)) return;  // everything masked
   const float m = std::max(st.m, bm);
   if (st.l > 0.0f) {
     const float a = std::exp(st.m - m);
@@ -534,7 +551,7 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   for (int64_t b = 0; b < B; ++b) {
     float z = 0.0f;
     for (int64_t h = 0; h < Hq; ++h) z += ent[b * Hq + h];
-    z = Hq > 0 ? z / static_cast<float>(Hq) : 0.0f;
+    z = Hq > 0 ? z / static_cast<float>(Hq) : 0.0f;  // nan when a head's entropy is nan
     // FIFO push (oldest at index 0), then the 1-based rank k of z among the entries (z included).
     float* row = qu + b * qs0;
     for (int64_t i = 0; i + 1 < M; ++i) row[i * qs1] = row[(i + 1) * qs1];
@@ -544,6 +561,7 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     float l = static_cast<float>(k) / static_cast<float>(M);
     l = std::min(std::max(l, lo), hi);
     l = std::min(std::max(l, 0.0f), 1.0f);
+    if (z != z) l = z;  // no rank: nan, which the EMA writes into position T - 1
     if (T < 2 || !(mask_bias(m, b, T - 2) > kNegInf)) l = 0.0f;
     lam_p[b] = l;
     if (l != 0.0f) {

@@ -116,17 +116,22 @@ KVFIX_INLINE float row_max(const float* x, int64_t n) {
   return r;
 }
 
+// A row without a softmax (a nan or +inf logit): nan in every image column.
+KVFIX_INLINE void poison(int64_t start, int64_t end, float* acc) {
+  for (int64_t t = start; t < end; ++t) acc[t - start] = std::numeric_limits<float>::quiet_NaN();
+}
+
 // One row of logits x[0, n) (scaled and masked): adds its softmax probabilities of columns
 // [start, end) to acc. The row's exponentials are left in x. Non-finite rule (that of softmax and
-// the reference): a nan logit (nan in q, k or an additive mask) makes the row's probabilities nan;
-// a row whose keys all take no part contributes 0.
+// the reference): a nan or +inf logit (nan / inf in q, k or an additive mask) makes the row's
+// probabilities nan in every image column, also columns a causal row cannot see; a row whose keys
+// all take no part contributes 0.
 KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
   if (!(m > kNegInf)) {  // no key takes part (the row contributes 0), or every logit is nan
     bool nan = false;
     for (int64_t t = 0; t < n; ++t) nan |= x[t] != x[t];
-    if (nan)
-      for (int64_t t = start; t < std::min(end, n); ++t) acc[t - start] = std::numeric_limits<float>::quiet_NaN();
+    if (nan) poison(start, end, acc);
     return;
   }
   float l = 0.0f;
@@ -136,6 +141,7 @@ KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, floa
     x[t] = e;
     l += e;
   }
+  if (l != l) return poison(start, end, acc);  // a nan or +inf logit
   const float inv = 1.0f / l;
   const int64_t stop = std::min(end, n);
 #pragma omp simd
@@ -156,6 +162,7 @@ KVFIX_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start
     x[t] = e;
     l += e;
   }
+  if (l != l) return poison(start, end, acc);  // a nan or +inf logit
   const float inv = 1.0f / l;
   const int64_t stop = std::min(end, n);
 #pragma omp simd

@@ -47,8 +47,9 @@ void launch(kernels::KvsmoothArgs& a, const at::Tensor& q) {
 }
 
 kernels::KvsmoothArgs args_of(const at::Tensor& q, const at::Tensor& k, const KvsMask& m, float scale) {
-  TORCH_CHECK(q.size(3) <= kernels::kKvsmoothMaxHeadDim, "kvsmooth: head dim ", q.size(3),
-              " is larger than the CUDA kernel's ", kernels::kKvsmoothMaxHeadDim);
+  // (the one statement of this limit: the Python wrapper no longer repeats it)
+  TORCH_CHECK_VALUE(q.size(3) <= kernels::kKvsmoothMaxHeadDim, "kvsmooth: q head dim ", q.size(3),
+                    " is larger than the CUDA kernel's ", kernels::kKvsmoothMaxHeadDim);
   kernels::MaskView mv;
   mv.data = m.data;
   mv.kind = m.kind;

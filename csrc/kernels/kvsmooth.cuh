@@ -6,13 +6,15 @@
 // head hq reads kv head hq / g, g = Hq / Hkv), per batch item b:
 //
 //   H[b, hq] = entropy of softmax(q . k^T * scale + mask) over the positions taking part
-//   (bool mask False or additive -inf: no part; no position at all: H = 0);
+//   (bool mask False or additive -inf: no part, whatever k holds there; a -inf logit: no part;
+//   no position at all: H = 0; a nan or +inf logit of a position taking part: H = nan);
 //
 // and for the step (queue given):
 //
 //   z = mean_hq H[b, hq];  push z onto queue[b] (oldest first, NaN = empty slot, drop slot 0);
 //   rank = k / M, k = #{entries <= z} (the 1-based rank of z, z included; M = queue capacity,
-//   also while the queue fills; NaN slots never count);  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1);
+//   also while the queue fills; NaN slots never count);  lam = clamp(clamp(rank, lam_lo, lam_hi), 0, 1)
+//   (a nan z has no rank: lam = nan, which the EMA writes into position T - 1);
 //   K[b, :, T-1] = (1 - lam) K[b, :, T-1] + lam K[b, :, T-2], the same for V (fp32, rounded once);
 //   lam = 0 (and nothing smoothed) when T == 1 or the mask excludes position T - 2.
 //
@@ -145,24 +147,33 @@ __device__ __forceinline__ void load_vec(const T* p, float* out) {
 }
 
 // Fold logit x into (m, l, u) with one expf: if x raises the max, the old state is rescaled by
-// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m).
+// e^(m - x) and the new term is 1; otherwise the new term is e^(x - m). Non-finite logits without
+// a branch (a branch per head in the hot loop cost up to ~25 registers, fewer resident blocks):
+// an empty state starts at m = -FLT_MAX (kFoldEmpty), so a -inf logit gives d = -inf, e = 0 and
+// changes nothing (the product takes d >= -104, below which e is 0 anyway: no 0 * -inf), i.e. it
+// takes no part; a nan logit turns l nan (kept by every later fold and merge); a +inf one makes
+// m = +inf (kept, or l turns nan): either has no softmax (is_poisoned).
+constexpr float kFoldEmpty = -3.402823466e38f;
 __device__ __forceinline__ void fold(float& m, float& l, float& u, float x) {
-  const float d = x - m;  // +inf while the state is empty (m = -inf)
+  const float d = x - m;  // huge while the state is empty
   const float e = expf(-fabsf(d));
   if (d > 0.0f) {
     u = l > 0.0f ? e * (u - d * l) : 0.0f;
     l = fmaf(e, l, 1.0f);
     m = x;
   } else {
-    u = fmaf(e, d, u);
+    u = fmaf(e, fmaxf(d, -104.0f), u);
     l += e;
   }
 }
 
-// Merge state (m2, l2, u2) into (m, l, u).
+__device__ __forceinline__ bool is_poisoned(float m, float l) { return l != l || m > 3.402823466e38f; }
+
+// Merge state (m2, l2, u2) into (m, l, u) (empty: l == 0). l = nan survives it (nan times
+// anything is nan; an empty state copies it); m = +inf stays +inf or turns l nan.
 __device__ __forceinline__ void merge(float& m, float& l, float& u, float m2, float l2, float u2) {
-  if (!(l2 > 0.0f)) return;
-  if (!(l > 0.0f)) {
+  if (l2 == 0.0f) return;
+  if (l == 0.0f) {
     m = m2;
     l = l2;
     u = u2;
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
     float m[GP], l[GP], u[GP];
 #pragma unroll
     for (int j = 0; j < GP; ++j) {
-      m[j] = neg_inf();
+      m[j] = kFoldEmpty;
       l[j] = 0.0f;
       u[j] = 0.0f;
     }
@@ -278,8 +289,8 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
 #pragma unroll
         for (int j = 0; j < GP; ++j)
           if (j < gn) dot[j] += __shfl_xor_sync(0xffffffffu, dot[j], off, TPR);
-      if (bias > neg_inf()) {  // scaled after the dot, as in the reference (a pre-scaled query
-                               // row would add its rounding error to every logit)
+      if (bias != neg_inf()) {  // (a nan bias takes part) scaled after the dot, as in the reference
+                                // (a pre-scaled query row would add its rounding error to every logit)
 #pragma unroll
         for (int j = 0; j < GP; ++j)
           if (j < gn) fold(m[j], l[j], u[j], dot[j] * a.scale + bias);
@@ -321,7 +332,8 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     float m = neg_inf(), l = 0.0f, u = 0.0f;
     const float* w = a.work + (b * a.Hq + hq) * S * 3;
     for (int64_t s = 0; s < S; ++s) merge(m, l, u, w[3 * s], w[3 * s + 1], w[3 * s + 2]);
-    const float H = l > 0.0f ? logf(l) - u / l : 0.0f;
+    const float H = is_poisoned(m, l) ? __int_as_float(0x7fffffff)  // a nan or +inf logit: no softmax
+                                      : l > 0.0f ? logf(l) - u / l : 0.0f;
     if (a.entropy != nullptr) a.entropy[b * a.Hq + hq] = H;
     hsum += H;
   }
@@ -345,6 +357,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     float lam = static_cast<float>(k) / static_cast<float>(M);
     lam = fminf(fmaxf(lam, a.lam_lo), a.lam_hi);
     lam = fminf(fmaxf(lam, 0.0f), 1.0f);
+    if (z != z) lam = z;  // no rank (fminf / fmaxf would drop the nan)
     if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;
     a.lam[b] = lam;
     s_lam = lam;

@@ -7,7 +7,8 @@
 //
 //   scores[b, j] = (1 / Hq) sum_hq sum_i p[b, hq, i, start + j],  p = softmax over all T keys of
 //   q_i . k_t * scale + mask (keys with bool False / additive -inf / causal t > T - Tq + i take no
-//   part; a row without keys contributes 0; a nan or +inf logit makes its row's p nan).
+//   part; a row without keys contributes 0; a nan or +inf logit of a key taking part makes its
+//   row's p nan in every column, as softmax does, hence the item's scores).
 //
 // Three launches, all with 128 threads (4 warps) and static shared memory. Logits come in tiles of
 // kScrRows query rows x kScrCols keys: warp w owns rows 4w .. 4w + 3 of the tile, lane l key l; the
@@ -16,7 +17,8 @@
 //      (causal: up to the tile's last position) keeping a per-lane online softmax state (m, l) per
 //      row, merges the lanes with xor shuffles and writes (m, l) per row to the workspace.
 //   2. scr_scores_mass_kernel, one block per (tile of kScrCols image columns, query head, item):
-//      recomputes the image columns' logits row tile by row tile, adds e^(x - m_i) / l_i per column,
+//      recomputes the image columns' logits row tile by row tile, adds e^(x - m_i) / l_i per column
+//      (nan for every column of a row whose state is nan, also rows a causal column cannot see),
 //      merges the 4 warps in a fixed order and writes the head's column sums to the workspace.
 //      (The image columns' logits are computed twice instead of keeping a [Tq, N] matrix per head.)
 //   3. scr_scores_reduce_kernel: scores[b, j] = sum over heads in a fixed order / Hq.
@@ -158,11 +160,14 @@ __device__ __forceinline__ void tile_dots(const ScrScoresArgs& a, int64_t b, int
   }
 }
 
-// Online softmax state (m, l) of x folded into (m, l). A nan logit makes l nan (x > m is false);
-// a +inf one makes m = +inf, and any other key of the row then gives expf(inf - inf) = nan (in
-// the lane merge or the mass pass).
+// Online softmax state (m, l) of x folded into (m, l). A nan or +inf logit has no softmax: l = nan,
+// which every later fold and merge keeps (also where it is the row's only key).
 __device__ __forceinline__ void fold(float& m, float& l, float x) {
   if (x == neg_inf()) return;
+  if (!(x <= 3.402823466e38f)) {
+    l = __int_as_float(0x7fffffff);
+    return;
+  }
   if (x > m) {
     l = l * expf(m - x) + 1.0f;  // m = -inf at first: expf(-inf) = 0
     m = x;
@@ -172,8 +177,8 @@ __device__ __forceinline__ void fold(float& m, float& l, float x) {
 }
 
 __device__ __forceinline__ void merge(float& m, float& l, float m2, float l2) {
-  if (l2 == 0.0f) return;
-  if (l == 0.0f) {
+  if (l2 == 0.0f || l != l) return;
+  if (l == 0.0f || l2 != l2) {
     m = m2;
     l = l2;
     return;
@@ -229,20 +234,23 @@ __global__ void __launch_bounds__(kScrThreads) scr_scores_mass_kernel(ScrScoresA
   const bool in_span = j0 + lane < a.N;
   const float* stats = a.work + (b * a.Hq + h) * a.Tq * 2;
   float acc = 0.0f, dot[4];
-  // Causal rows before T - Tq + ... never see the tile's first key: start at the first row that can.
+  // Causal rows before T - Tq + ... never see the tile's first key: start at the first row that can
+  // (a nan row among those still makes every column nan).
   int64_t first = 0;
   if (a.causal) {
     const int64_t need = a.start + j0 - (a.T - a.Tq);  // rows i >= need see key start + j0
     first = need > 0 ? (need / kScrRows) * kScrRows : 0;
+    for (int64_t i = 0; i < first; ++i)  // every lane: each column must turn nan
+      if (stats[2 * i + 1] != stats[2 * i + 1]) acc = stats[2 * i + 1];
   }
   for (int64_t i0 = first; i0 < a.Tq; i0 += kScrRows) {
     tile_dots<T>(a, b, h, i0, a.start + j0, s, dot);
     for (int r = 0; r < 4; ++r) {
       const int64_t i = i0 + 4 * warp + r;
       const float x = in_span ? logit(a, b, h, i, t, dot[r]) : neg_inf();
-      if (x != neg_inf()) {
+      if (i < a.Tq && (x != neg_inf() || stats[2 * i + 1] != stats[2 * i + 1])) {
         const float mi = stats[2 * i], li = stats[2 * i + 1];
-        acc += expf(x - mi) / li;
+        acc += expf(x - mi) / li;  // li nan: nan
       }
     }
   }

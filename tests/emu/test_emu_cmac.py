@@ -176,3 +176,23 @@ def test_attention_nonfinite_rule(cm):
         assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
         fin = torch.isfinite(want)
         torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_inf_only_visible_key(cm):
+    """Issue 15: a +inf logit (from an additive mask) that is its row's only visible key: softmax
+    has no value, so the row is nan (the reference's rule), in and before the image, with and
+    without IMD; the other rows are untouched."""
+    B, Hq, Hkv, Tq, T, D = 2, 2, 1, 4, 40, 16
+    q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    mask = torch.zeros(B, 1, Tq, T)
+    mask[0, :, 1] = -math.inf
+    mask[0, :, 1, 10] = math.inf   # an image key
+    mask[1, :, 3] = -math.inf
+    mask[1, :, 3, 1] = math.inf    # a key before the image
+    for imd in (False, True):
+        out = _attention(cm, q, k, v, (3, 21), mask=mask, imd=imd)
+        want = R.cmac_attention(q.double(), k.double(), v.double(), (3, 21), mask=mask.double(), imd=imd)
+        assert want[0, :, 1].isnan().all() and want[1, :, 3].isnan().all()
+        assert torch.equal(out.isnan(), want.isnan())
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-5, rtol=1e-5)

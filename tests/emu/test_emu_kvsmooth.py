@@ -258,3 +258,58 @@ def test_kvsmooth_bad_arguments_fail_before_launching(kvs):
     q, k, v = _inputs(1, 4, 2, 8, 640, torch.float32)  # D above the kernel's maximum
     with pytest.raises(EmuError):
         kvs.row_entropy(q, k, None, torch.zeros(1, 4), 0.1, 1)
+
+
+def _nonfinite_case(dtype):
+    """Issue 15's rule (kvfix/reference.py, KVSmooth): item 0 a nan query head; item 1 an inf key
+    that head 0 sees as +inf (nan entropy) and head 1 as -inf (no part: finite); item 2 a nan
+    additive mask value; item 3 a +inf one at its only visible position (T - 2 masked: lam 0);
+    item 4 a nan key at a masked position (no part) and inf values at T - 2 (the EMA carries
+    them); item 5 a nan query with T - 2 masked (lam 0: nothing written)."""
+    B, Hq, Hkv, T, D = 6, 4, 2, 40, 32
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = 2 * torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    mask = torch.zeros(B, 1, 1, T)
+    q[0, 1, 0, 5] = NAN
+    k[1, 0, 30, 3] = math.inf  # not its row group's first key (a -inf logit then meets a state)
+    q[1, 0, 0, 3], q[1, 1, 0, 3] = 1.0, -1.0
+    mask[2, ..., 5] = NAN
+    mask[3] = -math.inf
+    mask[3, ..., 5] = math.inf
+    mask[4, ..., 3] = -math.inf
+    k[4, 1, 3, 0] = NAN
+    v[4, :, T - 2, :4] = math.inf
+    q[5, 2, 0, 0] = NAN
+    mask[5, ..., T - 2] = -math.inf
+    return q.to(dtype), k.to(dtype), v.to(dtype), mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kvsmooth_nonfinite_rule(kvs, dtype):
+    q, k, v, mask = _nonfinite_case(dtype)
+    B, Hq, T = q.shape[0], q.shape[1], k.shape[2]
+    truth = R.row_entropy(q.double(), k.double(), scale=0.2, mask=mask.double())
+    nan_heads = torch.zeros(B, Hq, dtype=torch.bool)
+    nan_heads[0, 1] = nan_heads[1, 0] = nan_heads[5, 2] = True
+    nan_heads[2:4] = True
+    assert torch.equal(truth.isnan(), nan_heads)
+    for splits in (1, 3):
+        got = _entropy(kvs, q, k, mask, 0.2, splits)
+        assert torch.equal(got.isnan(), nan_heads), f"splits={splits}: {got}"
+        torch.testing.assert_close(got.double()[~nan_heads], truth[~nan_heads], rtol=1e-4, atol=1e-4)
+    queue = torch.full((B, 5), NAN)
+    queue[:, 2:] = torch.tensor([0.5, 1.0, 9.0])
+    lam_want, kw, vw, qw = R.kvsmooth_step(q, k, v, queue, scale=0.2, mask=mask)
+    assert lam_want[:3].isnan().all() and lam_want[3] == lam_want[5] == 0 and lam_want[4] > 0
+    kk, vv, qq, lam = k.clone(), v.clone(), queue.clone(), torch.full((B,), 7.0)
+    kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, 0.2, 0.7, 1.1, 3)
+    torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7, equal_nan=True)
+    same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())  # noqa: E731
+    assert same(kk[:, :, :-1], k[:, :, :-1]) and same(vv[:, :, :-1], v[:, :, :-1])
+    assert same(kk[3::2], k[3::2]) and same(vv[3::2], v[3::2])  # lam 0: not even 0 * a nan query's lam added
+    for got, want in ((kk, kw), (vv, vw)):
+        torch.testing.assert_close(got[:, :, -1].float(), want[:, :, -1].float(), rtol=0, atol=0.02, equal_nan=True)
+    assert vv[4, :, -1, :4].isinf().all()
+    torch.testing.assert_close(qq[:, :-1], qw[:, :-1], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(qq[:, -1].isnan(), qw[:, -1].isnan())

@@ -160,3 +160,27 @@ def test_scr_scores_nonfinite_rule(scr):
     want = R.scr_scores(q.double(), k.double(), (5, 25), scale=0.25, mask=mask.double())
     assert out[:2].isnan().all() and want[:2].isnan().all()
     torch.testing.assert_close(out[2].double(), want[2], atol=1e-6, rtol=1e-5)
+
+
+def test_scr_scores_inf_only_visible_key(scr):
+    """Issue 15: a +inf logit (here from an additive mask) that is its row's only visible key:
+    softmax has no value there, so the row is nan in every column and the item's scores are nan
+    (the reference's rule); before, only that key's own column turned nan. Item 0: the key is an
+    image column (causal: after the row, which then has no key); item 1: it lies before the
+    image, in a row that sees no image column when causal (a row the mass pass skips); item 2:
+    finite."""
+    B, Hq, Tq, T, D = 3, 2, 40, 70, 16
+    q, k = _qk(B, Hq, 1, Tq, T, D, torch.float32)
+    mask = torch.zeros(B, 1, Tq, T)
+    mask[0, :, 2] = -math.inf
+    mask[0, :, 2, 55] = math.inf
+    mask[1, :, 0] = -math.inf
+    mask[1, :, 0, 3] = math.inf
+    for causal in (False, True):
+        out = torch.full((B, 20), 0.0)
+        scr.scr_scores(q, k, mask, out, 50, 0.25, int(causal))
+        want = R.scr_scores(q.double(), k.double(), (50, 70), scale=0.25, mask=mask.double(), causal=causal)
+        assert want[1].isnan().all() and want[0].isnan().all() == (not causal)  # causal: row 2 sees no key
+        assert torch.equal(out.isnan(), want.isnan()), out
+        fin = ~want.isnan()
+        torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-6, rtol=1e-5)
