@@ -39,7 +39,7 @@ import kvfix
 import kvfix.reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# SPEC §1 defaults
+# METHODS §1 defaults
 PARAMS = dict(sigma_d=0.6, sigma_s=0.6, alpha=0.6, beta=0.8)
 
 
@@ -425,7 +425,7 @@ def variant_fns(inp: dict, with_reference: bool = True) -> dict:
 
 def reference_columns_f64(k, v, depth, coords, cols: torch.Tensor, *, sigma_d=0.6, sigma_s=0.6,
                           alpha=0.6, beta=0.8):
-    """SPEC §1 in float64 for the output tokens `cols` only: (k_hat[..., cols, :], v_hat[..., cols, :]).
+    """METHODS §1 in float64 for the output tokens `cols` only: (k_hat[..., cols, :], v_hat[..., cols, :]).
 
     Column j of the weights needs only wt[:, j] and its sum c_j, so an N x |cols| block is
     enough. depth [N] and coords [N, 2] (shared by the batch), as the benchmarks use them.

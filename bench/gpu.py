@@ -63,7 +63,7 @@ import torch
 import kvfix
 from kvfix import reference as R
 
-PARAMS = dict(sigma_d=0.6, sigma_s=0.6, alpha=0.6, beta=0.8)  # SPEC §1 defaults
+PARAMS = dict(sigma_d=0.6, sigma_s=0.6, alpha=0.6, beta=0.8)  # METHODS §1 defaults
 BF16 = torch.bfloat16
 SECTIONS = ("baselines", "kvsmooth", "dscr", "rooflines", "cmac", "models")
 # seconds each section needs on an H100 (this file's estimate; a section is skipped when less is

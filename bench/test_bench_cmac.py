@@ -1,4 +1,4 @@
-"""CMAC benchmarks (SPEC §4, issue 6 item 5): `pytest bench/test_bench_cmac.py --benchmark-only`.
+"""CMAC benchmarks (METHODS §4, issue 6 item 5): `pytest bench/test_bench_cmac.py --benchmark-only`.
 
 Not collected by the default `pytest` run (testpaths = ["tests"]). One layer's attention at
 LLaVA-1.5's geometry (B=1, Hq=Hkv=32, D=128, image span (5, 581): 576 image tokens after a

@@ -1,4 +1,4 @@
-"""CMAC in `generate` (SPEC §4, issue 6 item 3): `pytest bench/test_bench_hf_cmac.py --benchmark-only`.
+"""CMAC in `generate` (METHODS §4, issue 6 item 3): `pytest bench/test_bench_hf_cmac.py --benchmark-only`.
 
 Not collected by the default `pytest` run (testpaths = ["tests"]). Whole `model.generate` cost per
 new token, with and without `kvfix.hf.CMAC()`, on a small random-weight LLaVA (CLIP tower, Llama

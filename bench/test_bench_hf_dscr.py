@@ -103,7 +103,7 @@ def dscr_hf_section(quick: bool, budget: common.Budget | None = None) -> str:
     """The DSCR prefill-cost table (markdown) for bench/table.py, within `budget`."""
     rows = dscr_hf_rows(quick=quick, budget=budget)
     return ("## DSCR in transformers: prefill cost\n\n" + render(rows) + "\n\nDSCR refines each image inside the "
-            "prefill (the tokens after the image read it refined, SPEC §1): each selected layer's attention runs "
+            "prefill (the tokens after the image read it refined, METHODS §1): each selected layer's attention runs "
             "twice (plain image keys up to the image end, refined after it) besides the refinement, about "
             "(S / L) T / (6 C) more than plain prefill (LLaVA-1.5-7B, C = 4096: ~4%). Random-weight LLaVA, fp32, "
             "interleaved medians (bench/test_bench_hf_dscr.py).")

@@ -1,4 +1,4 @@
-"""KVSmooth benchmarks (SPEC §2, issue 4 item 5): `pytest bench/test_bench_kvsmooth.py --benchmark-only`.
+"""KVSmooth benchmarks (METHODS §2, issue 4 item 5): `pytest bench/test_bench_kvsmooth.py --benchmark-only`.
 
 Not collected by the default `pytest` run (testpaths = ["tests"]). Two sets:
 

@@ -1,4 +1,4 @@
-"""SCR benchmarks (SPEC §3, issue item 5): `pytest bench/test_bench_scr.py --benchmark-only`.
+"""SCR benchmarks (METHODS §3, issue item 5): `pytest bench/test_bench_scr.py --benchmark-only`.
 
 Not collected by the default `pytest` run (testpaths = ["tests"]). Two sets, B = 1:
 

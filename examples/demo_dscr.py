@@ -1,5 +1,5 @@
 """DSCR on a tiny random LLaVA: generate with DSCR off and on, show how the image-span cache changed;
-then what the units do to DSCR's weights on a 24 x 24 grid (SPEC §1, docs/DSCR_UNITS.md).
+then what the units do to DSCR's weights on a 24 x 24 grid (METHODS §1, docs/DSCR_UNITS.md).
 
     python examples/demo_dscr.py [--png docs/img/dscr_weights.png]
 

@@ -1,4 +1,4 @@
-"""Depth maps for DSCR from transformers' depth-estimation models (SPEC §1 helpers).
+"""Depth maps for DSCR from transformers' depth-estimation models (METHODS §1 helpers).
 
 `DepthEstimator` wraps any `AutoModelForDepthEstimation` model (Depth-Anything / -V2, DPT /
 MiDaS, ...) and its image processor: give it images, get one float32 depth map per image at
@@ -21,7 +21,7 @@ Convention (read this before feeding the maps anywhere else):
   reciprocal. A reciprocal is not offered because relative disparity has an unknown shift and
   is ~0 on the sky, where 1/x blows up.
 - `kvfix.patch_depth` then area-pools, min-max normalises per image and scales to [0, 255]
-  (`scale=`; SPEC §1 units). The linear flip turns its output into exactly `255 - d`, and
+  (`scale=`; METHODS §1 units). The linear flip turns its output into exactly `255 - d`, and
   DSCR's proximity uses only `(d_i - d_j)^2`,
   so DSCR's result does not depend on `invert`; it does depend on using disparity rather than
   metric depth (or vice versa), which is a property of the model you choose.

@@ -1,7 +1,7 @@
 """Structured DSCR on a patch grid: the plan (algorithm, error bound, cost) and the factors.
 
 On a row-major gh x gw grid with `patch_coords(gh, gw, unit=grid_unit)` the proximity is a sum
-of two kernels (SPEC §1), `wt = f_d + f_s`, `f_d = exp(-cd (d_i - d_j)^2)`, `f_s = exp(-cs |s_i -
+of two kernels (METHODS §1), `wt = f_d + f_s`, `f_d = exp(-cd (d_i - d_j)^2)`, `f_s = exp(-cs |s_i -
 s_j|^2)`, with the dense backends' cut-off (an exponent below -87 counts as 0). Two structured
 variants compute `k_hat_j = (sum_i wt~(i, j) x_i - 2 x_j) / c~_j` (the unmasked diagonal is
 exactly 2) with approximated weights wt~ whose column sums c~_j are computed from the same wt~.
@@ -99,7 +99,7 @@ Underflow rule. The dense kernels count a term whose exponent is below -87 as 0 
 token whose column sum is then 0. The structured forms never produce such a column while
 every token has a grid neighbour with a non-negligible spatial term, so the plan requires
 `exp(-cs / G^2) >= exp(-60)` (c_j >= e^{-60}) and picks dense otherwise (tiny sigma_s). Tokens
-with c_j <= 0 (N == 1) keep their key, as in SPEC §1. The cut-off's effect on the entries the
+with c_j <= 0 (N == 1) keep their key, as in METHODS §1. The cut-off's effect on the entries the
 structured forms keep is at most exp(-87) each, counted in the bounds.
 """
 from __future__ import annotations

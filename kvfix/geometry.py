@@ -1,6 +1,6 @@
-"""Patch-grid geometry for DSCR (SPEC §1 helpers): coordinates and pooled, normalised depth.
+"""Patch-grid geometry for DSCR (METHODS §1 helpers): coordinates and pooled, normalised depth.
 
-Units (SPEC §1, a revised choice). The proximity `exp(-alpha dd^2 / (2 sigma_d^2)) +
+Units (METHODS §1, a revised choice). The proximity `exp(-alpha dd^2 / (2 sigma_d^2)) +
 exp(-beta |ds|^2 / (2 sigma_s^2))` has no units of its own: its reach is set by the units of the
 depth and the coordinates. With the defaults sigma_d = sigma_s = 0.6:
 
@@ -55,7 +55,7 @@ def check_depth_scale(scale, name: str = "depth_scale") -> float:
 def patch_coords(gh: int, gw: int, *, unit: str = "patch", device=None, dtype=torch.float32) -> torch.Tensor:
     """Centres of a row-major gh x gw patch grid, [N, 2] with N = gh * gw.
 
-    unit="patch" (default, SPEC §1): s = (r + 0.5, c + 0.5), adjacent patches 1 apart (the
+    unit="patch" (default, METHODS §1): s = (r + 0.5, c + 0.5), adjacent patches 1 apart (the
     image's pixel coordinates divided by the patch size); this is what the grid form
     `coords=(gh, gw)` of `kvfix.dscr_refine` means. unit="unit_square" (the earlier default,
     kept for comparison): s = ((r + 0.5) / G, (c + 0.5) / G) with G = max(gh, gw), both axes on
@@ -87,7 +87,7 @@ def patch_depth(depth_map: torch.Tensor, gh: int, gw: int, *, scale: float = 255
     depth_map: [H, W] or [B, H, W], any resolution. Returns float32 [N] or [B, N] (N = gh * gw,
     row-major): the exact area average over each patch (a pixel straddling two patches counts
     in each with the fraction of its area inside), then scale * (x - min) / (max - min) per
-    image; a constant map (up to a 1e-9 relative spread) gives all zeros (choice, SPEC §1).
+    image; a constant map (up to a 1e-9 relative spread) gives all zeros (choice, METHODS §1).
     scale: 255.0 (default: the levels of an 8-bit depth image, so that sigma_d = 0.6 separates
     surfaces a few levels apart; module docstring) or 1.0 for the earlier [0, 1] units; > 0.
     """

@@ -212,7 +212,7 @@ def _dscr_run(route, k, v, params):
 def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords, *,
                 sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
                 method: str = "auto", grid_unit: str = "patch"):
-    """Depth- and space-aware refinement of the image tokens' keys and values (SPEC §1).
+    """Depth- and space-aware refinement of the image tokens' keys and values (METHODS §1).
 
     Args:
         k, v: [B, H, N, D] float32/float16/bfloat16 keys and values of the N image tokens
@@ -254,7 +254,7 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
                        depth: torch.Tensor, coords, *, sigma_d: float = 0.6,
                        sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
                        method: str = "auto", grid_unit: str = "patch") -> None:
-    """Refine the image span of several layers' caches in place, in one call (SPEC §1).
+    """Refine the image span of several layers' caches in place, in one call (METHODS §1).
 
     keys (and values, or None for keys only): sequences of [B, H, N, D] views of each layer's
     cache restricted to the image span, e.g. `cache_k[:, :, s:s + N]`; the views must not overlap
@@ -341,7 +341,7 @@ def _dscr_refine_banded_cache_fake(keys, values, tok, tokw, cnt, row_ptr, row_lo
 
 
 # --------------------------------------------------------------------------------------------
-# KVSmooth (SPEC §2)
+# KVSmooth (METHODS §2)
 #
 # Every check of these two ops is stated once, in C++ (kvsmooth_check and friends in
 # csrc/ops.cpp), and runs in the CPU, CUDA and Meta kernels alike (the Meta kernel serves
@@ -383,7 +383,7 @@ def _check_lam(lam_ref, band):
 
 def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy of each query head's attention row for a single-token query (SPEC §2 step 1).
+    """Entropy of each query head's attention row for a single-token query (METHODS §2 step 1).
 
     Args:
         q: [B, Hq, 1, D] query (after RoPE), float32/float16/bfloat16, contiguous last dim.
@@ -410,7 +410,7 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
 def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, queue: torch.Tensor, *,
                    scale: float | None = None, mask: torch.Tensor | None = None, lam_ref: float = 0.9,
                    band: float = 0.2) -> torch.Tensor:
-    """One KVSmooth decoding step of one layer (SPEC §2), in place; returns lam [B] float32.
+    """One KVSmooth decoding step of one layer (METHODS §2), in place; returns lam [B] float32.
 
     Fused: entropy of every query head's row (as `row_entropy`), z = mean over query heads;
     push z onto each item's queue (FIFO, oldest first, drops the oldest; NaN = empty slot);
@@ -462,7 +462,7 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
-# SCR (SPEC §3)
+# SCR (METHODS §3)
 #
 # Every check of the SCR ops is stated once, in C++ (scr_scores_check / scr_redistribute_check in
 # csrc/ops.cpp), run by the CPU, CUDA and Meta kernels; the wrappers below convert arguments.
@@ -492,7 +492,7 @@ def _check_mask4(mask, shape, device):
 
 def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | None = None,
                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """SCR diagnostic scores (SPEC §3): attention mass each image key receives, [B, N] float32.
+    """SCR diagnostic scores (METHODS §3): attention mass each image key receives, [B, N] float32.
 
     Args:
         q: [B, Hq, Tq, D] queries (after RoPE), float32/float16/bfloat16, contiguous last dim
@@ -539,7 +539,7 @@ def _scr_args(hidden, scores, grid_hw, top_k, lam, exclude_border):
 
 def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
                      exclude_border: bool = True) -> torch.Tensor:
-    """SCR redistribution (SPEC §3) of the visual tokens' hidden states; returns a new contiguous tensor.
+    """SCR redistribution (METHODS §3) of the visual tokens' hidden states; returns a new contiguous tensor.
 
     Args:
         hidden: [B, N, C] float32/float16/bfloat16, any strides with a contiguous last dim.
@@ -575,7 +575,7 @@ def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, to
 
 
 # --------------------------------------------------------------------------------------------
-# CMAC (SPEC §4): calibrated image keys (CMPC), attention with IMD, contrastive logits.
+# CMAC (METHODS §4): calibrated image keys (CMPC), attention with IMD, contrastive logits.
 #
 # Image spans travel to the kernels as two ints (one span for the batch) or an int64 tensor
 # [B, 2] read on the device (per-item spans; no host read). Validation otherwise reads shapes,
@@ -643,7 +643,7 @@ def _check_span(image_span, B: int, T: int, device):
 def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma: float = 3.0,
                    positions: torch.Tensor | None = None, mrope_section=None,
                    num_tokens: int | None = None) -> torch.Tensor:
-    """CMPC: the image keys re-rotated to calibrated positions (SPEC §4). Returns [B, Hkv, N, D].
+    """CMPC: the image keys re-rotated to calibrated positions (METHODS §4). Returns [B, Hkv, N, D].
 
     Args:
         k: [B, Hkv, T, D] post-RoPE keys (e.g. a layer's cache; any strides with a contiguous
@@ -731,7 +731,7 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
                    k_calibrated: torch.Tensor | None = None, scale: float | None = None,
                    mask: torch.Tensor | None = None, causal: bool = True, imd=False,
                    value_mean: str = "scalar") -> torch.Tensor:
-    """Attention with CMAC's calibrated image keys and, optionally, IMD (SPEC §4). [B, Hq, Tq, D].
+    """Attention with CMAC's calibrated image keys and, optionally, IMD (METHODS §4). [B, Hq, Tq, D].
 
     Args:
         q: [B, Hq, Tq, D] queries (after RoPE); k, v: [B, Hkv, T, D] keys and values (GQA: query
@@ -811,7 +811,7 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
 
 def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, alpha: float = 3.0,
                        beta: float = 0.2) -> torch.Tensor:
-    """Contrastive decoding logits (SPEC §4): `(1 + alpha) l - alpha l~` on the plausible set
+    """Contrastive decoding logits (METHODS §4): `(1 + alpha) l - alpha l~` on the plausible set
     `{y : log p(y) >= log beta + max log p}` (p = softmax of the ORIGINAL branch's logits l,
     so the test is `l_y - max l >= log beta`), -inf elsewhere.
 

@@ -1,4 +1,4 @@
-"""The specification (shared/SPEC.md) in plain PyTorch.
+"""The specification (docs/METHODS.md) in plain PyTorch.
 
 Every CPU and CUDA kernel of kvfix is tested against these functions. They are written for
 clarity, not speed: they materialise the full N x N proximity matrix. They run in the dtype
@@ -13,7 +13,7 @@ __all__ = ["dscr_weights", "dscr_refine", "dscr_refine_factored", "DSCR_EXP_CUTO
 
 # A proximity term exp(x) with x below this counts as 0, in every backend: float32 leaves its
 # normal range there (exp(-87) ~ 1.6e-38), so all implementations agree on when a column sum is
-# 0 and a token keeps its own key (SPEC §1 "c_j == 0 after underflow"), float64 included.
+# 0 and a token keeps its own key (METHODS §1 "c_j == 0 after underflow"), float64 included.
 DSCR_EXP_CUTOFF = -87.0
 
 
@@ -31,7 +31,7 @@ def _as_batched(x: torch.Tensor, batch: int, trailing: int) -> torch.Tensor:
 def dscr_weights(depth: torch.Tensor, coords: torch.Tensor, *, sigma_d: float = 0.6,
                  sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8,
                  batch: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Column-normalised DSCR weights `w[b, i, j]` (SPEC §1), shape [B, N, N].
+    """Column-normalised DSCR weights `w[b, i, j]` (METHODS §1), shape [B, N, N].
 
     wt[i, j] = exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2)),
     wt[j, j] = 0, w[i, j] = wt[i, j] / sum_i wt[i, j]. A term whose exponent is below
@@ -53,7 +53,7 @@ def dscr_weights(depth: torch.Tensor, coords: torch.Tensor, *, sigma_d: float = 
 
 def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords: torch.Tensor,
                 *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6, beta: float = 0.8):
-    """DSCR refinement of the visual tokens' keys (and values), SPEC §1.
+    """DSCR refinement of the visual tokens' keys (and values), METHODS §1.
 
     k, v: [B, H, N, D]; depth: [B, N] or [N]; coords: [B, N, 2] or [N, 2].
     Returns (k_hat, v_hat) with k_hat[b, h, j] = sum_i w[b, i, j] k[b, h, i]; v_hat is None
@@ -98,7 +98,7 @@ def dscr_refine_factored(k: torch.Tensor, v: torch.Tensor | None, lr: torch.Tens
     return apply(k), (None if v is None else apply(v))
 
 # ---------------------------------------------------------------------------------------------
-# KVSmooth (SPEC §2)
+# KVSmooth (METHODS §2)
 #
 # Choices made here (documented defaults of the whole project):
 # - mask: bool (True = attend) or additive float, broadcastable to [B, 1, 1, T]. A position
@@ -139,7 +139,7 @@ def key_mask(mask: torch.Tensor | None, B: int, T: int, dtype: torch.dtype, devi
 
 def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy of each query head's softmax row, SPEC §2 step 1, materialised: [B, Hq].
+    """Entropy of each query head's softmax row, METHODS §2 step 1, materialised: [B, Hq].
 
     q [B, Hq, 1, D], k [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)).
     `p = softmax(q . k^T * scale + mask)`, `H = -sum p log p` over the positions taking part
@@ -163,7 +163,7 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
 
 
 def kvsmooth_queue(queue: torch.Tensor, z: torch.Tensor, *, lam_ref: float = 0.9, band: float = 0.2):
-    """SPEC §2 steps 2-3 for one step: (lam [B] float32, new queue [B, M] float32).
+    """METHODS §2 steps 2-3 for one step: (lam [B] float32, new queue [B, M] float32).
 
     Pushes z (rounded to float32) onto each item's FIFO (oldest first, NaN = empty), then
     lam = clamp(clamp(k / M, lam_ref - band, lam_ref + band), 0, 1) with k = #{entries <= z}
@@ -179,7 +179,7 @@ def kvsmooth_queue(queue: torch.Tensor, z: torch.Tensor, *, lam_ref: float = 0.9
 
 
 def kvsmooth_ema(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """SPEC §2 step 4 on a copy: x[:, :, T-1] = (1 - lam) x[:, :, T-1] + lam x[:, :, T-2] per item,
+    """METHODS §2 step 4 on a copy: x[:, :, T-1] = (1 - lam) x[:, :, T-1] + lam x[:, :, T-2] per item,
     computed in float64 when x is float64, else in float32 and rounded once to x's dtype. Items
     with lam == 0 are left as they are (not even 0 * a non-finite x[:, :, T-2] is added)."""
     out = x.clone()
@@ -195,7 +195,7 @@ def kvsmooth_ema(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 def kvsmooth_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, queue: torch.Tensor, *,
                   scale: float | None = None, mask: torch.Tensor | None = None, lam_ref: float = 0.9,
                   band: float = 0.2, entropy_dtype: torch.dtype | None = None):
-    """One KVSmooth decoding step (SPEC §2), functional: (lam [B] float32, k, v, queue) with new
+    """One KVSmooth decoding step (METHODS §2), functional: (lam [B] float32, k, v, queue) with new
     tensors for the smoothed caches and the pushed queue; the inputs are not modified.
 
     The entropy runs in `entropy_dtype` (default float64: the ground truth), z = its mean over
@@ -214,7 +214,7 @@ def kvsmooth_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# SCR (SPEC §3)
+# SCR (METHODS §3)
 #
 # Choices made here (documented defaults of the whole project, docs/SCR.md):
 # - scr_scores: the attention mass of image column j is the sum over the Tq query rows of the
@@ -250,7 +250,7 @@ def _scr_valid_bias(mask, causal: bool, B: int, Hq: int, Tq: int, T: int, dtype,
 
 def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | None = None,
                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """SCR diagnostic scores (SPEC §3), materialised: [B, N] in the dtype of q.
+    """SCR diagnostic scores (METHODS §3), materialised: [B, N] in the dtype of q.
 
     q [B, Hq, Tq, D], k [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)),
     image_span (start, end) with N = end - start. p = softmax(q k^T * scale + mask) over all T
@@ -293,7 +293,7 @@ def scr_sources(scores: torch.Tensor, grid_hw, *, top_k: int = 32, exclude_borde
 
 def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top_k: int = 32, lam: float = 1.1,
                      exclude_border: bool = True) -> torch.Tensor:
-    """SCR redistribution (SPEC §3) on a copy, in the dtype of hidden ([B, N, C]).
+    """SCR redistribution (METHODS §3) on a copy, in the dtype of hidden ([B, N, C]).
 
     h'[s] = h[s] / lam for sources; h'[n] = h[n] + (lam - 1) * sum of the ORIGINAL h[s] over the
     sources s 8-adjacent to n, for the non-source neighbours n; everything else unchanged.
@@ -314,7 +314,7 @@ def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top
 
 
 # ---------------------------------------------------------------------------------------------
-# CMAC (SPEC §4)
+# CMAC (METHODS §4)
 #
 # Choices made here (documented defaults, docs/CMAC.md):
 # - image spans: (start, end) ints shared by the batch, or an int64 tensor [B, 2] of per-item
@@ -362,7 +362,7 @@ def _rope_sections(mrope_section, half: int, device):
 def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma: float = 3.0,
                    positions: torch.Tensor | None = None, mrope_section=None,
                    num_tokens: int | None = None) -> torch.Tensor:
-    """CMPC calibrated image keys (SPEC §4), [B, H, N, D] in k's dtype.
+    """CMPC calibrated image keys (METHODS §4), [B, H, N, D] in k's dtype.
 
     Key t of the span [s, e) gets the rotation by delta = (1 - 1 / gamma) (a - p) per frequency,
     p its RoPE position and a the position of the first token after the span (index e; per RoPE
@@ -404,7 +404,7 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
                    k_calibrated: torch.Tensor | None = None, scale: float | None = None,
                    mask: torch.Tensor | None = None, causal: bool = True, imd=False,
                    value_mean: str = "scalar") -> torch.Tensor:
-    """CMAC attention (SPEC §4: CMPC logits, IMD values), materialised: [B, Hq, Tq, D].
+    """CMAC attention (METHODS §4: CMPC logits, IMD values), materialised: [B, Hq, Tq, D].
 
     q [B, Hq, Tq, D], k, v [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)),
     k_calibrated [B, Hkv, N, D] (the image keys at calibrated positions, e.g. `rope_calibrate`;
@@ -469,7 +469,7 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
 
 def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, alpha: float = 3.0,
                        beta: float = 0.2) -> torch.Tensor:
-    """Contrastive decoding (SPEC §4): (1 + alpha) l - alpha l~ on the plausible set
+    """Contrastive decoding (METHODS §4): (1 + alpha) l - alpha l~ on the plausible set
     {y : log p(y) >= log beta + max log p}, p = softmax(l) of the original branch; -inf elsewhere.
     log p(y) - max log p = l_y - max l, so the cut needs the row maximum only. In l's dtype,
     computed as l + alpha (l - l~) (the same value without cancelling two terms of size alpha |l|).

@@ -1,4 +1,4 @@
-"""CMAC (SPEC §4): the reference by hand, kernels against the reference, bad input, registration."""
+"""CMAC (METHODS §4): the reference by hand, kernels against the reference, bad input, registration."""
 import math
 
 import pytest

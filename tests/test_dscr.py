@@ -1,4 +1,4 @@
-"""DSCR (SPEC §1): reference on hand-computed cases, kernels against the reference, bad input."""
+"""DSCR (METHODS §1): reference on hand-computed cases, kernels against the reference, bad input."""
 import math
 
 import pytest
@@ -42,7 +42,7 @@ def test_reference_hand_computed_space_term():
 
 
 def test_reference_hand_computed_default_units():
-    """The default units (SPEC §1): patch coordinates 1 apart, depth levels in [0, 255]. Tokens 0
+    """The default units (METHODS §1): patch coordinates 1 apart, depth levels in [0, 255]. Tokens 0
     and 1 share a surface (depth 0), token 2 is 255 levels away: its depth term exp(-cd 255^2)
     is below the cut-off (0), so only the spatial term links it. cs = 0.8 / 0.72 = 10 / 9."""
     e1, e4 = math.exp(-10 / 9), math.exp(-40 / 9)

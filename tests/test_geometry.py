@@ -1,4 +1,4 @@
-"""kvfix.patch_coords / kvfix.patch_depth (SPEC §1 helpers, revised units) against hand-computed values."""
+"""kvfix.patch_coords / kvfix.patch_depth (METHODS §1 helpers, revised units) against hand-computed values."""
 import pytest
 import torch
 

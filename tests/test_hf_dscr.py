@@ -1,6 +1,6 @@
 """kvfix.hf.DSCR end to end on tiny random LLaVA / Qwen2-VL / Qwen2.5-VL models (CPU, float32, no download).
 
-Model-level behaviour is checked against an independent split-prefill loop written here (SPEC §1,
+Model-level behaviour is checked against an independent split-prefill loop written here (METHODS §1,
 "When"): the plain model on the prompt up to an image end with a DynamicCache, that image's span
 refined with kvfix.reference.dscr_refine (float64), then the rest of the prompt, then decoding.
 """
@@ -141,7 +141,7 @@ def image_part(cache, spans, layer):
 
 
 # --------------------------------------------------------------------------------------------
-# the timing of SPEC §1: equal to a split prefill, token 1 included
+# the timing of METHODS §1: equal to a split prefill, token 1 included
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 def test_first_token_and_greedy_equal_split_prefill(family, request):

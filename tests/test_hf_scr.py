@@ -3,7 +3,7 @@
 The kernel-backed method (sdpa attention, attention hook, scores from `kvfix.scr_scores`, an
 auxiliary diagnostic pass stopped early) is compared with an independent two-pass run written
 here in plain PyTorch: scores from the eager model's `output_attentions`, the redistribution of
-SPEC §3 written out, applied by explicit forward pre-hooks on the decoder layers during the
+METHODS §3 written out, applied by explicit forward pre-hooks on the decoder layers during the
 prefill, then plain greedy `generate`. Tokens must be equal and logits close.
 """
 import copy
@@ -76,7 +76,7 @@ def ref_scores(model, inputs, spans, diag_layers, past=None):
 
 
 def ref_redistribute(h, scores, gh, gw, top_k, lam, exclude_border):
-    """SPEC §3 written out: h [N, C] -> new [N, C] (float64 arithmetic)."""
+    """METHODS §3 written out: h [N, C] -> new [N, C] (float64 arithmetic)."""
     N = gh * gw
     cand = [i for i in range(N) if not exclude_border or (0 < i // gw < gh - 1 and 0 < i % gw < gw - 1)]
     cand.sort(key=lambda i: (-float(scores[i]), i))

@@ -5,7 +5,7 @@ PyTorch on the text model, item by item (its row of the padded batch) and branch
 lockstep so that each step's token is picked from all items at once:
 
 - SCR: scores of the plain model (`test_hf_scr.ref_scores`: eager attention probabilities), the
-  redistribution (`test_hf_scr.ref_redistribute`, SPEC §3 written out) applied by forward
+  redistribution (`test_hf_scr.ref_redistribute`, METHODS §3 written out) applied by forward
   pre-hooks on the decoder layers 1..3 to the image rows of the prefill, in every branch;
 - DSCR: a split prefill: the prompt up to the image end, the image span of the cache refined at
   layers 1..3 with `kvfix.reference.dscr_refine` (float64), then the rest of the prompt;

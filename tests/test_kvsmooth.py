@@ -1,4 +1,4 @@
-"""KVSmooth (SPEC §2): the reference by hand, kernels against the reference, bad input, registration."""
+"""KVSmooth (METHODS §2): the reference by hand, kernels against the reference, bad input, registration."""
 import math
 
 import pytest

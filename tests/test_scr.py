@@ -1,4 +1,4 @@
-"""SCR (SPEC §3): the reference by hand, kernels against the reference, bad input, registration."""
+"""SCR (METHODS §3): the reference by hand, kernels against the reference, bad input, registration."""
 import math
 
 import pytest
@@ -152,7 +152,7 @@ def check_redistribute(hidden, scores, grid, **kw):
     assert ret is hidden
     assert torch.equal(hidden, out)
     src = R.scr_sources(scores.cpu(), grid, top_k=kw.get("top_k", 32), exclude_border=kw.get("exclude_border", True))
-    same = (truth == orig.cpu().double()).all(-1)  # rows SPEC §3 leaves unchanged: bit for bit
+    same = (truth == orig.cpu().double()).all(-1)  # rows METHODS §3 leaves unchanged: bit for bit
     assert torch.equal(hidden.cpu()[same], orig.cpu()[same])
     if base is not hidden:
         mask = torch.ones_like(base, dtype=torch.bool)

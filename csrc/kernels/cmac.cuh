@@ -1,4 +1,4 @@
-// CMAC (SPEC §4) CUDA kernels: calibrated image keys, attention with IMD, contrastive logits.
+// CMAC (METHODS §4) CUDA kernels: calibrated image keys, attention with IMD, contrastive logits.
 // Framework-free: CUDA runtime and C++ headers only, so the ATen side (csrc/cuda/cmac.cu), the
 // resource report (tools/ptxas_report.py) and the CPU-side SIMT emulator (tests/emu/) all compile
 // this source.

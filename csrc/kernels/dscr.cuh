@@ -1,4 +1,4 @@
-// DSCR (SPEC §1) as one fused CUDA kernel. Framework-free: CUDA runtime and C++ headers only, so
+// DSCR (METHODS §1) as one fused CUDA kernel. Framework-free: CUDA runtime and C++ headers only, so
 // the ATen side (csrc/cuda/dscr.cu), the resource report (tools/ptxas_report.py) and the CPU-side
 // SIMT emulator (tests/emu/) all compile this same source.
 //

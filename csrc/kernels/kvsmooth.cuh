@@ -1,4 +1,4 @@
-// KVSmooth (SPEC §2) as two CUDA launches per layer step. Framework-free: CUDA runtime and C++
+// KVSmooth (METHODS §2) as two CUDA launches per layer step. Framework-free: CUDA runtime and C++
 // headers only, so the ATen side (csrc/cuda/kvsmooth.cu), the resource report
 // (tools/ptxas_report.py) and the CPU-side SIMT emulator (tests/emu/) all compile this source.
 //

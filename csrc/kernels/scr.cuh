@@ -1,4 +1,4 @@
-// SCR (SPEC §3) as CUDA launches. Framework-free: CUDA runtime and C++ headers only, so the ATen
+// SCR (METHODS §3) as CUDA launches. Framework-free: CUDA runtime and C++ headers only, so the ATen
 // side (csrc/cuda/scr.cu), the resource report (tools/ptxas_report.py) and the CPU-side SIMT
 // emulator (tests/emu/) all compile this source.
 //

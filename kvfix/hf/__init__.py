@@ -44,7 +44,7 @@ What a stack of methods computes, and in which order they compose: docs/STACKING
   the cache, what `generate` does) is in `_compat.py` (see its docstring); what differs per
   family (config fields, where the images and grids are, the RoPE kind) is in the adapters.
 
-DSCR (dscr.py): the timing of a split prefill (SPEC §1): every token after an image attends to
+DSCR (dscr.py): the timing of a split prefill (METHODS §1): every token after an image attends to
 its refined keys/values at the selected layers, the image and what precedes it to the plain
 ones. In the forward that carries the images, the attention hook of each selected layer refines
 each grid of each image (its `gh x gw` tokens; several grids per image for LLaVA-NeXT) with

@@ -1,4 +1,4 @@
-"""CMAC as a kvfix.hf method: calibrated cross-modal attention with contrastive decoding (SPEC §4)."""
+"""CMAC as a kvfix.hf method: calibrated cross-modal attention with contrastive decoding (METHODS §4)."""
 from __future__ import annotations
 
 import math
@@ -104,7 +104,7 @@ class _State:
 
 
 class CMAC(Method):
-    """Cross-modal attention calibration with contrastive decoding (CVPR 2026; SPEC §4).
+    """Cross-modal attention calibration with contrastive decoding (CVPR 2026; METHODS §4).
 
     `kvfix.hf.enable(model, kvfix.hf.CMAC())`, then the usual `model.generate(**inputs, ...)`
     (or `handle.generate(...)`): greedy or sampling, logits processors and warpers, eos,

@@ -1,5 +1,5 @@
 """DSCR as a kvfix.hf method: every token after an image attends to that image's refined keys
-and values at the selected layers (SPEC §1, "When"), computed in the forward that carries the image."""
+and values at the selected layers (METHODS §1, "When"), computed in the forward that carries the image."""
 from __future__ import annotations
 
 import torch
@@ -16,9 +16,9 @@ _MISSING = ("error", "uniform")
 
 
 class DSCR(Method):
-    """Depth- and space-aware KV refinement (SPEC §1), with the timing of a split prefill.
+    """Depth- and space-aware KV refinement (METHODS §1), with the timing of a split prefill.
 
-    Semantics (SPEC §1, "When"): every token after an image, from the question to the last
+    Semantics (METHODS §1, "When"): every token after an image, from the question to the last
     generated token, attends to that image's refined keys/values at the selected layers; the
     image's own tokens and everything before it are computed by the unmodified model. This is
     exactly running the prompt up to the image end, refining that span of the cache
@@ -45,7 +45,7 @@ class DSCR(Method):
 
     Args:
         layers: text decoder layers whose image keys/values are refined. None: `[L // 4, L)`
-            (SPEC default; the paper refines 10..39 of 40). Also a slice, a range or ints
+            (METHODS default; the paper refines 10..39 of 40). Also a slice, a range or ints
             (negatives from L).
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): the proximity kernel of `kvfix.dscr_refine`.
         keys_only: refine keys only, values untouched.

@@ -1,4 +1,4 @@
-"""KVSmooth as a kvfix.hf method: entropy-guided EMA of the KV cache while decoding (SPEC §2)."""
+"""KVSmooth as a kvfix.hf method: entropy-guided EMA of the KV cache while decoding (METHODS §2)."""
 from __future__ import annotations
 
 import warnings
@@ -21,7 +21,7 @@ KVSMOOTH_PRESETS = {"llava-1.5": 0.9, "minigpt-4": 0.5, "instructblip": 0.7}
 
 
 class KVSmooth(Method):
-    """Entropy-guided smoothing of the KV cache during decoding (SPEC §2).
+    """Entropy-guided smoothing of the KV cache during decoding (METHODS §2).
 
     On every decoding step (one new token per sequence) and every selected layer, right after the
     model's own attention has run (SDPA or whatever the model uses; no eager attention, no
@@ -35,7 +35,7 @@ class KVSmooth(Method):
     Prefill is not smoothed.
 
     Args:
-        layers: text decoder layers to smooth. None: `[3, L)` (SPEC default; the paper smooths
+        layers: text decoder layers to smooth. None: `[3, L)` (METHODS default; the paper smooths
             3..31 of 32). Also a slice, a range or ints (negatives from L).
         lam_ref: centre of the coefficient band, in [0, 1]. None: from `preset`, else from the
             model family (LLaVA and Qwen2-VL: the LLaVA-1.5 value 0.9).

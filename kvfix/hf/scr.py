@@ -1,4 +1,4 @@
-"""SCR as a kvfix.hf method: spatial credit redistribution, two passes per prompt (SPEC §3)."""
+"""SCR as a kvfix.hf method: spatial credit redistribution, two passes per prompt (METHODS §3)."""
 from __future__ import annotations
 
 import math
@@ -24,7 +24,7 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 class SCR(Method):
-    """Spatial credit redistribution (SPEC §3): re-weight the image tokens' residual stream
+    """Spatial credit redistribution (METHODS §3): re-weight the image tokens' residual stream
     around the patches the prompt's text attends to most.
 
     When a generation's prefill carries images, two passes run instead of one:
@@ -52,10 +52,10 @@ class SCR(Method):
        prefill ends (one copy of each image's hidden states per redistribution layer).
 
     Args:
-        layers: decoder layers whose input is redistributed. None: layers 1..4 (SPEC default,
+        layers: decoder layers whose input is redistributed. None: layers 1..4 (METHODS default,
             inclusive; those that exist). Also a slice, a range or ints (negatives from L).
         diagnostic_layers: layers whose attention gives the scores. None: the first two
-            (SPEC choice; `(0,)` for a one-layer model). Same forms as `layers`.
+            (METHODS choice; `(0,)` for a one-layer model). Same forms as `layers`.
         top_k: sources per image (>= 1; capped at the candidate patches).
         lam: source scaling (> 0; sources are divided by lam, their 8-neighbours receive
             `(lam - 1) * h[source]`); 1.0 leaves the hidden states unchanged.

@@ -1,5 +1,5 @@
 // C++ test (ctest): kvfix::dscr_refine through the dispatcher, as a C++ caller would use it,
-// against a naive double-precision loop written from SPEC §1; and the in-place cache op.
+// against a naive double-precision loop written from METHODS §1; and the in-place cache op.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 

@@ -2,7 +2,7 @@
 
 scr_scores follows the flash-attention rule against the reference run in float32 (all kernel
 arithmetic is float32); scr_redistribute matches the float64 reference within float32 rounding for
-float32 and the same rule for float16 / bfloat16, and rows SPEC §3 leaves alone are bit-identical.
+float32 and the same rule for float16 / bfloat16, and rows METHODS §3 leaves alone are bit-identical.
 Outputs, the scores workspace (NaN) and the source flags (0xab) are poisoned before every launch.
 
 Shapes are small (every CUDA thread is a fiber) but cover the code paths: several row tiles (Tq >
