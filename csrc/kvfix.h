@@ -7,9 +7,22 @@
 #include <optional>
 #include <vector>
 
+#include "kernels/view.h"
+
 namespace kvfix {
 
-// DSCR (SPEC §1). Proximity coefficients, as the kernels use them:
+// A broadcast attention mask as every kernel reads it (csrc/kernels/view.h): element (b, h, i, t)
+// at data + b*sb + h*sh + i*si + t*st, 0 strides where broadcast; kind 0 none, 1 bool (True =
+// attend), 2/3/4 additive float32/float16/bfloat16 (-inf = masked). Built once, by mask_check.
+using MaskView = kernels::MaskView;
+
+// The one check of a mask argument: bool or additive float, on q's device, broadcastable (up to
+// 4 dims, right-aligned) to `want` ([B, H, Tq, T]; `dims` names them in the message, e.g.
+// "B, 1, 1, T"). Returns its view (data null for meta tensors: checks only); kind 0 for None.
+MaskView mask_check(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& q, const int64_t want[4],
+                    const char* dims, const char* hint = "");
+
+// DSCR (METHODS §1). Proximity coefficients, as the kernels use them:
 //   wt[i, j] = exp(-coef_d * (d_i - d_j)^2) + exp(-coef_s * |s_i - s_j|^2)
 //   coef_d = alpha / (2 sigma_d^2), coef_s = beta / (2 sigma_s^2).
 struct DscrCoefs {
@@ -46,21 +59,12 @@ void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at
 
 
 // ---------------------------------------------------------------------------------------------
-// KVSmooth (SPEC §2): row entropy of a single-token query and the fused decoding step.
-
-// A key mask broadcast to [B, 1, 1, T], as the kernels read it: element (b, t) at
-// data + b * sb + t * st (strides in elements, 0 where broadcast). kind: 0 no mask, 1 bool
-// (True = attend), 2/3/4 additive float32/float16/bfloat16 (-inf = masked).
-struct KvsMask {
-  const void* data = nullptr;
-  int kind = 0;
-  int64_t sb = 0, st = 0;
-};
+// KVSmooth (METHODS §2): row entropy of a single-token query and the fused decoding step.
 
 // Checks shared by every device (the Python wrappers raise friendlier errors first). q [B, Hq, 1, D],
 // k [B, Hkv, T, D] (Hq % Hkv == 0, T >= 1), v like k or null, queue float32 [B, M >= 1] or null,
 // mask broadcastable to [B, 1, 1, T]. Returns the mask view the kernels read.
-KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask);
 // The logit scale (default 1 / sqrt(D)); lam_ref in [0, 1] and band >= 0, finite.
 float kvsmooth_scale(std::optional<double> scale, int64_t D);
@@ -123,23 +127,14 @@ void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values,
 
 
 // ---------------------------------------------------------------------------------------------
-// SCR (SPEC §3): diagnostic attention mass of the image columns and the spatial redistribution.
+// SCR (METHODS §3): diagnostic attention mass of the image columns and the spatial redistribution.
 
 namespace kvfix {
-
-// A mask broadcast to [B, Hq, Tq, T], as the kernels read it: element (b, h, i, t) at
-// data + b * sb + h * sh + i * si + t * st (strides in elements, 0 where broadcast). kind: 0 no
-// mask, 1 bool (True = attend), 2/3/4 additive float32/float16/bfloat16 (-inf = masked).
-struct ScrMask {
-  const void* data = nullptr;
-  int kind = 0;
-  int64_t sb = 0, sh = 0, si = 0, st = 0;
-};
 
 // Checks shared by every device (the Python wrappers raise friendlier errors first). q [B, Hq, Tq, D],
 // k [B, Hkv, T, D] (same dtype, Hq % Hkv == 0, nothing empty), 0 <= start <= end <= T, causal
 // needs Tq <= T, mask broadcastable to [B, Hq, Tq, T]. Returns the mask view the kernels read.
-ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+MaskView scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
                          const std::optional<at::Tensor>& mask, bool causal);
 // The logit scale (default 1 / sqrt(D)), finite.
 float scr_scale(std::optional<double> scale, int64_t D);
@@ -168,24 +163,15 @@ void scr_redistribute__cuda(const at::Tensor& hidden, const at::Tensor& scores, 
 
 
 // ---------------------------------------------------------------------------------------------
-// CMAC (SPEC §4): calibrated image keys, attention with IMD, contrastive logits.
+// CMAC (METHODS §4): calibrated image keys, attention with IMD, contrastive logits.
 
 namespace kvfix {
-
-// A mask broadcast to [B, Hq, Tq, T]: element (b, h, i, j) at data + b*sb + h*sh + i*si + j*sj
-// (element strides, 0 where broadcast). kind: 0 none, 1 bool (True = attend), 2/3/4 additive
-// float32/float16/bfloat16 (-inf = masked).
-struct CmacMask {
-  const void* data = nullptr;
-  int kind = 0;
-  int64_t sb = 0, sh = 0, si = 0, sj = 0;
-};
 
 // Checks shared by every device (the Python wrappers raise friendlier errors first).
 void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
                      int64_t n, const at::Tensor& inv_freq, double gamma, const std::optional<at::Tensor>& positions,
                      at::OptionalIntArrayRef sections);
-CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+MaskView cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
                               int64_t end, const std::optional<at::Tensor>& spans,
                               const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
                               const std::optional<at::Tensor>& imd_items, int64_t value_mean);

@@ -25,6 +25,33 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace kvfix {
 
+MaskView mask_check(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& q, const int64_t want[4],
+                    const char* dims, const char* hint) {
+  if (!mask.has_value()) return MaskView{};
+  const at::Tensor& mk = *mask;
+  const auto st = mk.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
+  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
+  kernels::View v;
+  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
+  if (ok) {
+    v.ndim = static_cast<int>(mk.dim());
+    for (int i = 0; i < v.ndim; ++i) {
+      v.sizes[i] = mk.size(i);
+      v.strides[i] = mk.stride(i);
+      const int64_t w = want[4 - v.ndim + i];
+      ok = ok && (v.sizes[i] == w || v.sizes[i] == 1);
+    }
+  }
+  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [", dims, "] = [", want[0], ", ", want[1], ", ", want[2],
+                    ", ", want[3], "], got shape ", mk.sizes(), hint);
+  v.dtype = st == at::kBool ? kernels::DType::kBool : st == at::kFloat ? kernels::DType::kF32
+            : st == at::kHalf ? kernels::DType::kF16 : kernels::DType::kBF16;
+  if (!mk.is_meta()) v.data = const_cast<void*>(mk.const_data_ptr());  // meta / fake tensors: checks only
+  return kernels::mask_view(v);
+}
+
 constexpr double kFloatMax = std::numeric_limits<float>::max();
 constexpr double kFloatMinNormal = std::numeric_limits<float>::min();
 
@@ -285,7 +312,7 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// KVSmooth (SPEC §2): checks shared by the CPU and CUDA implementations, schemas, registrations.
+// KVSmooth (METHODS §2): checks shared by the CPU and CUDA implementations, schemas, registrations.
 
 namespace kvfix {
 
@@ -304,7 +331,7 @@ static void check_float_input(const char* op, const at::Tensor& x, const char* n
 // Every check of row_entropy / kvsmooth_step_, stated once: the CPU and CUDA implementations and
 // the Meta kernel (torch.compile, FakeTensor, meta tensors) call it; the Python wrappers only
 // convert arguments. Errors name the argument: ValueError (shape, device, range), TypeError (dtype).
-KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask) {
   const char* kn = queue != nullptr ? "k_cache" : "k";
   TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D] (a single-token query), got shape ",
@@ -342,28 +369,8 @@ KvsMask kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k,
     TORCH_CHECK_VALUE(queue->device() == q.device(), op, ": queue is on ", queue->device(), " but q is on ",
                       q.device());
   }
-  KvsMask m;
-  if (!mask.has_value()) return m;
-  const at::Tensor& mk = *mask;
-  const auto st = mk.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
   const int64_t want[4] = {B, 1, 1, T};
-  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
-  for (int64_t i = 0; ok && i < mk.dim(); ++i) {
-    size[4 - mk.dim() + i] = mk.size(i);
-    stride[4 - mk.dim() + i] = mk.stride(i);
-  }
-  for (int i = 0; i < 4; ++i) ok = ok && (size[i] == want[i] || size[i] == 1);
-  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [B, 1, 1, T] = [", B, ", 1, 1, ", T, "], got shape ",
-                    mk.sizes(), " (a 2-D [B, T] padding mask: pass mask[:, None, None, :])");
-  if (!mk.is_meta()) m.data = mk.const_data_ptr();  // meta / fake tensors: checks only
-  m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
-  m.sb = size[0] == 1 ? 0 : stride[0];
-  m.st = size[3] == 1 ? 0 : stride[3];
-  return m;
+  return mask_check(op, mask, q, want, "B, 1, 1, T", " (a 2-D [B, T] padding mask: pass mask[:, None, None, :])");
 }
 
 float kvsmooth_scale(std::optional<double> scale, int64_t D) {
@@ -501,14 +508,14 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// SCR (SPEC §3): checks shared by the CPU and CUDA implementations, schemas, registrations.
+// SCR (METHODS §3): checks shared by the CPU and CUDA implementations, schemas, registrations.
 
 namespace kvfix {
 
 // Every check of scr_scores / scr_redistribute(_), stated once: the CPU, CUDA and Meta kernels
 // call them; the Python wrappers only convert arguments. Errors name the argument: ValueError
 // (shape, device, range, non-finite scores), TypeError (dtype).
-ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
+MaskView scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
                          const std::optional<at::Tensor>& mask, bool causal) {
   const char* op = "scr_scores";
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Hq, Tq, D], got shape ", q.sizes());
@@ -532,30 +539,8 @@ ScrMask scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start
                     ") must satisfy 0 <= start <= end <= T = ", T);
   TORCH_CHECK_VALUE(!causal || Tq <= T, op, ": causal needs Tq <= T (query i sits at T - Tq + i), got Tq=", Tq,
                     ", T=", T);
-  ScrMask m;
-  if (!mask.has_value()) return m;
-  const at::Tensor& mk = *mask;
-  const auto st = mk.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-                   ": mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK_VALUE(mk.device() == q.device(), op, ": mask is on ", mk.device(), " but q is on ", q.device());
   const int64_t want[4] = {B, Hq, Tq, T};
-  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  bool ok = mk.dim() >= 1 && mk.dim() <= 4;
-  for (int64_t i = 0; ok && i < mk.dim(); ++i) {
-    size[4 - mk.dim() + i] = mk.size(i);
-    stride[4 - mk.dim() + i] = mk.stride(i);
-  }
-  for (int i = 0; i < 4; ++i) ok = ok && (size[i] == want[i] || size[i] == 1);
-  TORCH_CHECK_VALUE(ok, op, ": mask must be broadcastable to [B, Hq, Tq, T] = [", B, ", ", Hq, ", ", Tq, ", ", T,
-                    "], got shape ", mk.sizes());
-  if (!mk.is_meta()) m.data = mk.const_data_ptr();  // meta / fake tensors: checks only
-  m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
-  m.sb = size[0] == 1 ? 0 : stride[0];
-  m.sh = size[1] == 1 ? 0 : stride[1];
-  m.si = size[2] == 1 ? 0 : stride[2];
-  m.st = size[3] == 1 ? 0 : stride[3];
-  return m;
+  return mask_check(op, mask, q, want, "B, Hq, Tq, T");
 }
 
 float scr_scale(std::optional<double> scale, int64_t D) {
@@ -648,7 +633,7 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// CMAC (SPEC §4): checks shared by the CPU and CUDA implementations, schemas, registrations.
+// CMAC (METHODS §4): checks shared by the CPU and CUDA implementations, schemas, registrations.
 
 namespace kvfix {
 
@@ -723,7 +708,7 @@ void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std:
   }
 }
 
-CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+MaskView cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
                               int64_t end, const std::optional<at::Tensor>& spans,
                               const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
                               const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
@@ -757,29 +742,8 @@ CmacMask cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
                 op, ": imd must be a contiguous bool tensor [B] on q's device");
   }
   TORCH_CHECK(value_mean == 0 || value_mean == 1, op, ": value_mean must be 0 (scalar) or 1 (vector)");
-  CmacMask m;
-  if (!mask.has_value()) return m;
-  const at::Tensor& mk = *mask;
-  TORCH_CHECK(mk.device() == q.device(), op, ": mask device differs from q");
-  const auto st = mk.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": mask must be bool or float32/float16/bfloat16 (additive), got ", st);
-  TORCH_CHECK(mk.dim() >= 1 && mk.dim() <= 4, op, ": mask must be broadcastable to [B, Hq, Tq, T], got ", mk.sizes());
   const int64_t want[4] = {B, Hq, Tq, T};
-  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < mk.dim(); ++i) {
-    size[4 - mk.dim() + i] = mk.size(i);
-    stride[4 - mk.dim() + i] = mk.stride(i);
-  }
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(size[i] == want[i] || size[i] == 1, op, ": mask ", mk.sizes(), " is not broadcastable to [B, Hq, Tq, T]");
-  m.data = mk.const_data_ptr();
-  m.kind = st == at::kBool ? 1 : st == at::kFloat ? 2 : st == at::kHalf ? 3 : 4;
-  m.sb = size[0] == 1 ? 0 : stride[0];
-  m.sh = size[1] == 1 ? 0 : stride[1];
-  m.si = size[2] == 1 ? 0 : stride[2];
-  m.sj = size[3] == 1 ? 0 : stride[3];
-  return m;
+  return mask_check(op, mask, q, want, "B, Hq, Tq, T");
 }
 
 // Every check of contrastive_logits, stated once (CPU, CUDA and Meta kernels; the wrapper only

@@ -1,4 +1,4 @@
-// CMAC on the CPU (SPEC §4): calibrated image keys, attention with IMD, contrastive logits.
+// CMAC on the CPU (METHODS §4): calibrated image keys, attention with IMD, contrastive logits.
 //
 // cmac_attention is a blocked flash attention: work items are (b, query head, query block),
 // each walks its key blocks once with an online softmax, and both products run as BLAS GEMMs
@@ -129,7 +129,7 @@ std::vector<Span> read_spans(int64_t B, int64_t T, int64_t start, int64_t end, c
   return out;
 }
 
-float mask_value(const CmacMask& m, int64_t off, bool& valid) {
+float mask_value(const MaskView& m, int64_t off, bool& valid) {
   switch (m.kind) {
     case 1:
       valid = static_cast<const bool*>(m.data)[off];
@@ -209,7 +209,7 @@ struct AttnArgs {
   int64_t qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, csb, csh, cst;
   float scale;
   bool causal;
-  CmacMask mask;
+  MaskView mask;
   const std::vector<Span>* spans;
   const std::vector<uint8_t>* imd;   // per item
   const float* mu_p;                 // [B]: IMD threshold per item
@@ -327,7 +327,7 @@ void attention(const AttnArgs& a) {
             const int64_t mrow = b * a.mask.sb + h * a.mask.sh + (i0 + r) * a.mask.si;
             for (int64_t j = 0; j < n; ++j) {
               bool valid = true;
-              const float bias = mask_value(a.mask, mrow + (j0 + j) * a.mask.sj, valid);
+              const float bias = mask_value(a.mask, mrow + (j0 + j) * a.mask.st, valid);
               s[j] = valid ? s[j] + bias : kNegInf;
             }
           }
@@ -460,7 +460,7 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
                               const std::optional<at::Tensor>& mask, bool causal, bool imd,
                               const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
-  const CmacMask mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
+  const MaskView mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());
   if (out.numel() == 0) return out;

@@ -1,4 +1,4 @@
-// DSCR on the CPU (SPEC §1).
+// DSCR on the CPU (METHODS §1).
 //
 // k_hat[j] = sum_i w[i, j] k[i] with w the column-normalised proximity matrix. The weights are
 // built kBlockCols columns at a time (vectorised, parallel over columns) as rows of a
@@ -29,7 +29,7 @@ constexpr int64_t kSharedWeightBytes = int64_t(64) << 20;  // in-place op: weigh
 
 // Rows j in [j0, j1) of the block `w` (row j at w + (j - j0) * N): w[j][i] = wt(i, j) / c_j with
 // the diagonal masked. A column with c_j == 0 (N == 1, underflow) becomes the unit row e_j, so
-// the GEMM returns k[j] unchanged, as SPEC §1 asks.
+// the GEMM returns k[j] unchanged, as METHODS §1 asks.
 KVFIX_CPU_CLONES void weight_rows(const float* d, const float* sy, const float* sx, int64_t N,
                                   int64_t j0, int64_t j1, float cd, float cs, float* w) {
   for (int64_t j = j0; j < j1; ++j) {

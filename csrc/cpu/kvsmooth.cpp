@@ -1,4 +1,4 @@
-// KVSmooth on the CPU (SPEC §2): row entropy of a single-token query and the fused decoding step.
+// KVSmooth on the CPU (METHODS §2): row entropy of a single-token query and the fused decoding step.
 //
 // One pass over K. Work items are (b, kv head, chunk of positions), pulled dynamically by the
 // threads of at::parallel_for (parallel when the extension is compiled with OpenMP: see
@@ -17,7 +17,7 @@
 //
 //       m = max logit, l = sum e^(x - m), u = sum e^(x - m) (x - m),   H = log l - u / l.
 //
-//     (SPEC §2's `H = m + log l - u / l`, with u kept relative to the running max so that no large
+//     (METHODS §2's `H = m + log l - u / l`, with u kept relative to the running max so that no large
 //     logit cancels against itself; partial states merge exactly: u = sum_c a_c (u_c + (m_c - m) l_c),
 //     l = sum_c a_c l_c, a_c = e^(m_c - m).) Masked positions (bool False, additive -inf) take no
 //     part, whatever k holds there, and so does a -inf logit; an all-masked row has entropy 0.
@@ -124,7 +124,7 @@ KVFIX_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
 KVFIX_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 
 // Value of the key mask at (b, t): the additive bias, -inf where the position takes no part.
-KVFIX_INLINE float mask_bias(const KvsMask& m, int64_t b, int64_t t) {
+KVFIX_INLINE float mask_bias(const MaskView& m, int64_t b, int64_t t) {
   if (m.kind == 0) return 0.0f;
   const int64_t off = b * m.sb + t * m.st;
   switch (m.kind) {
@@ -174,7 +174,7 @@ struct Problem {
   int64_t k_sb, k_sh, k_st;
   int64_t B, Hq, Hkv, T, D, G;  // G = Hq / Hkv
   float scale;
-  KvsMask mask;
+  MaskView mask;
 };
 
 // Partial dot products of a query row (fp32; bf16 layout: see run_item_d) with a key
@@ -293,7 +293,7 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
 }
 
 // bias[r] for rows [t0, t0 + n) of item b (the mask's dtype switch outside the row loop).
-KVFIX_INLINE void block_bias(const KvsMask& m, int64_t b, int64_t t0, int64_t n, float* bias) {
+KVFIX_INLINE void block_bias(const MaskView& m, int64_t b, int64_t t0, int64_t n, float* bias) {
   const int64_t off = b * m.sb + t0 * m.st;
   switch (m.kind) {
     case 0:
@@ -407,7 +407,7 @@ KVFIX_CPU_CLONES void run_item_bf16(const Problem& p, int64_t b, int64_t h, int6
 
 using ItemFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, State*);
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, float scale, const KvsMask& mask) {
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, float scale, const MaskView& mask) {
   Problem p{};
   p.q = q.const_data_ptr();
   p.q_sb = q.stride(0);
@@ -525,7 +525,7 @@ void ema(const at::Tensor& x, int64_t b, float lam) {
 
 at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                            const std::optional<at::Tensor>& mask) {
-  const KvsMask m = kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
+  const MaskView m = kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
   const float sc = kvsmooth_scale(scale, q.size(3));
   at::Tensor out = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
@@ -537,7 +537,7 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
                              const at::Tensor& queue, std::optional<double> scale,
                              const std::optional<at::Tensor>& mask, double lam_ref, double band) {
   kvsmooth_check_lam(lam_ref, band);
-  const KvsMask m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
   const float sc = kvsmooth_scale(scale, q.size(3));
   const int64_t B = q.size(0), Hq = q.size(1), T = k_cache.size(2), M = queue.size(1);
   at::Tensor lam = at::empty({B}, q.options().dtype(at::kFloat));

@@ -1,4 +1,4 @@
-// SCR on the CPU (SPEC §3): diagnostic attention mass of the image columns and the spatial
+// SCR on the CPU (METHODS §3): diagnostic attention mass of the image columns and the spatial
 // redistribution of the visual tokens' hidden states.
 //
 // scr_scores: work items are (b, query head) pairs, run by at::parallel_for. An item walks its Tq
@@ -51,7 +51,7 @@ constexpr int64_t kBlockBytes = int64_t(1) << 20;  // fp32 logits of one block, 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // x[t] = x[t] * scale + mask(b, h, i, t) for t < n, -inf where the key takes no part.
-KVFIX_INLINE void scale_and_mask(float* x, int64_t n, float scale, const ScrMask& m, int64_t b, int64_t h,
+KVFIX_INLINE void scale_and_mask(float* x, int64_t n, float scale, const MaskView& m, int64_t b, int64_t h,
                                      int64_t i) {
   const int64_t off = b * m.sb + h * m.sh + i * m.si, st = m.st;
   switch (m.kind) {
@@ -171,7 +171,7 @@ KVFIX_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start
 
 // Rows r0 + [0, rows) of item (b, h), logits in buf (row stride cols): their image mass into acc.
 KVFIX_CPU_CLONES void block_mass(float* buf, int64_t rows, int64_t cols, int64_t r0, int64_t Tq, int64_t T,
-                                 bool causal, float scale, const ScrMask& m, int64_t b, int64_t h, int64_t start,
+                                 bool causal, float scale, const MaskView& m, int64_t b, int64_t h, int64_t start,
                                  int64_t end, float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
@@ -190,7 +190,7 @@ KVFIX_CPU_CLONES void block_mass(float* buf, int64_t rows, int64_t cols, int64_t
 
 at::Tensor scr_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, int64_t start, int64_t end,
                           std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal) {
-  const ScrMask m = scr_scores_check(q_in, k_in, start, end, mask, causal);
+  const MaskView m = scr_scores_check(q_in, k_in, start, end, mask, causal);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), T = k_in.size(2), N = end - start, G = Hq / Hkv;
   const float sc = scr_scale(scale, D);

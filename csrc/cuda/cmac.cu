@@ -1,4 +1,4 @@
-// CMAC on CUDA (SPEC §4): the ATen side of csrc/kernels/cmac.cuh.
+// CMAC on CUDA (METHODS §4): the ATen side of csrc/kernels/cmac.cuh.
 //
 // Checks are shared with the CPU path (kvfix::cmac_check_* in ops.cpp; on CUDA they read
 // metadata only: per-item spans and IMD flags stay on the device, read by the kernels). Each op is
@@ -52,22 +52,15 @@ at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
                                const std::optional<at::Tensor>& mask, bool causal, bool imd,
                                const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
-  const CmacMask mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
+  const MaskView mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
   TORCH_CHECK(D <= kernels::kCmacMaxHeadDim, "cmac_attention: head dim ", D, " is larger than the CUDA kernel's ",
               kernels::kCmacMaxHeadDim);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());
   if (out.numel() == 0) return out;
-  kernels::MaskView mv;
-  mv.data = mk.data;
-  mv.kind = mk.kind;
-  mv.sb = mk.sb;
-  mv.sh = mk.sh;
-  mv.si = mk.si;
-  mv.st = mk.sj;
   kernels::CmacAttnArgs a = kernels::cmac_attention_pack(
-      view_of(q), view_of(k), view_of(v), view_of(k_cal), out_view_of(out), span_of(start, end, spans), mv,
+      view_of(q), view_of(k), view_of(v), view_of(k_cal), out_view_of(out), span_of(start, end, spans), mk,
       imd ? 1 : 0, imd && imd_items.has_value() ? imd_items->const_data_ptr<bool>() : nullptr, value_mean == 1 ? 1 : 0,
       kvsmooth_scale(scale, D), causal ? 1 : 0);
   at::Tensor work;

@@ -1,4 +1,4 @@
-// DSCR on CUDA (SPEC §1): the ATen side of csrc/kernels/dscr.cuh.
+// DSCR on CUDA (METHODS §1): the ATen side of csrc/kernels/dscr.cuh.
 //
 // Checks and coefficients are shared with the CPU path (kvfix::dscr_check, kvfix::dscr_coefs in
 // ops.cpp). The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any

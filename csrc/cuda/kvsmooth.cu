@@ -1,4 +1,4 @@
-// KVSmooth on CUDA (SPEC §2): the ATen side of csrc/kernels/kvsmooth.cuh.
+// KVSmooth on CUDA (METHODS §2): the ATen side of csrc/kernels/kvsmooth.cuh.
 //
 // Checks are shared with the CPU path (kvfix::kvsmooth_check and friends in ops.cpp; they read
 // metadata only). Each call is two launches on the current stream with a small workspace from the
@@ -46,24 +46,19 @@ void launch(kernels::KvsmoothArgs& a, const at::Tensor& q) {
                }));
 }
 
-kernels::KvsmoothArgs args_of(const at::Tensor& q, const at::Tensor& k, const KvsMask& m, float scale) {
+kernels::KvsmoothArgs args_of(const at::Tensor& q, const at::Tensor& k, const MaskView& m, float scale) {
   // (the one statement of this limit: the Python wrapper no longer repeats it)
   TORCH_CHECK_VALUE(q.size(3) <= kernels::kKvsmoothMaxHeadDim, "kvsmooth: q head dim ", q.size(3),
                     " is larger than the CUDA kernel's ", kernels::kKvsmoothMaxHeadDim);
-  kernels::MaskView mv;
-  mv.data = m.data;
-  mv.kind = m.kind;
-  mv.sb = m.sb;
-  mv.st = m.st;
   const int64_t splits = kernels::kvsmooth_splits(q.size(0), k.size(1), k.size(2), sm_count(q.device().index()));
-  return kernels::kvsmooth_pack(view_of(q), view_of(k), mv, scale, splits);
+  return kernels::kvsmooth_pack(view_of(q), view_of(k), m, scale, splits);
 }
 
 }  // namespace
 
 at::Tensor row_entropy_cuda(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                             const std::optional<at::Tensor>& mask) {
-  const KvsMask m = kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
+  const MaskView m = kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
   const float sc = kvsmooth_scale(scale, q.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
@@ -78,7 +73,7 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
                               const at::Tensor& queue, std::optional<double> scale,
                               const std::optional<at::Tensor>& mask, double lam_ref, double band) {
   kvsmooth_check_lam(lam_ref, band);
-  const KvsMask m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
   const float sc = kvsmooth_scale(scale, q.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));

@@ -1,4 +1,4 @@
-// SCR on CUDA (SPEC §3): the ATen side of csrc/kernels/scr.cuh.
+// SCR on CUDA (METHODS §3): the ATen side of csrc/kernels/scr.cuh.
 //
 // Checks are shared with the CPU path (kvfix::scr_scores_check and friends in ops.cpp).
 // scr_scores is three launches on the current stream with a workspace from the caching allocator
@@ -20,17 +20,6 @@
 namespace kvfix {
 namespace {
 
-kernels::MaskView mask_of(const ScrMask& m) {
-  kernels::MaskView mv;
-  mv.data = m.data;
-  mv.kind = m.kind;
-  mv.sb = m.sb;
-  mv.sh = m.sh;
-  mv.si = m.si;
-  mv.st = m.st;
-  return mv;
-}
-
 void run_redistribute(const char* op, const at::Tensor& hidden, const at::Tensor& scores, const at::Tensor& out,
                       int64_t gh, int64_t gw, int64_t top_k, double lam, bool exclude_border, bool in_place) {
   at::Tensor flags = at::empty({hidden.size(0), hidden.size(1)}, hidden.options().dtype(at::kByte));
@@ -48,12 +37,12 @@ void run_redistribute(const char* op, const at::Tensor& hidden, const at::Tensor
 
 at::Tensor scr_scores_cuda(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
                            std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal) {
-  const ScrMask m = scr_scores_check(q, k, start, end, mask, causal);
+  const MaskView m = scr_scores_check(q, k, start, end, mask, causal);
   const float sc = scr_scale(scale, q.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), end - start}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  kernels::ScrScoresArgs a = kernels::scr_scores_pack(view_of(q), view_of(k), mask_of(m), out_view_of(out), start, sc,
+  kernels::ScrScoresArgs a = kernels::scr_scores_pack(view_of(q), view_of(k), m, out_view_of(out), start, sc,
                                                        causal);
   TORCH_CHECK(a.Hq <= 65535 && a.B <= 65535, "scr_scores: the CUDA kernels take at most 65535 heads and items");
   at::Tensor work = at::empty({kernels::scr_scores_workspace_floats(a)}, q.options().dtype(at::kFloat));
