@@ -29,15 +29,16 @@ struct DscrCoefs {
   float coef_d;
   float coef_s;
 };
-DscrCoefs dscr_coefs(double sigma_d, double sigma_s, double alpha, double beta);
 
-// Checks shared by every device (TORCH_CHECK: the Python wrappers raise friendlier errors first).
+// Every check of dscr_refine (keys = {k}, values = {} or {v}, cache = false) and dscr_refine_cache_
+// (one tensor per layer, cache = true), stated once (csrc/ops.cpp) and run by the CPU, CUDA and
+// Meta kernels: ValueError / TypeError naming the argument. Returns the coefficients.
 // depth: float32 [Bd, N], coords: float32 [Bd, N, 2], both contiguous, Bd in {1, B}.
-void dscr_check(const at::Tensor& k, const std::optional<at::Tensor>& v, const at::Tensor& depth,
-                const at::Tensor& coords);
+DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
+                     const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta);
 // depth and coords are finite (ValueError otherwise). One host read each: call it once per op
-// call, after the shape checks and before anything is written.
-void dscr_check_finite(const at::Tensor& depth, const at::Tensor& coords);
+// call, after dscr_check and before anything is written.
+void dscr_check_finite(const char* op, const at::Tensor& depth, const at::Tensor& coords);
 
 // Out-of-place refinement: returns {k_hat} or {k_hat, v_hat}.
 std::vector<at::Tensor> dscr_refine_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,

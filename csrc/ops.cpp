@@ -55,45 +55,83 @@ MaskView mask_check(const char* op, const std::optional<at::Tensor>& mask, const
 constexpr double kFloatMax = std::numeric_limits<float>::max();
 constexpr double kFloatMinNormal = std::numeric_limits<float>::min();
 
-DscrCoefs dscr_coefs(double sigma_d, double sigma_s, double alpha, double beta) {
-  TORCH_CHECK_VALUE(std::isfinite(sigma_d) && sigma_d > 0, "dscr: sigma_d must be finite and > 0, got ", sigma_d);
-  TORCH_CHECK_VALUE(std::isfinite(sigma_s) && sigma_s > 0, "dscr: sigma_s must be finite and > 0, got ", sigma_s);
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0, "dscr: alpha must be finite and >= 0, got ", alpha);
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0, "dscr: beta must be finite and >= 0, got ", beta);
+// The float32 proximity coefficients; errors name the parameter (ValueError).
+static DscrCoefs dscr_coefs(const char* op, double sigma_d, double sigma_s, double alpha, double beta) {
+  TORCH_CHECK_VALUE(std::isfinite(sigma_d) && sigma_d > 0, op, ": sigma_d must be finite and > 0, got ", sigma_d);
+  TORCH_CHECK_VALUE(std::isfinite(sigma_s) && sigma_s > 0, op, ": sigma_s must be finite and > 0, got ", sigma_s);
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0, op, ": alpha must be finite and >= 0, got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0, op, ": beta must be finite and >= 0, got ", beta);
   const float coef_d = static_cast<float>(alpha / (2.0 * sigma_d * sigma_d));
   const float coef_s = static_cast<float>(beta / (2.0 * sigma_s * sigma_s));
   // A tiny sigma overflows the float32 coefficient (inf * 0 = nan for equal depths).
-  TORCH_CHECK_VALUE(std::isfinite(coef_d), "dscr: sigma_d=", sigma_d, " is too small (alpha / (2 sigma_d^2) overflows float32)");
-  TORCH_CHECK_VALUE(std::isfinite(coef_s), "dscr: sigma_s=", sigma_s, " is too small (beta / (2 sigma_s^2) overflows float32)");
+  TORCH_CHECK_VALUE(std::isfinite(coef_d), op, ": sigma_d=", sigma_d,
+                    " is too small: the proximity coefficient alpha / (2 sigma_d^2) overflows float32");
+  TORCH_CHECK_VALUE(std::isfinite(coef_s), op, ": sigma_s=", sigma_s,
+                    " is too small: the proximity coefficient beta / (2 sigma_s^2) overflows float32");
   return {coef_d, coef_s};
 }
 
-static void check_kv(const at::Tensor& x, const char* name, const at::Tensor& k) {
-  TORCH_CHECK(x.dim() == 4, "dscr: ", name, " must be [B, H, N, D], got ", x.sizes());
-  TORCH_CHECK(x.sizes() == k.sizes(), "dscr: ", name, " shape ", x.sizes(), " != k shape ", k.sizes());
-  TORCH_CHECK(x.scalar_type() == k.scalar_type(), "dscr: ", name, " dtype differs from k");
-  TORCH_CHECK(x.device() == k.device(), "dscr: ", name, " device differs from k");
-  auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "dscr: ", name, " must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(3) <= 1 || x.stride(3) == 1, "dscr: ", name, " needs a contiguous last dim");
+// A key / value tensor: [B, H, N, D], float32 / float16 / bfloat16, contiguous last dim.
+static void dscr_check_kv(const char* op, const at::Tensor& x, const std::string& name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be [B, H, N, D], got shape ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(x.size(3) <= 1 || x.stride(3) == 1, op, ": ", name, " needs a contiguous last dimension (stride ",
+                    x.stride(3), ")");
 }
 
-void dscr_check(const at::Tensor& k, const std::optional<at::Tensor>& v, const at::Tensor& depth,
-                const at::Tensor& coords) {
-  check_kv(k, "k", k);
-  if (v.has_value()) check_kv(*v, "v", k);
+// Every check of dscr_refine / dscr_refine_cache_, stated once: the CPU, CUDA and Meta kernels
+// call it; the Python wrappers only convert arguments. keys = {k} and values = {} or {v} for
+// dscr_refine (cache = false: the errors say k, v), one tensor per layer for dscr_refine_cache_.
+// Errors name the argument: ValueError (shape, device, range), TypeError (dtype). The values of
+// depth and coords (finite) are checked by dscr_check_finite.
+DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
+                     const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta) {
+  auto key_name = [&](size_t l) { return cache ? "keys[" + std::to_string(l) + "]" : std::string("k"); };
+  auto value_name = [&](size_t l) { return cache ? "values[" + std::to_string(l) + "]" : std::string("v"); };
+  TORCH_CHECK_VALUE(!keys.empty(), op, ": keys must be a non-empty list of tensors");
+  TORCH_CHECK_VALUE(values.empty() || values.size() == keys.size(), op, ": values has ", values.size(),
+                    " tensors but keys has ", keys.size());
+  const at::Tensor& k = keys[0];
+  for (size_t l = 0; l < keys.size(); ++l) {
+    dscr_check_kv(op, keys[l], key_name(l));
+    TORCH_CHECK_VALUE(keys[l].size(0) == k.size(0) && keys[l].size(2) == k.size(2) && keys[l].device() == k.device(),
+                      op, ": ", key_name(l), " has shape ", keys[l].sizes(), " on ", keys[l].device(),
+                      "; every layer needs B=", k.size(0), ", N=", k.size(2), " on ", k.device());
+  }
+  for (size_t l = 0; l < values.size(); ++l) {
+    const at::Tensor &x = values[l], &kl = keys[l];
+    const std::string vn = value_name(l), kn = key_name(l);
+    dscr_check_kv(op, x, vn);
+    if (cache) {
+      TORCH_CHECK_VALUE(x.sizes() == kl.sizes() && x.scalar_type() == kl.scalar_type() && x.device() == kl.device(),
+                        op, ": ", vn, " (", x.sizes(), ", ", x.scalar_type(), ", ", x.device(), ") does not match ",
+                        kn, " (", kl.sizes(), ", ", kl.scalar_type(), ", ", kl.device(), ")");
+    } else {
+      TORCH_CHECK_VALUE(x.sizes() == kl.sizes(), op, ": v shape ", x.sizes(), " does not match k shape ", kl.sizes());
+      TORCH_CHECK_TYPE(x.scalar_type() == kl.scalar_type(), op, ": v dtype ", x.scalar_type(),
+                       " does not match k dtype ", kl.scalar_type());
+      TORCH_CHECK_VALUE(x.device() == kl.device(), op, ": v is on ", x.device(), " but k is on ", kl.device());
+    }
+  }
+  const DscrCoefs c = dscr_coefs(op, sigma_d, sigma_s, alpha, beta);
   const int64_t B = k.size(0), N = k.size(2);
-  TORCH_CHECK(depth.dim() == 2 && (depth.size(0) == 1 || depth.size(0) == B) && depth.size(1) == N,
-              "dscr: depth must be [1 or B, N] with B=", B, ", N=", N, ", got ", depth.sizes());
-  TORCH_CHECK(coords.dim() == 3 && coords.size(0) == depth.size(0) && coords.size(1) == N &&
-                  coords.size(2) == 2,
-              "dscr: coords must be [", depth.size(0), ", N, 2], got ", coords.sizes());
-  TORCH_CHECK(depth.scalar_type() == at::kFloat && coords.scalar_type() == at::kFloat,
-              "dscr: depth and coords must be float32");
-  TORCH_CHECK(depth.is_contiguous() && coords.is_contiguous(), "dscr: depth and coords must be contiguous");
-  TORCH_CHECK(depth.device() == k.device() && coords.device() == k.device(),
-              "dscr: depth and coords must be on k's device");
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&depth, "depth"}, {&coords, "coords"}}) {
+    TORCH_CHECK_TYPE(x->scalar_type() == at::kFloat, op, ": ", name,
+                     " must be a floating-point tensor (float32; the wrapper converts), got ", x->scalar_type());
+    TORCH_CHECK_VALUE(x->device() == k.device(), op, ": ", name, " is on ", x->device(), " but k is on ", k.device());
+  }
+  TORCH_CHECK_VALUE(depth.dim() == 2 && (depth.size(0) == 1 || depth.size(0) == B) && depth.size(1) == N, op,
+                    ": depth must be [N] or [B, N] with B=", B, ", N=", N, " (the op takes [1 or B, N]), got shape ",
+                    depth.sizes());
+  TORCH_CHECK_VALUE(coords.dim() == 3 && coords.size(0) == depth.size(0) && coords.size(1) == N &&
+                        coords.size(2) == 2,
+                    op, ": coords must be [N, 2] or [B, N, 2] with B=", B, ", N=", N, " (the op takes [",
+                    depth.size(0), ", N, 2], as depth), got shape ", coords.sizes());
+  TORCH_CHECK_VALUE(depth.is_contiguous() && coords.is_contiguous(), op,
+                    ": depth and coords must be contiguous (the wrapper converts)");
+  return c;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,10 +305,10 @@ static void check_no_overlap(const char* op, const std::vector<std::pair<std::st
                     " in memory: an in-place op's outputs must not share memory with each other or with its inputs");
 }
 
-void dscr_check_finite(const at::Tensor& depth, const at::Tensor& coords) {
+void dscr_check_finite(const char* op, const at::Tensor& depth, const at::Tensor& coords) {
   // Once per image after prefill (not a decode path): one host read each.
-  TORCH_CHECK_VALUE(depth.isfinite().all().item<bool>(), "dscr: depth has non-finite values (nan or inf)");
-  TORCH_CHECK_VALUE(coords.isfinite().all().item<bool>(), "dscr: coords has non-finite values (nan or inf)");
+  TORCH_CHECK_VALUE(depth.isfinite().all().item<bool>(), op, ": depth has non-finite values (nan or inf)");
+  TORCH_CHECK_VALUE(coords.isfinite().all().item<bool>(), op, ": coords has non-finite values (nan or inf)");
 }
 
 // The in-place registrations: the aliasing check, then the device's implementation.
@@ -290,6 +328,24 @@ void dscr_refine_cache_checked(at::TensorList keys, at::TensorList values, const
   Impl(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta);
 }
 
+// Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
+static std::vector<at::Tensor> dscr_refine_meta(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                const at::Tensor& depth, const at::Tensor& coords, double sigma_d,
+                                                double sigma_s, double alpha, double beta) {
+  std::vector<at::Tensor> ks{k}, vs;
+  if (v.has_value()) vs.push_back(*v);
+  dscr_check("dscr_refine", ks, vs, false, depth, coords, sigma_d, sigma_s, alpha, beta);
+  std::vector<at::Tensor> outs{at::empty(k.sizes(), k.options())};
+  if (v.has_value()) outs.push_back(at::empty(v->sizes(), v->options()));
+  return outs;
+}
+
+static void dscr_refine_cache__meta(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                    const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
+                                    double beta) {
+  dscr_check("dscr_refine_cache_", keys, values, true, depth, coords, sigma_d, sigma_s, alpha, beta);
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY(kvfix, m) {
@@ -302,6 +358,11 @@ TORCH_LIBRARY(kvfix, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_cpu);
   m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("dscr_refine", &kvfix::dscr_refine_meta);
+  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache__meta);
 }
 
 #ifdef KVFIX_WITH_CUDA
@@ -452,8 +513,13 @@ std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList ke
   for (size_t l = 0; l < keys.size(); ++l) {
     std::optional<at::Tensor> v;
     if (!values.empty()) v = values[l];
-    check_kv(keys[l], "k", keys[l]);
-    if (v) check_kv(*v, "v", keys[l]);
+    dscr_check_kv(op, keys[l], "k");
+    if (v) {
+      dscr_check_kv(op, *v, "v");
+      TORCH_CHECK(v->sizes() == keys[l].sizes() && v->scalar_type() == keys[l].scalar_type() &&
+                      v->device() == keys[l].device(),
+                  op, ": v differs from k in shape, dtype or device");
+    }
     TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2) &&
                     keys[l].device() == keys[0].device(),
                 op, ": every layer needs the same B, N and device");

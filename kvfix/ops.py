@@ -4,12 +4,14 @@ The C++ library (`kvfix._C`) declares the ops once (`TORCH_LIBRARY(kvfix, ...)`)
 CPU and, when built, CUDA kernels. Bad input is a `ValueError` / `TypeError` naming the offending
 argument, raised before anything is written.
 
-Where the checks live: for `row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)`
-and `contrastive_logits` every check is stated once, in C++ (csrc/ops.cpp), and runs in the CPU,
+Where the checks live: for `dscr_refine` / `dscr_refine_cache_` (the dense ops: tensor coords),
+`row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)` and `contrastive_logits`
+every check is stated once, in C++ (csrc/ops.cpp), and runs in the CPU,
 CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor / opcheck see);
 their wrappers here only convert arguments (Python / numpy ints and numbers, tuples, dtype
-conversions) and refuse non-tensors. DSCR, `rope_calibrate` and `cmac_attention` still check in
-their wrappers first (C++ checks stand behind them) and have Python fake implementations below.
+conversions) and refuse non-tensors. DSCR's grid form (planned on the host, then maybe the
+structured ops), `rope_calibrate` and `cmac_attention` still check in their wrappers first (C++
+checks stand behind them) and have Python fake implementations below.
 The in-place ops' aliasing check (targets overlapping themselves, each other or an input) runs in
 C++, in the ops' CPU and CUDA registrations, before anything is written.
 """
@@ -85,26 +87,31 @@ def _as_int(value, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
-def _geometry(depth, coords, B: int, N: int, device: torch.device):
-    """depth [N] | [B, N], coords [N, 2] | [B, N, 2] -> float32 contiguous [Bd, N], [Bd, N, 2]."""
+def _geometry(depth, coords):
+    """Conversion only (dscr_check in C++ checks the result): depth [N] -> [1, N], coords [N, 2] ->
+    [1, N, 2], a batch of one expanded to the other's, floating-point -> float32 contiguous."""
     _check_tensor(depth, "depth")
     _check_tensor(coords, "coords")
-    for name, x in (("depth", depth), ("coords", coords)):
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but k is on {device}")
-    if depth.dim() == 1 and depth.shape[0] == N:
-        depth = depth.unsqueeze(0)
-    elif not (depth.dim() == 2 and depth.shape[1] == N and depth.shape[0] in (1, B)):
+    depth = depth.unsqueeze(0) if depth.dim() == 1 else depth
+    coords = coords.unsqueeze(0) if coords.dim() == 2 else coords
+    if depth.dim() == 2 and coords.dim() == 3 and depth.shape[0] != coords.shape[0]:
+        if depth.shape[0] == 1:  # one broadcast (1), the other per item (B, maybe 0): expand
+            depth = depth.expand(coords.shape[0], -1)
+        elif coords.shape[0] == 1:
+            coords = coords.expand(depth.shape[0], -1, -1)
+    return tuple(x.to(torch.float32).contiguous() if x.is_floating_point() else x for x in (depth, coords))
+
+
+def _check_grid_depth(depth, B: int, N: int, device: torch.device) -> None:
+    """The grid form's depth before planning (the plan reads it on the host; the structured ops'
+    C++ checks do not name arguments yet): a floating-point [N] or [B, N] tensor on k's device."""
+    _check_tensor(depth, "depth")
+    if not depth.is_floating_point():
+        raise TypeError(f"depth must be a floating-point tensor, got {depth.dtype}")
+    if depth.device != device:
+        raise ValueError(f"depth is on {depth.device} but k is on {device}")
+    if not (depth.shape == (N,) or (depth.dim() == 2 and depth.shape[1] == N and depth.shape[0] in (1, B))):
         raise ValueError(f"depth must be [N] or [B, N] with B={B}, N={N}, got shape {tuple(depth.shape)}")
-    if coords.dim() == 2 and coords.shape == (N, 2):
-        coords = coords.unsqueeze(0)
-    elif not (coords.dim() == 3 and coords.shape[1:] == (N, 2) and coords.shape[0] in (1, B)):
-        raise ValueError(f"coords must be [N, 2] or [B, N, 2] with B={B}, N={N}, got shape {tuple(coords.shape)}")
-    if coords.shape[0] != depth.shape[0]:  # one broadcast (1), the other per item (B, maybe 0): expand
-        depth, coords = depth.expand(B, N), coords.expand(B, N, 2)
-    return (depth.to(torch.float32).contiguous(), coords.to(torch.float32).contiguous())
 
 
 def _check_plan_depth(depth, gh: int, gw: int):
@@ -133,7 +140,14 @@ def _check_built_for(x: torch.Tensor, op: str) -> None:
                            "rebuild it where nvcc matches torch's CUDA: pip install --no-build-isolation .")
 
 
+def _dscr_reals(sigma_d, sigma_s, alpha, beta):
+    """The dense ops' parameters as floats (TypeError otherwise); their ranges: dscr_check in C++."""
+    return tuple(_as_real(x, n) for x, n in ((sigma_d, "sigma_d"), (sigma_s, "sigma_s"), (alpha, "alpha"),
+                                            (beta, "beta")))
+
+
 def _dscr_params(sigma_d, sigma_s, alpha, beta):
+    """The parameters checked in Python, for the plan (kvfix.dscr_plan, the grid form before planning)."""
     sd, ss = _check_positive(sigma_d, "sigma_d"), _check_positive(sigma_s, "sigma_s")
     a, b = _check_positive(alpha, "alpha", allow_zero=True), _check_positive(beta, "beta", allow_zero=True)
     # The kernels use alpha / (2 sigma^2) in float32: a tiny sigma would overflow it (inf * 0 = nan).
@@ -162,8 +176,10 @@ def _check_grid_form(coords) -> tuple[int, int]:
     return gh, gw
 
 
-def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, params, grid_unit: str = "patch"):
-    """Resolve coords and method: ("dense", depth [Bd, N], coords [Bd, N, 2]),
+def _dscr_route(B: int | None, N: int | None, device, dtype, depth, coords, method: str, params,
+                grid_unit: str = "patch"):
+    """Resolve coords and method (B, N: k's, used by the grid form only): ("dense", depth, coords
+    converted for the dense op, checked there),
     ("structured", depth [Bd, N], (lr, rr, lc, rc, coef_d, rank_d)) (the low-rank variant) or
     ("banded", depth [Bd, N], the banded structure's arguments). Nothing run yet."""
     from . import dscr_structured as P
@@ -179,13 +195,14 @@ def _dscr_route(B: int, N: int, device, dtype, depth, coords, method: str, param
                              "as given")
         if method == "structured":
             raise ValueError("method='structured' needs coords in the grid form (gh, gw), got a tensor")
-        return ("dense",) + _geometry(depth, coords, B, N, device)
+        return ("dense",) + _geometry(depth, coords)
     if not isinstance(coords, (tuple, list)):
         raise TypeError(f"coords must be a tensor [N, 2] / [B, N, 2] or a grid (gh, gw), got {type(coords).__name__}")
     gh, gw = _check_grid_form(coords)
     if gh * gw != N:
         raise ValueError(f"coords grid {gh} x {gw} has {gh * gw} tokens but k has N={N}")
-    d, c = _geometry(depth, patch_coords(gh, gw, unit=grid_unit, device=device), B, N, device)
+    _check_grid_depth(depth, B, N, device)
+    d, c = _geometry(depth, patch_coords(gh, gw, unit=grid_unit, device=device))
     if device.type == "meta":
         raise ValueError("depth is a meta tensor: the grid form coords=(gh, gw) reads the depth range on the host; "
                          "pass coords=kvfix.patch_coords(gh, gw) (the dense algorithm) for meta tensors")
@@ -241,11 +258,18 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         proximity matrix with its diagonal masked and its columns normalised; v_hat is None
         when v is None. Arithmetic in float32, outputs in the input dtype.
     """
-    _check_kv(k, "k")
+    _check_tensor(k, "k")
     if v is not None:
-        _check_kv(v, "v", like=k)
-    params = _dscr_params(sigma_d, sigma_s, alpha, beta)
-    route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params, grid_unit)
+        _check_tensor(v, "v")
+    if isinstance(coords, torch.Tensor):  # the dense op: every check in C++ (dscr_check)
+        params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
+        route = _dscr_route(None, None, k.device, k.dtype, depth, coords, method, params, grid_unit)
+    else:  # the grid form plans on the host first: k, v and the parameters are checked before
+        _check_kv(k, "k")
+        if v is not None:
+            _check_kv(v, "v", like=k)
+        params = _dscr_params(sigma_d, sigma_s, alpha, beta)
+        route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params, grid_unit)
     outs = _dscr_run(route, k, v, params)
     return outs[0], (outs[1] if v is not None else None)
 
@@ -270,24 +294,33 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
         raise TypeError("keys must be a non-empty list or tuple of tensors")
     if values is not None and (isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple))):
         raise TypeError("values must be a list or tuple of tensors, or None (keys only)")
-    if values is not None and len(values) != len(keys):
-        raise ValueError(f"values has {len(values)} tensors but keys has {len(keys)}")
-    k0 = _check_kv(keys[0], "keys[0]")
-    for i, x in enumerate(keys):
-        _check_kv(x, f"keys[{i}]")
-        if x.shape[0] != k0.shape[0] or x.shape[2] != k0.shape[2] or x.device != k0.device:
-            raise ValueError(f"keys[{i}] has shape {tuple(x.shape)} on {x.device}; every layer needs "
-                             f"B={k0.shape[0]}, N={k0.shape[2]} on {k0.device}")
+    if values is not None and not values:  # the op takes [] for None: say what it would mean
+        raise ValueError(f"values has 0 tensors but keys has {len(keys)} (values=None: keys only)")
     values = [] if values is None else values
-    for i, x in enumerate(values):
-        _check_kv(x, f"values[{i}]")
-        if x.shape != keys[i].shape or x.dtype != keys[i].dtype or x.device != keys[i].device:
-            raise ValueError(f"values[{i}] ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match keys[{i}] "
-                             f"({tuple(keys[i].shape)}, {keys[i].dtype}, {keys[i].device})")
-    params = _dscr_params(sigma_d, sigma_s, alpha, beta)
-    # The plan's tolerance follows the strictest dtype among the layers.
-    strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
-    route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
+    for name, xs in (("keys", keys), ("values", values)):
+        for i, x in enumerate(xs):
+            _check_tensor(x, f"{name}[{i}]")
+    k0 = keys[0]
+    if isinstance(coords, torch.Tensor):  # the dense op: every check in C++ (dscr_check)
+        params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
+        route = _dscr_route(None, None, k0.device, k0.dtype, depth, coords, method, params, grid_unit)
+    else:  # the grid form plans on the host first: the layers and the parameters are checked before
+        if len(values) not in (0, len(keys)):
+            raise ValueError(f"values has {len(values)} tensors but keys has {len(keys)}")
+        for i, x in enumerate(keys):
+            _check_kv(x, f"keys[{i}]")
+            if x.shape[0] != k0.shape[0] or x.shape[2] != k0.shape[2] or x.device != k0.device:
+                raise ValueError(f"keys[{i}] has shape {tuple(x.shape)} on {x.device}; every layer needs "
+                                 f"B={k0.shape[0]}, N={k0.shape[2]} on {k0.device}")
+        for i, x in enumerate(values):
+            _check_kv(x, f"values[{i}]")
+            if x.shape != keys[i].shape or x.dtype != keys[i].dtype or x.device != keys[i].device:
+                raise ValueError(f"values[{i}] ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match keys[{i}] "
+                                 f"({tuple(keys[i].shape)}, {keys[i].dtype}, {keys[i].device})")
+        params = _dscr_params(sigma_d, sigma_s, alpha, beta)
+        # The plan's tolerance follows the strictest dtype among the layers.
+        strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
+        route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
         torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
@@ -299,20 +332,8 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
-# fake (meta) implementations for torch.compile / FakeTensor
-
-@torch.library.register_fake("kvfix::dscr_refine")
-def _dscr_refine_fake(k, v, depth, coords, sigma_d, sigma_s, alpha, beta):
-    outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
-    if v is not None:
-        outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
-    return outs
-
-
-@torch.library.register_fake("kvfix::dscr_refine_cache_")
-def _dscr_refine_cache_fake(keys, values, depth, coords, sigma_d, sigma_s, alpha, beta):
-    return None
-
+# fake (meta) implementations of the structured ops for torch.compile / FakeTensor (dscr_refine and
+# dscr_refine_cache_ have Meta kernels in C++)
 
 @torch.library.register_fake("kvfix::dscr_refine_factored")
 def _dscr_refine_factored_fake(k, v, depth, lr, rr, lc, rc, coef_d, rank_d):

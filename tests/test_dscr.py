@@ -341,6 +341,38 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kvfix.dscr_refine_cache_.default, (ks, vs, d, c, 0.6, 0.6, 0.6, 0.8))
 
 
+def test_cpp_checks_are_the_checks():
+    """The dense ops' checks are the C++ ones (the wrappers only convert arguments): direct
+    torch.ops calls and meta tensors (the Meta kernels) get the same errors."""
+    k, v, depth, coords = _inputs(2, 2, 9, 16, torch.float32)
+    d, c = depth.contiguous(), coords.contiguous()
+    op, cache_op = torch.ops.kvfix.dscr_refine.default, torch.ops.kvfix.dscr_refine_cache_.default
+    for dev in ("cpu", "meta"):
+        kd, vd, dd, cd = (x.to(dev) for x in (k, v, d, c))
+        with pytest.raises(ValueError, match="dscr_refine: v shape"):
+            op(kd, vd[:, :1], dd, cd, 0.6, 0.6, 0.6, 0.8)
+        with pytest.raises(TypeError, match="k must be float32"):
+            op(kd.double(), None, dd, cd, 0.6, 0.6, 0.6, 0.8)
+        with pytest.raises(TypeError, match="depth must be a floating"):
+            op(kd, None, dd.double(), cd, 0.6, 0.6, 0.6, 0.8)
+        with pytest.raises(ValueError, match="coords must be"):
+            op(kd, None, dd, cd[:, :, :1].contiguous(), 0.6, 0.6, 0.6, 0.8)
+        with pytest.raises(ValueError, match="sigma_d=1e-20 is too small"):
+            op(kd, None, dd, cd, 1e-20, 0.6, 0.6, 0.8)
+        with pytest.raises(ValueError, match="keys must be a non-empty"):
+            cache_op([], [], dd, cd, 0.6, 0.6, 0.6, 0.8)
+        with pytest.raises(ValueError, match=r"keys\[1\] has shape"):
+            cache_op([kd, kd[:, :, :4].clone()], [], dd, cd, 0.6, 0.6, 0.6, 0.8)
+        with pytest.raises(ValueError, match="values has 1 tensors but keys has 2"):
+            cache_op([kd, kd.clone()], [vd], dd, cd, 0.6, 0.6, 0.6, 0.8)
+    # the Meta kernel: outputs of the right shape, nothing read
+    outs = op(k.to("meta"), v.to("meta"), d.to("meta"), c.to("meta"), 0.6, 0.6, 0.6, 0.8)
+    assert [tuple(o.shape) for o in outs] == [tuple(k.shape), tuple(v.shape)] and outs[0].device.type == "meta"
+    # non-finite depth: the CPU kernel reads it once (no check on meta tensors, nothing to read)
+    with pytest.raises(ValueError, match="dscr_refine: depth has non-finite"):
+        op(k, None, d.clone().fill_(float("nan")), c, 0.6, 0.6, 0.6, 0.8)
+
+
 def test_torch_compile_fullgraph():
     k, v, depth, coords = _inputs(1, 2, 12, 16, torch.float32)
 

@@ -119,14 +119,12 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
 std::vector<at::Tensor> dscr_refine_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
                                         const at::Tensor& depth, const at::Tensor& coords,
                                         double sigma_d, double sigma_s, double alpha, double beta) {
-  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
-  dscr_check(k, v, depth, coords);
-  dscr_check_finite(depth, coords);
-  std::vector<at::Tensor> srcs{k}, outs{at::empty(k.sizes(), k.options())};
-  if (v.has_value()) {
-    srcs.push_back(*v);
-    outs.push_back(at::empty(v->sizes(), v->options()));
-  }
+  std::vector<at::Tensor> srcs{k}, outs;
+  if (v.has_value()) srcs.push_back(*v);
+  const DscrCoefs c = dscr_check("dscr_refine", {k}, at::TensorList(srcs).slice(1), false, depth, coords, sigma_d,
+                                 sigma_s, alpha, beta);
+  dscr_check_finite("dscr_refine", depth, coords);
+  for (const at::Tensor& x : srcs) outs.push_back(at::empty(x.sizes(), x.options()));
   if (k.size(2) == 0) return outs;
   refine(srcs, outs, depth, coords, c);
   return outs;
@@ -135,26 +133,19 @@ std::vector<at::Tensor> dscr_refine_cpu(const at::Tensor& k, const std::optional
 void dscr_refine_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
                            const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
                            double beta) {
-  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
-  TORCH_CHECK(values.empty() || values.size() == keys.size(),
-              "dscr_refine_cache_: values must be empty or have one tensor per key (",
-              keys.size(), "), got ", values.size());
+  const DscrCoefs c = dscr_check("dscr_refine_cache_", keys, values, true, depth, coords, sigma_d, sigma_s, alpha,
+                                 beta);
   std::vector<at::Tensor> all;
   for (size_t l = 0; l < keys.size(); ++l) {
-    std::optional<at::Tensor> v;
-    if (!values.empty()) v = values[l];
-    dscr_check(keys[l], v, depth, coords);
-    TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2),
-                "dscr_refine_cache_: every layer needs the same B and N");
     all.push_back(keys[l]);
-    if (v) all.push_back(*v);
+    if (!values.empty()) all.push_back(values[l]);
   }
-  if (!keys.empty()) dscr_check_finite(depth, coords);
+  dscr_check_finite("dscr_refine_cache_", depth, coords);
   // The weights depend only on the geometry: build them once for every layer and head when they
   // fit kSharedWeightBytes (N <= 2896 for one image: every realistic grid), else once per group.
   at::Tensor shared;
   const int64_t Bd = depth.size(0), N = depth.size(1);
-  if (!keys.empty() && N > 0 && Bd * N * N * int64_t(sizeof(float)) <= kSharedWeightBytes) {
+  if (N > 0 && Bd * N * N * int64_t(sizeof(float)) <= kSharedWeightBytes) {
     shared = at::empty({Bd, N, N}, depth.options());
     std::vector<float> sy(N), sx(N);
     for (int64_t bd = 0; bd < Bd; ++bd) {

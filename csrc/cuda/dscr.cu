@@ -1,6 +1,6 @@
 // DSCR on CUDA (METHODS §1): the ATen side of csrc/kernels/dscr.cuh.
 //
-// Checks and coefficients are shared with the CPU path (kvfix::dscr_check, kvfix::dscr_coefs in
+// Checks and coefficients are shared with the CPU path (kvfix::dscr_check in
 // ops.cpp). The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any
 // such strides, so the out-of-place op allocates contiguous outputs and the in-place cache op
 // writes straight into the cache views after copying each layer's span to a temporary (every
@@ -53,9 +53,10 @@ void launch_dscr(const at::Tensor& k, const at::Tensor* v, const at::Tensor& out
 std::vector<at::Tensor> dscr_refine_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
                                          const at::Tensor& depth, const at::Tensor& coords,
                                          double sigma_d, double sigma_s, double alpha, double beta) {
-  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
-  dscr_check(k, v, depth, coords);
-  dscr_check_finite(depth, coords);
+  std::vector<at::Tensor> vs;
+  if (v.has_value()) vs.push_back(*v);
+  const DscrCoefs c = dscr_check("dscr_refine", {k}, vs, false, depth, coords, sigma_d, sigma_s, alpha, beta);
+  dscr_check_finite("dscr_refine", depth, coords);
   const c10::cuda::CUDAGuard guard(k.device());
   std::vector<at::Tensor> outs{at::empty(k.sizes(), k.options())};
   if (v.has_value()) outs.push_back(at::empty(v->sizes(), v->options()));
@@ -66,20 +67,10 @@ std::vector<at::Tensor> dscr_refine_cuda(const at::Tensor& k, const std::optiona
 void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
                             const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
                             double beta) {
-  const DscrCoefs c = dscr_coefs(sigma_d, sigma_s, alpha, beta);
-  TORCH_CHECK(values.empty() || values.size() == keys.size(),
-              "dscr_refine_cache_: values must be empty or have one tensor per key (",
-              keys.size(), "), got ", values.size());
   // Every tensor is validated before any is written.
-  for (size_t l = 0; l < keys.size(); ++l) {
-    std::optional<at::Tensor> v;
-    if (!values.empty()) v = values[l];
-    dscr_check(keys[l], v, depth, coords);
-    TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2),
-                "dscr_refine_cache_: every layer needs the same B and N");
-  }
-  if (keys.empty()) return;
-  dscr_check_finite(depth, coords);
+  const DscrCoefs c = dscr_check("dscr_refine_cache_", keys, values, true, depth, coords, sigma_d, sigma_s, alpha,
+                                 beta);
+  dscr_check_finite("dscr_refine_cache_", depth, coords);
   const c10::cuda::CUDAGuard guard(keys[0].device());
   for (size_t l = 0; l < keys.size(); ++l) {
     if (keys[l].numel() == 0) continue;
