@@ -62,7 +62,7 @@ void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at
 // ---------------------------------------------------------------------------------------------
 // KVSmooth (METHODS §2): row entropy of a single-token query and the fused decoding step.
 
-// Checks shared by every device (the Python wrappers raise friendlier errors first). q [B, Hq, 1, D],
+// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops.cpp). q [B, Hq, 1, D],
 // k [B, Hkv, T, D] (Hq % Hkv == 0, T >= 1), v like k or null, queue float32 [B, M >= 1] or null,
 // mask broadcastable to [B, 1, 1, T]. Returns the mask view the kernels read.
 MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
@@ -132,7 +132,7 @@ void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values,
 
 namespace kvfix {
 
-// Checks shared by every device (the Python wrappers raise friendlier errors first). q [B, Hq, Tq, D],
+// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops.cpp). q [B, Hq, Tq, D],
 // k [B, Hkv, T, D] (same dtype, Hq % Hkv == 0, nothing empty), 0 <= start <= end <= T, causal
 // needs Tq <= T, mask broadcastable to [B, Hq, Tq, T]. Returns the mask view the kernels read.
 MaskView scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
@@ -168,7 +168,7 @@ void scr_redistribute__cuda(const at::Tensor& hidden, const at::Tensor& scores, 
 
 namespace kvfix {
 
-// Checks shared by every device (the Python wrappers raise friendlier errors first).
+// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops.cpp).
 void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
                      int64_t n, const at::Tensor& inv_freq, double gamma, const std::optional<at::Tensor>& positions,
                      at::OptionalIntArrayRef sections);

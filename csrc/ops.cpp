@@ -381,14 +381,6 @@ namespace kvfix {
 // where numel() would throw): a guard on the symbolic count.
 static bool nonempty(const at::Tensor& x) { return x.sym_numel() != 0; }  // (a guard when symbolic)
 
-// float32 / float16 / bfloat16 with a contiguous last dim (KVSmooth, SCR and CMAC inputs).
-static void check_float_input(const char* op, const at::Tensor& x, const char* name) {
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name, " needs a contiguous last dim");
-}
-
 // Every check of row_entropy / kvsmooth_step_, stated once: the CPU and CUDA implementations and
 // the Meta kernel (torch.compile, FakeTensor, meta tensors) call it; the Python wrappers only
 // convert arguments. Errors name the argument: ValueError (shape, device, range), TypeError (dtype).
@@ -699,29 +691,63 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// CMAC (METHODS §4): checks shared by the CPU and CUDA implementations, schemas, registrations.
+// CMAC (METHODS §4): checks shared by the CPU, CUDA and Meta kernels, schemas, registrations.
 
 namespace kvfix {
 
-// Spans: ints checked here; a tensor [B, 2] int64 on k's device, its values checked when on the CPU.
+// Every check of rope_calibrate / cmac_attention, stated once: the CPU, CUDA and Meta kernels call
+// cmac_check_rope / cmac_check_attention; the Python wrappers only convert arguments. Errors name
+// the argument: ValueError (shape, device, range), TypeError (dtype). Where the device matters it
+// is checked there: csrc/cuda/cmac.cu (the CUDA kernel's head dim and mrope section limits) and the
+// CPU kernel (inv_freq finite: a host read the CUDA path does not make).
+
+// A float32 / float16 / bfloat16 4-D tensor [layout] with a contiguous last dim, non-empty unless allowed.
+static void cmac_check_float4(const char* op, const at::Tensor& x, const char* name, const char* layout,
+                              bool allow_empty = false) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be ", layout, ", got shape ", x.sym_sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(allow_empty || nonempty(x), op, ": ", name, " is empty (shape ", x.sym_sizes(), ")");
+  TORCH_CHECK_VALUE(x.size(3) <= 1 || x.stride(3) == 1, op, ": ", name,
+                    " needs a contiguous last dimension (stride ", x.stride(3), ")");
+}
+
+// x has like's dtype and device.
+static void cmac_check_same(const char* op, const at::Tensor& x, const char* name, const at::Tensor& like,
+                            const char* like_name) {
+  TORCH_CHECK_TYPE(x.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ", x.scalar_type(),
+                   " does not match ", like_name, " dtype ", like.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == like.device(), op, ": ", name, " is on ", x.device(), " but ", like_name, " is on ",
+                    like.device());
+}
+
+// image_span: two ints (one span for the batch), or spans, a contiguous int64 tensor [B, 2] on the
+// inputs' device (the wrapper converts int32) whose values are checked here when it is on the CPU
+// (on CUDA they stay on the device: the kernels clamp a span to [0, T]). n >= 0: every span's length.
 static void cmac_check_spans(const char* op, int64_t B, int64_t T, int64_t start, int64_t end,
-                             const std::optional<at::Tensor>& spans, const at::Tensor& like, int64_t n) {
+                             const std::optional<at::Tensor>& spans, const at::Tensor& like, const char* like_name,
+                             int64_t n) {
   if (!spans.has_value()) {
-    TORCH_CHECK_VALUE(0 <= start && start <= end && end <= T, op, ": image span (", start, ", ", end,
-                      ") is out of range for T = ", T);
-    TORCH_CHECK_VALUE(n < 0 || end - start == n, op, ": image span length ", end - start, " != N = ", n);
+    TORCH_CHECK_VALUE(0 <= start && start <= end && end <= T, op, ": image_span (", start, ", ", end,
+                      ") is out of range: need 0 <= start <= end <= T = ", T);
+    TORCH_CHECK_VALUE(n < 0 || end - start == n, op, ": image_span length ", end - start, " != N = ", n);
     return;
   }
   const at::Tensor& sp = *spans;
-  TORCH_CHECK(sp.dim() == 2 && sp.size(0) == B && sp.size(1) == 2 && sp.scalar_type() == at::kLong &&
-                  sp.is_contiguous(),
-              op, ": spans must be a contiguous int64 [B, 2] tensor with B=", B);
-  TORCH_CHECK(sp.device() == like.device(), op, ": spans device differs from the inputs");
+  TORCH_CHECK_TYPE(sp.scalar_type() == at::kLong, op,
+                   ": image_span must be an int64 tensor [B, 2] or (start, end) ints, got dtype ", sp.scalar_type());
+  TORCH_CHECK_VALUE(sp.dim() == 2 && sp.size(0) == B && sp.size(1) == 2, op, ": image_span must be [B, 2] = [", B,
+                    ", 2] (per-item start, end), got shape ", sp.sym_sizes());
+  TORCH_CHECK_VALUE(sp.is_contiguous(), op, ": image_span must be contiguous (the wrapper converts)");
+  TORCH_CHECK_VALUE(sp.device() == like.device(), op, ": image_span is on ", sp.device(), " but ", like_name, " is on ",
+                    like.device());
   if (sp.is_cpu()) {
     const int64_t* s = sp.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK_VALUE(0 <= s[2 * b] && s[2 * b] <= s[2 * b + 1] && s[2 * b + 1] <= T, op, ": image span (",
-                        s[2 * b], ", ", s[2 * b + 1], ") of item ", b, " is out of range for T = ", T);
+      TORCH_CHECK_VALUE(0 <= s[2 * b] && s[2 * b] <= s[2 * b + 1] && s[2 * b + 1] <= T, op, ": image_span (",
+                        s[2 * b], ", ", s[2 * b + 1], ") of item ", b, " is out of range: need 0 <= start <= end <= T = ",
+                        T);
       TORCH_CHECK_VALUE(n < 0 || s[2 * b + 1] - s[2 * b] == n, op, ": image span length of item ", b, " is ",
                         s[2 * b + 1] - s[2 * b], ", expected N = ", n);
     }
@@ -741,36 +767,46 @@ void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std:
                      int64_t n, const at::Tensor& inv_freq, double gamma, const std::optional<at::Tensor>& positions,
                      at::OptionalIntArrayRef sections) {
   const char* op = "rope_calibrate";
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Hkv, T, D], got ", k.sizes());
-  check_float_input(op, k, "k");
+  cmac_check_float4(op, k, "k", "[B, Hkv, T, D]");
   const int64_t B = k.size(0), T = k.size(2), D = k.size(3);
-  TORCH_CHECK(D % 2 == 0, op, ": the head dim must be even, got ", D);
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, op, ": gamma must be finite and > 0, got ", gamma);
+  TORCH_CHECK_VALUE(D % 2 == 0, op, ": k head dim must be even for RoPE, got ", D);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, op, ": gamma must be > 0 and finite, got ", gamma);
   // The float32 angles (1 - 1/gamma) (a - p) inv_freq, |a - p| <= T: a tiny gamma overflows them (sin(inf) = nan).
   TORCH_CHECK_VALUE(std::fabs(1.0 - 1.0 / gamma) * static_cast<double>(T > 1 ? T : 1) <= kFloatMax, op, ": gamma=",
                     gamma, " is too small: the rotation angles (1 - 1/gamma) (a - p) overflow float32");
-  TORCH_CHECK(0 <= n && n <= T, op, ": N = ", n, " out of [0, T = ", T, "]");
-  cmac_check_spans(op, B, T, start, end, spans, k, n);
-  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == D / 2 && inv_freq.scalar_type() == at::kFloat,
-              op, ": inv_freq must be float32 [D/2]");
-  TORCH_CHECK(inv_freq.device() == k.device(), op, ": inv_freq device differs from k");
-  int64_t rows = 1;
+  TORCH_CHECK_TYPE(inv_freq.scalar_type() == at::kFloat, op, ": inv_freq must be float32, got ",
+                   inv_freq.scalar_type());
+  TORCH_CHECK_VALUE(inv_freq.dim() == 1 && inv_freq.size(0) == D / 2, op, ": inv_freq must be [D/2] = [", D / 2,
+                    "], got shape ", inv_freq.sym_sizes());
+  TORCH_CHECK_VALUE(inv_freq.device() == k.device(), op, ": inv_freq is on ", inv_freq.device(), " but k is on ",
+                    k.device());
+  // The int span first (its range, then its length n); n: the output's token count (with a tensor
+  // image_span, num_tokens or the first span's length, which the wrapper reads).
+  if (!spans.has_value()) cmac_check_spans(op, B, T, start, end, spans, k, "k", -1);
+  TORCH_CHECK_VALUE(0 <= n && n <= T, op, ": the image token count N = ", n,
+                    " (num_tokens, or the length of image_span's first span) must be in [0, T = ", T, "]");
+  cmac_check_spans(op, B, T, start, end, spans, k, "k", n);
+  int64_t S = 1;
   if (sections.has_value()) {
     int64_t total = 0;
     for (int64_t s : *sections) {
-      TORCH_CHECK_VALUE(s >= 0, op, ": mrope_section sizes must be >= 0");
+      TORCH_CHECK_VALUE(s >= 0, op, ": mrope_section ", *sections, " has a negative size");
       total += s;
     }
-    TORCH_CHECK_VALUE(total == D / 2, op, ": mrope_section must sum to D/2 = ", D / 2, ", got ", total);
+    TORCH_CHECK_VALUE(!sections->empty() && total == D / 2, op, ": mrope_section ", *sections,
+                      " must sum to D/2 = ", D / 2);
+    S = static_cast<int64_t>(sections->size());
   }
   if (positions.has_value()) {
     const at::Tensor& p = *positions;
-    TORCH_CHECK(p.dim() == 3 && p.size(1) == B && p.size(2) == T && p.scalar_type() == at::kLong, op,
-                ": positions must be int64 [S, B, T], got ", p.sizes());
-    rows = p.size(0);
-    TORCH_CHECK(rows == 1 || (sections.has_value() && rows == static_cast<int64_t>(sections->size())), op,
-                ": positions has ", rows, " rows; expected 1 or one per mrope section");
-    TORCH_CHECK(p.device() == k.device(), op, ": positions device differs from k");
+    TORCH_CHECK_TYPE(p.scalar_type() == at::kLong, op, ": positions must be an integer tensor (int64 or int32), got ",
+                     p.scalar_type());
+    TORCH_CHECK_VALUE(p.device() == k.device(), op, ": positions is on ", p.device(), " but k is on ", k.device());
+    // (a [B, T] tensor reaches here as [1, B, T]: the wrapper converts)
+    TORCH_CHECK_VALUE(p.dim() == 3 && p.size(1) == B && p.size(2) == T && (p.size(0) == 1 || p.size(0) == S), op,
+                      ": positions must be [B, T]", sections.has_value() ? " or [S, B, T] (S = len(mrope_section))" : "",
+                      " with B=", B, ", T=", T, (sections.has_value() ? ", S=" : ""),
+                      (sections.has_value() ? std::to_string(S) : std::string()), ", got shape ", p.sym_sizes());
   }
 }
 
@@ -779,35 +815,41 @@ MaskView cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
                               const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
                               const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
   const char* op = "cmac_attention";
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D");
-  check_float_input(op, q, "q");
-  check_float_input(op, k, "k");
-  check_float_input(op, v, "v");
+  cmac_check_float4(op, q, "q", "[B, Hq, Tq, D]");
+  cmac_check_float4(op, k, "k", "[B, Hkv, T, D]");
+  cmac_check_float4(op, v, "v", "[B, Hkv, T, D]");
+  cmac_check_same(op, k, "k", q, "q");
+  cmac_check_same(op, v, "v", q, "q");
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), op, ": shapes q ", q.sizes(), ", k ",
-              k.sizes(), ", v ", v.sizes(), " do not match");
-  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads (", Hq, ") must be a multiple of the kv heads (",
-              Hkv, ")");
-  TORCH_CHECK(Tq <= T, op, ": Tq = ", Tq, " > T = ", T);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v need one dtype");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k, v need one device");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": k shape ", k.sizes(), " does not match q shape ",
+                    q.sizes(), " (same B and D expected)");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " does not match k shape ", k.sizes());
+  TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the query heads of q (", Hq, ") must be a multiple of the kv heads of k (",
+                    Hkv, ")");
+  TORCH_CHECK_VALUE(Tq <= T, op, ": q has more positions (Tq=", Tq, ") than k (T=", T,
+                    "): queries are the last Tq cache positions");
+  if (!spans.has_value()) cmac_check_spans(op, B, T, start, end, spans, q, "q", -1);
   int64_t n = -1;
   if (k_cal.has_value()) {
-    check_float_input(op, *k_cal, "k_calibrated");
-    TORCH_CHECK(k_cal->dim() == 4 && k_cal->size(0) == B && k_cal->size(1) == Hkv && k_cal->size(3) == D, op,
-                ": k_calibrated must be [B, Hkv, N, D], got ", k_cal->sizes());
-    TORCH_CHECK(k_cal->scalar_type() == q.scalar_type() && k_cal->device() == q.device(), op,
-                ": k_calibrated dtype or device differs from q");
-    n = k_cal->size(2);
+    // (empty where the span is: rope_calibrate of an empty span)
+    cmac_check_float4(op, *k_cal, "k_calibrated", "[B, Hkv, N, D]", /*allow_empty=*/true);
+    cmac_check_same(op, *k_cal, "k_calibrated", q, "q");
+    n = spans.has_value() ? k_cal->size(2) : end - start;
+    TORCH_CHECK_VALUE(k_cal->size(0) == B && k_cal->size(1) == Hkv && k_cal->size(2) == n && k_cal->size(3) == D, op,
+                      ": k_calibrated must be [B, Hkv, N, D] = [", B, ", ", Hkv, ", ", n, ", ", D,
+                      "] (N = the span length), got shape ", k_cal->sizes());
   }
-  cmac_check_spans(op, B, T, start, end, spans, q, n);
+  cmac_check_spans(op, B, T, start, end, spans, q, "q", n);
   if (imd_items.has_value()) {
-    TORCH_CHECK(imd_items->dim() == 1 && imd_items->size(0) == B && imd_items->scalar_type() == at::kBool &&
-                    imd_items->is_contiguous() && imd_items->device() == q.device(),
-                op, ": imd must be a contiguous bool tensor [B] on q's device");
+    const at::Tensor& im = *imd_items;
+    TORCH_CHECK_VALUE(im.scalar_type() == at::kBool && im.dim() == 1 && im.size(0) == B, op,
+                      ": imd must be a bool or a bool tensor [B] = [", B, "], got ", im.scalar_type(), " ",
+                      im.sym_sizes());
+    TORCH_CHECK_VALUE(im.device() == q.device(), op, ": imd is on ", im.device(), " but q is on ", q.device());
+    TORCH_CHECK_VALUE(im.is_contiguous(), op, ": imd must be contiguous (the wrapper converts)");
   }
-  TORCH_CHECK(value_mean == 0 || value_mean == 1, op, ": value_mean must be 0 (scalar) or 1 (vector)");
+  TORCH_CHECK_VALUE(value_mean == 0 || value_mean == 1, op,
+                    ": value_mean must be 0 ('scalar') or 1 ('vector'), got ", value_mean);
   const int64_t want[4] = {B, Hq, Tq, T};
   return mask_check(op, mask, q, want, "B, Hq, Tq, T");
 }
@@ -835,6 +877,25 @@ void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorte
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0 && beta <= 1, op, ": beta must be in (0, 1], got ", beta);
 }
 
+// Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
+static at::Tensor rope_calibrate_meta(const at::Tensor& k, int64_t start, int64_t end,
+                                      const std::optional<at::Tensor>& spans, int64_t n, const at::Tensor& inv_freq,
+                                      double gamma, const std::optional<at::Tensor>& positions,
+                                      at::OptionalIntArrayRef sections) {
+  cmac_check_rope(k, start, end, spans, n, inv_freq, gamma, positions, sections);
+  return at::empty({k.size(0), k.size(1), n, k.size(3)}, k.options());
+}
+
+static at::Tensor cmac_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                                      int64_t end, const std::optional<at::Tensor>& spans,
+                                      const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
+                                      const std::optional<at::Tensor>& mask, bool causal, bool imd,
+                                      const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
+  cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty(q.sizes(), q.options());
+}
+
 static at::Tensor contrastive_logits_meta(const at::Tensor& logits, const at::Tensor& distorted, double alpha,
                                           double beta) {
   cmac_check_contrastive(logits, distorted, alpha, beta);
@@ -858,6 +919,8 @@ TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("rope_calibrate", &kvfix::rope_calibrate_meta);
+  m.impl("cmac_attention", &kvfix::cmac_attention_meta);
   m.impl("contrastive_logits", &kvfix::contrastive_logits_meta);
 }
 

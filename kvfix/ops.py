@@ -5,13 +5,13 @@ CPU and, when built, CUDA kernels. Bad input is a `ValueError` / `TypeError` nam
 argument, raised before anything is written.
 
 Where the checks live: for `dscr_refine` / `dscr_refine_cache_` (the dense ops: tensor coords),
-`row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)` and `contrastive_logits`
-every check is stated once, in C++ (csrc/ops.cpp), and runs in the CPU,
-CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor / opcheck see);
-their wrappers here only convert arguments (Python / numpy ints and numbers, tuples, dtype
-conversions) and refuse non-tensors. DSCR's grid form (planned on the host, then maybe the
-structured ops), `rope_calibrate` and `cmac_attention` still check in their wrappers first (C++
-checks stand behind them) and have Python fake implementations below.
+`row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)`, `rope_calibrate`,
+`cmac_attention` and `contrastive_logits` every check is stated once, in C++ (csrc/ops.cpp), and
+runs in the CPU, CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor /
+opcheck see); their wrappers here only convert arguments (Python / numpy ints and numbers, tuples,
+dtype conversions) and refuse non-tensors. DSCR's grid form (planned on the host, then maybe the
+structured ops) still checks in its wrappers first (C++ checks stand behind them) and the
+structured ops have Python fake implementations below.
 The in-place ops' aliasing check (targets overlapping themselves, each other or an input) runs in
 C++, in the ops' CPU and CUDA registrations, before anything is written.
 """
@@ -71,9 +71,6 @@ def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
-
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _as_int(value, name: str) -> int:
@@ -372,9 +369,6 @@ def _dscr_refine_banded_cache_fake(keys, values, tok, tokw, cnt, row_ptr, row_lo
 
 __all__ += ["row_entropy", "kvsmooth_step_"]
 
-_MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_scale(scale):
     """scale as the ops take it (float or None): a TypeError for anything else (bool included);
     its value (finite) is checked in C++."""
@@ -497,20 +491,6 @@ def _check_pair(value, name: str) -> tuple[int, int]:
     return _as_int(value[0], f"{name}[0]"), _as_int(value[1], f"{name}[1]")
 
 
-def _check_mask4(mask, shape, device):
-    """A [B, Hq, Tq, T]-broadcastable bool / additive mask (SCR and CMAC)."""
-    if mask is None:
-        return
-    _check_tensor(mask, "mask")
-    if mask.dtype not in _MASK_DTYPES:
-        raise TypeError(f"mask must be bool (True = attend) or float32/float16/bfloat16 (additive), got {mask.dtype}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but q is on {device}")
-    full = (1,) * (4 - mask.dim()) + tuple(mask.shape) if 1 <= mask.dim() <= 4 else None
-    if full is None or any(s not in (1, w) for s, w in zip(full, shape)):
-        raise ValueError(f"mask must be broadcastable to [B, Hq, Tq, T] = {list(shape)}, got shape {tuple(mask.shape)}")
-
-
 def scr_scores(q: torch.Tensor, k: torch.Tensor, image_span, *, scale: float | None = None,
                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """SCR diagnostic scores (METHODS §3): attention mass each image key receives, [B, N] float32.
@@ -599,65 +579,28 @@ def scr_redistribute_(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, to
 # CMAC (METHODS §4): calibrated image keys (CMPC), attention with IMD, contrastive logits.
 #
 # Image spans travel to the kernels as two ints (one span for the batch) or an int64 tensor
-# [B, 2] read on the device (per-item spans; no host read). Validation otherwise reads shapes,
-# dtypes, devices and Python numbers only.
+# [B, 2] read on the device (per-item spans; no host read). Every check of rope_calibrate,
+# cmac_attention and contrastive_logits is stated once, in C++ (cmac_check_rope,
+# cmac_check_attention, cmac_check_contrastive in csrc/ops.cpp), run by the CPU, CUDA and Meta
+# kernels; the wrappers below convert arguments. The one host read here: rope_calibrate's token
+# count N from a tensor image_span without num_tokens (the output's size, which the op takes).
 
 __all__ += ["rope_calibrate", "cmac_attention", "contrastive_logits"]
 
-_INT_DTYPES = (torch.int64, torch.int32)
-# The CUDA attention kernel keeps a row's accumulators in registers: heads up to this size.
-CMAC_CUDA_MAX_HEAD_DIM = 256
 _VALUE_MEANS = {"scalar": 0, "vector": 1}
 
 
-def _check_real(x, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return x
-
-
-def _check_float_tensor(x, name: str, *, dims: int, layout: str, allow_empty: bool = False) -> torch.Tensor:
-    _check_tensor(x, name)
-    if x.dim() != dims:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
-    if x.dtype not in _KV_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.numel() == 0 and not allow_empty:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
-    return x
-
-
-def _check_same(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
-    if x.dtype != like.dtype:
-        raise TypeError(f"{name} dtype {x.dtype} does not match {like_name} dtype {like.dtype}")
-    if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
-
-
-def _check_span(image_span, B: int, T: int, device):
-    """-> (start, end, spans tensor or None). Int spans are checked against T here; the values of
-    a tensor of per-item spans by the CPU kernels (ValueError), never on the host for CUDA (no
-    sync: the kernels clamp a span to [0, T])."""
+def _span_arg(image_span):
+    """-> (start, end, spans tensor or None): (start, end) ints, or a tensor [B, 2] as int64
+    (int32 converted) contiguous. Shapes, dtype, device and ranges: cmac_check_spans in C++ (the
+    values of a CPU tensor there too; a CUDA tensor's are read by the kernels only, clamped to
+    [0, T])."""
     if isinstance(image_span, torch.Tensor):
-        sp = image_span
-        if sp.dtype not in _INT_DTYPES:
-            raise TypeError(f"image_span must be an int64 tensor [B, 2] or (start, end) ints, got dtype {sp.dtype}")
-        if sp.shape != (B, 2):
-            raise ValueError(f"image_span must be [B, 2] = [{B}, 2] (per-item start, end), got shape {tuple(sp.shape)}")
-        if sp.device != device:
-            raise ValueError(f"image_span is on {sp.device} but k is on {device}")
-        sp = sp.to(torch.int64).contiguous()
-        return 0, 0, sp
+        sp = image_span.to(torch.int64) if image_span.dtype == torch.int32 else image_span
+        return 0, 0, sp.contiguous()
     if not isinstance(image_span, (tuple, list)) or len(image_span) != 2:
         raise TypeError(f"image_span must be (start, end) ints or an int64 tensor [B, 2], got {image_span!r}")
     s, e = (_as_int(x, "image_span") for x in image_span)
-    if not 0 <= s <= e <= T:
-        raise ValueError(f"image_span ({s}, {e}) is out of range: need 0 <= start <= end <= T = {T}")
     return s, e, None
 
 
@@ -693,59 +636,31 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
     frequency f pairs dims f and f + D/2, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). fp32
     arithmetic, output in k's dtype, a new contiguous tensor.
     """
-    _check_float_tensor(k, "k", dims=4, layout="[B, Hkv, T, D]")
-    B, H, T, D = k.shape
-    if D % 2:
-        raise ValueError(f"k head dim must be even for RoPE, got {D}")
-    gamma = _check_real(gamma, "gamma")
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    # float32 angles (1 - 1/gamma) (a - p) inv_freq with |a - p| <= T: a tiny gamma overflows them (sin(inf) = nan)
-    if not abs(1.0 - 1.0 / gamma) * max(T, 1) <= _FLOAT32_MAX:
-        raise ValueError(f"gamma={gamma} is too small: the rotation angles (1 - 1/gamma) (a - p) overflow float32")
-    _check_tensor(inv_freq, "inv_freq")
-    if inv_freq.shape != (D // 2,):
-        raise ValueError(f"inv_freq must be [D/2] = [{D // 2}], got shape {tuple(inv_freq.shape)}")
-    if inv_freq.dtype != torch.float32:
-        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
-    if inv_freq.device != k.device:
-        raise ValueError(f"inv_freq is on {inv_freq.device} but k is on {k.device}")
-    start, end, spans = _check_span(image_span, B, T, k.device)
+    _check_tensors(k=k, inv_freq=inv_freq)
+    start, end, spans = _span_arg(image_span)
     if spans is None:
         n = end - start
     elif num_tokens is not None:
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= T:
-            raise ValueError(f"num_tokens must be an int in [0, T = {T}], got {num_tokens!r}")
-        n = num_tokens
+        n = _as_int(num_tokens, "num_tokens")
+    elif spans.dim() == 2 and spans.shape[0] >= 1 and spans.shape[1] == 2:
+        n = int(spans[0, 1] - spans[0, 0])  # one host read: N is the output's size
     else:
-        n = int(spans[0, 1] - spans[0, 0])
-        if n < 0:
-            raise ValueError(f"image_span [0] = ({int(spans[0, 0])}, {int(spans[0, 1])}) has start > end")
+        n = 0  # a wrongly shaped image_span: C++ says so
     sections = None
     if mrope_section is not None:
-        if isinstance(mrope_section, torch.Tensor) or not isinstance(mrope_section, (list, tuple)) or any(
-                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in mrope_section) or not mrope_section:
-            raise TypeError(f"mrope_section must be a non-empty list of ints >= 0, got {mrope_section!r}")
-        if sum(mrope_section) != D // 2:
-            raise ValueError(f"mrope_section {list(mrope_section)} must sum to D/2 = {D // 2}")
-        sections = [int(x) for x in mrope_section]
-    S = 1 if sections is None else len(sections)
+        if isinstance(mrope_section, torch.Tensor) or not isinstance(mrope_section, (list, tuple)):
+            raise TypeError(f"mrope_section must be a list of ints, got {mrope_section!r}")
+        sections = [_as_int(x, f"mrope_section[{i}]") for i, x in enumerate(mrope_section)]
     if positions is not None:
         _check_tensor(positions, "positions")
-        if positions.dtype not in _INT_DTYPES:
-            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
-        if positions.device != k.device:
-            raise ValueError(f"positions is on {positions.device} but k is on {k.device}")
-        ok = positions.shape == (B, T) or (positions.dim() == 3 and positions.shape[1:] == (B, T)
-                                           and positions.shape[0] in (1, S))
-        if not ok:
-            want = "[B, T]" + ("" if sections is None else f" or [{S}, B, T]")
-            raise ValueError(f"positions must be {want} with B={B}, T={T}, got shape {tuple(positions.shape)}")
-        if positions.dim() == 2:
+        if positions.dtype == torch.int32:
+            positions = positions.to(torch.int64)
+        if positions.dim() == 2:  # [B, T]: one row
             positions = positions.unsqueeze(0)
-        positions = positions.to(torch.int64).contiguous()
+        positions = positions.contiguous()
     _check_built_for(k, "rope_calibrate")
-    return torch.ops.kvfix.rope_calibrate.default(k, start, end, spans, n, inv_freq, gamma, positions, sections)
+    return torch.ops.kvfix.rope_calibrate.default(k, start, end, spans, n, inv_freq, _as_real(gamma, "gamma"),
+                                                  positions, sections)
 
 
 def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span, *,
@@ -785,41 +700,14 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
     masked key; a nan / inf value of a key the row sees reaches the dims it touches. Whether a
     non-finite value of a key the row cannot see (masked, causal) reaches it is not specified.
     """
-    _check_float_tensor(q, "q", dims=4, layout="[B, Hq, Tq, D]")
-    _check_float_tensor(k, "k", dims=4, layout="[B, Hkv, T, D]")
-    _check_float_tensor(v, "v", dims=4, layout="[B, Hkv, T, D]")
-    _check_same(k, "k", q, "q")
-    _check_same(v, "v", q, "q")
-    B, Hq, Tq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (same B and D expected)")
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)}")
-    if Hq % Hkv:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the kv heads of k ({Hkv})")
-    if q.device.type == "cuda" and D > CMAC_CUDA_MAX_HEAD_DIM:
-        raise ValueError(f"q head dim {D} is larger than the CUDA kernel's {CMAC_CUDA_MAX_HEAD_DIM}")
-    if Tq > T:
-        raise ValueError(f"q has more positions (Tq={Tq}) than k (T={T}): queries are the last Tq cache positions")
-    start, end, spans = _check_span(image_span, B, T, q.device)
+    _check_tensors(q=q, k=k, v=v, mask=mask)
     if k_calibrated is not None:
-        # (empty where the span is: rope_calibrate of an empty span)
-        _check_float_tensor(k_calibrated, "k_calibrated", dims=4, layout="[B, Hkv, N, D]", allow_empty=True)
-        _check_same(k_calibrated, "k_calibrated", q, "q")
-        n = end - start if spans is None else k_calibrated.shape[2]
-        if k_calibrated.shape != (B, Hkv, n, D):
-            raise ValueError(f"k_calibrated must be [B, Hkv, N, D] = {[B, Hkv, n, D]} (N = the span length), "
-                             f"got shape {tuple(k_calibrated.shape)}")
-    _check_mask4(mask, (B, Hq, Tq, T), q.device)
+        _check_tensor(k_calibrated, "k_calibrated")
+    start, end, spans = _span_arg(image_span)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     imd_items = None
     if isinstance(imd, torch.Tensor):
-        if imd.dtype != torch.bool or imd.shape != (B,):
-            raise ValueError(f"imd must be a bool or a bool tensor [B] = [{B}], got {imd.dtype} {tuple(imd.shape)}")
-        if imd.device != q.device:
-            raise ValueError(f"imd is on {imd.device} but q is on {q.device}")
         imd_items, imd = imd.contiguous(), True
     elif not isinstance(imd, bool):
         raise TypeError(f"imd must be a bool or a bool tensor [B], got {type(imd).__name__}")
@@ -849,14 +737,3 @@ def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, 
     alpha, beta = _as_real(alpha, "alpha"), _as_real(beta, "beta")  # their ranges: checked in C++
     _check_built_for(logits, "contrastive_logits")
     return torch.ops.kvfix.contrastive_logits.default(logits, logits_distorted, alpha, beta)
-
-
-@torch.library.register_fake("kvfix::rope_calibrate")
-def _rope_calibrate_fake(k, start, end, spans, n, inv_freq, gamma, positions, sections):
-    return k.new_empty((k.shape[0], k.shape[1], n, k.shape[3]))
-
-
-@torch.library.register_fake("kvfix::cmac_attention")
-def _cmac_attention_fake(q, k, v, start, end, spans, k_calibrated, scale, mask, causal, imd, imd_items,
-                         value_mean):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)

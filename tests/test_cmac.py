@@ -468,7 +468,7 @@ def test_ops_check_their_input_too():
         torch.ops.kvfix.rope_calibrate.default(k, 0, 4, None, 4, _inv_freq(8), 0.0, None, None)
     with pytest.raises(ValueError, match="beta must be in"):
         torch.ops.kvfix.contrastive_logits.default(q, q, 3.0, 2.0)
-    with pytest.raises(RuntimeError, match="multiple of the kv heads"):
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
         torch.ops.kvfix.cmac_attention.default(q[:, :3], k, v, 0, 4, None, None, None, None, True, False, None, 0)
 
 

@@ -1,7 +1,8 @@
 // CMAC on CUDA (METHODS §4): the ATen side of csrc/kernels/cmac.cuh.
 //
-// Checks are shared with the CPU path (kvfix::cmac_check_* in ops.cpp; on CUDA they read
-// metadata only: per-item spans and IMD flags stay on the device, read by the kernels). Each op is
+// Checks are shared with the CPU and Meta kernels (kvfix::cmac_check_* in ops.cpp; on CUDA they
+// read metadata only: per-item spans and IMD flags stay on the device, read by the kernels); the
+// CUDA kernels' own limits (head dim, mrope sections) are checked here. Each op is
 // one launch on the current stream (cmac_attention with IMD: two, the threshold shares in a small
 // workspace from the caching allocator): no host synchronisation, capturable in a CUDA graph.
 // Includes are kept to what is used: no torch/extension.h or ATen/ATen.h (compile time).
@@ -32,8 +33,9 @@ at::Tensor rope_calibrate_cuda(const at::Tensor& k, int64_t start, int64_t end, 
   const c10::cuda::CUDAGuard guard(k.device());
   at::Tensor out = at::empty({k.size(0), k.size(1), n, k.size(3)}, k.options());
   if (out.numel() == 0) return out;
-  TORCH_CHECK(!sections.has_value() || static_cast<int64_t>(sections->size()) <= kernels::kCmacMaxSections,
-              "rope_calibrate: at most ", kernels::kCmacMaxSections, " mrope sections on CUDA");
+  TORCH_CHECK_VALUE(!sections.has_value() || static_cast<int64_t>(sections->size()) <= kernels::kCmacMaxSections,
+                    "rope_calibrate: mrope_section has ", sections.has_value() ? sections->size() : 0,
+                    " sections, the CUDA kernel takes at most ", kernels::kCmacMaxSections);
   const at::Tensor freq = inv_freq.contiguous();
   const at::Tensor pos = positions.has_value() ? positions->contiguous() : at::Tensor();
   const kernels::CmacRopeArgs a = kernels::cmac_rope_pack(
@@ -55,8 +57,9 @@ at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   const MaskView mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
-  TORCH_CHECK(D <= kernels::kCmacMaxHeadDim, "cmac_attention: head dim ", D, " is larger than the CUDA kernel's ",
-              kernels::kCmacMaxHeadDim);
+  // The CUDA kernel keeps a row's accumulators in registers: heads up to kCmacMaxHeadDim (stated there).
+  TORCH_CHECK_VALUE(D <= kernels::kCmacMaxHeadDim, "cmac_attention: q head dim ", D,
+                    " is larger than the CUDA kernel's ", kernels::kCmacMaxHeadDim);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());
   if (out.numel() == 0) return out;
   kernels::CmacAttnArgs a = kernels::cmac_attention_pack(
