@@ -22,18 +22,10 @@ import kvfix  # noqa: E402
 import kvfix.hf  # noqa: E402
 from kvfix.hf import testing  # noqa: E402
 
-from test_hf_stack import METHODS, check_subset, run  # noqa: E402
+from test_hf_stack import METHODS, check_subset, run, _one_thread  # noqa: E402,F401 (autouse fixture)
 from test_hf_dscr import depth_maps  # noqa: E402
 
 FAMILY = "gemma3"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,10 @@ import kvfix.hf  # noqa: E402
 from kvfix.hf import testing  # noqa: E402
 
 from test_hf_dscr import depth_maps  # noqa: E402
-from test_hf_stack import METHODS, check_subset, interleaved_sections, make_prompt, ref_generate, run  # noqa: E402
+from test_hf_stack import (  # noqa: E402,F401 (_one_thread: the autouse fixture)
+    METHODS, _one_thread, check_subset, interleaved_sections, make_prompt, ref_generate, run)
 
 FAMILY = "qwen3"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

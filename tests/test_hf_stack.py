@@ -54,7 +54,8 @@ SUBSETS = [s for r in range(1, 5) for s in itertools.combinations(METHODS, r)]
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models: every op is overhead-bound, a second thread only adds synchronisation (on a
-    loaded 2-core machine, many times the run time). Restored after the module."""
+    busy machine, many times the run time). Restored after the module. The family test files
+    import this fixture (autouse in each module that imports it)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
