@@ -9,7 +9,10 @@ leaves what it measured: device, torch / transformers / flash-attn versions, dat
 the tables, and the targets of issue 18 with their verdicts. A section that fails prints its
 error and the run goes on; a section that would not fit in what is left of --budget-s is
 skipped (both are noted in the file). `--device cpu` runs every section on tiny shapes with a
-wall-clock timer: a smoke test of this script without a GPU, whose numbers mean nothing.
+wall-clock timer: a smoke test of this script without a GPU, whose numbers mean nothing;
+`--device cpu --sections models --layers 4 --dtype fp32 --out bench/MODELS_CPU.md` is the CPU
+record of the models section instead: the same configs at full width with their text and vision
+layer counts cut to 4 (issue 18's "same benchmark on the CPU").
 Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~30-35 s;
 ESTIMATE_S below is what a section must have left to start).
 
@@ -137,7 +140,9 @@ class Ctx:
 
     timer(fn, reps, warmup, queued) -> median ms; graph(fn) -> a callable replaying fn (on the CPU
     fn itself: capture needs a GPU). tiny: tiny shapes (CPU smoke run and tests). bw: copy
-    bandwidth in bytes per ms, set by the baselines section (None: rooflines not available)."""
+    bandwidth in bytes per ms, set by the baselines section (None: rooflines not available).
+    layers: the models section builds the exact configs with their text and vision layer counts
+    cut to this (full widths, vocabularies and image sizes); it overrides tiny there."""
     device: str
     timer: Callable
     graph: Callable
@@ -147,6 +152,8 @@ class Ctx:
     warmup: int = 3
     bw: float | None = None
     deadline: float = math.inf
+    layers: int | None = None   # models section: the configs cut to this many layers, at full width
+    model_dtype: torch.dtype = BF16
 
     def ms(self, fn, reps=None, warmup=None, queued=True) -> float:
         return self.timer(fn, self.reps if reps is None else reps, self.warmup if warmup is None else warmup,
@@ -601,9 +608,10 @@ def cmac_section(ctx: Ctx) -> Section:
 # --------------------------------------------------------------------------------------------
 # whole models: the exact LLaVA-1.5-7B and Qwen2-VL-7B configs, random weights
 
-def llava_15_7b_config(tiny: bool = False):
+def llava_15_7b_config(tiny: bool = False, layers: int | None = None):
     """llava-hf/llava-1.5-7b-hf's config (CLIP ViT-L/14-336 + Vicuna-7B), written out; tiny: the
-    same token ids and vocabulary, 4 small layers, a 4 x 4 patch grid (CPU tests)."""
+    same token ids and vocabulary, 4 small layers, a 4 x 4 patch grid (CPU tests); layers: the
+    full config with its text and vision layer counts cut to `layers` (CPU record)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -616,15 +624,18 @@ def llava_15_7b_config(tiny: bool = False):
                       image_size=56, projection_dim=32)
         text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=4)
+    elif layers is not None:
+        text.update(num_hidden_layers=layers)
+        vision.update(num_hidden_layers=max(layers, 2))  # vision_feature_layer=-2 needs two
     return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                        image_token_id=32000, pad_token_id=32001, projector_hidden_act="gelu",
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        tie_word_embeddings=False)
 
 
-def qwen2_vl_7b_config(tiny: bool = False):
+def qwen2_vl_7b_config(tiny: bool = False, layers: int | None = None):
     """Qwen/Qwen2-VL-7B-Instruct's config, written out; tiny: same token ids and vocabulary, 4 small
-    layers, 1 vision block."""
+    layers, 1 vision block; layers: the full config with `layers` text layers and vision blocks."""
     from transformers import Qwen2VLConfig
     text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
@@ -639,18 +650,21 @@ def qwen2_vl_7b_config(tiny: bool = False):
                     num_key_value_heads=2, max_window_layers=4,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
         vision.update(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
+    elif layers is not None:
+        text.update(num_hidden_layers=layers, max_window_layers=layers)
+        vision.update(depth=layers)
     return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                          vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
 
-def build_model(family: str, device: str, dtype: torch.dtype, tiny: bool = False):
+def build_model(family: str, device: str, dtype: torch.dtype, tiny: bool = False, layers: int | None = None):
     """A random-weight model of the family, its parameters created on `device` in `dtype` (no CPU
     initialisation, nothing downloaded); greedy generation never stops at eos."""
     import transformers
     if family == "llava":
-        cfg, cls = llava_15_7b_config(tiny), transformers.LlavaForConditionalGeneration
+        cfg, cls = llava_15_7b_config(tiny, layers), transformers.LlavaForConditionalGeneration
     else:
-        cfg, cls = qwen2_vl_7b_config(tiny), transformers.Qwen2VLForConditionalGeneration
+        cfg, cls = qwen2_vl_7b_config(tiny, layers), transformers.Qwen2VLForConditionalGeneration
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -708,17 +722,37 @@ DECODE_TARGETS = {"KVSmooth": 1.10, "CMAC": 1.4, "DSCR": 1.05, "SCR": 1.05}
 MODELS = (("LLaVA-1.5-7B", "llava"), ("Qwen2-VL-7B", "qwen"))
 
 
+class _StepClock:
+    """perf_counter stamps of the output layer's forward calls: one per generation step (the
+    prefill's first token, then each decoded token; CMAC's two branches are one batch). CPU only:
+    on a GPU a stamp would need a synchronisation inside the step."""
+
+    def __init__(self, model):
+        self.stamps: list[float] = []
+        self._hook = model.get_output_embeddings().register_forward_hook(
+            lambda *_: self.stamps.append(time.perf_counter()))
+
+    def close(self):
+        self._hook.remove()
+
+
 def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tuple[dict, dict]:
-    """{variant: (prefill ms, decode ms per token)} and a description of the run."""
+    """{variant: (prefill ms, decode ms per token)} and a description of the run.
+
+    GPU: prefill = generate(max_new_tokens=1), decode = (generate(1 + n) - prefill) / n, CUDA
+    events. CPU: one generate(1 + n) per round, timed by _StepClock: prefill = from the call to the
+    first token's output layer, decode = the median interval between the n decode steps (the
+    difference of two whole generate calls would drown the decode in the prefill's noise)."""
     from kvfix import hf
     t0 = time.perf_counter()
     if ctx.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(family, ctx.device, BF16, ctx.tiny)  # bf16 on the CPU too: the same code paths
+    tiny = ctx.tiny and ctx.layers is None
+    model = build_model(family, ctx.device, ctx.model_dtype, tiny, ctx.layers)
     if ctx.device != "cpu":
         torch.cuda.synchronize()
     built = time.perf_counter() - t0
-    inputs, depth, side = model_prompt(model, family, ctx.device, ctx.tiny)
+    inputs, depth, side = model_prompt(model, family, ctx.device, tiny)
     prompt = inputs["input_ids"].shape[1]
     methods = _methods()
     samples = {name: ([], []) for name in methods}
@@ -729,26 +763,40 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
         if out.shape[1] != prompt + k:
             raise RuntimeError(f"generate returned {out.shape[1] - prompt} new tokens, expected {k}")
 
+    def timed(handle) -> tuple[float, float]:
+        """(prefill ms, decode ms per token) of one round."""
+        if ctx.device != "cpu":
+            t1 = ctx.ms(lambda: gen(handle, 1), reps=1, warmup=0, queued=False)
+            tn = ctx.ms(lambda: gen(handle, 1 + n_new), reps=1, warmup=0, queued=False)
+            return t1, (tn - t1) / n_new
+        clock = _StepClock(model)
+        try:
+            start = time.perf_counter()
+            gen(handle, 1 + n_new)
+        finally:
+            clock.close()
+        steps = clock.stamps[-(n_new + 1):]  # the first token's step, then the n decode steps
+        gaps = [b - a for a, b in zip(steps, steps[1:])]
+        return 1e3 * (steps[0] - start), 1e3 * statistics.median(gaps)
+
     names = list(methods)
     for rnd in range(warmup + reps):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
             handle = None if methods[name] is None else hf.enable(model, methods[name]())
             try:
-                t1 = ctx.ms(lambda: gen(handle, 1), reps=1, warmup=0, queued=False)
-                tn = ctx.ms(lambda: gen(handle, 1 + n_new), reps=1, warmup=0, queued=False)
+                p, d = timed(handle)
             finally:
                 if handle is not None:
                     handle.disable()
             if rnd >= warmup:
-                samples[name][0].append(t1)
-                samples[name][1].append(tn)
-    res = {}
-    for name, (t1s, tns) in samples.items():
-        p, full = statistics.median(t1s), statistics.median(tns)
-        res[name] = (p, (full - p) / n_new)
+                samples[name][0].append(p)
+                samples[name][1].append(d)
+    res = {name: (statistics.median(ps), statistics.median(ds)) for name, (ps, ds) in samples.items()}
     cfg = model.config.get_text_config()
+    vc = model.config.vision_config
     info = dict(prompt=prompt, side=side, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                vision_layers=getattr(vc, "num_hidden_layers", None) or vc.depth,
                 params=sum(p.numel() for p in model.parameters()), built_s=built,
                 dtype=str(next(model.parameters()).dtype)[6:], attn=model.config._attn_implementation,
                 peak=(f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
@@ -760,9 +808,10 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
 
 def models_section(ctx: Ctx) -> Section:
     sec = Section("models", "Whole models: kvfix.hf methods against plain greedy decoding")
-    n_new = 2 if ctx.tiny else (8 if ctx.quick else 32)
-    reps = 1 if (ctx.tiny or ctx.quick) else 3
-    warmup = 0 if ctx.tiny else 1
+    tiny = ctx.tiny and ctx.layers is None
+    n_new = 2 if tiny else (8 if ctx.quick or ctx.device == "cpu" else 32)
+    reps = 1 if (tiny or ctx.quick) else (2 if ctx.device == "cpu" else 3)
+    warmup = 0 if tiny else 1
     per_model = ESTIMATE_S["models"]
     for label, family in MODELS:
         if ctx.left() < per_model:
@@ -778,7 +827,8 @@ def models_section(ctx: Ctx) -> Section:
                     sec.targets.append(target(f"{label} {name} decode per token / plain", ratio(d, plain_d),
                                               DECODE_TARGETS[name]))
             sec.note(f"**{label}** (random weights, {info['params'] / 1e9:.2f} B parameters, {info['dtype']}, "
-                     f"{info['layers']} text layers, hidden {info['hidden']}, attention {info['attn']}, built in "
+                     f"{info['layers']} text layers, hidden {info['hidden']}, {info['vision_layers']} vision layers, "
+                     f"attention {info['attn']}, built in "
                      f"{info['built_s']:.1f} s{info['peak']}): one {info['side']} x {info['side']} image, prompt "
                      f"{info['prompt']} tokens, greedy, {n_new} decoded tokens; medians of {reps} timed round(s) after "
                      f"{warmup} warm-up round(s)")
@@ -786,7 +836,10 @@ def models_section(ctx: Ctx) -> Section:
     sec.note("Variants: `kvfix.hf.enable(model, Method())` with the defaults, enabled outside the timed calls; "
              "DSCR gets a random depth map at the image's size. prefill = `generate(max_new_tokens=1)` (vision tower, "
              "prefill, first token; SCR's diagnostic pass and DSCR's refinement included); decode = (generate of 1 + n "
-             "tokens - prefill) / n. CMAC runs both branches as one batch of 2 rows.")
+             "tokens - prefill) / n. CMAC runs both branches as one batch of 2 rows."
+             + (" On the CPU one generate of 1 + n tokens per round, stamped at each call of the output layer: "
+                "prefill = up to the first token's step, decode = the median interval between decode steps."
+                if ctx.device == "cpu" else ""))
     return sec
 
 
@@ -797,7 +850,7 @@ SECTION_FNS = {"baselines": baselines_section, "kvsmooth": kvsmooth_section, "ds
 # --------------------------------------------------------------------------------------------
 # report
 
-def header(device: str, cmd: str, started: datetime.datetime) -> list[str]:
+def header(device: str, cmd: str, started: datetime.datetime, layers: int | None = None) -> list[str]:
     try:
         import transformers
         tf = transformers.__version__
@@ -808,6 +861,10 @@ def header(device: str, cmd: str, started: datetime.datetime) -> list[str]:
         p = torch.cuda.get_device_properties(0)
         dev = (f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), "
                f"CUDA {torch.version.cuda}")
+    elif layers is not None:
+        from bench.common import cpu_path
+        dev = (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+               f"{cpu_path()}): the models at full width, cut to {layers} layers")
     else:
         dev = f"CPU ({platform.processor() or platform.machine()}): smoke run on tiny shapes, timings meaningless"
     version, _ = _flash_attn()
@@ -821,8 +878,8 @@ def header(device: str, cmd: str, started: datetime.datetime) -> list[str]:
             f"- command: `{cmd}`"]
 
 
-def render(head: list, sections: list, elapsed: float, done: bool) -> str:
-    out = ["# kvfix on a GPU", "",
+def render(head: list, sections: list, elapsed: float, done: bool, title: str = "kvfix on a GPU") -> str:
+    out = [f"# {title}", "",
            "Generated by `python -m bench.gpu` (bench/gpu.py; method in its docstring); do not edit by hand, rerun it.",
            ""] + head + [f"- run time: {elapsed:.0f} s" + ("" if done else " (run in progress or cut short)"), ""]
     targets = [t for s in sections for t in s.targets]
@@ -834,12 +891,13 @@ def render(head: list, sections: list, elapsed: float, done: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def make_ctx(device: str, quick: bool, budget_s: float) -> Ctx:
+def make_ctx(device: str, quick: bool, budget_s: float, layers: int | None = None,
+             model_dtype: torch.dtype = BF16) -> Ctx:
     if device == "cuda":
         return Ctx("cuda", cuda_timer, cuda_graph, tiny=False, quick=quick, reps=15 if quick else 25,
-                   deadline=time.perf_counter() + budget_s)
+                   deadline=time.perf_counter() + budget_s, layers=layers, model_dtype=model_dtype)
     return Ctx("cpu", wall_timer, lambda fn: fn, tiny=True, quick=quick, reps=3, warmup=1,
-               deadline=time.perf_counter() + budget_s)
+               deadline=time.perf_counter() + budget_s, layers=layers, model_dtype=model_dtype)
 
 
 def run(ctx: Ctx, names, write: Callable[[list, bool], None]) -> list:
@@ -878,7 +936,14 @@ def main(argv=None) -> int:
                     help="seconds for the whole run: a section that would not fit in what is left is skipped")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: tiny shapes, wall-clock timer (a smoke test of this script; numbers meaningless)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="models section: the exact configs with their text and vision layers cut to this many "
+                         "(with --device cpu: the CPU record of the models section at full width, e.g. "
+                         "`--device cpu --sections models --layers 2 --dtype fp32 --out bench/MODELS_CPU.md`)")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the models' dtype (default bf16)")
     args = ap.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        ap.error(f"--layers must be >= 1, got {args.layers}")
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
@@ -886,6 +951,8 @@ def main(argv=None) -> int:
     if "rooflines" in names and "baselines" not in names:
         names.insert(0, "baselines")  # the rooflines need the copy bandwidth
     names = [s for s in SECTIONS if s in names]
+    if args.device == "cpu" and args.layers is not None and names != ["models"]:
+        ap.error("--device cpu --layers measures the models section only: add --sections models")
     if args.device == "cuda" and (not torch.cuda.is_available() or "cuda" not in kvfix.build_info()["devices"]):
         print("bench.gpu needs a GPU and kvfix built with its CUDA kernels (or --device cpu for a smoke run)",
               file=sys.stderr)
@@ -895,14 +962,17 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     argv_used = sys.argv[1:] if argv is None else list(argv)
     cmd = " ".join(["python -m bench.gpu"] + argv_used)
-    head = header(args.device, cmd, started)
+    head = header(args.device, cmd, started, args.layers if args.device == "cpu" else None)
     print("\n".join(head), flush=True)
-    ctx = make_ctx(args.device, args.quick, args.budget_s)
+    ctx = make_ctx(args.device, args.quick, args.budget_s, args.layers,
+                   BF16 if args.dtype == "bf16" else torch.float32)
+    title = ("kvfix whole-model decode cost on the CPU" if args.device == "cpu" and args.layers is not None
+             else "kvfix on a GPU")
 
     def write(sections, done):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            f.write(render(head, sections, time.perf_counter() - t_start, done))
+            f.write(render(head, sections, time.perf_counter() - t_start, done, title))
 
     torch.manual_seed(0)
     with torch.no_grad():

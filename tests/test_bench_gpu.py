@@ -89,6 +89,28 @@ def test_model_configs_are_the_7b_models():
     assert qwen.config.get_text_config().rope_parameters["mrope_section"] == [16, 24, 24]
 
 
+def test_cut_configs_keep_the_7b_widths():
+    """--layers: the exact configs with only the layer counts cut (the CPU record)."""
+    llava = G.build_model("llava", "meta", torch.float32, layers=4)
+    full = G.llava_15_7b_config()
+    assert llava.config.text_config.num_hidden_layers == 4 and llava.config.vision_config.num_hidden_layers == 4
+    assert llava.config.text_config.hidden_size == full.text_config.hidden_size == 4096
+    assert llava.config.text_config.vocab_size == full.text_config.vocab_size
+    assert llava.config.vision_config.image_size == 336
+    qwen = G.build_model("qwen", "meta", torch.float32, layers=2)
+    assert qwen.config.text_config.num_hidden_layers == 2 and qwen.config.vision_config.depth == 2
+    assert qwen.config.text_config.hidden_size == 3584
+    assert {p.dtype for p in qwen.parameters()} == {torch.float32}
+
+
+def test_cpu_layers_measures_only_the_models(capsys):
+    with pytest.raises(SystemExit):
+        G.main(["--device", "cpu", "--layers", "2"])
+    assert "--sections models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        G.main(["--device", "cpu", "--sections", "models", "--layers", "0"])
+
+
 def test_models_section_runs_tiny_models_on_cpu():
     sec = G.models_section(cpu_ctx(G.wall_timer))
     assert not sec.errors, sec.errors
