@@ -95,9 +95,11 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 // rounded once to float32) by dscr_depth_factors.
 namespace kvfix {
 
-// Checks keys (and values: empty or one per key; same B and N everywhere), depth and the factors;
-// returns every tensor to refine as one flat list.
-std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values,
+// Every check of dscr_refine_factored (keys = {k}, values = {} or {v}, cache = false) and
+// dscr_refine_factored_cache_ (one tensor per layer, cache = true), stated once (csrc/ops.cpp) and
+// run by the CPU, CUDA and Meta kernels: ValueError / TypeError naming the argument. Returns every
+// tensor to refine as one flat list (each layer's key, then its value).
+std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
                                                const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
                                                const at::Tensor& lc, const at::Tensor& rc, double coef_d,
                                                int64_t rank_d);
@@ -114,6 +116,28 @@ std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std:
 void dscr_refine_factored_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
                                     const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
                                     const at::Tensor& rc, double coef_d, int64_t rank_d);
+// The banded structure (csrc/cpu/dscr_banded.cpp; kvfix/dscr_structured.py's BandedStructure):
+// tok int32 [Bd, N], tokw float32 [Bd, N, C], cnt int32 [Bd], row_ptr int64 [G + 1], row_lo int32
+// [G], tvals float32 [nnz], node_off int64 [Bd + 1], cinv float32 [Bd, N], band float32 [K + 1],
+// all contiguous on k's device; gh divides N.
+struct DscrBanded {
+  at::Tensor tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band;
+  int64_t gh;
+};
+// Every check of dscr_refine_banded / dscr_refine_banded_cache_ (as dscr_factored_operands; the
+// structure's index values too where it is on the CPU). Returns every tensor to refine.
+std::vector<at::Tensor> dscr_banded_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
+                                             const DscrBanded& s);
+std::vector<at::Tensor> dscr_refine_banded_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                               const at::Tensor& tok, const at::Tensor& tokw, const at::Tensor& cnt,
+                                               const at::Tensor& row_ptr, const at::Tensor& row_lo,
+                                               const at::Tensor& tvals, const at::Tensor& node_off,
+                                               const at::Tensor& cinv, const at::Tensor& band, int64_t gh);
+void dscr_refine_banded_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& tok,
+                                  const at::Tensor& tokw, const at::Tensor& cnt, const at::Tensor& row_ptr,
+                                  const at::Tensor& row_lo, const at::Tensor& tvals, const at::Tensor& node_off,
+                                  const at::Tensor& cinv, const at::Tensor& band, int64_t gh);
+
 #ifdef KVFIX_WITH_CUDA
 std::vector<at::Tensor> dscr_refine_factored_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
                                                   const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,

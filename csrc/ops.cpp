@@ -81,13 +81,10 @@ static void dscr_check_kv(const char* op, const at::Tensor& x, const std::string
                     x.stride(3), ")");
 }
 
-// Every check of dscr_refine / dscr_refine_cache_, stated once: the CPU, CUDA and Meta kernels
-// call it; the Python wrappers only convert arguments. keys = {k} and values = {} or {v} for
-// dscr_refine (cache = false: the errors say k, v), one tensor per layer for dscr_refine_cache_.
-// Errors name the argument: ValueError (shape, device, range), TypeError (dtype). The values of
-// depth and coords (finite) are checked by dscr_check_finite.
-DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
-                     const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta) {
+// The keys and values of a DSCR op: keys = {k} and values = {} or {v} for the out-of-place ops
+// (cache = false: the errors say k, v), one tensor per layer for the in-place ones (keys[l],
+// values[l]). Every layer [B, H, N, D] with k's B, N and device; values[l] like keys[l].
+static void dscr_check_layers(const char* op, at::TensorList keys, at::TensorList values, bool cache) {
   auto key_name = [&](size_t l) { return cache ? "keys[" + std::to_string(l) + "]" : std::string("k"); };
   auto value_name = [&](size_t l) { return cache ? "values[" + std::to_string(l) + "]" : std::string("v"); };
   TORCH_CHECK_VALUE(!keys.empty(), op, ": keys must be a non-empty list of tensors");
@@ -115,16 +112,37 @@ DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values,
       TORCH_CHECK_VALUE(x.device() == kl.device(), op, ": v is on ", x.device(), " but k is on ", kl.device());
     }
   }
-  const DscrCoefs c = dscr_coefs(op, sigma_d, sigma_s, alpha, beta);
+}
+
+// A float32 input (the wrapper converts) on k's device; contiguous where the kernels need it.
+static void dscr_check_f32(const char* op, const at::Tensor& x, const char* name, const at::Tensor& k) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": ", name,
+                   " must be a floating-point tensor (float32; the wrapper converts), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == k.device(), op, ": ", name, " is on ", x.device(), " but k is on ", k.device());
+}
+
+// depth: float32 [1 or B, N] on k's device.
+static void dscr_check_depth(const char* op, const at::Tensor& depth, const at::Tensor& k) {
+  dscr_check_f32(op, depth, "depth", k);
   const int64_t B = k.size(0), N = k.size(2);
-  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&depth, "depth"}, {&coords, "coords"}}) {
-    TORCH_CHECK_TYPE(x->scalar_type() == at::kFloat, op, ": ", name,
-                     " must be a floating-point tensor (float32; the wrapper converts), got ", x->scalar_type());
-    TORCH_CHECK_VALUE(x->device() == k.device(), op, ": ", name, " is on ", x->device(), " but k is on ", k.device());
-  }
   TORCH_CHECK_VALUE(depth.dim() == 2 && (depth.size(0) == 1 || depth.size(0) == B) && depth.size(1) == N, op,
                     ": depth must be [N] or [B, N] with B=", B, ", N=", N, " (the op takes [1 or B, N]), got shape ",
                     depth.sizes());
+}
+
+// Every check of dscr_refine / dscr_refine_cache_, stated once: the CPU, CUDA and Meta kernels
+// call it; the Python wrappers only convert arguments. keys = {k} and values = {} or {v} for
+// dscr_refine (cache = false: the errors say k, v), one tensor per layer for dscr_refine_cache_.
+// Errors name the argument: ValueError (shape, device, range), TypeError (dtype). The values of
+// depth and coords (finite) are checked by dscr_check_finite.
+DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
+                     const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta) {
+  dscr_check_layers(op, keys, values, cache);
+  const DscrCoefs c = dscr_coefs(op, sigma_d, sigma_s, alpha, beta);
+  const at::Tensor& k = keys[0];
+  const int64_t B = k.size(0), N = k.size(2);
+  dscr_check_depth(op, depth, k);
+  dscr_check_f32(op, coords, "coords", k);
   TORCH_CHECK_VALUE(coords.dim() == 3 && coords.size(0) == depth.size(0) && coords.size(1) == N &&
                         coords.size(2) == 2,
                     op, ": coords must be [N, 2] or [B, N, 2] with B=", B, ", N=", N, " (the op takes [",
@@ -132,6 +150,28 @@ DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values,
   TORCH_CHECK_VALUE(depth.is_contiguous() && coords.is_contiguous(), op,
                     ": depth and coords must be contiguous (the wrapper converts)");
   return c;
+}
+
+// The grid form coords=(gh, gw) of dscr_refine / dscr_refine_cache_ (cache: which), checked before
+// the plan reads depth on the host (kvfix.ops.dscr): the layers and parameters as dscr_check, the
+// grid holds the N tokens, depth float32 [1 or B, N] on k's device and not meta. The op
+// dscr_check_grid runs it (one kernel for every device).
+static void dscr_check_grid(at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
+                            int64_t gh, int64_t gw, double sigma_d, double sigma_s, double alpha, double beta) {
+  const char* op = cache ? "dscr_refine_cache_" : "dscr_refine";
+  dscr_check_layers(op, keys, values, cache);
+  const at::Tensor& k = keys[0];
+  TORCH_CHECK_VALUE(gh >= 1 && gw >= 1 && gh * gw == k.size(2), op, ": coords grid ", gh, " x ", gw, " has ", gh * gw,
+                    " tokens but ", cache ? "keys[0]" : "k", " has N=", k.size(2));
+  dscr_coefs(op, sigma_d, sigma_s, alpha, beta);
+  dscr_check_depth(op, depth, k);
+  TORCH_CHECK_VALUE(!depth.is_meta(), op, ": depth is a meta tensor: the grid form coords=(gh, gw) reads the depth "
+                    "range on the host; pass coords=kvfix.patch_coords(gh, gw) (the dense algorithm) for meta tensors");
+}
+
+// The parameters alone (kvfix.dscr_plan, kvfix.hf.DSCR's settings): dscr_check_params runs it.
+static void dscr_check_params(c10::string_view op, double sigma_d, double sigma_s, double alpha, double beta) {
+  dscr_coefs(std::string(op).c_str(), sigma_d, sigma_s, alpha, beta);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,6 +393,15 @@ TORCH_LIBRARY(kvfix, m) {
         "float sigma_s, float alpha, float beta) -> Tensor[]");
   m.def("dscr_refine_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor depth, Tensor coords, "
         "float sigma_d, float sigma_s, float alpha, float beta) -> ()");
+  // Checks only (the grid form before planning; the parameters of a plan): one kernel for every device.
+  m.def("dscr_check_grid(Tensor[] keys, Tensor[] values, bool cache, Tensor depth, int gh, int gw, float sigma_d, "
+        "float sigma_s, float alpha, float beta) -> ()");
+  m.def("dscr_check_params(str op, float sigma_d, float sigma_s, float alpha, float beta) -> ()",
+        &kvfix::dscr_check_params);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CompositeExplicitAutograd, m) {
+  m.impl("dscr_check_grid", &kvfix::dscr_check_grid);
 }
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
@@ -490,49 +539,107 @@ TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Structured DSCR (kvfix/dscr_structured.py): factored weights on a patch grid.
+// Structured DSCR (kvfix/dscr_structured.py): the factored weights on a patch grid and the banded
+// structure. Every check stated once (CPU, CUDA and Meta kernels), errors naming the argument.
 
 namespace kvfix {
 
-std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values,
+// A float32 / int32 / int64 tensor the plan builds: dtype, contiguous, on k's device.
+static void dscr_check_operand(const char* op, const at::Tensor& x, const char* name, at::ScalarType st,
+                               const at::Tensor& k) {
+  TORCH_CHECK_TYPE(x.scalar_type() == st, op, ": ", name, " must be ",
+                   st == at::kFloat ? "float32" : st == at::kInt ? "int32" : "int64", ", got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == k.device(), op, ": ", name, " is on ", x.device(), " but k is on ", k.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Every tensor to refine as one flat list: each layer's key, then its value.
+static std::vector<at::Tensor> dscr_flatten(at::TensorList keys, at::TensorList values) {
+  std::vector<at::Tensor> all;
+  for (size_t l = 0; l < keys.size(); ++l) {
+    all.push_back(keys[l]);
+    if (!values.empty()) all.push_back(values[l]);
+  }
+  return all;
+}
+
+std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
                                                const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
                                                const at::Tensor& lc, const at::Tensor& rc, double coef_d,
                                                int64_t rank_d) {
-  TORCH_CHECK(!keys.empty(), op, ": needs at least one key tensor");
-  TORCH_CHECK(values.empty() || values.size() == keys.size(), op, ": values must be empty or have one tensor per key (",
-              keys.size(), "), got ", values.size());
-  std::vector<at::Tensor> all;
-  for (size_t l = 0; l < keys.size(); ++l) {
-    std::optional<at::Tensor> v;
-    if (!values.empty()) v = values[l];
-    dscr_check_kv(op, keys[l], "k");
-    if (v) {
-      dscr_check_kv(op, *v, "v");
-      TORCH_CHECK(v->sizes() == keys[l].sizes() && v->scalar_type() == keys[l].scalar_type() &&
-                      v->device() == keys[l].device(),
-                  op, ": v differs from k in shape, dtype or device");
-    }
-    TORCH_CHECK(keys[l].size(0) == keys[0].size(0) && keys[l].size(2) == keys[0].size(2) &&
-                    keys[l].device() == keys[0].device(),
-                op, ": every layer needs the same B, N and device");
-    all.push_back(keys[l]);
-    if (v) all.push_back(*v);
-  }
+  dscr_check_layers(op, keys, values, cache);
   const at::Tensor& k = keys[0];
-  const int64_t B = k.size(0), N = k.size(2);
-  for (const at::Tensor* t : {&depth, &lr, &rr, &lc, &rc}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == k.device(), op,
-                ": depth and the factors must be contiguous float32 on k's device");
-  }
-  TORCH_CHECK(lr.dim() == 2 && rr.sizes() == lr.sizes() && lc.dim() == 2 && rc.sizes() == lc.sizes(), op,
-              ": lr, rr must be [gh, pr] and lc, rc [gw, pc], got ", lr.sizes(), rr.sizes(), lc.sizes(), rc.sizes());
-  TORCH_CHECK(lr.size(0) * lc.size(0) == N, op, ": grid ", lr.size(0), " x ", lc.size(0), " does not hold N=", N,
-              " tokens");
-  TORCH_CHECK(depth.dim() == 2 && (depth.size(0) == 1 || depth.size(0) == B) && depth.size(1) == N, op,
-              ": depth must be [1 or B, N] with B=", B, ", N=", N, ", got ", depth.sizes());
+  const int64_t N = k.size(2);
+  dscr_check_depth(op, depth, k);
+  TORCH_CHECK_VALUE(depth.is_contiguous(), op, ": depth must be contiguous (the wrapper converts)");
+  for (const auto& [x, name] : {std::pair<const at::Tensor*, const char*>{&lr, "lr"}, {&rr, "rr"}, {&lc, "lc"},
+                                {&rc, "rc"}})
+    dscr_check_operand(op, *x, name, at::kFloat, k);
+  TORCH_CHECK_VALUE(lr.dim() == 2, op, ": lr must be [gh, pr], got shape ", lr.sizes());
+  TORCH_CHECK_VALUE(rr.sizes() == lr.sizes(), op, ": rr shape ", rr.sizes(), " does not match lr shape ", lr.sizes());
+  TORCH_CHECK_VALUE(lc.dim() == 2, op, ": lc must be [gw, pc], got shape ", lc.sizes());
+  TORCH_CHECK_VALUE(rc.sizes() == lc.sizes(), op, ": rc shape ", rc.sizes(), " does not match lc shape ", lc.sizes());
+  TORCH_CHECK_VALUE(lr.size(0) * lc.size(0) == N, op, ": lr, lc: grid ", lr.size(0), " x ", lc.size(0),
+                    " does not hold N=", N, " tokens");
   TORCH_CHECK_VALUE(std::isfinite(coef_d) && coef_d >= 0, op, ": coef_d must be finite and >= 0, got ", coef_d);
   TORCH_CHECK_VALUE(rank_d >= 1 && rank_d <= 4096, op, ": rank_d must be in [1, 4096], got ", rank_d);
-  return all;
+  return dscr_flatten(keys, values);
+}
+
+std::vector<at::Tensor> dscr_banded_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
+                                             const DscrBanded& s) {
+  dscr_check_layers(op, keys, values, cache);
+  const at::Tensor& k = keys[0];
+  const int64_t B = k.size(0), N = k.size(2);
+  TORCH_CHECK_VALUE(s.gh >= 1 && N % s.gh == 0, op, ": gh=", s.gh, " does not divide N=", N);
+  for (const auto& [x, name, st] : {std::tuple<const at::Tensor*, const char*, at::ScalarType>{&s.tok, "tok", at::kInt},
+                                    {&s.tokw, "tokw", at::kFloat}, {&s.cnt, "cnt", at::kInt},
+                                    {&s.row_ptr, "row_ptr", at::kLong}, {&s.row_lo, "row_lo", at::kInt},
+                                    {&s.tvals, "tvals", at::kFloat}, {&s.node_off, "node_off", at::kLong},
+                                    {&s.cinv, "cinv", at::kFloat}, {&s.band, "band", at::kFloat}})
+    dscr_check_operand(op, *x, name, st, k);
+  TORCH_CHECK_VALUE(s.tok.dim() == 2 && (s.tok.size(0) == 1 || s.tok.size(0) == B) && s.tok.size(1) == N, op,
+                    ": tok must be [1 or B, N] with B=", B, ", N=", N, ", got shape ", s.tok.sizes());
+  const int64_t Bd = s.tok.size(0);
+  TORCH_CHECK_VALUE(s.cinv.sizes() == s.tok.sizes(), op, ": cinv shape ", s.cinv.sizes(), " does not match tok shape ",
+                    s.tok.sizes());
+  TORCH_CHECK_VALUE(s.tokw.dim() == 3 && s.tokw.size(0) == Bd && s.tokw.size(1) == N, op, ": tokw must be [", Bd, ", ",
+                    N, ", C] (as tok), got shape ", s.tokw.sizes());
+  TORCH_CHECK_VALUE(s.cnt.dim() == 1 && s.cnt.size(0) == Bd, op, ": cnt must be [", Bd, "] (as tok), got shape ",
+                    s.cnt.sizes());
+  TORCH_CHECK_VALUE(s.node_off.dim() == 1 && s.node_off.size(0) == Bd + 1, op, ": node_off must be [", Bd + 1,
+                    "] (one more than tok's items), got shape ", s.node_off.sizes());
+  TORCH_CHECK_VALUE(s.band.dim() == 1 && s.band.size(0) >= 1, op, ": band must be [K + 1] with K >= 0, got shape ",
+                    s.band.sizes());
+  TORCH_CHECK_VALUE(s.row_lo.dim() == 1 && s.tvals.dim() == 1, op, ": row_lo and tvals must be 1-D, got shapes ",
+                    s.row_lo.sizes(), " and ", s.tvals.sizes());
+  const int64_t G = s.row_lo.size(0);
+  TORCH_CHECK_VALUE(s.row_ptr.dim() == 1 && s.row_ptr.size(0) == G + 1, op, ": row_ptr must be [", G + 1,
+                    "] (one more than row_lo), got shape ", s.row_ptr.sizes());
+  // The values index memory: read on the host where they are (CPU; a device's kernel relies on the plan).
+  if (s.node_off.is_cpu() && !s.node_off.is_meta()) {
+    const int64_t* off = s.node_off.const_data_ptr<int64_t>();
+    const int64_t* rp = s.row_ptr.const_data_ptr<int64_t>();
+    const int32_t* lo = s.row_lo.const_data_ptr<int32_t>();
+    const int32_t* cnt = s.cnt.const_data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(off[0] == 0 && off[Bd] == G, op, ": node_off must run from 0 to G = ", G, " (row_lo's length)");
+    TORCH_CHECK_VALUE(rp[0] == 0 && rp[G] == s.tvals.size(0), op, ": row_ptr must run from 0 to ", s.tvals.size(0),
+                      " (tvals' length)");
+    for (int64_t bd = 0; bd < Bd; ++bd) {
+      const int64_t g0 = off[bd], g1 = off[bd + 1], Gi = g1 - g0;
+      TORCH_CHECK_VALUE(g1 >= g0, op, ": node_off must not decrease (item ", bd, ")");
+      TORCH_CHECK_VALUE(cnt[bd] >= 1 && cnt[bd] <= s.tokw.size(2), op, ": cnt of item ", bd, " is ", cnt[bd],
+                        ", must be in [1, ", s.tokw.size(2), "] (tokw's last dim)");
+      for (int64_t n = g0; n < g1; ++n)
+        TORCH_CHECK_VALUE(rp[n + 1] >= rp[n] && lo[n] >= 0 && lo[n] + (rp[n + 1] - rp[n]) <= Gi, op,
+                          ": row_lo / row_ptr: node row ", n, " out of range");
+      const int32_t* tk = s.tok.const_data_ptr<int32_t>() + bd * N;
+      for (int64_t i = 0; i < N; ++i)
+        TORCH_CHECK_VALUE(tk[i] >= 0 && tk[i] + cnt[bd] <= Gi, op, ": tok: token node out of range (item ", bd,
+                          ", token ", i, ")");
+    }
+  }
+  return dscr_flatten(keys, values);
 }
 
 template <auto Impl>
@@ -544,6 +651,61 @@ void dscr_refine_factored_cache_checked(at::TensorList keys, at::TensorList valu
   Impl(keys, values, depth, lr, rr, lc, rc, coef_d, rank_d);
 }
 
+template <auto Impl>
+void dscr_refine_banded_cache_checked(at::TensorList keys, at::TensorList values, const at::Tensor& tok,
+                                      const at::Tensor& tokw, const at::Tensor& cnt, const at::Tensor& row_ptr,
+                                      const at::Tensor& row_lo, const at::Tensor& tvals, const at::Tensor& node_off,
+                                      const at::Tensor& cinv, const at::Tensor& band, int64_t gh) {
+  check_no_overlap("dscr_refine_banded_cache_", layer_refs(keys, values),
+                   {{"tok", &tok}, {"tokw", &tokw}, {"cnt", &cnt}, {"row_ptr", &row_ptr}, {"row_lo", &row_lo},
+                    {"tvals", &tvals}, {"node_off", &node_off}, {"cinv", &cinv}, {"band", &band}});
+  Impl(keys, values, tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh);
+}
+
+// Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
+static std::vector<at::Tensor> dscr_meta_outputs(const std::vector<at::Tensor>& srcs) {
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& x : srcs) outs.push_back(at::empty(x.sizes(), x.options()));
+  return outs;
+}
+
+static std::vector<at::Tensor> dscr_refine_factored_meta(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                         const at::Tensor& depth, const at::Tensor& lr,
+                                                         const at::Tensor& rr, const at::Tensor& lc,
+                                                         const at::Tensor& rc, double coef_d, int64_t rank_d) {
+  std::vector<at::Tensor> vs;
+  if (v.has_value()) vs.push_back(*v);
+  return dscr_meta_outputs(
+      dscr_factored_operands("dscr_refine_factored", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d));
+}
+
+static void dscr_refine_factored_cache__meta(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                             const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                             const at::Tensor& rc, double coef_d, int64_t rank_d) {
+  dscr_factored_operands("dscr_refine_factored_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
+}
+
+static std::vector<at::Tensor> dscr_refine_banded_meta(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                       const at::Tensor& tok, const at::Tensor& tokw,
+                                                       const at::Tensor& cnt, const at::Tensor& row_ptr,
+                                                       const at::Tensor& row_lo, const at::Tensor& tvals,
+                                                       const at::Tensor& node_off, const at::Tensor& cinv,
+                                                       const at::Tensor& band, int64_t gh) {
+  std::vector<at::Tensor> vs;
+  if (v.has_value()) vs.push_back(*v);
+  const DscrBanded s{tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh};
+  return dscr_meta_outputs(dscr_banded_operands("dscr_refine_banded", {k}, vs, false, s));
+}
+
+static void dscr_refine_banded_cache__meta(at::TensorList keys, at::TensorList values, const at::Tensor& tok,
+                                           const at::Tensor& tokw, const at::Tensor& cnt, const at::Tensor& row_ptr,
+                                           const at::Tensor& row_lo, const at::Tensor& tvals,
+                                           const at::Tensor& node_off, const at::Tensor& cinv, const at::Tensor& band,
+                                           int64_t gh) {
+  const DscrBanded s{tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh};
+  dscr_banded_operands("dscr_refine_banded_cache_", keys, values, true, s);
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
@@ -551,11 +713,24 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
         "float coef_d, int rank_d) -> Tensor[]");
   m.def("dscr_refine_factored_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor depth, Tensor lr, Tensor rr, "
         "Tensor lc, Tensor rc, float coef_d, int rank_d) -> ()");
+  m.def("dscr_refine_banded(Tensor k, Tensor? v, Tensor tok, Tensor tokw, Tensor cnt, Tensor row_ptr, "
+        "Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> Tensor[]");
+  m.def("dscr_refine_banded_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor tok, Tensor tokw, Tensor cnt, "
+        "Tensor row_ptr, Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cpu);
   m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cpu>);
+  m.impl("dscr_refine_banded", &kvfix::dscr_refine_banded_cpu);
+  m.impl("dscr_refine_banded_cache_", &kvfix::dscr_refine_banded_cache_checked<&kvfix::dscr_refine_banded_cache_cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_meta);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache__meta);
+  m.impl("dscr_refine_banded", &kvfix::dscr_refine_banded_meta);
+  m.impl("dscr_refine_banded_cache_", &kvfix::dscr_refine_banded_cache__meta);
 }
 
 #ifdef KVFIX_WITH_CUDA

@@ -6,12 +6,12 @@ argument, raised before anything is written.
 
 Where the checks live: for `dscr_refine` / `dscr_refine_cache_` (the dense ops: tensor coords),
 `row_entropy`, `kvsmooth_step_`, `scr_scores`, `scr_redistribute(_)`, `rope_calibrate`,
-`cmac_attention` and `contrastive_logits` every check is stated once, in C++ (csrc/ops.cpp), and
-runs in the CPU, CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor /
-opcheck see); their wrappers here only convert arguments (Python / numpy ints and numbers, tuples,
-dtype conversions) and refuse non-tensors. DSCR's grid form (planned on the host, then maybe the
-structured ops) still checks in its wrappers first (C++ checks stand behind them) and the
-structured ops have Python fake implementations below.
+`cmac_attention`, `contrastive_logits` and the structured DSCR ops (`dscr_refine_factored(_cache_)`,
+`dscr_refine_banded(_cache_)`) every check is stated once, in C++ (csrc/ops.cpp), and runs in the
+CPU, CUDA and Meta kernels alike (the Meta kernel is what torch.compile / FakeTensor / opcheck
+see); their wrappers here only convert arguments (Python / numpy ints and numbers, tuples, dtype
+conversions) and refuse non-tensors. DSCR's grid form `coords=(gh, gw)`, planned on the host,
+runs the same C++ checks first (the op `dscr_check_grid`), before the plan reads depth.
 The in-place ops' aliasing check (targets overlapping themselves, each other or an input) runs in
 C++, in the ops' CPU and CUDA registrations, before anything is written.
 """
@@ -26,8 +26,6 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.kvfix.*)
 
 __all__ = ["dscr_refine", "dscr_refine_cache_"]
-
-_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,33 +42,6 @@ def _check_tensors(**xs) -> None:
     for name, x in xs.items():
         if not (name == "mask" and x is None):
             _check_tensor(x, name)
-
-
-def _check_kv(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
-    _check_tensor(x, name)
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _KV_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} needs a contiguous last dimension (stride {x.stride(-1)})")
-    if like is not None:
-        if x.shape != like.shape:
-            raise ValueError(f"{name} shape {tuple(x.shape)} does not match k shape {tuple(like.shape)}")
-        if x.dtype != like.dtype:
-            raise TypeError(f"{name} dtype {x.dtype} does not match k dtype {like.dtype}")
-        if x.device != like.device:
-            raise ValueError(f"{name} is on {x.device} but k is on {like.device}")
-    return x
-
-
-def _check_positive(value, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
 
 
 def _as_int(value, name: str) -> int:
@@ -99,16 +70,12 @@ def _geometry(depth, coords):
     return tuple(x.to(torch.float32).contiguous() if x.is_floating_point() else x for x in (depth, coords))
 
 
-def _check_grid_depth(depth, B: int, N: int, device: torch.device) -> None:
-    """The grid form's depth before planning (the plan reads it on the host; the structured ops'
-    C++ checks do not name arguments yet): a floating-point [N] or [B, N] tensor on k's device."""
+def _grid_depth(depth) -> torch.Tensor:
+    """The grid form's depth for dscr_check_grid (conversion only): [N] -> [1, N], floating-point ->
+    float32 contiguous."""
     _check_tensor(depth, "depth")
-    if not depth.is_floating_point():
-        raise TypeError(f"depth must be a floating-point tensor, got {depth.dtype}")
-    if depth.device != device:
-        raise ValueError(f"depth is on {depth.device} but k is on {device}")
-    if not (depth.shape == (N,) or (depth.dim() == 2 and depth.shape[1] == N and depth.shape[0] in (1, B))):
-        raise ValueError(f"depth must be [N] or [B, N] with B={B}, N={N}, got shape {tuple(depth.shape)}")
+    depth = depth.unsqueeze(0) if depth.dim() == 1 else depth
+    return depth.to(torch.float32).contiguous() if depth.is_floating_point() else depth
 
 
 def _check_plan_depth(depth, gh: int, gw: int):
@@ -143,15 +110,12 @@ def _dscr_reals(sigma_d, sigma_s, alpha, beta):
                                             (beta, "beta")))
 
 
-def _dscr_params(sigma_d, sigma_s, alpha, beta):
-    """The parameters checked in Python, for the plan (kvfix.dscr_plan, the grid form before planning)."""
-    sd, ss = _check_positive(sigma_d, "sigma_d"), _check_positive(sigma_s, "sigma_s")
-    a, b = _check_positive(alpha, "alpha", allow_zero=True), _check_positive(beta, "beta", allow_zero=True)
-    # The kernels use alpha / (2 sigma^2) in float32: a tiny sigma would overflow it (inf * 0 = nan).
-    for name, sigma, num in (("sigma_d", sd, a), ("sigma_s", ss, b)):
-        if not (sigma * sigma > 0 and math.isfinite(num / (2 * sigma * sigma)) and num / (2 * sigma * sigma) < 3.4e38):
-            raise ValueError(f"{name}={sigma} is too small: the proximity coefficient overflows float32")
-    return sd, ss, a, b
+def _dscr_params(sigma_d, sigma_s, alpha, beta, op: str = "dscr_plan"):
+    """The parameters checked without running DSCR (kvfix.dscr_plan, kvfix.hf.DSCR's settings): the
+    C++ check of the ops (dscr_check_params); op names the caller in the message."""
+    params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
+    torch.ops.kvfix.dscr_check_params.default(op, *params)
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,12 +137,12 @@ def _check_grid_form(coords) -> tuple[int, int]:
     return gh, gw
 
 
-def _dscr_route(B: int | None, N: int | None, device, dtype, depth, coords, method: str, params,
-                grid_unit: str = "patch"):
-    """Resolve coords and method (B, N: k's, used by the grid form only): ("dense", depth, coords
-    converted for the dense op, checked there),
+def _dscr_route(device, dtype, depth, coords, method: str, params, grid_unit: str = "patch"):
+    """Resolve coords and method (device, dtype: k's): ("dense", depth, coords converted for the
+    dense op, checked there),
     ("structured", depth [Bd, N], (lr, rr, lc, rc, coef_d, rank_d)) (the low-rank variant) or
-    ("banded", depth [Bd, N], the banded structure's arguments). Nothing run yet."""
+    ("banded", depth [Bd, N], the banded structure's arguments). Nothing run yet. The grid form's
+    inputs are checked by the caller first (`_check_grid`; kvfix.hf's depth is built to fit)."""
     from . import dscr_structured as P
     from .geometry import patch_coords
     if method not in _DSCR_METHODS:
@@ -196,13 +160,7 @@ def _dscr_route(B: int | None, N: int | None, device, dtype, depth, coords, meth
     if not isinstance(coords, (tuple, list)):
         raise TypeError(f"coords must be a tensor [N, 2] / [B, N, 2] or a grid (gh, gw), got {type(coords).__name__}")
     gh, gw = _check_grid_form(coords)
-    if gh * gw != N:
-        raise ValueError(f"coords grid {gh} x {gw} has {gh * gw} tokens but k has N={N}")
-    _check_grid_depth(depth, B, N, device)
     d, c = _geometry(depth, patch_coords(gh, gw, unit=grid_unit, device=device))
-    if device.type == "meta":
-        raise ValueError("depth is a meta tensor: the grid form coords=(gh, gw) reads the depth range on the host; "
-                         "pass coords=kvfix.patch_coords(gh, gw) (the dense algorithm) for meta tensors")
     sd, ss, a, b = params
     plan, banded = P._plan_checked(gh, gw, d, sd, ss, a, b, dtype, method, grid_unit, device)
     if plan.algorithm == "dense":
@@ -210,6 +168,15 @@ def _dscr_route(B: int | None, N: int | None, device, dtype, depth, coords, meth
     if plan.variant == "banded":
         return "banded", d, banded.args()
     return "structured", d, P.spatial_factors(plan, sigma_s=ss, beta=b, device=device) + P.depth_args(plan, sd, a)
+
+
+def _check_grid(keys, values, cache: bool, depth, coords, params) -> None:
+    """The grid form coords=(gh, gw) before planning: every check in C++ (dscr_check_grid: the
+    layers, the grid's token count, the parameters, depth); nothing for tensor coords (the dense
+    op checks them)."""
+    if isinstance(coords, (tuple, list)):
+        torch.ops.kvfix.dscr_check_grid.default(keys, values, cache, _grid_depth(depth), *_check_grid_form(coords),
+                                                *params)
 
 
 def _dscr_run(route, k, v, params):
@@ -258,15 +225,9 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
     _check_tensor(k, "k")
     if v is not None:
         _check_tensor(v, "v")
-    if isinstance(coords, torch.Tensor):  # the dense op: every check in C++ (dscr_check)
-        params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
-        route = _dscr_route(None, None, k.device, k.dtype, depth, coords, method, params, grid_unit)
-    else:  # the grid form plans on the host first: k, v and the parameters are checked before
-        _check_kv(k, "k")
-        if v is not None:
-            _check_kv(v, "v", like=k)
-        params = _dscr_params(sigma_d, sigma_s, alpha, beta)
-        route = _dscr_route(k.shape[0], k.shape[2], k.device, k.dtype, depth, coords, method, params, grid_unit)
+    params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
+    _check_grid([k], [] if v is None else [v], False, depth, coords, params)
+    route = _dscr_route(k.device, k.dtype, depth, coords, method, params, grid_unit)
     outs = _dscr_run(route, k, v, params)
     return outs[0], (outs[1] if v is not None else None)
 
@@ -297,65 +258,20 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     for name, xs in (("keys", keys), ("values", values)):
         for i, x in enumerate(xs):
             _check_tensor(x, f"{name}[{i}]")
-    k0 = keys[0]
-    if isinstance(coords, torch.Tensor):  # the dense op: every check in C++ (dscr_check)
-        params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
-        route = _dscr_route(None, None, k0.device, k0.dtype, depth, coords, method, params, grid_unit)
-    else:  # the grid form plans on the host first: the layers and the parameters are checked before
-        if len(values) not in (0, len(keys)):
-            raise ValueError(f"values has {len(values)} tensors but keys has {len(keys)}")
-        for i, x in enumerate(keys):
-            _check_kv(x, f"keys[{i}]")
-            if x.shape[0] != k0.shape[0] or x.shape[2] != k0.shape[2] or x.device != k0.device:
-                raise ValueError(f"keys[{i}] has shape {tuple(x.shape)} on {x.device}; every layer needs "
-                                 f"B={k0.shape[0]}, N={k0.shape[2]} on {k0.device}")
-        for i, x in enumerate(values):
-            _check_kv(x, f"values[{i}]")
-            if x.shape != keys[i].shape or x.dtype != keys[i].dtype or x.device != keys[i].device:
-                raise ValueError(f"values[{i}] ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match keys[{i}] "
-                                 f"({tuple(keys[i].shape)}, {keys[i].dtype}, {keys[i].device})")
-        params = _dscr_params(sigma_d, sigma_s, alpha, beta)
-        # The plan's tolerance follows the strictest dtype among the layers.
-        strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
-        route = _dscr_route(k0.shape[0], k0.shape[2], k0.device, strict, depth, coords, method, params, grid_unit)
+    keys, values, k0 = list(keys), list(values), keys[0]
+    params = _dscr_reals(sigma_d, sigma_s, alpha, beta)
+    _check_grid(keys, values, True, depth, coords, params)
+    # The plan's tolerance follows the strictest dtype among the layers.
+    strict = min((x.dtype for x in keys), key=lambda dt: torch.finfo(dt).eps)
+    route = _dscr_route(k0.device, strict, depth, coords, method, params, grid_unit)
     if route[0] == "dense":
         _check_built_for(k0, "dscr_refine_cache_")
-        torch.ops.kvfix.dscr_refine_cache_.default(list(keys), list(values), route[1], route[2], *params)
+        torch.ops.kvfix.dscr_refine_cache_.default(keys, values, route[1], route[2], *params)
     elif route[0] == "banded":
-        torch.ops.kvfix.dscr_refine_banded_cache_.default(list(keys), list(values), *route[2])
+        torch.ops.kvfix.dscr_refine_banded_cache_.default(keys, values, *route[2])
     else:
         _check_built_for(k0, "dscr_refine_factored_cache_")
-        torch.ops.kvfix.dscr_refine_factored_cache_.default(list(keys), list(values), route[1], *route[2])
-
-
-# --------------------------------------------------------------------------------------------
-# fake (meta) implementations of the structured ops for torch.compile / FakeTensor (dscr_refine and
-# dscr_refine_cache_ have Meta kernels in C++)
-
-@torch.library.register_fake("kvfix::dscr_refine_factored")
-def _dscr_refine_factored_fake(k, v, depth, lr, rr, lc, rc, coef_d, rank_d):
-    outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
-    if v is not None:
-        outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
-    return outs
-
-
-@torch.library.register_fake("kvfix::dscr_refine_factored_cache_")
-def _dscr_refine_factored_cache_fake(keys, values, depth, lr, rr, lc, rc, coef_d, rank_d):
-    return None
-
-
-@torch.library.register_fake("kvfix::dscr_refine_banded")
-def _dscr_refine_banded_fake(k, v, tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh):
-    outs = [torch.empty_like(k, memory_format=torch.contiguous_format)]
-    if v is not None:
-        outs.append(torch.empty_like(v, memory_format=torch.contiguous_format))
-    return outs
-
-
-@torch.library.register_fake("kvfix::dscr_refine_banded_cache_")
-def _dscr_refine_banded_cache_fake(keys, values, tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh):
-    return None
+        torch.ops.kvfix.dscr_refine_factored_cache_.default(keys, values, route[1], *route[2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -106,6 +106,78 @@ def _dscr_cases():
     return cases
 
 
+def _grid_cases():
+    """The grid form coords=(gh, gw): checked in C++ (dscr_check_grid) before the plan reads depth."""
+    k, v, d = _kv(), _kv(), torch.rand(16)
+    k1, k2, v1 = _kv(), _kv(), _kv()
+    return [
+        Case("grid_dtype", lambda: kvfix.dscr_refine(k.double(), None, d, (4, 4)), TypeError, "k"),
+        Case("grid_strides_v", lambda: kvfix.dscr_refine(k, torch.randn(1, 2, 8, 16).transpose(2, 3), d, (4, 4)),
+             ValueError, "v"),
+        Case("grid_depth_len", lambda: kvfix.dscr_refine(k, None, d[:15], (4, 4)), ValueError, "depth"),
+        Case("grid_depth_device", lambda: kvfix.dscr_refine(k, None, d.to("meta"), (4, 4)), ValueError, "depth"),
+        Case("grid_depth_int", lambda: kvfix.dscr_refine(k, None, torch.arange(16), (4, 4)), TypeError, "depth"),
+        Case("grid_sigma", lambda: kvfix.dscr_refine(k, None, d, (4, 4), sigma_d=1e-30), ValueError, "sigma_d"),
+        Case("grid_cache_values_len", lambda: kvfix.dscr_refine_cache_([k1, k2], [v1], d, (4, 4)), ValueError,
+             "values", [k1, k2, v1]),
+        Case("grid_cache_layer_n", lambda: kvfix.dscr_refine_cache_([k1, k2[:, :, :8]], None, d, (4, 4)), ValueError,
+             "keys[1]", [k1, k2]),
+        Case("grid_cache_beta", lambda: kvfix.dscr_refine_cache_([k1], [v1], d, (4, 4), beta=-1.0), ValueError,
+             "beta", [k1, v1]),
+    ]
+
+
+def _structured_cases():
+    """The structured ops called directly (torch.ops.kvfix.*): every check in C++, by the CPU and
+    Meta kernels alike."""
+    from kvfix import dscr_structured as S
+    d = torch.rand(1, 16)
+    plan = kvfix.dscr_plan(4, 4, d, method="structured")
+    fa = list((d,) + S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu") + S.depth_args(plan, 0.6, 0.6))
+    _, st = S._plan_checked(4, 4, d, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
+    ba = list(st.args())
+    fac, fac_ = torch.ops.kvfix.dscr_refine_factored, torch.ops.kvfix.dscr_refine_factored_cache_
+    ban, ban_ = torch.ops.kvfix.dscr_refine_banded, torch.ops.kvfix.dscr_refine_banded_cache_
+    k, v = _kv(), _kv()
+    k1, k2, v1, k3 = _kv(), _kv(), _kv(), _kv()
+
+    def w(args, i, x):  # args with argument i replaced
+        args = list(args)
+        args[i] = x
+        return args
+
+    return [
+        Case("fac_rank", lambda: fac(k[0], None, *fa), ValueError, "k"),
+        Case("fac_dtype_v", lambda: fac(k, v.half(), *fa), TypeError, "v"),
+        Case("fac_lr_dtype", lambda: fac(k, v, *w(fa, 1, fa[1].double())), TypeError, "lr"),
+        Case("fac_rr_shape", lambda: fac(k, v, *w(fa, 2, fa[2][:1])), ValueError, "rr"),
+        Case("fac_lc_strides", lambda: fac(k, v, *w(fa, 3, fa[3].repeat(1, 2)[:, ::2])), ValueError, "lc"),
+        Case("fac_grid", lambda: fac(k[:, :, :12], None, *w(fa, 0, d[:, :12])), ValueError, "lr, lc"),
+        Case("fac_depth_shape", lambda: fac(k, None, *w(fa, 0, d[:, :8])), ValueError, "depth"),
+        Case("fac_depth_device", lambda: fac(k, None, *w(fa, 0, d.to("meta"))), ValueError, "depth"),
+        Case("fac_coef_d", lambda: fac(k, None, *w(fa, 5, NAN)), ValueError, "coef_d"),
+        Case("fac_rank_d", lambda: fac(k, None, *w(fa, 6, 0)), ValueError, "rank_d"),
+        Case("fac_cache_values_len", lambda: fac_([k1, k2], [v1], *fa), ValueError, "values", [k1, k2, v1]),
+        Case("fac_cache_layer_dtype", lambda: fac_([k1, k2.double()], [], *fa), TypeError, "keys[1]", [k1, k2]),
+        Case("fac_cache_same_view_twice", lambda: fac_([k1, k1], [], *fa), ValueError, "keys[1]", [k1]),
+        Case("fac_cache_rc_dtype", lambda: fac_([k1], [v1], *w(fa, 4, fa[4].half())), TypeError, "rc", [k1, v1]),
+        Case("ban_rank", lambda: ban(k[0], None, *ba), ValueError, "k"),
+        Case("ban_shape_v", lambda: ban(k, v[:, :, :8], *ba), ValueError, "v"),
+        Case("ban_strides", lambda: ban(k.transpose(2, 3), None, *ba), ValueError, "k"),
+        Case("ban_gh", lambda: ban(k, None, *w(ba, 9, 3)), ValueError, "gh"),
+        Case("ban_tok_range", lambda: ban(k, None, *w(ba, 0, st.tok + 1000)), ValueError, "tok"),
+        Case("ban_tokw_dtype", lambda: ban(k, None, *w(ba, 1, st.tokw.double())), TypeError, "tokw"),
+        Case("ban_cinv_shape", lambda: ban(k, None, *w(ba, 7, st.cinv[:, :8].contiguous())), ValueError, "cinv"),
+        Case("ban_row_ptr_len", lambda: ban(k, None, *w(ba, 3, st.row_ptr[:-1])), ValueError, "row_ptr"),
+        Case("ban_node_off_device", lambda: ban(k, None, *w(ba, 6, st.node_off.to("meta"))), ValueError, "node_off"),
+        Case("ban_band_rank", lambda: ban(k, None, *w(ba, 8, st.band[None])), ValueError, "band"),
+        Case("ban_cache_cnt", lambda: ban_([k1], [], *w(ba, 2, st.cnt * 0)), ValueError, "cnt", [k1]),
+        Case("ban_cache_expand", lambda: ban_([k3[:, :1].expand(1, 2, 16, 8)], [], *ba), ValueError, "keys[0]", [k3]),
+        Case("ban_cache_keys_are_values", lambda: ban_([k1], [k1], *ba), ValueError, "values[0]", [k1]),
+        Case("ban_cache_layer_n", lambda: ban_([k1, k2[:, :, :8]], [], *ba), ValueError, "keys[1]", [k1, k2]),
+    ]
+
+
 def _plan_cases():
     return [
         Case("plan_depth_len", lambda: kvfix.dscr_plan(4, 4, torch.rand(15)), ValueError, "depth"),
@@ -315,7 +387,7 @@ def _cmac_cases():
     ]
 
 
-CASES = _dscr_cases() + _plan_cases() + _geometry_cases() + _kvsmooth_cases() + _scr_cases() + _cmac_cases()
+CASES = _dscr_cases() + _grid_cases() + _structured_cases() + _plan_cases() + _geometry_cases() + _kvsmooth_cases() + _scr_cases() + _cmac_cases()
 
 
 def test_case_ids_unique():

@@ -425,11 +425,11 @@ def _factored_args(gh, gw, depth):
 def test_factored_op_checks_shapes():
     k = torch.randn(1, 2, 24, 8)
     depth, lr, rr, lc, rc, cd, r = _factored_args(4, 6, torch.rand(1, 24))
-    with pytest.raises(RuntimeError, match="grid 4 x 6 does not hold N=20"):
+    with pytest.raises(ValueError, match="lr, lc: grid 4 x 6 does not hold N=20"):
         torch.ops.kvfix.dscr_refine_factored(k[:, :, :20], None, depth[:, :20], lr, rr, lc, rc, cd, r)
-    with pytest.raises(RuntimeError, match="contiguous float32"):
+    with pytest.raises(TypeError, match="lr must be float32"):
         torch.ops.kvfix.dscr_refine_factored(k, None, depth, lr.double(), rr, lc, rc, cd, r)
-    with pytest.raises(RuntimeError, match="depth must be"):
+    with pytest.raises(ValueError, match="depth must be"):
         torch.ops.kvfix.dscr_refine_factored(k, None, depth[:, :20], lr, rr, lc, rc, cd, r)
     with pytest.raises(ValueError, match="rank_d must be"):
         torch.ops.kvfix.dscr_refine_factored(k, None, depth, lr, rr, lc, rc, cd, 0)
@@ -611,13 +611,13 @@ def test_banded_op_checks_structure():
     _, st = S._plan_checked(4, 5, depth, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
     k = torch.randn(1, 2, 20, 8)
     args = list(st.args())
-    with pytest.raises(RuntimeError, match="does not divide"):
+    with pytest.raises(ValueError, match="gh=3 does not divide"):
         torch.ops.kvfix.dscr_refine_banded(k, None, *args[:-1], 3)
     bad = args.copy()
     bad[0] = st.tok + 1000
-    with pytest.raises(RuntimeError, match="token node out of range"):
+    with pytest.raises(ValueError, match="tok: token node out of range"):
         torch.ops.kvfix.dscr_refine_banded(k, None, *bad)
     bad = args.copy()
     bad[1] = st.tokw.double()
-    with pytest.raises(RuntimeError, match="documented dtypes"):
+    with pytest.raises(TypeError, match="tokw must be float32"):
         torch.ops.kvfix.dscr_refine_banded(k, None, *bad)

@@ -232,59 +232,7 @@ struct Buffer {  // 64-byte aligned floats
   Buffer& operator=(const Buffer&) = delete;
 };
 
-struct Structure {
-  at::Tensor tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band;
-  int64_t gh;
-};
-
-// Checks the operands; returns every tensor to refine (keys, then each layer's values) as one list.
-std::vector<at::Tensor> operands(const char* op, at::TensorList keys, at::TensorList values, const Structure& s) {
-  TORCH_CHECK(!keys.empty(), op, ": needs at least one key tensor");
-  TORCH_CHECK(values.empty() || values.size() == keys.size(), op, ": values must be empty or one per key");
-  std::vector<at::Tensor> all;
-  for (size_t l = 0; l < keys.size(); ++l) {
-    for (const at::Tensor* t : {&keys[l], values.empty() ? nullptr : &values[l]}) {
-      if (t == nullptr) continue;
-      TORCH_CHECK(t->dim() == 4 && t->sizes() == keys[l].sizes() && t->device().is_cpu(), op,
-                  ": k and v must be [B, H, N, D] CPU tensors of one shape per layer");
-      TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16,
-                  op, ": k and v must be float32, float16 or bfloat16");
-      TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op, ": k and v need a contiguous last dim");
-      TORCH_CHECK(t->size(0) == keys[0].size(0) && t->size(2) == keys[0].size(2), op,
-                  ": every layer needs the same B and N");
-      all.push_back(*t);
-    }
-  }
-  const int64_t B = keys[0].size(0), N = keys[0].size(2);
-  TORCH_CHECK(s.gh >= 1 && N % s.gh == 0, op, ": gh=", s.gh, " does not divide N=", N);
-  auto is = [](const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st && t.is_contiguous() && t.device().is_cpu(); };
-  TORCH_CHECK(is(s.tok, at::kInt) && is(s.cnt, at::kInt) && is(s.row_lo, at::kInt) && is(s.row_ptr, at::kLong) &&
-                  is(s.node_off, at::kLong) && is(s.tokw, at::kFloat) && is(s.tvals, at::kFloat) &&
-                  is(s.cinv, at::kFloat) && is(s.band, at::kFloat),
-              op, ": the structure tensors must be contiguous CPU tensors of the documented dtypes");
-  const int64_t Bd = s.tok.size(0);
-  TORCH_CHECK(s.tok.dim() == 2 && (Bd == 1 || Bd == B) && s.tok.size(1) == N && s.cinv.sizes() == s.tok.sizes() &&
-                  s.tokw.dim() == 3 && s.tokw.size(0) == Bd && s.tokw.size(1) == N && s.cnt.numel() == Bd &&
-                  s.node_off.numel() == Bd + 1 && s.band.dim() == 1 && s.band.numel() >= 1,
-              op, ": structure shapes do not match B=", B, ", N=", N);
-  const int64_t G = s.row_lo.numel();
-  TORCH_CHECK(s.row_ptr.numel() == G + 1, op, ": row_ptr must have one entry more than row_lo");
-  const int64_t* off = s.node_off.data_ptr<int64_t>();
-  const int64_t* rp = s.row_ptr.data_ptr<int64_t>();
-  const int32_t* lo = s.row_lo.data_ptr<int32_t>();
-  const int32_t* cnt = s.cnt.data_ptr<int32_t>();
-  TORCH_CHECK(off[0] == 0 && off[Bd] == G && rp[0] == 0 && rp[G] == s.tvals.numel(), op, ": inconsistent offsets");
-  for (int64_t bd = 0; bd < Bd; ++bd) {
-    const int64_t g0 = off[bd], g1 = off[bd + 1], Gi = g1 - g0;
-    TORCH_CHECK(g1 >= g0 && cnt[bd] >= 1 && cnt[bd] <= s.tokw.size(2), op, ": bad node range or count");
-    for (int64_t n = g0; n < g1; ++n)
-      TORCH_CHECK(rp[n + 1] >= rp[n] && lo[n] >= 0 && lo[n] + (rp[n + 1] - rp[n]) <= Gi, op, ": node row out of range");
-    const int32_t* tk = s.tok.data_ptr<int32_t>() + bd * N;
-    for (int64_t i = 0; i < N; ++i)
-      TORCH_CHECK(tk[i] >= 0 && tk[i] + cnt[bd] <= Gi, op, ": token node out of range");
-  }
-  return all;
-}
+using Structure = DscrBanded;  // checked by dscr_banded_operands (csrc/ops.cpp)
 
 void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& dsts, const Structure& s) {
   const int64_t B = srcs[0].size(0), N = srcs[0].size(2);
@@ -347,6 +295,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   });
 }
 
+}  // namespace
+
 std::vector<at::Tensor> dscr_refine_banded_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
                                                const at::Tensor& tok, const at::Tensor& tokw, const at::Tensor& cnt,
                                                const at::Tensor& row_ptr, const at::Tensor& row_lo,
@@ -355,7 +305,7 @@ std::vector<at::Tensor> dscr_refine_banded_cpu(const at::Tensor& k, const std::o
   const Structure s{tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh};
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
-  const std::vector<at::Tensor> srcs = operands("dscr_refine_banded", {k}, vs, s);
+  const std::vector<at::Tensor> srcs = dscr_banded_operands("dscr_refine_banded", {k}, vs, false, s);
   std::vector<at::Tensor> outs;
   for (const auto& x : srcs) {
     outs.push_back(at::empty(x.sizes(), x.options()));
@@ -370,21 +320,8 @@ void dscr_refine_banded_cache_cpu(at::TensorList keys, at::TensorList values, co
                                   const at::Tensor& row_lo, const at::Tensor& tvals, const at::Tensor& node_off,
                                   const at::Tensor& cinv, const at::Tensor& band, int64_t gh) {
   const Structure s{tok, tokw, cnt, row_ptr, row_lo, tvals, node_off, cinv, band, gh};
-  const std::vector<at::Tensor> all = operands("dscr_refine_banded_cache_", keys, values, s);
+  const std::vector<at::Tensor> all = dscr_banded_operands("dscr_refine_banded_cache_", keys, values, true, s);
   refine(all, all, s);
 }
 
-}  // namespace
 }  // namespace kvfix
-
-TORCH_LIBRARY_FRAGMENT(kvfix, m) {
-  m.def("dscr_refine_banded(Tensor k, Tensor? v, Tensor tok, Tensor tokw, Tensor cnt, Tensor row_ptr, "
-        "Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> Tensor[]");
-  m.def("dscr_refine_banded_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor tok, Tensor tokw, Tensor cnt, "
-        "Tensor row_ptr, Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
-  m.impl("dscr_refine_banded", &kvfix::dscr_refine_banded_cpu);
-  m.impl("dscr_refine_banded_cache_", &kvfix::dscr_refine_banded_cache_cpu);
-}

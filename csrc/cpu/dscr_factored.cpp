@@ -404,7 +404,7 @@ std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std:
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
   const std::vector<at::Tensor> srcs =
-      dscr_factored_operands("dscr_refine_factored", {k}, vs, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_factored_operands("dscr_refine_factored", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
   std::vector<at::Tensor> outs;
   for (const auto& s : srcs) {
     outs.push_back(at::empty(s.sizes(), s.options()));
@@ -420,7 +420,7 @@ void dscr_refine_factored_cache_cpu(at::TensorList keys, at::TensorList values, 
                                     const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
                                     const at::Tensor& rc, double coef_d, int64_t rank_d) {
   const std::vector<at::Tensor> all =
-      dscr_factored_operands("dscr_refine_factored_cache_", keys, values, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_factored_operands("dscr_refine_factored_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
   if (keys[0].size(2) == 0) return;
   const auto uc = dscr_depth_factors_cpu(depth, lr, rr, lc, rc, coef_d, rank_d);
   refine(all, all, lr, rr, lc, rc, uc[0], uc[1]);

@@ -111,7 +111,7 @@ std::vector<at::Tensor> dscr_refine_factored_cuda(const at::Tensor& k, const std
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
   const std::vector<at::Tensor> srcs =
-      dscr_factored_operands("dscr_refine_factored", {k}, vs, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_factored_operands("dscr_refine_factored", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
   std::vector<at::Tensor> outs;
   for (const auto& s : srcs) outs.push_back(at::empty(s.sizes(), s.options()));
   refine_all(srcs, outs, depth, lr, rr, lc, rc, coef_d, rank_d);
@@ -122,7 +122,7 @@ void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values,
                                      const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
                                      const at::Tensor& rc, double coef_d, int64_t rank_d) {
   const std::vector<at::Tensor> all =
-      dscr_factored_operands("dscr_refine_factored_cache_", keys, values, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_factored_operands("dscr_refine_factored_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
   refine_all(all, all, depth, lr, rr, lc, rc, coef_d, rank_d);
 }
 

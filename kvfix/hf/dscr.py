@@ -97,7 +97,7 @@ class DSCR(Method):
     def __init__(self, layers=None, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
                  beta: float = 0.8, keys_only: bool = False, missing_depth: str = "error", method: str = "auto",
                  grid_unit: str = "patch", depth_scale: float = 255.0):
-        self.sigma_d, self.sigma_s, self.alpha, self.beta = ops._dscr_params(sigma_d, sigma_s, alpha, beta)
+        self.sigma_d, self.sigma_s, self.alpha, self.beta = ops._dscr_params(sigma_d, sigma_s, alpha, beta, op="DSCR")
         self.grid_unit = check_grid_unit(grid_unit)
         self.depth_scale = check_depth_scale(depth_scale)
         if missing_depth not in _MISSING:
@@ -294,7 +294,7 @@ class _Forward:
         routes = self.routes.get(key)
         if routes is None:
             routes = self.routes[key] = [
-                ops._dscr_route(1, g.length, device, dtype, d.to(device), (g.gh, g.gw), dscr.method, dscr._params,
+                ops._dscr_route(device, dtype, d.to(device), (g.gh, g.gw), dscr.method, dscr._params,
                                 dscr.grid_unit)
                 for g, d in zip(self.grids, self.depths)]
         return routes
@@ -329,9 +329,6 @@ def _crop(d: torch.Tensor, region) -> torch.Tensor:
 
 def _apply(route, k, v, params):
     """(k_hat, v_hat) of one image span: the DSCR op on a planned route (`ops._dscr_route`)."""
-    ops._check_kv(k, "k")
-    if v is not None:
-        ops._check_kv(v, "v", like=k)
     outs = ops._dscr_run(route, k, v, params)
     return outs[0], (outs[1] if v is not None else None)
 
