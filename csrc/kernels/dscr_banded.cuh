@@ -31,7 +31,14 @@
 // is capped so that the workspace stays at most kDscrBandedWorkspaceBytes and blocks loop over
 // items). Phases of an item:
 //   A: M[g] = sum over the tokens whose cnt nodes include g (perm[start[g - cnt + 1], start[g + 1]))
-//      of tokw[i, g - tok[i]] x_i; and Z[i] = sum_{|k| <= K} s_|k| x[row of i, column of i + k];
+//      of tokw[i, g - tok[i]] x_i; and Z[i] = sum_{|k| <= K} s_|k| x[row of i, column of i + k].
+//      cnt > 1: node by node. cnt = 1 ("values" mode, where a surface can put most tokens on one
+//      node): a segmented sum over perm, each walker group taking N / 16 consecutive positions;
+//      a node's sum inside a chunk goes straight to M, the chunk's first and last partial sums to
+//      two shared slots per group;
+//   -- __syncthreads --
+//   (cnt = 1) the first 16 threads add the slots in chunk order into M (a node's parts are
+//      consecutive there): a fixed order for a given N;
 //   -- __syncthreads --
 //   B: Y[g] = sum_e tvals[row_ptr[g] + e] M[row_lo[g] + e];
 //   -- __syncthreads --
@@ -89,7 +96,7 @@ constexpr int kDscrBandedGroups = kDscrBandedThreads / kDscrBandedCols;  // toke
 constexpr int kDscrBandedPrepThreads = 32;  // one warp per batch item
 // The most dynamic shared memory the launcher requests (scratch that needs more goes to global
 // memory); read by tools/ptxas_report.py.
-constexpr int kDscrBandedDynamicSmemBytes = 96 * 1024;
+constexpr int kDscrBandedDynamicSmemBytes = 98304;  // 96 KiB
 constexpr int64_t kDscrBandedWorkspaceBytes = int64_t(128) << 20;  // global scratch cap
 
 struct DscrBandedPrepArgs {
@@ -178,6 +185,8 @@ __global__ void __launch_bounds__(kDscrBandedPrepThreads) dscr_banded_prep_kerne
 template <class T>
 __global__ void __launch_bounds__(kDscrBandedThreads) dscr_banded_kernel(const DscrBandedArgs a) {
   extern __shared__ float dscr_banded_smem[];
+  __shared__ int32_t slot_node[2 * kDscrBandedGroups];  // per group: its chunk's first and last node sums
+  __shared__ float slot_val[2 * kDscrBandedGroups][kDscrBandedCols];
   const DscrBandedStructure& s = a.s;
   const int lane = static_cast<int>(threadIdx.x) % kDscrBandedCols;
   const int grp = static_cast<int>(threadIdx.x) / kDscrBandedCols;
@@ -227,15 +236,44 @@ __global__ void __launch_bounds__(kDscrBandedThreads) dscr_banded_kernel(const D
       const int32_t* lo = s.row_lo + g0;
       const float* band = s.band;
       // A: M = A X, Z = the row pass of S over X
-      for (int64_t n = grp; n < Gi; n += kDscrBandedGroups) {
+      if (cnt == 1) {  // segmented sums over perm: group grp takes positions [c0, c1)
+        const int64_t L = (N + kDscrBandedGroups - 1) / kDscrBandedGroups, c0 = grp * L;
+        const int64_t c1 = c0 + L < N ? c0 + L : N;
+        if (lane == 0) slot_node[2 * grp] = slot_node[2 * grp + 1] = -1;
+        int32_t node = -1;
+        bool head = true;
         float acc = 0.0f;
-        if (col) {
-          for (int64_t q = st[n - cnt + 1 > 0 ? n - cnt + 1 : 0], e = st[n + 1]; q < e; ++q) {
-            const int64_t i = perm[q];
-            acc += tokw[i * C + (n - tok[i])] * Num<T>::to_f(x[i * x_sn]);
+        for (int64_t q = c0; q <= c1; ++q) {
+          const int64_t i = q < c1 ? perm[q] : 0;
+          const int32_t n = q < c1 ? tok[i] : -1;
+          if (n != node && node >= 0) {  // a segment ends: the chunk's first and last go to slots
+            const int slot = head ? 2 * grp : (q == c1 ? 2 * grp + 1 : -1);
+            if (slot < 0) {
+              ms[int64_t(node) * kDscrBandedCols + lane] = acc;
+            } else {
+              slot_val[slot][lane] = acc;
+              if (lane == 0) slot_node[slot] = node;
+            }
+            head = false;
+            acc = 0.0f;
           }
+          node = n;
+          if (q < c1 && col) acc += tokw[i * C] * Num<T>::to_f(x[i * x_sn]);
         }
-        ms[n * kDscrBandedCols + lane] = acc;
+        for (int64_t n = grp; n < Gi; n += kDscrBandedGroups) {  // nodes without tokens
+          if (st[n] == st[n + 1]) ms[n * kDscrBandedCols + lane] = 0.0f;
+        }
+      } else {  // node by node over the tokens whose cnt nodes include n
+        for (int64_t n = grp; n < Gi; n += kDscrBandedGroups) {
+          float acc = 0.0f;
+          if (col) {
+            for (int64_t q = st[n - cnt + 1 > 0 ? n - cnt + 1 : 0], e = st[n + 1]; q < e; ++q) {
+              const int64_t i = perm[q];
+              acc += tokw[i * C + (n - tok[i])] * Num<T>::to_f(x[i * x_sn]);
+            }
+          }
+          ms[n * kDscrBandedCols + lane] = acc;
+        }
       }
       for (int64_t i = grp; i < N; i += kDscrBandedGroups) {
         float acc = 0.0f;
@@ -251,6 +289,22 @@ __global__ void __launch_bounds__(kDscrBandedThreads) dscr_banded_kernel(const D
         zs[i * kDscrBandedCols + lane] = acc;
       }
       __syncthreads();
+      if (cnt == 1 && grp == 0) {  // the slots in chunk order: a node's parts are consecutive
+        int32_t node = -1;
+        float acc = 0.0f;
+        for (int e = 0; e < 2 * kDscrBandedGroups; ++e) {
+          const int32_t n = slot_node[e];
+          if (n < 0) continue;
+          if (n != node) {
+            if (node >= 0) ms[int64_t(node) * kDscrBandedCols + lane] = acc;
+            node = n;
+            acc = 0.0f;
+          }
+          acc += slot_val[e][lane];
+        }
+        if (node >= 0) ms[int64_t(node) * kDscrBandedCols + lane] = acc;
+      }
+      __syncthreads();  // M complete
       // B: Y = T M
       for (int64_t n = grp; n < Gi; n += kDscrBandedGroups) {
         const float* t = s.tvals + rp[n];

@@ -12,7 +12,7 @@ compared with
   - the CPU banded op (`torch.ops.kvfix.dscr_refine_banded`, when the extension is built).
 Covered: float32 / float16 / bfloat16, strided ([B, N, H, D] storage) inputs, head dims that leave
 a partial column chunk, B > 1 with a different depth (and mode) per item, a depth broadcast over
-the batch, 1 x N grids, a single depth node, N = 1, several layers (more tensors than one launch
+the batch, 1 x N grids, a single depth node, a node without tokens, N = 1, several layers (more tensors than one launch
 takes), in place against out of place (bit-identical), the scratch in shared memory against the
 global scratch with blocks looping over items, random fiber orders, and a structure with an
 out-of-range index (NaN for that item, nothing read out of bounds). Outputs are NaN-poisoned
@@ -262,6 +262,20 @@ def test_single_token_keeps_its_key(mod):
         out = _poisoned(x)
         _call(mod, st, [(x, out)])
         assert torch.equal(out, x)
+
+
+def test_node_without_tokens(mod):
+    """A hand-made "values" structure whose middle node has no token (the plan never builds one:
+    a node per present depth value): its node sum is 0, not left over scratch."""
+    st = S.BandedStructure(torch.tensor([[0, 0, 2, 2, 0, 2]], dtype=torch.int32), torch.ones(1, 6, 1),
+                           torch.ones(1, dtype=torch.int32), torch.tensor([0, 3, 6, 9]),
+                           torch.zeros(3, dtype=torch.int32),
+                           torch.tensor([1.0, 0.5, 0.2, 0.5, 1.0, 0.5, 0.2, 0.5, 1.0]), torch.tensor([0, 3]),
+                           torch.full((1, 6), 0.25), torch.tensor([1.0, 0.3]), 2)
+    x = _kv(1, 2, 6, 20, torch.float32, "bnhd")
+    out = _poisoned(x)
+    _call(mod, st, [(x, out)])
+    assert (out.double() - _weights_ref(st, x)).abs().max().item() <= _tol(st, torch.float32, x)
 
 
 def test_out_of_range_structure_gives_nan_for_its_item(mod):
