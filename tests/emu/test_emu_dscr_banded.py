@@ -10,7 +10,7 @@ compared with
   - for float32, the dense float64 reference (`kvfix.reference.dscr_refine`, patch coordinates)
     within the plan's a-priori bound plus rounding;
   - the CPU banded op (`torch.ops.kvfix.dscr_refine_banded`, when the extension is built).
-Covered: float32 / float16 / bfloat16, strided ([B, N, H, D] storage) inputs, head dims that leave
+Covered: float32 / float16 / bfloat16 (16-bit inputs: float32 sums, bit for bit), strided ([B, N, H, D] storage) inputs, head dims that leave
 a partial column chunk, B > 1 with a different depth (and mode) per item, a depth broadcast over
 the batch, 1 x N grids, a single depth node, a node without tokens, N = 1, several layers (more tensors than one launch
 takes), in place against out of place (bit-identical), the scratch in shared memory against the
@@ -177,6 +177,20 @@ def test_matches_structure_and_dense_reference(mod, gh, gw, B, H, D, Bd, layout,
         dense = R.dscr_refine(x.double(), None, depth if Bd == B else depth.expand(B, N), coords, **PARAMS)[0]
         derr = (out.double() - dense).abs().max().item()
         assert derr <= info["bound"] * x.abs().max().item() + _tol(st, dtype, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_inputs_accumulate_in_float32(mod, dtype):
+    """float16 / bfloat16 inputs are converted to float32 and every sum stays in float32 until the
+    one rounding of the output: bit for bit the float32 kernel on the same (exactly widened)
+    values, rounded to the dtype."""
+    gh, gw, B, H, D = 4, 5, 2, 2, 20
+    depth = _depth("mixed", 2, gh * gw, seed=9)
+    st, _ = _structure(gh, gw, depth, dtype, 6)
+    x = _kv(B, H, gh * gw, D, dtype, "bnhd", seed=9) * 3.0
+    out, out32 = _poisoned(x), torch.full(x.shape, float("nan"))
+    _call(mod, st, [(x, out), (x.float(), out32)])
+    assert torch.equal(out, out32.to(dtype))
 
 
 def _cpu_op():
