@@ -19,7 +19,8 @@ of each feature column, in exact arithmetic; tol(dtype) = 2^-27 (float32), 2^-14
 2^-11 (bfloat16), a fraction of the output's unit roundoff. Floating-point rounding is separate
 (`round_est`, an estimate).
 
-Banded (the default units: patch coordinates, depth in [0, 255]; CPU, csrc/cpu/dscr_banded.cpp).
+Banded (the default units: patch coordinates, depth in [0, 255]; CPU, csrc/cpu/dscr_banded.cpp, and
+CUDA, csrc/kernels/dscr_banded.cuh).
 Both kernels are local there: in patch units `f_s` is `s_|da| s_|dc|` with `s_k = exp(-cs' k^2)`
 (cs' = cs / G^2, G = 1 in patch units), 0.33 for a side neighbour and below float32 rounding a
 few patches away; in depth, `f_d` is below `exp(-87)` beyond `sqrt(87 / cd)` = 10.2 levels at the
@@ -53,7 +54,7 @@ defaults. So
     Cost 2 p N + nnz(T): cheap where many tokens share few depth levels' worth of nodes
     (continuous depth at large N, narrow depth ranges).
   The cheaper of "values" and the grid orders p in (6, 8, 12, 16, 20, 24) is used per item.
-  E_max = tol c_min / (2 + tol), so the bound is at most tol. The kernel walks the head dim in
+  E_max = tol c_min / (2 + tol), so the bound is at most tol. The CPU kernel walks the head dim in
   blocks of 64 columns: M = A X (grid mode: node by node over the tokens ordered by node), Y =
   T M, the row pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K
   and V read from their strided cache slices, written once; in place is safe).

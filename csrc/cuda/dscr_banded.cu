@@ -104,7 +104,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   const int64_t smem_limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const auto opts = srcs[0].options();
   const at::Tensor iws = at::empty({kernels::dscr_banded_int_workspace(s)}, opts.dtype(at::kInt));
-  const at::Tensor fws = at::empty({kernels::dscr_banded_float_workspace(s, items, smem_limit, 0)}, opts.dtype(at::kFloat));
+  const at::Tensor fws =
+      at::empty({kernels::dscr_banded_float_workspace(s, items, smem_limit, 0)}, opts.dtype(at::kFloat));
   check_launch("dscr_refine_banded",
                kernels::dscr_banded_run(s, xs.data(), outs.data(), static_cast<int>(xs.size()),
                                         iws.mutable_data_ptr<int32_t>(), fws.mutable_data_ptr<float>(), smem_limit, 0,

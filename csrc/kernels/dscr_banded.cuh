@@ -225,7 +225,8 @@ __global__ void __launch_bounds__(kDscrBandedThreads) dscr_banded_kernel(const D
     const T* x = static_cast<const T*>(xp) + b * x_sb + h * x_sh + (col ? d : 0);
     T* out = static_cast<T*>(op) + b * o_sb + h * o_sh + (col ? d : 0);
     if (a.valid[bd] == 0) {  // a structure that failed the prep kernel's check: NaN, nothing read
-      for (int64_t i = grp; col && i < N; i += kDscrBandedGroups) out[i * o_sn] = Num<T>::from_f(__int_as_float(0x7fc00000));
+      const T nan = Num<T>::from_f(__int_as_float(0x7fc00000));
+      for (int64_t i = grp; col && i < N; i += kDscrBandedGroups) out[i * o_sn] = nan;
     } else {
       const int64_t g0 = s.node_off[bd], Gi = s.node_off[bd + 1] - g0, cnt = s.cnt[bd];
       const int32_t* st = a.start + g0 + bd;
@@ -394,8 +395,8 @@ cudaError_t dscr_banded_launch(const DscrBandedArgs& a, int64_t smem_limit, int6
   if (smem) b.scratch = nullptr;
   b.scratch_stride = dscr_banded_block_floats(a.s);
   if (bytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(dscr_banded_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    const cudaError_t e = cudaFuncSetAttribute(dscr_banded_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(bytes));
     if (e != cudaSuccess) return e;
   }
   dscr_banded_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kDscrBandedThreads), static_cast<size_t>(bytes),

@@ -149,7 +149,8 @@ MUTATIONS = [
              "acc += expf(x - mi) / li;", "acc += expf(x) / expf(mi) / li;", SCR_TESTS),
     # banded structured DSCR (dscr_banded.cuh)
     Mutation("banded: barrier removed after phase A (M and Z incomplete)", BAND,
-             "      __syncthreads();\n      if (cnt == 1 && grp == 0) {", "      if (cnt == 1 && grp == 0) {", BAND_TESTS),
+             "      __syncthreads();\n      if (cnt == 1 && grp == 0) {", "      if (cnt == 1 && grp == 0) {",
+             BAND_TESTS),
     Mutation("banded: barrier removed after the segment slots are merged into M", BAND,
              "__syncthreads();  // M complete", "//", BAND_TESTS),
     Mutation("banded: slot merge keeps a node's last part only", BAND,

@@ -10,11 +10,12 @@ compared with
   - for float32, the dense float64 reference (`kvfix.reference.dscr_refine`, patch coordinates)
     within the plan's a-priori bound plus rounding;
   - the CPU banded op (`torch.ops.kvfix.dscr_refine_banded`, when the extension is built).
-Covered: float32 / float16 / bfloat16 (16-bit inputs: float32 sums, bit for bit), strided ([B, N, H, D] storage) inputs, head dims that leave
-a partial column chunk, B > 1 with a different depth (and mode) per item, a depth broadcast over
-the batch, 1 x N grids, a single depth node, a node without tokens, N = 1, several layers (more tensors than one launch
-takes), in place against out of place (bit-identical), the scratch in shared memory against the
-global scratch with blocks looping over items, random fiber orders, and a structure with an
+Covered: float32 / float16 / bfloat16 (16-bit inputs: float32 sums, bit for bit), strided
+([B, N, H, D] storage) inputs, head dims that leave a partial column chunk, B > 1 with a
+different depth (and mode) per item, a depth broadcast over the batch, 1 x N grids, a single
+depth node, a node without tokens, N = 1, several layers (more tensors than one launch takes),
+in place against out of place (bit-identical), the scratch in shared memory against the global
+scratch with blocks looping over items, random fiber orders, and a structure with an
 out-of-range index (NaN for that item, nothing read out of bounds). Outputs are NaN-poisoned
 before every launch. Shapes are small: the emulator runs every CUDA thread as a fiber.
 """
