@@ -19,7 +19,8 @@ of each feature column, in exact arithmetic; tol(dtype) = 2^-27 (float32), 2^-14
 2^-11 (bfloat16), a fraction of the output's unit roundoff. Floating-point rounding is separate
 (`round_est`, an estimate).
 
-Banded (the default units: patch coordinates, depth in [0, 255]; CPU, csrc/cpu/dscr_banded.cpp).
+Banded (the default units: patch coordinates, depth in [0, 255]; CPU, csrc/cpu/dscr_banded.cpp, and
+CUDA, csrc/kernels/dscr_banded.cuh).
 Both kernels are local there: in patch units `f_s` is `s_|da| s_|dc|` with `s_k = exp(-cs' k^2)`
 (cs' = cs / G^2, G = 1 in patch units), 0.33 for a side neighbour and below float32 rounding a
 few patches away; in depth, `f_d` is below `exp(-87)` beyond `sqrt(87 / cd)` = 10.2 levels at the
@@ -53,7 +54,7 @@ defaults. So
     Cost 2 p N + nnz(T): cheap where many tokens share few depth levels' worth of nodes
     (continuous depth at large N, narrow depth ranges).
   The cheaper of "values" and the grid orders p in (6, 8, 12, 16, 20, 24) is used per item.
-  E_max = tol c_min / (2 + tol), so the bound is at most tol. The kernel walks the head dim in
+  E_max = tol c_min / (2 + tol), so the bound is at most tol. The CPU kernel walks the head dim in
   blocks of 64 columns: M = A X (grid mode: node by node over the tokens ordered by node), Y =
   T M, the row pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K
   and V read from their strided cache slices, written once; in place is safe).
@@ -91,9 +92,21 @@ cost_structured), banded where its bound is met and K <= 64 (0.055 ns per counte
 single-thread CPU times per feature column measured on the development CPU (AVX2, float32;
 K + V of 24 x 24 to 128 x 128 grids on the map kinds of bench.common.depth_map, within +-30%
 of these across maps and sizes). method="structured" takes the faster feasible structured variant
-(also the low-rank one off its fast path), and raises where none meets the tolerance. On CUDA
-the banded variant is not available: "auto" runs low-rank where it applies and is faster,
-else dense (so dense at the default units).
+(also the low-rank one off its fast path), and raises where none meets the tolerance.
+
+Choice on CUDA (a stated rule, not a measurement: no GPU was available to calibrate device
+constants, so `ms_per_column` stays the CPU model on every device). "auto" and "structured" run
+the banded variant wherever it is planned (bound met, K <= 64; csrc/kernels/dscr_banded.cuh), and
+otherwise choose as on the CPU. Reasoning: the banded CUDA path is 1 + ceil(tensors / 16) kernel
+launches a call (a prep kernel, then every layer's K and V of a cache call together) with no
+ATen ops and no host synchronisation, the launch count of the dense kernel, and does 2 (2K + 1)
++ 3 float32 operations per token and feature column plus the depth part's 2N + nnz or 2pN + nnz,
+against the dense kernel's N^2 multiply-adds (about 30 against 576 per token at 24 x 24); the one
+GPU run on record (H200, docs/DSCR_STRUCTURED.md) had the earlier structured CUDA path at
+1.1-1.4 ms a call, bound by ~56 launches (~34 float64 ATen ops building the depth factors), and
+dense at ~0.3 ms (bf16, LLaVA size): that launch overhead is what the banded path removes. The
+structure is built on the host in float64 once per image and copied to the device once
+(`BandedStructure.to`, kept with the plan), never per layer.
 
 Underflow rule. The dense kernels count a term whose exponent is below -87 as 0 and keep a
 token whose column sum is then 0. The structured forms never produce such a column while
@@ -333,13 +346,11 @@ def _plan_structure(gh: int, gw: int, depth_range: float, cd: float, cs: float, 
         why = [] if "banded" in ms else [f"banded: {info.get('reason')}"]
         why += [] if "lowrank" in ms else [f"low-rank: {lr['why']}"]
         reason = f"estimated ms per column: {fmt}" + (f" ({'; '.join(why)})" if why else "")
-    if device_type != "cpu" and variant == "banded":
-        # the banded kernel is CPU-only: CUDA runs the low-rank variant where it applies, else dense
-        if method == "structured" and "lowrank" not in structured:
-            raise ValueError("method='structured' on CUDA needs the low-rank variant, which cannot meet the "
-                             f"tolerance here ({lr['why']}); the banded variant is CPU-only; use method='dense'")
-        variant = "lowrank" if "lowrank" in structured else ""
-        reason += "; the banded variant is CPU-only"
+    if device_type != "cpu" and variant != "banded" and "banded" in ms and method != "dense" and N > 1 \
+            and neighbour_ok:
+        # the CUDA rule (module docstring, "Choice on CUDA"): banded wherever it is planned
+        variant = "banded"
+        reason += "; on CUDA the banded variant runs wherever it applies (a rule, not calibrated on a GPU)"
     algorithm = "structured" if variant else "dense"
     use = "bound" in info and (variant == "banded" or (not variant and st is not None))
     bound = info["bound"] if use else lr["bound"]
@@ -378,17 +389,24 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     variant is planned for depths spread evenly over that range: the densest case). dtype: the
     dtype of k and v. grid_unit: "patch" (default: the grid's coordinates are `patch_coords(gh,
     gw)`, adjacent patches 1 apart) or "unit_square" (the earlier units). device: where k and v
-    are (default: depth's device, or the CPU): the banded variant is CPU-only. Returns a
+    are (default: depth's device, or the CPU): on CUDA "auto" and "structured" run the banded
+    variant wherever it applies (module docstring, "Choice on CUDA"). Returns a
     `DscrPlan` (algorithm, variant, error bound, cost estimates, reason). With
     method="structured" and no structured variant that meets the dtype's tolerance: a ValueError.
     """
     if device is None:
         device = depth.device if isinstance(depth, torch.Tensor) else "cpu"
-    return _plan_checked(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device)[0]
+    return _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device)[0]
 
 
 def _plan_checked(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device):
-    """dscr_plan's checks, then (DscrPlan, BandedStructure or None)."""
+    """dscr_plan's checks, then (DscrPlan, BandedStructure on `device` or None): what the ops run."""
+    plan, st = _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device)
+    return plan, (st.to(device) if st is not None else None)
+
+
+def _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device):
+    """dscr_plan's checks, then (DscrPlan, BandedStructure on the CPU or None), cached."""
     from .geometry import check_grid_unit
     from .ops import _check_grid_form, _check_plan_depth, _dscr_params
     gh, gw = _check_grid_form((gh, gw))
@@ -719,9 +737,10 @@ def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructu
 
 @dataclasses.dataclass
 class BandedStructure:
-    """What the banded kernel takes (csrc/cpu/dscr_banded.cpp), float32 / int32 / int64 on the CPU:
-    tok [Bd, N], tokw [Bd, N, C], cnt [Bd], row_ptr [G + 1], row_lo [G], tvals [nnz], node_off
-    [Bd + 1] (items' node ranges), cinv [Bd, N], band [K + 1] (s_0..s_K); gh."""
+    """What the banded kernels take (csrc/cpu/dscr_banded.cpp, csrc/kernels/dscr_banded.cuh),
+    float32 / int32 / int64: tok [Bd, N], tokw [Bd, N, C], cnt [Bd], row_ptr [G + 1], row_lo [G],
+    tvals [nnz], node_off [Bd + 1] (items' node ranges), cinv [Bd, N], band [K + 1] (s_0..s_K); gh.
+    Built on the CPU; `to(device)` gives the copy on a GPU (made once per device and kept)."""
     tok: torch.Tensor
     tokw: torch.Tensor
     cnt: torch.Tensor
@@ -733,9 +752,27 @@ class BandedStructure:
     band: torch.Tensor
     gh: int
 
+    _copies: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
     def args(self) -> tuple:
         return (self.tok, self.tokw, self.cnt, self.row_ptr, self.row_lo, self.tvals, self.node_off, self.cinv,
                 self.band, self.gh)
+
+    def to(self, device) -> "BandedStructure":
+        """This structure on `device` (itself on the CPU). The first call per device copies it
+        (asynchronously: no host synchronisation) and keeps the copy, so every later call for the
+        same image (each layer through dscr_refine, a cache call's layers, a benchmark's repeats)
+        reuses it."""
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            return self
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        got = self._copies.get(str(dev))
+        if got is None:
+            got = BandedStructure(*(t.to(dev, non_blocking=True) for t in self.args()[:-1]), self.gh)
+            self._copies[str(dev)] = got
+        return got
 
 
 def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol: float,

@@ -209,8 +209,8 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
         sigma_d, sigma_s (> 0), alpha, beta (>= 0): proximity kernel
             `exp(-alpha (d_i - d_j)^2 / (2 sigma_d^2)) + exp(-beta |s_i - s_j|^2 / (2 sigma_s^2))`.
         method: "auto" (default: `kvfix.dscr_plan` decides; dense for tensor coords), "dense"
-            (the N x N weights) or "structured" (grid form only: the banded variant on the CPU,
-            the low-rank one where it is faster or on CUDA; ValueError where none meets the
+            (the N x N weights) or "structured" (grid form only: the banded variant, or the
+            low-rank one where it is faster on the CPU or banded does not apply; ValueError where none meets the
             dtype's tolerance). With the grid form the plan reads depth on the host (one sync;
             DSCR runs once per image, not per decoded token; the plan is kept for the next
             calls with the same depth values).

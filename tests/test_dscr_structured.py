@@ -69,8 +69,8 @@ def test_plan_unit_square_units_use_low_rank_axes():
 @pytest.mark.parametrize("kind", common.DEPTH_KINDS)
 def test_plan_picks_banded_for_depth_maps_at_default_units(kind):
     """patch_depth scales a depth map to [0, 255]: no Taylor rank <= 512 meets the low-rank bound,
-    the banded variant does (its bound below the dtype's tolerance) and "auto" runs it on the CPU;
-    on CUDA (banded is CPU-only) auto is dense."""
+    the banded variant does (its bound below the dtype's tolerance) and "auto" runs it on the CPU
+    where it is faster, and on CUDA wherever it applies (the CUDA rule)."""
     for gh, gw in [(24, 24), (6, 8), (32, 20)]:
         depth = kvfix.patch_depth(common.depth_map(kind, gh, gw), gh, gw)
         for dtype in DTYPES:
@@ -82,7 +82,7 @@ def test_plan_picks_banded_for_depth_maps_at_default_units(kind):
             if kind != "surfaces-1":
                 assert p.rank_depth > 512 and "lowrank" not in p.ms_per_column
             c = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, device="cuda")
-            assert c.variant in ("", "lowrank") and (c.variant == "" or kind == "surfaces-1")
+            assert c.variant == "banded" and (c.band, c.depth_mode, c.bound) == (p.band, p.depth_mode, p.bound), c
 
 
 def test_plan_grid_mode_for_dense_continuous_depth():
@@ -142,8 +142,7 @@ def test_plan_method_override():
         kvfix.dscr_plan(24, 24, 1.0, sigma_s=0.07, method="structured")
     with pytest.raises(ValueError, match="method='structured' cannot meet"):
         kvfix.dscr_plan(128, 128, 80.0, grid_unit="unit_square", method="structured")
-    with pytest.raises(ValueError, match="banded variant is CPU-only"):
-        kvfix.dscr_plan(24, 24, 255.0, method="structured", device="cuda")
+    assert kvfix.dscr_plan(24, 24, 255.0, method="structured", device="cuda").variant == "banded"
     with pytest.raises(ValueError, match="method must be one of"):
         kvfix.dscr_plan(24, 24, 1.0, method="fast")
 
@@ -540,6 +539,49 @@ def test_banded_kernel_matches_dense_reference(kind, dtype):
         k_hat, v_hat = kvfix.dscr_refine(k, v, depth, (gh, gw), method="structured")
         _check_banded_output(k_hat, k, depth, gh, gw, plan)
         _check_banded_output(v_hat, v, depth, gh, gw, plan)
+
+
+def test_banded_structure_moves_to_a_device_once():
+    """BandedStructure.to: the CPU is the structure itself; another device gets one copy, kept
+    and reused (the ops route through _plan_checked, which hands the kernels that copy; the meta
+    device stands in for a GPU here)."""
+    depth = _map_depth("ramp", 6, 9)
+    _, st = S._plan_checked(6, 9, depth, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
+    assert st.to("cpu") is st
+    m = st.to("meta")
+    assert m is st.to(torch.device("meta")) and m.gh == st.gh
+    assert all(t.device.type == "meta" and t.shape == c.shape and t.dtype == c.dtype
+               for t, c in zip(m.args()[:-1], st.args()[:-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and a CUDA build")
+def test_banded_cuda_matches_cpu(dtype):
+    """The CUDA banded kernels (csrc/kernels/dscr_banded.cuh) against the CPU op on the same
+    structure: out of place, and the in-place cache op over 3 layers (strided views); "auto" on
+    CUDA runs banded (the CUDA rule) and the structure is copied to the device once."""
+    gh, gw, B, H, D = 12, 20, 2, 4, 72
+    N = gh * gw
+    depth = _map_depth("surfaces-3", gh, gw, B)
+    plan, st = S._plan_checked(gh, gw, depth, 0.6, 0.6, 0.6, 0.8, dtype, "auto", "patch", "cuda")
+    assert plan.variant == "banded" and st.tok.is_cuda
+    assert S._plan_checked(gh, gw, depth, 0.6, 0.6, 0.6, 0.8, dtype, "auto", "patch", "cuda")[1] is st
+    cpu = S._plan_checked(gh, gw, depth, 0.6, 0.6, 0.6, 0.8, dtype, "auto", "patch", "cpu")[1]
+    k = torch.randn(B, H, N, D).to(dtype)
+    v = torch.randn(B, N, H, D).to(dtype).transpose(1, 2)
+    want = torch.ops.kvfix.dscr_refine_banded(k, v, *cpu.args())
+    got = kvfix.dscr_refine(k.cuda(), v.cuda(), depth.cuda(), (gh, gw))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), w.double(), rtol=0, atol=tol * max(1.0, w.abs().max().item()))
+    caches = [torch.randn(B, H, N + 7, D, device="cuda").to(dtype) for _ in range(6)]
+    keys, values = [c[:, :, 3:3 + N] for c in caches[:3]], [c[:, :, 3:3 + N] for c in caches[3:]]
+    want = [torch.ops.kvfix.dscr_refine_banded(kk.cpu(), vv.cpu(), *cpu.args()) for kk, vv in zip(keys, values)]
+    kvfix.dscr_refine_cache_(keys, values, depth.cuda(), (gh, gw))
+    for (wk, wv), kk, vv in zip(want, keys, values):
+        for g, w in ((kk, wk), (vv, wv)):
+            torch.testing.assert_close(g.cpu().double(), w.double(), rtol=0,
+                                       atol=tol * max(1.0, w.abs().max().item()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

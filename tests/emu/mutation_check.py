@@ -45,6 +45,8 @@ KVS = "csrc/kernels/kvsmooth.cuh"
 KVS_TESTS = "tests/emu/test_emu_kvsmooth.py"
 SCR = "csrc/kernels/scr.cuh"
 SCR_TESTS = "tests/emu/test_emu_scr.py"
+BAND = "csrc/kernels/dscr_banded.cuh"
+BAND_TESTS = "tests/emu/test_emu_dscr_banded.py"
 CMAC = "csrc/kernels/cmac.cuh"
 CMAC_TESTS = "tests/emu/test_emu_cmac.py"
 
@@ -145,6 +147,52 @@ MUTATIONS = [
              "first = need > 0 ? (need / kScrRows + 1) * kScrRows : 0;", SCR_TESTS),
     Mutation("scr: mass pass not shifted by the row max (exp(x) / exp(m) overflows for large logits)", SCR,
              "acc += expf(x - mi) / li;", "acc += expf(x) / expf(mi) / li;", SCR_TESTS),
+    # banded structured DSCR (dscr_banded.cuh)
+    Mutation("banded: barrier removed after phase A (M and Z incomplete)", BAND,
+             "      __syncthreads();\n      if (cnt == 1 && grp == 0) {", "      if (cnt == 1 && grp == 0) {",
+             BAND_TESTS),
+    Mutation("banded: barrier removed after the segment slots are merged into M", BAND,
+             "__syncthreads();  // M complete", "//", BAND_TESTS),
+    Mutation("banded: slot merge keeps a node's last part only", BAND,
+             "acc += slot_val[e][lane];", "acc = slot_val[e][lane];", BAND_TESTS),
+    Mutation("banded: a chunk's last segment written to M directly (its continuation lost)", BAND,
+             "(q == c1 ? 2 * grp + 1 : -1)", "-1", BAND_TESTS),
+    Mutation("banded: nodes without tokens not zeroed", BAND,
+             "if (st[n] == st[n + 1]) ms[n * kDscrBandedCols + lane] = 0.0f;", "(void)st;", BAND_TESTS),
+    Mutation("banded: barrier removed after phase B (Y incomplete)", BAND,
+             "      __syncthreads();\n      // C: the column pass", "      // C: the column pass", BAND_TESTS),
+    Mutation("banded: barrier removed before the next item overwrites the scratch", BAND,
+             "__syncthreads();  // the next item overwrites the scratch", "//", BAND_TESTS),
+    Mutation("banded: prep placement sync removed (a cursor moved before the warp has read it)", BAND,
+             "__syncwarp();  // every lane has read its cursor", "//", BAND_TESTS),
+    Mutation("banded: prep scan adds the shuffled value on every lane", BAND,
+             "if (lane >= o) v += u;", "v += u;", BAND_TESTS),
+    Mutation("banded: prep counts at the token's node instead of one past it", BAND,
+             "atomicAdd(&st[tok[i] + 1], 1)", "atomicAdd(&st[tok[i]], 1)", BAND_TESTS),
+    Mutation("banded: M sums one node too many (tokens whose nodes end below g)", BAND,
+             "st[n - cnt + 1 > 0 ? n - cnt + 1 : 0]", "st[n - cnt > 0 ? n - cnt : 0]", BAND_TESTS),
+    Mutation("banded: row pass reads across the row end", BAND,
+             "if (w + k < gw) acc +=", "if (w + k <= gw) acc +=", BAND_TESTS),
+    Mutation("banded: column pass steps gh instead of gw tokens", BAND,
+             "if (r + k < gh) acc += band[k] * zp[k * gw * kDscrBandedCols];",
+             "if (r + k < gh) acc += band[k] * zp[k * gh * kDscrBandedCols];", BAND_TESTS),
+    Mutation("banded: Y = T M reads M from the row's first node for every entry", BAND,
+             "acc += t[e] * mp[e * kDscrBandedCols];", "acc += t[e] * mp[0];", BAND_TESTS),
+    Mutation("banded: depth gather uses only the first node's weight", BAND,
+             "acc += wv[c] * yp[c * kDscrBandedCols];", "acc += wv[0] * yp[c * kDscrBandedCols];", BAND_TESTS),
+    Mutation("banded: diagonal subtracted once instead of twice", BAND,
+             "(acc - 2.0f * Num<T>::to_f(xv)) * ci", "(acc - Num<T>::to_f(xv)) * ci", BAND_TESTS),
+    Mutation("banded: row pass accumulated in the element type", BAND,
+             "acc += band[k] * Num<T>::to_f(xr[(w - k) * x_sn]);",
+             "acc = Num<T>::to_f(Num<T>::from_f(acc + band[k] * Num<T>::to_f(xr[(w - k) * x_sn])));", BAND_TESTS),
+    Mutation("banded: structure batch offset ignored", BAND,
+             "bd = s.Bd == 1 ? 0 : b;", "bd = 0;", BAND_TESTS),
+    Mutation("banded: tensor table picks the previous tensor at its first item", BAND,
+             "item >= a.t[p].item0", "item > a.t[p].item0", BAND_TESTS),
+    Mutation("banded: prep does not check the tokens' nodes", BAND,
+             "ok = tok[i] >= 0 && tok[i] + c <= Gi;", "ok = true;", BAND_TESTS),
+    Mutation("banded: keep rule (cinv == 0) not applied", BAND,
+             "ci != 0.0f ? Num<T>::from_f", "true ? Num<T>::from_f", BAND_TESTS),
     # CMAC (cmac.cuh)
     Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
              "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
