@@ -155,8 +155,8 @@ PRIORITY = ("structured", "auto", "in_place", "copy", "floor", "dense", "referen
 
 def _plan_cell(plan) -> str:
     if plan.variant == "banded":
-        mode = plan.depth_mode + (f" p={plan.grid_order} step={plan.grid_step:.2g}" if plan.depth_mode == "grid" else
-                                  f" C={plan.grid_order} step={plan.grid_step:.2g}" if plan.depth_mode == "gauss" else "")
+        nodes = {"grid": "p", "gauss": "C"}.get(plan.depth_mode)
+        mode = plan.depth_mode + (f" {nodes}={plan.grid_order} step={plan.grid_step:.2g}" if nodes else "")
         return f"banded (K={plan.band}, depth {mode})"
     if plan.variant == "lowrank":
         return f"lowrank ({plan.rank_depth}, {plan.rank_row}, {plan.rank_col})"

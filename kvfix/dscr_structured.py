@@ -823,7 +823,8 @@ def _depth_gauss(d: torch.Tensor, cd: float, budget: float, best_ops: float):
 
 
 def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructure:
-    """The cheapest of the exact distinct-value nodes and the grid orders that meet the budget."""
+    """The cheapest of the exact distinct-value nodes, the grid orders and the Gaussian nodes that
+    meet the budget."""
     if cd == 0.0:  # alpha = 0: the depth term is 1 for every pair
         d = torch.zeros_like(d)
     ops, build = _depth_atoms(d, cd, budget)

@@ -370,7 +370,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
         const scalar_t* x = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
         scalar_t* y = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1);
         const int64_t sx = src.stride(2), sy = dst.stride(2), full = D / kB;
-        for (int64_t c = 0; c < full; ++c) refine_block_any(geo, it, x + c * kB, sx, y + c * kB, sy, m.p, yn.p, z.p, xs.p);
+        for (int64_t c = 0; c < full; ++c)
+          refine_block_any(geo, it, x + c * kB, sx, y + c * kB, sy, m.p, yn.p, z.p, xs.p);
         if (D % kB == 0) return;
         const int64_t d0 = full * kB, width = D - d0;
         if (!tail) tail = std::make_unique<Buffer>(N * kB);
