@@ -63,11 +63,14 @@ defaults. So
     a`, `|a| <= 2 q / (1 - q)`, `q = exp(-pi^2 / (4 cd delta^2))`: a relative error `rel` of every
     entry. Token i keeps the C = ceil(2 R / delta) nodes from the first with x_k >= d_i - R; a
     dropped term has a factor below exp(-2 cd R^2) and the other factors sum (over all nodes) to
-    at most s2 = sqrt(2) (1 + 2 q^2 / (1 - q^2)), so the dropped part is at most `2 N s2 exp(-2
-    cd R^2)` per column. delta puts rel at E_max / 4, R the rest within E_max / 2.
-    Cost 2 C N + G (C = 23-25 at float32, independent of the depth map and of N but for log N in
-    R): cheap for continuous depth over a wide range at large N (a 64 x 64 ramp: 69 operations
-    per token against 104 on the depth grid).
+    at most s2 = sqrt(2) (1 + 2 q^2 / (1 - q^2)), so the dropped part of a pair is at most `2 s2
+    exp(-2 cd R^2)`, and at most the whole sum `(1 + a) exp(-cd rho^2)` for a pair rho or more
+    apart: per column at most `n_rho 2 s2 exp(-2 cd R^2) + N (1 + a) exp(-cd rho^2)` (n_rho: the
+    most tokens within rho of one, counted on the sorted depths; rho puts the second term at an
+    eighth of the truncation's share). delta puts rel at E_max / 4, R the rest within E_max / 2.
+    Cost 2 C N + G (C = 22-25 at float32: R grows with log n_rho only): cheap for continuous depth
+    over a wide range at large N (a 64 x 64 ramp: C = 23, 67 operations per token against 104 on
+    the depth grid).
     With a relative part the column error is `E_j <= E + rel (D_j - 1)`, D_j the column's depth
     sum, and the column sum is `c_j >= c_min + D_j - 1` (D_j >= 1, the diagonal): the bound
     `2 E_j / (c_j - E_j)` is then at most `max(2 E / (c_min - E), 2 rel / (1 - rel))` (a ratio of
@@ -782,10 +785,10 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
     return ops, build
 
 
-def _depth_gauss(d: torch.Tensor, cd: float, budget: float, best_ops: float):
+def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, best_ops: float):
     """Gaussian nodes (module docstring, "gauss"): nodes x_k = d_min + k delta, token i weighted
-    exp(-2 cd (d_i - x_k)^2) on the C nodes within R of d_i, T = w I. None if the cost is not
-    below best_ops; else (cost, a function that builds the structure)."""
+    exp(-2 cd (d_i - x_k)^2) on the C nodes within R of d_i, T = w I (ds: d sorted). None if the
+    cost is not below best_ops; else (cost, a function that builds the structure)."""
     N = d.numel()
     # relative part (Poisson summation of the nodes' Gaussian, coefficient 4 cd): 2 q / (1 - q) <= budget / 2
     eps = 0.5 * budget
@@ -794,12 +797,16 @@ def _depth_gauss(d: torch.Tensor, cd: float, budget: float, best_ops: float):
     alias = 2.0 * q / (1.0 - q)
     q2 = q * q                                   # the same sum with coefficient 2 cd
     alias2 = 2.0 * q2 / (1.0 - q2)
-    # truncation: every dropped node term below exp(-2 cd R^2), summed: N 2 sqrt(2) (1 + alias2) exp(-2 cd R^2)
+    # truncation, per source: the dropped terms are below 2 sqrt(2) (1 + alias2) exp(-2 cd R^2) and
+    # below the whole sum, (1 + alias) exp(-cd rho^2) for sources beyond rho: n_near sources within rho
+    # take the first (rho: the N beyond within eta / 8), the rest the second
     eta = (budget - alias - N * _E87) * (1.0 - 1e-9)  # the margin keeps err <= budget through rounding
     if not eta > 0:
         return None
-    c_tr = 2.0 * math.sqrt(2.0) * (1.0 + alias2) * N
-    R = math.sqrt(math.log(c_tr / eta) / (2.0 * cd))
+    rho = math.sqrt(math.log(8.0 * N * (1.0 + alias) / eta) / cd)
+    far = N * (1.0 + alias) * math.exp(-cd * rho * rho)
+    c_tr = 2.0 * math.sqrt(2.0) * (1.0 + alias2) * _reach_count(ds, rho)
+    R = math.sqrt(math.log(c_tr / (eta - far)) / (2.0 * cd))
     C = math.ceil(2.0 * R / step)
     if 2.0 * C * N >= best_ops:
         return None
@@ -810,7 +817,7 @@ def _depth_gauss(d: torch.Tensor, cd: float, budget: float, best_ops: float):
     ops = float(2 * C * N + G)
     if ops >= best_ops:
         return None
-    err = c_tr * math.exp(-2.0 * cd * R * R) + N * _E87 + alias
+    err = c_tr * math.exp(-2.0 * cd * R * R) + far + N * _E87 + alias
     w = step * math.sqrt(4.0 * cd / math.pi)
 
     def build():
@@ -834,7 +841,7 @@ def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructu
             got = _depth_grid(d, ds, cd, budget, p, ops)
             if got is not None:
                 ops, build = got
-        got = _depth_gauss(d, cd, budget, ops)
+        got = _depth_gauss(d, ds, cd, budget, ops)
         if got is not None:
             ops, build = got
     return build()
