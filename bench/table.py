@@ -15,7 +15,8 @@ Method:
   the transformers-level methods: by their known ratio to plain generate): a row whose required
   variant (kvfix) does not fit, or a variant that does not fit beside those kept, is skipped and
   the table says so ("skipped: one call ~X s > Y s left for it (row budget Z s) on this machine").
-  Repeats stop when the next pass would overrun the row's share (at least 1; the reps column).
+  Repeats stop when the next pass would overrun the row's share (at least 1, 3 in the structured
+  DSCR section; the reps column).
   The header gives the run's wall time, each section's, and the CPU path that ran.
 - timing: one process, torch threads = the cores available; each variant runs once to warm up,
   then the variants run interleaved (rotating order) for R repeats (common.interleave): every

@@ -155,7 +155,8 @@ PRIORITY = ("structured", "auto", "in_place", "copy", "floor", "dense", "referen
 
 def _plan_cell(plan) -> str:
     if plan.variant == "banded":
-        mode = plan.depth_mode + (f" p={plan.grid_order} step={plan.grid_step:.2g}" if plan.depth_mode == "grid" else "")
+        nodes = {"grid": "p", "gauss": "C"}.get(plan.depth_mode)
+        mode = plan.depth_mode + (f" {nodes}={plan.grid_order} step={plan.grid_step:.2g}" if nodes else "")
         return f"banded (K={plan.band}, depth {mode})"
     if plan.variant == "lowrank":
         return f"lowrank ({plan.rank_depth}, {plan.rank_row}, {plan.rank_col})"
@@ -166,13 +167,17 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
     """Markdown: the structured rows (timings, ratios, errors vs float64, peak memory, the plan).
 
     Timing as bench/table.py (common.interleave: interleaved variants, medians, within a share of
-    `budget` per row that also pays for one call of "structured" in the memory worker; a dense
-    variant whose call, estimated by common.DSCR_SCALING, would not fit is skipped); errors on all
+    `budget` per row that also pays for one call of "structured" in the memory worker, at least 3
+    passes (quick: 1); a dense variant whose call, estimated by common.DSCR_SCALING, would not fit
+    is skipped); errors on all
     tokens, or on `err_cols` evenly spaced tokens (float64 weights of those columns only); peak
     memory of "structured" beyond inputs and outputs in a fresh process (common.peak_bytes_beyond)."""
     torch.set_num_threads(common.threads())
     budget = budget or common.Budget(None)
     max_reps = 3 if quick else 11
+    # at least 3 passes (the medians of a single pass are a single sample each): the 64 x 64 rows'
+    # dense and floor calls (~0.3 s each on an AVX2 EPYC) left room for only 1 within their share
+    min_reps = 1 if quick else 3
     todo = struct_rows(quick)
     rows = []
     seen = set()
@@ -190,7 +195,8 @@ def dscr_structured_section(quick: bool, budget: common.Budget | None = None) ->
                 err[name] = common.max_error(out, truth, cols)
 
         est = {n: common.DSCR_SCALING.estimate((dt, key), common.dense_cost(shape)) for n, key in DENSE_KEYS.items()}
-        tm = common.interleave(fns, row_budget, max_reps=max_reps, est=est, calls_needed=3, reserve_pass=True,
+        tm = common.interleave(fns, row_budget, max_reps=max_reps, min_reps=min_reps, est=est, calls_needed=3,
+                               reserve_pass=True,
                                on_first=on_first, required=("structured",))
         for n, key in DENSE_KEYS.items():
             if n in tm.med:

@@ -37,10 +37,14 @@ defaults. So
 - depth: `A` [G x N] maps tokens to depth nodes and `T` [G x G] is the node kernel, banded in
   the nodes' depth order (row g non-zero on consecutive nodes). Per image (per batch item) the
   plan builds one of:
-  - "values": a node per distinct depth value (tokens of one value share it: exact), rows
-    reaching r with `(N - 1) exp(-cd r^2) <= E_max / 2` (r <= 10.2): the dropped entries are the
-    only error. Cost 2N + nnz(T) per feature column: cheap where depths repeat (surfaces at one
-    depth, constant maps) or are sparse (few tokens per level).
+  - "values": a node per distinct depth value (tokens of one value share it: exact); the dropped
+    entries of T are the only error. Each row keeps its nearest nodes and drops the farthest
+    while their weight `sum_{g' dropped} n_g' exp(-cd (e_g - e_g')^2)` (n_g': the tokens of node
+    g') stays within E_max / 2 (computed from the depths; then made symmetric and consecutive
+    again, which only keeps more), or, where that would examine more than 2^18 entries, rows
+    reach r with `(N - 1) exp(-cd r^2) <= E_max / 2` (r <= 10.2). Cost 2N + nnz(T) per feature
+    column: cheap where depths repeat (surfaces at one depth, constant maps) or are sparse (few
+    tokens per level).
   - "grid": nodes on a uniform depth grid of step delta, each token interpolated from its p
     nearest nodes (Lagrange, the token inside the central interval), `T[g, g'] = exp(-cd ((g -
     g') delta)^2)` for `|g - g'| delta <= r_T`. Per entry `|f_d~ - f_d| <= eps (1 + Lambda_p) +
@@ -52,12 +56,32 @@ defaults. So
     over the at most n_int sources within r_T + p delta of a token (counted on the sorted
     depths) and the N - 1 beyond, this is E_d <= E_max / 2 by the choice of delta and r_T.
     Cost 2 p N + nnz(T): cheap where many tokens share few depth levels' worth of nodes
-    (continuous depth at large N, narrow depth ranges).
-  The cheaper of "values" and the grid orders p in (6, 8, 12, 16, 20, 24) is used per item.
-  E_max = tol c_min / (2 + tol), so the bound is at most tol. The CPU kernel walks the head dim in
-  blocks of 64 columns: M = A X (grid mode: node by node over the tokens ordered by node), Y =
-  T M, the row pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K
-  and V read from their strided cache slices, written once; in place is safe).
+    (narrow depth ranges).
+  - "gauss": Gaussian nodes, the depth kernel as a sum of narrower Gaussians, with T diagonal:
+    `exp(-cd (x - y)^2) ~ w sum_k exp(-2 cd (x - x_k)^2) exp(-2 cd (y - x_k)^2)` on nodes x_k =
+    d_min + k delta, w = delta sqrt(4 cd / pi). Each term is `exp(-cd (x - y)^2) exp(-4 cd (x_k -
+    m)^2)` (m = (x + y) / 2), and by Poisson summation the sum over k is the integral times `1 +
+    a`, `|a| <= 2 q / (1 - q)`, `q = exp(-pi^2 / (4 cd delta^2))`: a relative error `rel` of every
+    entry. Token i keeps the C = ceil(2 R / delta) nodes from the first with x_k >= d_i - R; a
+    dropped term has a factor below exp(-2 cd R^2) and the other factors sum (over all nodes) to
+    at most s2 = sqrt(2) (1 + 2 q^2 / (1 - q^2)), so the dropped part of a pair is at most `2 s2
+    exp(-2 cd R^2)`, and at most the whole sum `(1 + a) exp(-cd rho^2)` for a pair rho or more
+    apart: per column at most `n_rho 2 s2 exp(-2 cd R^2) + N (1 + a) exp(-cd rho^2)` (n_rho: the
+    most tokens within rho of one, counted on the sorted depths; rho puts the second term at an
+    eighth of the truncation's share). delta puts rel at E_max / 4, R the rest within E_max / 2.
+    Cost 2 C N + G (C = 22-25 at float32: R grows with log n_rho only): cheap for continuous depth
+    over a wide range at large N (a 64 x 64 ramp: C = 23, 67 operations per token against 104 on
+    the depth grid).
+    With a relative part the column error is `E_j <= E + rel (D_j - 1)`, D_j the column's depth
+    sum, and the column sum is `c_j >= c_min + D_j - 1` (D_j >= 1, the diagonal): the bound
+    `2 E_j / (c_j - E_j)` is then at most `max(2 E / (c_min - E), 2 rel / (1 - rel))` (a ratio of
+    linear functions of D_j, largest at D_j = 1 or as D_j grows).
+  The cheapest of "values", the grid orders p in (6, 8, 12, 16, 20, 24) and "gauss" is used per
+  item. E_max = tol c_min / (2 + tol), so the bound is at most tol. The CPU kernel walks the head dim in
+  blocks of 64 columns: M = A X (grid and gauss modes: the block's tokens copied in node order,
+  then two nodes at a time over them), Y = T M, the row pass, then the column pass with A^T Y,
+  the diagonal and 1 / c~_j in one write (K and V read from their strided cache slices, written
+  once; in place is safe).
   The structure (sort, nodes, T, c~) is built in float64 once per call (once per image for
   `kvfix.hf.DSCR`), shared by every layer and head.
 
@@ -197,7 +221,8 @@ class DscrPlan:
     factor widths (an axis whose Taylor rank would reach its length is exact: rank = its length),
     cost_structured its multiply-adds per feature column. Banded variant: band (spatial
     half-band K), depth_mode ("values": one node per distinct depth, exact; "grid": Lagrange
-    interpolation of order grid_order on a depth grid of step grid_step), the widest item's.
+    interpolation of order grid_order on a depth grid of step grid_step; "gauss": Gaussian nodes
+    grid_step apart, grid_order of them per token), the widest item's.
     cost_dense: N^2. ms_per_column: the cost model's estimate per variant (ms per feature
     column: one head dim of one head of K or V; CPU measurements). reason: why this algorithm.
     """
@@ -358,8 +383,9 @@ def _plan_structure(gh: int, gw: int, depth_range: float, cd: float, cs: float, 
     plan = DscrPlan(algorithm, gh, gw, lr["rd"], lr["rr"], lr["rc"], lr["row_exact"], lr["col_exact"], bound,
                     round_est, tol, lr["cost"], cost_d, depth_range, reason, grid_unit, variant,
                     info.get("K", 0) if st is not None else 0,
-                    {"atoms": "values", "grid": "grid"}.get(info.get("mode"), "") if st is not None else "",
-                    info.get("order", 0) if st is not None and info.get("mode") == "grid" else 0,
+                    {"atoms": "values", "grid": "grid", "gauss": "gauss"}.get(info.get("mode"), "") if st is not None
+                    else "",
+                    info.get("order", 0) if st is not None and info.get("mode") in ("grid", "gauss") else 0,
                     info.get("step", 0.0) if st is not None else 0.0, ms)
     return plan, (st if variant == "banded" else None)
 
@@ -613,6 +639,18 @@ def _repeat(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.repeat(x.numpy(), n.numpy()))
 
 
+def _touched(first: torch.Tensor, width: int) -> torch.Tensor:
+    """The sorted distinct values of first[i] + c, 0 <= c < width (int64): a coverage count over
+    the span of the values, or torch.unique where that span is far wider than the values."""
+    f = first.numpy()
+    lo = int(f.min())
+    span = int(f.max()) - lo + width
+    if span > 8 * f.size * width + 4096:
+        return torch.unique((first[:, None] + torch.arange(width)[None, :]).reshape(-1), sorted=True)
+    delta = np.bincount(f - lo, minlength=span + 1) - np.bincount(f - lo + width, minlength=span + 1)
+    return torch.from_numpy(np.flatnonzero(np.cumsum(delta)[:span] > 0) + lo)
+
+
 def _reach_count(ds: torch.Tensor, r: float) -> int:
     """max over tokens of #{i: |d_i - d_j| <= r}, ds sorted."""
     return int((_searchsorted(ds, ds + r, True) - _searchsorted(ds, ds - r, False)).max())
@@ -655,13 +693,53 @@ class _DepthStructure:
     ops: float            # counted operations per feature column (M, T, the gather)
     step: float = 0.0
     order: int = 1
+    rel: float = 0.0      # relative part: sum_i |f_d~ - f_d| <= error + rel * (sum_i f_d(i, j) - 1)
+
+
+_FIT_MAX = 1 << 18  # the most node kernel entries within r_cut that _atom_rows_fitted examines
+
+
+def _atom_rows_fitted(e: torch.Tensor, counts: torch.Tensor, cd: float, r_cut: float, allowed: float):
+    """Rows of the "values" node kernel fitted to the depths: row g keeps its nearest nodes and
+    drops the farthest ones while the dropped weight sum_{g' dropped} counts[g'] exp(-cd (e_g -
+    e_g')^2) (the error of every column of that node) stays <= allowed; beyond r_cut the dense
+    kernels' cut-off drops the entries too. (row_lo, row_len, the largest dropped sum) or None
+    (too many entries to examine)."""
+    lo_c, ln_c = _rows(e, r_cut)
+    if int(ln_c.sum()) > _FIT_MAX or not allowed > 0:
+        return None
+    rows, cols = (t.numpy() for t in _row_cols(lo_c, ln_c))
+    ev = e.numpy()
+    dist = np.abs(ev[rows] - ev[cols])
+    ex = -cd * dist * dist
+    v = np.where(ex < -87.0, 0.0, counts.numpy()[cols] * np.exp(ex))
+    order = np.lexsort((-dist, rows))              # row by row, farthest first
+    tail = np.cumsum(v[order])
+    ends = np.cumsum(ln_c.numpy())
+    base = np.repeat(np.concatenate(([0.0], tail[ends[:-1] - 1])), ln_c.numpy())
+    tail -= base                                   # dropped sum if this entry and all farther go
+    drop = tail <= allowed                         # a prefix of each row (tail grows)
+    dropped = np.bincount(rows[order], weights=np.where(drop, v[order], 0.0), minlength=e.numel())
+    keep = np.ones(rows.size, dtype=bool)
+    keep[order[drop]] = False
+    kept_cols = np.where(keep, cols, np.iinfo(np.int64).max)
+    lo = np.minimum.reduceat(kept_cols, ends - ln_c.numpy())
+    hi = lo + np.bincount(rows[keep], minlength=e.numel())
+    # symmetric again (T[g, g'] kept iff T[g', g] is), the rows still consecutive, each only wider:
+    # monotone row bounds, then each row extended to the rows that reach it
+    lo = np.minimum.accumulate(lo[::-1])[::-1]
+    hi = np.maximum.accumulate(hi)
+    g = np.arange(e.numel())
+    lo, hi = np.minimum(lo, np.searchsorted(hi, g, side="right")), np.maximum(hi, np.searchsorted(lo, g, side="right"))
+    return torch.from_numpy(lo), torch.from_numpy(hi - lo), float(dropped.max())
 
 
 def _depth_atoms(d: torch.Tensor, cd: float, budget: float):
-    """Nodes = the distinct depth values (exact); rows reach r: dropped entries are < exp(-cd r^2).
+    """Nodes = the distinct depth values (exact); rows keep the nearest nodes: fitted to the
+    depths (`_atom_rows_fitted`), or reaching r with (N - 1) exp(-cd r^2) <= budget.
     (cost, a function that builds the structure)."""
     N = d.numel()
-    e, inv = torch.unique(d, sorted=True, return_inverse=True)
+    e, inv, counts = torch.unique(d, sorted=True, return_inverse=True, return_counts=True)
     r_cut = math.sqrt(87.0 / cd) if cd > 0 else math.inf
     r = math.sqrt(math.log(max(N - 1, 1) / budget) / cd) if cd > 0 and N > 1 else math.inf
     if r >= r_cut:
@@ -670,6 +748,10 @@ def _depth_atoms(d: torch.Tensor, cd: float, budget: float):
         err = (N - 1) * math.exp(-cd * r * r) + N * _E87
     if cd > 0:
         lo, ln = _rows(e, r)
+        if N > 1 and int(ln.sum()) > e.numel():
+            got = _atom_rows_fitted(e, counts, cd, r_cut, budget - N * _E87)
+            if got is not None:
+                lo, ln, err = got[0], got[1], got[2] + N * _E87
     else:
         lo, ln = torch.zeros(e.numel(), dtype=torch.int64), torch.full((e.numel(),), e.numel(), dtype=torch.int64)
     ops = float(2 * N + int(ln.sum()))
@@ -707,7 +789,7 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
     t = (d - d0) / step
     m = torch.floor(t)
     first = m.to(torch.int64) + (1 - p // 2)                  # global node of weight 0
-    touched = torch.unique((first[:, None] + torch.arange(p)[None, :]).reshape(-1), sorted=True)
+    touched = _touched(first, p)
     pos = touched.to(torch.float64) * step                    # node positions (relative to d0)
     lo, ln = _rows(pos, math.floor(r / step + 1e-9) * step + 0.5 * step)
     ops = float(2 * p * N + int(ln.sum()))
@@ -721,8 +803,53 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
     return ops, build
 
 
+def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, best_ops: float):
+    """Gaussian nodes (module docstring, "gauss"): nodes x_k = d_min + k delta, token i weighted
+    exp(-2 cd (d_i - x_k)^2) on the C nodes within R of d_i, T = w I (ds: d sorted). None if the
+    cost is not below best_ops; else (cost, a function that builds the structure)."""
+    N = d.numel()
+    # relative part (Poisson summation of the nodes' Gaussian, coefficient 4 cd): 2 q / (1 - q) <= budget / 2
+    eps = 0.5 * budget
+    q = eps / (2.0 + eps)
+    step = math.pi / math.sqrt(4.0 * cd * -math.log(q))
+    alias = 2.0 * q / (1.0 - q)
+    q2 = q * q                                   # the same sum with coefficient 2 cd
+    alias2 = 2.0 * q2 / (1.0 - q2)
+    # truncation, per source: the dropped terms are below 2 sqrt(2) (1 + alias2) exp(-2 cd R^2) and
+    # below the whole sum, (1 + alias) exp(-cd rho^2) for sources beyond rho: n_near sources within rho
+    # take the first (rho: the N beyond within eta / 8), the rest the second
+    eta = (budget - alias - N * _E87) * (1.0 - 1e-9)  # the margin keeps err <= budget through rounding
+    if not eta > 0:
+        return None
+    rho = math.sqrt(math.log(8.0 * N * (1.0 + alias) / eta) / cd)
+    far = N * (1.0 + alias) * math.exp(-cd * rho * rho)
+    c_tr = 2.0 * math.sqrt(2.0) * (1.0 + alias2) * _reach_count(ds, rho)
+    R = math.sqrt(math.log(c_tr / (eta - far)) / (2.0 * cd))
+    C = math.ceil(2.0 * R / step)
+    if 2.0 * C * N >= best_ops:
+        return None
+    d0 = float(d.min())
+    first = torch.ceil((d - d0 - R) / step).to(torch.int64)       # first node with x_k >= d_i - R
+    touched = _touched(first, C)
+    G = touched.numel()
+    ops = float(2 * C * N + G)
+    if ops >= best_ops:
+        return None
+    err = c_tr * math.exp(-2.0 * cd * R * R) + far + N * _E87 + alias
+    w = step * math.sqrt(4.0 * cd / math.pi)
+
+    def build():
+        x = (first[:, None] + torch.arange(C)[None, :]).to(torch.float64) * step + d0
+        tokw = torch.exp(-2.0 * cd * (d[:, None] - x) ** 2)
+        return _DepthStructure("gauss", _searchsorted(touched, first, False), tokw,
+                               torch.arange(G, dtype=torch.int64), torch.ones(G, dtype=torch.int64),
+                               torch.full((G,), w, dtype=torch.float64), err, ops, step, C, alias)
+    return ops, build
+
+
 def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructure:
-    """The cheapest of the exact distinct-value nodes and the grid orders that meet the budget."""
+    """The cheapest of the exact distinct-value nodes, the grid orders and the Gaussian nodes that
+    meet the budget."""
     if cd == 0.0:  # alpha = 0: the depth term is 1 for every pair
         d = torch.zeros_like(d)
     ops, build = _depth_atoms(d, cd, budget)
@@ -732,6 +859,9 @@ def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructu
             got = _depth_grid(d, ds, cd, budget, p, ops)
             if got is not None:
                 ops, build = got
+        got = _depth_gauss(d, ds, cd, budget, ops)
+        if got is not None:
+            ops, build = got
     return build()
 
 
@@ -790,8 +920,11 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
     d64 = depth.detach().to("cpu", torch.float64)
     items = [_depth_structure(d64[b], cd, e_max / 2.0) for b in range(d64.shape[0])]
     e_d = max(it.error for it in items)
+    rel = max(it.rel for it in items)
     E = e_sp + e_d
     bound = 2.0 * E / (c_min - E) if c_min > E else math.inf
+    if rel > 0:  # a relative part: 2 E_j / (c_j - E_j) also as the depth sum grows (module docstring)
+        bound = max(bound, 2.0 * rel / (1.0 - rel))
     ops_sp = 2.0 * (2 * K + 1) + 3.0
     ops = max(N * ops_sp + it.ops for it in items)
     # pack, with the column sums of the approximated weights (consistent with the numerators)

@@ -77,7 +77,7 @@ def test_plan_picks_banded_for_depth_maps_at_default_units(kind):
             p = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
             if gh * gw >= 576:
                 assert p.algorithm == "structured" and p.variant == "banded", p
-            assert p.bound <= p.tol and p.depth_mode in ("values", "grid")
+            assert p.bound <= p.tol and p.depth_mode in ("values", "grid", "gauss")
             assert p.band == (4 if dtype == torch.float32 else 3)
             if kind != "surfaces-1":
                 assert p.rank_depth > 512 and "lowrank" not in p.ms_per_column
@@ -505,6 +505,54 @@ def test_banded_bound_holds_in_grid_mode(tol):
     assert _column_error(st, depth[0], gh, gw) <= info["bound"] + N * 2.0 ** -50
 
 
+@pytest.mark.parametrize("tol", [2.0 ** -27, 2.0 ** -11], ids=["fp32", "bf16"])
+def test_banded_bound_holds_in_gauss_mode(tol):
+    """Gaussian nodes (many tokens per depth level over a range of many levels): the plan picks
+    them, every column's weight error is within the bound (its relative part included: a depth
+    map whose tokens crowd at a few depths has large depth column sums), and a step 1.5x larger
+    would break the tolerance somewhere (the bound matters)."""
+    gh, gw = 24, 24
+    N = gh * gw
+    g = torch.Generator().manual_seed(0)
+    spread = 40.0 * torch.rand(1, N, generator=g, dtype=torch.float64)
+    crowded = 10.0 * torch.randint(0, 4, (1, N), generator=g).double() + 4.0 * torch.rand(
+        1, N, generator=g, dtype=torch.float64)  # four clusters 4 levels wide
+    for depth in (spread, crowded):
+        st, info = S._banded(gh, gw, depth, CD, CS, tol, dtype=torch.float64)
+        assert info["mode"] == "gauss" and info["bound"] <= tol, info
+        assert _column_error(st, depth[0], gh, gw) <= info["bound"] + N * 2.0 ** -50, info
+    budget = tol * 0.77 / (2 + tol) / 2
+    it = S._depth_gauss(spread[0], torch.sort(spread[0]).values, CD, budget, math.inf)[1]()
+    assert it.mode == "gauss" and it.error <= budget and 0 < it.rel <= budget
+    d = spread[0]
+    for step, fine in ((it.step, True), (1.5 * it.step, False)):  # every node, no window: the step's error only
+        nodes = torch.arange(float(d.min()) - 8.0, float(d.max()) + 8.0, step, dtype=torch.float64)
+        A = torch.exp(-2.0 * CD * (d[:, None] - nodes[None, :]) ** 2)
+        approx = step * math.sqrt(4.0 * CD / math.pi) * A @ A.T
+        exact = torch.exp(-CD * (d[:, None] - d[None, :]) ** 2)
+        near = exact > 1e-30  # pairs within 9 levels (float64's rounding of exp(-e), e ~ 300, is ~1e-13)
+        err = ((approx - exact).abs()[near] / exact[near]).max().item()
+        assert err <= it.rel * (1 + 1e-3) if fine else err > tol, (step, err, it.rel)
+
+
+def test_banded_values_rows_fitted_and_symmetric():
+    """The "values" node kernel's rows keep the nearest nodes while the dropped weight stays
+    within the budget: symmetric, consecutive, and fewer entries than the count-based reach."""
+    depth = kvfix.patch_depth(common.depth_map("ramp", 24, 24), 24, 24).double()
+    budget = 2.0 ** -27 * 0.77 / (2 + 2.0 ** -27) / 2
+    ops, build = S._depth_atoms(depth, CD, budget)
+    it = build()
+    G = it.row_lo.numel()
+    T = torch.zeros(G, G, dtype=torch.bool)
+    for g in range(G):
+        T[g, int(it.row_lo[g]):int(it.row_lo[g] + it.row_len[g])] = True
+    assert torch.equal(T, T.T) and T.diagonal().all() and it.error <= budget
+    e, counts = torch.unique(depth, return_counts=True)
+    f = counts[None, :] * torch.exp(-CD * (e[:, None] - e[None, :]) ** 2)
+    assert (f * ~T).sum(1).max().item() <= it.error
+    assert int(it.row_len.sum()) < int(S._rows(e, math.sqrt(math.log((depth.numel() - 1) / budget) / CD))[1].sum())
+
+
 def _check_banded_output(out, x, depth, gh, gw, plan):
     """Within the plan's bound plus rounding. float32: the flash-attention rule of test_dscr (2x the
     error of the float32 reference, plus a slack below it) with the bound and the plan's float32
@@ -589,7 +637,8 @@ def test_banded_kernel_equals_its_weights(dtype):
     """Same structure, same formula: the kernel equals the structure's weights applied in float64,
     to float32 rounding; D = 40 leaves a narrow last block; v strided; broadcast depth; in place
     gives the same bits; the grid mode too."""
-    for gh, gw, depth in [(6, 9, _map_depth("ramp", 6, 9)), (16, 16, 2.0 * torch.rand(1, 256))]:
+    for gh, gw, depth in [(6, 9, _map_depth("ramp", 6, 9)), (16, 16, 2.0 * torch.rand(1, 256)),
+                          (24, 24, 40.0 * torch.rand(1, 576))]:
         N, B, H, D = gh * gw, 2, 3, 40
         plan, st = S._plan_checked(gh, gw, depth, 0.6, 0.6, 0.6, 0.8, dtype, "structured", "patch", "cpu")
         k = torch.randn(B, H, N, D).to(dtype)

@@ -5,15 +5,17 @@
 //   S: the spatial axis kernel s_|a-b| cut to the band |a - b| <= K (both axes; `band` = s_0..s_K),
 //   A: [G x N] token -> depth node weights, token i touching the cnt consecutive nodes from tok[i]
 //      (cnt = 1: a node is one depth value shared by all its tokens, exact; cnt = p: Lagrange
-//      weights of the p nearest nodes of a uniform depth grid),
+//      weights of the p nearest nodes of a uniform depth grid; cnt = C: Gaussian weights of the
+//      C nodes of a uniform grid within reach, T diagonal),
 //   T: [G x G] node kernel, row g non-zero on the consecutive nodes [row_lo[g], row_lo[g] + len),
 //      values tvals[row_ptr[g], row_ptr[g + 1]).
 // The plan (Python) builds all of it in float64 once per image, with an a-priori error bound.
 // out_i = (S(x) S X + A^T T A X - 2 x_i) * cinv_i, or x_i where cinv_i == 0.
 //
 // A task is one head of one batch item of one tensor; it walks the head dim in blocks of kB = 64
-// columns: (1) M = A X (cnt > 1: node by node, over the tokens ordered by first node), (2) Y = T M
-// (node scratch), (3) Z = the row pass of S over X (scratch),
+// columns: (1) M = A X (cnt > 1: the block's tokens copied in the order of their first node, then
+// two nodes at a time over that copy), (2) Y = T M (node scratch), (3) Z = the row pass of S over
+// X (scratch),
 // (4) the column pass of S over Z plus A^T Y, the diagonal and the normalisation, written once in
 // the output dtype. Step (4) writes token i only after (1) and (3) have read the whole block, and
 // reads only scratch and x_i: in place is safe. A head dim not a multiple of kB leaves a narrow
@@ -46,6 +48,8 @@ struct Item {
   const float* cinv;      // [N]
   const int32_t* perm;    // [N] tokens ordered by first node (cnt > 1)
   const int32_t* start;   // [G + 1] start[g]: first position in perm whose first node is >= g
+  const int32_t* stok;    // [N] tok in perm order (cnt > 1)
+  const float* stokw;     // [N, cnt + 2] the node weights in perm order between two zeros (cnt > 1)
   int64_t G, cnt, C;
 };
 
@@ -125,10 +129,10 @@ static KVFIX_INLINE Vb add_b(const Vb& a, const Vb& b) {
 }
 
 // One block of kB columns: x (token stride sx) -> y (stride sy; may be x). m, yn: [G, kB] and
-// z: [N, kB] float scratch (64-byte aligned).
+// z, xs: [N, kB] float scratch (64-byte aligned).
 template <typename T>
 static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
-                           float* yn, float* z) {
+                           float* yn, float* z, float* xs) {
   const int64_t gh = g.gh, gw = g.gw, N = gh * gw, K = g.K, G = it.G, cnt = it.cnt, C = it.C;
   const float* s = g.band;
   // (1) M = A X
@@ -140,14 +144,41 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
       fma_b(acc, it.tokw[i * C], load_b(x + i * sx));
       stb(mp, acc);
     }
-  } else {  // node by node (no read-modify-write of M): the tokens whose cnt nodes include g
-    for (int64_t n = 0; n < G; ++n) {
-      Vb acc{};
-      for (int64_t q = it.start[std::max<int64_t>(0, n - cnt + 1)], e = it.start[n + 1]; q < e; ++q) {
-        const int64_t i = it.perm[q];
-        fma_b(acc, it.tokw[i * C + (n - it.tok[i])], load_b(x + i * sx));
+  } else {
+    // the block's tokens copied in node order first (xs: each token read from K or V once, with
+    // prefetches a few tokens ahead), then node by node over consecutive rows of xs (no
+    // read-modify-write of M): the tokens whose cnt nodes include n, each used cnt times while in cache
+    constexpr int64_t kAhead = 8;
+    for (int64_t q = 0; q < N; ++q) {
+      if (q + kAhead < N) {
+        const char* pf = reinterpret_cast<const char*>(x + int64_t(it.perm[q + kAhead]) * sx);
+        for (int64_t b = 0; b < int64_t(kB * sizeof(T)); b += 64) __builtin_prefetch(pf + b);
       }
-      stb(m + n * kB, acc);
+      stb(xs + q * kB, load_b(x + int64_t(it.perm[q]) * sx));
+    }
+    // two nodes n, n + 1 at a time, on half a block (32 columns, so that the rows in use stay in
+    // L1): each row of xs read once for both (a token's weight for a node outside its window is
+    // one of the two zeros around its weights in stokw)
+    const int64_t W = cnt + 2;
+    for (int64_t h = 0; h < kNB; h += kNB / 2) {
+      for (int64_t n = 0; n < G; n += 2) {
+        v8 a0[kNB / 2] = {}, a1[kNB / 2] = {};
+        const int64_t n1 = std::min(n + 2, G);
+        for (int64_t q = it.start[std::max<int64_t>(0, n - cnt + 1)], e = it.start[n1]; q < e; ++q) {
+          const float* w = it.stokw + q * W + 1 + (n - it.stok[q]);
+          const float w0 = w[0], w1 = w[1];
+          const float* xp = xs + q * kB + h * kL;
+          _Pragma("GCC unroll 4") for (int j = 0; j < kNB / 2; ++j) {
+            const v8 xv = *reinterpret_cast<const v8*>(xp + j * kL);
+            a0[j] += w0 * xv;
+            a1[j] += w1 * xv;
+          }
+        }
+        _Pragma("GCC unroll 4") for (int j = 0; j < kNB / 2; ++j) {
+          *reinterpret_cast<v8*>(m + n * kB + (h + j) * kL) = a0[j];
+          if (n + 1 < G) *reinterpret_cast<v8*>(m + (n + 1) * kB + (h + j) * kL) = a1[j];
+        }
+      }
     }
   }
   // (2) Y = T M
@@ -206,8 +237,8 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
 // One instantiation per dtype, each compiled for AVX-512, AVX2 and baseline x86-64.
 #define KVFIX_BLOCK_FN(NAME, T)                                                                          \
   KVFIX_CPU_CLONES void NAME(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, \
-                             float* m, float* yn, float* z) {                                            \
-    refine_block<T>(g, it, x, sx, y, sy, m, yn, z);                                                      \
+                             float* m, float* yn, float* z, float* xs) {                                 \
+    refine_block<T>(g, it, x, sx, y, sy, m, yn, z, xs);                                                  \
   }
 KVFIX_BLOCK_FN(refine_block_f32, float)
 KVFIX_BLOCK_FN(refine_block_f16, c10::Half)
@@ -216,10 +247,10 @@ KVFIX_BLOCK_FN(refine_block_bf16, c10::BFloat16)
 
 template <typename T>
 void refine_block_any(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
-                      float* yn, float* z) {
-  if constexpr (std::is_same_v<T, float>) refine_block_f32(g, it, x, sx, y, sy, m, yn, z);
-  else if constexpr (std::is_same_v<T, c10::Half>) refine_block_f16(g, it, x, sx, y, sy, m, yn, z);
-  else refine_block_bf16(g, it, x, sx, y, sy, m, yn, z);
+                      float* yn, float* z, float* xs) {
+  if constexpr (std::is_same_v<T, float>) refine_block_f32(g, it, x, sx, y, sy, m, yn, z, xs);
+  else if constexpr (std::is_same_v<T, c10::Half>) refine_block_f16(g, it, x, sx, y, sy, m, yn, z, xs);
+  else refine_block_bf16(g, it, x, sx, y, sy, m, yn, z, xs);
 }
 
 struct Buffer {  // 64-byte aligned floats
@@ -242,22 +273,35 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   int64_t Gmax = 0;
   for (int64_t bd = 0; bd < Bd; ++bd) Gmax = std::max(Gmax, off[bd + 1] - off[bd]);
   const Geometry geo{s.band.data_ptr<float>(), s.band.numel() - 1, s.gh, N / s.gh};
-  // per item: tokens ordered by their first node (a counting sort), for the node-by-node sums
-  std::vector<std::vector<int32_t>> perm(Bd), start(Bd);
+  // per item with cnt > 1: tokens ordered by their first node (a counting sort), their first
+  // nodes and weights in that order, for the node-by-node sums
+  std::vector<std::vector<int32_t>> perm(Bd), start(Bd), stok(Bd);
+  std::vector<std::vector<float>> stokw(Bd);
+  bool sorted = false;
   for (int64_t bd = 0; bd < Bd; ++bd) {
-    const int64_t G = off[bd + 1] - off[bd];
+    const int64_t G = off[bd + 1] - off[bd], cnt = s.cnt.data_ptr<int32_t>()[bd];
+    if (cnt == 1) continue;
+    sorted = true;
     const int32_t* tok = s.tok.data_ptr<int32_t>() + bd * N;
+    const float* tokw = s.tokw.data_ptr<float>() + bd * N * C;
     start[bd].assign(G + 1, 0);
     for (int64_t i = 0; i < N; ++i) ++start[bd][tok[i] + 1];
     for (int64_t g = 0; g < G; ++g) start[bd][g + 1] += start[bd][g];
     std::vector<int32_t> fill(start[bd].begin(), start[bd].end() - 1);
     perm[bd].resize(N);
     for (int64_t i = 0; i < N; ++i) perm[bd][fill[tok[i]]++] = static_cast<int32_t>(i);
+    stok[bd].resize(N);
+    stokw[bd].assign(N * (cnt + 2), 0.0f);
+    for (int64_t q = 0; q < N; ++q) {
+      const int64_t i = perm[bd][q];
+      stok[bd][q] = tok[i];
+      std::copy(tokw + i * C, tokw + i * C + cnt, stokw[bd].begin() + q * (cnt + 2) + 1);
+    }
   }
   std::vector<int64_t> first(srcs.size() + 1, 0);  // task t -> (tensor p, batch b, head h)
   for (size_t p = 0; p < srcs.size(); ++p) first[p + 1] = first[p] + B * srcs[p].size(1);
   at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
-    Buffer m(Gmax * kB), yn(Gmax * kB), z(N * kB);
+    Buffer m(Gmax * kB), yn(Gmax * kB), z(N * kB), xs(sorted ? N * kB : 1);
     std::unique_ptr<Buffer> tail;
     for (int64_t t = t0; t < t1; ++t) {
       const size_t p = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
@@ -267,21 +311,22 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
       const int64_t bd = Bd == 1 ? 0 : b, g0 = off[bd];
       const Item it{s.tok.data_ptr<int32_t>() + bd * N, s.tokw.data_ptr<float>() + bd * N * C,
                     s.row_ptr.data_ptr<int64_t>() + g0, s.row_lo.data_ptr<int32_t>() + g0, s.tvals.data_ptr<float>(),
-                    s.cinv.data_ptr<float>() + bd * N, perm[bd].data(), start[bd].data(), off[bd + 1] - g0,
-                    s.cnt.data_ptr<int32_t>()[bd], C};
+                    s.cinv.data_ptr<float>() + bd * N, perm[bd].data(), start[bd].data(), stok[bd].data(),
+                    stokw[bd].data(), off[bd + 1] - g0, s.cnt.data_ptr<int32_t>()[bd], C};
       auto run = [&](auto zero) {
         using scalar_t = decltype(zero);
         const scalar_t* x = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
         scalar_t* y = dst.data_ptr<scalar_t>() + b * dst.stride(0) + h * dst.stride(1);
         const int64_t sx = src.stride(2), sy = dst.stride(2), full = D / kB;
-        for (int64_t c = 0; c < full; ++c) refine_block_any(geo, it, x + c * kB, sx, y + c * kB, sy, m.p, yn.p, z.p);
+        for (int64_t c = 0; c < full; ++c)
+          refine_block_any(geo, it, x + c * kB, sx, y + c * kB, sy, m.p, yn.p, z.p, xs.p);
         if (D % kB == 0) return;
         const int64_t d0 = full * kB, width = D - d0;
         if (!tail) tail = std::make_unique<Buffer>(N * kB);
         float* xb = tail->p;
         for (int64_t i = 0; i < N; ++i)
           for (int64_t l = 0; l < kB; ++l) xb[i * kB + l] = l < width ? static_cast<float>(x[i * sx + d0 + l]) : 0.0f;
-        refine_block_any(geo, it, static_cast<const float*>(xb), kB, xb, kB, m.p, yn.p, z.p);
+        refine_block_any(geo, it, static_cast<const float*>(xb), kB, xb, kB, m.p, yn.p, z.p, xs.p);
         for (int64_t i = 0; i < N; ++i)
           for (int64_t l = 0; l < width; ++l) y[i * sy + d0 + l] = static_cast<scalar_t>(xb[i * kB + l]);
       };
@@ -307,10 +352,8 @@ std::vector<at::Tensor> dscr_refine_banded_cpu(const at::Tensor& k, const std::o
   if (v.has_value()) vs.push_back(*v);
   const std::vector<at::Tensor> srcs = dscr_banded_operands("dscr_refine_banded", {k}, vs, false, s);
   std::vector<at::Tensor> outs;
-  for (const auto& x : srcs) {
-    outs.push_back(at::empty(x.sizes(), x.options()));
-    prefault_output(outs.back());
-  }
+  for (const auto& x : srcs) outs.push_back(at::empty(x.sizes(), x.options()));
+  prefault_outputs(outs);
   refine(srcs, outs, s);
   return outs;
 }
