@@ -59,13 +59,16 @@ def mod(emu):
 
 def _structure(gh, gw, depth, dtype, grid_order=0):
     """(BandedStructure, info) of the banded variant for depth [Bd, N]; grid_order > 0 forces the
-    "grid" depth mode of that order on the items whose depths are all distinct (the others keep
-    the plan's choice: "values" for the depths used here)."""
+    "grid" depth mode of that order, "gauss" the Gaussian-node mode (several weights per token, T
+    diagonal), on the items whose depths are all distinct (the others keep the plan's choice:
+    "values" for the depths used here)."""
     orig = S._depth_structure
 
     def forced(d, cd, budget):
         if grid_order and torch.unique(d).numel() == d.numel():
-            got = S._depth_grid(d, torch.sort(d).values, cd, budget, grid_order, math.inf)
+            ds = torch.sort(d).values
+            got = (S._depth_gauss(d, ds, cd, budget, math.inf) if grid_order == "gauss"
+                   else S._depth_grid(d, ds, cd, budget, grid_order, math.inf))
             assert got is not None
             return got[1]()
         return orig(d, cd, budget)
@@ -138,6 +141,7 @@ CASES = [
     (3, 6, 1, 3, 16, 1, "contiguous", "levels", 0),  # values mode, a few surfaces
     (1, 12, 2, 1, 8, 1, "bnhd", "continuous", 8),   # a 1 x N grid; broadcast depth, grid p = 8
     (3, 4, 2, 2, 12, 1, "contiguous", "constant", 0),  # a single depth node
+    (4, 6, 2, 2, 16, 2, "bnhd", "continuous", "gauss"),  # Gaussian depth nodes per item, T diagonal
 ]
 
 
@@ -162,6 +166,8 @@ def test_matches_structure_and_dense_reference(mod, gh, gw, B, H, D, Bd, layout,
     st, info = _structure(gh, gw, depth, dtype, order)
     if kind == "mixed":
         assert st.cnt.tolist() == [order, 1]
+    if order == "gauss":
+        assert all(c > 1 for c in st.cnt.tolist()) and bool((st.row_ptr.diff() == 1).all())
     if kind == "constant":
         assert int(st.node_off[-1]) == 1
     x = _kv(B, H, N, D, dtype, layout)
