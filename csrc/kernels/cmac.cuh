@@ -95,9 +95,7 @@ struct CmacAttnArgs {
   int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st;
   void* out;                   // [B, Hq, Tq, D] contiguous
   CmacSpan span;
-  const void* mask;            // element (b, h, i, j) at mask + b*m_sb + h*m_sh + i*m_si + j*m_sj
-  int mask_kind;               // 0 none, 1 bool, 2/3/4 additive float32/float16/bfloat16
-  int64_t m_sb, m_sh, m_si, m_sj;
+  MaskView mask;               // [B, Hq, Tq, T] broadcast (kind 0: none)
   int imd;                     // IMD on (for the items whose imd_items flag is set, when given)
   const bool* imd_items;       // [B] or nullptr
   int vector_mean;             // mu_V per dim (1) or one scalar per head (0)
@@ -128,29 +126,6 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-__device__ __forceinline__ float mask_at(const CmacAttnArgs& a, int64_t off, bool& valid) {
-  switch (a.mask_kind) {
-    case 1:
-      valid = static_cast<const bool*>(a.mask)[off];
-      return 0.0f;
-    case 2: {
-      const float x = static_cast<const float*>(a.mask)[off];
-      valid = !(isinf(x) && x < 0.0f);
-      return x;
-    }
-    case 3: {
-      const float x = __half2float(static_cast<const __half*>(a.mask)[off]);
-      valid = !(isinf(x) && x < 0.0f);
-      return x;
-    }
-    default: {
-      const float x = __bfloat162float(static_cast<const __nv_bfloat16*>(a.mask)[off]);
-      valid = !(isinf(x) && x < 0.0f);
-      return x;
-    }
-  }
 }
 
 // Tile shapes per head-dim bound: QT query rows per block, KT key rows per tile (<= 32: one key
@@ -322,8 +297,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
         hit = tile_imd && x > mu_p;
         const int64_t j = j0 + lane;
         bool valid = !(a.causal && j > qpos);
-        if (a.mask_kind != 0 && valid) {
-          const float bias = cmac_detail::mask_at(a, b * a.m_sb + h * a.m_sh + i * a.m_si + j * a.m_sj, valid);
+        if (a.mask.kind != 0 && valid) {
+          const float bias = Mask::at(a.mask, b, h, i, j);
+          valid = bias != -INFINITY;
           x += bias;
         }
         if (!valid) x = -INFINITY;
@@ -515,12 +491,7 @@ inline CmacAttnArgs cmac_attention_pack(const View& q, const View& k, const View
   }
   a.out = out.data;
   a.span = span;
-  a.mask = m.data;
-  a.mask_kind = m.kind;
-  a.m_sb = m.sb;
-  a.m_sh = m.sh;
-  a.m_si = m.si;
-  a.m_sj = m.st;
+  a.mask = m;
   a.imd = imd;
   a.imd_items = imd_items;
   a.vector_mean = vector_mean;

@@ -47,6 +47,7 @@ SCR = "csrc/kernels/scr.cuh"
 SCR_TESTS = "tests/emu/test_emu_scr.py"
 CMAC = "csrc/kernels/cmac.cuh"
 CMAC_TESTS = "tests/emu/test_emu_cmac.py"
+VIEW = "csrc/kernels/view.h"
 
 MUTATIONS = [
     Mutation("barrier removed: before a tile's copy (previous tile still being read)", DSCR,
@@ -93,12 +94,12 @@ MUTATIONS = [
              "    __syncthreads();\n\n    float m[GP], l[GP], u[GP];", "\n    float m[GP], l[GP], u[GP];", KVS_TESTS),
     Mutation("kvsmooth: barrier removed before the row groups' states are merged", KVS,
              "    __syncthreads();\n    if (tid < gn) {", "    if (tid < gn) {", KVS_TESTS),
-    Mutation("kvsmooth: mask ignored", KVS, "bias = mask_bias(a, b, t);", "bias = 0.0f;", KVS_TESTS),
+    Mutation("kvsmooth: mask ignored", KVS, "bias = Mask::at(a.mask, b, 0, 0, t);", "bias = 0.0f;", KVS_TESTS),
     Mutation("kvsmooth: every split writes the first split's slot", KVS,
              "((b * a.Hq + h * g + h0 + tid) * S + split) * 3", "((b * a.Hq + h * g + h0 + tid) * S) * 3", KVS_TESTS),
     Mutation("kvsmooth: logit scale dropped", KVS, "dot[j] * a.scale + bias", "dot[j] + bias", KVS_TESTS),
     Mutation("kvsmooth: EMA not skipped when position T - 2 is masked", KVS,
-             "if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;", "if (a.T < 2) lam = 0.0f;",
+             "if (a.T < 2 || !(Mask::at(a.mask, b, 0, 0, a.T - 2) > neg_inf())) lam = 0.0f;", "if (a.T < 2) lam = 0.0f;",
              KVS_TESTS),
     Mutation("kvsmooth: rank counts the entries strictly below z (#{< z}: ties and z itself left out)", KVS,
              "k += row[i * a.qu_sm] <= z ? 1 : 0;", "k += row[i * a.qu_sm] < z ? 1 : 0;", KVS_TESTS),
@@ -145,6 +146,11 @@ MUTATIONS = [
              "first = need > 0 ? (need / kScrRows + 1) * kScrRows : 0;", SCR_TESTS),
     Mutation("scr: mass pass not shifted by the row max (exp(x) / exp(m) overflows for large logits)", SCR,
              "acc += expf(x - mi) / li;", "acc += expf(x) / expf(mi) / li;", SCR_TESTS),
+    # the mask reader every kernel uses (view.h), caught by the CMAC tests (bool and per-row masks)
+    Mutation("mask reader: a bool mask read inverted", VIEW, "[off] ? 0.0f : -INFINITY", "[off] ? -INFINITY : 0.0f",
+             CMAC_TESTS),
+    Mutation("mask reader: the row stride ignored", VIEW, "h * m.sh + i * m.si + t * m.st", "h * m.sh + t * m.st",
+             CMAC_TESTS),
     # CMAC (cmac.cuh)
     Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
              "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
