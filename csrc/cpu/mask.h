@@ -13,8 +13,12 @@
 namespace kvfix {
 
 struct C10Bits {
-  static KVFIX_MASK_FN float f16(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
-  static KVFIX_MASK_FN float bf16(uint16_t bits) { return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
+  static KVFIX_MASK_FN float f16(uint16_t bits) {
+    return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  }
+  static KVFIX_MASK_FN float bf16(uint16_t bits) {
+    return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+  }
 };
 using Mask = kernels::MaskRead<C10Bits>;
 
