@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/exp_nonpos.h"
+#include "cpu/mask.h"
 #include "kvfix.h"
 
 #ifndef KVFIX_CMAC_SGEMM_SYMBOL
@@ -127,29 +128,6 @@ std::vector<Span> read_spans(int64_t B, int64_t T, int64_t start, int64_t end, c
     out[b] = {s, std::clamp<int64_t>(e, s, T)};
   }
   return out;
-}
-
-float mask_value(const MaskView& m, int64_t off, bool& valid) {
-  switch (m.kind) {
-    case 1:
-      valid = static_cast<const bool*>(m.data)[off];
-      return 0.0f;
-    case 2: {
-      const float x = static_cast<const float*>(m.data)[off];
-      valid = x != kNegInf;
-      return x;
-    }
-    case 3: {
-      const float x = static_cast<float>(static_cast<const at::Half*>(m.data)[off]);
-      valid = x != kNegInf;
-      return x;
-    }
-    default: {
-      const float x = static_cast<float>(static_cast<const at::BFloat16*>(m.data)[off]);
-      valid = x != kNegInf;
-      return x;
-    }
-  }
 }
 
 // Online-softmax fold of one row of logits s[0, n) (already scaled; masked entries -inf).
@@ -324,12 +302,13 @@ void attention(const AttnArgs& a) {
           if (a.causal && j1 - 1 > qpos)
             for (int64_t j = std::max<int64_t>(0, qpos + 1 - j0); j < n; ++j) s[j] = kNegInf;
           if (a.mask.kind != 0) {
-            const int64_t mrow = b * a.mask.sb + h * a.mask.sh + (i0 + r) * a.mask.si;
-            for (int64_t j = 0; j < n; ++j) {
-              bool valid = true;
-              const float bias = mask_value(a.mask, mrow + (j0 + j) * a.mask.st, valid);
-              s[j] = valid ? s[j] + bias : kNegInf;
-            }
+            const int64_t mrow = Mask::offset(a.mask, b, h, i0 + r, j0);
+            kernels::with_mask_kind(a.mask.kind, [&](auto kind) {
+              for (int64_t j = 0; j < n; ++j) {
+                const float bias = Mask::value<decltype(kind)::value>(a.mask.data, mrow + j * a.mask.st);
+                s[j] = bias != kNegInf ? s[j] + bias : kNegInf;
+              }
+            });
           }
           scal[r] = fold_row(s, n, block_imd ? hit.data() : nullptr, m[r], l[r], imd[r]);
           if (scal[r] != 1.0f) {

@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "cpu/exp_nonpos.h"
+#include "cpu/mask.h"
 #include "kvfix.h"
 
 // The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
@@ -122,22 +123,6 @@ KVFIX_INLINE float hsum(vf v) {
 KVFIX_INLINE float to_f(float x) { return x; }
 KVFIX_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
 KVFIX_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
-
-// Value of the key mask at (b, t): the additive bias, -inf where the position takes no part.
-KVFIX_INLINE float mask_bias(const MaskView& m, int64_t b, int64_t t) {
-  if (m.kind == 0) return 0.0f;
-  const int64_t off = b * m.sb + t * m.st;
-  switch (m.kind) {
-    case 1:
-      return static_cast<const bool*>(m.data)[off] ? 0.0f : kNegInf;
-    case 2:
-      return static_cast<const float*>(m.data)[off];
-    case 3:
-      return static_cast<float>(static_cast<const c10::Half*>(m.data)[off]);
-    default:
-      return static_cast<float>(static_cast<const c10::BFloat16*>(m.data)[off]);
-  }
-}
 
 struct State {
   float m = kNegInf, l = 0.0f, u = 0.0f;
@@ -292,34 +277,12 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
   }
 }
 
-// bias[r] for rows [t0, t0 + n) of item b (the mask's dtype switch outside the row loop).
+// bias[r] for rows [t0, t0 + n) of item b (the mask's kind tested outside the row loop).
 KVFIX_INLINE void block_bias(const MaskView& m, int64_t b, int64_t t0, int64_t n, float* bias) {
-  const int64_t off = b * m.sb + t0 * m.st;
-  switch (m.kind) {
-    case 0:
-      for (int64_t r = 0; r < n; ++r) bias[r] = 0.0f;
-      break;
-    case 1: {
-      const bool* x = static_cast<const bool*>(m.data) + off;
-      for (int64_t r = 0; r < n; ++r) bias[r] = x[r * m.st] ? 0.0f : kNegInf;
-      break;
-    }
-    case 2: {
-      const float* x = static_cast<const float*>(m.data) + off;
-      for (int64_t r = 0; r < n; ++r) bias[r] = x[r * m.st];
-      break;
-    }
-    case 3: {
-      const c10::Half* x = static_cast<const c10::Half*>(m.data) + off;
-      for (int64_t r = 0; r < n; ++r) bias[r] = static_cast<float>(x[r * m.st]);
-      break;
-    }
-    default: {
-      const c10::BFloat16* x = static_cast<const c10::BFloat16*>(m.data) + off;
-      for (int64_t r = 0; r < n; ++r) bias[r] = static_cast<float>(x[r * m.st]);
-      break;
-    }
-  }
+  const int64_t off = Mask::offset(m, b, 0, 0, t0), st = m.st;
+  kernels::with_mask_kind(m.kind, [&](auto kind) {
+    for (int64_t r = 0; r < n; ++r) bias[r] = Mask::value<decltype(kind)::value>(m.data, off + r * st);
+  });
 }
 
 // Fold a block of logits x[0, n) into the state (vectorised over the block).
@@ -562,7 +525,7 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     l = std::min(std::max(l, lo), hi);
     l = std::min(std::max(l, 0.0f), 1.0f);
     if (z != z) l = z;  // no rank: nan, which the EMA writes into position T - 1
-    if (T < 2 || !(mask_bias(m, b, T - 2) > kNegInf)) l = 0.0f;
+    if (T < 2 || !(Mask::at(m, b, 0, 0, T - 2) > kNegInf)) l = 0.0f;
     lam_p[b] = l;
     if (l != 0.0f) {
       ema(k_cache, b, l);

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cpu/exp_nonpos.h"
+#include "cpu/mask.h"
 #include "kvfix.h"
 
 // The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
@@ -53,39 +54,19 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // x[t] = x[t] * scale + mask(b, h, i, t) for t < n, -inf where the key takes no part.
 KVFIX_INLINE void scale_and_mask(float* x, int64_t n, float scale, const MaskView& m, int64_t b, int64_t h,
                                      int64_t i) {
-  const int64_t off = b * m.sb + h * m.sh + i * m.si, st = m.st;
-  switch (m.kind) {
-    case 0:
+  const int64_t off = Mask::offset(m, b, h, i, 0), st = m.st;
+  kernels::with_mask_kind(m.kind, [&](auto kind) {
+    constexpr int K = decltype(kind)::value;
+    if constexpr (K == 0) {
 #pragma omp simd
       for (int64_t t = 0; t < n; ++t) x[t] *= scale;
-      break;
-    case 1: {
-      const bool* mk = static_cast<const bool*>(m.data) + off;
-      for (int64_t t = 0; t < n; ++t) x[t] = mk[t * st] ? x[t] * scale : kNegInf;
-      break;
-    }
-    case 2: {
-      const float* mk = static_cast<const float*>(m.data) + off;
-      for (int64_t t = 0; t < n; ++t) x[t] = mk[t * st] == kNegInf ? kNegInf : x[t] * scale + mk[t * st];
-      break;
-    }
-    case 3: {
-      const c10::Half* mk = static_cast<const c10::Half*>(m.data) + off;
+    } else {
       for (int64_t t = 0; t < n; ++t) {
-        const float v = static_cast<float>(mk[t * st]);
+        const float v = Mask::value<K>(m.data, off + t * st);
         x[t] = v == kNegInf ? kNegInf : x[t] * scale + v;
       }
-      break;
     }
-    default: {
-      const c10::BFloat16* mk = static_cast<const c10::BFloat16*>(m.data) + off;
-      for (int64_t t = 0; t < n; ++t) {
-        const float v = static_cast<float>(mk[t * st]);
-        x[t] = v == kNegInf ? kNegInf : x[t] * scale + v;
-      }
-      break;
-    }
-  }
+  });
 }
 
 // Max of x[0, n) (-inf when empty; NaNs are skipped, and propagate through the exp pass). Written

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <optional>
 
 #include "kernels/view.h"
@@ -47,6 +48,22 @@ inline kernels::View out_view_of(const at::Tensor& t) {
 }
 
 inline kernels::View view_of(const std::optional<at::Tensor>& t) { return t.has_value() ? view_of(*t) : kernels::View{}; }
+
+// SMs of a device (a runtime attribute query, no synchronisation), cached per device.
+inline int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device >= 0 && device < 64) {
+    const int c = cache[device].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
 
 inline cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 

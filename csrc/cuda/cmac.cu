@@ -2,9 +2,10 @@
 //
 // Checks are shared with the CPU and Meta kernels (kvfix::cmac_check_* in ops.cpp; on CUDA they
 // read metadata only: per-item spans and IMD flags stay on the device, read by the kernels); the
-// CUDA kernels' own limits (head dim, mrope sections) are checked here. Each op is
-// one launch on the current stream (cmac_attention with IMD: two, the threshold shares in a small
-// workspace from the caching allocator): no host synchronisation, capturable in a CUDA graph.
+// CUDA kernels' own limits (head dim, mrope sections) are checked here. Each op is one launch on
+// the current stream, except cmac_attention: with IMD a threshold kernel first, and for a single
+// query row (decode) a split kernel and a merge (csrc/kernels/cmac.cuh), with their partials in a
+// workspace from the caching allocator: no host synchronisation, capturable in a CUDA graph.
 // Includes are kept to what is used: no torch/extension.h or ATen/ATen.h (compile time).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -62,13 +63,15 @@ at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                     " is larger than the CUDA kernel's ", kernels::kCmacMaxHeadDim);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());
   if (out.numel() == 0) return out;
+  // decode (one query row): the keys split across blocks, about 4 per SM (cmac_attention_splits)
+  const int splits = Tq == 1 ? kernels::cmac_attention_splits(B, Hq, k.size(2), sm_count(q.device().index())) : 1;
   kernels::CmacAttnArgs a = kernels::cmac_attention_pack(
       view_of(q), view_of(k), view_of(v), view_of(k_cal), out_view_of(out), span_of(start, end, spans), mk,
       imd ? 1 : 0, imd && imd_items.has_value() ? imd_items->const_data_ptr<bool>() : nullptr, value_mean == 1 ? 1 : 0,
-      kvsmooth_scale(scale, D), causal ? 1 : 0);
+      kvsmooth_scale(scale, D), causal ? 1 : 0, splits);
   at::Tensor work;
-  if (imd) {
-    work = at::empty({B * Hkv}, q.options().dtype(at::kFloat));
+  if (const int64_t floats = kernels::cmac_attention_workspace_floats(a); floats > 0) {
+    work = at::empty({floats}, q.options().dtype(at::kFloat));
     a.work = work.mutable_data_ptr<float>();
   }
   const cudaStream_t stream = stream_of(q);

@@ -11,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <atomic>
 #include <optional>
 
 #include "aten_view.h"
@@ -20,22 +19,6 @@
 
 namespace kvfix {
 namespace {
-
-// SMs of a device (a runtime attribute query, no synchronisation), cached per device.
-int sm_count(int device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64) {
-    const int c = cache[device].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
-    (void)cudaGetLastError();
-    n = 1;
-  }
-  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 void launch(kernels::KvsmoothArgs& a, const at::Tensor& q) {
   at::Tensor work = at::empty({kernels::kvsmooth_workspace_floats(a)}, q.options().dtype(at::kFloat));

@@ -9,22 +9,28 @@
 //   span's last token's position where the span ends the sequence. The image is compressed
 //   toward its end, next to the text. sincosf (full range reduction).
 //
-// cmac_threshold_kernel (IMD only): one block per (b, kv head): this kv head's share of mu_P,
-//   (sum over its query heads and the after-image queries of q) . (mean image key) / N, into a
-//   [B, Hkv] workspace; the attention kernel sums the shares of an item (fixed order).
+// cmac_threshold_kernel (IMD only): one block per (b, kv head, chunk of the image keys): this
+//   chunk's share of mu_P, (sum over the kv head's query heads and the after-image queries of q) .
+//   (sum of the chunk's image keys) / N, into a [B, Hkv, chunks] workspace; the attention kernels
+//   sum the shares of an item (fixed order, mu_p_of). It reads the calibrated image keys once per
+//   call: their mean does not change between decode steps, but keeping it across calls would need
+//   a cache argument in the op's API (docs/CMAC.md, "CUDA performance").
 //
-// cmac_attention_kernel: flash attention in plain SIMT. One block of kCmacThreads (4 warps) per
-//   (b, query head, query tile of QT rows); a warp owns QT / 4 rows, keeps their online-softmax
-//   state (m, l, imd sum) and fp32 accumulators (D / 32 per lane and row) in registers. Query tiles
-//   split where queries become after-image (position >= end), key tiles of up to KT rows end at
-//   the span's edges, so a (query tile, key tile) pair is wholly in or out of the calibrated
-//   segment: segment tiles are read from k_calibrated instead of k. Per key tile: K and V rows go
-//   to shared memory as fp32 (K rows padded by one word: lanes reading different rows hit different
-//   banks), lane j forms the logit of key j, the warp folds the tile into each row's state
-//   (shuffle reductions), IMD hits (raw logit > mu_P, segment tiles of IMD items) are summed and
-//   zeroed, and P V is accumulated with p_j broadcast by shuffles, each lane owning dims lane + 32c.
-//   mu_V (the image values' mean) is summed from the shared V tiles of the segment. Output
-//   (acc + imd_sum * mu_V) / l, zeros for a row without any key.
+// cmac_decode_kernel + cmac_decode_merge_kernel (Tq == 1, decode): flash-decoding, see the kernel.
+//
+// cmac_attention_kernel (Tq > 1): flash attention in plain SIMT. One block of kCmacThreads (4
+//   warps) per (b, query head, query tile of QT rows); a warp owns QT / 4 rows, keeps their
+//   online-softmax state (m, l, imd sum) and fp32 accumulators (D / 32 per lane and row) in
+//   registers. Query tiles split where queries become after-image (position >= end), key tiles of
+//   up to KT rows end at the span's edges, so a (query tile, key tile) pair is wholly in or out of
+//   the calibrated segment: segment tiles are read from k_calibrated instead of k. Per key tile: K
+//   and V rows go to shared memory as fp32 (16-byte loads where pointers and strides allow; K rows
+//   padded by one word: lanes reading different rows hit different banks), lane j forms the logit
+//   of key j, the warp folds the tile into each row's state (shuffle reductions), IMD hits (raw
+//   logit > mu_P, segment tiles of IMD items) are summed and zeroed, and P V is accumulated with
+//   p_j broadcast by shuffles, each lane owning dims lane + 32c. mu_V (the image values' mean) is
+//   summed from the shared V tiles of the segment. Output (acc + imd_sum * mu_V) / l, zeros for a
+//   row without any key.
 //
 // cmac_contrastive_kernel: one block per row of V logits: block max, then
 //   out = l - max >= log beta ? l + alpha (l - l~) : -inf
@@ -62,6 +68,10 @@ constexpr int kCmacThreads = 128;       // 4 warps
 constexpr int kCmacMaxHeadDim = 256;
 constexpr int kCmacMaxSections = 8;     // RoPE position rows (mrope sections)
 constexpr int kCmacDynamicSmemBytes = 0;
+constexpr int kCmacMaxSplits = 64;          // decode: key splits per (b, query head)
+constexpr int64_t kCmacMinSplitKeys = 64;   // decode: at least this many keys per split
+constexpr int kCmacMaxChunks = 16;          // IMD threshold: image-key chunks per (b, kv head)
+constexpr int64_t kCmacChunkKeys = 32;      // IMD threshold: at least this many image keys per chunk
 
 // Per-item image span [s, e) clamped to [0, T]: from `spans` ([B, 2] int64) when given.
 struct CmacSpan {
@@ -95,17 +105,40 @@ struct CmacAttnArgs {
   int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, c_sb, c_sh, c_st;
   void* out;                   // [B, Hq, Tq, D] contiguous
   CmacSpan span;
-  const void* mask;            // element (b, h, i, j) at mask + b*m_sb + h*m_sh + i*m_si + j*m_sj
-  int mask_kind;               // 0 none, 1 bool, 2/3/4 additive float32/float16/bfloat16
-  int64_t m_sb, m_sh, m_si, m_sj;
+  MaskView mask;               // [B, Hq, Tq, T] broadcast (kind 0: none)
   int imd;                     // IMD on (for the items whose imd_items flag is set, when given)
   const bool* imd_items;       // [B] or nullptr
   int vector_mean;             // mu_V per dim (1) or one scalar per head (0)
-  float* work;                 // [B * Hkv] floats (IMD threshold shares)
+  float* work;                 // cmac_attention_workspace_floats(*this) floats
   float scale;
   int causal;
+  int splits;                  // decode (Tq == 1): key splits per (b, query head), cmac_attention_splits
+  int chunks;                  // IMD: image-key chunks per (b, kv head) of the threshold (set by the packing)
+  int vec;                     // set by the launcher: 16-byte row loads (pointers, strides and D allow)
   int64_t B, Hq, Hkv, Tq, T, D, N;
 };
+
+// Decode splits per (b, query head): about 8 blocks per SM in all (each block has one key row per
+// group in flight: the occupancy hides the DRAM latency), at least kCmacMinSplitKeys keys each.
+inline int cmac_attention_splits(int64_t B, int64_t Hq, int64_t T, int num_sms) {
+  const int64_t rows = B * Hq > 0 ? B * Hq : 1;
+  const int64_t want = (8 * int64_t(num_sms > 0 ? num_sms : 1) + rows - 1) / rows;
+  const int64_t most = (T + kCmacMinSplitKeys - 1) / kCmacMinSplitKeys;
+  int64_t s = want < most ? want : most;
+  s = s < kCmacMaxSplits ? s : kCmacMaxSplits;
+  return static_cast<int>(s < 1 ? 1 : s);
+}
+
+// Workspace of one cmac_attention call, in floats: with IMD the threshold partials [B, Hkv, chunks];
+// for decode (Tq == 1) then one partial record per (b, query head, split): m, l, the IMD mass, the
+// P V accumulator [D] and the image values' sum [D].
+__host__ __device__ inline int64_t cmac_threshold_floats(const CmacAttnArgs& a) {
+  return a.imd ? a.B * a.Hkv * a.chunks : 0;
+}
+__host__ __device__ inline int64_t cmac_record_floats(const CmacAttnArgs& a) { return 3 + 2 * a.D; }
+inline int64_t cmac_attention_workspace_floats(const CmacAttnArgs& a) {
+  return cmac_threshold_floats(a) + (a.Tq == 1 ? a.B * a.Hq * a.splits * cmac_record_floats(a) : 0);
+}
 
 struct CmacContrastiveArgs {
   const void *l, *lt;  // [rows, V] contiguous
@@ -130,26 +163,38 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-__device__ __forceinline__ float mask_at(const CmacAttnArgs& a, int64_t off, bool& valid) {
-  switch (a.mask_kind) {
-    case 1:
-      valid = static_cast<const bool*>(a.mask)[off];
-      return 0.0f;
-    case 2: {
-      const float x = static_cast<const float*>(a.mask)[off];
-      valid = !(isinf(x) && x < 0.0f);
-      return x;
+// mu_P of item b (the logit scale applied): the threshold partials of its kv heads and chunks
+// summed in a fixed order (lane-strided, then a butterfly, which gives every lane the same sum).
+// Every lane of the warp calls it.
+__device__ __forceinline__ float mu_p_of(const CmacAttnArgs& a, int64_t b, int64_t rows_after, int lane) {
+  const int n = static_cast<int>(a.Hkv) * a.chunks;
+  const float* w = a.work + b * n;
+  float t = 0.0f;
+  for (int j = lane; j < n; j += 32) t += w[j];
+  return a.scale * warp_sum(t) / static_cast<float>(rows_after * a.Hq);
+}
+
+// Elements [d0, d0 + V) of a row as floats, zeros from D on: one 16-byte load when `vec` (the row
+// and d0 16-byte aligned, V == 16 / sizeof(T), D a multiple of V), else element by element.
+template <class T, int V>
+__device__ __forceinline__ void load_chunk(const T* row, int d0, int D, bool vec, float* out) {
+  static_assert(V * sizeof(T) == 16, "a chunk is 16 bytes");
+  if (vec && d0 < D) {
+    const uint4 w = *reinterpret_cast<const uint4*>(row + d0);
+    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[e] = __uint_as_float(u[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        out[2 * e] = Num<T>::bits_to_f(static_cast<uint16_t>(u[e] & 0xffffu));
+        out[2 * e + 1] = Num<T>::bits_to_f(static_cast<uint16_t>(u[e] >> 16));
+      }
     }
-    case 3: {
-      const float x = __half2float(static_cast<const __half*>(a.mask)[off]);
-      valid = !(isinf(x) && x < 0.0f);
-      return x;
-    }
-    default: {
-      const float x = __bfloat162float(static_cast<const __nv_bfloat16*>(a.mask)[off]);
-      valid = !(isinf(x) && x < 0.0f);
-      return x;
-    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = d0 + e < D ? Num<T>::to_f(row[d0 + e]) : 0.0f;
   }
 }
 
@@ -199,25 +244,29 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_rope_kernel(const CmacRopeA
 
 template <class T>
 __global__ void __launch_bounds__(kCmacThreads) cmac_threshold_kernel(const CmacAttnArgs a) {
-  const int64_t hk = blockIdx.x % a.Hkv, b = blockIdx.x / a.Hkv;
+  const int c = static_cast<int>(blockIdx.x % a.chunks);
+  const int64_t hk = (blockIdx.x / a.chunks) % a.Hkv, b = blockIdx.x / (a.chunks * a.Hkv);
   const int64_t g = a.Hq / a.Hkv;
   int64_t s, e;
   a.span.get(b, a.T, s, e);
   int64_t i_after = e - (a.T - a.Tq);
   i_after = i_after < 0 ? 0 : (i_after > a.Tq ? a.Tq : i_after);
   const bool on = a.imd && (a.imd_items == nullptr || a.imd_items[b]);
+  // this chunk's image keys [t0, t1) (of e - s; the span is per item, so the split is made here)
+  const int64_t len = (e - s + a.chunks - 1) / a.chunks, t0 = c * len, t1 = t0 + len < e - s ? t0 + len : e - s;
   __shared__ float red[kCmacThreads / 32];
   float dot = 0.0f;
-  if (on && e > s && i_after < a.Tq) {
+  if (on && t0 < t1 && i_after < a.Tq) {
+    const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + s * a.k_st;
+    const T* cb = a.kc != nullptr ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh : nullptr;
     for (int64_t d = threadIdx.x; d < a.D; d += blockDim.x) {
-      float kb = 0.0f, qs = 0.0f;
-      for (int64_t t = 0; t < e - s; ++t)
-        kb += a.kc != nullptr && t < a.N ? cmac_detail::ld(static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh + t * a.c_st + d)
-                              : cmac_detail::ld(static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + (s + t) * a.k_st + d);
+      float ks = 0.0f, qs = 0.0f;
+      for (int64_t t = t0; t < t1; ++t)  // coalesced across the threads (consecutive d)
+        ks += cmac_detail::ld(cb != nullptr && t < a.N ? cb + t * a.c_st + d : kb + t * a.k_st + d);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
         for (int64_t r = i_after; r < a.Tq; ++r)
           qs += cmac_detail::ld(static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + r * a.q_st + d);
-      dot += kb * qs;
+      dot += ks * qs;
     }
   }
   dot = cmac_detail::warp_sum(dot);
@@ -239,7 +288,10 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
   __shared__ float vs[KT][DMAX];
   const int64_t units = (a.Tq + QT - 1) / QT + 1;  // +1: the split at the span's end
   const int64_t u = blockIdx.x % units, h = (blockIdx.x / units) % a.Hq, b = blockIdx.x / (units * a.Hq);
-  const int64_t hk = h / (a.Hq / a.Hkv), D = a.D;
+  const int64_t hk = h / (a.Hq / a.Hkv);
+  const int D = static_cast<int>(a.D);
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  const int CPR = (D + VEC - 1) / VEC;  // 16-byte chunks per row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int64_t s, e;
   a.span.get(b, a.T, s, e);
@@ -258,16 +310,16 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
   if (i0 >= i1) return;  // the unused unit of this (b, h): uniform for the whole block
   const bool after = i0 >= i_after;
   const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
-  float mu_p = 0.0f;
-  if (use_imd) {
-    float tot = 0.0f;
-    for (int64_t j = 0; j < a.Hkv; ++j) tot += a.work[b * a.Hkv + j];
-    mu_p = a.scale * tot / static_cast<float>((a.Tq - i_after) * a.Hq);
-  }
-  for (int64_t idx = threadIdx.x; idx < QT * D; idx += blockDim.x) {
-    const int64_t r = idx / D, d = idx % D;
-    qs[r][d] = i0 + r < i1 ? cmac_detail::ld(static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_st + d)
-                           : 0.0f;
+  const float mu_p = use_imd ? cmac_detail::mu_p_of(a, b, a.Tq - i_after, lane) : 0.0f;
+  for (int idx = threadIdx.x; idx < QT * CPR; idx += blockDim.x) {
+    const int r = idx / CPR, d0 = (idx - r * CPR) * VEC;
+    float x[VEC];
+    if (i0 + r < i1)
+      cmac_detail::load_chunk<T, VEC>(static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_st, d0, D,
+                                      a.vec, x);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      if (d0 + e < D) qs[r][d0 + e] = i0 + r < i1 ? x[e] : 0.0f;
   }
   float m[RW], l[RW], im[RW], acc[RW][NC], vsum[NC];
 #pragma unroll
@@ -290,20 +342,29 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
     const bool cal = image && after && a.kc != nullptr;
     const bool tile_imd = use_imd && image;
     __syncthreads();  // the previous tile's readers are done (and qs is written, first time)
-    for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(n) * D; idx += blockDim.x) {
-      const int64_t j = idx / D, d = idx % D;
+    for (int idx = threadIdx.x; idx < n * CPR; idx += blockDim.x) {
+      const int j = idx / CPR, d0 = (idx - j * CPR) * VEC;
       // (j0 - s + j < N unless a device span disagrees with k_calibrated's N: then k, never out of bounds)
       const T* kp = cal && j0 - s + j < a.N
                         ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh + (j0 - s + j) * a.c_st
                         : static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + (j0 + j) * a.k_st;
-      ks[j][d] = cmac_detail::ld(kp + d);
-      vs[j][d] = cmac_detail::ld(static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh + (j0 + j) * a.v_st + d);
+      float kx[VEC], vx[VEC];
+      cmac_detail::load_chunk<T, VEC>(kp, d0, D, a.vec, kx);
+      cmac_detail::load_chunk<T, VEC>(static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh + (j0 + j) * a.v_st, d0, D,
+                                      a.vec, vx);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (d0 + e < D) {
+          ks[j][d0 + e] = kx[e];
+          vs[j][d0 + e] = vx[e];
+        }
+      }
     }
     __syncthreads();
     if (tile_imd) {
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
-        const int64_t d = lane + 32 * c;
+        const int d = lane + 32 * c;
         if (d < D)
           for (int j = 0; j < n; ++j) vsum[c] += vs[j][d];
       }
@@ -317,13 +378,14 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
       bool hit = false;
       if (lane < n) {
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += qs[row][d] * ks[lane][d];
+        for (int d = 0; d < D; ++d) dot += qs[row][d] * ks[lane][d];
         x = dot * a.scale;
         hit = tile_imd && x > mu_p;
         const int64_t j = j0 + lane;
         bool valid = !(a.causal && j > qpos);
-        if (a.mask_kind != 0 && valid) {
-          const float bias = cmac_detail::mask_at(a, b * a.m_sb + h * a.m_sh + i * a.m_si + j * a.m_sj, valid);
+        if (a.mask.kind != 0 && valid) {
+          const float bias = Mask::at(a.mask, b, h, i, j);
+          valid = bias != -INFINITY;
           x += bias;
         }
         if (!valid) x = -INFINITY;
@@ -345,7 +407,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
         const float pj = __shfl_sync(0xffffffffu, p, j);
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
-          const int64_t d = lane + 32 * c;
+          const int d = lane + 32 * c;
           if (d < D) acc[r][c] += pj * vs[j][d];
         }
       }
@@ -370,9 +432,201 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
     T* o = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.Tq + i) * D;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      const int64_t d = lane + 32 * c;
+      const int d = lane + 32 * c;
       if (d < D) o[d] = Num<T>::from_f((acc[r][c] + (use_imd ? im[r] * vsum[c] : 0.0f)) * inv);
     }
+  }
+}
+
+// Decode (Tq == 1; the query sits at position T - 1 and sees every key): flash-decoding. Block
+// (b, h, split) takes the keys [split * per, ...) of one query row; its 8 groups of 16 lanes (half
+// warps) each fold every 8th of them into their own online-softmax state, lane l16 owning the
+// 16-byte chunks c * 16 + l16 of q, of each key and value row and of the accumulators; a key's dot
+// product is a 4-step shuffle reduction inside the group. Rows are read once, with 16-byte loads
+// where pointers and strides allow (a.vec), and offsets inside the (b, kv head) planes are 32-bit
+// where the launcher found them to fit (I). The groups' states are merged in shared memory into the
+// block's record (m, l, IMD mass, P V accumulator, image value sum) in the workspace;
+// cmac_decode_merge_kernel merges the splits' records.
+template <class T, int DMAX, class I>
+__global__ void __launch_bounds__(kCmacThreads) cmac_decode_kernel(const CmacAttnArgs a) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  constexpr int NC = (DMAX + 16 * VEC - 1) / (16 * VEC);  // 16-byte chunks per lane
+  constexpr int G = kCmacThreads / 16;                     // key groups
+  __shared__ float sacc[G][DMAX];
+  __shared__ float svs[G][DMAX];
+  __shared__ float sst[G][3];
+  const int S = a.splits;
+  const int split = static_cast<int>(blockIdx.x % S);
+  const int64_t bh = blockIdx.x / S, h = bh % a.Hq, b = bh / a.Hq;
+  const int64_t hk = h / (a.Hq / a.Hkv);
+  const int D = static_cast<int>(a.D);
+  const int grp = threadIdx.x >> 4, l16 = threadIdx.x & 15, lane = threadIdx.x & 31;
+  int64_t s, e;
+  a.span.get(b, a.T, s, e);
+  const bool after = a.T - 1 >= e;
+  const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
+  const bool cal = after && a.kc != nullptr;
+  const float mu_p = use_imd ? cmac_detail::mu_p_of(a, b, 1, lane) : 0.0f;
+  const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const T* vb = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  const T* cb = cal ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh : nullptr;
+  const I kst = static_cast<I>(a.k_st), vst = static_cast<I>(a.v_st), cst = static_cast<I>(a.c_st);
+  float qf[NC][VEC], acc[NC][VEC], vsum[NC][VEC];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    cmac_detail::load_chunk<T, VEC>(static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh, (c * 16 + l16) * VEC, D,
+                                    a.vec, qf[c]);
+#pragma unroll
+    for (int x = 0; x < VEC; ++x) acc[c][x] = vsum[c][x] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f, im = 0.0f;
+  const int64_t per = (a.T + S - 1) / S, j_lo = split * per, j_hi = j_lo + per < a.T ? j_lo + per : a.T;
+  // The same number of rounds for every group (the shuffles need whole warps); key j_lo + r G + grp.
+  for (int64_t j0 = j_lo; j0 < j_hi; j0 += G) {
+    const int64_t j = j0 + grp;
+    const bool in = j < j_hi;
+    const bool image = in && j >= s && j < e;
+    float kf[NC][VEC], vf[NC][VEC];
+    if (in) {
+      // (j - s < N unless a device span disagrees with k_calibrated's N: then k, never out of bounds)
+      const T* kr = cal && image && j - s < a.N ? cb + static_cast<I>(j - s) * cst : kb + static_cast<I>(j) * kst;
+      const T* vr = vb + static_cast<I>(j) * vst;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        cmac_detail::load_chunk<T, VEC>(kr, (c * 16 + l16) * VEC, D, a.vec, kf[c]);
+        cmac_detail::load_chunk<T, VEC>(vr, (c * 16 + l16) * VEC, D, a.vec, vf[c]);
+      }
+    }
+    float dot = 0.0f;
+    if (in) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int x = 0; x < VEC; ++x) dot += qf[c][x] * kf[c][x];
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o, 16);
+    if (!in) continue;  // (after the shuffles: uniform in a group)
+    if (use_imd && image) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int x = 0; x < VEC; ++x) vsum[c][x] += vf[c][x];
+    }
+    float xv = dot * a.scale;
+    const bool hit = use_imd && image && xv > mu_p;
+    if (a.mask.kind != 0) {
+      const float bias = Mask::at(a.mask, b, h, 0, j);
+      xv = bias != -INFINITY ? xv + bias : -INFINITY;
+    }
+    // a nan logit counts as +inf in the max: the state turns nan and stays nan (softmax's rule)
+    const float m_new = fmaxf(m, xv == xv ? xv : INFINITY);
+    if (m_new == -INFINITY) continue;  // nothing taking part yet
+    const float alpha = __expf(m - m_new);
+    const float p = xv == -INFINITY ? 0.0f : __expf(xv - m_new);
+    const float ph = hit ? p : 0.0f;
+    l = l * alpha + p;
+    im = im * alpha + ph;
+    m = m_new;
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+      for (int x = 0; x < VEC; ++x) acc[c][x] = acc[c][x] * alpha + (p - ph) * vf[c][x];
+  }
+  // The groups' states into the block's record.
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+#pragma unroll
+    for (int x = 0; x < VEC; ++x) {
+      const int d = (c * 16 + l16) * VEC + x;
+      if (d < D) {
+        sacc[grp][d] = acc[c][x];
+        svs[grp][d] = vsum[c][x];
+      }
+    }
+  }
+  if (l16 == 0) {
+    sst[grp][0] = m;
+    sst[grp][1] = l;
+    sst[grp][2] = im;
+  }
+  __syncthreads();  // every group's state is in shared memory
+  float mb = -INFINITY;
+  for (int g = 0; g < G; ++g) mb = fmaxf(mb, sst[g][0]);
+  float w[G];
+  float lb = 0.0f, ib = 0.0f;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    w[g] = sst[g][0] == -INFINITY ? 0.0f : __expf(sst[g][0] - mb);  // an empty group weighs 0
+    lb += w[g] * sst[g][1];
+    ib += w[g] * sst[g][2];
+  }
+  float* rec = a.work + cmac_threshold_floats(a) + blockIdx.x * cmac_record_floats(a);
+  if (threadIdx.x == 0) {
+    rec[0] = mb;
+    rec[1] = lb;
+    rec[2] = ib;
+  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float ad = 0.0f, vd = 0.0f;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      ad += w[g] * sacc[g][d];
+      vd += svs[g][d];
+    }
+    rec[3 + d] = ad;
+    rec[3 + D + d] = vd;
+  }
+}
+
+// Decode: one block per (b, query head) merges the splits' records (fixed order) into the output:
+// (sum_s w_s acc_s + (sum_s w_s imd_s) mu_V) / sum_s w_s l_s, w_s = exp(m_s - max m); mu_V from
+// the splits' image value sums; zeros for a row without any key.
+template <class T>
+__global__ void __launch_bounds__(kCmacThreads) cmac_decode_merge_kernel(const CmacAttnArgs a) {
+  __shared__ float ws[kCmacMaxSplits];
+  __shared__ float vsh[kCmacMaxHeadDim];
+  __shared__ float red[kCmacThreads / 32];
+  const int64_t bh = blockIdx.x, b = bh / a.Hq;
+  const int S = a.splits, D = static_cast<int>(a.D);
+  const int64_t R = cmac_record_floats(a);
+  const float* rec = a.work + cmac_threshold_floats(a) + bh * S * R;
+  int64_t s, e;
+  a.span.get(b, a.T, s, e);
+  const bool use_imd = a.T - 1 >= e && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
+  float mx = -INFINITY;
+  for (int k = 0; k < S; ++k) mx = fmaxf(mx, rec[k * R]);
+  if (threadIdx.x < S) {
+    const float mk = rec[threadIdx.x * R];
+    ws[threadIdx.x] = mk == -INFINITY ? 0.0f : __expf(mk - mx);  // an empty split weighs 0
+  }
+  float vt = 0.0f;
+  if (use_imd) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float vd = 0.0f;
+      for (int k = 0; k < S; ++k) vd += rec[k * R + 3 + D + d];
+      vsh[d] = vd;
+      vt += vd;
+    }
+  }
+  vt = cmac_detail::warp_sum(vt);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = vt;
+  __syncthreads();  // the weights, value sums and warp partials are in shared memory
+  float lt = 0.0f, it = 0.0f;
+  for (int k = 0; k < S; ++k) {
+    lt += ws[k] * rec[k * R + 1];
+    it += ws[k] * rec[k * R + 2];
+  }
+  float vtot = 0.0f;
+  for (int w = 0; w < kCmacThreads / 32; ++w) vtot += red[w];
+  const float inv = lt == 0.0f ? 0.0f : 1.0f / lt;  // no key: 0; a nan state stays nan
+  const float inv_n = use_imd ? 1.0f / static_cast<float>(e - s) : 0.0f;
+  T* o = static_cast<T*>(a.out) + bh * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float ad = 0.0f;
+    for (int k = 0; k < S; ++k) ad += ws[k] * rec[k * R + 3 + d];
+    const float mu_v = a.vector_mean ? vsh[d] * inv_n : vtot * inv_n / static_cast<float>(D);
+    o[d] = Num<T>::from_f((ad + (use_imd ? it * mu_v : 0.0f)) * inv);
   }
 }
 
@@ -411,19 +665,68 @@ cudaError_t cmac_rope_launch(const CmacRopeArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+namespace cmac_detail {
+
+// 16-byte row loads: every row pointer 16-byte aligned (base pointers and element strides) and D a
+// multiple of the chunk.
 template <class T>
-cudaError_t cmac_attention_launch(const CmacAttnArgs& a, cudaStream_t stream) {
+inline bool vec_ok(const CmacAttnArgs& a) {
+  constexpr int64_t V = 16 / static_cast<int64_t>(sizeof(T));
+  const auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  bool ok = a.D % V == 0 && al(a.q) && al(a.k) && al(a.v) && (a.kc == nullptr || al(a.kc));
+  for (int64_t st : {a.q_sb, a.q_sh, a.q_st, a.k_sb, a.k_sh, a.k_st, a.v_sb, a.v_sh, a.v_st}) ok = ok && st % V == 0;
+  if (a.kc != nullptr)
+    for (int64_t st : {a.c_sb, a.c_sh, a.c_st}) ok = ok && st % V == 0;
+  return ok;
+}
+
+// The decode kernel's row offsets inside a (b, kv head) plane fit in 32 bits.
+inline bool offsets_fit_32(const CmacAttnArgs& a) {
+  const int64_t lim = 0x7fffffff - a.D;
+  const auto fits = [&](int64_t rows, int64_t st) { return st >= 0 && (rows == 0 || st <= lim / rows); };
+  return fits(a.T, a.k_st) && fits(a.T, a.v_st) && (a.kc == nullptr || fits(a.N, a.c_st));
+}
+
+template <class T, int DMAX>
+cudaError_t launch_decode(const CmacAttnArgs& a, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(a.B * a.Hq * a.splits);
+  if (offsets_fit_32(a))
+    cmac_decode_kernel<T, DMAX, int32_t><<<dim3(blocks), dim3(kCmacThreads), kCmacDynamicSmemBytes, stream>>>(a);
+  else
+    cmac_decode_kernel<T, DMAX, int64_t><<<dim3(blocks), dim3(kCmacThreads), kCmacDynamicSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace cmac_detail
+
+// Host entry point: the IMD threshold (when IMD is on), then for a single query row (decode) the
+// split kernel and the merge, else the query-tile kernel. All on `stream`, no synchronisation.
+template <class T>
+cudaError_t cmac_attention_launch(const CmacAttnArgs& args, cudaStream_t stream) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "cmac_attention_launch: T must be float, __half or __nv_bfloat16");
-  if (a.B * a.Hq * a.Tq == 0) return cudaSuccess;
-  if (a.D > kCmacMaxHeadDim || a.Hkv < 1 || a.Hq % a.Hkv != 0) return cudaErrorInvalidValue;
+  if (args.B * args.Hq * args.Tq == 0) return cudaSuccess;
+  if (args.D > kCmacMaxHeadDim || args.Hkv < 1 || args.Hq % args.Hkv != 0) return cudaErrorInvalidValue;
+  CmacAttnArgs a = args;
+  a.vec = cmac_detail::vec_ok<T>(a) ? 1 : 0;
+  const bool decode = a.Tq == 1;
+  if ((a.imd || decode) && a.work == nullptr) return cudaErrorInvalidValue;
   if (a.imd) {
-    const int64_t blocks = a.B * a.Hkv;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+    const int64_t blocks = a.B * a.Hkv * a.chunks;
+    if (a.chunks < 1 || a.chunks > kCmacMaxChunks || blocks > 0x7fffffff) return cudaErrorInvalidValue;
     cmac_threshold_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
                                stream>>>(a);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+  }
+  if (decode) {
+    if (a.splits < 1 || a.splits > kCmacMaxSplits || a.B * a.Hq * a.splits > 0x7fffffff) return cudaErrorInvalidValue;
+    const cudaError_t err = a.D <= 128 ? cmac_detail::launch_decode<T, 128>(a, stream)
+                                       : cmac_detail::launch_decode<T, 256>(a, stream);
+    if (err != cudaSuccess) return err;
+    cmac_decode_merge_kernel<T><<<dim3(static_cast<unsigned>(a.B * a.Hq)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
+                                  stream>>>(a);
+    return cudaGetLastError();
   }
   if (a.D <= 128) {
     constexpr int QT = cmac_detail::Cfg<128>::QT;
@@ -489,10 +792,12 @@ inline CmacRopeArgs cmac_rope_pack(const View& k, const View& out, CmacSpan span
 }
 
 // cmac_attention: q [B, Hq, Tq, D], k, v [B, Hkv, T, D], calibrated keys [B, Hkv, N, D] or absent,
-// out [B, Hq, Tq, D], the span and the mask's view; `work` ([B * Hkv] floats with IMD) is the caller's.
+// out [B, Hq, Tq, D], the span, the mask's view and the decode splits (cmac_attention_splits; read
+// when Tq == 1); `work` (cmac_attention_workspace_floats) is the caller's.
 inline CmacAttnArgs cmac_attention_pack(const View& q, const View& k, const View& v, const View& k_cal,
                                         const View& out, CmacSpan span, const MaskView& m, int imd,
-                                        const bool* imd_items, int vector_mean, float scale, int causal) {
+                                        const bool* imd_items, int vector_mean, float scale, int causal,
+                                        int splits) {
   CmacAttnArgs a{};
   a.q = q.data;
   a.q_sb = q.stride(0);
@@ -515,12 +820,7 @@ inline CmacAttnArgs cmac_attention_pack(const View& q, const View& k, const View
   }
   a.out = out.data;
   a.span = span;
-  a.mask = m.data;
-  a.mask_kind = m.kind;
-  a.m_sb = m.sb;
-  a.m_sh = m.sh;
-  a.m_si = m.si;
-  a.m_sj = m.st;
+  a.mask = m;
   a.imd = imd;
   a.imd_items = imd_items;
   a.vector_mean = vector_mean;
@@ -532,6 +832,16 @@ inline CmacAttnArgs cmac_attention_pack(const View& q, const View& k, const View
   a.D = q.size(3);
   a.Hkv = k.size(1);
   a.T = k.size(2);
+  a.splits = splits;
+  // IMD threshold chunks from the image size known here (per-item spans live on the device: up to T)
+  int64_t img = a.T;
+  if (span.spans == nullptr) {
+    int64_t s0, e0;
+    span.get(0, a.T, s0, e0);
+    img = e0 - s0;
+  }
+  const int64_t chunks = (img + kCmacChunkKeys - 1) / kCmacChunkKeys;
+  a.chunks = static_cast<int>(chunks < 1 ? 1 : (chunks > kCmacMaxChunks ? kCmacMaxChunks : chunks));
   return a;
 }
 

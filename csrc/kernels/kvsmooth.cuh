@@ -71,9 +71,7 @@ struct KvsmoothArgs {
   int64_t k_sb, k_sh, k_st;
   void* v;        // [B, Hkv, T, D] (step) or nullptr
   int64_t v_sb, v_sh, v_st;
-  const void* mask;  // key mask, element (b, t) at mask + b * m_sb + t * m_st, or nullptr
-  int mask_kind;     // 0 none, 1 bool (true = attend), 2/3/4 additive float32/float16/bfloat16
-  int64_t m_sb, m_st;
+  MaskView mask;     // key mask [B, 1, 1, T] (kind 0: none), read at (b, 0, 0, t)
   float* queue;      // [B, M] float32 (step) or nullptr
   int64_t qu_sb, qu_sm, M;
   float* lam;        // [B] (step)
@@ -110,22 +108,6 @@ inline int64_t kvsmooth_workspace_floats(const KvsmoothArgs& a) { return a.B * a
 namespace kvs_detail {
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
-
-// The mask's value at (b, t): the additive bias, -inf where the position takes no part.
-__device__ __forceinline__ float mask_bias(const KvsmoothArgs& a, int64_t b, int64_t t) {
-  if (a.mask_kind == 0) return 0.0f;
-  const int64_t off = b * a.m_sb + t * a.m_st;
-  switch (a.mask_kind) {
-    case 1:
-      return static_cast<const bool*>(a.mask)[off] ? 0.0f : neg_inf();
-    case 2:
-      return static_cast<const float*>(a.mask)[off];
-    case 3:
-      return __half2float(static_cast<const __half*>(a.mask)[off]);
-    default:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(a.mask)[off]);
-  }
-}
 
 // 16 bytes at p (16-byte aligned) as VEC floats.
 template <class T>
@@ -246,7 +228,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
       float x[CPL][VEC];
       float bias = neg_inf();
       if (in) {
-        bias = mask_bias(a, b, t);
+        bias = Mask::at(a.mask, b, 0, 0, t);
         const T* krow = kbase + t * a.k_st;
 #pragma unroll
         for (int c = 0; c < CPL; ++c) {
@@ -358,7 +340,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     lam = fminf(fmaxf(lam, a.lam_lo), a.lam_hi);
     lam = fminf(fmaxf(lam, 0.0f), 1.0f);
     if (z != z) lam = z;  // no rank (fminf / fmaxf would drop the nan)
-    if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;
+    if (a.T < 2 || !(Mask::at(a.mask, b, 0, 0, a.T - 2) > neg_inf())) lam = 0.0f;
     a.lam[b] = lam;
     s_lam = lam;
   }
@@ -411,7 +393,7 @@ cudaError_t kvsmooth_launch(const KvsmoothArgs& a, cudaStream_t stream) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "kvsmooth_launch: T must be float, __half or __nv_bfloat16");
   if (a.B < 0 || a.Hq < 0 || a.Hkv < 1 || a.T < 1 || a.D < 0 || a.D > kKvsmoothMaxHeadDim) return cudaErrorInvalidValue;
-  if (a.Hq % a.Hkv != 0 || a.splits < 1 || (a.mask_kind != 0 && a.mask == nullptr)) return cudaErrorInvalidValue;
+  if (a.Hq % a.Hkv != 0 || a.splits < 1 || (a.mask.kind != 0 && a.mask.data == nullptr)) return cudaErrorInvalidValue;
   if (a.Hq > 0x3fffffff || 2 * a.Hkv * a.D > 0x7fffffff) return cudaErrorInvalidValue;  // 32-bit head indices
   if ((a.entropy == nullptr) == (a.queue == nullptr)) return cudaErrorInvalidValue;
   if (a.queue != nullptr && (a.M < 1 || a.lam == nullptr || a.v == nullptr)) return cudaErrorInvalidValue;
@@ -439,10 +421,7 @@ inline KvsmoothArgs kvsmooth_pack(const View& q, const View& k, const MaskView& 
   a.k_sb = k.stride(0);
   a.k_sh = k.stride(1);
   a.k_st = k.stride(2);
-  a.mask = m.data;
-  a.mask_kind = m.kind;
-  a.m_sb = m.sb;
-  a.m_st = m.st;
+  a.mask = m;
   a.B = q.size(0);
   a.Hq = q.size(1);
   a.D = q.size(3);

@@ -38,6 +38,14 @@ struct Num<__nv_bfloat16> {
   }
 };
 
+// The kernels' reader of a MaskView (view.h): Mask::at(m, b, h, i, t), or Mask::value<K> with the
+// kind tested outside a loop (with_mask_kind).
+struct DeviceBits {
+  static __device__ __forceinline__ float f16(uint16_t bits) { return Num<__half>::bits_to_f(bits); }
+  static __device__ __forceinline__ float bf16(uint16_t bits) { return Num<__nv_bfloat16>::bits_to_f(bits); }
+};
+using Mask = MaskRead<DeviceBits>;
+
 // Runs f(T{}) with T the element type of a float dtype (float, __half, __nv_bfloat16) and returns
 // its cudaError_t; cudaErrorInvalidValue for any other dtype. The one dtype dispatch of the CUDA
 // launchers, shared by csrc/cuda/*.cu and the emulator's shims.

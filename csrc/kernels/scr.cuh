@@ -62,9 +62,7 @@ struct ScrScoresArgs {
   int64_t q_sb, q_sh, q_si;
   const void* k;  // [B, Hkv, T, D]
   int64_t k_sb, k_sh, k_st;
-  const void* mask;  // element (b, h, i, t) at mask + b * m_sb + h * m_sh + i * m_si + t * m_st, or nullptr
-  int mask_kind;     // 0 none, 1 bool (true = attend), 2/3/4 additive float32/float16/bfloat16
-  int64_t m_sb, m_sh, m_si, m_st;
+  MaskView mask;     // [B, Hq, Tq, T] broadcast (kind 0: none)
   float* scores;     // [B, N] contiguous float32
   float* work;       // scr_scores_workspace_floats(*this) floats
   int64_t B, Hq, Hkv, Tq, T, D, start, N;
@@ -101,27 +99,11 @@ namespace scr_detail {
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
-// Additive value of the mask at (b, h, i, t); -inf where the key takes no part.
-__device__ __forceinline__ float mask_bias(const ScrScoresArgs& a, int64_t b, int64_t h, int64_t i, int64_t t) {
-  if (a.mask_kind == 0) return 0.0f;
-  const int64_t off = b * a.m_sb + h * a.m_sh + i * a.m_si + t * a.m_st;
-  switch (a.mask_kind) {
-    case 1:
-      return static_cast<const bool*>(a.mask)[off] ? 0.0f : neg_inf();
-    case 2:
-      return static_cast<const float*>(a.mask)[off];
-    case 3:
-      return __half2float(static_cast<const __half*>(a.mask)[off]);
-    default:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(a.mask)[off]);
-  }
-}
-
 // Logit of row i and key t (x = dot * scale + mask), -inf where the key takes no part or the
 // (row, key) pair is outside the problem.
 __device__ __forceinline__ float logit(const ScrScoresArgs& a, int64_t b, int64_t h, int64_t i, int64_t t, float dot) {
   if (i >= a.Tq || t >= a.T || (a.causal && t > a.T - a.Tq + i)) return neg_inf();
-  const float bias = mask_bias(a, b, h, i, t);
+  const float bias = Mask::at(a.mask, b, h, i, t);
   return bias == neg_inf() ? neg_inf() : dot * a.scale + bias;
 }
 
@@ -387,12 +369,7 @@ inline ScrScoresArgs scr_scores_pack(const View& q, const View& k, const MaskVie
   a.k_sb = k.stride(0);
   a.k_sh = k.stride(1);
   a.k_st = k.stride(2);
-  a.mask = m.data;
-  a.mask_kind = m.kind;
-  a.m_sb = m.sb;
-  a.m_sh = m.sh;
-  a.m_si = m.si;
-  a.m_st = m.st;
+  a.mask = m;
   a.scores = static_cast<float*>(scores.data);
   a.B = q.size(0);
   a.Hq = q.size(1);

@@ -49,6 +49,7 @@ BAND = "csrc/kernels/dscr_banded.cuh"
 BAND_TESTS = "tests/emu/test_emu_dscr_banded.py"
 CMAC = "csrc/kernels/cmac.cuh"
 CMAC_TESTS = "tests/emu/test_emu_cmac.py"
+VIEW = "csrc/kernels/view.h"
 
 MUTATIONS = [
     Mutation("barrier removed: before a tile's copy (previous tile still being read)", DSCR,
@@ -95,12 +96,12 @@ MUTATIONS = [
              "    __syncthreads();\n\n    float m[GP], l[GP], u[GP];", "\n    float m[GP], l[GP], u[GP];", KVS_TESTS),
     Mutation("kvsmooth: barrier removed before the row groups' states are merged", KVS,
              "    __syncthreads();\n    if (tid < gn) {", "    if (tid < gn) {", KVS_TESTS),
-    Mutation("kvsmooth: mask ignored", KVS, "bias = mask_bias(a, b, t);", "bias = 0.0f;", KVS_TESTS),
+    Mutation("kvsmooth: mask ignored", KVS, "bias = Mask::at(a.mask, b, 0, 0, t);", "bias = 0.0f;", KVS_TESTS),
     Mutation("kvsmooth: every split writes the first split's slot", KVS,
              "((b * a.Hq + h * g + h0 + tid) * S + split) * 3", "((b * a.Hq + h * g + h0 + tid) * S) * 3", KVS_TESTS),
     Mutation("kvsmooth: logit scale dropped", KVS, "dot[j] * a.scale + bias", "dot[j] + bias", KVS_TESTS),
     Mutation("kvsmooth: EMA not skipped when position T - 2 is masked", KVS,
-             "if (a.T < 2 || !(mask_bias(a, b, a.T - 2) > neg_inf())) lam = 0.0f;", "if (a.T < 2) lam = 0.0f;",
+             "if (a.T < 2 || !(Mask::at(a.mask, b, 0, 0, a.T - 2) > neg_inf())) lam = 0.0f;", "if (a.T < 2) lam = 0.0f;",
              KVS_TESTS),
     Mutation("kvsmooth: rank counts the entries strictly below z (#{< z}: ties and z itself left out)", KVS,
              "k += row[i * a.qu_sm] <= z ? 1 : 0;", "k += row[i * a.qu_sm] < z ? 1 : 0;", KVS_TESTS),
@@ -193,6 +194,11 @@ MUTATIONS = [
              "ok = tok[i] >= 0 && tok[i] + c <= Gi;", "ok = true;", BAND_TESTS),
     Mutation("banded: keep rule (cinv == 0) not applied", BAND,
              "ci != 0.0f ? Num<T>::from_f", "true ? Num<T>::from_f", BAND_TESTS),
+    # the mask reader every kernel uses (view.h), caught by the CMAC tests (bool and per-row masks)
+    Mutation("mask reader: a bool mask read inverted", VIEW, "[off] ? 0.0f : -INFINITY", "[off] ? -INFINITY : 0.0f",
+             CMAC_TESTS),
+    Mutation("mask reader: the row stride ignored", VIEW, "h * m.sh + i * m.si + t * m.st", "h * m.sh + t * m.st",
+             CMAC_TESTS),
     # CMAC (cmac.cuh)
     Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
              "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
@@ -208,13 +214,37 @@ MUTATIONS = [
     Mutation("cmac: causal mask dropped", CMAC, "bool valid = !(a.causal && j > qpos);", "bool valid = true;",
              CMAC_TESTS),
     Mutation("cmac: threshold averaged over every query row", CMAC,
-             "static_cast<float>((a.Tq - i_after) * a.Hq)", "static_cast<float>(a.Tq * a.Hq)", CMAC_TESTS),
+             "cmac_detail::mu_p_of(a, b, a.Tq - i_after, lane)", "cmac_detail::mu_p_of(a, b, a.Tq, lane)", CMAC_TESTS),
     Mutation("cmac: contrastive row max skips nan (a row with a nan logit keeps its other tokens)", CMAC,
              "mx = fmaxf(mx, x == x ? x : INFINITY);", "mx = fmaxf(mx, x);", CMAC_TESTS),
     Mutation("cmac: attention row max skips nan (a row of nan logits comes out 0)", CMAC,
              "cmac_detail::warp_max(x == x ? x : INFINITY)", "cmac_detail::warp_max(x)", CMAC_TESTS),
     Mutation("cmac: image-value mean term dropped", CMAC,
              "(acc[r][c] + (use_imd ? im[r] * vsum[c] : 0.0f)) * inv", "acc[r][c] * inv", CMAC_TESTS),
+    Mutation("cmac decode: barrier removed before the key groups' states are merged", CMAC,
+             "__syncthreads();  // every group's state is in shared memory", "//", CMAC_TESTS),
+    Mutation("cmac decode: merge barrier removed before the split weights are read", CMAC,
+             "__syncthreads();  // the weights, value sums and warp partials are in shared memory", "//", CMAC_TESTS),
+    Mutation("cmac decode: every split takes the first split's keys", CMAC,
+             "j_lo = split * per,", "j_lo = 0 * per,", CMAC_TESTS),
+    Mutation("cmac decode: key groups merged without rescaling to the block max", CMAC,
+             "w[g] = sst[g][0] == -INFINITY ? 0.0f : __expf(sst[g][0] - mb);",
+             "w[g] = sst[g][0] == -INFINITY ? 0.0f : 1.0f;", CMAC_TESTS),
+    Mutation("cmac decode: an empty split not weighed 0 (a row without keys turns nan)", CMAC,
+             "ws[threadIdx.x] = mk == -INFINITY ? 0.0f : __expf(mk - mx);", "ws[threadIdx.x] = __expf(mk - mx);",
+             CMAC_TESTS),
+    Mutation("cmac decode: the group's dot-product reduction skips a step", CMAC,
+             "for (int o = 8; o > 0; o >>= 1) dot +=", "for (int o = 4; o > 0; o >>= 1) dot +=", CMAC_TESTS),
+    Mutation("cmac decode: image value sum takes every key", CMAC,
+             "    if (use_imd && image) {\n#pragma unroll\n      for (int c = 0; c < NC; ++c)",
+             "    if (use_imd) {\n#pragma unroll\n      for (int c = 0; c < NC; ++c)", CMAC_TESTS),
+    Mutation("cmac decode: row max skips nan (a nan row comes out finite)", CMAC,
+             "fmaxf(m, xv == xv ? xv : INFINITY)", "fmaxf(m, xv)", CMAC_TESTS),
+    Mutation("cmac: 16-byte loads unpack the two halves of a word swapped", CMAC,
+             "out[2 * e] = Num<T>::bits_to_f(static_cast<uint16_t>(u[e] & 0xffffu));",
+             "out[2 * e] = Num<T>::bits_to_f(static_cast<uint16_t>(u[e] >> 16));", CMAC_TESTS),
+    Mutation("cmac threshold: every chunk sums the first chunk's image keys", CMAC,
+             "t0 = c * len,", "t0 = 0 * len,", CMAC_TESTS),
 ]
 
 

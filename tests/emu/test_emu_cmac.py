@@ -7,7 +7,9 @@ before every launch, so an unwritten element fails. Shapes are small (every CUDA
 fiber) but cover every code path: both tile configurations (D <= 128 and D up to 256), query tiles
 split at the image's end, key tiles cut at the span's edges, GQA, causal with a cache offset
 (prefill, a chunk, single-token decode), per-item spans from a device tensor, bool / additive masks
-with broadcast strides, per-item IMD flags, both mu_V variants, multi-section RoPE positions.
+with broadcast strides, per-item IMD flags, both mu_V variants, multi-section RoPE positions; the
+decode path (one query row: keys split across blocks and key groups, then merged) with several
+split counts, T not a multiple of the groups or splits, 16-byte and element-wise loads.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def test_rope_calibrate(cm, dtype):
 
 
 def _attention(cm, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, causal=True, imd=False,
-               value_mean="scalar"):
+               value_mean="scalar", splits=3):
     B, Hq, Tq, D = q.shape
     out = torch.full((B, Hq, Tq, D), NAN, dtype=q.dtype)
     spans = span if isinstance(span, torch.Tensor) else None
@@ -82,12 +84,13 @@ def _attention(cm, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, c
     items = imd if isinstance(imd, torch.Tensor) else None
     m = None if mask is None else mask.expand(B, Hq, Tq, k.shape[2])
     cm.cmac_attention(q, k, v, k_calibrated, out, spans, s, e, m, int(items is not None or bool(imd)), items,
-                      int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal))
+                      int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal),
+                      splits)
     return out
 
 
-def _check(cm, q, k, v, span, **kw):
-    out = _attention(cm, q, k, v, span, **kw)
+def _check(cm, q, k, v, span, splits=3, **kw):
+    out = _attention(cm, q, k, v, span, splits=splits, **kw)
     kd = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()}
     truth = R.cmac_attention(q.double(), k.double(), v.double(), span, **kd)
     ref = R.cmac_attention(q, k, v, span, **kw)
@@ -108,6 +111,7 @@ def test_attention(cm, D, dtype):
         _check(cm, q, k, v, span, k_calibrated=kc, imd=True, value_mean=("scalar", "vector")[i % 2])
         if i == 0:
             _check(cm, q, k, v, span, k_calibrated=kc)
+            _check(cm, q, _unaligned(k), v, span, k_calibrated=kc, imd=True)  # element-wise tile loads
 
 
 def test_attention_padding_per_item_spans_and_flags(cm):
@@ -196,3 +200,79 @@ def test_attention_inf_only_visible_key(cm):
         assert torch.equal(out.isnan(), want.isnan())
         fin = torch.isfinite(want)
         torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-5, rtol=1e-5)
+
+
+def _unaligned(x):
+    """x with the same values, its rows one element off a 16-byte boundary (the kernels' element-wise loads)."""
+    B, H, T, D = x.shape
+    return torch.cat([torch.zeros(B, H, T, 1, dtype=x.dtype), x], -1)[..., 1:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 160])
+def test_attention_decode_splits(cm, D, dtype):
+    """Decode (one query row): the keys split across blocks (1, several, more splits than keys per
+    split allow: empty splits) and across the 8 key groups of a block, T not a multiple of either,
+    merged; calibrated image keys, IMD (both mu_V variants), GQA, strided v, 16-byte and
+    element-wise loads."""
+    B, Hq, Hkv = 2, 4, 2
+    inv = _inv_freq(D)
+    for T, span, splits in [(45, (6, 40), 1), (45, (6, 40), 3), (37, (0, 29), 7), (29, (3, 20), 64), (9, (2, 7), 5)]:
+        q = torch.randn(B, Hq, 1, D).to(dtype)
+        k = torch.randn(B, Hkv, T, D).to(dtype)
+        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
+        kc = R.rope_calibrate(k.float(), span, inv, gamma=3.0).to(dtype)
+        for i, vm in enumerate(("scalar", "vector")):
+            kk = k if i == 0 else _unaligned(k)
+            _check(cm, q, kk, v, span, splits=splits, k_calibrated=kc, imd=True, value_mean=vm)
+        _check(cm, q, k, v, span, splits=splits, k_calibrated=kc)
+        _check(cm, q, k, v, span, splits=splits, imd=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_decode_masks_spans_and_flags(cm, dtype):
+    """Decode with bool / additive masks (float32, float16, bfloat16; per item, per head), per-item
+    device spans and IMD flags, an image ending the sequence (the query inside it: no IMD, no
+    calibration) and a non-causal call."""
+    B, Hq, Hkv, T, D, N = 3, 4, 1, 50, 32, 16
+    pad = torch.tensor([0, 3, 9])
+    valid = torch.arange(T)[None] >= pad[:, None]
+    spans = torch.stack([pad + 4, pad + 4 + N], 1)
+    q = torch.randn(B, Hq, 1, D).to(dtype)
+    k, v = torch.randn(B, Hkv, T, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
+    pos = (torch.arange(T)[None] - pad[:, None]).clamp(min=0)
+    kc = R.rope_calibrate(k.float(), spans, _inv_freq(D), gamma=2.0, positions=pos, num_tokens=N).to(dtype)
+    flags = torch.tensor([True, False, True])
+    for splits in (1, 4):
+        _check(cm, q, k, v, spans, splits=splits, k_calibrated=kc, mask=valid[:, None, None, :], imd=flags)
+        for mdt in (torch.float32, torch.float16, torch.bfloat16):
+            additive = torch.where(valid, 0.0, -math.inf)[:, None, None, :].to(mdt)
+            _check(cm, q, k, v, spans, splits=splits, k_calibrated=kc, mask=additive, imd=True, value_mean="vector")
+        per_head = torch.randn(1, Hq, 1, T).to(dtype)  # finite additive mask, broadcast over items
+        _check(cm, q, k, v, spans, splits=splits, mask=per_head, causal=False, imd=True, scale=0.4)
+        _check(cm, q, k, v, (30, T), splits=splits, k_calibrated=kc[:, :, :T - 30].contiguous(), imd=True)
+
+
+def test_attention_decode_nonfinite_rule(cm):
+    """Decode, the non-finite rule across splits and key groups: a nan query row is nan, a +inf
+    logit (a key of +inf, or +inf in an additive mask) makes its row nan, whichever split holds it;
+    an inf value reaches the dims of the rows that see it; a fully masked row is 0."""
+    B, Hq, Hkv, T, D = 3, 2, 1, 40, 16
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    q[0, 0] = NAN
+    k[1, 0, 30] = 0.0
+    k[1, 0, 30, 0] = math.inf
+    v[0, 0, 1, 3] = math.inf  # before the image
+    mask = torch.zeros(B, 1, 1, T)
+    mask[2, :, :, 12] = math.inf
+    for splits in (1, 3, 8):
+        for imd in (False, True):
+            out = _attention(cm, q, k, v, (3, 21), imd=imd, mask=mask, splits=splits)
+            want = R.cmac_attention(q.double(), k.double(), v.double(), (3, 21), imd=imd, mask=mask.double())
+            assert out[0, 0].isnan().all() and out[2].isnan().all()
+            assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+            fin = torch.isfinite(want)
+            torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-5, rtol=1e-5)
+    none = torch.zeros(1, 1, 1, T, dtype=torch.bool)
+    out = _attention(cm, q[1:2], k[1:2], v[1:2], (3, 21), mask=none, imd=True, splits=4)
+    assert torch.equal(out, torch.zeros_like(out))
