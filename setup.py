@@ -69,7 +69,7 @@ if not use_cuda:
         warnings.warn(f"kvfix: building the CPU kernels only: {reason}")
 
 os.chdir(ROOT)  # the source globs below are relative to the project
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 # -fopenmp: at::parallel_for is a header template; without it our own loops run on one thread.
 cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]

@@ -1,4 +1,7 @@
-// Declarations shared by csrc/ops.cpp and the per-device implementations.
+// Declarations shared by the op files (csrc/ops/<method>.cpp: schemas, checks, Meta kernels, CPU
+// registrations) and the per-device implementations: each method's checks (defined in its op
+// file, called by its CPU, CUDA and Meta kernels) and its CPU kernels (csrc/cpu, registered by the
+// op file). The CUDA kernels (csrc/cuda/<method>.cu) register themselves and need no declaration.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,8 +34,8 @@ struct DscrCoefs {
 };
 
 // Every check of dscr_refine (keys = {k}, values = {} or {v}, cache = false) and dscr_refine_cache_
-// (one tensor per layer, cache = true), stated once (csrc/ops.cpp) and run by the CPU, CUDA and
-// Meta kernels: ValueError / TypeError naming the argument. Returns the coefficients.
+// (one tensor per layer, cache = true), stated once (csrc/ops/dscr.cpp) and run by the CPU,
+// CUDA and Meta kernels: ValueError / TypeError naming the argument. Returns the coefficients.
 // depth: float32 [Bd, N], coords: float32 [Bd, N, 2], both contiguous, Bd in {1, B}.
 DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
                      const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta);
@@ -49,22 +52,13 @@ void dscr_refine_cache_cpu(at::TensorList keys, at::TensorList values, const at:
                            const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
                            double beta);
 
-#ifdef KVFIX_WITH_CUDA
-std::vector<at::Tensor> dscr_refine_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                         const at::Tensor& depth, const at::Tensor& coords,
-                                         double sigma_d, double sigma_s, double alpha, double beta);
-void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
-                            const at::Tensor& coords, double sigma_d, double sigma_s, double alpha,
-                            double beta);
-#endif
-
 
 // ---------------------------------------------------------------------------------------------
 // KVSmooth (METHODS §2): row entropy of a single-token query and the fused decoding step.
 
-// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops.cpp). q [B, Hq, 1, D],
-// k [B, Hkv, T, D] (Hq % Hkv == 0, T >= 1), v like k or null, queue float32 [B, M >= 1] or null,
-// mask broadcastable to [B, 1, 1, T]. Returns the mask view the kernels read.
+// Every check of the KVSmooth ops, shared by the CPU, CUDA and Meta kernels (csrc/ops/kvsmooth.cpp).
+// q [B, Hq, 1, D], k [B, Hkv, T, D] (Hq % Hkv == 0, T >= 1), v like k or null, queue float32
+// [B, M >= 1] or null, mask broadcastable to [B, 1, 1, T]. Returns the mask view the kernels read.
 MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask);
 // The logit scale (default 1 / sqrt(D)); lam_ref in [0, 1] and band >= 0, finite.
@@ -76,13 +70,6 @@ at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::option
 at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& queue, std::optional<double> scale,
                              const std::optional<at::Tensor>& mask, double lam_ref, double band);
-#ifdef KVFIX_WITH_CUDA
-at::Tensor row_entropy_cuda(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
-                            const std::optional<at::Tensor>& mask);
-at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& queue, std::optional<double> scale,
-                              const std::optional<at::Tensor>& mask, double lam_ref, double band);
-#endif
 
 }  // namespace kvfix
 
@@ -96,7 +83,7 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 namespace kvfix {
 
 // Every check of dscr_refine_factored (keys = {k}, values = {} or {v}, cache = false) and
-// dscr_refine_factored_cache_ (one tensor per layer, cache = true), stated once (csrc/ops.cpp) and
+// dscr_refine_factored_cache_ (one tensor per layer, cache = true), stated once (csrc/ops/dscr.cpp) and
 // run by the CPU, CUDA and Meta kernels: ValueError / TypeError naming the argument. Returns every
 // tensor to refine as one flat list (each layer's key, then its value).
 std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
@@ -138,15 +125,6 @@ void dscr_refine_banded_cache_cpu(at::TensorList keys, at::TensorList values, co
                                   const at::Tensor& row_lo, const at::Tensor& tvals, const at::Tensor& node_off,
                                   const at::Tensor& cinv, const at::Tensor& band, int64_t gh);
 
-#ifdef KVFIX_WITH_CUDA
-std::vector<at::Tensor> dscr_refine_factored_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                                  const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
-                                                  const at::Tensor& lc, const at::Tensor& rc, double coef_d,
-                                                  int64_t rank_d);
-void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
-                                     const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                     const at::Tensor& rc, double coef_d, int64_t rank_d);
-#endif
 
 }  // namespace kvfix
 
@@ -156,7 +134,7 @@ void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values,
 
 namespace kvfix {
 
-// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops.cpp). q [B, Hq, Tq, D],
+// Every check of the SCR ops, shared by the CPU, CUDA and Meta kernels (csrc/ops/scr.cpp). q [B, Hq, Tq, D],
 // k [B, Hkv, T, D] (same dtype, Hq % Hkv == 0, nothing empty), 0 <= start <= end <= T, causal
 // needs Tq <= T, mask broadcastable to [B, Hq, Tq, T]. Returns the mask view the kernels read.
 MaskView scr_scores_check(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
@@ -175,14 +153,6 @@ at::Tensor scr_redistribute_cpu(const at::Tensor& hidden, const at::Tensor& scor
                                 int64_t top_k, double lam, bool exclude_border);
 void scr_redistribute__cpu(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
                            int64_t top_k, double lam, bool exclude_border);
-#ifdef KVFIX_WITH_CUDA
-at::Tensor scr_scores_cuda(const at::Tensor& q, const at::Tensor& k, int64_t start, int64_t end,
-                           std::optional<double> scale, const std::optional<at::Tensor>& mask, bool causal);
-at::Tensor scr_redistribute_cuda(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
-                                 int64_t top_k, double lam, bool exclude_border);
-void scr_redistribute__cuda(const at::Tensor& hidden, const at::Tensor& scores, int64_t gh, int64_t gw,
-                            int64_t top_k, double lam, bool exclude_border);
-#endif
 
 }  // namespace kvfix
 
@@ -192,7 +162,7 @@ void scr_redistribute__cuda(const at::Tensor& hidden, const at::Tensor& scores, 
 
 namespace kvfix {
 
-// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops.cpp).
+// Every check of the CMAC ops, shared by the CPU, CUDA and Meta kernels (csrc/ops/cmac.cpp).
 void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
                      int64_t n, const at::Tensor& inv_freq, double gamma, const std::optional<at::Tensor>& positions,
                      at::OptionalIntArrayRef sections);
@@ -215,17 +185,5 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               const std::optional<at::Tensor>& mask, bool causal, bool imd,
                               const std::optional<at::Tensor>& imd_items, int64_t value_mean);
 at::Tensor contrastive_logits_cpu(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
-#ifdef KVFIX_WITH_CUDA
-at::Tensor rope_calibrate_cuda(const at::Tensor& k, int64_t start, int64_t end, const std::optional<at::Tensor>& spans,
-                               int64_t n, const at::Tensor& inv_freq, double gamma,
-                               const std::optional<at::Tensor>& positions,
-                               at::OptionalIntArrayRef sections);
-at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
-                               int64_t end, const std::optional<at::Tensor>& spans,
-                               const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
-                               const std::optional<at::Tensor>& mask, bool causal, bool imd,
-                               const std::optional<at::Tensor>& imd_items, int64_t value_mean);
-at::Tensor contrastive_logits_cuda(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
-#endif
 
 }  // namespace kvfix

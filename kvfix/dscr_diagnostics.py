@@ -15,7 +15,8 @@ import dataclasses
 
 import torch
 
-from .geometry import check_depth_scale, check_grid_unit, patch_coords, patch_depth
+from .dscr_structured import _check_params
+from .geometry import check_depth_scale, check_grid_form, check_grid_unit, patch_coords, patch_depth
 
 __all__ = ["DscrWeightStats", "dscr_weight_stats", "dscr_weight_map_png"]
 
@@ -82,12 +83,11 @@ def _region_mask(region, N: int) -> torch.Tensor | None:
 
 def _weights(gh, gw, depth, sigma_d, sigma_s, alpha, beta, grid_unit, depth_scale):
     """(per-token depth [N], w [N, N]) in float64, exactly as the grid form of the op sees them."""
-    from .ops import _check_grid_form, _dscr_params
     from .reference import dscr_weights
-    gh, gw = _check_grid_form((gh, gw))
+    gh, gw = check_grid_form((gh, gw))
     check_grid_unit(grid_unit)
     depth_scale = check_depth_scale(depth_scale)
-    sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
+    sd, ss, a, b = _check_params(sigma_d, sigma_s, alpha, beta, op="dscr_weight_stats")
     d = _token_depth(depth, gh, gw, depth_scale)
     coords = patch_coords(gh, gw, unit=grid_unit, dtype=torch.float64)
     return d, dscr_weights(d, coords, sigma_d=sd, sigma_s=ss, alpha=a, beta=b)[0]
@@ -150,8 +150,7 @@ def dscr_weight_map_png(path, gh: int, gw: int, depth: torch.Tensor, tokens, *, 
     except ImportError as e:
         raise ImportError('kvfix.dscr_weight_map_png needs matplotlib: pip install "kvfix[viz]" '
                           "(or pip install matplotlib)") from e
-    from .ops import _check_grid_form
-    gh, gw = _check_grid_form((gh, gw))
+    gh, gw = check_grid_form((gh, gw))
     N = gh * gw
     if isinstance(tokens, int) or (isinstance(tokens, tuple) and len(tokens) == 2 and
                                    all(isinstance(t, int) for t in tokens)):

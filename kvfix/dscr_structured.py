@@ -425,6 +425,37 @@ def dscr_plan(gh: int, gw: int, depth, *, sigma_d: float = 0.6, sigma_s: float =
     return _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device)[0]
 
 
+def _check_plan_depth(depth, gh: int, gw: int):
+    """dscr_plan's depth: a real tensor [N] / [B, N] (N = gh * gw, not meta), or a range >= 0."""
+    if isinstance(depth, torch.Tensor):
+        if not depth.is_floating_point():
+            raise TypeError(f"depth must be a floating-point tensor or a float range, got {depth.dtype}")
+        if not ((depth.dim() == 1 and depth.shape[0] == gh * gw) or (depth.dim() == 2 and depth.shape[1] == gh * gw)):
+            raise ValueError(f"depth must be [N] or [B, N] with N = gh * gw = {gh * gw}, got shape {tuple(depth.shape)}")
+        if depth.device.type == "meta":
+            raise ValueError("depth is a meta tensor: the plan reads the depth range on the host")
+        return depth
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)):
+        raise TypeError(f"depth must be a tensor or a float range max - min, got {type(depth).__name__}")
+    if not (math.isfinite(depth) and depth >= 0):
+        raise ValueError(f"depth as a range max - min must be finite and >= 0, got {depth}")
+    return float(depth)
+
+
+def _check_params(sigma_d, sigma_s, alpha, beta, op: str = "dscr_plan"):
+    """DSCR's parameters as floats (TypeError otherwise), their ranges checked by the ops' C++ check
+    (dscr_check_params): for the plan, kvfix.hf.DSCR's settings and the diagnostics; op names the
+    caller in the message."""
+    params = []
+    for name, x in (("sigma_d", sigma_d), ("sigma_s", sigma_s), ("alpha", alpha), ("beta", beta)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+        params.append(float(x))
+    from . import _C  # noqa: F401  (registers torch.ops.kvfix.*; imported here: tests/emu loads this file alone)
+    torch.ops.kvfix.dscr_check_params.default(op, *params)
+    return tuple(params)
+
+
 def _plan_checked(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device):
     """dscr_plan's checks, then (DscrPlan, BandedStructure on `device` or None): what the ops run."""
     plan, st = _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device)
@@ -433,16 +464,15 @@ def _plan_checked(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, g
 
 def _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, grid_unit, device):
     """dscr_plan's checks, then (DscrPlan, BandedStructure on the CPU or None), cached."""
-    from .geometry import check_grid_unit
-    from .ops import _check_grid_form, _check_plan_depth, _dscr_params
-    gh, gw = _check_grid_form((gh, gw))
+    from .geometry import check_grid_form, check_grid_unit  # (tests/emu loads this file alone)
+    gh, gw = check_grid_form((gh, gw))
     check_grid_unit(grid_unit)
     depth = _check_plan_depth(depth, gh, gw)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if dtype not in _TOL:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    sd, ss, a, b = _dscr_params(sigma_d, sigma_s, alpha, beta)
+    sd, ss, a, b = _check_params(sigma_d, sigma_s, alpha, beta)
     rng = _depth_range(depth)
     if not math.isfinite(rng):
         raise ValueError("depth has non-finite values (nan or inf)")

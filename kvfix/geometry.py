@@ -40,6 +40,17 @@ def _check_grid(gh, gw):
             raise ValueError(f"{name} must be a positive int, got {g!r}")
 
 
+def check_grid_form(coords) -> tuple[int, int]:
+    """(gh, gw) of the DSCR ops' grid form `coords=(gh, gw)`: two positive ints (numpy integers too);
+    a ValueError naming coords otherwise."""
+    if len(coords) != 2 or any(isinstance(g, (bool, torch.Tensor)) or not hasattr(g, "__index__") for g in coords):
+        raise ValueError(f"coords as a grid must be (gh, gw), two positive ints, got {tuple(coords)!r}")
+    gh, gw = (operator.index(g) for g in coords)
+    if gh < 1 or gw < 1:
+        raise ValueError(f"coords as a grid must be (gh, gw), two positive ints, got {tuple(coords)!r}")
+    return gh, gw
+
+
 def check_grid_unit(unit) -> str:
     if unit not in GRID_UNITS:
         raise ValueError(f"unit must be one of {GRID_UNITS}, got {unit!r}")

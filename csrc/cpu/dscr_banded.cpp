@@ -263,7 +263,7 @@ struct Buffer {  // 64-byte aligned floats
   Buffer& operator=(const Buffer&) = delete;
 };
 
-using Structure = DscrBanded;  // checked by dscr_banded_operands (csrc/ops.cpp)
+using Structure = DscrBanded;  // checked by dscr_banded_operands (csrc/ops/dscr.cpp)
 
 void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& dsts, const Structure& s) {
   const int64_t B = srcs[0].size(0), N = srcs[0].size(2);

@@ -337,7 +337,7 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
         for (int64_t i = 0; i < N; ++i)
           for (int64_t l = 0; l < width; ++l) o[i * dn + d0 + l] = static_cast<scalar_t>(xb[i * kW + l]);
       };
-      switch (src.scalar_type()) {  // the dtypes the op accepts (ops.cpp: check_kv)
+      switch (src.scalar_type()) {  // the dtypes the op accepts (csrc/ops/dscr.cpp: dscr_check_kv)
         case at::kFloat: run(float{}); break;
         case at::kHalf: run(c10::Half{}); break;
         case at::kBFloat16: run(c10::BFloat16{}); break;

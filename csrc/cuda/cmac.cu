@@ -1,6 +1,6 @@
 // CMAC on CUDA (METHODS §4): the ATen side of csrc/kernels/cmac.cuh.
 //
-// Checks are shared with the CPU and Meta kernels (kvfix::cmac_check_* in ops.cpp; on CUDA they
+// Checks are shared with the CPU and Meta kernels (kvfix::cmac_check_* in csrc/ops/cmac.cpp; on CUDA they
 // read metadata only: per-item spans and IMD flags stay on the device, read by the kernels); the
 // CUDA kernels' own limits (head dim, mrope sections) are checked here. Each op is one launch on
 // the current stream, except cmac_attention: with IMD a threshold kernel first, and for a single
@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <optional>
@@ -97,3 +98,9 @@ at::Tensor contrastive_logits_cuda(const at::Tensor& logits, const at::Tensor& d
 }
 
 }  // namespace kvfix
+
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("rope_calibrate", &kvfix::rope_calibrate_cuda);
+  m.impl("cmac_attention", &kvfix::cmac_attention_cuda);
+  m.impl("contrastive_logits", &kvfix::contrastive_logits_cuda);
+}

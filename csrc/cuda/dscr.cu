@@ -1,7 +1,7 @@
 // DSCR on CUDA (METHODS §1): the ATen side of csrc/kernels/dscr.cuh.
 //
 // Checks and coefficients are shared with the CPU path (kvfix::dscr_check in
-// ops.cpp). The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any
+// csrc/ops/dscr.cpp). The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any
 // such strides, so the out-of-place op allocates contiguous outputs and the in-place cache op
 // writes straight into the cache views after copying each layer's span to a temporary (every
 // output token reads every source token, so sources and outputs must not overlap).
@@ -22,12 +22,14 @@ template cudaError_t kvfix::kernels::dscr_refine_launch<__nv_bfloat16>(const kvf
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
 #include "aten_view.h"
 #include "kvfix.h"
+#include "ops/dscr.h"
 
 namespace kvfix {
 namespace {
@@ -87,5 +89,10 @@ void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at
 }
 
 }  // namespace kvfix
+
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("dscr_refine", &kvfix::dscr_refine_cuda);
+  m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cuda>);
+}
 
 #endif  // !__CUDA_ARCH__

@@ -31,6 +31,7 @@ template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const k
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <optional>
@@ -38,6 +39,7 @@ template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const k
 
 #include "aten_view.h"
 #include "kvfix.h"
+#include "ops/dscr.h"
 
 namespace kvfix {
 namespace {
@@ -127,5 +129,10 @@ void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values,
 }
 
 }  // namespace kvfix
+
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cuda);
+  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cuda>);
+}
 
 #endif  // !__CUDA_ARCH__

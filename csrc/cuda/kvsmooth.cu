@@ -1,6 +1,6 @@
 // KVSmooth on CUDA (METHODS §2): the ATen side of csrc/kernels/kvsmooth.cuh.
 //
-// Checks are shared with the CPU path (kvfix::kvsmooth_check and friends in ops.cpp; they read
+// Checks are shared with the CPU path (kvfix::kvsmooth_check and friends in csrc/ops/kvsmooth.cpp; they read
 // metadata only). Each call is two launches on the current stream with a small workspace from the
 // caching allocator (B * Hq * splits * 3 floats): no host synchronisation and no value read back,
 // so a decode step can be captured in a CUDA graph. The number of position splits depends on the
@@ -10,12 +10,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <optional>
 
 #include "aten_view.h"
 #include "kernels/kvsmooth.cuh"
 #include "kvfix.h"
+#include "ops/kvsmooth.h"
 
 namespace kvfix {
 namespace {
@@ -70,3 +72,8 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
 }
 
 }  // namespace kvfix
+
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_cuda);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda>);
+}

@@ -1,6 +1,6 @@
 // SCR on CUDA (METHODS §3): the ATen side of csrc/kernels/scr.cuh.
 //
-// Checks are shared with the CPU path (kvfix::scr_scores_check and friends in ops.cpp).
+// Checks are shared with the CPU path (kvfix::scr_scores_check and friends in csrc/ops/scr.cpp).
 // scr_scores is three launches on the current stream with a workspace from the caching allocator
 // (B * Hq * (2 Tq + N) floats) and reads nothing back. scr_redistribute checks that the scores are
 // finite (one host read: it runs once per image), then launches the selection and the apply kernels
@@ -10,12 +10,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <optional>
 
 #include "aten_view.h"
 #include "kernels/scr.cuh"
 #include "kvfix.h"
+#include "ops/scr.h"
 
 namespace kvfix {
 namespace {
@@ -75,3 +77,9 @@ void scr_redistribute__cuda(const at::Tensor& hidden, const at::Tensor& scores, 
 }
 
 }  // namespace kvfix
+
+TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
+  m.impl("scr_scores", &kvfix::scr_scores_cuda);
+  m.impl("scr_redistribute", &kvfix::scr_redistribute_cuda);
+  m.impl("scr_redistribute_", &kvfix::scr_redistribute__checked<&kvfix::scr_redistribute__cuda>);
+}

@@ -60,7 +60,7 @@ struct MaskView {
 };
 
 // The view of a mask of up to 4 dims, right-aligned to [B, H, Tq, T]; size-1 (broadcast) dims read
-// with stride 0. An absent mask gives kind 0. (Shape and dtype checks are the op's, ops.cpp.)
+// with stride 0. An absent mask gives kind 0. (Shape and dtype checks are the op's, csrc/ops/common.cpp: mask_check.)
 inline MaskView mask_view(const View& m) {
   MaskView v;
   if (!m.present()) return v;

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ..dscr_structured import _check_params
 from ..geometry import check_depth_scale, check_grid_unit, patch_depth
+from ..ops import dscr as dscr_ops
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 from .models import GridSpan, ImageSpan
@@ -97,15 +98,15 @@ class DSCR(Method):
     def __init__(self, layers=None, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
                  beta: float = 0.8, keys_only: bool = False, missing_depth: str = "error", method: str = "auto",
                  grid_unit: str = "patch", depth_scale: float = 255.0):
-        self.sigma_d, self.sigma_s, self.alpha, self.beta = ops._dscr_params(sigma_d, sigma_s, alpha, beta, op="DSCR")
+        self.sigma_d, self.sigma_s, self.alpha, self.beta = _check_params(sigma_d, sigma_s, alpha, beta, op="DSCR")
         self.grid_unit = check_grid_unit(grid_unit)
         self.depth_scale = check_depth_scale(depth_scale)
         if missing_depth not in _MISSING:
             raise ValueError(f"missing_depth must be one of {_MISSING}, got {missing_depth!r}")
         if not isinstance(keys_only, bool):
             raise TypeError(f"keys_only must be a bool, got {type(keys_only).__name__}")
-        if method not in ops._DSCR_METHODS:
-            raise ValueError(f"method must be one of {ops._DSCR_METHODS}, got {method!r}")
+        if method not in dscr_ops._DSCR_METHODS:
+            raise ValueError(f"method must be one of {dscr_ops._DSCR_METHODS}, got {method!r}")
         self.method = method
         self.layers = check_layers(layers)
         self.keys_only = keys_only
@@ -279,7 +280,7 @@ class _Forward:
         self.depths = depths        # per grid: float32 [N]
         self.store = store          # keep the refined spans for the cache (not with use_cache=False)
         self.pending: dict = {}     # layer -> [(grid, rows, k_hat, v_hat)], written into the cache at the end
-        self.routes: dict = {}      # (device, dtype) -> per grid: what the op runs (ops._dscr_route)
+        self.routes: dict = {}      # (device, dtype) -> per grid: what the op runs (dscr_ops._dscr_route)
         self._levels: dict = {}     # (R, Tq, offset, device) -> (level [R, Tq], min, max)
         ends: dict[int, list] = {}
         for img in ctx.images:
@@ -294,7 +295,7 @@ class _Forward:
         routes = self.routes.get(key)
         if routes is None:
             routes = self.routes[key] = [
-                ops._dscr_route(device, dtype, d.to(device), (g.gh, g.gw), dscr.method, dscr._params,
+                dscr_ops._dscr_route(device, dtype, d.to(device), (g.gh, g.gw), dscr.method, dscr._params,
                                 dscr.grid_unit)
                 for g, d in zip(self.grids, self.depths)]
         return routes
@@ -328,8 +329,8 @@ def _crop(d: torch.Tensor, region) -> torch.Tensor:
 
 
 def _apply(route, k, v, params):
-    """(k_hat, v_hat) of one image span: the DSCR op on a planned route (`ops._dscr_route`)."""
-    outs = ops._dscr_run(route, k, v, params)
+    """(k_hat, v_hat) of one image span: the DSCR op on a planned route (`dscr_ops._dscr_route`)."""
+    outs = dscr_ops._dscr_run(route, k, v, params)
     return outs[0], (outs[1] if v is not None else None)
 
 

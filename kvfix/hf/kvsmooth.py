@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from .. import ops
+from ..ops.kvsmooth import _check_lam, kvsmooth_step_
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 
@@ -69,8 +69,8 @@ class KVSmooth(Method):
         if preset is not None and preset not in KVSMOOTH_PRESETS:
             raise ValueError(f"preset must be one of {sorted(KVSMOOTH_PRESETS)}, got {preset!r}")
         if lam_ref is not None:
-            lam_ref, _ = ops._check_lam(lam_ref, 0.0)
-        _, band = ops._check_lam(0.5, band)
+            lam_ref, _ = _check_lam(lam_ref, 0.0)
+        _, band = _check_lam(0.5, band)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int):
             raise TypeError(f"queue_size must be an int, got {type(queue_size).__name__}")
         if queue_size < 1:
@@ -168,7 +168,7 @@ class KVSmooth(Method):
                 mask = _compat.mask_minus_inf(mask)
         scale = _compat.attention_scale(module, kwargs, query.shape[-1])
         with torch.no_grad():
-            lam = ops.kvsmooth_step_(query, k, v, queue, scale=scale, mask=mask, lam_ref=self.resolved_lam_ref,
+            lam = kvsmooth_step_(query, k, v, queue, scale=scale, mask=mask, lam_ref=self.resolved_lam_ref,
                                      band=self.band)
         self.steps += 1
         if self.record_lam:

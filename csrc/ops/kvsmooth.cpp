@@ -1,0 +1,103 @@
+// KVSmooth (METHODS §2): the schemas of row_entropy and kvsmooth_step_, their checks (stated once),
+// Meta kernels and CPU registrations (csrc/cpu/kvsmooth.cpp; the CUDA kernels register themselves
+// in csrc/cuda/kvsmooth.cu).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops/kvsmooth.h"
+
+namespace kvfix {
+
+// Every check of row_entropy / kvsmooth_step_, stated once: the CPU and CUDA implementations and
+// the Meta kernel (torch.compile, FakeTensor, meta tensors) call it; the Python wrappers only
+// convert arguments. Errors name the argument: ValueError (shape, device, range), TypeError (dtype).
+MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                       const at::Tensor* queue, const std::optional<at::Tensor>& mask) {
+  const char* kn = queue != nullptr ? "k_cache" : "k";
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) == 1, op, ": q must be [B, Hq, 1, D] (a single-token query), got shape ",
+                    q.sizes());
+  const auto qt = q.scalar_type();
+  TORCH_CHECK_TYPE(qt == at::kFloat || qt == at::kHalf || qt == at::kBFloat16, op,
+                   ": q must be float32, float16 or bfloat16, got ", qt);
+  TORCH_CHECK_VALUE(q.size(3) <= 1 || q.stride(3) == 1, op, ": q needs a contiguous last dimension (stride ",
+                    q.stride(3), ")");
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": ", kn, " must be [B, Hkv, T, D], got shape ", k.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == qt, op, ": ", kn, " dtype ", k.scalar_type(), " does not match q dtype ", qt);
+  TORCH_CHECK_VALUE(k.device() == q.device(), op, ": ", kn, " is on ", k.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(k.size(3) <= 1 || k.stride(3) == 1, op, ": ", kn, " needs a contiguous last dimension (stride ",
+                    k.stride(3), ")");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": ", kn, " shape ", k.sizes(), " does not match q shape ",
+                    q.sizes(), " (same B and head dim D expected)");
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": the query heads of q (", Hq,
+                    ") must be a multiple of the kv heads of ", kn, " (", Hkv, ")");
+  TORCH_CHECK_VALUE(T >= 1, op, ": ", kn, " needs at least one position (T >= 1), got shape ", k.sizes());
+  if (v != nullptr) {
+    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), op, ": v_cache shape ", v->sizes(), " does not match k_cache shape ",
+                      k.sizes());
+    TORCH_CHECK_TYPE(v->scalar_type() == k.scalar_type(), op, ": v_cache dtype ", v->scalar_type(),
+                     " does not match k_cache dtype ", k.scalar_type());
+    TORCH_CHECK_VALUE(v->device() == k.device(), op, ": v_cache is on ", v->device(), " but k_cache is on ",
+                      k.device());
+    TORCH_CHECK_VALUE(v->size(3) <= 1 || v->stride(3) == 1, op,
+                      ": v_cache needs a contiguous last dimension (stride ", v->stride(3), ")");
+  }
+  if (queue != nullptr) {
+    TORCH_CHECK_VALUE(queue->dim() == 2 && queue->size(0) == B && queue->size(1) >= 1, op,
+                      ": queue must be [B, M] with B=", B, " and M >= 1, got shape ", queue->sizes());
+    TORCH_CHECK_TYPE(queue->scalar_type() == at::kFloat, op, ": queue must be float32, got ", queue->scalar_type());
+    TORCH_CHECK_VALUE(queue->device() == q.device(), op, ": queue is on ", queue->device(), " but q is on ",
+                      q.device());
+  }
+  const int64_t want[4] = {B, 1, 1, T};
+  return mask_check(op, mask, q, want, "B, 1, 1, T", " (a 2-D [B, T] padding mask: pass mask[:, None, None, :])");
+}
+
+float kvsmooth_scale(std::optional<double> scale, int64_t D) {
+  if (!scale.has_value()) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D > 0 ? D : 1)));
+  TORCH_CHECK_VALUE(std::isfinite(*scale), "scale must be finite, got ", *scale);
+  return static_cast<float>(*scale);
+}
+
+void kvsmooth_check_lam(double lam_ref, double band) {
+  TORCH_CHECK_VALUE(std::isfinite(lam_ref) && lam_ref >= 0 && lam_ref <= 1,
+                    "kvsmooth_step_: lam_ref must be in [0, 1], got ", lam_ref);
+  TORCH_CHECK_VALUE(std::isfinite(band) && band >= 0, "kvsmooth_step_: band must be finite and >= 0, got ", band);
+}
+
+// Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
+static at::Tensor row_entropy_meta(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                                   const std::optional<at::Tensor>& mask) {
+  kvsmooth_check("row_entropy", q, k, nullptr, nullptr, mask);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+}
+
+static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& queue, std::optional<double> scale,
+                                     const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+  kvsmooth_check_lam(lam_ref, band);
+  kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_scale(scale, q.size(3));
+  return at::empty({q.size(0)}, q.options().dtype(at::kFloat));
+}
+
+}  // namespace kvfix
+
+TORCH_LIBRARY_FRAGMENT(kvfix, m) {
+  m.def("row_entropy(Tensor q, Tensor k, float? scale, Tensor? mask) -> Tensor");
+  m.def("kvsmooth_step_(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) queue, float? scale, "
+        "Tensor? mask, float lam_ref, float band) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_cpu);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu>);
+}
+
+TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
+  m.impl("row_entropy", &kvfix::row_entropy_meta);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_meta);
+}
