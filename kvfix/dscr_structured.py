@@ -86,7 +86,7 @@ defaults. So
   `kvfix.hf.DSCR`), shared by every layer and head.
 
 Low-rank (the earlier units: unit-square coordinates with depth in [0, 1]; CPU and CUDA,
-csrc/cpu/dscr_factored.cpp):
+csrc/cpu/dscr_lowrank.cpp):
 
 - spatial: `f_s(i, j) = S_row[r_i, r_j] * S_col[c_i, c_j]`, each axis used exactly (`L = S`,
   `R = I`) or through its top-p eigenpairs (`L = V_p diag(lam_p)`, `R = V_p`), the fewest that
@@ -161,7 +161,7 @@ _ROUND_MAX = 2e-6                 # largest accepted float32 rounding estimate
 _NEIGHBOUR_MIN_EXPONENT = -60.0   # see "Underflow rule" above
 _MAX_RANK = 512
 # "auto" only (see "Choice"): the low-rank kernels keep rank_col + rank_depth accumulators in
-# registers up to this many (csrc/cpu/dscr_factored.cpp, kMaxUnrolled).
+# registers up to this many (csrc/cpu/dscr_lowrank.cpp, kMaxUnrolled).
 _FAST_PATH_Q = 24
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dscr_weights", "dscr_refine", "dscr_refine_factored", "DSCR_EXP_CUTOFF"]
+__all__ = ["dscr_weights", "dscr_refine", "dscr_refine_lowrank", "DSCR_EXP_CUTOFF"]
 
 # A proximity term exp(x) with x below this counts as 0, in every backend: float32 leaves its
 # normal range there (exp(-87) ~ 1.6e-38), so all implementations agree on when a column sum is
@@ -75,8 +75,8 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
 
 
 
-def dscr_refine_factored(k: torch.Tensor, v: torch.Tensor | None, lr: torch.Tensor, rr: torch.Tensor,
-                         lc: torch.Tensor, rc: torch.Tensor, u: torch.Tensor, cinv: torch.Tensor):
+def dscr_refine_lowrank(k: torch.Tensor, v: torch.Tensor | None, lr: torch.Tensor, rr: torch.Tensor,
+                        lc: torch.Tensor, rc: torch.Tensor, u: torch.Tensor, cinv: torch.Tensor):
     """Structured DSCR with given factors (kvfix/dscr_structured.py), materialised N x N.
 
     The weight matrix is `F[j, i] = (lr rr^T)[a_j, a_i] (lc rc^T)[w_j, w_i] + (u u^T)[j, i]`

@@ -136,7 +136,7 @@ def _structured_cases():
     fa = list((d,) + S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu") + S.depth_args(plan, 0.6, 0.6))
     _, st = S._plan_checked(4, 4, d, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
     ba = list(st.args())
-    fac, fac_ = torch.ops.kvfix.dscr_refine_factored, torch.ops.kvfix.dscr_refine_factored_cache_
+    lowrank, lowrank_ = torch.ops.kvfix.dscr_refine_lowrank, torch.ops.kvfix.dscr_refine_lowrank_cache_
     ban, ban_ = torch.ops.kvfix.dscr_refine_banded, torch.ops.kvfix.dscr_refine_banded_cache_
     k, v = _kv(), _kv()
     k1, k2, v1, k3 = _kv(), _kv(), _kv(), _kv()
@@ -147,20 +147,20 @@ def _structured_cases():
         return args
 
     return [
-        Case("fac_rank", lambda: fac(k[0], None, *fa), ValueError, "k"),
-        Case("fac_dtype_v", lambda: fac(k, v.half(), *fa), TypeError, "v"),
-        Case("fac_lr_dtype", lambda: fac(k, v, *w(fa, 1, fa[1].double())), TypeError, "lr"),
-        Case("fac_rr_shape", lambda: fac(k, v, *w(fa, 2, fa[2][:1])), ValueError, "rr"),
-        Case("fac_lc_strides", lambda: fac(k, v, *w(fa, 3, fa[3].repeat(1, 2)[:, ::2])), ValueError, "lc"),
-        Case("fac_grid", lambda: fac(k[:, :, :12], None, *w(fa, 0, d[:, :12])), ValueError, "lr, lc"),
-        Case("fac_depth_shape", lambda: fac(k, None, *w(fa, 0, d[:, :8])), ValueError, "depth"),
-        Case("fac_depth_device", lambda: fac(k, None, *w(fa, 0, d.to("meta"))), ValueError, "depth"),
-        Case("fac_coef_d", lambda: fac(k, None, *w(fa, 5, NAN)), ValueError, "coef_d"),
-        Case("fac_rank_d", lambda: fac(k, None, *w(fa, 6, 0)), ValueError, "rank_d"),
-        Case("fac_cache_values_len", lambda: fac_([k1, k2], [v1], *fa), ValueError, "values", [k1, k2, v1]),
-        Case("fac_cache_layer_dtype", lambda: fac_([k1, k2.double()], [], *fa), TypeError, "keys[1]", [k1, k2]),
-        Case("fac_cache_same_view_twice", lambda: fac_([k1, k1], [], *fa), ValueError, "keys[1]", [k1]),
-        Case("fac_cache_rc_dtype", lambda: fac_([k1], [v1], *w(fa, 4, fa[4].half())), TypeError, "rc", [k1, v1]),
+        Case("lowrank_rank", lambda: lowrank(k[0], None, *fa), ValueError, "k"),
+        Case("lowrank_dtype_v", lambda: lowrank(k, v.half(), *fa), TypeError, "v"),
+        Case("lowrank_lr_dtype", lambda: lowrank(k, v, *w(fa, 1, fa[1].double())), TypeError, "lr"),
+        Case("lowrank_rr_shape", lambda: lowrank(k, v, *w(fa, 2, fa[2][:1])), ValueError, "rr"),
+        Case("lowrank_lc_strides", lambda: lowrank(k, v, *w(fa, 3, fa[3].repeat(1, 2)[:, ::2])), ValueError, "lc"),
+        Case("lowrank_grid", lambda: lowrank(k[:, :, :12], None, *w(fa, 0, d[:, :12])), ValueError, "lr, lc"),
+        Case("lowrank_depth_shape", lambda: lowrank(k, None, *w(fa, 0, d[:, :8])), ValueError, "depth"),
+        Case("lowrank_depth_device", lambda: lowrank(k, None, *w(fa, 0, d.to("meta"))), ValueError, "depth"),
+        Case("lowrank_coef_d", lambda: lowrank(k, None, *w(fa, 5, NAN)), ValueError, "coef_d"),
+        Case("lowrank_rank_d", lambda: lowrank(k, None, *w(fa, 6, 0)), ValueError, "rank_d"),
+        Case("lowrank_cache_values_len", lambda: lowrank_([k1, k2], [v1], *fa), ValueError, "values", [k1, k2, v1]),
+        Case("lowrank_cache_layer_dtype", lambda: lowrank_([k1, k2.double()], [], *fa), TypeError, "keys[1]", [k1, k2]),
+        Case("lowrank_cache_same_view_twice", lambda: lowrank_([k1, k1], [], *fa), ValueError, "keys[1]", [k1]),
+        Case("lowrank_cache_rc_dtype", lambda: lowrank_([k1], [v1], *w(fa, 4, fa[4].half())), TypeError, "rc", [k1, v1]),
         Case("ban_rank", lambda: ban(k[0], None, *ba), ValueError, "k"),
         Case("ban_shape_v", lambda: ban(k, v[:, :, :8], *ba), ValueError, "v"),
         Case("ban_strides", lambda: ban(k.transpose(2, 3), None, *ba), ValueError, "k"),

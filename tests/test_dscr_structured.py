@@ -169,7 +169,7 @@ def test_bound_is_never_violated(gh, gw, kind, sigma_d, unit, dtype):
     plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype, method="structured", grid_unit=unit, **kw)
     f = S.dscr_factors(plan, depth, dtype=torch.float64, **kw)
     k = torch.randn(2, 3, N, 8, dtype=torch.float64)
-    got = R.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
+    got = R.dscr_refine_lowrank(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
     truth = _truth(k, None, depth, gh, gw, unit, **kw)[0]
     rel = ((got - truth).abs().amax(2) / k.abs().amax(2)).max().item()  # per feature column
     cd, cs = S._coefs(sigma_d, 0.6, 0.6, 0.8)
@@ -187,7 +187,7 @@ def test_bound_is_tight_enough_to_matter():
     low = dataclasses.replace(plan, rank_depth=2)
     f = S.dscr_factors(low, depth, dtype=torch.float64, **PARAMS)
     k = torch.randn(1, 2, gh * gw, 8, dtype=torch.float64)
-    got = R.dscr_refine_factored(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
+    got = R.dscr_refine_lowrank(k, None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
     rel = ((got - _truth(k, None, depth, gh, gw, **PARAMS)[0]).abs().amax(2) / k.abs().amax(2)).max().item()
     cd = 0.6 / (2 * 0.6 ** 2)
     R_ = 0.5 * float(depth.max() - depth.min())
@@ -244,16 +244,16 @@ def test_structured_matches_dense_reference(gh, gw, kind, sigma_d, alpha, beta, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_matches_factored_reference(dtype, device):
-    """Same factors, same formula: the kernel equals reference.dscr_refine_factored to rounding."""
+def test_kernel_matches_lowrank_reference(dtype, device):
+    """Same factors, same formula: the kernel equals reference.dscr_refine_lowrank to rounding."""
     gh, gw, B, H, D = 6, 9, 3, 2, 40  # D not a multiple of the CPU block width
     depth = torch.rand(B, gh * gw, device=device)
     plan = kvfix.dscr_plan(gh, gw, depth, dtype=dtype)
     sp = S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device=device)
     f = S.dscr_factors(plan, depth, dtype=torch.float64, **PARAMS)
     k = torch.randn(B, H, gh * gw, D, device=device).to(dtype)
-    got = torch.ops.kvfix.dscr_refine_factored(k, None, depth, *sp, *S.depth_args(plan, 0.6, 0.6))[0]
-    want = R.dscr_refine_factored(k.double(), None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
+    got = torch.ops.kvfix.dscr_refine_lowrank(k, None, depth, *sp, *S.depth_args(plan, 0.6, 0.6))[0]
+    want = R.dscr_refine_lowrank(k.double(), None, f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)[0]
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
 
@@ -270,13 +270,13 @@ def test_kernel_block_groups_and_tail(dtype):
     f = S.dscr_factors(plan, depth, dtype=torch.float64, **PARAMS)
     k = torch.randn(B, H, gh * gw, D).to(dtype)
     v = torch.randn(B, gh * gw, H, D).to(dtype).transpose(1, 2)  # strided
-    got_k, got_v = torch.ops.kvfix.dscr_refine_factored(k, v, depth, *sp, *S.depth_args(plan, 0.6, 0.6))
-    want_k, want_v = R.dscr_refine_factored(k.double(), v.double(), f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
+    got_k, got_v = torch.ops.kvfix.dscr_refine_lowrank(k, v, depth, *sp, *S.depth_args(plan, 0.6, 0.6))
+    want_k, want_v = R.dscr_refine_lowrank(k.double(), v.double(), f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     for got, want in ((got_k, want_k), (got_v, want_v)):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
     kk, vv = k.clone(), v.clone()
-    torch.ops.kvfix.dscr_refine_factored_cache_([kk], [vv], depth, *sp, *S.depth_args(plan, 0.6, 0.6))
+    torch.ops.kvfix.dscr_refine_lowrank_cache_([kk], [vv], depth, *sp, *S.depth_args(plan, 0.6, 0.6))
     assert torch.equal(kk, got_k) and torch.equal(vv, got_v)
 
 
@@ -291,8 +291,8 @@ def test_kernel_16bit_output_is_the_rounded_float32_result(dtype):
     args = (depth, *S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu"), *S.depth_args(plan, 0.6, 0.6))
     k = torch.randn(2, 3, gh * gw, D).to(dtype)
     k[1, 2, 7, 21] = float("nan")  # column 21 of that head: NaN everywhere
-    out32 = torch.ops.kvfix.dscr_refine_factored(k.float(), None, *args)[0]
-    out16 = torch.ops.kvfix.dscr_refine_factored(k, None, *args)[0]
+    out32 = torch.ops.kvfix.dscr_refine_lowrank(k.float(), None, *args)[0]
+    out16 = torch.ops.kvfix.dscr_refine_lowrank(k, None, *args)[0]
     nan = out32.isnan()
     assert nan[1, 2, :, 21].all() and nan.sum() == gh * gw and torch.equal(out16.isnan(), nan)
     assert torch.equal(out16[~nan].view(torch.int16), out32[~nan].to(dtype).view(torch.int16))
@@ -416,32 +416,32 @@ def test_non_finite_depth_with_grid_writes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(ks, before))
 
 
-def _factored_args(gh, gw, depth):
+def _lowrank_args(gh, gw, depth):
     plan = kvfix.dscr_plan(gh, gw, depth, method="structured")
     return (depth,) + S.spatial_factors(plan, sigma_s=0.6, beta=0.8, device="cpu") + S.depth_args(plan, 0.6, 0.6)
 
 
-def test_factored_op_checks_shapes():
+def test_lowrank_op_checks_shapes():
     k = torch.randn(1, 2, 24, 8)
-    depth, lr, rr, lc, rc, cd, r = _factored_args(4, 6, torch.rand(1, 24))
+    depth, lr, rr, lc, rc, cd, r = _lowrank_args(4, 6, torch.rand(1, 24))
     with pytest.raises(ValueError, match="lr, lc: grid 4 x 6 does not hold N=20"):
-        torch.ops.kvfix.dscr_refine_factored(k[:, :, :20], None, depth[:, :20], lr, rr, lc, rc, cd, r)
+        torch.ops.kvfix.dscr_refine_lowrank(k[:, :, :20], None, depth[:, :20], lr, rr, lc, rc, cd, r)
     with pytest.raises(TypeError, match="lr must be float32"):
-        torch.ops.kvfix.dscr_refine_factored(k, None, depth, lr.double(), rr, lc, rc, cd, r)
+        torch.ops.kvfix.dscr_refine_lowrank(k, None, depth, lr.double(), rr, lc, rc, cd, r)
     with pytest.raises(ValueError, match="depth must be"):
-        torch.ops.kvfix.dscr_refine_factored(k, None, depth[:, :20], lr, rr, lc, rc, cd, r)
+        torch.ops.kvfix.dscr_refine_lowrank(k, None, depth[:, :20], lr, rr, lc, rc, cd, r)
     with pytest.raises(ValueError, match="rank_d must be"):
-        torch.ops.kvfix.dscr_refine_factored(k, None, depth, lr, rr, lc, rc, cd, 0)
+        torch.ops.kvfix.dscr_refine_lowrank(k, None, depth, lr, rr, lc, rc, cd, 0)
 
 
-def test_opcheck_factored():
-    args = _factored_args(4, 5, torch.rand(2, 20))
+def test_opcheck_lowrank():
+    args = _lowrank_args(4, 5, torch.rand(2, 20))
     k, v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
-    torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored.default, (k, v) + args)
-    torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored.default, (k, None) + args)
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_lowrank.default, (k, v) + args)
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_lowrank.default, (k, None) + args)
     ks = [torch.randn(2, 2, 20, 16) for _ in range(2)]
     vs = [torch.randn(2, 2, 20, 16) for _ in range(2)]
-    torch.library.opcheck(torch.ops.kvfix.dscr_refine_factored_cache_.default, (ks, vs) + args)
+    torch.library.opcheck(torch.ops.kvfix.dscr_refine_lowrank_cache_.default, (ks, vs) + args)
 
 
 def test_empty_batch_or_heads():

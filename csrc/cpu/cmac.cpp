@@ -25,7 +25,7 @@
 
 #include "cpu/exp_nonpos.h"
 #include "cpu/mask.h"
-#include "kvfix.h"
+#include "ops/cmac.h"
 
 #ifndef KVFIX_CMAC_SGEMM_SYMBOL
 #define KVFIX_CMAC_SGEMM_SYMBOL "sgemm_"  // -DKVFIX_CMAC_SGEMM_SYMBOL=\"none\" forces the ATen path

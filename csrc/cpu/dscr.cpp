@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "cpu/exp_nonpos.h"
-#include "kvfix.h"
+#include "ops/dscr.h"
 
 #include "cpu/simd.h"
 

@@ -34,7 +34,7 @@
 
 #include "cpu/simd.h"
 #include "fresh_pages.h"
-#include "kvfix.h"
+#include "ops/dscr.h"
 
 namespace kvfix {
 namespace {

@@ -37,7 +37,7 @@
 
 #include "cpu/exp_nonpos.h"
 #include "cpu/mask.h"
-#include "kvfix.h"
+#include "ops/scr.h"
 
 // The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"

@@ -17,7 +17,7 @@
 
 #include "aten_view.h"
 #include "kernels/cmac.cuh"
-#include "kvfix.h"
+#include "ops/cmac.h"
 
 namespace kvfix {
 namespace {

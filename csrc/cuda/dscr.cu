@@ -28,7 +28,6 @@ template cudaError_t kvfix::kernels::dscr_refine_launch<__nv_bfloat16>(const kvf
 #include <vector>
 
 #include "aten_view.h"
-#include "kvfix.h"
 #include "ops/dscr.h"
 
 namespace kvfix {

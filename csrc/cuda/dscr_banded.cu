@@ -35,7 +35,6 @@ template cudaError_t kvfix::kernels::dscr_banded_prep_launch<int32_t>(const kvfi
 #include <vector>
 
 #include "aten_view.h"
-#include "kvfix.h"
 #include "ops/dscr.h"
 
 namespace kvfix {

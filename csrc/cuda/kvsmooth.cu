@@ -16,7 +16,6 @@
 
 #include "aten_view.h"
 #include "kernels/kvsmooth.cuh"
-#include "kvfix.h"
 #include "ops/kvsmooth.h"
 
 namespace kvfix {

@@ -16,7 +16,6 @@
 
 #include "aten_view.h"
 #include "kernels/scr.cuh"
-#include "kvfix.h"
 #include "ops/scr.h"
 
 namespace kvfix {

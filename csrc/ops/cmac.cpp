@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "ops/common.h"
+#include "ops/cmac.h"
 
 namespace kvfix {
 

@@ -1,5 +1,5 @@
 // DSCR (METHODS §1): the schemas of the dense ops (dscr_refine, dscr_refine_cache_), of the
-// structured ones on a patch grid (dscr_refine_factored(_cache_): low-rank factors,
+// structured ones on a patch grid (dscr_refine_lowrank(_cache_): low-rank factors,
 // dscr_refine_banded(_cache_): the banded structure; kvfix/dscr_structured.py plans them) and of
 // the checks-only ops (dscr_check_grid, dscr_check_params); every check, stated once; the Meta
 // kernels; the CPU registrations (kernels: csrc/cpu/dscr*.cpp; the CUDA kernels register
@@ -182,10 +182,10 @@ static std::vector<at::Tensor> dscr_flatten(at::TensorList keys, at::TensorList 
   return all;
 }
 
-std::vector<at::Tensor> dscr_factored_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
-                                               const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
-                                               const at::Tensor& lc, const at::Tensor& rc, double coef_d,
-                                               int64_t rank_d) {
+std::vector<at::Tensor> dscr_lowrank_operands(const char* op, at::TensorList keys, at::TensorList values, bool cache,
+                                              const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                              const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                              int64_t rank_d) {
   dscr_check_layers(op, keys, values, cache);
   const at::Tensor& k = keys[0];
   const int64_t N = k.size(2);
@@ -268,20 +268,20 @@ static std::vector<at::Tensor> dscr_meta_outputs(const std::vector<at::Tensor>& 
   return outs;
 }
 
-static std::vector<at::Tensor> dscr_refine_factored_meta(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                                         const at::Tensor& depth, const at::Tensor& lr,
-                                                         const at::Tensor& rr, const at::Tensor& lc,
-                                                         const at::Tensor& rc, double coef_d, int64_t rank_d) {
+static std::vector<at::Tensor> dscr_refine_lowrank_meta(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                        const at::Tensor& depth, const at::Tensor& lr,
+                                                        const at::Tensor& rr, const at::Tensor& lc,
+                                                        const at::Tensor& rc, double coef_d, int64_t rank_d) {
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
   return dscr_meta_outputs(
-      dscr_factored_operands("dscr_refine_factored", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d));
+      dscr_lowrank_operands("dscr_refine_lowrank", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d));
 }
 
-static void dscr_refine_factored_cache__meta(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
-                                             const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                             const at::Tensor& rc, double coef_d, int64_t rank_d) {
-  dscr_factored_operands("dscr_refine_factored_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
+static void dscr_refine_lowrank_cache__meta(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                            const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                            const at::Tensor& rc, double coef_d, int64_t rank_d) {
+  dscr_lowrank_operands("dscr_refine_lowrank_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
 }
 
 static std::vector<at::Tensor> dscr_refine_banded_meta(const at::Tensor& k, const std::optional<at::Tensor>& v,
@@ -317,9 +317,9 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
         "float sigma_s, float alpha, float beta) -> ()");
   m.def("dscr_check_params(str op, float sigma_d, float sigma_s, float alpha, float beta) -> ()",
         &kvfix::dscr_check_params);
-  m.def("dscr_refine_factored(Tensor k, Tensor? v, Tensor depth, Tensor lr, Tensor rr, Tensor lc, Tensor rc, "
+  m.def("dscr_refine_lowrank(Tensor k, Tensor? v, Tensor depth, Tensor lr, Tensor rr, Tensor lc, Tensor rc, "
         "float coef_d, int rank_d) -> Tensor[]");
-  m.def("dscr_refine_factored_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor depth, Tensor lr, Tensor rr, "
+  m.def("dscr_refine_lowrank_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor depth, Tensor lr, Tensor rr, "
         "Tensor lc, Tensor rc, float coef_d, int rank_d) -> ()");
   m.def("dscr_refine_banded(Tensor k, Tensor? v, Tensor tok, Tensor tokw, Tensor cnt, Tensor row_ptr, "
         "Tensor row_lo, Tensor tvals, Tensor node_off, Tensor cinv, Tensor band, int gh) -> Tensor[]");
@@ -334,8 +334,8 @@ TORCH_LIBRARY_IMPL(kvfix, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_cpu);
   m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache_checked<&kvfix::dscr_refine_cache_cpu>);
-  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cpu);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cpu>);
+  m.impl("dscr_refine_lowrank", &kvfix::dscr_refine_lowrank_cpu);
+  m.impl("dscr_refine_lowrank_cache_", &kvfix::dscr_refine_lowrank_cache_checked<&kvfix::dscr_refine_lowrank_cache_cpu>);
   m.impl("dscr_refine_banded", &kvfix::dscr_refine_banded_cpu);
   m.impl("dscr_refine_banded_cache_", &kvfix::dscr_refine_banded_cache_checked<&kvfix::dscr_refine_banded_cache_cpu>);
 }
@@ -343,8 +343,8 @@ TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
 TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
   m.impl("dscr_refine", &kvfix::dscr_refine_meta);
   m.impl("dscr_refine_cache_", &kvfix::dscr_refine_cache__meta);
-  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_meta);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache__meta);
+  m.impl("dscr_refine_lowrank", &kvfix::dscr_refine_lowrank_meta);
+  m.impl("dscr_refine_lowrank_cache_", &kvfix::dscr_refine_lowrank_cache__meta);
   m.impl("dscr_refine_banded", &kvfix::dscr_refine_banded_meta);
   m.impl("dscr_refine_banded_cache_", &kvfix::dscr_refine_banded_cache__meta);
 }

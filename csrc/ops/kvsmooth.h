@@ -1,10 +1,30 @@
-// kvsmooth_step_'s registrations (csrc/ops/kvsmooth.cpp: CPU; csrc/cuda/kvsmooth.cu: CUDA): the aliasing
-// check (ops/common.h), then the device's kernel.
+// KVSmooth's signatures: its checks (defined in csrc/ops/kvsmooth.cpp), its CPU kernels
+// (csrc/cpu/kvsmooth.cpp) and kvsmooth_step_'s registrations (csrc/ops/kvsmooth.cpp: CPU;
+// csrc/cuda/kvsmooth.cu: CUDA): the aliasing check (ops/common.h), then the device's kernel.
 #pragma once
+
+#include <optional>
+#include <vector>
 
 #include "ops/common.h"
 
 namespace kvfix {
+
+// KVSmooth (METHODS §2): row entropy of a single-token query and the fused decoding step.
+
+// Every check of the KVSmooth ops, shared by the CPU, CUDA and Meta kernels (csrc/ops/kvsmooth.cpp).
+// q [B, Hq, 1, D], k [B, Hkv, T, D] (Hq % Hkv == 0, T >= 1), v like k or null, queue float32
+// [B, M >= 1] or null, mask broadcastable to [B, 1, 1, T]. Returns the mask view the kernels read.
+MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                       const at::Tensor* queue, const std::optional<at::Tensor>& mask);
+// lam_ref in [0, 1] and band >= 0, finite (the logit scale: kvsmooth_scale, ops/common.h).
+void kvsmooth_check_lam(double lam_ref, double band);
+
+at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                           const std::optional<at::Tensor>& mask);
+at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& queue, std::optional<double> scale,
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band);
 
 template <auto Impl>
 at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -96,8 +96,8 @@ def _dscr_run(route, k, v, params):
     if route[0] == "banded":
         _check_built_for(k, "dscr_refine_banded")
         return torch.ops.kvfix.dscr_refine_banded.default(k, v, *route[2])
-    _check_built_for(k, "dscr_refine_factored")
-    return torch.ops.kvfix.dscr_refine_factored.default(k, v, route[1], *route[2])
+    _check_built_for(k, "dscr_refine_lowrank")
+    return torch.ops.kvfix.dscr_refine_lowrank.default(k, v, route[1], *route[2])
 
 
 def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, coords, *,
@@ -181,5 +181,5 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
         _check_built_for(k0, "dscr_refine_banded_cache_")
         torch.ops.kvfix.dscr_refine_banded_cache_.default(keys, values, *route[2])
     else:
-        _check_built_for(k0, "dscr_refine_factored_cache_")
-        torch.ops.kvfix.dscr_refine_factored_cache_.default(keys, values, route[1], *route[2])
+        _check_built_for(k0, "dscr_refine_lowrank_cache_")
+        torch.ops.kvfix.dscr_refine_lowrank_cache_.default(keys, values, route[1], *route[2])

@@ -39,8 +39,8 @@ class Mutation:
 
 DSCR = "csrc/kernels/dscr.cuh"
 DSCR_TESTS = "tests/emu/test_emu_dscr.py"
-FAC = "csrc/kernels/dscr_factored.cuh"
-FAC_TESTS = "tests/emu/test_emu_dscr_factored.py"
+LOWRANK = "csrc/kernels/dscr_lowrank.cuh"
+LOWRANK_TESTS = "tests/emu/test_emu_dscr_lowrank.py"
 KVS = "csrc/kernels/kvsmooth.cuh"
 KVS_TESTS = "tests/emu/test_emu_kvsmooth.py"
 SCR = "csrc/kernels/scr.cuh"
@@ -73,24 +73,24 @@ MUTATIONS = [
     Mutation("diagonal not masked", DSCR, "il < rows && i != j_own", "il < rows", DSCR_TESTS),
     Mutation("geometry batch offset ignored", DSCR,
              "const float* const dep = a.depth + b * a.geo_sb;", "const float* const dep = a.depth;", DSCR_TESTS),
-    # structured DSCR (dscr_factored.cuh)
-    Mutation("factored: barrier removed before a segment's coefficients are staged", FAC,
-             "__syncthreads();  // the previous segment's coefficients are no longer read", "//", FAC_TESTS),
-    Mutation("factored: barrier removed after the coefficients are staged", FAC,
+    # structured DSCR (dscr_lowrank.cuh)
+    Mutation("lowrank: barrier removed before a segment's coefficients are staged", LOWRANK,
+             "__syncthreads();  // the previous segment's coefficients are no longer read", "//", LOWRANK_TESTS),
+    Mutation("lowrank: barrier removed after the coefficients are staged", LOWRANK,
              "      __syncthreads();\n      if (d < a.D) {\n        for (int64_t w = 0; w < nw; ++w) {",
-             "      if (d < a.D) {\n        for (int64_t w = 0; w < nw; ++w) {", FAC_TESTS),
-    Mutation("factored: wrong index: depth factor of the next token", FAC,
+             "      if (d < a.D) {\n        for (int64_t w = 0; w < nw; ++w) {", LOWRANK_TESTS),
+    Mutation("lowrank: wrong index: depth factor of the next token", LOWRANK,
              "c = u[(row * a.gw + w) * a.rd + (f - a.pc)];", "c = u[(row * a.gw + w + 1) * a.rd + (f - a.pc)];",
-             FAC_TESTS),
-    Mutation("factored: every block reduces the first factor chunk", FAC,
-             "f0 = int64_t(blockIdx.y) * kDscrFactoredChunk", "f0 = 0", FAC_TESTS),
-    Mutation("factored: missing guard: pass 1 stores columns d >= D", FAC,
-             "    if (d < a.D) {\n#pragma unroll\n      for (int j = 0; j < kDscrFactoredChunk; ++j) {",
-             "    {\n#pragma unroll\n      for (int j = 0; j < kDscrFactoredChunk; ++j) {", FAC_TESTS),
-    Mutation("factored: diagonal subtracted once instead of twice", FAC,
-             "float acc = -2.0f * xv;", "float acc = -1.0f * xv;", FAC_TESTS),
-    Mutation("factored: column-sum batch offset ignored", FAC,
-             "a.cinv + (a.u_sb == 0 ? 0 : b * (a.u_sb / rd)) + i0", "a.cinv + i0", FAC_TESTS),
+             LOWRANK_TESTS),
+    Mutation("lowrank: every block reduces the first factor chunk", LOWRANK,
+             "f0 = int64_t(blockIdx.y) * kDscrLowrankChunk", "f0 = 0", LOWRANK_TESTS),
+    Mutation("lowrank: missing guard: pass 1 stores columns d >= D", LOWRANK,
+             "    if (d < a.D) {\n#pragma unroll\n      for (int j = 0; j < kDscrLowrankChunk; ++j) {",
+             "    {\n#pragma unroll\n      for (int j = 0; j < kDscrLowrankChunk; ++j) {", LOWRANK_TESTS),
+    Mutation("lowrank: diagonal subtracted once instead of twice", LOWRANK,
+             "float acc = -2.0f * xv;", "float acc = -1.0f * xv;", LOWRANK_TESTS),
+    Mutation("lowrank: column-sum batch offset ignored", LOWRANK,
+             "a.cinv + (a.u_sb == 0 ? 0 : b * (a.u_sb / rd)) + i0", "a.cinv + i0", LOWRANK_TESTS),
     # KVSmooth (kvsmooth.cuh)
     Mutation("kvsmooth: barrier removed after the query rows are staged", KVS,
              "    __syncthreads();\n\n    float m[GP], l[GP], u[GP];", "\n    float m[GP], l[GP], u[GP];", KVS_TESTS),

@@ -1,8 +1,8 @@
-"""The structured-DSCR CUDA kernels (csrc/kernels/dscr_factored.cuh) on the kvemu SIMT emulator.
+"""The structured-DSCR CUDA kernels (csrc/kernels/dscr_lowrank.cuh) on the kvemu SIMT emulator.
 
 Both passes run emulated; the small steps between them (Z3 = Lr Rr^T Z1, P = sum_a P_a) are done
-here in float32 torch, as csrc/cuda/dscr_factored.cu does them with library GEMMs. The result is
-compared with `kvfix.reference.dscr_refine_factored` in float64 on the same factors, and, for
+here in float32 torch, as csrc/cuda/dscr_lowrank.cu does them with library GEMMs. The result is
+compared with `kvfix.reference.dscr_refine_lowrank` in float64 on the same factors, and, for
 float32, with the dense float64 reference (`kvfix.reference.dscr_refine`) within the plan's error
 bound plus rounding. Intermediates and outputs are NaN-poisoned before every launch; strided
 inputs, a broadcast or per-item depth, several factor chunks (pc + rd > 16), head dims above the
@@ -41,7 +41,7 @@ S = _structured()
 
 @pytest.fixture(scope="module")
 def mod(emu):
-    return emu.module("dscr_factored")
+    return emu.module("dscr_lowrank")
 
 
 def _factors(gh, gw, depth, dtype, **kw):
@@ -58,12 +58,12 @@ def _run(mod, x, f, gh, *, inplace=False):
     nan = float("nan")
     z1 = torch.full((B, H, gh, pc, D), nan)
     pa = torch.full((B, H, gh, rd, D), nan)
-    mod.dscr_factored(1, x, None, gh, f.rc, f.lc, f.u, f.cinv, z1, pa, None, None)
+    mod.dscr_lowrank(1, x, None, gh, f.rc, f.lc, f.u, f.cinv, z1, pa, None, None)
     assert torch.isfinite(z1).all() and torch.isfinite(pa).all(), "pass 1 left intermediates unwritten"
     z3 = (f.lr @ (f.rr.T @ z1.reshape(B, H, gh, pc * D))).reshape(B, H, gh, pc, D).contiguous()
     pd = pa.sum(2).contiguous()
     out = x if inplace else torch.full(x.shape, nan, dtype=x.dtype)
-    mod.dscr_factored(2, x, out, gh, f.rc, f.lc, f.u, f.cinv, None, None, z3, pd)
+    mod.dscr_lowrank(2, x, out, gh, f.rc, f.lc, f.u, f.cinv, None, None, z3, pd)
     return out
 
 
@@ -82,7 +82,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
     (4, 6, 1, 3, 130, 1, "bnhd"),           # D > 128 threads; strided input; broadcast depth
     (2, 70, 1, 1, 4, 1, "contiguous"),      # a row longer than one staged segment (64)
 ])
-def test_kernels_match_factored_reference(mod, gh, gw, B, H, D, bd, layout, dtype):
+def test_kernels_match_lowrank_reference(mod, gh, gw, B, H, D, bd, layout, dtype):
     N = gh * gw
     depth = torch.rand(bd, N)
     plan, f = _factors(gh, gw, depth, dtype)
@@ -90,7 +90,7 @@ def test_kernels_match_factored_reference(mod, gh, gw, B, H, D, bd, layout, dtyp
     out = _run(mod, x, f, gh)
     assert out.dtype == dtype and torch.isfinite(out).all(), "unwritten (NaN-poisoned) output"
     f64 = [t.double() for t in (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)]
-    want = R.dscr_refine_factored(x.double(), None, *f64)[0]
+    want = R.dscr_refine_lowrank(x.double(), None, *f64)[0]
     scale = max(1.0, want.abs().max().item())
     assert (out.double() - want).abs().max().item() <= TOL[dtype] * scale
     if dtype == torch.float32:  # and the dense float64 reference (patch units), within the plan's bound
@@ -109,7 +109,7 @@ def test_in_place_and_keep_rule(mod):
     _, f = _factors(gh, gw, depth, torch.float32)
     f.cinv[0, 5] = 0.0  # as for a token whose column sum is 0
     x = torch.randn(B, H, gh * gw, D)
-    want = R.dscr_refine_factored(x.double(), None, *(t.double() for t in (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)))[0]
+    want = R.dscr_refine_lowrank(x.double(), None, *(t.double() for t in (f.lr, f.rr, f.lc, f.rc, f.u, f.cinv)))[0]
     x0 = x.clone()
     out = _run(mod, x, f, gh, inplace=True)
     assert out.data_ptr() == x.data_ptr()

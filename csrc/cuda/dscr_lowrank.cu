@@ -1,21 +1,21 @@
-// Structured DSCR on CUDA: the ATen side of csrc/kernels/dscr_factored.cuh.
+// Structured DSCR on CUDA: the ATen side of csrc/kernels/dscr_lowrank.cuh.
 //
 // Per tensor (each layer's K, then V): pass 1 kernel (row reductions Z1 = Rc^T X[a] and the
 // per-row depth sums P_a = U_a^T X[a]), then library GEMMs on the small intermediates
 // (Z3 = Lr (Rr^T Z1), P = sum_a P_a: O(gh pr pc D) and O(gh rd D) per head, next to O(N (pc + rd) D)
 // of the passes), then the pass 2 kernel that writes the output once. The depth factor U and
 // the column sums are built here with ATen ops in float64 (O(N rd) per item, no host sync), as
-// the CPU op builds them (csrc/cpu/dscr_factored.cpp). In place is safe: pass 1 has read every
+// the CPU op builds them (csrc/cpu/dscr_lowrank.cpp). In place is safe: pass 1 has read every
 // token of a tensor before pass 2 (same stream) writes it, and pass 2 reads x[i, d] in the
 // thread that then writes it. Everything runs on the current stream; no host synchronisation.
-#include "kernels/dscr_factored.cuh"
+#include "kernels/dscr_lowrank.cuh"
 
-template cudaError_t kvfix::kernels::dscr_factored_launch<float>(const kvfix::kernels::DscrFactoredArgs&,
+template cudaError_t kvfix::kernels::dscr_lowrank_launch<float>(const kvfix::kernels::DscrLowrankArgs&,
+                                                                cudaStream_t);
+template cudaError_t kvfix::kernels::dscr_lowrank_launch<__half>(const kvfix::kernels::DscrLowrankArgs&,
                                                                  cudaStream_t);
-template cudaError_t kvfix::kernels::dscr_factored_launch<__half>(const kvfix::kernels::DscrFactoredArgs&,
-                                                                  cudaStream_t);
-template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const kvfix::kernels::DscrFactoredArgs&,
-                                                                         cudaStream_t);
+template cudaError_t kvfix::kernels::dscr_lowrank_launch<__nv_bfloat16>(const kvfix::kernels::DscrLowrankArgs&,
+                                                                        cudaStream_t);
 
 #ifndef __CUDA_ARCH__
 
@@ -38,7 +38,6 @@ template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const k
 #include <vector>
 
 #include "aten_view.h"
-#include "kvfix.h"
 #include "ops/dscr.h"
 
 namespace kvfix {
@@ -74,15 +73,15 @@ void refine_one(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lr
   const at::Tensor z1 = at::empty({B, H, gh, pc, D}, opts);
   const at::Tensor pa = at::empty({B, H, gh, rd, D}, opts);
   const kernels::View ov = out_view_of(out);  // first: in place, out is x (materialised if copy-on-write)
-  kernels::DscrFactoredArgs a =
-      kernels::dscr_factored_pack(view_of(x), ov, gh, view_of(rc), view_of(lc), view_of(u), view_of(cinv));
+  kernels::DscrLowrankArgs a =
+      kernels::dscr_lowrank_pack(view_of(x), ov, gh, view_of(rc), view_of(lc), view_of(u), view_of(cinv));
   a.z1 = z1.mutable_data_ptr<float>();
   a.pa = pa.mutable_data_ptr<float>();
   const cudaStream_t stream = stream_of(x);
   auto run = [&](int stage) {
     a.stage = stage;
-    check_launch("dscr_refine_factored", kernels::dispatch_float(kernel_dtype(x.scalar_type()), [&](auto tag) {
-                   return kernels::dscr_factored_launch<decltype(tag)>(a, stream);
+    check_launch("dscr_refine_lowrank", kernels::dispatch_float(kernel_dtype(x.scalar_type()), [&](auto tag) {
+                   return kernels::dscr_lowrank_launch<decltype(tag)>(a, stream);
                  }));
   };
   run(1);
@@ -106,33 +105,33 @@ void refine_all(const std::vector<at::Tensor>& srcs, const std::vector<at::Tenso
 
 }  // namespace
 
-std::vector<at::Tensor> dscr_refine_factored_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                                  const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
-                                                  const at::Tensor& lc, const at::Tensor& rc, double coef_d,
-                                                  int64_t rank_d) {
+std::vector<at::Tensor> dscr_refine_lowrank_cuda(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                 const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                                 const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                                 int64_t rank_d) {
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
   const std::vector<at::Tensor> srcs =
-      dscr_factored_operands("dscr_refine_factored", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_lowrank_operands("dscr_refine_lowrank", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
   std::vector<at::Tensor> outs;
   for (const auto& s : srcs) outs.push_back(at::empty(s.sizes(), s.options()));
   refine_all(srcs, outs, depth, lr, rr, lc, rc, coef_d, rank_d);
   return outs;
 }
 
-void dscr_refine_factored_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
-                                     const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                     const at::Tensor& rc, double coef_d, int64_t rank_d) {
+void dscr_refine_lowrank_cache_cuda(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                    const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                    const at::Tensor& rc, double coef_d, int64_t rank_d) {
   const std::vector<at::Tensor> all =
-      dscr_factored_operands("dscr_refine_factored_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_lowrank_operands("dscr_refine_lowrank_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
   refine_all(all, all, depth, lr, rr, lc, rc, coef_d, rank_d);
 }
 
 }  // namespace kvfix
 
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
-  m.impl("dscr_refine_factored", &kvfix::dscr_refine_factored_cuda);
-  m.impl("dscr_refine_factored_cache_", &kvfix::dscr_refine_factored_cache_checked<&kvfix::dscr_refine_factored_cache_cuda>);
+  m.impl("dscr_refine_lowrank", &kvfix::dscr_refine_lowrank_cuda);
+  m.impl("dscr_refine_lowrank_cache_", &kvfix::dscr_refine_lowrank_cache_checked<&kvfix::dscr_refine_lowrank_cache_cuda>);
 }
 
 #endif  // !__CUDA_ARCH__

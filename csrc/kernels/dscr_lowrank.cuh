@@ -1,6 +1,6 @@
-// Structured DSCR (kvfix/dscr_structured.py) on CUDA: the two token-long passes of the factored
+// Structured DSCR (kvfix/dscr_structured.py) on CUDA: the two token-long passes of the low-rank
 // refinement. Framework-free (CUDA runtime and C++ headers only), so the ATen side
-// (csrc/cuda/dscr_factored.cu), tools/ptxas_report.py and the SIMT emulator (tests/emu/) compile
+// (csrc/cuda/dscr_lowrank.cu), tools/ptxas_report.py and the SIMT emulator (tests/emu/) compile
 // this same source.
 //
 // For one tensor x ([B, H, N, D], N = gh * gw tokens of a row-major grid, element strides
@@ -9,16 +9,16 @@
 // with Z3 = Lr Rr^T Z1 and P = sum_a P_a, where
 //     Z1[b, h, a, p, d] = sum_w Rc[w, p] x[b, h, a * gw + w, d]          (reduce along the grid row)
 //     P_a[b, h, a, n, d] = sum_w U[b, a * gw + w, n] x[b, h, a * gw + w, d]  (depth factor, per row)
-// Pass 1 (dscr_factored_reduce_kernel) computes Z1 and P_a, pass 2 (dscr_factored_expand_kernel)
+// Pass 1 (dscr_lowrank_reduce_kernel) computes Z1 and P_a, pass 2 (dscr_lowrank_expand_kernel)
 // computes and writes the output; the small steps between them (gh x pr x pc per column, and the
 // sum of P_a over rows) are library GEMMs / reductions on the ATen side.
 //
-// Pass 1: one block per (grid row a, chunk of kDscrFactoredChunk factor columns, b * H + h).
+// Pass 1: one block per (grid row a, chunk of kDscrLowrankChunk factor columns, b * H + h).
 // The factor columns are the concatenation [Rc | U] (pc + rd of them); the block stages the
 // chunk's coefficients of its row ([gw, chunk] floats) in shared memory and each thread owns
-// head-dim columns d (stride blockDim.x), keeping the chunk's kDscrFactoredChunk sums in
+// head-dim columns d (stride blockDim.x), keeping the chunk's kDscrLowrankChunk sums in
 // registers while it walks the gw tokens of the row (coalesced along d). Rows are done in
-// segments of kDscrFactoredRowSeg tokens so that static shared memory stays small.
+// segments of kDscrLowrankRowSeg tokens so that static shared memory stays small.
 // Pass 2: one block per (grid row a, b * H + h); each thread owns columns d: for every token of
 // the row it accumulates -2 x + sum_p Lc[w, p] Z3[a, p, d] + sum_n U[i, n] P[n, d] (the
 // coefficients are the same for all threads of the block: broadcast loads) and writes once.
@@ -27,9 +27,9 @@
 #pragma once
 
 // For tools/ptxas_report.py:
-// @ptxas-instantiate: template cudaError_t kvfix::kernels::dscr_factored_launch<float>(const kvfix::kernels::DscrFactoredArgs&, cudaStream_t);
-// @ptxas-instantiate: template cudaError_t kvfix::kernels::dscr_factored_launch<__half>(const kvfix::kernels::DscrFactoredArgs&, cudaStream_t);
-// @ptxas-instantiate: template cudaError_t kvfix::kernels::dscr_factored_launch<__nv_bfloat16>(const kvfix::kernels::DscrFactoredArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::dscr_lowrank_launch<float>(const kvfix::kernels::DscrLowrankArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::dscr_lowrank_launch<__half>(const kvfix::kernels::DscrLowrankArgs&, cudaStream_t);
+// @ptxas-instantiate: template cudaError_t kvfix::kernels::dscr_lowrank_launch<__nv_bfloat16>(const kvfix::kernels::DscrLowrankArgs&, cudaStream_t);
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,7 +42,7 @@
 namespace kvfix::kernels {
 
 // One pass of one tensor. stage 1: reduce (x -> z1, pa); stage 2: expand (x, z3, pd -> out).
-struct DscrFactoredArgs {
+struct DscrLowrankArgs {
   int stage;
   const void* x;         // [B, H, N, D], strides x_sb, x_sh, x_sn
   void* out;             // [B, H, N, D], strides o_sb, o_sh, o_sn (stage 2); may equal x
@@ -60,50 +60,50 @@ struct DscrFactoredArgs {
   const float* pd;       // [B, H, rd, D]     contiguous (stage 2 input)
 };
 
-constexpr int kDscrFactoredChunk = 16;     // factor columns per pass-1 block (register sums)
-constexpr int kDscrFactoredRowSeg = 64;    // tokens of a row staged at a time (pass 1)
-constexpr int kDscrFactoredThreads = 128;  // threads per block (columns d, strided)
+constexpr int kDscrLowrankChunk = 16;     // factor columns per pass-1 block (register sums)
+constexpr int kDscrLowrankRowSeg = 64;    // tokens of a row staged at a time (pass 1)
+constexpr int kDscrLowrankThreads = 128;  // threads per block (columns d, strided)
 // Static shared memory only (tools/ptxas_report.py).
-constexpr int kDscrFactoredDynamicSmemBytes = 0;
+constexpr int kDscrLowrankDynamicSmemBytes = 0;
 
 template <class T>
-__global__ void __launch_bounds__(kDscrFactoredThreads) dscr_factored_reduce_kernel(DscrFactoredArgs a) {
-  __shared__ float coef[kDscrFactoredRowSeg][kDscrFactoredChunk];
-  const int64_t row = blockIdx.x, f0 = int64_t(blockIdx.y) * kDscrFactoredChunk, bh = blockIdx.z;
+__global__ void __launch_bounds__(kDscrLowrankThreads) dscr_lowrank_reduce_kernel(DscrLowrankArgs a) {
+  __shared__ float coef[kDscrLowrankRowSeg][kDscrLowrankChunk];
+  const int64_t row = blockIdx.x, f0 = int64_t(blockIdx.y) * kDscrLowrankChunk, bh = blockIdx.z;
   const int64_t b = bh / a.H, h = bh % a.H;
   const int64_t nf = a.pc + a.rd;
   const float* u = a.u + b * a.u_sb;
   const T* x = static_cast<const T*>(a.x) + b * a.x_sb + h * a.x_sh + row * a.gw * a.x_sn;
   for (int64_t d0 = 0; d0 < a.D; d0 += blockDim.x) {
     const int64_t d = d0 + threadIdx.x;
-    float acc[kDscrFactoredChunk];
+    float acc[kDscrLowrankChunk];
 #pragma unroll
-    for (int j = 0; j < kDscrFactoredChunk; ++j) acc[j] = 0.0f;
-    for (int64_t w0 = 0; w0 < a.gw; w0 += kDscrFactoredRowSeg) {
-      const int64_t nw = a.gw - w0 < kDscrFactoredRowSeg ? a.gw - w0 : kDscrFactoredRowSeg;
+    for (int j = 0; j < kDscrLowrankChunk; ++j) acc[j] = 0.0f;
+    for (int64_t w0 = 0; w0 < a.gw; w0 += kDscrLowrankRowSeg) {
+      const int64_t nw = a.gw - w0 < kDscrLowrankRowSeg ? a.gw - w0 : kDscrLowrankRowSeg;
       __syncthreads();  // the previous segment's coefficients are no longer read
-      for (int64_t e = threadIdx.x; e < nw * kDscrFactoredChunk; e += blockDim.x) {
-        const int64_t w = w0 + e / kDscrFactoredChunk, f = f0 + e % kDscrFactoredChunk;
+      for (int64_t e = threadIdx.x; e < nw * kDscrLowrankChunk; e += blockDim.x) {
+        const int64_t w = w0 + e / kDscrLowrankChunk, f = f0 + e % kDscrLowrankChunk;
         float c = 0.0f;
         if (f < a.pc) {
           c = a.rc[w * a.pc + f];
         } else if (f < nf) {
           c = u[(row * a.gw + w) * a.rd + (f - a.pc)];
         }
-        coef[e / kDscrFactoredChunk][e % kDscrFactoredChunk] = c;
+        coef[e / kDscrLowrankChunk][e % kDscrLowrankChunk] = c;
       }
       __syncthreads();
       if (d < a.D) {
         for (int64_t w = 0; w < nw; ++w) {
           const float xv = Num<T>::to_f(x[(w0 + w) * a.x_sn + d]);
 #pragma unroll
-          for (int j = 0; j < kDscrFactoredChunk; ++j) acc[j] += coef[w][j] * xv;
+          for (int j = 0; j < kDscrLowrankChunk; ++j) acc[j] += coef[w][j] * xv;
         }
       }
     }
     if (d < a.D) {
 #pragma unroll
-      for (int j = 0; j < kDscrFactoredChunk; ++j) {
+      for (int j = 0; j < kDscrLowrankChunk; ++j) {
         const int64_t f = f0 + j;
         if (f < a.pc) {
           a.z1[((bh * a.gh + row) * a.pc + f) * a.D + d] = acc[j];
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kDscrFactoredThreads) dscr_factored_reduce_ker
 }
 
 template <class T>
-__global__ void __launch_bounds__(kDscrFactoredThreads) dscr_factored_expand_kernel(DscrFactoredArgs a) {
+__global__ void __launch_bounds__(kDscrLowrankThreads) dscr_lowrank_expand_kernel(DscrLowrankArgs a) {
   const int64_t row = blockIdx.x, bh = blockIdx.y;
   const int64_t b = bh / a.H, h = bh % a.H;
   const int gw = static_cast<int>(a.gw), pc = static_cast<int>(a.pc), rd = static_cast<int>(a.rd);
@@ -146,28 +146,28 @@ __global__ void __launch_bounds__(kDscrFactoredThreads) dscr_factored_expand_ker
 
 // Launches stage a.stage on `stream` (no synchronisation); returns the launch status.
 template <class T>
-cudaError_t dscr_factored_launch(const DscrFactoredArgs& a, cudaStream_t stream) {
+cudaError_t dscr_lowrank_launch(const DscrLowrankArgs& a, cudaStream_t stream) {
   if (a.B * a.H == 0 || a.gh * a.gw == 0 || a.D == 0) return cudaSuccess;
   if (a.B * a.H > 65535 || a.gh > 2147483647) return cudaErrorInvalidConfiguration;
   if (a.stage == 1) {
-    const int64_t chunks = (a.pc + a.rd + kDscrFactoredChunk - 1) / kDscrFactoredChunk;
+    const int64_t chunks = (a.pc + a.rd + kDscrLowrankChunk - 1) / kDscrLowrankChunk;
     if (chunks > 65535) return cudaErrorInvalidConfiguration;
     const dim3 grid(static_cast<unsigned>(a.gh), static_cast<unsigned>(chunks), static_cast<unsigned>(a.B * a.H));
-    dscr_factored_reduce_kernel<T><<<grid, dim3(kDscrFactoredThreads), kDscrFactoredDynamicSmemBytes, stream>>>(a);
+    dscr_lowrank_reduce_kernel<T><<<grid, dim3(kDscrLowrankThreads), kDscrLowrankDynamicSmemBytes, stream>>>(a);
   } else {
     const dim3 grid(static_cast<unsigned>(a.gh), static_cast<unsigned>(a.B * a.H));
-    dscr_factored_expand_kernel<T><<<grid, dim3(kDscrFactoredThreads), kDscrFactoredDynamicSmemBytes, stream>>>(a);
+    dscr_lowrank_expand_kernel<T><<<grid, dim3(kDscrLowrankThreads), kDscrLowrankDynamicSmemBytes, stream>>>(a);
   }
   return cudaGetLastError();
 }
 
-// Host-side argument packing (view.h), shared by csrc/cuda/dscr_factored.cu and the emulator's
+// Host-side argument packing (view.h), shared by csrc/cuda/dscr_lowrank.cu and the emulator's
 // shim: x [B, H, N, D], out like x (stage 2; may be x) or absent, the grid height, the column
 // factors rc, lc float32 [gw, pc], the depth factors u float32 [Bd, N, rd] and cinv [Bd, N]. The
 // stage and the float32 workspaces (z1, pa, z3, pd) are the caller's.
-inline DscrFactoredArgs dscr_factored_pack(const View& x, const View& out, int64_t gh, const View& rc, const View& lc,
-                                           const View& u, const View& cinv) {
-  DscrFactoredArgs a{};
+inline DscrLowrankArgs dscr_lowrank_pack(const View& x, const View& out, int64_t gh, const View& rc, const View& lc,
+                                         const View& u, const View& cinv) {
+  DscrLowrankArgs a{};
   a.x = x.data;
   a.B = x.size(0);
   a.H = x.size(1);

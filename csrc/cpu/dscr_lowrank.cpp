@@ -1,4 +1,4 @@
-// Structured DSCR on the CPU (kvfix/dscr_structured.py): the refinement with factored weights.
+// Structured DSCR on the CPU (kvfix/dscr_structured.py): the refinement with low-rank weights.
 //
 // Per block of kW = 16 feature columns (16 consecutive head dims of one head of one batch item
 // of K or V) there are two passes over the block's N tokens, with the operands of the inner
@@ -30,7 +30,7 @@
 #include <vector>
 
 #include "fresh_pages.h"
-#include "kvfix.h"
+#include "ops/dscr.h"
 
 #include "cpu/simd.h"
 
@@ -252,7 +252,7 @@ void refine_group_any(const Factors& f, const T* x, int64_t sx, T* y, int64_t sy
 struct Buffer {
   float* p = nullptr;
   explicit Buffer(int64_t n) : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64 + 64))) {
-    TORCH_CHECK(p != nullptr, "dscr_refine_factored: out of memory");
+    TORCH_CHECK(p != nullptr, "dscr_refine_lowrank: out of memory");
   }
   ~Buffer() { std::free(p); }
   Buffer(const Buffer&) = delete;
@@ -341,7 +341,7 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
         case at::kFloat: run(float{}); break;
         case at::kHalf: run(c10::Half{}); break;
         case at::kBFloat16: run(c10::BFloat16{}); break;
-        default: TORCH_CHECK(false, "dscr_refine_factored: unsupported dtype ", src.scalar_type());
+        default: TORCH_CHECK(false, "dscr_refine_lowrank: unsupported dtype ", src.scalar_type());
       }
     }
   });
@@ -397,14 +397,14 @@ std::vector<at::Tensor> dscr_depth_factors_cpu(const at::Tensor& depth, const at
   return {u, cinv};
 }
 
-std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
-                                                 const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
-                                                 const at::Tensor& lc, const at::Tensor& rc, double coef_d,
-                                                 int64_t rank_d) {
+std::vector<at::Tensor> dscr_refine_lowrank_cpu(const at::Tensor& k, const std::optional<at::Tensor>& v,
+                                                const at::Tensor& depth, const at::Tensor& lr, const at::Tensor& rr,
+                                                const at::Tensor& lc, const at::Tensor& rc, double coef_d,
+                                                int64_t rank_d) {
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
   const std::vector<at::Tensor> srcs =
-      dscr_factored_operands("dscr_refine_factored", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_lowrank_operands("dscr_refine_lowrank", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
   std::vector<at::Tensor> outs;
   for (const auto& s : srcs) {
     outs.push_back(at::empty(s.sizes(), s.options()));
@@ -416,11 +416,11 @@ std::vector<at::Tensor> dscr_refine_factored_cpu(const at::Tensor& k, const std:
   return outs;
 }
 
-void dscr_refine_factored_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
-                                    const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
-                                    const at::Tensor& rc, double coef_d, int64_t rank_d) {
+void dscr_refine_lowrank_cache_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& depth,
+                                   const at::Tensor& lr, const at::Tensor& rr, const at::Tensor& lc,
+                                   const at::Tensor& rc, double coef_d, int64_t rank_d) {
   const std::vector<at::Tensor> all =
-      dscr_factored_operands("dscr_refine_factored_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
+      dscr_lowrank_operands("dscr_refine_lowrank_cache_", keys, values, true, depth, lr, rr, lc, rc, coef_d, rank_d);
   if (keys[0].size(2) == 0) return;
   const auto uc = dscr_depth_factors_cpu(depth, lr, rr, lc, rc, coef_d, rank_d);
   refine(all, all, lr, rr, lc, rc, uc[0], uc[1]);
