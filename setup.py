@@ -87,7 +87,6 @@ if use_cuda:
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += _nvidia_include_dirs()
-    define_macros.append(("KVFIX_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "kvfix._C", sources, include_dirs=include_dirs, define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags,
