@@ -356,6 +356,22 @@ def test_redistribute_non_finite_scores_rejected(bad):
     assert torch.equal(kw["hidden"], before)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA build and a GPU")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_redistribute_non_finite_scores_cuda_nan_item(bad):
+    """CUDA reads nothing on the host (issue 18): the item with a non-finite score is all nan,
+    the other item equals the CPU op's result."""
+    kw = _ok_redistribute()
+    kw["scores"][1, 5] = bad
+    hidden, scores = kw["hidden"].cuda(), kw["scores"].cuda()
+    want = kvfix.scr_redistribute(kw["hidden"][:1], kw["scores"][:1], kw["grid_hw"], top_k=2)
+    out = kvfix.scr_redistribute(hidden, scores, kw["grid_hw"], top_k=2)
+    assert out[1].isnan().all()
+    torch.testing.assert_close(out[:1].cpu(), want)  # fp32 defaults: the kernels may fuse h + (lam - 1) acc
+    kvfix.scr_redistribute_(hidden, scores, kw["grid_hw"], top_k=2)
+    assert torch.equal(hidden.isnan(), out.isnan()) and torch.equal(hidden[:1], out[:1])
+
+
 @pytest.mark.parametrize("change,exc,match", [
     (dict(image_span=(5, 3)), ValueError, "image_span"),
     (dict(image_span=(0, 21)), ValueError, "image_span"),

@@ -2,9 +2,9 @@
 //
 // Checks are shared with the CPU path (kvfix::scr_scores_check and friends in csrc/ops/scr.cpp).
 // scr_scores is three launches on the current stream with a workspace from the caching allocator
-// (B * Hq * (2 Tq + N) floats) and reads nothing back. scr_redistribute checks that the scores are
-// finite (one host read: it runs once per image), then launches the selection and the apply kernels
-// with a [B, N] byte workspace for the source flags.
+// (B * Hq * (2 Tq + N) floats) and reads nothing back. scr_redistribute reads nothing back either
+// (an item with non-finite scores is written nan by the kernels); it launches the selection and the
+// apply kernels with a [B, N] byte workspace for the source flags.
 //
 // Includes are kept to what is used: no torch/extension.h or ATen/ATen.h (compile time).
 #include <ATen/core/Tensor.h>

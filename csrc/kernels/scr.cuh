@@ -24,18 +24,21 @@
 //   3. scr_scores_reduce_kernel: scores[b, j] = sum over heads in a fixed order / Hq.
 // No atomics: deterministic.
 //
-// scr_redistribute: hidden [B, N, C] on a gh x gw grid, scores [B, N] float32 (finite: checked by
-// the caller).
+// scr_redistribute: hidden [B, N, C] on a gh x gw grid, scores [B, N] float32. The host reads
+// nothing: an item with a non-finite score (nan, +-inf) has no defined top_k, and every row of its
+// output (in place: of hidden) is written nan; the other items are unaffected. (The CPU op raises
+// instead, where reading the scores costs no device round trip.)
 //   1. scr_select_kernel, one block of 128 candidates per (tile, item): a candidate's rank is the
 //      number of candidates before it in the order (score descending, index ascending), counted
 //      against tiles of scores and candidate flags staged in shared memory; it is a source when
-//      rank < top_k. Writes a flag per patch (1 = source).
+//      rank < top_k. Every block scans all of its item's scores, so each one also sees whether
+//      any is non-finite. Writes a flag per patch (1 = source, 2 = the item's scores are not finite).
 //   2. scr_redistribute_apply_kernel, one block per (row, item) (C in a strided loop): gathers its
 //      8 neighbours' flags and writes h / lam (source), h + (lam - 1) sum of the adjacent sources'
-//      rows (neighbour, fp32, neighbours in row-major window order) or a copy (other rows, out of
-//      place only). Out of place every row reads the input only. In place it runs twice on one
-//      stream: first the neighbour rows (reading the still untouched source rows), then the source
-//      rows; nothing else is written.
+//      rows (neighbour, fp32, neighbours in row-major window order), nan (flag 2) or a copy (other
+//      rows, out of place only). Out of place every row reads the input only. In place it runs
+//      twice on one stream: first the neighbour rows and the nan rows (reading the still untouched
+//      source rows), then the source rows; nothing else is written.
 #pragma once
 
 // For tools/ptxas_report.py (each launcher instantiates every kernel shape it can launch):
@@ -275,7 +278,9 @@ cudaError_t scr_scores_launch(const ScrScoresArgs& a, cudaStream_t stream) {
 __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistributeArgs a) {
   __shared__ float tile[kScrThreads];
   __shared__ bool tile_cand[kScrThreads];
+  __shared__ bool not_finite;  // any score of the item is nan or +-inf
   const int64_t b = blockIdx.y, n = static_cast<int64_t>(blockIdx.x) * kScrThreads + threadIdx.x;
+  if (threadIdx.x == 0) not_finite = false;  // the loop's first barrier orders this before any write
   const float* s = a.scores + b * a.N;
   auto candidate = [&](int64_t p) {
     if (!a.exclude_border) return true;
@@ -288,8 +293,10 @@ __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistribute
   for (int64_t p0 = 0; p0 < a.N; p0 += kScrThreads) {
     __syncthreads();
     if (p0 + threadIdx.x < a.N) {
-      tile[threadIdx.x] = s[p0 + threadIdx.x];
+      const float v = s[p0 + threadIdx.x];
+      tile[threadIdx.x] = v;
       tile_cand[threadIdx.x] = candidate(p0 + threadIdx.x);
+      if ((__float_as_uint(v) & 0x7f800000u) == 0x7f800000u) not_finite = true;  // exponent all ones
     }
     __syncthreads();
     const int64_t len = a.N - p0 < kScrThreads ? a.N - p0 : kScrThreads;
@@ -299,16 +306,23 @@ __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistribute
         if (tile_cand[e] && (sp > sn || (sp == sn && p0 + e < n))) ++rank;
       }
   }
-  if (n < a.N) a.flags[b * a.N + n] = (mine && rank < a.top_k) ? 1 : 0;
+  // the last tile's barrier ordered every thread's not_finite write before this read
+  if (n < a.N) a.flags[b * a.N + n] = not_finite ? 2 : (mine && rank < a.top_k) ? 1 : 0;
 }
 
-// phase 0: every row (out of place); 1: neighbour rows only; 2: source rows only (in place).
+// phase 0: every row (out of place); 1: neighbour and nan rows only; 2: source rows only (in place).
 template <class T>
 __global__ void __launch_bounds__(kScrThreads) scr_redistribute_apply_kernel(ScrRedistributeArgs a, int phase) {
   const int64_t n = blockIdx.x, b = blockIdx.y;
   const uint8_t* flag = a.flags + b * a.N;
   const T* in = static_cast<const T*>(a.hidden) + b * a.h_sb + n * a.h_sn;
   T* out = static_cast<T*>(a.out) + b * a.o_sb + n * a.o_sn;
+  if (flag[n] == 2) {  // the item's scores are not finite (every flag of the item is 2)
+    if (phase == 2) return;
+    const float nan = __int_as_float(0x7fc00000);
+    for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = Num<T>::from_f(nan);
+    return;
+  }
   if (flag[n]) {
     if (phase == 1) return;
     for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) / a.lam);

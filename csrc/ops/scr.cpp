@@ -70,8 +70,9 @@ void scr_redistribute_check(const char* op, const at::Tensor& hidden, const at::
   // float32 arithmetic (h / lam, lam - 1): lam must be a normal float32 number
   TORCH_CHECK_VALUE(lam >= kFloatMinNormal && lam <= kFloatMax, op,
                     ": lam must be in [1.2e-38, 3.4e38] (a normal float32 > 0), got ", lam);
-  // Once per image (not a decode path): one host read; nothing to read on meta / fake tensors.
-  if (!scores.is_meta() && scores.numel() > 0)
+  // On the CPU the scores are read here (no device round trip); a device never syncs with the
+  // host for it: the CUDA kernels write nan over an item whose scores are not finite (scr.cuh).
+  if (scores.device().is_cpu() && scores.numel() > 0)
     TORCH_CHECK_VALUE(scores.isfinite().all().item<bool>(), op, ": scores has non-finite values (nan or inf)");
 }
 

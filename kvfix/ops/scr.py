@@ -65,8 +65,9 @@ def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top
 
     Args:
         hidden: [B, N, C] float32/float16/bfloat16, any strides with a contiguous last dim.
-        scores: [B, N] floating point (used as float32), finite: NaN and +-inf raise a ValueError
-            (one host read; SCR runs once per image, not per decoded token).
+        scores: [B, N] floating point (used as float32), finite: on the CPU NaN and +-inf raise a
+            ValueError; on CUDA the host reads nothing (no sync) and an item with a non-finite
+            score gets nan in every row.
         grid_hw: (gh, gw) with gh * gw == N, tokens in row-major order over the patch grid.
         top_k (>= 0): number of sources, capped at the candidates; 0 leaves hidden unchanged.
         lam: redistribution strength, a normal float32 number > 0 (in [1.2e-38, 3.4e38]).

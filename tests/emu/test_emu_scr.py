@@ -184,3 +184,27 @@ def test_scr_scores_inf_only_visible_key(scr):
         assert torch.equal(out.isnan(), want.isnan()), out
         fin = ~want.isnan()
         torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf])
+def test_scr_redistribute_nonfinite_scores_item_nan(scr, dtype, bad):
+    """Issue 18: the CUDA op reads nothing on the host, so non-finite scores cannot raise there:
+    the kernels write nan over every row of that item (out of place and in place) and leave the
+    other items as the reference computes them. Items 0 and 2 carry the bad value (at the last
+    patch: in the second tile of scores), item 1 is finite."""
+    B, grid = 3, (12, 13)
+    N = grid[0] * grid[1]
+    hidden = torch.randn(B, N, 9).to(dtype)
+    scores = torch.rand(B, N)
+    scores[0, N - 1] = bad
+    scores[2, 0] = bad
+    out = torch.full(hidden.shape, 0.5).to(dtype)  # finite poison: the nan must come from the kernel
+    scr.scr_redistribute(hidden, out, scores, grid[0], grid[1], 8, 1.3, 1, 0)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    truth = R.scr_redistribute(hidden[1:2].double(), scores[1:2].double(), grid, top_k=8, lam=1.3)
+    same = R.scr_redistribute(hidden[1:2], scores[1:2], grid, top_k=8, lam=1.3)
+    _check_rule(out[1:2], truth, same, "scr_redistribute (finite item)")
+    inplace = hidden.clone()
+    scr.scr_redistribute(inplace, inplace, scores, grid[0], grid[1], 8, 1.3, 1, 1)
+    assert torch.equal(inplace.isnan(), out.isnan()) and torch.equal(inplace[1], out[1])
