@@ -71,7 +71,8 @@ defaults. So
     exp(-4 cd (j delta)^2); and at most the whole sum `(1 + a) exp(-cd Delta^2)`, the only bound
     from Delta >= 2R on. Per column: the sum over its tokens of the smaller of the two (pairs
     beyond r_cut = sqrt(87 / cd): at most (1 + a) exp(-87) each, as the dense kernels' cut-off),
-    bounded for every column at once by binning the depths 1/32 level wide and convolving the
+    bounded for every column at once by binning the depths 1/32 level wide (at most 2^16 bins:
+    wider on ranges beyond 2048 levels) and convolving the
     bin counts with the largest bound over each bin distance (`_gauss_truncation`; on a ramp
     4-5x above the dropped weight counted pair by pair). delta puts rel at half of E_d, C
     is the fewest whose truncation fits the rest. Cost 2 C N + G (C = 21-22 at float32):
@@ -838,15 +839,18 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
     return ops, build
 
 
-_GAUSS_BIN = 1.0 / 32  # depth bin width (levels) of the gauss mode's truncation sum
+_GAUSS_BIN = 1.0 / 32    # depth bin width (levels) of the gauss mode's truncation sum ...
+_GAUSS_MAX_BINS = 1 << 16  # ... wider where the depth range would need more bins (ranges beyond 2048)
 
 
 def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: float) -> float:
     """An upper bound of max_j sum_i drop(|d_i - d_j|) over the pairs closer than r_cut =
-    sqrt(87 / cd) (module docstring, "gauss"): the depths binned _GAUSS_BIN wide, a pair of tokens
-    in bins m apart bounded by the largest drop over the distances [(m - 1) h, (m + 1) h], and the
-    bin counts convolved with those bounds."""
-    hb = _GAUSS_BIN
+    sqrt(87 / cd) (module docstring, "gauss"): the depths binned h = _GAUSS_BIN wide (at most
+    _GAUSS_MAX_BINS bins: wider on wider ranges, a looser bound), a pair of tokens in bins m apart
+    bounded by the largest drop over the distances [(m - 1) h, (m + 1) h], and the bin counts
+    convolved with those bounds."""
+    x = d.numpy()
+    hb = max(_GAUSS_BIN, float(x.max() - x.min()) / _GAUSS_MAX_BINS)
     w = step * math.sqrt(4.0 * cd / math.pi)
     tau, k = 0.0, 0
     while True:  # sum_{k >= 0} exp(-4 cd (k step)^2), to float64 rounding
@@ -866,7 +870,6 @@ def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: 
     h1 = a1 * np.exp(-2.0 * cd * (peak - R) ** 2)          # the dropped nodes: largest at distance R
     hmax = np.where(hi < 2.0 * R, np.minimum(h1, h2), h2)
     ker = np.concatenate((hmax[:0:-1], hmax))
-    x = d.numpy()
     b = np.floor((x - x.min()) / hb).astype(np.int64)
     counts = np.bincount(b).astype(np.float64)
     sums = np.convolve(counts, ker, mode="full")[M:M + counts.size]
