@@ -40,9 +40,10 @@ defaults. So
   - "values": a node per distinct depth value (tokens of one value share it: exact); the dropped
     entries of T are the only error. Each row keeps its nearest nodes and drops the farthest
     while their weight `sum_{g' dropped} n_g' exp(-cd (e_g - e_g')^2)` (n_g': the tokens of node
-    g') stays within E_max / 2 (computed from the depths; then made symmetric and consecutive
-    again, which only keeps more), or, where that would examine more than 2^18 entries, rows
-    reach r with `(N - 1) exp(-cd r^2) <= E_max / 2` (r <= 10.2). Cost 2N + nnz(T) per feature
+    g') stays within E_d = E_max - E_sp (the depth part's budget: what the spatial band leaves;
+    computed from the depths; then made symmetric and consecutive again, which only keeps more),
+    or, where that would examine more than 2^18 entries, rows reach r with `(N - 1) exp(-cd r^2)
+    <= E_d` (r <= 10.2). Cost 2N + nnz(T) per feature
     column: cheap where depths repeat (surfaces at one depth, constant maps) or are sparse (few
     tokens per level).
   - "grid": nodes on a uniform depth grid of step delta, each token interpolated from its p
@@ -54,7 +55,7 @@ defaults. So
     polynomial on the central interval in units of delta) and Lambda_p the Lebesgue constant of
     that interval (P_p and Lambda_p evaluated on 4097 points, +2%). Summed
     over the at most n_int sources within r_T + p delta of a token (counted on the sorted
-    depths) and the N - 1 beyond, this is E_d <= E_max / 2 by the choice of delta and r_T.
+    depths) and the N - 1 beyond, this is within E_d by the choice of delta and r_T.
     Cost 2 p N + nnz(T): cheap where many tokens share few depth levels' worth of nodes
     (narrow depth ranges).
   - "gauss": Gaussian nodes, the depth kernel as a sum of narrower Gaussians, with T diagonal:
@@ -62,26 +63,31 @@ defaults. So
     d_min + k delta, w = delta sqrt(4 cd / pi). Each term is `exp(-cd (x - y)^2) exp(-4 cd (x_k -
     m)^2)` (m = (x + y) / 2), and by Poisson summation the sum over k is the integral times `1 +
     a`, `|a| <= 2 q / (1 - q)`, `q = exp(-pi^2 / (4 cd delta^2))`: a relative error `rel` of every
-    entry. Token i keeps the C = ceil(2 R / delta) nodes from the first with x_k >= d_i - R; a
-    dropped term has a factor below exp(-2 cd R^2) and the other factors sum (over all nodes) to
-    at most s2 = sqrt(2) (1 + 2 q^2 / (1 - q^2)), so the dropped part of a pair is at most `2 s2
-    exp(-2 cd R^2)`, and at most the whole sum `(1 + a) exp(-cd rho^2)` for a pair rho or more
-    apart: per column at most `n_rho 2 s2 exp(-2 cd R^2) + N (1 + a) exp(-cd rho^2)` (n_rho: the
-    most tokens within rho of one, counted on the sorted depths; rho puts the second term at an
-    eighth of the truncation's share). delta puts rel at E_max / 4, R the rest within E_max / 2.
-    Cost 2 C N + G (C = 22-25 at float32: R grows with log n_rho only): cheap for continuous depth
-    over a wide range at large N (a 64 x 64 ramp: C = 23, 67 operations per token against 104 on
-    the depth grid).
+    entry. Token i keeps the C nodes from the first with x_k >= d_i - R, R = C delta / 2: every
+    node in [d_i - R, d_i + R). For a pair Delta = |x - y| < 2R apart the dropped nodes are at
+    least L = R - Delta / 2 from m, so (one side: nodes L + j delta or farther, and (L + j
+    delta)^2 >= L^2 + (j delta)^2) the dropped part of the pair is at most `w exp(-cd Delta^2) 2
+    tau exp(-4 cd L^2) = 2 w tau exp(-2 cd R^2) exp(-2 cd (Delta - R)^2)`, tau = sum_{j >= 0}
+    exp(-4 cd (j delta)^2); and at most the whole sum `(1 + a) exp(-cd Delta^2)`, the only bound
+    from Delta >= 2R on. Per column: the sum over its tokens of the smaller of the two (pairs
+    beyond r_cut = sqrt(87 / cd): at most (1 + a) exp(-87) each, as the dense kernels' cut-off),
+    bounded for every column at once by binning the depths 1/32 level wide (at most 2^16 bins:
+    wider on ranges beyond 2048 levels) and convolving the
+    bin counts with the largest bound over each bin distance (`_gauss_truncation`; on a ramp
+    4-5x above the dropped weight counted pair by pair). delta puts rel at half of E_d, C
+    is the fewest whose truncation fits the rest. Cost 2 C N + G (C = 21-22 at float32):
+    cheap for continuous depth over a wide range at large N (a 64 x 64 ramp: C = 21, 63
+    operations per token, against 104 on the depth grid).
     With a relative part the column error is `E_j <= E + rel (D_j - 1)`, D_j the column's depth
     sum, and the column sum is `c_j >= c_min + D_j - 1` (D_j >= 1, the diagonal): the bound
     `2 E_j / (c_j - E_j)` is then at most `max(2 E / (c_min - E), 2 rel / (1 - rel))` (a ratio of
     linear functions of D_j, largest at D_j = 1 or as D_j grows).
   The cheapest of "values", the grid orders p in (6, 8, 12, 16, 20, 24) and "gauss" is used per
-  item. E_max = tol c_min / (2 + tol), so the bound is at most tol. The CPU kernel walks the head dim in
-  blocks of 64 columns: M = A X (grid and gauss modes: the block's tokens copied in node order,
-  then two nodes at a time over them), Y = T M, the row pass, then the column pass with A^T Y,
-  the diagonal and 1 / c~_j in one write (K and V read from their strided cache slices, written
-  once; in place is safe).
+  item. E_max = tol c_min / (2 + tol), E = E_sp + E_d <= E_max, so the bound is at most tol. The
+  CPU kernel walks the head dim in blocks of 64 columns: M = A X (grid and gauss modes: the
+  block's tokens copied in node order, then two nodes at a time over them), Y = T M, the row
+  pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K and V read
+  from their strided cache slices, written once; in place is safe).
   The structure (sort, nodes, T, c~) is built in float64 once per call (once per image for
   `kvfix.hf.DSCR`), shared by every layer and head.
 
@@ -833,39 +839,80 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
     return ops, build
 
 
+_GAUSS_BIN = 1.0 / 32    # depth bin width (levels) of the gauss mode's truncation sum ...
+_GAUSS_MAX_BINS = 1 << 16  # ... wider where the depth range would need more bins (ranges beyond 2048)
+
+
+def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: float) -> float:
+    """An upper bound of max_j sum_i drop(|d_i - d_j|) over the pairs closer than r_cut =
+    sqrt(87 / cd) (module docstring, "gauss"): the depths binned h = _GAUSS_BIN wide (at most
+    _GAUSS_MAX_BINS bins: wider on wider ranges, a looser bound), a pair of tokens in bins m apart
+    bounded by the largest drop over the distances [(m - 1) h, (m + 1) h], and the bin counts
+    convolved with those bounds."""
+    x = d.numpy()
+    hb = max(_GAUSS_BIN, float(x.max() - x.min()) / _GAUSS_MAX_BINS)
+    w = step * math.sqrt(4.0 * cd / math.pi)
+    tau, k = 0.0, 0
+    while True:  # sum_{k >= 0} exp(-4 cd (k step)^2), to float64 rounding
+        t = math.exp(-4.0 * cd * (k * step) ** 2)
+        tau += t
+        if t < 1e-18 * tau:
+            break
+        k += 1
+    a1 = 2.0 * w * tau * math.exp(-2.0 * cd * R * R)
+    b1 = 1.0 + alias
+    M = int(math.ceil(math.sqrt(87.0 / cd) / hb)) + 2
+    m = np.arange(M + 1, dtype=np.float64)
+    lo = np.maximum(0.0, (m - 1.0) * hb - 1e-9)
+    hi = (m + 1.0) * hb + 1e-9
+    h2 = b1 * np.exp(-cd * lo * lo)                         # the whole sum: decreasing in the distance
+    peak = np.clip(R, lo, hi)
+    h1 = a1 * np.exp(-2.0 * cd * (peak - R) ** 2)          # the dropped nodes: largest at distance R
+    hmax = np.where(hi < 2.0 * R, np.minimum(h1, h2), h2)
+    ker = np.concatenate((hmax[:0:-1], hmax))
+    b = np.floor((x - x.min()) / hb).astype(np.int64)
+    counts = np.bincount(b).astype(np.float64)
+    sums = np.convolve(counts, ker, mode="full")[M:M + counts.size]
+    return float(sums[counts > 0].max())
+
+
 def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, best_ops: float):
     """Gaussian nodes (module docstring, "gauss"): nodes x_k = d_min + k delta, token i weighted
-    exp(-2 cd (d_i - x_k)^2) on the C nodes within R of d_i, T = w I (ds: d sorted). None if the
-    cost is not below best_ops; else (cost, a function that builds the structure)."""
+    exp(-2 cd (d_i - x_k)^2) on the C nodes from the first with x_k >= d_i - R, R = C delta / 2,
+    T = w I (ds: d sorted); C the fewest whose truncation bound meets the budget. None if the cost
+    is not below best_ops; else (cost, a function that builds the structure)."""
     N = d.numel()
     # relative part (Poisson summation of the nodes' Gaussian, coefficient 4 cd): 2 q / (1 - q) <= budget / 2
     eps = 0.5 * budget
     q = eps / (2.0 + eps)
     step = math.pi / math.sqrt(4.0 * cd * -math.log(q))
     alias = 2.0 * q / (1.0 - q)
-    q2 = q * q                                   # the same sum with coefficient 2 cd
-    alias2 = 2.0 * q2 / (1.0 - q2)
-    # truncation, per source: the dropped terms are below 2 sqrt(2) (1 + alias2) exp(-2 cd R^2) and
-    # below the whole sum, (1 + alias) exp(-cd rho^2) for sources beyond rho: n_near sources within rho
-    # take the first (rho: the N beyond within eta / 8), the rest the second
-    eta = (budget - alias - N * _E87) * (1.0 - 1e-9)  # the margin keeps err <= budget through rounding
+    fixed = N * (1.0 + alias) * _E87 + alias        # the cut-off's entries and the diagonal's relative part
+    eta = (budget - fixed) * (1.0 - 1e-9)           # the margin keeps err <= budget through rounding
     if not eta > 0:
         return None
-    rho = math.sqrt(math.log(8.0 * N * (1.0 + alias) / eta) / cd)
-    far = N * (1.0 + alias) * math.exp(-cd * rho * rho)
-    c_tr = 2.0 * math.sqrt(2.0) * (1.0 + alias2) * _reach_count(ds, rho)
-    R = math.sqrt(math.log(c_tr / (eta - far)) / (2.0 * cd))
-    C = math.ceil(2.0 * R / step)
+
+    def trunc(C):  # R = C delta / 2, less a hair for the rounding of the first node
+        return _gauss_truncation(ds, cd, 0.5 * C * step * (1.0 - 1e-12), step, alias)
+
+    C = max(1, math.ceil(2.0 * math.sqrt(math.log(max(2.0, 4.0 * N) / eta) / (2.0 * cd)) / step))
+    while trunc(C) > eta:
+        C += 1
+        if 2.0 * C * N >= best_ops:
+            return None
+    while C > 1 and trunc(C - 1) <= eta:
+        C -= 1
     if 2.0 * C * N >= best_ops:
         return None
-    d0 = float(d.min())
+    R = 0.5 * C * step
+    d0 = float(ds[0])
     first = torch.ceil((d - d0 - R) / step).to(torch.int64)       # first node with x_k >= d_i - R
     touched = _touched(first, C)
     G = touched.numel()
     ops = float(2 * C * N + G)
     if ops >= best_ops:
         return None
-    err = c_tr * math.exp(-2.0 * cd * R * R) + far + N * _E87 + alias
+    err = trunc(C) + fixed
     w = step * math.sqrt(4.0 * cd / math.pi)
 
     def build():
@@ -948,7 +995,9 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
     if K > _MAX_BAND:
         return None, dict(reason=f"spatial band {K} > {_MAX_BAND} (wide sigma_s)")
     d64 = depth.detach().to("cpu", torch.float64)
-    items = [_depth_structure(d64[b], cd, e_max / 2.0) for b in range(d64.shape[0])]
+    # the depth part takes what the spatial band leaves of E_max (the band's share is e_max / 4 at most;
+    # K = 4 drops ~6e-12 at the defaults): E = e_sp + e_d <= E_max
+    items = [_depth_structure(d64[b], cd, (e_max - e_sp) * (1.0 - 1e-9)) for b in range(d64.shape[0])]
     e_d = max(it.error for it in items)
     rel = max(it.rel for it in items)
     E = e_sp + e_d

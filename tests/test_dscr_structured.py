@@ -535,6 +535,37 @@ def test_banded_bound_holds_in_gauss_mode(tol):
         assert err <= it.rel * (1 + 1e-3) if fine else err > tol, (step, err, it.rel)
 
 
+def test_gauss_truncation_bound_holds_and_is_tight():
+    """The Gaussian nodes' truncation bound (`_gauss_truncation`, module docstring "gauss") against
+    the dropped weight counted pair by pair over every node (float64): at or above every column's
+    dropped sum, on a ramp (continuous depth, many tokens per level), random depths and a crowded
+    map, and within 20x of it where float64 resolves the dropped sum (C = 14, 18): the bound
+    sets C, and each node fewer multiplies it by ~10 on these maps."""
+    g = torch.Generator().manual_seed(1)
+    ramp = kvfix.patch_depth(common.depth_map("ramp", 32, 32), 32, 32, scale=60.0).double()
+    spread = 30.0 * torch.rand(1024, generator=g, dtype=torch.float64)
+    crowded = 8.0 * torch.randint(0, 3, (1024,), generator=g).double() + 2.0 * torch.rand(
+        1024, generator=g, dtype=torch.float64)
+    step = 0.37
+    w = step * math.sqrt(4.0 * CD / math.pi)
+    for d in (ramp, spread, crowded):
+        d0 = float(d.min())
+        nodes = d0 + step * torch.arange(-40, int((float(d.max()) - d0) / step) + 41, dtype=torch.float64)
+        phi = torch.exp(-2.0 * CD * (d[:, None] - nodes[None, :]) ** 2)           # [N, all nodes]
+        near = (d[:, None] - d[None, :]).abs() <= math.sqrt(87.0 / CD)
+        for C in (14, 18, 22):
+            R = 0.5 * C * step
+            first = torch.ceil((d - d0 - R) / step).long() + 40                   # index into nodes
+            idx = torch.arange(nodes.numel())
+            win = (idx[None, :] >= first[:, None]) & (idx[None, :] < first[:, None] + C)
+            kept = phi * win
+            dropped = w * (phi @ phi.T - kept @ kept.T)  # >= 0 entry by entry (float64 rounding ~1e-16)
+            actual = (dropped * near).sum(0).max().item()
+            bound = S._gauss_truncation(d, CD, R, step, 0.0)
+            assert actual <= bound * (1 + 1e-9) + 1e-13, (C, actual, bound)
+            assert C == 22 or bound <= 20.0 * actual, (C, actual, bound)  # (22: float64 rounding ~1e-14)
+
+
 def test_banded_values_rows_fitted_and_symmetric():
     """The "values" node kernel's rows keep the nearest nodes while the dropped weight stays
     within the budget: symmetric, consecutive, and fewer entries than the count-based reach."""
