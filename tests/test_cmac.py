@@ -606,7 +606,8 @@ def test_torch_compile_fullgraph():
     def f(q, k, v, logits):
         kc = kvfix.rope_calibrate(k * 1.0, (2, 10), inv, gamma=3.0)
         out = kvfix.cmac_attention(q, k, v, (2, 10), k_calibrated=kc, imd=True)
-        out2 = kvfix.cmac_attention(q, k, v, (2, 10), k_calibrated=kc, imd=True, k_calibrated_mean=kvfix.cmac_key_mean(kc))
+        out2 = kvfix.cmac_attention(q, k, v, (2, 10), k_calibrated=kc, imd=True,
+                                    k_calibrated_mean=kvfix.cmac_key_mean(kc))
         return out * 2 + out2, kvfix.contrastive_logits(logits, logits.flip(-1))
 
     logits = torch.randn(2, 50)

@@ -208,15 +208,16 @@ void imd_threshold(const AttnArgs& a, std::vector<float>& mu_p) {
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* kc = static_cast<const T*>(a.kc);
+  // (b innermost: each thread's share mixes the items, IMD on and off, e.g. CMAC's two branches)
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> kbar(D), qsum(D);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / a.Hkv, hk = i % a.Hkv;
+      const int64_t b = i % a.B, hk = i / a.B, bk = b * a.Hkv + hk;
       const Span sp = (*a.spans)[b];
       const int64_t i_after = std::clamp<int64_t>(sp.e - (a.T - a.Tq), 0, a.Tq);
       if (!(*a.imd)[b] || i_after == a.Tq || sp.e == sp.s) continue;
       if (a.kmean != nullptr) {
-        std::copy(a.kmean + i * D, a.kmean + (i + 1) * D, kbar.begin());
+        std::copy(a.kmean + bk * D, a.kmean + (bk + 1) * D, kbar.begin());
       } else {
         std::fill(kbar.begin(), kbar.end(), 0.0f);
         for (int64_t t = 0; t < sp.e - sp.s; ++t) {
@@ -232,7 +233,7 @@ void imd_threshold(const AttnArgs& a, std::vector<float>& mu_p) {
         }
       float dot = 0.0f;
       for (int64_t d = 0; d < D; ++d) dot += qsum[d] * kbar[d];
-      part[i] = a.kmean != nullptr ? dot : dot / static_cast<float>(sp.e - sp.s);
+      part[bk] = a.kmean != nullptr ? dot : dot / static_cast<float>(sp.e - sp.s);
     }
   });
   for (int64_t b = 0; b < a.B; ++b) {
@@ -249,6 +250,8 @@ void attention(const AttnArgs& a) {
   const int64_t D = a.D, g = a.Hq / a.Hkv;
   const int64_t units_per_head = (a.Tq + kQueryBlock - 1) / kQueryBlock + 1;  // +1: the split at the span end
   const bool low = !std::is_same_v<T, float>;
+  // Units (b, query head, query block), b innermost: each thread's contiguous share mixes the
+  // items (IMD on and off: CMAC's two branches as one batch), not one item per thread.
   at::parallel_for(0, a.B * a.Hq * units_per_head, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> S(kQueryBlock * kKeyBlock), acc(kQueryBlock * D), m(kQueryBlock), l(kQueryBlock),
         imd(kQueryBlock), scal(kQueryBlock);
@@ -256,7 +259,7 @@ void attention(const AttnArgs& a) {
     std::vector<float> hit(kKeyBlock);
     std::vector<float> vsum(D);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / (a.Hq * units_per_head), h = (u / units_per_head) % a.Hq, ub = u % units_per_head;
+      const int64_t b = u % a.B, ub = (u / a.B) % units_per_head, h = u / (a.B * units_per_head);
       const int64_t hk = h / g;
       const Span sp = (*a.spans)[b];
       const int64_t off = a.T - a.Tq;  // query i sits at position off + i

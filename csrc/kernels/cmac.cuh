@@ -190,12 +190,13 @@ __device__ __forceinline__ float mu_p_of(const CmacAttnArgs& a, int64_t b, int64
 // shared memory, written once.
 template <class T>
 __device__ __forceinline__ float mu_p_of_mean(const CmacAttnArgs& a, int64_t b, float* red) {
-  const int64_t g = a.Hq / a.Hkv;
-  const T* qb = static_cast<const T*>(a.q) + b * a.q_sb;
-  const float* mb = a.kmean + b * a.Hkv * a.D;
+  const int g = static_cast<int>(a.Hq / a.Hkv), Hkv = static_cast<int>(a.Hkv), D = static_cast<int>(a.D);
+  const T* qh = static_cast<const T*>(a.q) + b * a.q_sb;
+  const float* mk = a.kmean + b * a.Hkv * a.D;
   float t = 0.0f;
-  for (int64_t h = 0; h < a.Hq; ++h)
-    for (int64_t d = threadIdx.x; d < a.D; d += blockDim.x) t += ld(qb + h * a.q_sh + d) * mb[(h / g) * a.D + d];
+  for (int hk = 0; hk < Hkv; ++hk, mk += D)
+    for (int j = 0; j < g; ++j, qh += a.q_sh)
+      for (int d = threadIdx.x; d < D; d += kCmacThreads) t += ld(qh + d) * mk[d];
   t = warp_sum(t);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = t;
   __syncthreads();  // the warps' sums are in shared memory

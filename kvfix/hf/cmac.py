@@ -412,7 +412,8 @@ class CMAC(Method):
                                        k_calibrated=None if k_cal is None else k_cal[r], scale=scale,
                                        mask=None if mask is None else mask[r:r + 1] if mask.shape[0] > 1 else mask,
                                        causal=causal, imd=imd if isinstance(imd, bool) else imd[r:r + 1],
-                                       value_mean=self.value_mean, k_calibrated_mean=None if k_mean is None else k_mean[r])
+                                       value_mean=self.value_mean,
+                                       k_calibrated_mean=None if k_mean is None else k_mean[r])
                     for r in range(R)])
         return out.transpose(1, 2).contiguous(), None
 

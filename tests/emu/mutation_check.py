@@ -249,9 +249,8 @@ MUTATIONS = [
              "(km != nullptr ? tot : tot / static_cast<float>(e - s))", "tot / static_cast<float>(e - s)", CMAC_TESTS),
     Mutation("cmac decode: the caller's mean key ignored (threshold partials read, none written)", CMAC,
              "if (use_imd && a.kmean == nullptr)", "if (use_imd)", CMAC_TESTS),
-    Mutation("cmac decode: the mean-key threshold from the first query head only", CMAC,
-             "for (int64_t h = 0; h < a.Hq; ++h)\n    for (int64_t d = threadIdx.x;",
-             "for (int64_t h = 0; h < 1; ++h)\n    for (int64_t d = threadIdx.x;", CMAC_TESTS),
+    Mutation("cmac decode: the mean-key threshold from the first kv head's query heads only", CMAC,
+             "for (int hk = 0; hk < Hkv; ++hk, mk += D)", "for (int hk = 0; hk < 1; ++hk, mk += D)", CMAC_TESTS),
     Mutation("cmac decode: the mean-key threshold's barrier removed", CMAC,
              "__syncthreads();  // the warps' sums are in shared memory", "//", CMAC_TESTS),
 ]
