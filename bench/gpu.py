@@ -13,7 +13,7 @@ wall-clock timer: a smoke test of this script without a GPU, whose numbers mean 
 `--device cpu --sections models --layers 4 --dtype fp32 --out bench/MODELS_CPU.md` is the CPU
 record of the models section instead: the same configs at full width with their text and vision
 layer counts cut to 4 (issue 18's "same benchmark on the CPU").
-Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~30-35 s;
+Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~35-40 s;
 ESTIMATE_S below is what a section must have left to start).
 
 Sections (bf16 unless a row says otherwise; inputs are random normal, never zeros):
@@ -32,7 +32,9 @@ Sections (bf16 unless a row says otherwise; inputs are random normal, never zero
   and the flash-attn package when installed, on the same q, k, v.
 - models: random-weight LLaVA-1.5-7B and Qwen2-VL-7B (their exact configs, written out below;
   built on the GPU in bf16, nothing downloaded), one image at the model's size, greedy: plain vs
-  kvfix.hf.KVSmooth / CMAC / DSCR (random depth map) / SCR, prefill ms and decode ms per token.
+  kvfix.hf.KVSmooth / CMAC / DSCR (random depth map) / SCR, prefill ms and decode ms per token;
+  plus "plain, 2 rows" (the same prompt twice as one batch, greedy: the shape CMAC's two branches
+  run in), which separates the cost of a batch of 2 rows from CMAC's own.
 
 Timing. Ops: CUDA events around each call, median of `reps` calls after `warmup` calls. The calls
 are queued behind a GPU sleep long enough for the host to enqueue them all, so an op's time is
@@ -71,7 +73,7 @@ BF16 = torch.bfloat16
 SECTIONS = ("baselines", "kvsmooth", "dscr", "rooflines", "cmac", "models")
 # seconds each section needs on an H100 (this file's estimate; a section is skipped when less is
 # left); models: per model (LLaVA-1.5-7B, then Qwen2-VL-7B, each skipped alone when time is short)
-ESTIMATE_S = {"baselines": 5, "kvsmooth": 15, "dscr": 20, "rooflines": 10, "cmac": 10, "models": 70}
+ESTIMATE_S = {"baselines": 5, "kvsmooth": 15, "dscr": 20, "rooflines": 10, "cmac": 10, "models": 85}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "GPU.md")
 
 # DSCR per-grid table: (gh, gw, H); dense (N x N weights) only up to DENSE_MAX_N tokens.
@@ -711,9 +713,21 @@ def model_prompt(model, family: str, device: str, tiny: bool = False, text_after
     return inputs, depth, side
 
 
+PLAIN_2 = "plain, 2 rows"   # the prompt twice as one batch, no method: CMAC's batch shape
+
+
 def _methods():
     from kvfix import hf
-    return {"plain": None, "KVSmooth": hf.KVSmooth, "CMAC": hf.CMAC, "DSCR": hf.DSCR, "SCR": hf.SCR}
+    return {"plain": None, PLAIN_2: None, "KVSmooth": hf.KVSmooth, "CMAC": hf.CMAC, "DSCR": hf.DSCR, "SCR": hf.SCR}
+
+
+def doubled_inputs(inputs: dict) -> dict:
+    """The model inputs of one prompt as a batch of two identical rows (LLaVA: pixel_values
+    [1, ...] -> [2, ...]; Qwen2-VL: the image's patch rows and grid twice)."""
+    out = {}
+    for k, v in inputs.items():
+        out[k] = torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
+    return out
 
 
 # decode per token / plain: KVSmooth <= 1.10, CMAC <= 1.4 (both branches in one batch of 2 rows),
@@ -753,26 +767,30 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
         torch.cuda.synchronize()
     built = time.perf_counter() - t0
     inputs, depth, side = model_prompt(model, family, ctx.device, tiny)
+    inputs2 = doubled_inputs(inputs)
     prompt = inputs["input_ids"].shape[1]
     methods = _methods()
     samples = {name: ([], []) for name in methods}
 
-    def gen(handle, k):
+    def gen(handle, k, rows2=False):
         kw = dict(max_new_tokens=k, min_new_tokens=k, do_sample=False)
-        out = model.generate(**inputs, **kw) if handle is None else handle.generate(**inputs, depth_maps=[depth], **kw)
-        if out.shape[1] != prompt + k:
-            raise RuntimeError(f"generate returned {out.shape[1] - prompt} new tokens, expected {k}")
+        if handle is None:
+            out = model.generate(**(inputs2 if rows2 else inputs), **kw)
+        else:
+            out = handle.generate(**inputs, depth_maps=[depth], **kw)
+        if out.shape[1] != prompt + k or out.shape[0] != (2 if rows2 else 1):
+            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {k} new tokens")
 
-    def timed(handle) -> tuple[float, float]:
+    def timed(handle, rows2=False) -> tuple[float, float]:
         """(prefill ms, decode ms per token) of one round."""
         if ctx.device != "cpu":
-            t1 = ctx.ms(lambda: gen(handle, 1), reps=1, warmup=0, queued=False)
-            tn = ctx.ms(lambda: gen(handle, 1 + n_new), reps=1, warmup=0, queued=False)
+            t1 = ctx.ms(lambda: gen(handle, 1, rows2), reps=1, warmup=0, queued=False)
+            tn = ctx.ms(lambda: gen(handle, 1 + n_new, rows2), reps=1, warmup=0, queued=False)
             return t1, (tn - t1) / n_new
         clock = _StepClock(model)
         try:
             start = time.perf_counter()
-            gen(handle, 1 + n_new)
+            gen(handle, 1 + n_new, rows2)
         finally:
             clock.close()
         steps = clock.stamps[-(n_new + 1):]  # the first token's step, then the n decode steps
@@ -785,7 +803,7 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
         for name in order:
             handle = None if methods[name] is None else hf.enable(model, methods[name]())
             try:
-                p, d = timed(handle)
+                p, d = timed(handle, rows2=name == PLAIN_2)
             finally:
                 if handle is not None:
                     handle.disable()
@@ -820,23 +838,31 @@ def models_section(ctx: Ctx) -> Section:
         with sec.row(label):
             res, info = model_rows(ctx, family, n_new, reps, warmup)
             plain_p, plain_d = res["plain"]
+            plain2_d = res[PLAIN_2][1]
             rows = []
             for name, (p, d) in res.items():
-                rows.append([name, fmt(p), rfmt(ratio(p, plain_p)), fmt(d), rfmt(ratio(d, plain_d))])
+                rows.append([name, fmt(p), rfmt(ratio(p, plain_p)), fmt(d), rfmt(ratio(d, plain_d)),
+                             rfmt(ratio(d, plain2_d))])
                 if name in DECODE_TARGETS:
                     sec.targets.append(target(f"{label} {name} decode per token / plain", ratio(d, plain_d),
                                               DECODE_TARGETS[name]))
+            cmac_d = res["CMAC"][1]
+            sec.note(f"{label}: plain with 2 rows / plain {rfmt(ratio(plain2_d, plain_d))} (the batch-of-2 floor); "
+                     f"CMAC decode / plain, 2 rows {rfmt(ratio(cmac_d, plain2_d))} (CMAC's own cost on top of it; "
+                     f"the target line above is against plain with 1 row)")
             sec.note(f"**{label}** (random weights, {info['params'] / 1e9:.2f} B parameters, {info['dtype']}, "
                      f"{info['layers']} text layers, hidden {info['hidden']}, {info['vision_layers']} vision layers, "
                      f"attention {info['attn']}, built in "
                      f"{info['built_s']:.1f} s{info['peak']}): one {info['side']} x {info['side']} image, prompt "
                      f"{info['prompt']} tokens, greedy, {n_new} decoded tokens; medians of {reps} timed round(s) after "
                      f"{warmup} warm-up round(s)")
-            sec.table(["variant", "prefill ms", "prefill / plain", "decode ms / token", "decode / plain"], rows)
+            sec.table(["variant", "prefill ms", "prefill / plain", "decode ms / token", "decode / plain",
+                       "decode / plain, 2 rows"], rows)
     sec.note("Variants: `kvfix.hf.enable(model, Method())` with the defaults, enabled outside the timed calls; "
              "DSCR gets a random depth map at the image's size. prefill = `generate(max_new_tokens=1)` (vision tower, "
              "prefill, first token; SCR's diagnostic pass and DSCR's refinement included); decode = (generate of 1 + n "
-             "tokens - prefill) / n. CMAC runs both branches as one batch of 2 rows."
+             "tokens - prefill) / n. CMAC runs both branches as one batch of 2 rows; \"plain, 2 rows\" is plain "
+             "greedy on the prompt twice as one batch (the same shape, no method)."
              + (" On the CPU one generate of 1 + n tokens per round, stamped at each call of the output layer: "
                 "prefill = up to the first token's step, decode = the median interval between decode steps."
                 if ctx.device == "cpu" else ""))

@@ -338,7 +338,7 @@ def scr_redistribute(hidden: torch.Tensor, scores: torch.Tensor, grid_hw, *, top
 #   sequence (no token after it in k), a = (position of the span's last token) + 1 per section.
 #   The angle is computed in float32 or better (float64 for float64 keys), whatever k's dtype.
 
-__all__ += ["image_spans", "rope_calibrate", "cmac_attention", "contrastive_logits"]
+__all__ += ["image_spans", "rope_calibrate", "cmac_key_mean", "cmac_attention", "contrastive_logits"]
 
 
 def image_spans(image_span, B: int, device=None):
@@ -400,16 +400,29 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def cmac_key_mean(k_calibrated: torch.Tensor) -> torch.Tensor:
+    """The mean over the N image tokens of [B, Hkv, N, D] keys: [B, Hkv, D] (float64 for float64
+    keys, else float32); zeros for N = 0."""
+    wide = torch.float64 if k_calibrated.dtype == torch.float64 else torch.float32
+    if k_calibrated.shape[2] == 0:
+        return k_calibrated.new_zeros(k_calibrated.shape[:2] + k_calibrated.shape[3:], dtype=wide)
+    return k_calibrated.to(wide).mean(dim=2)
+
+
 def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span, *,
                    k_calibrated: torch.Tensor | None = None, scale: float | None = None,
                    mask: torch.Tensor | None = None, causal: bool = True, imd=False,
-                   value_mean: str = "scalar") -> torch.Tensor:
+                   value_mean: str = "scalar", k_calibrated_mean: torch.Tensor | None = None) -> torch.Tensor:
     """CMAC attention (METHODS §4: CMPC logits, IMD values), materialised: [B, Hq, Tq, D].
 
     q [B, Hq, Tq, D], k, v [B, Hkv, T, D] (query head h reads kv head h // (Hq // Hkv)),
     k_calibrated [B, Hkv, N, D] (the image keys at calibrated positions, e.g. `rope_calibrate`;
     None: no calibration). imd: bool or bool tensor [B]. value_mean: "scalar" (mean over image
     tokens and head dim, as the authors' code) or "vector" (over tokens only, as the paper).
+    k_calibrated_mean: None (mu_P is the mean of the segment's logits, formed here), or [B, Hkv,
+    D], the caller's mean of the segment's image keys: mu_P = scale * sum over query heads h and
+    after-image queries r of q[b, h, r] . k_calibrated_mean[b, kv(h)] / (Hq * rows), which equals
+    the mean of the logits (by linearity) when the argument is that mean.
     Runs in q's dtype (float64 gives the ground truth); see the module notes for the choices.
     """
     B, Hq, Tq, D = q.shape
@@ -456,7 +469,13 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
         imd_b = torch.full((B,), bool(imd), dtype=torch.bool, device=dev)
     segh = seg.expand(B, Hq, Tq, T)
     count = segh.sum(dim=(1, 2, 3)).to(dt)                                        # [B]
-    mu_p = torch.where(segh, logits, torch.zeros_like(logits)).sum(dim=(1, 2, 3)) / count.clamp(min=1)
+    if k_calibrated_mean is None:
+        mu_p = torch.where(segh, logits, torch.zeros_like(logits)).sum(dim=(1, 2, 3)) / count.clamp(min=1)
+    else:
+        km = k_calibrated_mean.to(dt).repeat_interleave(g, 1)                     # [B, Hq, D]
+        qa = torch.where(after[:, None, :, None], q, torch.zeros((), dtype=dt, device=dev))
+        rows = after.sum(dim=1).to(dt)                                            # [B]
+        mu_p = torch.einsum("bhqd,bhd->b", qa, km) * scale / (rows * Hq).clamp(min=1)
     hit = segh & (logits > mu_p[:, None, None, None]) & imd_b[:, None, None, None]
     n_img = (en - st).clamp(min=1).to(dt)[:, None, None]
     # where, not a product with a 0/1 weight: a non-finite value outside the image must not reach mu_V

@@ -120,6 +120,31 @@ def test_reference_imd_vector_mean_and_calibrated_segment_hand_computed():
     torch.testing.assert_close(out[:, :, :3], R.cmac_attention(q, k, v, (0, 3), scale=1.0)[:, :, :3])
 
 
+def test_reference_key_mean_threshold_hand_computed():
+    """k_calibrated_mean: mu_P = scale * sum over heads and after-image queries of q . mean key /
+    (Hq * rows). With the true mean (head 0 keys 1, 2, 3 -> 2; head 1 0, 0, 3 -> 1) it is the
+    logit mean of test_reference_attention_and_imd_hand_computed, 1.5: the same output. A caller's
+    mean of (1, 4) instead: mu_P = (2 * 1 + 2 * 4) / 4 = 2.5, so only head 0's key 2 (logit 3)
+    and head 1's key 2 (logit 3) are hits."""
+    q, k, v = _hand_attention_inputs()
+    mean = R.cmac_key_mean(k[:, :, 0:3])
+    torch.testing.assert_close(mean, torch.tensor([[[2.0], [1.0]]], dtype=torch.float64))
+    torch.testing.assert_close(R.cmac_attention(q, k, v, (0, 3), scale=1.0, imd=True, k_calibrated_mean=mean),
+                               R.cmac_attention(q, k, v, (0, 3), scale=1.0, imd=True), rtol=0, atol=0)
+    other = torch.tensor([[[1.0], [4.0]]], dtype=torch.float64)
+    out = R.cmac_attention(q, k, v, (0, 3), scale=1.0, imd=True, k_calibrated_mean=other)
+    for i in (3, 4):
+        keys = list(range(i + 1))
+        l0 = [k[0, 0, j, 0].item() for j in keys]
+        v0 = [1.0, 2.0, 3.0, 10.0, 20.0][:i + 1]   # mu_V head 0: 3, key 2 only
+        assert out[0, 0, i, 0].item() == pytest.approx(_softmax_out(l0, v0), rel=1e-12)
+        l1 = [k[0, 1, j, 0].item() for j in keys]
+        v1 = [0.0, 3.0, 2.0, -1.0, -2.0][:i + 1]   # mu_V head 1: 2, key 2 only
+        assert out[0, 1, i, 0].item() == pytest.approx(_softmax_out(l1, v1), rel=1e-12)
+    torch.testing.assert_close(out[:, :, :3], R.cmac_attention(q, k, v, (0, 3), scale=1.0)[:, :, :3])
+    assert R.cmac_key_mean(k[:, :, :0]).shape == (1, 2, 1) and not R.cmac_key_mean(k[:, :, :0]).any()
+
+
 def test_reference_contrastive_hand_computed():
     l = torch.tensor([[2.0, 1.5, 1.0, 1.9]], dtype=torch.float64)
     lt = torch.tensor([[1.0, 0.0, 0.0, 4.0]], dtype=torch.float64)
@@ -313,6 +338,49 @@ def test_attention_matches_reference(Hq, Hkv, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (6, 2)])
+def test_attention_with_key_mean_matches_reference(Hq, Hkv, dtype, device):
+    """k_calibrated_mean (cmac_key_mean of the calibrated keys, or of k's image keys without them):
+    the kernel against the reference given the same mean, prefill, chunk and decode, IMD on every
+    item and per item; and the op's own mean (the argument absent) against the caller's: the
+    same result up to the order of the fp32 sums (compared with the rule against the truth)."""
+    D = 32
+    inv = _inv_freq(D).to(device)
+    for i, (Tq, T, span) in enumerate(SHAPES):
+        q, k, v = _attention_inputs(2, Hq, Hkv, Tq, T, D, dtype, device, layout="strided" if i % 2 else "contiguous")
+        kc = kvfix.rope_calibrate(k, span, inv, gamma=(2.0, 3.0)[i % 2])
+        km = kvfix.cmac_key_mean(kc)
+        assert km.dtype == torch.float32 and km.shape == (2, Hkv, D) and km.is_contiguous()
+        torch.testing.assert_close(km.double(), R.cmac_key_mean(kc.double()), rtol=1e-5, atol=1e-6)
+        _check_attention(q, k, v, span, k_calibrated=kc, imd=True, value_mean=("scalar", "vector")[i % 2],
+                         k_calibrated_mean=km)
+        _check_attention(q, k, v, span, k_calibrated=kc, imd=torch.tensor([False, True], device=device),
+                         k_calibrated_mean=km)
+        plain = kvfix.cmac_key_mean(k[:, :, span[0]:span[1]])
+        _check_attention(q, k, v, span, imd=True, k_calibrated_mean=plain, causal=i % 3 != 1)
+        # without IMD the mean is not used
+        torch.testing.assert_close(kvfix.cmac_attention(q, k, v, span, k_calibrated=kc, k_calibrated_mean=km * 7),
+                                   kvfix.cmac_attention(q, k, v, span, k_calibrated=kc), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_mean_moves_the_threshold(device):
+    """A caller's mean other than the keys' own moves mu_P, as the reference says: a mean of
+    zeros makes every positive segment logit a hit; the kernel follows the reference."""
+    B, Hq, Hkv, T, D = 2, 4, 2, 30, 16
+    q, k, v = _attention_inputs(B, Hq, Hkv, T, T, D, torch.float32, device)
+    for Tq in (T, 1):
+        qq = q[:, :, T - Tq:]
+        for km in (torch.zeros(B, Hkv, D, device=device), 3 * torch.randn(B, Hkv, D, device=device)):
+            out = _check_attention(qq, k, v, (4, 20), imd=True, k_calibrated_mean=km)
+            assert not torch.allclose(out, kvfix.cmac_attention(qq, k, v, (4, 20), imd=True))
+        # a non-contiguous mean (the wrapper makes it contiguous)
+        km = torch.randn(B, D, Hkv, device=device).transpose(1, 2)
+        _check_attention(qq, k, v, (4, 20), imd=True, k_calibrated_mean=km)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gamma_one_equals_sdpa(dtype, device):
     B, Hq, Hkv, D = 2, 4, 2, 64
     inv = _inv_freq(D).to(device)
@@ -350,6 +418,7 @@ def test_left_padding_per_item_spans(kind, dtype, device):
         m = mask if mask.shape[2] == 1 else mask[:, :, T - Tq:]
         kc = kvfix.rope_calibrate(k, spans, inv, gamma=3.0, positions=pos, num_tokens=N)
         out = _check_attention(q, k, v, spans, k_calibrated=kc, mask=m, imd=True)
+        _check_attention(q, k, v, spans, k_calibrated=kc, mask=m, imd=True, k_calibrated_mean=kvfix.cmac_key_mean(kc))
         if Tq == T:  # padded query rows see no key (bool / -inf masks): zeros
             if kind != "finfo":
                 assert (out[1, :, :3] == 0).all() and (out[2, :, :7] == 0).all()
@@ -416,6 +485,10 @@ def _ok(device="cpu"):
     (lambda q, k, v: kvfix.cmac_attention(q, k, v, (0, 4), k_calibrated=k[:, :, :3]), ValueError, "k_calibrated"),
     (lambda q, k, v: kvfix.cmac_attention(q, k, v, (0, 4), k_calibrated=k[:, :, :4].half()), TypeError,
      "k_calibrated"),
+    (lambda q, k, v: kvfix.cmac_attention(q, k, v, (0, 4), k_calibrated_mean=torch.zeros(2, 2, 7)), ValueError,
+     r"k_calibrated_mean must be \[B, Hkv, D\] = \[2, 2, 8\]"),
+    (lambda q, k, v: kvfix.cmac_attention(q, k, v, (0, 4), k_calibrated_mean=torch.zeros(2, 2, 8).half()), TypeError,
+     "k_calibrated_mean must be float32"),
     (lambda q, k, v: kvfix.cmac_attention(q, k.half(), v, (0, 4)), TypeError, "k dtype"),
     (lambda q, k, v: kvfix.cmac_attention(q, k, v[:, :, :5], (0, 4)), ValueError, "v shape"),
     (lambda q, k, v: kvfix.cmac_attention(q[:, :3], k, v, (0, 4)), ValueError, "multiple of the kv heads"),
@@ -470,6 +543,9 @@ def test_ops_check_their_input_too():
         torch.ops.kvfix.contrastive_logits.default(q, q, 3.0, 2.0)
     with pytest.raises(ValueError, match="multiple of the kv heads"):
         torch.ops.kvfix.cmac_attention.default(q[:, :3], k, v, 0, 4, None, None, None, None, True, False, None, 0)
+    with pytest.raises(ValueError, match="k_calibrated_mean must be contiguous"):
+        torch.ops.kvfix.cmac_attention.default(q, k, v, 0, 4, None, None, None, None, True, True, None, 0,
+                                               torch.zeros(2, 8, 2).transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,10 +570,14 @@ def test_no_host_reads_in_the_decode_path():
             return func(*args, **(kwargs or {}))
 
     imd = torch.tensor([True, False])
+    km = kvfix.cmac_key_mean(kc)
+    assert kvfix.cmac_attention(*meta[:3], (3, 13), k_calibrated=meta[3], imd=True,
+                                k_calibrated_mean=km.to("meta")).shape == q.shape
     with Calls():
         kvfix.cmac_attention(q, k, v, (3, 13), k_calibrated=kc, mask=mask, imd=imd)
+        kvfix.cmac_attention(q, k, v, (3, 13), k_calibrated=kc, mask=mask, imd=imd, k_calibrated_mean=km)
         kvfix.contrastive_logits(q, q)
-    assert Calls.calls == ["kvfix.cmac_attention.default", "kvfix.contrastive_logits.default"], Calls.calls
+    assert Calls.calls == ["kvfix.cmac_attention.default"] * 2 + ["kvfix.contrastive_logits.default"], Calls.calls
 
 
 def test_opcheck():
@@ -511,6 +591,7 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v, 0, 0, spans, kc, 0.5, mask, True, True, imd, 1))
     torch.library.opcheck(op, (q.bfloat16(), k.bfloat16(), v.bfloat16(), 2, 6, None, None, None, None, False, True,
                                None, 0))
+    torch.library.opcheck(op, (q, k, v, 0, 0, spans, kc, None, mask, True, True, imd, 0, kc.mean(2)))
     inv = _inv_freq(8)
     torch.library.opcheck(torch.ops.kvfix.rope_calibrate.default, (k, 1, 5, None, 4, inv, 3.0, None, None))
     pos = torch.randint(0, 20, (3, 2, 12))
@@ -525,7 +606,9 @@ def test_torch_compile_fullgraph():
     def f(q, k, v, logits):
         kc = kvfix.rope_calibrate(k * 1.0, (2, 10), inv, gamma=3.0)
         out = kvfix.cmac_attention(q, k, v, (2, 10), k_calibrated=kc, imd=True)
-        return out * 2, kvfix.contrastive_logits(logits, logits.flip(-1))
+        out2 = kvfix.cmac_attention(q, k, v, (2, 10), k_calibrated=kc, imd=True,
+                                    k_calibrated_mean=kvfix.cmac_key_mean(kc))
+        return out * 2 + out2, kvfix.contrastive_logits(logits, logits.flip(-1))
 
     logits = torch.randn(2, 50)
     compiled = torch.compile(f, fullgraph=True, backend="inductor")

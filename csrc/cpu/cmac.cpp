@@ -191,14 +191,16 @@ struct AttnArgs {
   const std::vector<Span>* spans;
   const std::vector<uint8_t>* imd;   // per item
   const float* mu_p;                 // [B]: IMD threshold per item
+  const float* kmean;                // [B, Hkv, D] contiguous: the caller-held mean image key, or nullptr
   bool vector_mean;                  // mu_V per dim (else one scalar per head)
   void* out;                         // [B, Hq, Tq, D] contiguous
 };
 
 // mu_P per item, fp32, for items with IMD on: scale * sum_h qsum_h . kbar_{kv(h)} / (Hq * rows) with
-// qsum_h the sum of head h's after-image queries and kbar the mean (calibrated) image key: the
-// mean of the segment's logits without forming them. (mu_V needs the image values, which the
-// main pass reads anyway: it is summed there.)
+// qsum_h the sum of head h's after-image queries and kbar the mean (calibrated) image key (the
+// caller's k_calibrated_mean when given: then no key is read here): the mean of the segment's
+// logits without forming them. (mu_V needs the image values, which the main pass reads anyway: it
+// is summed there.)
 template <class T>
 void imd_threshold(const AttnArgs& a, std::vector<float>& mu_p) {
   const int64_t g = a.Hq / a.Hkv, D = a.D;
@@ -206,17 +208,22 @@ void imd_threshold(const AttnArgs& a, std::vector<float>& mu_p) {
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* kc = static_cast<const T*>(a.kc);
+  // (b innermost: each thread's share mixes the items, IMD on and off, e.g. CMAC's two branches)
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> kbar(D), qsum(D);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / a.Hkv, hk = i % a.Hkv;
+      const int64_t b = i % a.B, hk = i / a.B, bk = b * a.Hkv + hk;
       const Span sp = (*a.spans)[b];
       const int64_t i_after = std::clamp<int64_t>(sp.e - (a.T - a.Tq), 0, a.Tq);
       if (!(*a.imd)[b] || i_after == a.Tq || sp.e == sp.s) continue;
-      std::fill(kbar.begin(), kbar.end(), 0.0f);
-      for (int64_t t = 0; t < sp.e - sp.s; ++t) {
-        const T* kr = kc != nullptr ? kc + b * a.csb + hk * a.csh + t * a.cst : k + b * a.ksb + hk * a.ksh + (sp.s + t) * a.kst;
-        for (int64_t d = 0; d < D; ++d) kbar[d] += to_f(kr[d]);
+      if (a.kmean != nullptr) {
+        std::copy(a.kmean + bk * D, a.kmean + (bk + 1) * D, kbar.begin());
+      } else {
+        std::fill(kbar.begin(), kbar.end(), 0.0f);
+        for (int64_t t = 0; t < sp.e - sp.s; ++t) {
+          const T* kr = kc != nullptr ? kc + b * a.csb + hk * a.csh + t * a.cst : k + b * a.ksb + hk * a.ksh + (sp.s + t) * a.kst;
+          for (int64_t d = 0; d < D; ++d) kbar[d] += to_f(kr[d]);
+        }
       }
       std::fill(qsum.begin(), qsum.end(), 0.0f);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
@@ -226,7 +233,7 @@ void imd_threshold(const AttnArgs& a, std::vector<float>& mu_p) {
         }
       float dot = 0.0f;
       for (int64_t d = 0; d < D; ++d) dot += qsum[d] * kbar[d];
-      part[i] = dot / static_cast<float>(sp.e - sp.s);
+      part[bk] = a.kmean != nullptr ? dot : dot / static_cast<float>(sp.e - sp.s);
     }
   });
   for (int64_t b = 0; b < a.B; ++b) {
@@ -243,6 +250,8 @@ void attention(const AttnArgs& a) {
   const int64_t D = a.D, g = a.Hq / a.Hkv;
   const int64_t units_per_head = (a.Tq + kQueryBlock - 1) / kQueryBlock + 1;  // +1: the split at the span end
   const bool low = !std::is_same_v<T, float>;
+  // Units (b, query head, query block), b innermost: each thread's contiguous share mixes the
+  // items (IMD on and off: CMAC's two branches as one batch), not one item per thread.
   at::parallel_for(0, a.B * a.Hq * units_per_head, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> S(kQueryBlock * kKeyBlock), acc(kQueryBlock * D), m(kQueryBlock), l(kQueryBlock),
         imd(kQueryBlock), scal(kQueryBlock);
@@ -250,7 +259,7 @@ void attention(const AttnArgs& a) {
     std::vector<float> hit(kKeyBlock);
     std::vector<float> vsum(D);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / (a.Hq * units_per_head), h = (u / units_per_head) % a.Hq, ub = u % units_per_head;
+      const int64_t b = u % a.B, ub = (u / a.B) % units_per_head, h = u / (a.B * units_per_head);
       const int64_t hk = h / g;
       const Span sp = (*a.spans)[b];
       const int64_t off = a.T - a.Tq;  // query i sits at position off + i
@@ -438,8 +447,10 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               int64_t end, const std::optional<at::Tensor>& spans,
                               const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
                               const std::optional<at::Tensor>& mask, bool causal, bool imd,
-                              const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
-  const MaskView mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean,
+                              const std::optional<at::Tensor>& k_cal_mean) {
+  const MaskView mk =
+      cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean, k_cal_mean);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
   at::Tensor out = at::empty({B, Hq, Tq, D}, q.options());
   if (out.numel() == 0) return out;
@@ -473,6 +484,7 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   a.spans = &sp;
   a.imd = &on;
   a.mu_p = mu_p.data();
+  a.kmean = k_cal_mean.has_value() ? k_cal_mean->const_data_ptr<float>() : nullptr;
   a.vector_mean = value_mean == 1;
   a.out = out.data_ptr();
   dispatch_float(q.scalar_type(), [&](auto tag) {

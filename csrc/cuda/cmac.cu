@@ -3,8 +3,9 @@
 // Checks are shared with the CPU and Meta kernels (kvfix::cmac_check_* in csrc/ops/cmac.cpp; on CUDA they
 // read metadata only: per-item spans and IMD flags stay on the device, read by the kernels); the
 // CUDA kernels' own limits (head dim, mrope sections) are checked here. Each op is one launch on
-// the current stream, except cmac_attention: with IMD a threshold kernel first, and for a single
-// query row (decode) a split kernel and a merge (csrc/kernels/cmac.cuh), with their partials in a
+// the current stream, except cmac_attention: with IMD a threshold kernel first (none for decode
+// with a caller-held mean image key, k_calibrated_mean), and for a single query row (decode) a
+// split kernel and a merge (csrc/kernels/cmac.cuh), with their partials in a
 // workspace from the caching allocator: no host synchronisation, capturable in a CUDA graph.
 // Includes are kept to what is used: no torch/extension.h or ATen/ATen.h (compile time).
 #include <ATen/core/Tensor.h>
@@ -55,8 +56,10 @@ at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                int64_t end, const std::optional<at::Tensor>& spans,
                                const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
                                const std::optional<at::Tensor>& mask, bool causal, bool imd,
-                               const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
-  const MaskView mk = cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
+                               const std::optional<at::Tensor>& imd_items, int64_t value_mean,
+                               const std::optional<at::Tensor>& k_cal_mean) {
+  const MaskView mk =
+      cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean, k_cal_mean);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
   // The CUDA kernel keeps a row's accumulators in registers: heads up to kCmacMaxHeadDim (stated there).
@@ -70,6 +73,8 @@ at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
       view_of(q), view_of(k), view_of(v), view_of(k_cal), out_view_of(out), span_of(start, end, spans), mk,
       imd ? 1 : 0, imd && imd_items.has_value() ? imd_items->const_data_ptr<bool>() : nullptr, value_mean == 1 ? 1 : 0,
       kvsmooth_scale(scale, D), causal ? 1 : 0, splits);
+  // a caller-held mean image key: decode launches no threshold kernel, prefill's reads no keys
+  kernels::cmac_attention_set_key_mean(a, k_cal_mean.has_value() ? k_cal_mean->const_data_ptr<float>() : nullptr);
   at::Tensor work;
   if (const int64_t floats = kernels::cmac_attention_workspace_floats(a); floats > 0) {
     work = at::empty({floats}, q.options().dtype(at::kFloat));

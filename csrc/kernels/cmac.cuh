@@ -12,9 +12,11 @@
 // cmac_threshold_kernel (IMD only): one block per (b, kv head, chunk of the image keys): this
 //   chunk's share of mu_P, (sum over the kv head's query heads and the after-image queries of q) .
 //   (sum of the chunk's image keys) / N, into a [B, Hkv, chunks] workspace; the attention kernels
-//   sum the shares of an item (fixed order, mu_p_of). It reads the calibrated image keys once per
-//   call: their mean does not change between decode steps, but keeping it across calls would need
-//   a cache argument in the op's API (docs/CMAC.md, "CUDA performance").
+//   sum the shares of an item (fixed order, mu_p_of). Without a caller-held mean it reads the
+//   calibrated image keys once per call. With one (a.kmean, [B, Hkv, D] float32: the mean image
+//   key, which does not change between decode steps) there is one chunk per (b, kv head) and it
+//   reads the queries and the mean only; decode (Tq == 1) then launches no threshold kernel at all:
+//   the decode blocks whose keys overlap the image form mu_P from q and the mean (mu_p_of_mean).
 //
 // cmac_decode_kernel + cmac_decode_merge_kernel (Tq == 1, decode): flash-decoding, see the kernel.
 //
@@ -115,6 +117,8 @@ struct CmacAttnArgs {
   int splits;                  // decode (Tq == 1): key splits per (b, query head), cmac_attention_splits
   int chunks;                  // IMD: image-key chunks per (b, kv head) of the threshold (set by the packing)
   int vec;                     // set by the launcher: 16-byte row loads (pointers, strides and D allow)
+  const float* kmean;          // [B, Hkv, D] contiguous float32 or nullptr: the mean of the segment's image
+                               // keys, caller-held (cmac_attention_set_key_mean)
   int64_t B, Hq, Hkv, Tq, T, D, N;
 };
 
@@ -129,11 +133,17 @@ inline int cmac_attention_splits(int64_t B, int64_t Hq, int64_t T, int num_sms) 
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
-// Workspace of one cmac_attention call, in floats: with IMD the threshold partials [B, Hkv, chunks];
-// for decode (Tq == 1) then one partial record per (b, query head, split): m, l, the IMD mass, the
-// P V accumulator [D] and the image values' sum [D].
+// Whether the threshold kernel runs: IMD on, except decode with a caller-held mean key (the decode
+// kernel forms mu_P from q and the mean itself).
+__host__ __device__ inline bool cmac_threshold_launched(const CmacAttnArgs& a) {
+  return a.imd && !(a.Tq == 1 && a.kmean != nullptr);
+}
+
+// Workspace of one cmac_attention call, in floats: the threshold partials [B, Hkv, chunks] when the
+// threshold kernel runs; for decode (Tq == 1) then one partial record per (b, query head, split): m,
+// l, the IMD mass, the P V accumulator [D] and the image values' sum [D].
 __host__ __device__ inline int64_t cmac_threshold_floats(const CmacAttnArgs& a) {
-  return a.imd ? a.B * a.Hkv * a.chunks : 0;
+  return cmac_threshold_launched(a) ? a.B * a.Hkv * a.chunks : 0;
 }
 __host__ __device__ inline int64_t cmac_record_floats(const CmacAttnArgs& a) { return 3 + 2 * a.D; }
 inline int64_t cmac_attention_workspace_floats(const CmacAttnArgs& a) {
@@ -172,6 +182,27 @@ __device__ __forceinline__ float mu_p_of(const CmacAttnArgs& a, int64_t b, int64
   float t = 0.0f;
   for (int j = lane; j < n; j += 32) t += w[j];
   return a.scale * warp_sum(t) / static_cast<float>(rows_after * a.Hq);
+}
+
+// Decode (one query row) with a caller-held mean key: mu_P of item b = scale * sum_h q_h .
+// kmean[b, kv(h)] / Hq, a fixed-order block reduction (every block of the item gets the same
+// value). Every thread of the block calls it (a barrier inside); red: kCmacThreads / 32 floats of
+// shared memory, written once.
+template <class T>
+__device__ __forceinline__ float mu_p_of_mean(const CmacAttnArgs& a, int64_t b, float* red) {
+  const int g = static_cast<int>(a.Hq / a.Hkv), Hkv = static_cast<int>(a.Hkv), D = static_cast<int>(a.D);
+  const T* qh = static_cast<const T*>(a.q) + b * a.q_sb;
+  const float* mk = a.kmean + b * a.Hkv * a.D;
+  float t = 0.0f;
+  for (int hk = 0; hk < Hkv; ++hk, mk += D)
+    for (int j = 0; j < g; ++j, qh += a.q_sh)
+      for (int d = threadIdx.x; d < D; d += kCmacThreads) t += ld(qh + d) * mk[d];
+  t = warp_sum(t);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = t;
+  __syncthreads();  // the warps' sums are in shared memory
+  float tot = 0.0f;
+  for (int w = 0; w < kCmacThreads / 32; ++w) tot += red[w];
+  return a.scale * tot / static_cast<float>(a.Hq);
 }
 
 // Elements [d0, d0 + V) of a row as floats, zeros from D on: one 16-byte load when `vec` (the row
@@ -254,15 +285,20 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_threshold_kernel(const Cmac
   const bool on = a.imd && (a.imd_items == nullptr || a.imd_items[b]);
   // this chunk's image keys [t0, t1) (of e - s; the span is per item, so the split is made here)
   const int64_t len = (e - s + a.chunks - 1) / a.chunks, t0 = c * len, t1 = t0 + len < e - s ? t0 + len : e - s;
+  // a caller-held mean key (then one chunk per (b, kv head)): the keys are not read
+  const float* km = a.kmean != nullptr ? a.kmean + (b * a.Hkv + hk) * a.D : nullptr;
   __shared__ float red[kCmacThreads / 32];
   float dot = 0.0f;
-  if (on && t0 < t1 && i_after < a.Tq) {
+  if (on && t0 < t1 && i_after < a.Tq && (km == nullptr || c == 0)) {
     const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + s * a.k_st;
     const T* cb = a.kc != nullptr ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh : nullptr;
     for (int64_t d = threadIdx.x; d < a.D; d += blockDim.x) {
       float ks = 0.0f, qs = 0.0f;
-      for (int64_t t = t0; t < t1; ++t)  // coalesced across the threads (consecutive d)
-        ks += cmac_detail::ld(cb != nullptr && t < a.N ? cb + t * a.c_st + d : kb + t * a.k_st + d);
+      if (km != nullptr)
+        ks = km[d];
+      else
+        for (int64_t t = t0; t < t1; ++t)  // coalesced across the threads (consecutive d)
+          ks += cmac_detail::ld(cb != nullptr && t < a.N ? cb + t * a.c_st + d : kb + t * a.k_st + d);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
         for (int64_t r = i_after; r < a.Tq; ++r)
           qs += cmac_detail::ld(static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + r * a.q_st + d);
@@ -275,7 +311,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_threshold_kernel(const Cmac
   if (threadIdx.x == 0) {
     float tot = 0.0f;
     for (int w = 0; w < kCmacThreads / 32; ++w) tot += red[w];
-    a.work[blockIdx.x] = e > s ? tot / static_cast<float>(e - s) : 0.0f;
+    a.work[blockIdx.x] = e > s ? (km != nullptr ? tot : tot / static_cast<float>(e - s)) : 0.0f;
   }
 }
 
@@ -455,6 +491,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_decode_kernel(const CmacAtt
   __shared__ float sacc[G][DMAX];
   __shared__ float svs[G][DMAX];
   __shared__ float sst[G][3];
+  __shared__ float sred[kCmacThreads / 32];
   const int S = a.splits;
   const int split = static_cast<int>(blockIdx.x % S);
   const int64_t bh = blockIdx.x / S, h = bh % a.Hq, b = bh / a.Hq;
@@ -466,7 +503,14 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_decode_kernel(const CmacAtt
   const bool after = a.T - 1 >= e;
   const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
   const bool cal = after && a.kc != nullptr;
-  const float mu_p = use_imd ? cmac_detail::mu_p_of(a, b, 1, lane) : 0.0f;
+  const int64_t per = (a.T + S - 1) / S, j_lo = split * per, j_hi = j_lo + per < a.T ? j_lo + per : a.T;
+  // mu_P: from the threshold kernel's partials, or (a caller-held mean key) from q and the mean, in
+  // the blocks whose keys overlap the image only (a block-uniform condition: a barrier inside)
+  float mu_p = 0.0f;
+  if (use_imd && a.kmean == nullptr)
+    mu_p = cmac_detail::mu_p_of(a, b, 1, lane);
+  else if (use_imd && j_lo < e && s < j_hi)
+    mu_p = cmac_detail::mu_p_of_mean<T>(a, b, sred);
   const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
   const T* vb = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
   const T* cb = cal ? static_cast<const T*>(a.kc) + b * a.c_sb + hk * a.c_sh : nullptr;
@@ -480,7 +524,6 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_decode_kernel(const CmacAtt
     for (int x = 0; x < VEC; ++x) acc[c][x] = vsum[c][x] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f, im = 0.0f;
-  const int64_t per = (a.T + S - 1) / S, j_lo = split * per, j_hi = j_lo + per < a.T ? j_lo + per : a.T;
   // The same number of rounds for every group (the shuffles need whole warps); key j_lo + r G + grp.
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += G) {
     const int64_t j = j0 + grp;
@@ -699,8 +742,9 @@ cudaError_t launch_decode(const CmacAttnArgs& a, cudaStream_t stream) {
 
 }  // namespace cmac_detail
 
-// Host entry point: the IMD threshold (when IMD is on), then for a single query row (decode) the
-// split kernel and the merge, else the query-tile kernel. All on `stream`, no synchronisation.
+// Host entry point: the IMD threshold (when IMD is on; not for decode with a caller-held mean key),
+// then for a single query row (decode) the split kernel and the merge, else the query-tile kernel.
+// All on `stream`, no synchronisation.
 template <class T>
 cudaError_t cmac_attention_launch(const CmacAttnArgs& args, cudaStream_t stream) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
@@ -711,7 +755,7 @@ cudaError_t cmac_attention_launch(const CmacAttnArgs& args, cudaStream_t stream)
   a.vec = cmac_detail::vec_ok<T>(a) ? 1 : 0;
   const bool decode = a.Tq == 1;
   if ((a.imd || decode) && a.work == nullptr) return cudaErrorInvalidValue;
-  if (a.imd) {
+  if (cmac_threshold_launched(a)) {
     const int64_t blocks = a.B * a.Hkv * a.chunks;
     if (a.chunks < 1 || a.chunks > kCmacMaxChunks || blocks > 0x7fffffff) return cudaErrorInvalidValue;
     cmac_threshold_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
@@ -843,6 +887,14 @@ inline CmacAttnArgs cmac_attention_pack(const View& q, const View& k, const View
   const int64_t chunks = (img + kCmacChunkKeys - 1) / kCmacChunkKeys;
   a.chunks = static_cast<int>(chunks < 1 ? 1 : (chunks > kCmacMaxChunks ? kCmacMaxChunks : chunks));
   return a;
+}
+
+// cmac_attention with a caller-held mean of the segment's image keys ([B, Hkv, D] contiguous
+// float32; nullptr: none): the threshold then takes one chunk per (b, kv head), the keys unread. Call
+// after cmac_attention_pack, before sizing the workspace.
+inline void cmac_attention_set_key_mean(CmacAttnArgs& a, const float* kmean) {
+  a.kmean = kmean;
+  if (kmean != nullptr) a.chunks = 1;
 }
 
 // contrastive_logits: logits and distorted logits [..., V] (contiguous), out like them.

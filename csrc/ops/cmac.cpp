@@ -132,7 +132,8 @@ void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std:
 MaskView cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
                               int64_t end, const std::optional<at::Tensor>& spans,
                               const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
-                              const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean,
+                              const std::optional<at::Tensor>& k_cal_mean) {
   const char* op = "cmac_attention";
   cmac_check_float4(op, q, "q", "[B, Hq, Tq, D]");
   cmac_check_float4(op, k, "k", "[B, Hkv, T, D]");
@@ -169,6 +170,18 @@ MaskView cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at
   }
   TORCH_CHECK_VALUE(value_mean == 0 || value_mean == 1, op,
                     ": value_mean must be 0 ('scalar') or 1 ('vector'), got ", value_mean);
+  if (k_cal_mean.has_value()) {
+    // the caller-held mean of the segment's image keys (k_calibrated's, else k's over the span)
+    const at::Tensor& km = *k_cal_mean;
+    TORCH_CHECK_TYPE(km.scalar_type() == at::kFloat, op, ": k_calibrated_mean must be float32, got ",
+                     km.scalar_type());
+    TORCH_CHECK_VALUE(km.dim() == 3 && km.size(0) == B && km.size(1) == Hkv && km.size(2) == D, op,
+                      ": k_calibrated_mean must be [B, Hkv, D] = [", B, ", ", Hkv, ", ", D, "], got shape ",
+                      km.sym_sizes());
+    TORCH_CHECK_VALUE(km.device() == q.device(), op, ": k_calibrated_mean is on ", km.device(), " but q is on ",
+                      q.device());
+    TORCH_CHECK_VALUE(km.is_contiguous(), op, ": k_calibrated_mean must be contiguous (the wrapper converts)");
+  }
   const int64_t want[4] = {B, Hq, Tq, T};
   return mask_check(op, mask, q, want, "B, Hq, Tq, T");
 }
@@ -209,8 +222,9 @@ static at::Tensor cmac_attention_meta(const at::Tensor& q, const at::Tensor& k, 
                                       int64_t end, const std::optional<at::Tensor>& spans,
                                       const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
                                       const std::optional<at::Tensor>& mask, bool causal, bool imd,
-                                      const std::optional<at::Tensor>& imd_items, int64_t value_mean) {
-  cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean);
+                                      const std::optional<at::Tensor>& imd_items, int64_t value_mean,
+                                      const std::optional<at::Tensor>& k_cal_mean) {
+  cmac_check_attention(q, k, v, start, end, spans, k_cal, mask, imd_items, value_mean, k_cal_mean);
   kvsmooth_scale(scale, q.size(3));
   return at::empty(q.sizes(), q.options());
 }
@@ -227,7 +241,8 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
   m.def("rope_calibrate(Tensor k, int start, int end, Tensor? spans, int n, Tensor inv_freq, float gamma, "
         "Tensor? positions, int[]? sections) -> Tensor");
   m.def("cmac_attention(Tensor q, Tensor k, Tensor v, int start, int end, Tensor? spans, Tensor? k_calibrated, "
-        "float? scale, Tensor? mask, bool causal, bool imd, Tensor? imd_items, int value_mean) -> Tensor");
+        "float? scale, Tensor? mask, bool causal, bool imd, Tensor? imd_items, int value_mean, "
+        "Tensor? k_calibrated_mean=None) -> Tensor");
   m.def("contrastive_logits(Tensor logits, Tensor logits_distorted, float alpha, float beta) -> Tensor");
 }
 

@@ -21,7 +21,8 @@ void cmac_check_rope(const at::Tensor& k, int64_t start, int64_t end, const std:
 MaskView cmac_check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start,
                               int64_t end, const std::optional<at::Tensor>& spans,
                               const std::optional<at::Tensor>& k_cal, const std::optional<at::Tensor>& mask,
-                              const std::optional<at::Tensor>& imd_items, int64_t value_mean);
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean,
+                              const std::optional<at::Tensor>& k_cal_mean);
 void cmac_check_contrastive(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
 // Frequency f's RoPE section (index into positions' first dim), for D/2 frequencies.
 std::vector<int32_t> cmac_freq_sections(at::OptionalIntArrayRef sections, int64_t half,
@@ -35,7 +36,8 @@ at::Tensor cmac_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               int64_t end, const std::optional<at::Tensor>& spans,
                               const std::optional<at::Tensor>& k_cal, std::optional<double> scale,
                               const std::optional<at::Tensor>& mask, bool causal, bool imd,
-                              const std::optional<at::Tensor>& imd_items, int64_t value_mean);
+                              const std::optional<at::Tensor>& imd_items, int64_t value_mean,
+                              const std::optional<at::Tensor>& k_cal_mean);
 at::Tensor contrastive_logits_cpu(const at::Tensor& logits, const at::Tensor& distorted, double alpha, double beta);
 
 }  // namespace kvfix

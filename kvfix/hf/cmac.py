@@ -76,6 +76,7 @@ class _State:
         self.imd_rows = torch.arange(rows) >= batch   # the distorted rows (all False when not doubled)
         self.positions: torch.Tensor | None = None   # RoPE positions of every cached token [S, rows, T]
         self.k_cal: dict = {}                 # layer -> calibrated image keys (valid until the keys change)
+        self.k_mean: dict = {}                # layer -> their mean per row and kv head (IMD's threshold), same life
         self.forked = False                   # distorted prefix copied from the original after prefill
         self.device = None
         # which rows the text model runs now: "both" (2B rows, or B when not doubled), or, in a
@@ -279,6 +280,7 @@ class CMAC(Method):
         if st is None:
             return
         st.k_cal.clear()  # the image keys may change now (DSCR): calibrate again when decoding
+        st.k_mean.clear()
         st.k_sum.clear()
         self._contrast(ctx, st)
 
@@ -398,18 +400,20 @@ class CMAC(Method):
         causal = mask is None or mask.shape[-2] == 1
         with torch.no_grad():
             k_cal = self._calibrated(st, layer_idx, key, spans, lengths, ctx.phase == "decode")
+            k_mean = self._key_mean(st, layer_idx, key, k_cal, imd, ctx.phase == "decode")
             if self.gate is not None and st.mode != "dist":
                 self._gate_term(st, layer_idx, query, key, k_cal, scale, ctx.phase == "decode")
             if st.equal:
                 out = ops.cmac_attention(query, key, value, spans, k_calibrated=k_cal, scale=scale, mask=mask,
-                                         causal=causal, imd=imd, value_mean=self.value_mean)
+                                         causal=causal, imd=imd, value_mean=self.value_mean, k_calibrated_mean=k_mean)
             else:
                 out = torch.cat([
                     ops.cmac_attention(query[r:r + 1], key[r:r + 1], value[r:r + 1], spans[r:r + 1],
                                        k_calibrated=None if k_cal is None else k_cal[r], scale=scale,
                                        mask=None if mask is None else mask[r:r + 1] if mask.shape[0] > 1 else mask,
                                        causal=causal, imd=imd if isinstance(imd, bool) else imd[r:r + 1],
-                                       value_mean=self.value_mean)
+                                       value_mean=self.value_mean,
+                                       k_calibrated_mean=None if k_mean is None else k_mean[r])
                     for r in range(R)])
         return out.transpose(1, 2).contiguous(), None
 
@@ -441,6 +445,29 @@ class CMAC(Method):
         if keep:
             st.k_cal[layer_idx] = k_cal
         return k_cal
+
+    def _key_mean(self, st: _State, layer_idx: int, key: torch.Tensor, k_cal, imd, keep: bool):
+        """The mean image key of each row and kv head that IMD's threshold needs
+        (`kvfix.cmac_key_mean` of the calibrated keys, or of the plain image keys at gamma 1):
+        [R, Hkv, D] float32, or a list of per-row [1, Hkv, D] when the rows' spans differ in length;
+        None where no row runs IMD. Kept per layer while decoding, like the calibrated keys, so that
+        no decoding step re-reads the image keys for the threshold."""
+        if not self.imd or imd is False:
+            return None
+        k_mean = st.k_mean.get(layer_idx)
+        if k_mean is not None:
+            return k_mean
+        if k_cal is None:  # gamma 1: the plain image keys (host spans of the rows run now)
+            spans = st.span_list + st.span_list if st.doubled and st.mode == "both" else st.span_list
+            rows = [ops.cmac_key_mean(key[r:r + 1, :, s:e]) for r, (s, e) in enumerate(spans)]
+            k_mean = torch.cat(rows) if st.equal else rows
+        elif isinstance(k_cal, list):
+            k_mean = [ops.cmac_key_mean(k) for k in k_cal]
+        else:
+            k_mean = ops.cmac_key_mean(k_cal)
+        if keep:
+            st.k_mean[layer_idx] = k_mean
+        return k_mean
 
     def _gate_term(self, st: _State, layer_idx: int, query, key, k_cal, scale: float, keep: bool) -> None:
         """This layer's part of the gate value: per original row, the mean over query heads of

@@ -1,5 +1,6 @@
-"""CMAC (METHODS §4): calibrated image keys (CMPC, `rope_calibrate`), attention with IMD
-(`cmac_attention`), contrastive logits (`contrastive_logits`).
+"""CMAC (METHODS §4): calibrated image keys (CMPC, `rope_calibrate`), their mean for IMD's
+threshold (`cmac_key_mean`), attention with IMD (`cmac_attention`), contrastive logits
+(`contrastive_logits`).
 
 Image spans travel to the kernels as two ints (one span for the batch) or an int64 tensor
 [B, 2] read on the device (per-item spans; no host read). Every check of rope_calibrate,
@@ -14,7 +15,7 @@ import torch
 
 from ._common import _as_int, _as_real, _check_built_for, _check_scale, _check_tensor, _check_tensors
 
-__all__ = ["rope_calibrate", "cmac_attention", "contrastive_logits"]
+__all__ = ["rope_calibrate", "cmac_key_mean", "cmac_attention", "contrastive_logits"]
 
 _VALUE_MEANS = {"scalar": 0, "vector": 1}
 
@@ -92,10 +93,32 @@ def rope_calibrate(k: torch.Tensor, image_span, inv_freq: torch.Tensor, *, gamma
                                                   positions, sections)
 
 
+def cmac_key_mean(k_calibrated: torch.Tensor) -> torch.Tensor:
+    """The mean image key that IMD's threshold needs: [B, Hkv, N, D] -> [B, Hkv, D] float32.
+
+    k_calibrated: the image keys at calibrated positions (`rope_calibrate`'s output; or the image
+    keys `k[:, :, s:e]` where no calibration is used), float32/float16/bfloat16. The mean over the
+    N tokens, accumulated in float32 (ATen's reduction; zeros for N = 0), a new contiguous tensor
+    on k_calibrated's device. The calibrated keys do not change between decode steps: compute it
+    once per image and layer, next to `rope_calibrate`, and pass it to every `cmac_attention`
+    call as `k_calibrated_mean=`, which then reads no image key for the threshold. No host
+    synchronisation.
+    """
+    _check_tensor(k_calibrated, "k_calibrated")
+    if k_calibrated.dim() != 4:
+        raise ValueError(f"cmac_key_mean: k_calibrated must be [B, Hkv, N, D], got shape {tuple(k_calibrated.shape)}")
+    if k_calibrated.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"cmac_key_mean: k_calibrated must be float32, float16 or bfloat16, got {k_calibrated.dtype}")
+    B, H, N, D = k_calibrated.shape
+    if N == 0:
+        return k_calibrated.new_zeros((B, H, D), dtype=torch.float32)
+    return k_calibrated.mean(dim=2, dtype=torch.float32).contiguous()
+
+
 def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span, *,
                    k_calibrated: torch.Tensor | None = None, scale: float | None = None,
                    mask: torch.Tensor | None = None, causal: bool = True, imd=False,
-                   value_mean: str = "scalar") -> torch.Tensor:
+                   value_mean: str = "scalar", k_calibrated_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Attention with CMAC's calibrated image keys and, optionally, IMD (METHODS §4). [B, Hq, Tq, D].
 
     Args:
@@ -119,6 +142,12 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
             instead of v. Softmax normalisation is unchanged.
         value_mean: mu_V = mean of the kv head's image values over tokens and head dim
             ("scalar", the authors' code) or over tokens only ("vector", the paper).
+        k_calibrated_mean: None, or [B, Hkv, D] float32 (any layout; made contiguous): the mean
+            over the span of the image keys the segment uses (k_calibrated's, or k's image keys
+            without it), as `cmac_key_mean` computes it once per image and layer. With it mu_P is
+            a dot product of the after-image queries' sum with the mean (no image key is read
+            for the threshold; CUDA decode launches no threshold kernel); without it the op
+            computes the mean itself on every call. Used only where IMD is on.
 
     One streaming pass per query block (online softmax, fp32 accumulation; the [Tq, T] matrix is
     never stored). Output in q's dtype, a new contiguous tensor. No host synchronisation.
@@ -132,6 +161,9 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
     _check_tensors(q=q, k=k, v=v, mask=mask)
     if k_calibrated is not None:
         _check_tensor(k_calibrated, "k_calibrated")
+    if k_calibrated_mean is not None:
+        _check_tensor(k_calibrated_mean, "k_calibrated_mean")
+        k_calibrated_mean = k_calibrated_mean.contiguous()  # shape, dtype, device: checked in C++
     start, end, spans = _span_arg(image_span)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -144,7 +176,8 @@ def cmac_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_span
         raise ValueError(f"value_mean must be 'scalar' or 'vector', got {value_mean!r}")
     _check_built_for(q, "cmac_attention")
     return torch.ops.kvfix.cmac_attention.default(q, k, v, start, end, spans, k_calibrated, _check_scale(scale),
-                                                  mask, causal, imd, imd_items, _VALUE_MEANS[value_mean])
+                                                  mask, causal, imd, imd_items, _VALUE_MEANS[value_mean],
+                                                  k_calibrated_mean)
 
 
 def contrastive_logits(logits: torch.Tensor, logits_distorted: torch.Tensor, *, alpha: float = 3.0,

@@ -253,6 +253,14 @@ MUTATIONS = [
              "out[2 * e] = Num<T>::bits_to_f(static_cast<uint16_t>(u[e] >> 16));", CMAC_TESTS),
     Mutation("cmac threshold: every chunk sums the first chunk's image keys", CMAC,
              "t0 = c * len,", "t0 = 0 * len,", CMAC_TESTS),
+    Mutation("cmac threshold: the caller's mean key divided by N again", CMAC,
+             "(km != nullptr ? tot : tot / static_cast<float>(e - s))", "tot / static_cast<float>(e - s)", CMAC_TESTS),
+    Mutation("cmac decode: the caller's mean key ignored (threshold partials read, none written)", CMAC,
+             "if (use_imd && a.kmean == nullptr)", "if (use_imd)", CMAC_TESTS),
+    Mutation("cmac decode: the mean-key threshold from the first kv head's query heads only", CMAC,
+             "for (int hk = 0; hk < Hkv; ++hk, mk += D)", "for (int hk = 0; hk < 1; ++hk, mk += D)", CMAC_TESTS),
+    Mutation("cmac decode: the mean-key threshold's barrier removed", CMAC,
+             "__syncthreads();  // the warps' sums are in shared memory", "//", CMAC_TESTS),
 ]
 
 

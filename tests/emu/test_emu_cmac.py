@@ -9,7 +9,9 @@ split at the image's end, key tiles cut at the span's edges, GQA, causal with a 
 (prefill, a chunk, single-token decode), per-item spans from a device tensor, bool / additive masks
 with broadcast strides, per-item IMD flags, both mu_V variants, multi-section RoPE positions; the
 decode path (one query row: keys split across blocks and key groups, then merged) with several
-split counts, T not a multiple of the groups or splits, 16-byte and element-wise loads.
+split counts, T not a multiple of the groups or splits, 16-byte and element-wise loads; a
+caller-held mean image key (k_calibrated_mean: the threshold from the queries and the mean; decode
+launches no threshold kernel and forms mu_P in the blocks whose keys overlap the image).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def test_rope_calibrate(cm, dtype):
 
 
 def _attention(cm, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, causal=True, imd=False,
-               value_mean="scalar", splits=3):
+               value_mean="scalar", splits=3, k_calibrated_mean=None):
     B, Hq, Tq, D = q.shape
     out = torch.full((B, Hq, Tq, D), NAN, dtype=q.dtype)
     spans = span if isinstance(span, torch.Tensor) else None
@@ -85,7 +87,7 @@ def _attention(cm, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, c
     m = None if mask is None else mask.expand(B, Hq, Tq, k.shape[2])
     cm.cmac_attention(q, k, v, k_calibrated, out, spans, s, e, m, int(items is not None or bool(imd)), items,
                       int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal),
-                      splits)
+                      splits, None if k_calibrated_mean is None else k_calibrated_mean.float().contiguous())
     return out
 
 
@@ -112,6 +114,39 @@ def test_attention(cm, D, dtype):
         if i == 0:
             _check(cm, q, k, v, span, k_calibrated=kc)
             _check(cm, q, _unaligned(k), v, span, k_calibrated=kc, imd=True)  # element-wise tile loads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 160])
+def test_attention_key_mean(cm, D, dtype):
+    """k_calibrated_mean, prefill / chunk (the threshold kernel with one chunk, keys unread) and
+    decode (no threshold kernel: mu_P from q and the mean in the blocks overlapping the image;
+    split counts with blocks before, inside and after the image, and more splits than keys),
+    against the reference given the same mean; the mean of the keys' own and a different one
+    (which moves the threshold); per-item spans and flags."""
+    B, Hq, Hkv = 2, 4, 2
+    inv = _inv_freq(D)
+    for Tq, T, span, splits in [(24, 24, (3, 21), 1), (5, 40, (0, 35), 1), (1, 45, (6, 40), 1), (1, 45, (6, 40), 5),
+                                (1, 70, (30, 50), 7), (1, 29, (3, 20), 64)]:
+        q = torch.randn(B, Hq, Tq, D).to(dtype)
+        k = torch.randn(B, Hkv, T, D).to(dtype)
+        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
+        kc = R.rope_calibrate(k.float(), span, inv, gamma=3.0).to(dtype)
+        own = R.cmac_key_mean(kc.float())
+        _check(cm, q, k, v, span, splits=splits, k_calibrated=kc, imd=True, k_calibrated_mean=own)
+        _check(cm, q, _unaligned(k), v, span, splits=splits, k_calibrated=kc, imd=torch.tensor([True, False]),
+               value_mean="vector", k_calibrated_mean=own + 0.5 * torch.randn_like(own))
+        _check(cm, q, k, v, span, splits=splits, imd=True,
+               k_calibrated_mean=R.cmac_key_mean(k[:, :, span[0]:span[1]].float()))
+    B, Hq, Hkv, T, D, N = 3, 2, 1, 50, 16, 16
+    pad = torch.tensor([0, 3, 9])
+    spans = torch.stack([pad + 4, pad + 4 + N], 1)
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    kc = R.rope_calibrate(k, spans, _inv_freq(D), gamma=2.0, num_tokens=N)
+    valid = (torch.arange(T)[None] >= pad[:, None])[:, None, None, :]
+    for splits in (1, 4):
+        _check(cm, q, k, v, spans, splits=splits, k_calibrated=kc, mask=valid, imd=torch.tensor([True, False, True]),
+               k_calibrated_mean=R.cmac_key_mean(kc))
 
 
 def test_attention_padding_per_item_spans_and_flags(cm):

@@ -34,13 +34,15 @@ KVEMU_ENTRY(rope_calibrate, args) {
 
 // q, k, v, k_cal | None, out [B, Hq, Tq, D] (contiguous), spans | None, start, end, mask | None
 // (broadcastable to [B, Hq, Tq, T]), imd (int), imd_items [B] bool | None, vector_mean (int), scale,
-// causal (int), decode splits (int; the .cu takes them from the SM count)
+// causal (int), decode splits (int; the .cu takes them from the SM count), the mean image key
+// [B, Hkv, D] float32 contiguous | None
 KVEMU_ENTRY(cmac_attention, args) {
   kvfix::kernels::CmacAttnArgs a = kvfix::kernels::cmac_attention_pack(
       view(args, 0), view(args, 1), view(args, 2), view(args, 3), view(args, 4), span_arg(args, 5, args.i(6), args.i(7)),
       mask_arg(args, 8), static_cast<int>(args.i(9)), args.none(10) ? nullptr : args.data<bool>(10),
       static_cast<int>(args.i(11)), static_cast<float>(args.f(12)), static_cast<int>(args.i(13)),
       static_cast<int>(args.i(14)));
+  kvfix::kernels::cmac_attention_set_key_mean(a, args.none(15) ? nullptr : args.data<float>(15));
   std::vector<float> work(static_cast<size_t>(kvfix::kernels::cmac_attention_workspace_floats(a)), std::nanf(""));
   a.work = work.empty() ? nullptr : work.data();
   return kvfix::kernels::dispatch_float(view(args, 0).dtype, [&](auto tag) {
