@@ -49,6 +49,8 @@ BAND = "csrc/kernels/dscr_banded.cuh"
 BAND_TESTS = "tests/emu/test_emu_dscr_banded.py"
 CMAC = "csrc/kernels/cmac.cuh"
 CMAC_TESTS = "tests/emu/test_emu_cmac.py"
+CMAC_TC = "csrc/kernels/cmac_prefill_tc.cuh"
+CMAC_TC_TESTS = "tests/emu/test_emu_cmac_tc.py"
 VIEW = "csrc/kernels/view.h"
 
 MUTATIONS = [
@@ -245,6 +247,56 @@ MUTATIONS = [
              "out[2 * e] = Num<T>::bits_to_f(static_cast<uint16_t>(u[e] >> 16));", CMAC_TESTS),
     Mutation("cmac threshold: every chunk sums the first chunk's image keys", CMAC,
              "t0 = c * len,", "t0 = 0 * len,", CMAC_TESTS),
+    # CMAC prefill on tensor cores (cmac_prefill_tc.cuh)
+    Mutation("cmac tc: pass-1 barrier removed before a K tile is overwritten", CMAC_TC,
+             "__syncthreads();  // pass 1: the previous tile's readers are done", "//", CMAC_TC_TESTS),
+    Mutation("cmac tc: pass-1 barrier removed after a K tile is staged", CMAC_TC,
+             "__syncthreads();  // pass 1: the K tile is staged", "//", CMAC_TC_TESTS),
+    Mutation("cmac tc: pass-2 barrier removed before the K and V tiles are overwritten", CMAC_TC,
+             "__syncthreads();  // pass 2: the previous tile's readers are done", "//", CMAC_TC_TESTS),
+    Mutation("cmac tc: pass-2 barrier removed after the K and V tiles are staged", CMAC_TC,
+             "__syncthreads();  // pass 2: the K and V tiles are staged", "//", CMAC_TC_TESTS),
+    Mutation("cmac tc: staged tiles not zeroed past the last row (shared-memory poison reaches the products)",
+             CMAC_TC, "    } else {\n#pragma unroll\n      for (int x = 0; x < CH; ++x) o[x] = zero;\n    }", "    }",
+             CMAC_TC_TESTS),
+    Mutation("cmac tc: element-wise staging reads past D instead of zero padding", CMAC_TC,
+             "o[x] = d0 + x < D ? src[d0 + x] : zero;", "o[x] = src[d0 + x];", CMAC_TC_TESTS),
+    Mutation("cmac tc: 16-byte staging copies a row's chunks swapped in pairs", CMAC_TC,
+             "*reinterpret_cast<const uint4*>(row(r) + d0);", "*reinterpret_cast<const uint4*>(row(r) + (d0 ^ CH));",
+             CMAC_TC_TESTS),
+    Mutation("cmac tc: K fragment row_major (S = Q K instead of Q K^T)", CMAC_TC,
+             "wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fk;",
+             "wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fk;", CMAC_TC_TESTS),
+    Mutation("cmac tc: calibrated image keys ignored", CMAC_TC,
+             "return cal && j0 - s + j < a.N ?", "return false && j0 - s + j < a.N ?", CMAC_TC_TESTS),
+    Mutation("cmac tc: key tiles not cut at the span's end", CMAC_TC,
+             "    else if (j0 < e) j1 = j1 < e ? j1 : e;\n", "", CMAC_TC_TESTS),
+    Mutation("cmac tc: the first after-image query tile taken as before the image", CMAC_TC,
+             "const bool after = i0 >= i_after;", "const bool after = i0 > i_after;", CMAC_TC_TESTS),
+    Mutation("cmac tc: GQA maps query head h to kv head h % Hkv", CMAC_TC,
+             "const int64_t hk = h / (a.Hq / a.Hkv);", "const int64_t hk = h % a.Hkv;", CMAC_TC_TESTS),
+    Mutation("cmac tc: causal mask dropped", CMAC_TC, "bool valid = !(a.causal && j > qpos);", "bool valid = true;",
+             CMAC_TC_TESTS),
+    Mutation("cmac tc: mask ignored", CMAC_TC, "const float bias = Mask::at(a.mask, b, h, i, j);",
+             "const float bias = 0.0f;", CMAC_TC_TESTS),
+    Mutation("cmac tc: threshold averaged over every query row", CMAC_TC,
+             "cmac_detail::mu_p_of(a, b, a.Tq - i_after, lane)", "cmac_detail::mu_p_of(a, b, a.Tq, lane)",
+             CMAC_TC_TESTS),
+    Mutation("cmac tc: row max skips nan (a row of nan logits comes out finite)", CMAC_TC,
+             "m = fmaxf(m, x == x ? x : INFINITY);", "m = fmaxf(m, x);", CMAC_TC_TESTS),
+    Mutation("cmac tc: IMD hits not zeroed in P", CMAC_TC, "= Num<T>::from_f(p - ph);", "= Num<T>::from_f(p);",
+             CMAC_TC_TESTS),
+    Mutation("cmac tc: image-value mean term dropped", CMAC_TC,
+             "(stg[el] + (use_imd ? im_r * muv[d] : 0.0f)) * inv_r", "stg[el] * inv_r", CMAC_TC_TESTS),
+    Mutation("cmac tc: image value sum takes every key tile", CMAC_TC,
+             "    if (tile_imd) {\n#pragma unroll\n      for (int c = 0; c < DMAX / 32; ++c) {",
+             "    if (use_imd) {\n#pragma unroll\n      for (int c = 0; c < DMAX / 32; ++c) {", CMAC_TC_TESTS),
+    Mutation("cmac tc: a row's sum l not combined over its two lanes", CMAC_TC,
+             "  l += __shfl_xor_sync(0xffffffffu, l, 1);\n", "", CMAC_TC_TESTS),
+    Mutation("cmac tc: output rows take the row statistics of lane rr instead of 2 rr", CMAC_TC,
+             "__shfl_sync(0xffffffffu, inv, 2 * rr)", "__shfl_sync(0xffffffffu, inv, rr)", CMAC_TC_TESTS),
+    Mutation("cmac tc: dispatch sends decode (Tq == 1) to the prefill kernel", CMAC_TC,
+             "return a.Tq > 1 && a.D >= 1", "return a.Tq >= 1 && a.D >= 1", CMAC_TC_TESTS),
 ]
 
 
