@@ -10,24 +10,26 @@
 //   segment (segment tiles read k_calibrated). Q, K and V tiles are staged in shared memory in the
 //   input type (16-byte copies where pointers and strides allow, element by element otherwise; rows
 //   past the data and dims from D up to the next multiple of 16 are zeros), so any D <= 128 runs.
-//   Two passes over the key tiles, so the P V accumulators stay in wmma fragments (their element
-//   layout is opaque: no per-row rescaling is possible):
-//   1. S = Q K^T (wmma, fp32) into shared memory; the logits (scale, causal, masks) give the row max
-//      m (a nan logit counts as +inf, the softmax rule: the row turns nan).
-//   2. S again; p = exp(x - m) with the final m; l sums p, IMD hits (raw logit > mu_P in segment
-//      tiles of IMD items) are summed into their own mass and zeroed; P (rounded to the input type,
-//      as flash attention does) times the V tile accumulates in fp32 fragments. mu_V is summed from
-//      the staged V tiles of the segment.
+//   One pass over the key tiles, as flash attention: S = Q K^T (wmma, fp32) goes to shared memory,
+//   where two lanes per query row (16 keys each of a 32-key tile) form the logits (scale, causal,
+//   masks; a nan logit counts as +inf in the max, the softmax rule: the row turns nan), set IMD hits
+//   aside (raw logit > mu_P in segment tiles of IMD items: their mass is summed, their p zeroed) and
+//   write P = exp(x - m) rounded to the input type (as flash attention does); P V accumulates in fp32
+//   wmma fragments. The fragments' element layout is opaque, so a row cannot be rescaled in place:
+//   the running max m moves lazily, only when a tile's max exceeds it by more than kLazy = 8 (so
+//   p <= e^8, well inside fp16 and bf16), and then the warp's accumulators go through its 16 x 16
+//   staging tile in shared memory to be rescaled (rare: typically never after the first tiles).
+//   l and the IMD mass are summed in fp32 on the same scale, so the result is exact whatever m is.
+//   mu_V is summed from the staged V tiles of the segment.
 //   Output (P V + imd mass * mu_V) / l, zeros for a row without any key; the accumulators go through
-//   a per-warp 16x16 staging tile in shared memory. Two lanes per query row for the element-wise
-//   work (16 keys each of a 32-key tile).
+//   the staging tile (the warp's rows of S).
 //
 // Shared memory (static, 48 KiB): Q 64 x 136 + K, V 32 x 136 (16-bit), S 64 x 36 (fp32), P 64 x 40
 // (16-bit); the padded leading dims keep wmma pointers 32-byte aligned.
 //
 // Dispatch (cmac_attention_dispatch, called by csrc/cuda/cmac.cu and the emulator's shim): this
 // kernel for fp16 / bf16 with Tq > 1 and D <= 128; the SIMT kernels of cmac.cuh otherwise (fp32:
-// no 16-bit rounding of q, k or P allowed there; D > 128; decode, Tq == 1).
+// tf32 products would miss fp32's accuracy rule; D > 128; decode, Tq == 1).
 #pragma once
 
 // For tools/ptxas_report.py (the SIMT kernels are reported with cmac.cuh):
@@ -54,6 +56,7 @@ constexpr int LD = DMAX + 8;                // Q, K, V rows (16-bit elements)
 constexpr int SLD = KT + 4;                 // S rows (floats)
 constexpr int PLD = KT + 8;                 // P rows (16-bit elements)
 constexpr int CH = 8;                       // 16-bit elements per 16-byte chunk
+constexpr float kLazy = 8.0f;               // a row's max moves when a tile's exceeds it by more
 static_assert(QT == 16 * (kCmacThreads / 32), "a warp owns 16 query rows");
 static_assert(KT == 32, "two lanes per row, 16 keys each");
 static_assert(16 * SLD >= 16 * 16 + DMAX, "a warp's S rows hold its output staging tile and mu_V");
@@ -187,33 +190,13 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
     return x;
   };
 
-  // Pass 1: the row max.
-  float m = -INFINITY;
-  for (int64_t j0 = 0; j0 < k_end;) {
-    const int64_t j1 = tile_end(j0);
-    const int n = static_cast<int>(j1 - j0);
-    const bool image = j0 >= s && j0 < e;
-    __syncthreads();  // pass 1: the previous tile's readers are done (and Q is staged, first time)
-    stage_k(j0, n, image && after && a.kc != nullptr);
-    __syncthreads();  // pass 1: the K tile is staged
-    cmac_tc_detail::scores(qw, ks, sw, nd);
-    __syncwarp();
-#pragma unroll 4
-    for (int c = 0; c < 16; ++c) {
-      bool hit;
-      const float x = logit(j0, n, c, false, hit);
-      m = fmaxf(m, x == x ? x : INFINITY);  // a nan logit counts as +inf: the row turns nan
-    }
-    __syncwarp();  // S is read before the next tile's scores overwrite it
-    j0 = j1;
-  }
-  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-
-  // Pass 2: P = exp(S - m), IMD hits set aside, P V on tensor cores.
+  // One pass over the key tiles, the P V accumulators in wmma fragments. Their element layout is
+  // opaque, so they are rescaled (through the warp's staging tile) only when a row's max moves, and
+  // the max moves lazily: only when a tile's max exceeds it by more than kLazy (p <= e^kLazy).
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[DMAX / 16];
 #pragma unroll
   for (int c = 0; c < DMAX / 16; ++c) wmma::fill_fragment(acc[c], 0.0f);
-  float l = 0.0f, im = 0.0f, vsum[DMAX / 32];
+  float m = -INFINITY, l = 0.0f, im = 0.0f, vsum[DMAX / 32];
 #pragma unroll
   for (int c = 0; c < DMAX / 32; ++c) vsum[c] = 0.0f;
   for (int64_t j0 = 0; j0 < k_end;) {
@@ -221,10 +204,10 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
     const int n = static_cast<int>(j1 - j0);
     const bool image = j0 >= s && j0 < e;
     const bool tile_imd = use_imd && image;
-    __syncthreads();  // pass 2: the previous tile's readers are done
+    __syncthreads();  // the previous tile's readers are done (and Q is staged, first time)
     stage_k(j0, n, image && after && a.kc != nullptr);
     cmac_tc_detail::stage(vs, KT, n, D, Dp, vec, [&](int j) { return vb + (j0 + j) * a.v_st; });
-    __syncthreads();  // pass 2: the K and V tiles are staged
+    __syncthreads();  // the K and V tiles are staged
     if (tile_imd) {
 #pragma unroll
       for (int c = 0; c < DMAX / 32; ++c) {
@@ -235,12 +218,48 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
     }
     cmac_tc_detail::scores(qw, ks, sw, nd);
     __syncwarp();
-#pragma unroll 4
+    float x[16];
+    unsigned hits = 0;
+    float mt = -INFINITY;
+#pragma unroll
     for (int c = 0; c < 16; ++c) {
       bool hit;
-      const float x = logit(j0, n, c, tile_imd, hit);
-      const float p = x == -INFINITY ? 0.0f : __expf(x - m);
-      const float ph = hit ? p : 0.0f;
+      x[c] = logit(j0, n, c, tile_imd, hit);
+      hits |= hit ? 1u << c : 0u;
+      mt = fmaxf(mt, x[c] == x[c] ? x[c] : INFINITY);  // a nan logit counts as +inf: the row turns nan
+    }
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+    float alpha = 1.0f;
+    const bool move = mt > m + kLazy;  // (m = -inf: the row's first key; a nan row moves to +inf)
+    const bool rescale = move && m != -INFINITY;  // (an accumulator row without any key yet is 0)
+    if (move) {
+      alpha = __expf(m - mt);
+      m = mt;
+      l *= alpha;
+      im *= alpha;
+    }
+    __syncwarp();  // S is read: its rows become the staging tile
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int c = 0; c < DMAX / 16; ++c) {
+        if (c < nd) {
+          wmma::store_matrix_sync(sw, acc[c], 16, wmma::mem_row_major);
+          __syncwarp();
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const int el = lane + 32 * k;
+            sw[el] *= __shfl_sync(0xffffffffu, alpha, 2 * (el >> 4));
+          }
+          __syncwarp();
+          wmma::load_matrix_sync(acc[c], sw, 16, wmma::mem_row_major);
+          __syncwarp();
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float p = x[c] == -INFINITY ? 0.0f : __expf(x[c] - m);
+      const float ph = (hits >> c) & 1u ? p : 0.0f;
       l += p;
       im += ph;
       pw[r * PLD + 16 * half + c] = Num<T>::from_f(p - ph);

@@ -97,6 +97,24 @@ def test_tc_prefill(tc, D, dtype):
             _check(tc, q, k, v, span, imd=True, value_mean="vector")
 
 
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_tc_lazy_rescale(tc, dtype):
+    """Keys whose norm grows along the sequence, so a row's max keeps moving by more than the lazy
+    threshold (8) from tile to tile and the accumulators are rescaled many times; a shrinking norm
+    (the max set by the first tile, never moved) and a row whose first keys are masked (its max set
+    by a later tile) alongside."""
+    B, Hq, Hkv, T, D = 2, 2, 1, 100, 16
+    grow = (0.2 + torch.arange(T) / 10.0)[:, None]
+    q = torch.randn(B, Hq, T, D).to(dtype)
+    k = torch.randn(B, Hkv, T, D) * torch.stack([grow, grow.flip(0)])[:, None]
+    k, v = k.to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
+    kc = R.rope_calibrate(k.float(), (10, 70), _inv_freq(D), gamma=3.0).to(dtype)
+    mask = (torch.arange(T) >= 40)[None, None, None, :] | (torch.arange(T) < 3)[None, None, :, None]
+    for imd in (False, True):
+        _check(tc, q, k, v, (10, 70), k_calibrated=kc, imd=imd, scale=1.0)
+        _check(tc, q, k, v, (10, 70), k_calibrated=kc, imd=imd, mask=mask, scale=1.0)
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_tc_masks_spans_and_flags(tc, dtype):
     """Per-item device spans on the tile edges (the image ending at key 32 and query 64, or one
