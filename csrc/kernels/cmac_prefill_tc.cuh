@@ -20,7 +20,8 @@
 //   p <= e^8, well inside fp16 and bf16), and then the warp's accumulators go through its 16 x 16
 //   staging tile in shared memory to be rescaled (rare: typically never after the first tiles).
 //   l and the IMD mass are summed in fp32 on the same scale, so the result is exact whatever m is.
-//   mu_V is summed from the staged V tiles of the segment.
+//   mu_V is summed from the staged V tiles of the segment (warp w the rows w mod 4; combined in the
+//   K tile's shared memory after the loop).
 //   Output (P V + imd mass * mu_V) / l, zeros for a row without any key; the accumulators go through
 //   the staging tile (the warp's rows of S).
 //
@@ -60,6 +61,7 @@ constexpr float kLazy = 8.0f;               // a row's max moves when a tile's e
 static_assert(QT == 16 * (kCmacThreads / 32), "a warp owns 16 query rows");
 static_assert(KT == 32, "two lanes per row, 16 keys each");
 static_assert(16 * SLD >= 16 * 16 + DMAX, "a warp's S rows hold its output staging tile and mu_V");
+static_assert(KT * LD * 2 >= (kCmacThreads / 32) * DMAX * 4, "the K tile holds the warps' value sums");
 static_assert((QT + 2 * KT) * LD * 2 + QT * SLD * 4 + QT * PLD * 2 <= 48 * 1024, "static shared memory");
 
 // Rows [0, rows) of a tile, dims [0, Dp) (Dp a multiple of 16): row r < n from row(r), zeros past
@@ -119,8 +121,11 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
   __shared__ __align__(128) T vs[KT * LD];
   __shared__ __align__(128) float ss[QT * SLD];
   __shared__ __align__(128) T ps[QT * PLD];
+  // Query tile u of (b, h): the tile index varies slowest and the last tiles (the most keys) come
+  // first, so the blocks resident on one SM do not all have the same (the heaviest) tile.
   const int64_t units = (a.Tq + QT - 1) / QT + 1;  // +1: the split at the span's end
-  const int64_t u = blockIdx.x % units, h = (blockIdx.x / units) % a.Hq, b = blockIdx.x / (units * a.Hq);
+  const int64_t bh = blockIdx.x % (a.B * a.Hq), u = units - 1 - blockIdx.x / (a.B * a.Hq);
+  const int64_t h = bh % a.Hq, b = bh / a.Hq;
   const int64_t hk = h / (a.Hq / a.Hkv);
   const int D = static_cast<int>(a.D), Dp = (D + 15) / 16 * 16, nd = Dp / 16;
   const bool vec = a.vec != 0;
@@ -212,8 +217,8 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
 #pragma unroll
       for (int c = 0; c < DMAX / 32; ++c) {
         const int d = lane + 32 * c;
-        if (d < D)
-          for (int j = 0; j < n; ++j) vsum[c] += Num<T>::to_f(vs[j * LD + d]);
+        if (d < D)  // warp w sums the rows j = w mod 4 (combined after the loop)
+          for (int j = warp; j < n; j += kCmacThreads / 32) vsum[c] += Num<T>::to_f(vs[j * LD + d]);
       }
     }
     cmac_tc_detail::scores(qw, ks, sw, nd);
@@ -287,7 +292,20 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
   float* const stg = sw;
   float* const muv = sw + 16 * 16;
   __syncwarp();  // the last tile's S is read
-  if (use_imd) {
+  if (use_imd) {  // (uniform for the block)
+    float* const vpart = reinterpret_cast<float*>(ks);  // the warps' value sums [4][DMAX]
+    __syncthreads();  // every warp is past its last tile: ks is free
+#pragma unroll
+    for (int c = 0; c < DMAX / 32; ++c)
+      if (lane + 32 * c < D) vpart[warp * DMAX + lane + 32 * c] = vsum[c];
+    __syncthreads();  // the warps' value sums are in shared memory
+#pragma unroll
+    for (int c = 0; c < DMAX / 32; ++c) {
+      const int d = lane + 32 * c;
+      vsum[c] = 0.0f;
+      if (d < D)
+        for (int w = 0; w < kCmacThreads / 32; ++w) vsum[c] += vpart[w * DMAX + d];
+    }
     const float inv_n = 1.0f / static_cast<float>(e - s);
     float tot = 0.0f;
 #pragma unroll
