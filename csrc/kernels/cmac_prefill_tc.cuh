@@ -12,7 +12,7 @@
 //   past the data and dims from D up to the next multiple of 16 are zeros), so any D <= 128 runs.
 //   One pass over the key tiles, as flash attention: S = Q K^T (wmma, fp32) goes to shared memory,
 //   where two lanes per query row (16 keys each of a 32-key tile) form the logits (scale, causal,
-//   masks; a nan logit counts as +inf in the max, the softmax rule: the row turns nan), set IMD hits
+//   masks; a nan logit gives p = nan whatever the max: the row turns nan, softmax's rule), set IMD hits
 //   aside (raw logit > mu_P in segment tiles of IMD items: their mass is summed, their p zeroed) and
 //   write P = exp(x - m) rounded to the input type (as flash attention does); P V accumulates in fp32
 //   wmma fragments. The fragments' element layout is opaque, so a row cannot be rescaled in place:
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
       bool hit;
       x[c] = logit(j0, n, c, tile_imd, hit);
       hits |= hit ? 1u << c : 0u;
-      mt = fmaxf(mt, x[c] == x[c] ? x[c] : INFINITY);  // a nan logit counts as +inf: the row turns nan
+      mt = fmaxf(mt, x[c]);  // (a nan logit gives p = nan below, whatever m: the row turns nan)
     }
     mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
     float alpha = 1.0f;
