@@ -18,6 +18,7 @@
 
 #include "aten_view.h"
 #include "kernels/cmac.cuh"
+#include "kernels/cmac_prefill_tc.cuh"
 #include "ops/cmac.h"
 
 namespace kvfix {
@@ -81,8 +82,9 @@ at::Tensor cmac_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
     a.work = work.mutable_data_ptr<float>();
   }
   const cudaStream_t stream = stream_of(q);
+  // prefill (Tq > 1) in fp16 / bf16 with D <= 128: the tensor-core kernel (cmac_prefill_tc.cuh); else cmac.cuh's
   check_launch("cmac_attention", kernels::dispatch_float(kernel_dtype(q.scalar_type()), [&](auto tag) {
-                 return kernels::cmac_attention_launch<decltype(tag)>(a, stream);
+                 return kernels::cmac_attention_dispatch<decltype(tag)>(a, stream);
                }));
   return out;
 }
