@@ -841,16 +841,20 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
 
 _GAUSS_BIN = 1.0 / 32    # depth bin width (levels) of the gauss mode's truncation sum ...
 _GAUSS_MAX_BINS = 1 << 16  # ... wider where the depth range would need more bins (ranges beyond 2048)
+_GAUSS_MAX_WORK = 1 << 26  # ... or where bins x kernel taps would pass this (wide kernels: small alpha)
 
 
 def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: float) -> float:
     """An upper bound of max_j sum_i drop(|d_i - d_j|) over the pairs closer than r_cut =
     sqrt(87 / cd) (module docstring, "gauss"): the depths binned h = _GAUSS_BIN wide (at most
-    _GAUSS_MAX_BINS bins: wider on wider ranges, a looser bound), a pair of tokens in bins m apart
+    _GAUSS_MAX_BINS bins and _GAUSS_MAX_WORK products in the convolution: wider on wider ranges
+    and wider kernels, a looser bound), a pair of tokens in bins m apart
     bounded by the largest drop over the distances [(m - 1) h, (m + 1) h], and the bin counts
     convolved with those bounds."""
     x = d.numpy()
-    hb = max(_GAUSS_BIN, float(x.max() - x.min()) / _GAUSS_MAX_BINS)
+    span = float(x.max() - x.min())
+    reach = min(math.sqrt(87.0 / cd), span)  # no pair is farther apart than the range
+    hb = max(_GAUSS_BIN, span / _GAUSS_MAX_BINS, math.sqrt(span * reach / _GAUSS_MAX_WORK))
     w = step * math.sqrt(4.0 * cd / math.pi)
     tau, k = 0.0, 0
     while True:  # sum_{k >= 0} exp(-4 cd (k step)^2), to float64 rounding
@@ -861,7 +865,7 @@ def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: 
         k += 1
     a1 = 2.0 * w * tau * math.exp(-2.0 * cd * R * R)
     b1 = 1.0 + alias
-    M = int(math.ceil(math.sqrt(87.0 / cd) / hb)) + 2
+    M = int(math.ceil(reach / hb)) + 2
     m = np.arange(M + 1, dtype=np.float64)
     lo = np.maximum(0.0, (m - 1.0) * hb - 1e-9)
     hi = (m + 1.0) * hb + 1e-9

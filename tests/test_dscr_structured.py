@@ -566,6 +566,27 @@ def test_gauss_truncation_bound_holds_and_is_tight():
             assert C == 22 or bound <= 20.0 * actual, (C, actual, bound)  # (22: float64 rounding ~1e-14)
 
 
+def test_gauss_truncation_wide_kernels_bounded_work():
+    """A tiny alpha makes the depth kernel's reach (sqrt(87 / cd)) astronomically wide: the bins
+    widen so that bins x taps stay within _GAUSS_MAX_WORK (found by the fuzz test: the reach alone
+    had asked numpy for ~1e40 taps): the bound comes back finite, and the grid form of the op
+    (whatever the plan picks) still matches the reference."""
+    def step(cd):  # as _depth_gauss sets it: relative aliasing q = 1e-8
+        return math.pi / math.sqrt(4.0 * cd * -math.log(1e-8))
+
+    d = torch.tensor([0.0, 17.0, 255.0], dtype=torch.float64)
+    for cd in (5e-77, 1e-6, 1e-2):
+        b = S._gauss_truncation(d, cd, 10 * step(cd), step(cd), 0.0)
+        assert math.isfinite(b) and b >= 0.0
+    ramp = kvfix.patch_depth(common.depth_map("ramp", 64, 64), 64, 64).double()  # 4096 depths over [0, 255]
+    assert math.isfinite(S._gauss_truncation(ramp, 1e-4, 10 * step(1e-4), step(1e-4), 0.0))
+    k = torch.randn(1, 1, 3, 2)
+    got = kvfix.dscr_refine(k, None, torch.tensor([0.0, 0.5, 1.0]), (1, 3), alpha=5.0311135979441406e-77, beta=0.0)
+    want = R.dscr_refine(k.double(), None, torch.tensor([0.0, 0.5, 1.0]).double(), kvfix.patch_coords(1, 3).double(),
+                         alpha=5.0311135979441406e-77, beta=0.0)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-6, atol=1e-6)
+
+
 def test_banded_values_rows_fitted_and_symmetric():
     """The "values" node kernel's rows keep the nearest nodes while the dropped weight stays
     within the budget: symmetric, consecutive, and fewer entries than the count-based reach."""
