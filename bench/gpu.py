@@ -10,7 +10,7 @@ the tables, and the targets of issue 18 with their verdicts. A section that fail
 error and the run goes on; a section that would not fit in what is left of --budget-s is
 skipped (both are noted in the file). `--device cpu` runs every section on tiny shapes with a
 wall-clock timer: a smoke test of this script without a GPU, whose numbers mean nothing;
-`--device cpu --sections models --layers 4 --dtype fp32 --out bench/MODELS_CPU.md` is the CPU
+`--device cpu --sections models --layers 4 --dtype fp32 --out bench/MODELS_CPU.md --budget-s 1800` is the CPU
 record of the models section instead: the same configs at full width with their text and vision
 layer counts cut to 4 (issue 18's "same benchmark on the CPU").
 Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~35-40 s;
@@ -965,7 +965,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None,
                     help="models section: the exact configs with their text and vision layers cut to this many "
                          "(with --device cpu: the CPU record of the models section at full width, e.g. "
-                         "`--device cpu --sections models --layers 2 --dtype fp32 --out bench/MODELS_CPU.md`)")
+                         "`--device cpu --sections models --layers 4 --dtype fp32 --out bench/MODELS_CPU.md --budget-s 1800`)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the models' dtype (default bf16)")
     args = ap.parse_args(argv)
     if args.layers is not None and args.layers < 1:
