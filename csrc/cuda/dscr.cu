@@ -1,7 +1,9 @@
 // DSCR on CUDA (METHODS §1): the ATen side of csrc/kernels/dscr.cuh.
 //
 // Checks and coefficients are shared with the CPU path (kvfix::dscr_check in
-// csrc/ops/dscr.cpp). The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any
+// csrc/ops/dscr.cpp). The values of depth and coords are not read on the host (issue 18: no
+// device -> host sync per image): the kernel writes nan over every output of an item whose
+// depth or coords are not finite (csrc/kernels/dscr.cuh), where the CPU op raises. The kernel reads any [B, H, N, D] strides with a contiguous last dim and writes any
 // such strides, so the out-of-place op allocates contiguous outputs and the in-place cache op
 // writes straight into the cache views after copying each layer's span to a temporary (every
 // output token reads every source token, so sources and outputs must not overlap).
@@ -57,7 +59,6 @@ std::vector<at::Tensor> dscr_refine_cuda(const at::Tensor& k, const std::optiona
   std::vector<at::Tensor> vs;
   if (v.has_value()) vs.push_back(*v);
   const DscrCoefs c = dscr_check("dscr_refine", {k}, vs, false, depth, coords, sigma_d, sigma_s, alpha, beta);
-  dscr_check_finite("dscr_refine", depth, coords);
   const c10::cuda::CUDAGuard guard(k.device());
   std::vector<at::Tensor> outs{at::empty(k.sizes(), k.options())};
   if (v.has_value()) outs.push_back(at::empty(v->sizes(), v->options()));
@@ -71,7 +72,6 @@ void dscr_refine_cache_cuda(at::TensorList keys, at::TensorList values, const at
   // Every tensor is validated before any is written.
   const DscrCoefs c = dscr_check("dscr_refine_cache_", keys, values, true, depth, coords, sigma_d, sigma_s, alpha,
                                  beta);
-  dscr_check_finite("dscr_refine_cache_", depth, coords);
   const c10::cuda::CUDAGuard guard(keys[0].device());
   for (size_t l = 0; l < keys.size(); ++l) {
     if (keys[l].numel() == 0) continue;

@@ -60,11 +60,17 @@
 //     get zero weights and are never stored.
 //   - Geometry: depth float32 [Bd, N], coords float32 [Bd, N, 2], contiguous, Bd in {1, B}:
 //     item b reads depth + b * geo_sb and coords + 2 * b * geo_sb, geo_sb = 0 (broadcast) or N.
+//   - Non-finite geometry: the host reads nothing (no device -> host sync per image), so the
+//     kernel decides: every block first scans its item's N depths and N coordinate pairs
+//     (__syncthreads_or) and, if one is nan or +-inf, writes nan over its whole output tile
+//     (K and V, every head-dim column) and returns. So an item whose geometry is not finite comes
+//     out all nan (in place: its span of every layer's cache); the other items are refined as
+//     usual (with broadcast geometry, Bd = 1, every item is nan). The CPU op raises instead.
 //
 // Inputs: [B, H, N, D] with element strides (sb, sh, sn) and a contiguous last dim; outputs
 // likewise. Inputs and outputs must not overlap (the ATen side copies first for in-place use).
 // K and V share B, H, N, D. Launches on `stream`; returns the launch status (it does not
-// synchronise). Plain CUDA C++: shared memory, __syncthreads and wmma only (no inline PTX, no
+// synchronise). Plain CUDA C++: shared memory, __syncthreads(_or) and wmma only (no inline PTX, no
 // dynamic shared memory, no warp-synchronous tricks), so the SIMT emulator can run it; the one
 // intrinsic beyond that, cp.async, is compiled only for nvcc device passes on sm_80+ (see
 // KVFIX_DSCR_CP_ASYNC; -DKVFIX_DSCR_NO_ASYNC_COPY turns it off) and has a plain-copy fallback.
@@ -271,6 +277,16 @@ __device__ __forceinline__ void write_staged(const float* __restrict__ s_o, cons
   }
 }
 
+// nan or +-inf (exponent all ones).
+__device__ __forceinline__ int not_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u; }
+
+// Non-finite geometry: nan over the block's output rows [0, rows) x [0, D) (out: row j0).
+template <class C, class T>
+__device__ __forceinline__ void write_nan(T* __restrict__ out, int64_t osn, int rows, int D, int tid) {
+  const T nan = Num<T>::from_f(__int_as_float(0x7fc00000));
+  for (int e = tid; e < rows * D; e += C::NT) out[(e / D) * osn + e % D] = nan;
+}
+
 // SIMT path: write a thread's 4 x 4 register tile of one output (out, src: row j0); the weights
 // were normalised before the products, so the tile is the result.
 template <class C, class T>
@@ -337,6 +353,22 @@ __global__ void __launch_bounds__(dscr_detail::Cfg<T, TJ, DMAX, WMMA>::NT, 512 /
   const T* const vin = has_v ? static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh : nullptr;
   const float* const dep = a.depth + b * a.geo_sb;
   const float* const crd = a.coords + 2 * (b * a.geo_sb);
+
+  // Non-finite geometry (issue 18: the host reads nothing): every block scans its item's depth and
+  // coords (3N floats, from L2 after the item's first block) and, if any is nan or +-inf, writes
+  // nan over its output tile of K and V instead of refining. Every block of the item (each head,
+  // token tile and head-dim chunk) does the same, so the item's whole output is nan; the other
+  // items are unaffected. The condition is block-uniform: the early return skips no barrier.
+  int geo_bad = 0;
+  for (int i = tid; i < N; i += NT)
+    geo_bad |= not_finite(dep[i]) | not_finite(crd[2 * i]) | not_finite(crd[2 * i + 1]);
+  if (__syncthreads_or(geo_bad)) {
+    const int rows = N - j0 < TJ ? N - j0 : TJ;
+    write_nan<C>(static_cast<T*>(a.k_out) + b * a.ko_sb + h * a.ko_sh + j0 * a.ko_sn, a.ko_sn, rows, D, tid);
+    if (has_v)
+      write_nan<C>(static_cast<T*>(a.v_out) + b * a.vo_sb + h * a.vo_sh + j0 * a.vo_sn, a.vo_sn, rows, D, tid);
+    return;
+  }
 
   // Weight role: column gj of every tile, rows grow + RG * q.
   const int gj = tid % TJ, grow = tid / TJ;

@@ -96,7 +96,8 @@ static void dscr_check_depth(const char* op, const at::Tensor& depth, const at::
 // call it; the Python wrappers only convert arguments. keys = {k} and values = {} or {v} for
 // dscr_refine (cache = false: the errors say k, v), one tensor per layer for dscr_refine_cache_.
 // Errors name the argument: ValueError (shape, device, range), TypeError (dtype). The values of
-// depth and coords (finite) are checked by dscr_check_finite.
+// depth and coords (finite) are checked by dscr_check_finite on the CPU; the CUDA kernel reads
+// nothing on the host and writes nan over an item whose depth or coords are not finite.
 DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
                      const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta) {
   dscr_check_layers(op, keys, values, cache);
@@ -137,7 +138,8 @@ static void dscr_check_params(c10::string_view op, double sigma_d, double sigma_
 }
 
 void dscr_check_finite(const char* op, const at::Tensor& depth, const at::Tensor& coords) {
-  // Once per image after prefill (not a decode path): one host read each.
+  // The CPU kernels' check (one read each, no device round trip); CUDA does not call it (issue 18:
+  // the kernel detects non-finite geometry itself and writes the item nan, csrc/kernels/dscr.cuh).
   TORCH_CHECK_VALUE(depth.isfinite().all().item<bool>(), op, ": depth has non-finite values (nan or inf)");
   TORCH_CHECK_VALUE(coords.isfinite().all().item<bool>(), op, ": coords has non-finite values (nan or inf)");
 }

@@ -25,8 +25,9 @@ struct DscrCoefs {
 // depth: float32 [Bd, N], coords: float32 [Bd, N, 2], both contiguous, Bd in {1, B}.
 DscrCoefs dscr_check(const char* op, at::TensorList keys, at::TensorList values, bool cache, const at::Tensor& depth,
                      const at::Tensor& coords, double sigma_d, double sigma_s, double alpha, double beta);
-// depth and coords are finite (ValueError otherwise). One host read each: call it once per op
-// call, after dscr_check and before anything is written.
+// depth and coords are finite (ValueError otherwise). One read each: the CPU kernels call it once
+// per op call, after dscr_check and before anything is written. The CUDA kernels do not (no host
+// sync): csrc/kernels/dscr.cuh writes nan over every output of an item whose geometry is not finite.
 void dscr_check_finite(const char* op, const at::Tensor& depth, const at::Tensor& coords);
 
 // Out-of-place refinement: returns {k_hat} or {k_hat, v_hat}.

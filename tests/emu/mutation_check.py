@@ -75,6 +75,14 @@ MUTATIONS = [
     Mutation("diagonal not masked", DSCR, "il < rows && i != j_own", "il < rows", DSCR_TESTS),
     Mutation("geometry batch offset ignored", DSCR,
              "const float* const dep = a.depth + b * a.geo_sb;", "const float* const dep = a.depth;", DSCR_TESTS),
+    # dense DSCR, non-finite geometry on the device (issue 18: the item is written nan, no host read)
+    Mutation("dscr nonfinite: not detected (the item refined as if its geometry were finite)", DSCR,
+             "if (__syncthreads_or(geo_bad)) {", "if (__syncthreads_or(geo_bad) && false) {", DSCR_TESTS),
+    Mutation("dscr nonfinite: the test misses +-inf", DSCR,
+             "return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;", "return x != x;", DSCR_TESTS),
+    Mutation("dscr nonfinite: coords not scanned", DSCR,
+             "geo_bad |= not_finite(dep[i]) | not_finite(crd[2 * i]) | not_finite(crd[2 * i + 1]);",
+             "geo_bad |= not_finite(dep[i]);", DSCR_TESTS),
     # structured DSCR (dscr_lowrank.cuh)
     Mutation("lowrank: barrier removed before a segment's coefficients are staged", LOWRANK,
              "__syncthreads();  // the previous segment's coefficients are no longer read", "//", LOWRANK_TESTS),

@@ -12,9 +12,12 @@ Shapes are small (the emulator runs every CUDA thread as a fiber); they still co
 path of the kernel: the three block shapes (D <= 64, <= 128, <= 256), head-dim chunking (D > 256),
 the wmma path (fp16/bf16 with D % 16 == 0) and the SIMT path (fp32, or D % 16 != 0), partial
 token tiles (N not a multiple of 32 / 64), 16-byte and scalar loads and stores (aligned and
-misaligned views), broadcast and per-item geometry, keys only, and tokens with no weight.
+misaligned views), broadcast and per-item geometry, keys only, tokens with no weight, and
+non-finite geometry (the item's outputs written nan on the device, issue 18).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -219,3 +222,58 @@ def test_dscr_underflow_cutoff_matches_the_reference(dscr, exponent, kept, dtype
     assert torch.equal(ko, k if kept else k.flip(2)) and torch.equal(vo, v if kept else v.flip(2))
     truth = R.dscr_refine(k.double(), None, depth.double(), coords.double(), **DEFAULT)[0]
     assert torch.equal(truth, (k if kept else k.flip(2)).double())
+
+
+# Issue 18: on CUDA the host reads nothing, so non-finite depth / coords cannot raise there (the
+# CPU op still does): every block scans its item's geometry and writes nan over its output instead.
+NONFINITE = [("depth", float("nan")), ("depth", -math.inf), ("coords", math.inf), ("coords", float("nan"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,bad", NONFINITE, ids=str)
+def test_dscr_nonfinite_geometry_writes_the_item_nan(dscr, dtype, where, bad):
+    """Per-item geometry: items 0 and 2 carry the bad value (item 0 at its last token, i.e. in the
+    last token tile, and in the x coordinate; item 2 at its first token), item 1 is finite. Items 0
+    and 2 come out all nan (K and V, every head), item 1 as the reference computes it. The outputs
+    start finite, so the nan must come from the kernel."""
+    B, H, N, D = 3, 2, 70, 64
+    k, v = _kv(B, H, N, D, dtype, "contiguous"), _kv(B, H, N, D, dtype, "contiguous")
+    depth, coords = _geometry(B, N, broadcast=False)
+    if where == "depth":
+        depth[0, N - 1] = bad
+        depth[2, 0] = bad
+    else:
+        coords[0, N - 1, 1] = bad
+        coords[2, 0, 0] = bad
+    ko, vo = torch.full(k.shape, 0.5).to(dtype), torch.full(v.shape, 0.5).to(dtype)
+    dscr.dscr_refine(k, v, ko, vo, depth, coords, *_coefs(**DEFAULT))
+    for out in (ko, vo):
+        assert out[0].isnan().all() and out[2].isnan().all()
+    _check(ko[1:2], k[1:2], depth[1:2], coords[1:2], which="k (finite item)")
+    _check(vo[1:2], v[1:2], depth[1:2], coords[1:2], which="v (finite item)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("keys_only", [False, True])
+def test_dscr_nonfinite_broadcast_geometry_in_place_view(dscr, dtype, keys_only):
+    """Broadcast geometry ([1, N]) with one inf coordinate: every item is nan. Written as the CUDA
+    cache op writes (a copy of the span as the source, the cache's strided view as the output),
+    with D = 272 (two head-dim chunks, each a launch): the whole span is nan in K (and V), nothing
+    outside the span changes, and keys only leaves V alone."""
+    B, H, N, D = 2, 1, 20, 272
+    caches = [torch.randn(B, H + 1, N + 5, D + 8).to(dtype) for _ in range(2)]
+    before = [c.clone() for c in caches]
+    spans = [c[:, 1:, 3:3 + N, :D] for c in caches]
+    srcs = [s.clone() for s in spans]
+    depth, coords = _geometry(B, N, broadcast=True)
+    coords[0, N // 2, 0] = math.inf
+    if keys_only:
+        dscr.dscr_refine(srcs[0], None, spans[0], None, depth, coords, *_coefs(**DEFAULT))
+    else:
+        dscr.dscr_refine(srcs[0], srcs[1], spans[0], spans[1], depth, coords, *_coefs(**DEFAULT))
+    for i, (c, c0, s) in enumerate(zip(caches, before, spans)):
+        written = i == 0 or not keys_only
+        assert s.isnan().all() if written else torch.equal(c, c0)
+        mask = torch.ones(c.shape, dtype=torch.bool)
+        mask[:, 1:, 3:3 + N, :D] = False
+        assert torch.equal(c[mask], c0[mask]), "the kernel wrote outside the span"
