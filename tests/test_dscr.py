@@ -319,6 +319,8 @@ def test_cache_bad_input_writes_nothing(bad, device):
         vs = vs[:2]
     elif bad == "values_dtype":
         vs[1] = vs[1].half()
+    if device == "cuda" and bad in ("depth", "coords"):
+        pytest.skip("CUDA reads nothing on the host: it writes the item nan (test_cuda_nonfinite_geometry_...)")
     before = [t.clone() for t in ks + vs]
     match = {"values_len": "values has 2 tensors", "values_empty": "values has 0 tensors",
              "values_dtype": r"values\[1\] .* does not match keys\[1\]"}.get(bad)
@@ -326,6 +328,52 @@ def test_cache_bad_input_writes_nothing(bad, device):
         kvfix.dscr_refine_cache_(ks, [] if bad == "values_empty" else vs, depth, coords, **kw)
     for a, b in zip(ks + vs, before):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and kvfix's CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,bad", [("depth", float("nan")), ("depth", -math.inf), ("coords", math.inf)], ids=str)
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_cuda_nonfinite_geometry_writes_the_item_nan(broadcast, where, bad, dtype):
+    """Issue 18: the CUDA ops read nothing on the host (no sync per image), so non-finite depth or
+    coords cannot raise there (the CPU op does: test_bad_input_raises_naming_the_argument). The
+    kernel writes nan over every output of an item whose geometry is not finite (K and V, every
+    head; in place: the item's span in every layer) and refines the other items as usual, bit for
+    bit as with finite geometry. Broadcast geometry: every item is nan."""
+    B, H, N, D, L, s, T = 3, 2, 70, 64, 2, 5, 80
+    ks = [torch.randn(B, H, T, D, device="cuda").to(dtype) for _ in range(L)]
+    vs = [torch.randn(B, H, T, D, device="cuda").to(dtype) for _ in range(L)]
+    _, _, depth, coords = _inputs(B, H, N, D, dtype, "cuda", broadcast=broadcast)
+    bad_depth, bad_coords = depth.clone(), coords.clone()
+    if where == "depth":
+        bad_depth[..., N - 1] = bad
+    else:
+        bad_coords[..., 0, 1] = bad
+    if not broadcast:  # item 1 keeps finite geometry
+        bad_depth[1], bad_coords[1] = depth[1], coords[1]
+    nan_items = list(range(B)) if broadcast else [0, 2]
+    ok_items = [] if broadcast else [1]
+    span = slice(s, s + N)
+    want = [kvfix.dscr_refine(k[:, :, span], v[:, :, span], depth, coords) for k, v in zip(ks, vs)]
+    got = [kvfix.dscr_refine(k[:, :, span], v[:, :, span], bad_depth, bad_coords) for k, v in zip(ks, vs)]
+    for (gk, gv), (wk, wv) in zip(got, want):
+        for out, ref in ((gk, wk), (gv, wv)):
+            assert out[nan_items].isnan().all()
+            assert torch.equal(out[ok_items], ref[ok_items])
+    for keys_only in (False, True):
+        kc, vc = [k.clone() for k in ks], [v.clone() for v in vs]
+        kvfix.dscr_refine_cache_([k[:, :, span] for k in kc], None if keys_only else [v[:, :, span] for v in vc],
+                                 bad_depth, bad_coords)
+        for k0, v0, k, v, (wk, wv) in zip(ks, vs, kc, vc, want):
+            assert torch.equal(k[:, :, :s], k0[:, :, :s]) and torch.equal(k[:, :, s + N:], k0[:, :, s + N:])
+            assert k[nan_items][:, :, span].isnan().all()
+            assert torch.equal(k[ok_items][:, :, span], wk[ok_items])
+            if keys_only:
+                assert torch.equal(v, v0)
+            else:
+                assert torch.equal(v[:, :, :s], v0[:, :, :s]) and torch.equal(v[:, :, s + N:], v0[:, :, s + N:])
+                assert v[nan_items][:, :, span].isnan().all()
+                assert torch.equal(v[ok_items][:, :, span], wv[ok_items])
 
 
 # ---------------------------------------------------------------------------------------------

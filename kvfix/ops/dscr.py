@@ -110,7 +110,10 @@ def dscr_refine(k: torch.Tensor, v: torch.Tensor | None, depth: torch.Tensor, co
             (any strides with a contiguous last dim, e.g. a slice of a KV cache). `v` may be
             None (keys-only variant).
         depth: [N] or [B, N] per-token depth (e.g. `patch_depth`, [0, 255]), used as given (its
-            units and sigma_d set the depth term's reach). Must be finite.
+            units and sigma_d set the depth term's reach). Must be finite, as must coords:
+            ValueError on the CPU (and for the grid form, whose plan reads depth on the host); the
+            dense op on CUDA reads nothing on the host and writes nan over every output of an
+            item whose depth or coords hold nan / inf (no device -> host sync per image).
         coords: [N, 2] or [B, N, 2] patch centres (arbitrary coordinates, used as given: dense
             algorithm), or the grid form `(gh, gw)`, exactly equal to
             `patch_coords(gh, gw, unit=grid_unit)` (N = gh * gw, row-major; by default patch
@@ -157,6 +160,8 @@ def dscr_refine_cache_(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     call (kept while it fits 64 MiB, i.e. N <= 2896 per image; beyond, once per group of layers
     whose source copies fit 64 MiB); the CUDA kernel generates weight tiles on the fly, as they
     are cheaper to recompute than to read. Every tensor is validated before any is written.
+    Non-finite depth / coords: as in `dscr_refine` (dense on CUDA: the item's span in every layer
+    is written nan).
     """
     if isinstance(keys, torch.Tensor) or not isinstance(keys, (list, tuple)) or not keys:
         raise TypeError("keys must be a non-empty list or tuple of tensors")
