@@ -540,8 +540,9 @@ def test_nonfinite_rules_cmac_attention(imd):
 
 
 def test_dscr_scr_nonfinite_inputs_rejected():
-    """DSCR's depth / coords and SCR's scores: non-finite values are a ValueError (read once per
-    image; SCR's scores on the CPU only: CUDA writes the item nan, tests/test_scr.py)."""
+    """DSCR's depth / coords and SCR's scores: non-finite values are a ValueError on the CPU
+    (read once per image). On CUDA the dense DSCR op and SCR's redistribution write the item nan
+    instead of reading on the host (tests/test_dscr.py, tests/test_scr.py)."""
     with pytest.raises(ValueError, match="depth"):
         kvfix.dscr_refine(_kv(), None, torch.full((16,), NAN), kvfix.patch_coords(4, 4))
     with pytest.raises(ValueError, match="scores"):
