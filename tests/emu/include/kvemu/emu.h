@@ -136,7 +136,7 @@ inline std::atomic<int64_t>& opt_in_dynamic_smem() {  // largest cudaFuncAttribu
 
 }  // namespace detail
 
-// The fiber-order seed of the next launches: >= 0 overrides KVFIX_EMU_SEED, -1 restores it.
+// The block- and fiber-order seed of the next launches: >= 0 overrides KVFIX_EMU_SEED, -1 restores it.
 inline void set_seed(int64_t seed) { detail::seed_override().store(seed < 0 ? -1 : seed); }
 inline uint64_t current_seed() {
   const int64_t o = detail::seed_override().load();
