@@ -23,16 +23,16 @@
 // cmac_attention_kernel (Tq > 1): flash attention in plain SIMT. One block of kCmacThreads (4
 //   warps) per (b, query head, query tile of QT rows); a warp owns QT / 4 rows, keeps their
 //   online-softmax state (m, l, imd sum) and fp32 accumulators (D / 32 per lane and row) in
-//   registers. Query tiles split where queries become after-image (position >= end), key tiles of
-//   up to KT rows end at the span's edges, so a (query tile, key tile) pair is wholly in or out of
-//   the calibrated segment: segment tiles are read from k_calibrated instead of k. Per key tile: K
-//   and V rows go to shared memory as fp32 (16-byte loads where pointers and strides allow; K rows
-//   padded by one word: lanes reading different rows hit different banks), lane j forms the logit
-//   of key j, the warp folds the tile into each row's state (shuffle reductions), IMD hits (raw
-//   logit > mu_P, segment tiles of IMD items) are summed and zeroed, and P V is accumulated with
-//   p_j broadcast by shuffles, each lane owning dims lane + 32c. mu_V (the image values' mean) is
-//   summed from the shared V tiles of the segment. Output (acc + imd_sum * mu_V) / l, zeros for a
-//   row without any key.
+//   registers. Query tiles split where queries become after-image (position >= end; query_tile),
+//   key tiles of up to KT rows end at the span's edges, so a (query tile, key tile) pair is wholly
+//   in or out of the calibrated segment: segment tiles are read from k_calibrated instead of k. Per
+//   key tile: K and V rows go to shared memory as fp32 (16-byte loads where pointers and strides
+//   allow; K rows padded by one word: lanes reading different rows hit different banks), lane j
+//   forms the logit of key j, the warp folds the tile into each row's state (shuffle reductions),
+//   IMD hits (raw logit > mu_P, segment tiles of IMD items) are summed and zeroed, and P V is
+//   accumulated with p_j broadcast by shuffles, each lane owning dims lane + 32c. mu_V (the image
+//   values' mean) is summed from the shared V tiles of the segment. Output (acc + imd_sum * mu_V)
+//   / l, zeros for a row without any key.
 //
 // cmac_contrastive_kernel: one block per row of V logits: block max, then
 //   out = l - max >= log beta ? l + alpha (l - l~) : -inf
@@ -239,6 +239,34 @@ struct Cfg {
   static constexpr int C = DMAX / 32;                  // accumulator columns per lane
 };
 
+// The first after-image query row of an item whose image span ends at e: query i sits at position
+// T - Tq + i, so rows i >= e - (T - Tq), clamped to [0, Tq], see no image token after them.
+__host__ __device__ inline int64_t first_after_row(const CmacAttnArgs& a, int64_t e) {
+  const int64_t i_after = e - (a.T - a.Tq);
+  return i_after < 0 ? 0 : (i_after > a.Tq ? a.Tq : i_after);
+}
+
+// The prefill kernels' query tiles per (b, query head) with tiles of QT rows: one more than
+// ceil(Tq / QT), for the split at the span's end.
+__host__ __device__ inline int64_t query_tiles(int64_t Tq, int QT) { return (Tq + QT - 1) / QT + 1; }
+
+// Rows [i0, i1) of query tile u (< query_tiles(Tq, QT)): the tiles split where the queries become
+// after-image (row i_after), so a tile is wholly before or wholly after the image: the first
+// ceil(i_after / QT) tiles cover [0, i_after), the others [i_after, Tq). At most one tile of a
+// (b, head) is empty (i0 >= i1: its block returns).
+struct QueryTile {
+  int64_t i0, i1;
+};
+__device__ __forceinline__ QueryTile query_tile(int64_t u, int QT, int64_t i_after, int64_t Tq) {
+  const int64_t nb_before = (i_after + QT - 1) / QT;
+  if (u < nb_before) {
+    const int64_t i0 = u * QT;
+    return {i0, i0 + QT < i_after ? i0 + QT : i_after};
+  }
+  const int64_t i0 = i_after + (u - nb_before) * QT;
+  return {i0, i0 + QT < Tq ? i0 + QT : Tq};
+}
+
 }  // namespace cmac_detail
 
 template <class T>
@@ -280,8 +308,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_threshold_kernel(const Cmac
   const int64_t g = a.Hq / a.Hkv;
   int64_t s, e;
   a.span.get(b, a.T, s, e);
-  int64_t i_after = e - (a.T - a.Tq);
-  i_after = i_after < 0 ? 0 : (i_after > a.Tq ? a.Tq : i_after);
+  const int64_t i_after = cmac_detail::first_after_row(a, e);
   const bool on = a.imd && (a.imd_items == nullptr || a.imd_items[b]);
   // this chunk's image keys [t0, t1) (of e - s; the span is per item, so the split is made here)
   const int64_t len = (e - s + a.chunks - 1) / a.chunks, t0 = c * len, t1 = t0 + len < e - s ? t0 + len : e - s;
@@ -322,7 +349,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
   __shared__ float qs[QT][DMAX];
   __shared__ float ks[KT][DMAX + 1];
   __shared__ float vs[KT][DMAX];
-  const int64_t units = (a.Tq + QT - 1) / QT + 1;  // +1: the split at the span's end
+  const int64_t units = cmac_detail::query_tiles(a.Tq, QT);
   const int64_t u = blockIdx.x % units, h = (blockIdx.x / units) % a.Hq, b = blockIdx.x / (units * a.Hq);
   const int64_t hk = h / (a.Hq / a.Hkv);
   const int D = static_cast<int>(a.D);
@@ -332,17 +359,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
   int64_t s, e;
   a.span.get(b, a.T, s, e);
   const int64_t off = a.T - a.Tq;  // query i sits at position off + i
-  int64_t i_after = e - off;
-  i_after = i_after < 0 ? 0 : (i_after > a.Tq ? a.Tq : i_after);
-  const int64_t nb_before = (i_after + QT - 1) / QT;
-  int64_t i0, i1;
-  if (u < nb_before) {
-    i0 = u * QT;
-    i1 = i0 + QT < i_after ? i0 + QT : i_after;
-  } else {
-    i0 = i_after + (u - nb_before) * QT;
-    i1 = i0 + QT < a.Tq ? i0 + QT : a.Tq;
-  }
+  const int64_t i_after = cmac_detail::first_after_row(a, e);
+  const cmac_detail::QueryTile tile = cmac_detail::query_tile(u, QT, i_after, a.Tq);
+  const int64_t i0 = tile.i0, i1 = tile.i1;
   if (i0 >= i1) return;  // the unused unit of this (b, h): uniform for the whole block
   const bool after = i0 >= i_after;
   const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
@@ -773,14 +792,12 @@ cudaError_t cmac_attention_launch(const CmacAttnArgs& args, cudaStream_t stream)
     return cudaGetLastError();
   }
   if (a.D <= 128) {
-    constexpr int QT = cmac_detail::Cfg<128>::QT;
-    const int64_t blocks = a.B * a.Hq * ((a.Tq + QT - 1) / QT + 1);
+    const int64_t blocks = a.B * a.Hq * cmac_detail::query_tiles(a.Tq, cmac_detail::Cfg<128>::QT);
     if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
     cmac_attention_kernel<T, 128><<<dim3(static_cast<unsigned>(blocks)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
                                     stream>>>(a);
   } else {
-    constexpr int QT = cmac_detail::Cfg<256>::QT;
-    const int64_t blocks = a.B * a.Hq * ((a.Tq + QT - 1) / QT + 1);
+    const int64_t blocks = a.B * a.Hq * cmac_detail::query_tiles(a.Tq, cmac_detail::Cfg<256>::QT);
     if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
     cmac_attention_kernel<T, 256><<<dim3(static_cast<unsigned>(blocks)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
                                     stream>>>(a);

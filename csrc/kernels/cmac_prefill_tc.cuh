@@ -5,11 +5,12 @@
 //
 // cmac_prefill_tc_kernel: one block of kCmacThreads (4 warps) per (b, query head, query tile of 64
 //   rows); warp w owns rows [16 w, 16 w + 16) of the tile. Query tiles split where queries become
-//   after-image (position >= end) and key tiles of up to 32 rows end at the span's edges, exactly as
-//   in the SIMT kernel, so a (query tile, key tile) pair is wholly in or out of the calibrated
-//   segment (segment tiles read k_calibrated). Q, K and V tiles are staged in shared memory in the
-//   input type (16-byte copies where pointers and strides allow, element by element otherwise; rows
-//   past the data and dims from D up to the next multiple of 16 are zeros), so any D <= 128 runs.
+//   after-image (position >= end; cmac_detail::query_tile, shared with the SIMT kernel) and key
+//   tiles of up to 32 rows end at the span's edges, so a (query tile, key tile) pair is wholly in
+//   or out of the calibrated segment (segment tiles read k_calibrated). Q, K and V tiles are staged
+//   in shared memory in the input type (16-byte copies where pointers and strides allow, element by
+//   element otherwise; rows past the data and dims from D up to the next multiple of 16 are zeros),
+//   so any D <= 128 runs.
 //   One pass over the key tiles, as flash attention: S = Q K^T (wmma, fp32) goes to shared memory,
 //   where two lanes per query row (16 keys each of a 32-key tile) form the logits (scale, causal,
 //   masks; a nan logit gives p = nan whatever the max: the row turns nan, softmax's rule), set IMD hits
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
   __shared__ __align__(128) T ps[QT * PLD];
   // Query tile u of (b, h): the tile index varies slowest and the last tiles (the most keys) come
   // first, so the blocks resident on one SM do not all have the same (the heaviest) tile.
-  const int64_t units = (a.Tq + QT - 1) / QT + 1;  // +1: the split at the span's end
+  const int64_t units = cmac_detail::query_tiles(a.Tq, QT);
   const int64_t bh = blockIdx.x % (a.B * a.Hq), u = units - 1 - blockIdx.x / (a.B * a.Hq);
   const int64_t h = bh % a.Hq, b = bh / a.Hq;
   const int64_t hk = h / (a.Hq / a.Hkv);
@@ -133,17 +134,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
   int64_t s, e;
   a.span.get(b, a.T, s, e);
   const int64_t off = a.T - a.Tq;  // query i sits at position off + i
-  int64_t i_after = e - off;
-  i_after = i_after < 0 ? 0 : (i_after > a.Tq ? a.Tq : i_after);
-  const int64_t nb_before = (i_after + QT - 1) / QT;
-  int64_t i0, i1;
-  if (u < nb_before) {
-    i0 = u * QT;
-    i1 = i0 + QT < i_after ? i0 + QT : i_after;
-  } else {
-    i0 = i_after + (u - nb_before) * QT;
-    i1 = i0 + QT < a.Tq ? i0 + QT : a.Tq;
-  }
+  const int64_t i_after = cmac_detail::first_after_row(a, e);
+  const cmac_detail::QueryTile tile = cmac_detail::query_tile(u, QT, i_after, a.Tq);
+  const int64_t i0 = tile.i0, i1 = tile.i1;
   if (i0 >= i1) return;  // the unused unit of this (b, h): uniform for the whole block
   const bool after = i0 >= i_after;
   const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
@@ -370,7 +363,7 @@ cudaError_t cmac_prefill_tc_launch(const CmacAttnArgs& args, cudaStream_t stream
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    const int64_t blocks = a.B * a.Hq * ((a.Tq + cmac_tc_detail::QT - 1) / cmac_tc_detail::QT + 1);
+    const int64_t blocks = a.B * a.Hq * cmac_detail::query_tiles(a.Tq, cmac_tc_detail::QT);
     if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
     cmac_prefill_tc_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
                                 stream>>>(a);

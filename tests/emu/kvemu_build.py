@@ -377,7 +377,8 @@ class Module:
 
     Arguments: torch CPU tensors (or RawTensor), Python numbers, None. A failed launch raises
     EmuError with the emulator's report (deadlock, divergent collective, bad launch config...).
-    `seed=` runs this call with that fiber-order seed (default: KVFIX_EMU_SEED, 0 = thread order).
+    `seed=` runs this call with that block- and fiber-order seed (default: KVFIX_EMU_SEED, 0 = index
+    and thread order).
     """
 
     def __init__(self, name: str, path: Path):
@@ -416,7 +417,7 @@ class Module:
         return fn
 
     def call(self, entry: str, *args: Any, seed: int | None = None, quiet: bool = False) -> None:
-        """Run entry `entry`; `seed` overrides the fiber order, `quiet` keeps an expected
+        """Run entry `entry`; `seed` overrides the block and fiber order, `quiet` keeps an expected
         failure's report off stderr (it is still in the EmuError)."""
         fn = self._entry(entry)
         arr = (Arg * max(1, len(args)))()

@@ -7,24 +7,27 @@
 `emu` builds the modules of the selected tests in the background on first use (two compiler
 processes; test_emu_<name>.py -> module <name>, others on demand), caches the builds in
 tests/.emu_cache/, and skips the emulated tests where no C++ compiler or CUDA headers
-exist. KVFIX_EMU_SEED picks the fiber order (0 = thread order, the default; CI runs 0, 1, 2);
+exist. KVFIX_EMU_SEED picks the block and fiber order (0 = index and thread order, the default;
+others random; CI runs 0, 1, 2);
 KVFIX_EMU_ASAN=1 switches to the AddressSanitizer builds (the process needs libasan preloaded:
 `python tests/emu/run_emulated.py --asan-only` sets that up).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kvemu_build  # noqa: E402
 from kvemu_build import BuildError, EmuError, Module  # noqa: E402,F401
 
-__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference"]
+__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "cmac_attention_call"]
 
 
 def kvfix_reference():
@@ -40,6 +43,25 @@ def kvfix_reference():
     spec.loader.exec_module(mod)
     sys.modules["kvemu_kvfix_reference"] = mod
     return mod
+
+
+def cmac_attention_call(mod, entry, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, causal=True,
+                        imd=False, value_mean="scalar", splits=3, k_calibrated_mean=None):
+    """CMAC attention through `entry` of an emulated module ("cmac": cmac_attention, the SIMT
+    kernels; "cmac_tc": cmac_attention_tc, the tensor-core prefill kernel, and cmac_attention, the
+    dispatch), with kvfix.reference.cmac_attention's arguments: span (s, e) or a [B, 2] tensor, imd
+    a bool or a [B] bool tensor, mask broadcast to [B, Hq, Tq, T]. Returns the output, NaN-poisoned
+    before the launch (an unwritten element stays NaN); the module's EmuError propagates."""
+    B, Hq, Tq, D = q.shape
+    out = torch.full((B, Hq, Tq, D), float("nan"), dtype=q.dtype)
+    spans = span if isinstance(span, torch.Tensor) else None
+    s, e = (0, 0) if spans is not None else span
+    items = imd if isinstance(imd, torch.Tensor) else None
+    m = None if mask is None else mask.expand(B, Hq, Tq, k.shape[2])
+    getattr(mod, entry)(q, k, v, k_calibrated, out, spans, s, e, m, int(items is not None or bool(imd)), items,
+                        int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal),
+                        splits, None if k_calibrated_mean is None else k_calibrated_mean.float().contiguous())
+    return out
 
 
 class EmuSession:
@@ -71,7 +93,7 @@ class EmuSession:
 
     @property
     def seed(self) -> int:
-        """The fiber-order seed of this run (KVFIX_EMU_SEED)."""
+        """The block- and fiber-order seed of this run (KVFIX_EMU_SEED)."""
         return int(os.environ.get("KVFIX_EMU_SEED", "0") or 0)
 
     def path(self, name: str) -> Path:

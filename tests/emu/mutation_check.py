@@ -5,8 +5,8 @@
 
 Each mutation replaces one snippet of a kernel source in a temporary overlay directory
 (KVFIX_EMU_SRC_OVERLAY: the working tree is never touched), rebuilds the emulated module and
-runs the kernel's emulated tests with -x under KVFIX_EMU_SEED=0, then 1 and 2, then the ASan
-build, until one fails. Prints which test caught each mutation; exits 1 if one was not caught.
+runs the kernel's emulated tests with -x under KVFIX_EMU_SEED=0 (index and thread order), then 1
+and 2 (random block and fiber orders), then the ASan build, until one fails. Prints which test caught each mutation; exits 1 if one was not caught.
 A mutation whose snippet no longer exists in the source (the kernel changed) is reported as
 "n/a" so the list can be kept up to date.
 """
@@ -218,6 +218,15 @@ MUTATIONS = [
     Mutation("mask reader: the row stride ignored", VIEW, "h * m.sh + i * m.si + t * m.st", "h * m.sh + t * m.st",
              CMAC_TESTS),
     # CMAC (cmac.cuh)
+    # the query-tile split both prefill kernels share (cmac_detail::query_tile): the last tile before
+    # the image's end runs on into after-image rows, which the first after-image tile also writes;
+    # which block's rows survive depends on the block order (a race on a GPU)
+    Mutation("cmac: a before-image query tile runs into the after-image rows (blocks race on them)", CMAC,
+             "return {i0, i0 + QT < i_after ? i0 + QT : i_after};", "return {i0, i0 + QT < Tq ? i0 + QT : Tq};",
+             CMAC_TESTS),
+    Mutation("cmac tc: a before-image query tile runs into the after-image rows (blocks race on them)", CMAC,
+             "return {i0, i0 + QT < i_after ? i0 + QT : i_after};", "return {i0, i0 + QT < Tq ? i0 + QT : Tq};",
+             CMAC_TC_TESTS),
     Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
              "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
              CMAC_TESTS),

@@ -5,8 +5,9 @@
     python tests/emu/run_emulated.py --asan-only      # the AddressSanitizer pass only
     python tests/emu/run_emulated.py --no-asan -- -k dscr -x    # extra pytest arguments after --
 
-Each pass is one pytest process over tests/emu with KVFIX_EMU_SEED set (0 = thread order,
-others = a random fiber order per kernel and block). The ASan pass builds the modules with
+Each pass is one pytest process over tests/emu with KVFIX_EMU_SEED set (0 = blocks in index
+order and threads in thread order, others = a random block order per kernel and launch shape and
+a random fiber order per kernel and block). The ASan pass builds the modules with
 -fsanitize=address and runs pytest with the ASan runtime preloaded (LD_PRELOAD), leak
 detection off and --capture=sys (so a report that ends the process stays visible); seed 0. Prints the wall time of every pass; exits non-zero if any fails.
 """

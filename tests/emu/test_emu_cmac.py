@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from kvemu_fixtures import kvfix_reference
+from kvemu_fixtures import cmac_attention_call, kvfix_reference
 
 R = kvfix_reference()  # kvfix/reference.py
 
@@ -77,18 +77,8 @@ def test_rope_calibrate(cm, dtype):
         torch.testing.assert_close(out[b:b + 1].double(), want, rtol=0, atol=2e-2 if dtype != torch.float32 else 1e-5)
 
 
-def _attention(cm, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, causal=True, imd=False,
-               value_mean="scalar", splits=3, k_calibrated_mean=None):
-    B, Hq, Tq, D = q.shape
-    out = torch.full((B, Hq, Tq, D), NAN, dtype=q.dtype)
-    spans = span if isinstance(span, torch.Tensor) else None
-    s, e = (0, 0) if spans is not None else span
-    items = imd if isinstance(imd, torch.Tensor) else None
-    m = None if mask is None else mask.expand(B, Hq, Tq, k.shape[2])
-    cm.cmac_attention(q, k, v, k_calibrated, out, spans, s, e, m, int(items is not None or bool(imd)), items,
-                      int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal),
-                      splits, None if k_calibrated_mean is None else k_calibrated_mean.float().contiguous())
-    return out
+def _attention(cm, q, k, v, span, **kw):
+    return cmac_attention_call(cm, "cmac_attention", q, k, v, span, **kw)
 
 
 def _check(cm, q, k, v, span, splits=3, **kw):

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from kvemu_fixtures import EmuError, kvfix_reference
+from kvemu_fixtures import EmuError, cmac_attention_call, kvfix_reference
 
 R = kvfix_reference()  # kvfix/reference.py
 
@@ -42,24 +42,10 @@ def _inv_freq(D):
     return 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
 
 
-def _call(mod, entry, q, k, v, span, *, k_calibrated=None, scale=None, mask=None, causal=True, imd=False,
-          value_mean="scalar", splits=3, k_calibrated_mean=None):
-    B, Hq, Tq, D = q.shape
-    out = torch.full((B, Hq, Tq, D), NAN, dtype=q.dtype)
-    spans = span if isinstance(span, torch.Tensor) else None
-    s, e = (0, 0) if spans is not None else span
-    items = imd if isinstance(imd, torch.Tensor) else None
-    m = None if mask is None else mask.expand(B, Hq, Tq, k.shape[2])
-    getattr(mod, entry)(q, k, v, k_calibrated, out, spans, s, e, m, int(items is not None or bool(imd)), items,
-                        int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D),
-                        int(causal), splits, k_calibrated_mean)
-    return out
-
-
 def _check(tc, q, k, v, span, **kw):
     """The tensor-core kernel (entry cmac_attention_tc) against the reference; the dispatch gives
     the same bits."""
-    out = _call(tc, "cmac_attention_tc", q, k, v, span, **kw)
+    out = cmac_attention_call(tc, "cmac_attention_tc", q, k, v, span, **kw)
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     kd = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()}
     truth = R.cmac_attention(q.double(), k.double(), v.double(), span, **kd)
@@ -68,7 +54,8 @@ def _check(tc, q, k, v, span, **kw):
     ref_err = (ref.double() - truth).abs().max().item()
     slack = UNIT[q.dtype] * v.double().abs().max().item() + 1e-5
     assert err <= 2 * ref_err + slack, f"{tuple(q.shape)} {span}: {q.dtype} error {err} vs the reference's {ref_err}"
-    assert torch.equal(_call(tc, "cmac_attention", q, k, v, span, **kw), out), "the dispatch did not take the tc kernel"
+    assert torch.equal(cmac_attention_call(tc, "cmac_attention", q, k, v, span, **kw), out), \
+        "the dispatch did not take the tc kernel"
     return out
 
 
@@ -187,7 +174,7 @@ def test_tc_nonfinite_rule(tc):
     for dtype in HALF:
         qd, kd, vd, md = q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype)
         for imd in (False, True):
-            out = _call(tc, "cmac_attention_tc", qd, kd, vd, (3, 21), imd=imd, mask=md)
+            out = cmac_attention_call(tc, "cmac_attention_tc", qd, kd, vd, (3, 21), imd=imd, mask=md)
             want = R.cmac_attention(qd.double(), kd.double(), vd.double(), (3, 21), mask=md.double(), imd=imd)
             assert out[0, 0, 2].isnan().all() and out[0, :, 5].isnan().all()
             assert torch.equal(out[1, :, 3], torch.zeros_like(out[1, :, 3]))
@@ -208,7 +195,7 @@ def test_fallbacks(tc, simt, case):
     k, v = torch.randn(B, Hkv, T, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
     kc = R.rope_calibrate(k.float(), (3, 21), _inv_freq(D), gamma=3.0).to(dtype)
     with pytest.raises(EmuError):
-        _call(tc, "cmac_attention_tc", q, k, v, (3, 21), k_calibrated=kc, imd=True)
-    out = _call(tc, "cmac_attention", q, k, v, (3, 21), k_calibrated=kc, imd=True)
+        cmac_attention_call(tc, "cmac_attention_tc", q, k, v, (3, 21), k_calibrated=kc, imd=True)
+    out = cmac_attention_call(tc, "cmac_attention", q, k, v, (3, 21), k_calibrated=kc, imd=True)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, _call(simt, "cmac_attention", q, k, v, (3, 21), k_calibrated=kc, imd=True))
+    assert torch.equal(out, cmac_attention_call(simt, "cmac_attention", q, k, v, (3, 21), k_calibrated=kc, imd=True))

@@ -2,7 +2,8 @@
 
 They prove the emulator runs CUDA semantics faithfully (barriers, every shuffle kind and width,
 votes, atomics, wmma, dynamic shared memory, launch checks) and that it catches what it exists
-to catch: a missing __syncthreads gives a wrong result under some fiber-order seed, a shuffle
+to catch: a missing __syncthreads gives a wrong result under some fiber-order seed, blocks that
+race on the same output give a seed-dependent result (random block order), a shuffle
 that a lane never reaches is a reported deadlock (never a hang), and AddressSanitizer reports
 an out-of-bounds store at the kernel's source line.
 """
@@ -175,6 +176,30 @@ def test_builtin_variables_in_3d(st):
                         for tx in range(b[0]):
                             ref.append(((bx * 4 + by) * 4 + bz) * 1000 + (tx * 8 + ty) * 8 + tz)
     assert out.tolist() == ref
+
+
+def _block_order(st, grid, seed, threads=32):
+    n = grid[0] * grid[1] * grid[2]
+    nxt, last = torch.zeros(1, dtype=torch.int32), torch.full((1,), -1, dtype=torch.int32)
+    order = torch.full((n,), -1, dtype=torch.int32)
+    st.block_order(nxt, order, last, *grid, threads, seed=seed)
+    assert nxt.item() == n and sorted(order.tolist()) == list(range(n)), "every block runs exactly once"
+    return order.tolist(), last.item()
+
+
+@pytest.mark.parametrize("grid", [(7, 1, 1), (3, 2, 2), (64, 1, 1), (2, 1, 1)])
+def test_block_order_is_index_order_for_seed_0_and_a_seeded_permutation_otherwise(st, grid):
+    n = grid[0] * grid[1] * grid[2]
+    assert _block_order(st, grid, 0) == (list(range(n)), n - 1)
+    runs = {seed: _block_order(st, grid, seed) for seed in range(1, 9)}
+    for seed in (1, 2):
+        assert _block_order(st, grid, seed) == runs[seed], "the same seed and launch give the same order"
+    orders = {tuple(o) for o, _ in runs.values()}
+    assert len(orders) > 1 and (n == 2 or tuple(range(n)) not in orders)
+    # the racy store of every block: which block wins depends on the seed, as on a GPU
+    assert len({last for _, last in runs.values()}) > 1
+    if n > 2:  # the shape keys the permutation too
+        assert _block_order(st, grid, 1, threads=64)[0] != runs[1][0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,6 +82,13 @@ KVEMU_ENTRY(coords3d, args) {
   return st::launch_coords3d(args.data<int32_t>(0), g, b);
 }
 
+// next [1] i32, order [prod(grid)] i32, last [1] i32, gx, gy, gz, threads
+KVEMU_ENTRY(block_order, args) {
+  const dim3 g(static_cast<unsigned>(args.i(3)), static_cast<unsigned>(args.i(4)), static_cast<unsigned>(args.i(5)));
+  return st::launch_block_order(args.data<int32_t>(0), args.data<int32_t>(1), args.data<int32_t>(2), g,
+                                static_cast<unsigned>(args.i(6)));
+}
+
 // x [n] f32, out [n, 8] f32
 KVEMU_ENTRY(math, args) {
   return st::launch_math(args.data<const float>(0), args.data<float>(1), static_cast<int>(args.size(0, 0)));

@@ -251,6 +251,21 @@ inline cudaError_t launch_coords3d(int* out, dim3 grid, dim3 block) {
   return cudaGetLastError();
 }
 
+// ---- block order: order[linear block] = the block's ticket (0 for the first block to run);
+// BROKEN on purpose: every block writes *last (a race: the block that runs last wins).
+__global__ void block_order(int* next, int* __restrict__ order, int* last) {
+  const int bl = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) {
+    order[bl] = atomicAdd(next, 1);
+    *last = bl;
+  }
+}
+
+inline cudaError_t launch_block_order(int* next, int* order, int* last, dim3 grid, unsigned threads) {
+  block_order<<<grid, threads>>>(next, order, last);
+  return cudaGetLastError();
+}
+
 // ---- math intrinsics: out[8 i + k]
 __global__ void math(const float* __restrict__ x, float* __restrict__ out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;

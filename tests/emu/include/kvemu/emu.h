@@ -2,7 +2,7 @@
 //
 // Every CUDA thread of a block is a fiber (first entered through ucontext, then switched with
 // _setjmp/_longjmp; a fiber whose thread exited is reused for the next one); blocks run one
-// after another on the calling thread. A fiber runs until it
+// after another on the calling thread (in the order of the seed, below). A fiber runs until it
 // reaches __syncthreads, a warp collective (shuffle, ballot, __syncwarp, match, reduce, wmma) or
 // its end; a barrier completes when every thread of the block arrived, a warp collective when
 // every live (not exited) lane of its mask arrived. When no fiber can run but some have not
@@ -16,9 +16,11 @@
 // arrays point at a per-block buffer sized by the launch (poisoned and exact too); threadIdx/blockIdx/blockDim/gridDim
 // are thread_local variables that the scheduler sets before it resumes a fiber.
 //
-// Order: KVFIX_EMU_SEED=0 (default) runs ready fibers in thread order; any other seed picks the
-// next ready fiber at random (seeded per kernel and block), which exposes missing barriers.
-// kvemu::set_seed() overrides the environment.
+// Order: KVFIX_EMU_SEED=0 (default) runs a launch's blocks in index order (x fastest) and ready
+// fibers in thread order; any other seed runs the blocks in a random permutation (seeded per
+// kernel and launch shape: BlockOrder), which exposes blocks that write the same elements or read
+// what another block writes (a race on a GPU), and picks the next ready fiber at random (seeded per
+// kernel and block), which exposes missing barriers. kvemu::set_seed() overrides the environment.
 //
 // Environment: KVFIX_EMU_SEED, KVFIX_EMU_STACK_KB (fiber stack, default 256; 1024 under ASan),
 // KVFIX_EMU_SMEM_LIMIT (bytes of shared memory per block, default 232448 = sm_90 opt-in limit),
@@ -134,7 +136,7 @@ inline std::atomic<int64_t>& opt_in_dynamic_smem() {  // largest cudaFuncAttribu
 
 }  // namespace detail
 
-// The fiber-order seed of the next launches: >= 0 overrides KVFIX_EMU_SEED, -1 restores it.
+// The block- and fiber-order seed of the next launches: >= 0 overrides KVFIX_EMU_SEED, -1 restores it.
 inline void set_seed(int64_t seed) { detail::seed_override().store(seed < 0 ? -1 : seed); }
 inline uint64_t current_seed() {
   const int64_t o = detail::seed_override().load();
@@ -229,6 +231,39 @@ inline uint64_t hash_str(const char* s) {
   for (; s && *s; ++s) h = (h ^ static_cast<unsigned char>(*s)) * 1099511628211ull;
   return h;
 }
+
+// The order a launch runs its blocks in: position k -> linear block index. The identity for seed 0;
+// for any other seed a pseudo-random permutation of [0, n) keyed by the seed and the launch (its
+// kernel expression and shape, not the launches before it, so one test alone reproduces it): a
+// 4-round Feistel network on the smallest even bit width covering n, cycle-walked back into
+// [0, n) (following a permutation of [0, 2^bits) until it lands below n permutes [0, n)). O(1)
+// memory for any grid; at most 4 steps per block on average.
+struct BlockOrder {
+  uint64_t n = 0;
+  int half = 0;  // bits per Feistel half; 0: the identity
+  uint64_t key[4]{};
+  BlockOrder(uint64_t blocks, uint64_t seed, uint64_t launch) : n(blocks) {
+    if (seed == 0 || n < 2) return;
+    do ++half;
+    while (2 * half < 64 && (uint64_t{1} << (2 * half)) < n);
+    Rng r{seed * 0x2545F4914F6CDD1Dull ^ launch};
+    for (uint64_t& k : key) k = r.next();
+  }
+  uint64_t operator()(uint64_t i) const {
+    if (half == 0) return i;
+    const uint64_t mask = (uint64_t{1} << half) - 1;
+    do {
+      uint64_t hi = i >> half, lo = i & mask;
+      for (const uint64_t k : key) {
+        const uint64_t t = hi ^ (Rng{lo ^ k}.next() & mask);
+        hi = lo;
+        lo = t;
+      }
+      i = (hi << half) | lo;
+    } while (i >= n);
+    return i;
+  }
+};
 
 inline std::string where_str(const std::source_location& l) {
   return std::string(l.file_name()) + ":" + std::to_string(l.line());
@@ -905,10 +940,17 @@ inline cudaError_t run_grid(const LaunchConfig& cfg, const LaunchSite& site, Bod
   e.fail_code = cudaSuccess;
   e.fail_msg.clear();
   const uint64_t seed = current_seed();
+  const uint64_t nblocks = uint64_t{g.x} * g.y * g.z;
+  const uint64_t launch = hash_str(site.kernel) ^
+                          (((uint64_t{g.z} * 65536u + g.y) << 32) + g.x) * 0x9E3779B97F4A7C15ull ^
+                          ((uint64_t{b.z} * 1024u + b.y) * 1024u + b.x + (uint64_t{cfg.smem} << 20)) * 0xBF58476D1CE4E5B9ull;
+  const BlockOrder order(nblocks, seed, launch);
   watchdog_arm(&st);
-  for (unsigned z = 0; z < g.z && !e.failed; ++z)
-    for (unsigned y = 0; y < g.y && !e.failed; ++y)
-      for (unsigned x = 0; x < g.x && !e.failed; ++x) e.run_block(st, uint3{x, y, z}, seed);
+  for (uint64_t k = 0; k < nblocks && !e.failed; ++k) {
+    const uint64_t i = order(k);
+    e.run_block(st, uint3{static_cast<unsigned>(i % g.x), static_cast<unsigned>(i / g.x % g.y),
+                          static_cast<unsigned>(i / (uint64_t{g.x} * g.y))}, seed);
+  }
   watchdog_disarm();
   e.L = nullptr;
   blockIdx = uint3{0, 0, 0};
@@ -917,7 +959,8 @@ inline cudaError_t run_grid(const LaunchConfig& cfg, const LaunchSite& site, Bod
   if (e.failed) {
     std::string msg = e.fail_msg;
     if (!msg.empty() && msg.back() != '\n') msg += '\n';
-    msg += "  fiber order seed: " + std::to_string(seed) + (seed == 0 ? " (thread order)" : " (random order)") +
+    msg += "  fiber and block order seed: " + std::to_string(seed) +
+           (seed == 0 ? " (thread and block order)" : " (random orders)") +
            "; set KVFIX_EMU_SEED to reproduce";
     return launch_failed(e.fail_code, msg);
   }
