@@ -739,6 +739,25 @@ def test_banded_cache_inplace_strided_slices(dtype):
         assert torch.equal(v[:, :, :s], v0[:, :, :s]) and torch.equal(v[:, :, s + N:], v0[:, :, s + N:])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gh, kind, H, D", [(24, "ramp", 20, 200), (64, "ramp", 4, 136), (24, "surfaces-3", 40, 100)])
+def test_banded_large_outputs_equal_the_in_place_op(gh, kind, H, D, dtype):
+    """Out-of-place outputs from 4 MiB on are written with non-temporal stores (rows 16-byte
+    aligned; D = 100 in 16-bit is not: regular stores), and every block prefetches the thread's
+    next block: the result equals the in-place op's (regular stores) bit for bit, with a narrow
+    last block (D % 64 != 0), in values mode (24 x 24 ramp) and with Gaussian nodes (64 x 64 ramp)."""
+    N = gh * gh
+    depth = _map_depth(kind, gh, gh)
+    plan = kvfix.dscr_plan(gh, gh, depth, dtype=dtype, method="structured")
+    assert plan.variant == "banded" and plan.depth_mode == ("gauss" if gh == 64 else "values")
+    k = torch.randn(1, H, N, D).to(dtype)
+    v = torch.randn(1, H, N, D).to(dtype)
+    assert k.nbytes >= 4 << 20
+    k_hat, v_hat = kvfix.dscr_refine(k, v, depth, (gh, gh), method="structured")
+    kvfix.dscr_refine_cache_([k], [v], depth, (gh, gh), method="structured")
+    assert torch.equal(k_hat, k) and torch.equal(v_hat, v)
+
+
 def test_opcheck_banded():
     depth = _map_depth("smooth", 4, 5, 2)
     _, st = S._plan_checked(4, 5, depth, 0.6, 0.6, 0.6, 0.8, torch.float32, "structured", "patch", "cpu")
