@@ -946,6 +946,17 @@ def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructu
     return build()
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t (built on the CPU) on `device` without a host synchronisation: a CUDA copy goes through
+    pinned memory with non_blocking=True (from pageable memory the driver may wait for the stream;
+    torch's pinned-memory cache keeps the staging block until the copy has run)."""
+    if device.type == "cpu" or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclasses.dataclass
 class BandedStructure:
     """What the banded kernels take (csrc/cpu/dscr_banded.cpp, csrc/kernels/dscr_banded.cuh),
@@ -981,7 +992,7 @@ class BandedStructure:
             dev = torch.device("cuda", torch.cuda.current_device())
         got = self._copies.get(str(dev))
         if got is None:
-            got = BandedStructure(*(t.to(dev, non_blocking=True) for t in self.args()[:-1]), self.gh)
+            got = BandedStructure(*(to_device_async(t, dev) for t in self.args()[:-1]), self.gh)
             self._copies[str(dev)] = got
         return got
 

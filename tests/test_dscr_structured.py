@@ -654,6 +654,29 @@ def test_banded_structure_moves_to_a_device_once():
                for t, c in zip(m.args()[:-1], st.args()[:-1]))
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_grid_route_from_cpu_depth_does_not_synchronise(method):
+    """kvfix.hf.DSCR's way for a CUDA cache: depth pooled on the CPU, the route planned from it
+    (no device round trip), the structure and the ops' depth copied through pinned memory, then
+    the op (banded for "auto" here, dense): all of it under torch's sync debug mode "error"."""
+    from kvfix.ops import dscr as D
+    params = D._dscr_reals(0.6, 0.6, 0.6, 0.8)
+    k = torch.randn(1, 2, 24 * 24, 64, device="cuda", dtype=torch.bfloat16)
+    depth = _map_depth("ramp", 24, 24)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        route = D._dscr_route(k.device, k.dtype, depth, (24, 24), method, params)
+        out = D._dscr_run(route, k, None, params)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert route[0] == ("banded" if method == "auto" else "dense")
+    # both devices sum in float32 and round once to bfloat16: a rounding apart (2^-8 relative), 2 at most
+    ref = kvfix.dscr_refine(k.cpu(), None, depth, (24, 24), method=method)[0]
+    torch.testing.assert_close(out.cpu(), ref, atol=2.0 ** -8 * ref.abs().max().item(), rtol=2.0 ** -7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and a CUDA build")
 def test_banded_cuda_matches_cpu(dtype):

@@ -69,9 +69,12 @@ class DSCR(Method):
     scaled to [0, depth_scale] by `kvfix.patch_depth`), or [N] already on the grid (used as
     given), or "uniform".
 
-    The weights of an image are planned once per forward (`kvfix.dscr_plan`, its geometry on
-    the model's device: one host read of the depth range per image) and serve every selected
-    layer; the op is called once per image and layer (on all batch rows showing the image).
+    The weights of an image are planned once per forward (`kvfix.dscr_plan`) on the host from
+    the pooled depth and serve every selected layer; the op is called once per image and layer
+    (on all batch rows showing the image). Depth maps on the CPU (as depth-estimation pipelines
+    return them) cost no host synchronisation on a GPU model: pooling and planning run on the CPU
+    and the structure goes to the GPU through pinned memory. A map on the GPU is read back to the
+    host per image (its finiteness check and the plan: a synchronisation each).
 
     Stacking: KVSmooth (decoding only) and SCR (its diagnostic pass is an auxiliary pass, which
     DSCR leaves alone: SCR scores the unrefined model; its redistribution acts on the hidden
@@ -295,7 +298,7 @@ class _Forward:
         routes = self.routes.get(key)
         if routes is None:
             routes = self.routes[key] = [
-                dscr_ops._dscr_route(device, dtype, d.to(device), (g.gh, g.gw), dscr.method, dscr._params,
+                dscr_ops._dscr_route(device, dtype, d, (g.gh, g.gw), dscr.method, dscr._params,
                                 dscr.grid_unit)
                 for g, d in zip(self.grids, self.depths)]
         return routes

@@ -71,7 +71,11 @@ def _dscr_route(device, dtype, depth, coords, method: str, params, grid_unit: st
     gh, gw = check_grid_form(coords)
     d, c = _geometry(depth, patch_coords(gh, gw, unit=grid_unit, device=device))
     sd, ss, a, b = params
+    # The plan reads the depth values on the host: from depth where the caller holds it (a CPU
+    # depth, as kvfix.hf passes, needs no device round trip), then the ops get their copy on k's
+    # device (kvfix.hf: through pinned memory, no host synchronisation either).
     plan, banded = P._plan_checked(gh, gw, d, sd, ss, a, b, dtype, method, grid_unit, device)
+    d = P.to_device_async(d, torch.device(device))
     if plan.algorithm == "dense":
         return "dense", d, c
     if plan.variant == "banded":
