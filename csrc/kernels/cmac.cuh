@@ -267,6 +267,28 @@ __device__ __forceinline__ QueryTile query_tile(int64_t u, int QT, int64_t i_aft
   return {i0, i0 + QT < Tq ? i0 + QT : Tq};
 }
 
+// Everything a prefill block needs to know of its query tile u of (b, query head): the item's
+// image span [s, e), its first after-image row, the tile's rows [i0, i1) (empty: the block
+// returns), whether the tile is after the image, whether IMD applies to it and then mu_P (else 0).
+// Every lane of the warp calls it (mu_p_of reduces across the warp).
+struct PrefillTile {
+  int64_t s, e, i_after, i0, i1;
+  bool after, use_imd;
+  float mu_p;
+};
+__device__ __forceinline__ PrefillTile prefill_tile(const CmacAttnArgs& a, int64_t b, int64_t u, int QT, int lane) {
+  PrefillTile t;
+  a.span.get(b, a.T, t.s, t.e);
+  t.i_after = first_after_row(a, t.e);
+  const QueryTile q = query_tile(u, QT, t.i_after, a.Tq);
+  t.i0 = q.i0;
+  t.i1 = q.i1;
+  t.after = t.i0 >= t.i_after;
+  t.use_imd = t.i0 < t.i1 && t.after && t.e > t.s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
+  t.mu_p = t.use_imd ? mu_p_of(a, b, a.Tq - t.i_after, lane) : 0.0f;
+  return t;
+}
+
 }  // namespace cmac_detail
 
 template <class T>
@@ -356,16 +378,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   const int CPR = (D + VEC - 1) / VEC;  // 16-byte chunks per row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int64_t s, e;
-  a.span.get(b, a.T, s, e);
-  const int64_t off = a.T - a.Tq;  // query i sits at position off + i
-  const int64_t i_after = cmac_detail::first_after_row(a, e);
-  const cmac_detail::QueryTile tile = cmac_detail::query_tile(u, QT, i_after, a.Tq);
-  const int64_t i0 = tile.i0, i1 = tile.i1;
+  const auto [s, e, i_after, i0, i1, after, use_imd, mu_p] = cmac_detail::prefill_tile(a, b, u, QT, lane);
   if (i0 >= i1) return;  // the unused unit of this (b, h): uniform for the whole block
-  const bool after = i0 >= i_after;
-  const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
-  const float mu_p = use_imd ? cmac_detail::mu_p_of(a, b, a.Tq - i_after, lane) : 0.0f;
+  const int64_t off = a.T - a.Tq;  // query i sits at position off + i
   for (int idx = threadIdx.x; idx < QT * CPR; idx += blockDim.x) {
     const int r = idx / CPR, d0 = (idx - r * CPR) * VEC;
     float x[VEC];

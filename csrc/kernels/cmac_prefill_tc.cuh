@@ -131,16 +131,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
   const int D = static_cast<int>(a.D), Dp = (D + 15) / 16 * 16, nd = Dp / 16;
   const bool vec = a.vec != 0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int64_t s, e;
-  a.span.get(b, a.T, s, e);
-  const int64_t off = a.T - a.Tq;  // query i sits at position off + i
-  const int64_t i_after = cmac_detail::first_after_row(a, e);
-  const cmac_detail::QueryTile tile = cmac_detail::query_tile(u, QT, i_after, a.Tq);
-  const int64_t i0 = tile.i0, i1 = tile.i1;
+  const auto [s, e, i_after, i0, i1, after, use_imd, mu_p] = cmac_detail::prefill_tile(a, b, u, QT, lane);
   if (i0 >= i1) return;  // the unused unit of this (b, h): uniform for the whole block
-  const bool after = i0 >= i_after;
-  const bool use_imd = after && e > s && a.imd && (a.imd_items == nullptr || a.imd_items[b]);
-  const float mu_p = use_imd ? cmac_detail::mu_p_of(a, b, a.Tq - i_after, lane) : 0.0f;
+  const int64_t off = a.T - a.Tq;  // query i sits at position off + i
   const T* const qb = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
   const T* const kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
   const T* const vb = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;

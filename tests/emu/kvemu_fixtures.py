@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kvemu_build  # noqa: E402
 from kvemu_build import BuildError, EmuError, Module  # noqa: E402,F401
 
-__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "cmac_attention_call"]
+__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "cmac_attention_call", "cmac_inputs", "inv_freq",
+           "unaligned"]
 
 
 def kvfix_reference():
@@ -62,6 +63,28 @@ def cmac_attention_call(mod, entry, q, k, v, span, *, k_calibrated=None, scale=N
                         int(value_mean == "vector"), scale if scale is not None else 1.0 / math.sqrt(D), int(causal),
                         splits, None if k_calibrated_mean is None else k_calibrated_mean.float().contiguous())
     return out
+
+
+def inv_freq(D):
+    """RoPE inverse frequencies (base 10000) of head dim D."""
+    return 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+
+
+def unaligned(x):
+    """x with the same values, its rows one element off a 16-byte boundary (the kernels'
+    element-wise loads)."""
+    B, H, T, D = x.shape
+    return torch.cat([torch.zeros(B, H, T, 1, dtype=x.dtype), x], -1)[..., 1:]
+
+
+def cmac_inputs(B, Hq, Hkv, Tq, T, D, span, dtype, gamma=3.0):
+    """Random CMAC attention inputs in `dtype`: q [B, Hq, Tq, D], k [B, Hkv, T, D], v [B, Hkv, T, D]
+    strided (a transposed [B, T, Hkv, D]) and the image keys of `span` RoPE-calibrated with `gamma`."""
+    q = torch.randn(B, Hq, Tq, D).to(dtype)
+    k = torch.randn(B, Hkv, T, D).to(dtype)
+    v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
+    kc = kvfix_reference().rope_calibrate(k.float(), span, inv_freq(D), gamma=gamma).to(dtype)
+    return q, k, v, kc
 
 
 class EmuSession:

@@ -4,12 +4,18 @@
     python tests/emu/run_emulated.py --seeds 0 5      # chosen seeds only
     python tests/emu/run_emulated.py --asan-only      # the AddressSanitizer pass only
     python tests/emu/run_emulated.py --no-asan -- -k dscr -x    # extra pytest arguments after --
+    python tests/emu/run_emulated.py --jobs 2         # two passes at a time (what CI runs)
 
 Each pass is one pytest process over tests/emu with KVFIX_EMU_SEED set (0 = blocks in index
 order and threads in thread order, others = a random block order per kernel and launch shape and
 a random fiber order per kernel and block). The ASan pass builds the modules with
 -fsanitize=address and runs pytest with the ASan runtime preloaded (LD_PRELOAD), leak
-detection off and --capture=sys (so a report that ends the process stays visible); seed 0. Prints the wall time of every pass; exits non-zero if any fails.
+detection off and --capture=sys (so a report that ends the process stays visible); seed 0.
+
+A pass runs on one core (the emulator runs a block's fibers on one thread); --jobs N runs N
+passes at a time, the ASan pass (the longest: about as long as all the others together) first,
+and prints each pass's output when it ends. Prints the wall time of every pass; exits non-zero
+if any fails.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,13 +33,36 @@ sys.path.insert(0, str(HERE))
 import kvemu_build  # noqa: E402
 
 
-def _pytest(env: dict[str, str], extra: list[str], asan: bool) -> int:
+def _pytest(env: dict[str, str], extra: list[str], asan: bool, log=None) -> subprocess.Popen:
+    """Start one pass; its output goes to `log` (a file) or, without one, to this process's."""
     env = dict(env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     # ASan reports go to fd 2 and end the process: keep pytest from capturing (and losing) them
     cap = ["--capture=sys"] if asan else []
     cmd = [sys.executable, "-m", "pytest", str(HERE.relative_to(REPO)), "-q", *cap, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, check=False).returncode
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+
+
+def _parallel(passes: list[tuple[str, dict[str, str]]], extra: list[str], jobs: int) -> list:
+    """Run `passes` `jobs` at a time, in the given order; each one's output is printed when it ends."""
+    todo, running, results = list(passes), [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            name, env = todo.pop(0)
+            log = tempfile.TemporaryFile("w+")
+            print(f"=== emulated suite, {name}: started ===", flush=True)
+            running.append((name, _pytest(env, extra, env.get("KVFIX_EMU_ASAN") == "1", log), log, time.monotonic()))
+        time.sleep(0.5)
+        for job in [j for j in running if j[1].poll() is not None]:
+            running.remove(job)
+            name, proc, log, t0 = job
+            log.seek(0)
+            print(f"=== emulated suite, {name} ===", flush=True)
+            sys.stdout.write(log.read())
+            sys.stdout.flush()
+            log.close()
+            results.append((name, proc.returncode, time.monotonic() - t0))
+    return results
 
 
 def main() -> int:
@@ -40,6 +70,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-asan", action="store_true", help="skip the AddressSanitizer pass")
     ap.add_argument("--asan-only", action="store_true", help="only the AddressSanitizer pass")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="passes run at a time (default 1)")
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     a = ap.parse_args()
 
@@ -49,14 +80,18 @@ def main() -> int:
         for s in a.seeds:
             passes.append((f"seed {s}", {**base, "KVFIX_EMU_SEED": str(s)}))
     if not a.no_asan:
-        passes.append(("asan (seed 0)", {**kvemu_build.asan_env(base), "KVFIX_EMU_ASAN": "1", "KVFIX_EMU_SEED": "0"}))
+        asan = ("asan (seed 0)", {**kvemu_build.asan_env(base), "KVFIX_EMU_ASAN": "1", "KVFIX_EMU_SEED": "0"})
+        passes = [asan, *passes] if a.jobs > 1 else [*passes, asan]
 
     results = []
-    for name, env in passes:
-        print(f"=== emulated suite, {name} ===", flush=True)
-        t0 = time.monotonic()
-        rc = _pytest(env, a.pytest_args, env.get("KVFIX_EMU_ASAN") == "1")
-        results.append((name, rc, time.monotonic() - t0))
+    if a.jobs <= 1:
+        for name, env in passes:
+            print(f"=== emulated suite, {name} ===", flush=True)
+            t0 = time.monotonic()
+            rc = _pytest(env, a.pytest_args, env.get("KVFIX_EMU_ASAN") == "1").wait()
+            results.append((name, rc, time.monotonic() - t0))
+    else:
+        results = _parallel(passes, a.pytest_args, a.jobs)
     print("=== summary ===")
     for name, rc, dt in results:
         print(f"  {name:14s} {'ok' if rc == 0 else f'FAILED (exit {rc})':18s} {dt:6.1f} s")

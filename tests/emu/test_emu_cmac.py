@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from kvemu_fixtures import cmac_attention_call, kvfix_reference
+from kvemu_fixtures import cmac_attention_call, cmac_inputs, inv_freq, kvfix_reference, unaligned
 
 R = kvfix_reference()  # kvfix/reference.py
 
@@ -31,10 +31,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(scope="module")
 def cm(emu):
     return emu.module("cmac")
-
-
-def _inv_freq(D):
-    return 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
 
 
 def _rule(out, truth, ref_lp, which):
@@ -60,7 +56,7 @@ def _rope(cm, k, span, inv, gamma, positions=None, sections=None, n=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rope_calibrate(cm, dtype):
     B, H, T, D = 2, 2, 14, 16
-    inv = _inv_freq(D)
+    inv = inv_freq(D)
     k = torch.randn(B, H, T + 3, D).to(dtype)[:, :, 3:]
     for span, gamma, pos, sec in [((2, 9), 3.0, None, None), ((0, 14), 2.0, torch.randint(0, 30, (B, T)), None),
                                   ((5, 12), 3.0, torch.randint(0, 30, (3, B, T)), [2, 3, 3]),
@@ -93,17 +89,13 @@ def _check(cm, q, k, v, span, splits=3, **kw):
 @pytest.mark.parametrize("D", [32, 160])
 def test_attention(cm, D, dtype):
     B, Hq, Hkv = 2, 4, 2
-    inv = _inv_freq(D)
     # prefill with the image in the middle (query tiles split at 21), a chunk, decode
     for i, (Tq, T, span) in enumerate([(24, 24, (3, 21)), (5, 40, (0, 35)), (1, 45, (6, 40))]):
-        q = torch.randn(B, Hq, Tq, D).to(dtype)
-        k = torch.randn(B, Hkv, T, D).to(dtype)
-        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
-        kc = R.rope_calibrate(k.float(), span, inv, gamma=(1.0, 2.0, 3.0)[i]).to(dtype)
+        q, k, v, kc = cmac_inputs(B, Hq, Hkv, Tq, T, D, span, dtype, gamma=(1.0, 2.0, 3.0)[i])
         _check(cm, q, k, v, span, k_calibrated=kc, imd=True, value_mean=("scalar", "vector")[i % 2])
         if i == 0:
             _check(cm, q, k, v, span, k_calibrated=kc)
-            _check(cm, q, _unaligned(k), v, span, k_calibrated=kc, imd=True)  # element-wise tile loads
+            _check(cm, q, unaligned(k), v, span, k_calibrated=kc, imd=True)  # element-wise tile loads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -115,16 +107,12 @@ def test_attention_key_mean(cm, D, dtype):
     against the reference given the same mean; the mean of the keys' own and a different one
     (which moves the threshold); per-item spans and flags."""
     B, Hq, Hkv = 2, 4, 2
-    inv = _inv_freq(D)
     for Tq, T, span, splits in [(24, 24, (3, 21), 1), (5, 40, (0, 35), 1), (1, 45, (6, 40), 1), (1, 45, (6, 40), 5),
                                 (1, 70, (30, 50), 7), (1, 29, (3, 20), 64)]:
-        q = torch.randn(B, Hq, Tq, D).to(dtype)
-        k = torch.randn(B, Hkv, T, D).to(dtype)
-        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
-        kc = R.rope_calibrate(k.float(), span, inv, gamma=3.0).to(dtype)
+        q, k, v, kc = cmac_inputs(B, Hq, Hkv, Tq, T, D, span, dtype)
         own = R.cmac_key_mean(kc.float())
         _check(cm, q, k, v, span, splits=splits, k_calibrated=kc, imd=True, k_calibrated_mean=own)
-        _check(cm, q, _unaligned(k), v, span, splits=splits, k_calibrated=kc, imd=torch.tensor([True, False]),
+        _check(cm, q, unaligned(k), v, span, splits=splits, k_calibrated=kc, imd=torch.tensor([True, False]),
                value_mean="vector", k_calibrated_mean=own + 0.5 * torch.randn_like(own))
         _check(cm, q, k, v, span, splits=splits, imd=True,
                k_calibrated_mean=R.cmac_key_mean(k[:, :, span[0]:span[1]].float()))
@@ -132,7 +120,7 @@ def test_attention_key_mean(cm, D, dtype):
     pad = torch.tensor([0, 3, 9])
     spans = torch.stack([pad + 4, pad + 4 + N], 1)
     q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
-    kc = R.rope_calibrate(k, spans, _inv_freq(D), gamma=2.0, num_tokens=N)
+    kc = R.rope_calibrate(k, spans, inv_freq(D), gamma=2.0, num_tokens=N)
     valid = (torch.arange(T)[None] >= pad[:, None])[:, None, None, :]
     for splits in (1, 4):
         _check(cm, q, k, v, spans, splits=splits, k_calibrated=kc, mask=valid, imd=torch.tensor([True, False, True]),
@@ -147,7 +135,7 @@ def test_attention_padding_per_item_spans_and_flags(cm):
     q = torch.randn(B, Hq, T, D)
     k, v = torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
     pos = (torch.arange(T)[None] - pad[:, None]).clamp(min=0)
-    kc = R.rope_calibrate(k, spans, _inv_freq(D), gamma=3.0, positions=pos, num_tokens=N)
+    kc = R.rope_calibrate(k, spans, inv_freq(D), gamma=3.0, positions=pos, num_tokens=N)
     flags = torch.tensor([True, False, True])
     _check(cm, q, k, v, spans, k_calibrated=kc, mask=valid[:, None, None, :], imd=flags)
     additive = torch.where(valid, 0.0, -math.inf)[:, None, None, :].to(torch.bfloat16)
@@ -227,12 +215,6 @@ def test_attention_inf_only_visible_key(cm):
         torch.testing.assert_close(out.double()[fin], want[fin], atol=1e-5, rtol=1e-5)
 
 
-def _unaligned(x):
-    """x with the same values, its rows one element off a 16-byte boundary (the kernels' element-wise loads)."""
-    B, H, T, D = x.shape
-    return torch.cat([torch.zeros(B, H, T, 1, dtype=x.dtype), x], -1)[..., 1:]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 160])
 def test_attention_decode_splits(cm, D, dtype):
@@ -241,14 +223,10 @@ def test_attention_decode_splits(cm, D, dtype):
     merged; calibrated image keys, IMD (both mu_V variants), GQA, strided v, 16-byte and
     element-wise loads."""
     B, Hq, Hkv = 2, 4, 2
-    inv = _inv_freq(D)
     for T, span, splits in [(45, (6, 40), 1), (45, (6, 40), 3), (37, (0, 29), 7), (29, (3, 20), 64), (9, (2, 7), 5)]:
-        q = torch.randn(B, Hq, 1, D).to(dtype)
-        k = torch.randn(B, Hkv, T, D).to(dtype)
-        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
-        kc = R.rope_calibrate(k.float(), span, inv, gamma=3.0).to(dtype)
+        q, k, v, kc = cmac_inputs(B, Hq, Hkv, 1, T, D, span, dtype)
         for i, vm in enumerate(("scalar", "vector")):
-            kk = k if i == 0 else _unaligned(k)
+            kk = k if i == 0 else unaligned(k)
             _check(cm, q, kk, v, span, splits=splits, k_calibrated=kc, imd=True, value_mean=vm)
         _check(cm, q, k, v, span, splits=splits, k_calibrated=kc)
         _check(cm, q, k, v, span, splits=splits, imd=True)
@@ -266,7 +244,7 @@ def test_attention_decode_masks_spans_and_flags(cm, dtype):
     q = torch.randn(B, Hq, 1, D).to(dtype)
     k, v = torch.randn(B, Hkv, T, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
     pos = (torch.arange(T)[None] - pad[:, None]).clamp(min=0)
-    kc = R.rope_calibrate(k.float(), spans, _inv_freq(D), gamma=2.0, positions=pos, num_tokens=N).to(dtype)
+    kc = R.rope_calibrate(k.float(), spans, inv_freq(D), gamma=2.0, positions=pos, num_tokens=N).to(dtype)
     flags = torch.tensor([True, False, True])
     for splits in (1, 4):
         _check(cm, q, k, v, spans, splits=splits, k_calibrated=kc, mask=valid[:, None, None, :], imd=flags)

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from kvemu_fixtures import EmuError, cmac_attention_call, kvfix_reference
+from kvemu_fixtures import EmuError, cmac_attention_call, cmac_inputs, inv_freq, kvfix_reference, unaligned
 
 R = kvfix_reference()  # kvfix/reference.py
 
@@ -36,10 +36,6 @@ def tc(emu):
 @pytest.fixture(scope="module")
 def simt(emu):
     return emu.module("cmac")
-
-
-def _inv_freq(D):
-    return 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
 
 
 def _check(tc, q, k, v, span, **kw):
@@ -59,12 +55,6 @@ def _check(tc, q, k, v, span, **kw):
     return out
 
 
-def _unaligned(x):
-    """x with the same values, its rows one element off a 16-byte boundary (element-wise staging)."""
-    B, H, T, D = x.shape
-    return torch.cat([torch.zeros(B, H, T, 1, dtype=x.dtype), x], -1)[..., 1:]
-
-
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("D", [16, 72, 128])
 def test_tc_prefill(tc, D, dtype):
@@ -72,12 +62,8 @@ def test_tc_prefill(tc, D, dtype):
     split at its end), a chunk after the image (Tq < T), a chunk whose rows start inside the image,
     calibrated keys, IMD (both mu_V variants) or not, GQA, strided v; D = 72 is padded to 80."""
     B, Hq, Hkv = 1, 4, 2
-    inv = _inv_freq(D)
     for i, (Tq, T, span) in enumerate([(70, 70, (5, 50)), (37, 100, (3, 60)), (40, 90, (20, 70))]):
-        q = torch.randn(B, Hq, Tq, D).to(dtype)
-        k = torch.randn(B, Hkv, T, D).to(dtype)
-        v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
-        kc = R.rope_calibrate(k.float(), span, inv, gamma=3.0).to(dtype)
+        q, k, v, kc = cmac_inputs(B, Hq, Hkv, Tq, T, D, span, dtype)
         _check(tc, q, k, v, span, k_calibrated=kc, imd=True, value_mean=("scalar", "vector")[i % 2])
         if i != 1:
             _check(tc, q, k, v, span, k_calibrated=kc)
@@ -93,13 +79,12 @@ def test_tc_prefill_caller_mean_key(tc, dtype):
     q = torch.randn(B, Hq, Tq, D).to(dtype)
     k = torch.randn(B, Hkv, T, D).to(dtype)
     v = torch.randn(B, Hkv, T, D).to(dtype)
-    kc = R.rope_calibrate(k.float(), span, _inv_freq(D), gamma=3.0).to(dtype)
+    kc = R.rope_calibrate(k.float(), span, inv_freq(D), gamma=3.0).to(dtype)
     for cal, imd in ((kc, True), (None, torch.tensor([False, True]))):
         seg = k[:, :, span[0]:span[1]] if cal is None else cal  # the keys the image segment uses
         # moved off the keys' mean, so a kernel ignoring it (summing the keys) would miss the threshold
         mean = (R.cmac_key_mean(seg) + 0.5 * torch.randn(B, Hkv, D)).contiguous()
         _check(tc, q, k, v, span, k_calibrated=cal, imd=imd, k_calibrated_mean=mean)
-
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -113,7 +98,7 @@ def test_tc_lazy_rescale(tc, dtype):
     q = torch.randn(B, Hq, T, D).to(dtype)
     k = torch.randn(B, Hkv, T, D) * torch.stack([grow, grow.flip(0)])[:, None]
     k, v = k.to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
-    kc = R.rope_calibrate(k.float(), (10, 70), _inv_freq(D), gamma=3.0).to(dtype)
+    kc = R.rope_calibrate(k.float(), (10, 70), inv_freq(D), gamma=3.0).to(dtype)
     mask = (torch.arange(T) >= 40)[None, None, None, :] | (torch.arange(T) < 3)[None, None, :, None]
     for imd in (False, True):
         _check(tc, q, k, v, (10, 70), k_calibrated=kc, imd=imd, scale=1.0)
@@ -131,7 +116,7 @@ def test_tc_masks_spans_and_flags(tc, dtype):
     q = torch.randn(B, Hq, T, D).to(dtype)
     k, v = torch.randn(B, Hkv, T, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
     pos = (torch.arange(T)[None] - pad[:, None]).clamp(min=0)
-    kc = R.rope_calibrate(k.float(), spans, _inv_freq(D), gamma=3.0, positions=pos, num_tokens=64).to(dtype)
+    kc = R.rope_calibrate(k.float(), spans, inv_freq(D), gamma=3.0, positions=pos, num_tokens=64).to(dtype)
     flags = torch.tensor([True, False, True])
     _check(tc, q, k, v, spans, k_calibrated=kc, mask=valid[:, None, None, :], imd=flags)
     for mdt in (torch.float32, torch.bfloat16, dtype):
@@ -143,7 +128,7 @@ def test_tc_masks_spans_and_flags(tc, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_tc_strided_and_unaligned(tc, dtype):
+def test_tc_strided_andunaligned(tc, dtype):
     """Strided q, k, v (head-major and token-major layouts), rows off a 16-byte boundary (element-wise
     staging) and D = 40 (not a multiple of 8: no 16-byte copies, padded to 48)."""
     B, Hq, Hkv, T = 2, 2, 2, 45
@@ -151,9 +136,9 @@ def test_tc_strided_and_unaligned(tc, dtype):
         q = torch.randn(B, T, Hq, D).to(dtype).transpose(1, 2)
         k = torch.randn(B, Hkv, T, D + 8).to(dtype)[..., 8:]
         v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
-        kc = R.rope_calibrate(k.float(), (4, 30), _inv_freq(D), gamma=2.0).to(dtype)
+        kc = R.rope_calibrate(k.float(), (4, 30), inv_freq(D), gamma=2.0).to(dtype)
         _check(tc, q, k, v, (4, 30), k_calibrated=kc, imd=True)
-        _check(tc, _unaligned(q.contiguous()), _unaligned(k.contiguous()), v, (4, 30), k_calibrated=_unaligned(kc),
+        _check(tc, unaligned(q.contiguous()), unaligned(k.contiguous()), v, (4, 30), k_calibrated=unaligned(kc),
                imd=True, value_mean="vector")
 
 
@@ -193,7 +178,7 @@ def test_fallbacks(tc, simt, case):
     B, Hq, Hkv, T = 2, 2, 1, 40
     q = torch.randn(B, Hq, Tq, D).to(dtype)
     k, v = torch.randn(B, Hkv, T, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype)
-    kc = R.rope_calibrate(k.float(), (3, 21), _inv_freq(D), gamma=3.0).to(dtype)
+    kc = R.rope_calibrate(k.float(), (3, 21), inv_freq(D), gamma=3.0).to(dtype)
     with pytest.raises(EmuError):
         cmac_attention_call(tc, "cmac_attention_tc", q, k, v, (3, 21), k_calibrated=kc, imd=True)
     out = cmac_attention_call(tc, "cmac_attention", q, k, v, (3, 21), k_calibrated=kc, imd=True)
