@@ -4,7 +4,7 @@
     python tests/emu/run_emulated.py --seeds 0 5      # chosen seeds only
     python tests/emu/run_emulated.py --asan-only      # the AddressSanitizer pass only
     python tests/emu/run_emulated.py --no-asan -- -k dscr -x    # extra pytest arguments after --
-    python tests/emu/run_emulated.py --jobs 2         # two passes at a time (what CI runs)
+    python tests/emu/run_emulated.py --jobs 2         # two passes at a time, ASan in 2 shards
 
 Each pass is one pytest process over tests/emu with KVFIX_EMU_SEED set (0 = blocks in index
 order and threads in thread order, others = a random block order per kernel and launch shape and
@@ -13,9 +13,10 @@ a random fiber order per kernel and block). The ASan pass builds the modules wit
 detection off and --capture=sys (so a report that ends the process stays visible); seed 0.
 
 A pass runs on one core (the emulator runs a block's fibers on one thread); --jobs N runs N
-passes at a time, the ASan pass (the longest: about as long as all the others together) first,
-and prints each pass's output when it ends. Prints the wall time of every pass; exits non-zero
-if any fails.
+passes at a time and prints each pass's output when it ends. The ASan pass (about ten times as
+long as a seed pass: under ASan every fiber switch makes a system call) is then split into N
+shards (KVFIX_EMU_SHARD=i/N, tests/emu/conftest.py: every N-th test), started first. Prints the wall
+time of every pass; exits non-zero if any fails.
 """
 from __future__ import annotations
 
@@ -75,13 +76,17 @@ def main() -> int:
     a = ap.parse_args()
 
     passes: list[tuple[str, dict[str, str]]] = []
-    base = {k: v for k, v in os.environ.items() if k not in ("KVFIX_EMU_ASAN", "KVFIX_EMU_SEED")}
+    base = {k: v for k, v in os.environ.items() if k not in ("KVFIX_EMU_ASAN", "KVFIX_EMU_SEED", "KVFIX_EMU_SHARD")}
     if not a.asan_only:
         for s in a.seeds:
             passes.append((f"seed {s}", {**base, "KVFIX_EMU_SEED": str(s)}))
     if not a.no_asan:
-        asan = ("asan (seed 0)", {**kvemu_build.asan_env(base), "KVFIX_EMU_ASAN": "1", "KVFIX_EMU_SEED": "0"})
-        passes = [asan, *passes] if a.jobs > 1 else [*passes, asan]
+        asan = {**kvemu_build.asan_env(base), "KVFIX_EMU_ASAN": "1", "KVFIX_EMU_SEED": "0"}
+        if a.jobs > 1:
+            passes = [(f"asan {i}/{a.jobs} (seed 0)", {**asan, "KVFIX_EMU_SHARD": f"{i}/{a.jobs}"})
+                      for i in range(1, a.jobs + 1)] + passes
+        else:
+            passes.append(("asan (seed 0)", asan))
 
     results = []
     if a.jobs <= 1:
@@ -94,7 +99,7 @@ def main() -> int:
         results = _parallel(passes, a.pytest_args, a.jobs)
     print("=== summary ===")
     for name, rc, dt in results:
-        print(f"  {name:14s} {'ok' if rc == 0 else f'FAILED (exit {rc})':18s} {dt:6.1f} s")
+        print(f"  {name:18s} {'ok' if rc == 0 else f'FAILED (exit {rc})':18s} {dt:6.1f} s")
     return 0 if all(rc == 0 for _, rc, _ in results) else 1
 
 
