@@ -74,7 +74,7 @@ class DSCR(Method):
     (on all batch rows showing the image). Depth maps on the CPU (as depth-estimation pipelines
     return them) cost no host synchronisation on a GPU model: pooling and planning run on the CPU
     and the structure goes to the GPU through pinned memory. A map on the GPU is read back to the
-    host per image (its finiteness check and the plan: a synchronisation each).
+    host once per image (one synchronisation), then handled as a CPU map.
 
     Stacking: KVSmooth (decoding only) and SCR (its diagnostic pass is an auxiliary pass, which
     DSCR leaves alone: SCR scores the unrefined model; its redistribution acts on the hidden
@@ -154,9 +154,8 @@ class DSCR(Method):
         self._fw = None
         if not ctx.images:
             return
-        for img in ctx.images:  # fail before the forward runs, not after
-            self._check_depth(img)
-        depths = [self._token_depth(g) for img in ctx.images for g in img.grids]
+        maps = [self._check_depth(img) for img in ctx.images]  # fail before the forward runs, not after
+        depths = [self._token_depth(g, d) for img, d in zip(ctx.images, maps) for g in img.grids]
         self._fw = _Forward(ctx, depths, store=_compat.step_inputs(ctx.inputs)[4] is not False)
 
     def on_prefill_end(self, ctx: ForwardContext) -> None:
@@ -235,7 +234,9 @@ class DSCR(Method):
 
     # ---- depth -----------------------------------------------------------------------------
 
-    def _check_depth(self, img: ImageSpan) -> None:
+    def _check_depth(self, img: ImageSpan):
+        """The image's depth map, checked, on the CPU: pooling and planning run there (a map on
+        a GPU is read back once, here)."""
         d = img.depth_map
         if d is None:
             if self.missing_depth == "error":
@@ -243,9 +244,9 @@ class DSCR(Method):
                     f"DSCR needs a depth map for image {img.index} (batch item {img.batch}): use "
                     "`with handle.images(depth_maps=[...]): model.generate(...)`, one map per image, or "
                     "depth_maps=\"uniform\" / DSCR(missing_depth=\"uniform\") to run without depth")
-            return
+            return None
         if isinstance(d, str):
-            return
+            return d
         if d.dtype == torch.bool or d.is_complex():
             raise TypeError(f"depth map of image {img.index} must be real-valued, got {d.dtype}")
         if d.dim() == 1:
@@ -260,13 +261,14 @@ class DSCR(Method):
                              "model's inputs do not say, so the part of its depth map each tile shows is unknown: "
                              "pass it with handle.images(depth_maps=..., tiles=[(rows, cols), ...]), one per image "
                              "(docs/ADAPTERS.md), or depth_maps=\"uniform\"")
+        d = d.detach().cpu()
         if d.numel() == 0 or not bool(torch.isfinite(d.float()).all()):
             raise ValueError(f"depth map of image {img.index} is empty or has non-finite values")
+        return d
 
-    def _token_depth(self, g: GridSpan) -> torch.Tensor:
-        """The per-token depth of one grid: the part of its image's depth map the grid shows
-        (`g.region`), area-pooled to the grid."""
-        d = g.depth_map
+    def _token_depth(self, g: GridSpan, d) -> torch.Tensor:
+        """The per-token depth of one grid: the part of its image's depth map `d` (checked, on
+        the CPU) the grid shows (`g.region`), area-pooled to the grid."""
         if d is None or isinstance(d, str):
             return torch.zeros(g.length, dtype=torch.float32)
         if d.dim() == 1:
