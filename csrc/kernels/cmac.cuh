@@ -267,6 +267,19 @@ __device__ __forceinline__ QueryTile query_tile(int64_t u, int QT, int64_t i_aft
   return {i0, i0 + QT < Tq ? i0 + QT : Tq};
 }
 
+// Logit x of query row i (at position qpos) for key j with the causal rule and the mask applied:
+// -inf where the key takes no part (after qpos when causal; False or -inf in the mask); an
+// additive mask's nan or +inf goes into the logit.
+__device__ __forceinline__ float masked_logit(const CmacAttnArgs& a, int64_t b, int64_t h, int64_t i, int64_t qpos,
+                                              int64_t j, float x) {
+  if (a.causal && j > qpos) return -INFINITY;
+  if (a.mask.kind != 0) {
+    const float bias = Mask::at(a.mask, b, h, i, j);
+    return bias != -INFINITY ? x + bias : -INFINITY;
+  }
+  return x;
+}
+
 // Everything a prefill block needs to know of its query tile u of (b, query head): the item's
 // image span [s, e), its first after-image row, the tile's rows [i0, i1) (empty: the block
 // returns), whether the tile is after the image, whether IMD applies to it and then mu_P (else 0).
@@ -451,14 +464,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_attention_kernel(const Cmac
         for (int d = 0; d < D; ++d) dot += qs[row][d] * ks[lane][d];
         x = dot * a.scale;
         hit = tile_imd && x > mu_p;
-        const int64_t j = j0 + lane;
-        bool valid = !(a.causal && j > qpos);
-        if (a.mask.kind != 0 && valid) {
-          const float bias = Mask::at(a.mask, b, h, i, j);
-          valid = bias != -INFINITY;
-          x += bias;
-        }
-        if (!valid) x = -INFINITY;
+        x = cmac_detail::masked_logit(a, b, h, i, qpos, j0 + lane, x);
       }
       // a nan logit counts as +inf in the max: the row's state turns nan and stays nan (softmax's
       // rule), even where every logit so far is nan (fmaxf alone would skip it)
@@ -590,12 +596,9 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_decode_kernel(const CmacAtt
 #pragma unroll
         for (int x = 0; x < VEC; ++x) vsum[c][x] += vf[c][x];
     }
-    float xv = dot * a.scale;
-    const bool hit = use_imd && image && xv > mu_p;
-    if (a.mask.kind != 0) {
-      const float bias = Mask::at(a.mask, b, h, 0, j);
-      xv = bias != -INFINITY ? xv + bias : -INFINITY;
-    }
+    const float x0 = dot * a.scale;
+    const bool hit = use_imd && image && x0 > mu_p;
+    const float xv = cmac_detail::masked_logit(a, b, h, 0, a.T - 1, j, x0);  // the one query sees every key
     // a nan logit counts as +inf in the max: the state turns nan and stays nan (softmax's rule)
     const float m_new = fmaxf(m, xv == xv ? xv : INFINITY);
     if (m_new == -INFINITY) continue;  // nothing taking part yet

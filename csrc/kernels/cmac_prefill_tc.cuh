@@ -169,14 +169,7 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_prefill_tc_kernel(const Cma
     if (row_ok && jj < n) {
       x = sw[r * SLD + jj] * a.scale;
       hit = tile_imd && x > mu_p;
-      const int64_t j = j0 + jj;
-      bool valid = !(a.causal && j > qpos);
-      if (a.mask.kind != 0 && valid) {
-        const float bias = Mask::at(a.mask, b, h, i, j);
-        valid = bias != -INFINITY;
-        x += bias;
-      }
-      if (!valid) x = -INFINITY;
+      x = cmac_detail::masked_logit(a, b, h, i, qpos, j0 + jj, x);
     }
     return x;
   };

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kvemu_build  # noqa: E402
 from kvemu_build import BuildError, EmuError, Module  # noqa: E402,F401
 
-__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "cmac_attention_call", "cmac_inputs", "inv_freq",
-           "unaligned"]
+__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "cmac_attention_call", "cmac_inputs",
+           "cmac_nonfinite_inputs", "inv_freq", "unaligned"]
 
 
 def kvfix_reference():
@@ -85,6 +85,19 @@ def cmac_inputs(B, Hq, Hkv, Tq, T, D, span, dtype, gamma=3.0):
     v = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
     kc = kvfix_reference().rope_calibrate(k.float(), span, inv_freq(D), gamma=gamma).to(dtype)
     return q, k, v, kc
+
+
+def cmac_nonfinite_inputs(Tq):
+    """float32 q [2, 2, Tq, 16], k, v [2, 1, 40, 16] with the CMAC non-finite rule's cases (image
+    span (3, 21)): a nan query row (item 0, head 0, row 2: every logit nan), a key of +inf in one
+    dim (item 1, position 30; its other dims 0: a +inf logit), and an inf value before the image
+    (item 0, position 1, dim 3: reaches that dim of the rows that see it, not mu_V)."""
+    q, k, v = torch.randn(2, 2, Tq, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
+    q[0, 0, 2] = float("nan")
+    k[1, 0, 30] = 0.0
+    k[1, 0, 30, 0] = math.inf
+    v[0, 0, 1, 3] = math.inf
+    return q, k, v
 
 
 class EmuSession:

@@ -53,6 +53,14 @@ CMAC_TC = "csrc/kernels/cmac_prefill_tc.cuh"
 CMAC_TC_TESTS = "tests/emu/test_emu_cmac_tc.py"
 VIEW = "csrc/kernels/view.h"
 
+
+def cmac_prefill_both(what: str, old: str, new: str) -> list[Mutation]:
+    """A mutation of the cmac_detail code both CMAC prefill kernels share (cmac.cuh), checked
+    against each kernel's tests: "cmac: <what>" (SIMT) and "cmac tc: <what>" (tensor cores)."""
+    return [Mutation(f"cmac: {what}", CMAC, old, new, CMAC_TESTS),
+            Mutation(f"cmac tc: {what}", CMAC, old, new, CMAC_TC_TESTS)]
+
+
 MUTATIONS = [
     Mutation("barrier removed: before a tile's copy (previous tile still being read)", DSCR,
              "__syncthreads();  // the previous tile's readers are done", "//", DSCR_TESTS),
@@ -221,12 +229,9 @@ MUTATIONS = [
     # the query-tile split both prefill kernels share (cmac_detail::query_tile): the last tile before
     # the image's end runs on into after-image rows, which the first after-image tile also writes;
     # which block's rows survive depends on the block order (a race on a GPU)
-    Mutation("cmac: a before-image query tile runs into the after-image rows (blocks race on them)", CMAC,
-             "return {i0, i0 + QT < i_after ? i0 + QT : i_after};", "return {i0, i0 + QT < Tq ? i0 + QT : Tq};",
-             CMAC_TESTS),
-    Mutation("cmac tc: a before-image query tile runs into the after-image rows (blocks race on them)", CMAC,
-             "return {i0, i0 + QT < i_after ? i0 + QT : i_after};", "return {i0, i0 + QT < Tq ? i0 + QT : Tq};",
-             CMAC_TC_TESTS),
+    *cmac_prefill_both("a before-image query tile runs into the after-image rows (blocks race on them)",
+                       "return {i0, i0 + QT < i_after ? i0 + QT : i_after};",
+                       "return {i0, i0 + QT < Tq ? i0 + QT : Tq};"),
     Mutation("cmac: barrier removed before a K/V tile is overwritten", CMAC,
              "__syncthreads();  // the previous tile's readers are done (and qs is written, first time)", "//",
              CMAC_TESTS),
@@ -238,17 +243,14 @@ MUTATIONS = [
              "int64_t p = t, anchor = e;", "int64_t p = t, anchor = s;", CMAC_TESTS),
     Mutation("cmac: CMPC anchor read past the sequence when the span ends it", CMAC,
              "anchor = e < a.T ? pr[e] : pr[e - 1] + 1;", "anchor = e < a.T ? pr[e] : pr[e - 1];", CMAC_TESTS),
-    Mutation("cmac: causal mask dropped", CMAC, "bool valid = !(a.causal && j > qpos);", "bool valid = true;",
-             CMAC_TESTS),
-    # the per-tile prologue both prefill kernels share (cmac_detail::prefill_tile)
-    Mutation("cmac: threshold averaged over every query row", CMAC,
-             "mu_p_of(a, b, a.Tq - t.i_after, lane)", "mu_p_of(a, b, a.Tq, lane)", CMAC_TESTS),
-    Mutation("cmac tc: threshold averaged over every query row", CMAC,
-             "mu_p_of(a, b, a.Tq - t.i_after, lane)", "mu_p_of(a, b, a.Tq, lane)", CMAC_TC_TESTS),
-    Mutation("cmac: the first after-image query tile taken as before the image", CMAC,
-             "t.after = t.i0 >= t.i_after;", "t.after = t.i0 > t.i_after;", CMAC_TESTS),
-    Mutation("cmac tc: the first after-image query tile taken as before the image", CMAC,
-             "t.after = t.i0 >= t.i_after;", "t.after = t.i0 > t.i_after;", CMAC_TC_TESTS),
+    # the logit masking (cmac_detail::masked_logit; decode uses it too) and the per-tile prologue
+    # (cmac_detail::prefill_tile) both prefill kernels share
+    *cmac_prefill_both("causal mask dropped", "if (a.causal && j > qpos) return -INFINITY;", ""),
+    *cmac_prefill_both("mask ignored", "const float bias = Mask::at(a.mask, b, h, i, j);", "const float bias = 0.0f;"),
+    *cmac_prefill_both("threshold averaged over every query row", "mu_p_of(a, b, a.Tq - t.i_after, lane)",
+                       "mu_p_of(a, b, a.Tq, lane)"),
+    *cmac_prefill_both("the first after-image query tile taken as before the image", "t.after = t.i0 >= t.i_after;",
+                       "t.after = t.i0 > t.i_after;"),
     Mutation("cmac: contrastive row max skips nan (a row with a nan logit keeps its other tokens)", CMAC,
              "mx = fmaxf(mx, x == x ? x : INFINITY);", "mx = fmaxf(mx, x);", CMAC_TESTS),
     Mutation("cmac: attention row max skips nan (a row of nan logits comes out 0)", CMAC,
@@ -309,10 +311,6 @@ MUTATIONS = [
              "    else if (j0 < e) j1 = j1 < e ? j1 : e;\n", "", CMAC_TC_TESTS),
     Mutation("cmac tc: GQA maps query head h to kv head h % Hkv", CMAC_TC,
              "const int64_t hk = h / (a.Hq / a.Hkv);", "const int64_t hk = h % a.Hkv;", CMAC_TC_TESTS),
-    Mutation("cmac tc: causal mask dropped", CMAC_TC, "bool valid = !(a.causal && j > qpos);", "bool valid = true;",
-             CMAC_TC_TESTS),
-    Mutation("cmac tc: mask ignored", CMAC_TC, "const float bias = Mask::at(a.mask, b, h, i, j);",
-             "const float bias = 0.0f;", CMAC_TC_TESTS),
     Mutation("cmac tc: a nan logit's p taken as 0 (a row of nan logits comes out finite)", CMAC_TC,
              "const float p = x[c] == -INFINITY ? 0.0f", "const float p = !(x[c] > -INFINITY) ? 0.0f", CMAC_TC_TESTS),
     Mutation("cmac tc: a tile's row max not combined over the row's two lanes", CMAC_TC,

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from kvemu_fixtures import cmac_attention_call, cmac_inputs, inv_freq, kvfix_reference, unaligned
+from kvemu_fixtures import cmac_attention_call, cmac_inputs, cmac_nonfinite_inputs, inv_freq, kvfix_reference, unaligned
 
 R = kvfix_reference()  # kvfix/reference.py
 
@@ -180,12 +180,7 @@ def test_contrastive_nonfinite_rule_and_large_alpha(cm):
 def test_attention_nonfinite_rule(cm):
     """Issue 15: a nan query row (all its logits nan) comes out nan, as the reference (it came
     out 0: the row max skipped nan and the row looked empty); +inf logits give nan rows."""
-    B, Hq, Hkv, Tq, T, D = 2, 2, 1, 4, 40, 16
-    q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
-    q[0, 0, 2] = NAN
-    k[1, 0, 30] = 0.0
-    k[1, 0, 30, 0] = math.inf
-    v[0, 0, 1, 3] = math.inf  # before the image: reaches dim 3 of the rows that see it, not mu_V
+    q, k, v = cmac_nonfinite_inputs(4)
     for imd in (False, True):
         out = _attention(cm, q, k, v, (3, 21), imd=imd)
         want = R.cmac_attention(q.double(), k.double(), v.double(), (3, 21), imd=imd)

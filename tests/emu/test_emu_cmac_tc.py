@@ -19,11 +19,11 @@ import math
 import pytest
 import torch
 
-from kvemu_fixtures import EmuError, cmac_attention_call, cmac_inputs, inv_freq, kvfix_reference, unaligned
+from kvemu_fixtures import (EmuError, cmac_attention_call, cmac_inputs, cmac_nonfinite_inputs, inv_freq, kvfix_reference,
+                            unaligned)
 
 R = kvfix_reference()  # kvfix/reference.py
 
-NAN = float("nan")
 HALF = [torch.float16, torch.bfloat16]
 UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -146,12 +146,8 @@ def test_tc_nonfinite_rule(tc):
     """The non-finite rule of the SIMT kernel and the reference: a nan query row is nan, a +inf
     logit (a key of +inf, or +inf in an additive mask as the row's only visible key) makes its row
     nan, an inf value reaches the dims of the rows that see it, a row without any key is 0."""
-    B, Hq, Hkv, Tq, T, D = 2, 2, 1, 20, 40, 16
-    q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
-    q[0, 0, 2] = NAN
-    k[1, 0, 30] = 0.0
-    k[1, 0, 30, 0] = math.inf
-    v[0, 0, 1, 3] = math.inf  # before the image: reaches dim 3 of the rows that see it, not mu_V
+    B, Tq, T = 2, 20, 40
+    q, k, v = cmac_nonfinite_inputs(Tq)
     mask = torch.zeros(B, 1, Tq, T)
     mask[0, :, 5] = -math.inf
     mask[0, :, 5, 10] = math.inf   # an image key, the row's only one
