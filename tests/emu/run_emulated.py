@@ -13,10 +13,9 @@ a random fiber order per kernel and block). The ASan pass builds the modules wit
 detection off and --capture=sys (so a report that ends the process stays visible); seed 0.
 
 A pass runs on one core (the emulator runs a block's fibers on one thread); --jobs N runs N
-passes at a time and prints each pass's output when it ends. The ASan pass (about ten times as
-long as a seed pass: under ASan every fiber switch makes a system call) is then split into N
-shards (KVFIX_EMU_SHARD=i/N, tests/emu/conftest.py: every N-th test), started first. Prints the wall
-time of every pass; exits non-zero if any fails.
+passes at a time and prints each pass's output when it ends. The ASan pass (about three times as
+long as a seed pass) is then split into N shards (KVFIX_EMU_SHARD=i/N, tests/emu/conftest.py:
+every N-th test), started first. Prints the wall time of every pass; exits non-zero if any fails.
 """
 from __future__ import annotations
 
