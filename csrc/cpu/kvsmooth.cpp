@@ -8,9 +8,9 @@
 //     products scaled afterwards as in the reference: a pre-scaled query row adds its rounding error
 //     to every logit, 2e-6 in the entropy of rows with logits near 300):
 //     dot products over D with 16-wide vectors (GCC vector extensions, compiled per target clone:
-//     AVX-512 / AVX2 / baseline), four key rows at a time so that one transposing shuffle tree
-//     replaces four horizontal sums; D = 64 and 128 are compile-time shapes, any other D takes a
-//     generic loop. bf16 rows are read as u32 words (w << 16: even elements, w & 0xffff0000: odd
+//     AVX-512 / AVX2 / baseline), one horizontal sum per row (four rows at a time through one
+//     transposing shuffle tree of 16-wide vectors was ~1.4x slower on AVX2: fp32 T=2048, 2 threads);
+//     D = 64 and 128 are compile-time shapes, any other D takes a generic loop. bf16 rows are read as u32 words (w << 16: even elements, w & 0xffff0000: odd
 //     elements; the query chunks are stored permuted to match), fp16 rows are widened with integer
 //     operations. The next rows are software-prefetched kPrefetchBytes ahead.
 //   - the block is folded into each head's online-softmax state with a vectorised exp:
@@ -187,25 +187,6 @@ KVFIX_INLINE vf dot_lanes(const float* qj, const T* krow) {
   return a0 + a1;
 }
 
-// out[i] = sum of the 16 lanes of x_i, for 4 vectors at once (a transposing reduction tree).
-KVFIX_INLINE void hsum4(vf x0, vf x1, vf x2, vf x3, float* out) {
-  const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  const vf y0 = __builtin_shuffle(x0, x1, lo8) + __builtin_shuffle(x0, x1, hi8);  // x0: 0-7, x1: 8-15
-  const vf y1 = __builtin_shuffle(x2, x3, lo8) + __builtin_shuffle(x2, x3, hi8);
-  const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-  vf z = __builtin_shuffle(y0, y1, lo4) + __builtin_shuffle(y0, y1, hi4);  // 4 lanes per x_i
-  const vi sw2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-  z += __builtin_shuffle(z, sw2);
-  const vi sw1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  z += __builtin_shuffle(z, sw1);
-  out[0] = z[0];
-  out[1] = z[4];
-  out[2] = z[8];
-  out[3] = z[12];
-}
-
 // Logits of one block of rows [t0, t0 + n) for the G heads of kv head h of item b, into
 // s[j * kRows + r]; qs: the G query rows, fp32 [G][D]; kr: scratch [D]; bias[r]: the
 // mask's value for row t0 + r (-inf: no part). DC = D / 16 when known at compile time, 0 for any D.
@@ -228,17 +209,6 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
   };
   int64_t r = 0;
   if constexpr (DC > 0) {
-    for (; r + 4 <= n; r += 4) {
-      const T* k0 = kbase + (t0 + r) * st;
-      for (int i = 0; i < 4; ++i) prefetch(t0 + r + i);
-      for (int64_t j = 0; j < G; ++j) {
-        const float* qj = qs + j * D;
-        float dot[4];
-        hsum4(dot_lanes<T, DC>(qj, k0), dot_lanes<T, DC>(qj, k0 + st), dot_lanes<T, DC>(qj, k0 + 2 * st),
-              dot_lanes<T, DC>(qj, k0 + 3 * st), dot);
-        for (int i = 0; i < 4; ++i) put(j, r + i, dot[i]);
-      }
-    }
     for (; r < n; ++r) {
       prefetch(t0 + r);
       const T* krow = kbase + (t0 + r) * st;
