@@ -8,11 +8,12 @@
 //     products scaled afterwards as in the reference: a pre-scaled query row adds its rounding error
 //     to every logit, 2e-6 in the entropy of rows with logits near 300):
 //     dot products over D with 16-wide vectors (GCC vector extensions, compiled per target clone:
-//     AVX-512 / AVX2 / baseline), one horizontal sum per row (four rows at a time through one
-//     transposing shuffle tree of 16-wide vectors was ~1.4x slower on AVX2: fp32 T=2048, 2 threads);
-//     D = 64 and 128 are compile-time shapes, any other D takes a generic loop. bf16 rows are read as u32 words (w << 16: even elements, w & 0xffff0000: odd
-//     elements; the query chunks are stored permuted to match), fp16 rows are widened with integer
-//     operations. The next rows are software-prefetched kPrefetchBytes ahead.
+//     AVX-512 / AVX2 / baseline), one horizontal sum per row (four rows through one transposing
+//     shuffle tree of 16-wide vectors took ~1.3x the time on AVX2: fp32 T=2048, 2 threads); D = 64
+//     and 128 are compile-time shapes, any other D takes a generic loop. bf16 rows are read as u32
+//     words (w << 16: even elements, w & 0xffff0000: odd elements; the query chunks are stored
+//     permuted to match), fp16 rows are widened with integer operations. The next rows are
+//     software-prefetched kPrefetchBytes ahead.
 //   - the block is folded into each head's online-softmax state with a vectorised exp:
 //
 //       m = max logit, l = sum e^(x - m), u = sum e^(x - m) (x - m),   H = log l - u / l.

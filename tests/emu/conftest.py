@@ -3,6 +3,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvemu_fixtures import emu  # noqa: F401  (the session fixture)
@@ -15,7 +17,12 @@ def pytest_collection_modifyitems(config, items):
     shard = os.environ.get("KVFIX_EMU_SHARD")
     if not shard:
         return
-    i, n = (int(x) for x in shard.split("/"))
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise pytest.UsageError(f"KVFIX_EMU_SHARD must be i/n with 1 <= i <= n, got {shard!r}")
     keep = items[i - 1::n]
     kept = {id(item) for item in keep}
     config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
