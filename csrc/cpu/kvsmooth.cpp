@@ -208,16 +208,15 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
   auto put = [&](int64_t j, int64_t r, float dot) {
     s[j * kRows + r] = bias[r] == kNegInf ? kNegInf : dot * p.scale + bias[r];  // a nan bias takes part
   };
-  int64_t r = 0;
   if constexpr (DC > 0) {
-    for (; r < n; ++r) {
+    for (int64_t r = 0; r < n; ++r) {
       prefetch(t0 + r);
       const T* krow = kbase + (t0 + r) * st;
       for (int64_t j = 0; j < G; ++j) put(j, r, hsum(dot_lanes<T, DC>(qs + j * D, krow)));
     }
   } else {
     const int64_t D16 = D / 16 * 16;
-    for (; r < n; ++r) {
+    for (int64_t r = 0; r < n; ++r) {
       prefetch(t0 + r);
       const T* krow = kbase + (t0 + r) * st;
       const float* kf;

@@ -43,24 +43,26 @@ def _pytest(env: dict[str, str], extra: list[str], asan: bool, log=None) -> subp
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
 
 
-def _parallel(passes: list[tuple[str, dict[str, str]]], extra: list[str], jobs: int) -> list:
-    """Run `passes` `jobs` at a time, in the given order; each one's output is printed when it ends."""
+def _run(passes: list[tuple[str, dict[str, str]]], extra: list[str], jobs: int) -> list:
+    """Run `passes` `jobs` at a time, in the given order. One at a time, a pass prints as it runs;
+    several, each one's output is printed when it ends (passes do not interleave)."""
     todo, running, results = list(passes), [], []
     while todo or running:
         while todo and len(running) < jobs:
             name, env = todo.pop(0)
-            log = tempfile.TemporaryFile("w+")
-            print(f"=== emulated suite, {name}: started ===", flush=True)
+            log = tempfile.TemporaryFile("w+") if jobs > 1 else None
+            print(f"=== emulated suite, {name}{': started' if log else ''} ===", flush=True)
             running.append((name, _pytest(env, extra, env.get("KVFIX_EMU_ASAN") == "1", log), log, time.monotonic()))
         time.sleep(0.5)
         for job in [j for j in running if j[1].poll() is not None]:
             running.remove(job)
             name, proc, log, t0 = job
-            log.seek(0)
-            print(f"=== emulated suite, {name} ===", flush=True)
-            sys.stdout.write(log.read())
-            sys.stdout.flush()
-            log.close()
+            if log is not None:
+                log.seek(0)
+                print(f"=== emulated suite, {name} ===", flush=True)
+                sys.stdout.write(log.read())
+                sys.stdout.flush()
+                log.close()
             results.append((name, proc.returncode, time.monotonic() - t0))
     return results
 
@@ -87,15 +89,7 @@ def main() -> int:
         else:
             passes.append(("asan (seed 0)", asan))
 
-    results = []
-    if a.jobs <= 1:
-        for name, env in passes:
-            print(f"=== emulated suite, {name} ===", flush=True)
-            t0 = time.monotonic()
-            rc = _pytest(env, a.pytest_args, env.get("KVFIX_EMU_ASAN") == "1").wait()
-            results.append((name, rc, time.monotonic() - t0))
-    else:
-        results = _parallel(passes, a.pytest_args, a.jobs)
+    results = _run(passes, a.pytest_args, max(1, a.jobs))
     print("=== summary ===")
     for name, rc, dt in results:
         print(f"  {name:18s} {'ok' if rc == 0 else f'FAILED (exit {rc})':18s} {dt:6.1f} s")
