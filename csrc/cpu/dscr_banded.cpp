@@ -14,11 +14,11 @@
 //
 // A task is one head of one batch item of one tensor; it walks the head dim in blocks of kB = 64
 // columns: (1) M = A X (cnt > 1: the block's tokens copied in the order of their first node, then
-// two nodes at a time over that copy), (2) Y = T M (node scratch), (3) Z = the row pass of S over
-// X (scratch),
+// two nodes at a time over that copy), (2) Y = T M (node scratch), then one grid row a at a time
+// (3) Z = the row pass of S over X for grid row a + K, into a ring of 2K + 1 grid rows (scratch),
 // (4) the column pass of S over Z plus A^T Y, the diagonal and the normalisation, written once in
-// the output dtype. Step (4) writes token i only after (1) and (3) have read the whole block, and
-// reads only scratch and x_i: in place is safe. A head dim not a multiple of kB leaves a narrow
+// the output dtype. Step (4) writes grid row a after (1) has read the whole block and (3) the rows
+// up to a + K, and reads only scratch and x_i: in place is safe. A head dim not a multiple of kB leaves a narrow
 // last block, run on a zero-padded float32 copy. While (1) (cnt > 1) or (2) (cnt == 1) computes
 // from scratch, the rows of the thread's next block are prefetched into L2, so that its first
 // pass over K or V does not wait on memory; large out-of-place outputs are written with
@@ -168,7 +168,7 @@ static KVFIX_INLINE void prefetch_next(const Next& nb, int64_t i0, int64_t i1) {
 }
 
 // One block of kB columns: x (token stride sx) -> y (stride sy; may be x). m, yn: [G, kB] and
-// z, xs: [N, kB] float scratch (64-byte aligned).
+// z: [min(2K + 1, gh) gw, kB] (the ring), xs: [N, kB] float scratch (64-byte aligned).
 template <typename T>
 static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T* x, int64_t sx, T* y, int64_t sy, float* m,
                            float* yn, float* z, float* xs, const Next& nb, bool nt) {
@@ -231,10 +231,14 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
     for (int64_t e = 0; e < len; ++e) fma_b(acc, t[e], ldb(mp + e * kB));
     stb(yn + n * kB, acc);
   }
-  // (3) row pass: Z[a, w] = sum_{|k| <= K} s_|k| x[a, w + k]
-  for (int64_t a = 0; a < gh; ++a) {
+  // (3) + (4), one grid row at a time: the row pass fills Z's grid row a + K into a ring of
+  // R = min(2K + 1, gh) grid rows (z), then the column pass reads rows a - K .. a + K of it. The
+  // ring stays in L2 where the whole Z would not (64 x 64: 144 KiB against 1 MiB). In place: the
+  // row pass of row a + K reads only x's row a + K, which (4) has not written yet (rows < a).
+  const int64_t R = std::min(2 * K + 1, gh), rs = gw * kB;  // rs: one grid row of Z
+  auto row_pass = [&](int64_t a) {  // Z[a, w] = sum_{|k| <= K} s_|k| x[a, w + k]
     const T* xr = x + a * gw * sx;
-    float* zr = z + a * gw * kB;
+    float* zr = z + (a % R) * rs;
     for (int64_t w = 0; w < gw; ++w) {
       Vb acc = scale_b(s[0], load_b(xr + w * sx));
       const int64_t klo = std::min(K, w), khi = std::min(K, gw - 1 - w);
@@ -246,20 +250,22 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
       }
       stb(zr + w * kB, acc);
     }
-  }
-  // (4) column pass + depth + diagonal + normalisation
-  const int64_t rs = gw * kB;  // one grid row of Z
+  };
+  std::vector<const float*> ring(2 * K + 1);
+  const float* const* zr = ring.data() + K;  // zr[k]: Z's grid row a + k in the ring, |k| <= K
+  for (int64_t a = 0; a < std::min(K, gh); ++a) row_pass(a);
   for (int64_t a = 0; a < gh; ++a) {
+    if (a + K < gh) row_pass(a + K);
     const int64_t klo = std::min(K, a), khi = std::min(K, gh - 1 - a);
+    for (int64_t k = -klo; k <= khi; ++k) ring[K + k] = z + ((a + k) % R) * rs;
     for (int64_t w = 0; w < gw; ++w) {
-      const int64_t i = a * gw + w;
-      const float* zp = z + i * kB;
-      Vb acc = scale_b(s[0], ldb(zp));
+      const int64_t i = a * gw + w, wo = w * kB;
+      Vb acc = scale_b(s[0], ldb(zr[0] + wo));
       if (klo == K && khi == K) {
-        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(ldb(zp - k * rs), ldb(zp + k * rs)));
+        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(ldb(zr[-k] + wo), ldb(zr[k] + wo)));
       } else {
-        for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], ldb(zp - k * rs));
-        for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], ldb(zp + k * rs));
+        for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], ldb(zr[-k] + wo));
+        for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], ldb(zr[k] + wo));
       }
       const float* yp = yn + int64_t(it.tok[i]) * kB;
       const float* wv = it.tokw + i * C;
@@ -366,7 +372,7 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
                 src.stride(2) * esz, std::min(kB, src.size(3)) * esz};
   };
   at::parallel_for(0, first.back(), 1, [&](int64_t t0, int64_t t1) {
-    Buffer m(Gmax * kB), yn(Gmax * kB), z(N * kB), xs(sorted ? N * kB : 1);
+    Buffer m(Gmax * kB), yn(Gmax * kB), z(std::min(2 * geo.K + 1, geo.gh) * geo.gw * kB), xs(sorted ? N * kB : 1);
     std::unique_ptr<Buffer> tail;
     for (int64_t t = t0; t < t1; ++t) {
       const auto [p, b, h] = task(t);
