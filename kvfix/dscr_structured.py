@@ -85,8 +85,9 @@ defaults. So
   The cheapest of "values", the grid orders p in (6, 8, 12, 16, 20, 24) and "gauss" is used per
   item. E_max = tol c_min / (2 + tol), E = E_sp + E_d <= E_max, so the bound is at most tol. The
   CPU kernel walks the head dim in blocks of 64 columns: M = A X (grid and gauss modes: the
-  block's tokens copied in node order, then two nodes at a time over them), Y = T M, the row
-  pass, then the column pass with A^T Y, the diagonal and 1 / c~_j in one write (K and V read
+  block's tokens copied in node order, then two nodes at a time over them), Y = T M, then per
+  grid row the row pass (into a ring of 2K + 1 grid rows) and the column pass with A^T Y, the
+  diagonal and 1 / c~_j in one write (K and V read
   from their strided cache slices, written once; in place is safe).
   The structure (sort, nodes, T, c~) is built in float64 once per call (once per image for
   `kvfix.hf.DSCR`), shared by every layer and head.
