@@ -32,4 +32,52 @@ inline __attribute__((always_inline)) float exp_nonpos(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+// Eight lanes of the same arithmetic, with GCC vector extensions. The scalar function above
+// vectorises in some loops but not in others: where it is inlined into a loop that also reduces,
+// GCC's if-conversion of its selects can fail and the loop runs scalar with branches (the SCR
+// scores' exp pass, CMAC's softmax fold and the dense DSCR weights were, in the AVX2 clones).
+// Written on 8 lanes the loop cannot fall back: 32-byte vectors are ymm registers in the AVX2 and
+// AVX-512 clones (two SSE registers in the baseline one; 64-byte generic vectors would go
+// through the stack on AVX2).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // always inlined: no vector crosses an ABI
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8u __attribute__((vector_size(32), aligned(4)));  // any float alignment
+
+inline __attribute__((always_inline)) f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8u*>(p); }
+inline __attribute__((always_inline)) void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8u*>(p) = v; }
+inline __attribute__((always_inline)) f32x8 splat8(float x) { return f32x8{} + x; }
+
+// The lanes' sum, pairwise ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
+inline __attribute__((always_inline)) float hsum8(f32x8 v) {
+  const float a = (v[0] + v[4]) + (v[2] + v[6]), b = (v[1] + v[5]) + (v[3] + v[7]);
+  return a + b;
+}
+
+// The lanes' max (nan lanes skipped).
+inline __attribute__((always_inline)) float hmax8(f32x8 v) {
+  float r = v[0];
+  for (int j = 1; j < 8; ++j) r = v[j] > r ? v[j] : r;
+  return r;
+}
+
+inline __attribute__((always_inline)) f32x8 exp_nonpos(f32x8 x) {
+  const f32x8 zero{}, lo = splat8(-87.0f), shift = splat8(12582912.0f);
+  x = x > zero ? zero : x;
+  const f32x8 xc = x < lo ? lo : x;
+  const f32x8 n = (xc * 1.44269504088896341f + shift) - shift;
+  const f32x8 r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  f32x8 p = splat8(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  return x < lo ? zero : p * (f32x8)bits;
+}
+#pragma GCC diagnostic pop
+
 }  // namespace kvfix::cpu

@@ -6,7 +6,7 @@
 //   1. logits = q_rows k^T: one ATen GEMM (at::mm_out, BLAS) per block, over the key columns the
 //      block can see (causal: up to the last row's position), into the thread's block buffer;
 //   2. per row, in place: x = logit * scale + mask (-inf where the key takes no part), the row
-//      max m, e = exp(x - m) and l = sum e (vectorised exp, csrc/cpu/exp_nonpos.h);
+//      max m, e = exp(x - m) and l = sum e (8-lane exp, csrc/cpu/exp_nonpos.h);
 //   3. per row: acc[j] += e[start + j] / l over the image columns.
 // So the logits are computed once and never leave the thread's block; nothing [Tq, T] is kept per
 // head. float16 / bfloat16 inputs are widened to float32 once per call (one fp32 copy of q and k).
@@ -69,32 +69,50 @@ KVFIX_INLINE void scale_and_mask(float* x, int64_t n, float scale, const MaskVie
   });
 }
 
-// Max of x[0, n) (-inf when empty; NaNs are skipped, and propagate through the exp pass). Written
-// with vector extensions: GCC leaves `#pragma omp simd reduction(max)` over std::max scalar (a
-// serial vmaxss chain), which made the max pass cost more than the exp pass.
-typedef float scr_vf __attribute__((vector_size(64)));
+// Max of x[0, n) (-inf when empty; NaNs are skipped, and propagate through the exp pass), on
+// 32-byte vectors (`#pragma omp simd reduction(max)` over std::max stays scalar in GCC: a serial
+// vmaxss chain, which made the max pass cost more than the exp pass).
 KVFIX_INLINE float row_max(const float* x, int64_t n) {
-  const scr_vf lowest = scr_vf{} + kNegInf;
-  scr_vf m[4] = {lowest, lowest, lowest, lowest};
+  using cpu::f32x8;
+  const f32x8 lowest = cpu::splat8(kNegInf);
+  f32x8 m[4] = {lowest, lowest, lowest, lowest};
   int64_t t = 0;
-  for (; t + 64 <= n; t += 64)
+  for (; t + 32 <= n; t += 32)
     for (int i = 0; i < 4; ++i) {
-      scr_vf a;
-      std::memcpy(&a, x + t + 16 * i, sizeof(a));
+      const f32x8 a = cpu::load8(x + t + 8 * i);
       m[i] = a > m[i] ? a : m[i];
     }
-  for (; t + 16 <= n; t += 16) {
-    scr_vf a;
-    std::memcpy(&a, x + t, sizeof(a));
+  for (; t + 8 <= n; t += 8) {
+    const f32x8 a = cpu::load8(x + t);
     m[0] = a > m[0] ? a : m[0];
   }
   m[0] = m[1] > m[0] ? m[1] : m[0];
   m[2] = m[3] > m[2] ? m[3] : m[2];
   m[0] = m[2] > m[0] ? m[2] : m[0];
-  float r = kNegInf;
-  for (int j = 0; j < 16; ++j) r = m[0][j] > r ? m[0][j] : r;
+  float r = cpu::hmax8(m[0]);
   for (; t < n; ++t) r = x[t] > r ? x[t] : r;
   return r;
+}
+
+// x[t] = exp_nonpos((x[t] - m) * scale) for t < n (times 1.0f is exact: scale 1 gives exp(x - m));
+// returns their sum (8 lanes, then the tail).
+KVFIX_INLINE float exp_row(float* x, int64_t n, float m, float scale) {
+  using cpu::f32x8;
+  const f32x8 mv = cpu::splat8(m), sv = cpu::splat8(scale);
+  f32x8 lv{};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const f32x8 e = cpu::exp_nonpos((cpu::load8(x + t) - mv) * sv);
+    cpu::store8(x + t, e);
+    lv += e;
+  }
+  float l = cpu::hsum8(lv);
+  for (; t < n; ++t) {
+    const float e = cpu::exp_nonpos((x[t] - m) * scale);
+    x[t] = e;
+    l += e;
+  }
+  return l;
 }
 
 // A row without a softmax (a nan or +inf logit): nan in every image column.
@@ -115,13 +133,7 @@ KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, floa
     if (nan) poison(start, end, acc);
     return;
   }
-  float l = 0.0f;
-#pragma omp simd reduction(+ : l)
-  for (int64_t t = 0; t < n; ++t) {
-    const float e = cpu::exp_nonpos(x[t] - m);
-    x[t] = e;
-    l += e;
-  }
+  const float l = exp_row(x, n, m, 1.0f);
   if (l != l) return poison(start, end, acc);  // a nan or +inf logit
   const float inv = 1.0f / l;
   const int64_t stop = std::min(end, n);
@@ -136,13 +148,7 @@ KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, floa
 // gave nan.)
 KVFIX_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
-  float l = 0.0f;
-#pragma omp simd reduction(+ : l)
-  for (int64_t t = 0; t < n; ++t) {
-    const float e = cpu::exp_nonpos((x[t] - m) * scale);
-    x[t] = e;
-    l += e;
-  }
+  const float l = exp_row(x, n, m, scale);
   if (l != l) return poison(start, end, acc);  // a nan or +inf logit
   const float inv = 1.0f / l;
   const int64_t stop = std::min(end, n);
