@@ -33,6 +33,10 @@
 
 #include "cpu/simd.h"
 
+// The 8-lane helpers (cpu/exp_nonpos.h) are always inlined into the target clones: no vector
+// crosses an ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace kvfix {
 namespace {
 
@@ -137,11 +141,18 @@ std::vector<Span> read_spans(int64_t B, int64_t T, int64_t start, int64_t end, c
 // in the max, so the row's state turns nan and stays nan (softmax's rule) even when every logit
 // so far is nan.
 KVFIX_CPU_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m, float& l, float& imd) {
+  using cpu::f32x8;
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = s[j] == s[j] ? s[j] : kInf;
+  const f32x8 inf = cpu::splat8(kInf);
+  f32x8 mv = cpu::splat8(kNegInf);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {  // 8 lanes (csrc/cpu/exp_nonpos.h: these loops had compiled scalar)
+    const f32x8 v = cpu::load8(s + t), x = v == v ? v : inf;
+    mv = x > mv ? x : mv;
+  }
+  float mx = cpu::hmax8(mv);
+  for (; t < n; ++t) {
+    const float x = s[t] == s[t] ? s[t] : kInf;
     mx = x > mx ? x : mx;
   }
   const float m_new = std::max(m, mx);
@@ -150,11 +161,17 @@ KVFIX_CPU_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m,
     return 1.0f;
   }
   const float a = cpu::exp_nonpos(m - m_new);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = cpu::exp_nonpos(s[j] - m_new);
-    s[j] = p;
+  const f32x8 mn = cpu::splat8(m_new);
+  f32x8 sv{};
+  for (t = 0; t + 8 <= n; t += 8) {
+    const f32x8 p = cpu::exp_nonpos(cpu::load8(s + t) - mn);
+    cpu::store8(s + t, p);
+    sv += p;
+  }
+  float sum = cpu::hsum8(sv);
+  for (; t < n; ++t) {
+    const float p = cpu::exp_nonpos(s[t] - m_new);
+    s[t] = p;
     sum += p;
   }
   float hsum = 0.0f;
