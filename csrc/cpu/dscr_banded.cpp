@@ -44,6 +44,9 @@
 #include "fresh_pages.h"
 #include "ops/dscr.h"
 
+// The vector-typed helpers below are always inlined into the target clones: no vector crosses an ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace kvfix {
 namespace {
 
@@ -202,9 +205,9 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
     // L1): each row of xs read once for both (a token's weight for a node outside its window is
     // one of the two zeros around its weights in stokw). xs holds the two halves as two planes
     // [N, kH]: the rows of a window (about (cnt + 2) N / G tokens) are then consecutive 128-byte
-    // rows, where 256-byte rows used half of every row's lines and so half of L1's sets (64 x 64
-    // ramp, cnt = 21: a 16.6 KiB window thrashed a 32 KiB L1; as planes ~1.4x faster, measured on
-    // this loop alone).
+    // rows, where 256-byte rows used half of every row's lines and so half of L1's sets (this loop
+    // alone, in a standalone test with 6 tokens per node and cnt = 21: ~1.4x faster as planes; the
+    // 64 x 64 ramp has 6-11 per node, and the whole op showed no measurable change on a noisy host).
     const int64_t W = cnt + 2;
     for (int64_t h = 0; h < kNB; h += kNB / 2) {
       for (int64_t n = 0; n < G; n += 2) {
@@ -243,7 +246,8 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
   // ring stays in L2 where the whole Z would not (64 x 64: 144 KiB against 1 MiB). In place: the
   // row pass of row a + K reads only x's row a + K, which (4) has not written yet (rows < a).
   const int64_t R = std::min(2 * K + 1, gh), rs = gw * kB;  // rs: one grid row of Z
-  auto row_pass = [&](int64_t a) {  // Z[a, w] = sum_{|k| <= K} s_|k| x[a, w + k]
+  // (always inlined: a lambda left out of line is compiled for the baseline target, not the clone's)
+  auto row_pass = [&](int64_t a) __attribute__((always_inline)) {  // Z[a, w] = sum_{|k| <= K} s_|k| x[a, w + k]
     const T* xr = x + a * gw * sx;
     float* zr = z + (a % R) * rs;
     for (int64_t w = 0; w < gw; ++w) {
