@@ -14,7 +14,8 @@
 //     words (w << 16: even elements, w & 0xffff0000: odd elements; the query chunks are stored
 //     permuted to match), fp16 rows are widened with integer operations. The next rows are
 //     software-prefetched kPrefetchBytes ahead.
-//   - the block is folded into each head's online-softmax state with a vectorised exp:
+//   - the block is folded into each head's online-softmax state with an 8-lane exp (cpu/exp_nonpos.h;
+//     the `omp simd` form of the fold compiled scalar in the AVX2 clone):
 //
 //       m = max logit, l = sum e^(x - m), u = sum e^(x - m) (x - m),   H = log l - u / l.
 //
@@ -259,12 +260,23 @@ KVFIX_INLINE void block_bias(const MaskView& m, int64_t b, int64_t t0, int64_t n
 KVFIX_INLINE void fold_block(State& st, const float* x, int64_t n) {
   if (st.l != st.l) return;  // poisoned: stays nan
   constexpr float kMax = std::numeric_limits<float>::max();
-  float bm = kNegInf;
-  int bad = 0;  // a nan or +inf logit (the max reduction alone would skip a nan)
-#pragma omp simd reduction(max : bm) reduction(| : bad)
-  for (int64_t r = 0; r < n; ++r) {
+  using cpu::f32x8, cpu::i32x8;
+  // 8 lanes (csrc/cpu/exp_nonpos.h: written for `#pragma omp simd`, these loops compiled scalar
+  // in GCC's AVX2 clone), then the tail
+  f32x8 bmv = cpu::splat8(kNegInf);
+  i32x8 badv{};
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8) {
+    const f32x8 v = cpu::load8(x + r);
+    bmv = v > bmv ? v : bmv;
+    badv |= ~(v <= kMax);  // a nan or +inf logit (the max alone would skip a nan); -inf passes
+  }
+  float bm = cpu::hmax8(bmv);
+  int bad = 0;
+  for (int j = 0; j < 8; ++j) bad |= badv[j];
+  for (; r < n; ++r) {
     bm = std::max(bm, x[r]);
-    bad |= x[r] <= kMax ? 0 : 1;  // -inf passes
+    bad |= x[r] <= kMax ? 0 : 1;
   }
   if (bad) {
     st.l = st.u = st.m = std::numeric_limits<float>::quiet_NaN();
@@ -277,13 +289,19 @@ KVFIX_INLINE void fold_block(State& st, const float* x, int64_t n) {
     st.u = a * (st.u + (st.m - m) * st.l);
     st.l = a * st.l;
   }
-  float l = 0.0f, u = 0.0f;
-#pragma omp simd reduction(+ : l, u)
-  for (int64_t r = 0; r < n; ++r) {
+  const f32x8 mv = cpu::splat8(m), lo = cpu::splat8(-87.0f);
+  f32x8 lv{}, uv{};
+  for (r = 0; r + 8 <= n; r += 8) {
+    const f32x8 d = cpu::load8(x + r) - mv, e = cpu::exp_nonpos(d);
+    lv += e;
+    uv += e * (d < lo ? lo : d);  // e == 0 there: keeps -inf * 0 out
+  }
+  float l = cpu::hsum8(lv), u = cpu::hsum8(uv);
+  for (; r < n; ++r) {
     const float d = x[r] - m;
     const float e = cpu::exp_nonpos(d);
     l += e;
-    u += e * (d < -87.0f ? -87.0f : d);  // e == 0 there: keeps -inf * 0 out
+    u += e * (d < -87.0f ? -87.0f : d);
   }
   st.l += l;
   st.u += u;
