@@ -146,7 +146,7 @@ KVFIX_CPU_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m,
   const f32x8 inf = cpu::splat8(kInf);
   f32x8 mv = cpu::splat8(kNegInf);
   int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {  // 8 lanes (csrc/cpu/exp_nonpos.h: these loops had compiled scalar)
+  for (; t + 8 <= n; t += 8) {  // 8 lanes (csrc/cpu/exp_nonpos.h: the `omp simd` loops had compiled scalar)
     const f32x8 v = cpu::load8(s + t), x = v == v ? v : inf;
     mv = x > mv ? x : mv;
   }
@@ -161,19 +161,7 @@ KVFIX_CPU_CLONES float fold_row(float* s, int64_t n, const float* hit, float& m,
     return 1.0f;
   }
   const float a = cpu::exp_nonpos(m - m_new);
-  const f32x8 mn = cpu::splat8(m_new);
-  f32x8 sv{};
-  for (t = 0; t + 8 <= n; t += 8) {
-    const f32x8 p = cpu::exp_nonpos(cpu::load8(s + t) - mn);
-    cpu::store8(s + t, p);
-    sv += p;
-  }
-  float sum = cpu::hsum8(sv);
-  for (; t < n; ++t) {
-    const float p = cpu::exp_nonpos(s[t] - m_new);
-    s[t] = p;
-    sum += p;
-  }
+  const float sum = cpu::exp_sum(s, n, m_new, 1.0f);
   float hsum = 0.0f;
   if (hit != nullptr) {
 #pragma omp simd reduction(+ : hsum)

@@ -72,6 +72,27 @@ inline __attribute__((always_inline)) V exp_nonpos(V x) {
   p = p * (r * r) + r + 1.0f;
   return x < lo ? zero : p * pow2i(n);
 }
+
+// x[t] = exp_nonpos((x[t] - m) * scale) for t < n, in place (times 1.0f is exact: scale 1 gives
+// exp(x - m)); returns their sum (8 lanes, then the tail). The softmax rows of SCR's scores and
+// CMAC's fold.
+inline __attribute__((always_inline)) float exp_sum(float* x, int64_t n, float m, float scale) {
+  const f32x8 mv = splat8(m), sv = splat8(scale);
+  f32x8 lv{};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const f32x8 e = exp_nonpos((load8(x + t) - mv) * sv);
+    store8(x + t, e);
+    lv += e;
+  }
+  float l = hsum8(lv);
+  for (; t < n; ++t) {
+    const float e = exp_nonpos((x[t] - m) * scale);
+    x[t] = e;
+    l += e;
+  }
+  return l;
+}
 #pragma GCC diagnostic pop
 
 }  // namespace kvfix::cpu

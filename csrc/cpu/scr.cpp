@@ -94,27 +94,6 @@ KVFIX_INLINE float row_max(const float* x, int64_t n) {
   return r;
 }
 
-// x[t] = exp_nonpos((x[t] - m) * scale) for t < n (times 1.0f is exact: scale 1 gives exp(x - m));
-// returns their sum (8 lanes, then the tail).
-KVFIX_INLINE float exp_row(float* x, int64_t n, float m, float scale) {
-  using cpu::f32x8;
-  const f32x8 mv = cpu::splat8(m), sv = cpu::splat8(scale);
-  f32x8 lv{};
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {
-    const f32x8 e = cpu::exp_nonpos((cpu::load8(x + t) - mv) * sv);
-    cpu::store8(x + t, e);
-    lv += e;
-  }
-  float l = cpu::hsum8(lv);
-  for (; t < n; ++t) {
-    const float e = cpu::exp_nonpos((x[t] - m) * scale);
-    x[t] = e;
-    l += e;
-  }
-  return l;
-}
-
 // A row without a softmax (a nan or +inf logit): nan in every image column.
 KVFIX_INLINE void poison(int64_t start, int64_t end, float* acc) {
   for (int64_t t = start; t < end; ++t) acc[t - start] = std::numeric_limits<float>::quiet_NaN();
@@ -133,7 +112,7 @@ KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, floa
     if (nan) poison(start, end, acc);
     return;
   }
-  const float l = exp_row(x, n, m, 1.0f);
+  const float l = cpu::exp_sum(x, n, m, 1.0f);
   if (l != l) return poison(start, end, acc);  // a nan or +inf logit
   const float inv = 1.0f / l;
   const int64_t stop = std::min(end, n);
@@ -148,7 +127,7 @@ KVFIX_INLINE void row_mass(float* x, int64_t n, int64_t start, int64_t end, floa
 // gave nan.)
 KVFIX_INLINE void row_mass_plain(float* x, int64_t n, float scale, int64_t start, int64_t end, float* acc) {
   const float m = row_max(x, n);
-  const float l = exp_row(x, n, m, scale);
+  const float l = cpu::exp_sum(x, n, m, scale);
   if (l != l) return poison(start, end, acc);  // a nan or +inf logit
   const float inv = 1.0f / l;
   const int64_t stop = std::min(end, n);
