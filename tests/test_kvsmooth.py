@@ -175,17 +175,47 @@ def _padding_mask(B, T, kind, device="cpu"):
     raise ValueError(kind)
 
 
+def logit_rounding_bound(q, k, mask, scale=None):
+    """[B, Hq]: how far the entropy of a row can move when its float32 logits are rounded, from the
+    arithmetic. A dot product of D terms summed in any order is within gamma_D sum_d |q_d k_d| of the
+    exact one (gamma_D = D u / (1 - D u), u = 2^-24), and scaling it and adding the mask's bias round
+    at most twice more: each logit is off by at most delta_t = scale gamma_D A_t + 2 u (|x_t| +
+    scale A_t), A_t = sum_d |q_d k_td|. H's gradient is -p_t (x_t - xbar); along the segment to the
+    rounded logits each p_t moves by a factor within e^(+-2 delta) and each |x_t - xbar| by at most
+    2 delta, so |dH| <= delta e^(2 delta) (S + 2 delta), S = sum_t p_t |x_t - xbar| at the exact logits
+    (delta = max_t delta_t). Large logits (nearly one-hot rows) make this the dominant error of any
+    float32 implementation, in an order that depends on the summation order: there the reference's
+    own error says nothing about the kernel's."""
+    B, Hq, _, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    u = 2.0 ** -24
+    gamma = D * u / (1 - D * u)
+    qd, kd = q.double()[:, :, 0, :], k.double().repeat_interleave(Hq // Hkv, dim=1)
+    bias, valid = R.key_mask(mask, B, T, torch.float64, q.device)
+    x = torch.einsum("bhd,bhtd->bht", qd, kd) * scale + bias[:, None, :]
+    a = torch.einsum("bhd,bhtd->bht", qd.abs(), kd.abs()) * scale
+    v = valid[:, None, :].expand_as(x)
+    delta = torch.where(v, gamma * a + 2 * u * (x.abs() + a), 0.0).amax(dim=-1)
+    p = torch.softmax(torch.where(v, x, -math.inf), dim=-1).nan_to_num(0.0)
+    xbar = (p * torch.where(v, x, 0.0)).sum(-1, keepdim=True)
+    S = (p * (torch.where(v, x, 0.0) - xbar).abs()).sum(-1)
+    return delta * torch.exp(2 * delta) * (S + 2 * delta)
+
+
 def assert_entropy_close(got, q, k, mask, scale=None):
     """Flash-attention rule: the kernel's error against float64 is at most 2x the error of the
     reference run in float32 (all kvfix arithmetic is float32 whatever the input dtype), plus a
-    slack far below that error."""
+    slack far below that error, plus what rounding the logits alone may cost
+    (`logit_rounding_bound`: rows with large logits)."""
     assert got.dtype == torch.float32 and got.shape == q.shape[:2]
     truth = R.row_entropy(q.double(), k.double(), scale=scale, mask=mask)
     ref32 = R.row_entropy(q.float(), k.float(), scale=scale, mask=mask)
-    err = (got.double() - truth).abs().max().item()
+    err = (got.double() - truth).abs()
     ref_err = (ref32.double() - truth).abs().max().item()
     slack = 1e-6 * max(1.0, truth.abs().max().item())
-    assert err <= 2 * ref_err + slack, f"error {err} vs the float32 reference's {ref_err}"
+    allowed = 2 * ref_err + slack + logit_rounding_bound(q, k, mask, scale)
+    assert (err <= allowed).all(), f"error {err.max().item()} vs the float32 reference's {ref_err}"
     return truth
 
 

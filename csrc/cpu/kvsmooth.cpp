@@ -7,13 +7,16 @@
 //   - logits of the g = Hq / Hkv query heads that read this kv head (query rows in fp32, the dot
 //     products scaled afterwards as in the reference: a pre-scaled query row adds its rounding error
 //     to every logit, 2e-6 in the entropy of rows with logits near 300):
-//     dot products over D with 16-wide vectors (GCC vector extensions, compiled per target clone:
-//     AVX-512 / AVX2 / baseline), one horizontal sum per row (four rows through one transposing
-//     shuffle tree of 16-wide vectors took ~1.3x the time on AVX2: fp32 T=2048, 2 threads); D = 64
-//     and 128 are compile-time shapes, any other D takes a generic loop. bf16 rows are read as u32
-//     words (w << 16: even elements, w & 0xffff0000: odd elements; the query chunks are stored
-//     permuted to match), fp16 rows are widened with integer operations. The next rows are
-//     software-prefetched kPrefetchBytes ahead.
+//     D = 64 and 128 are compile-time shapes: eight rows at a time, each row's dot product in four
+//     8-lane accumulators (GCC vector extensions, compiled per target clone: AVX-512 / AVX2 /
+//     baseline) walked along the row, and the eight rows' lane sums through one transposing
+//     shuffle tree (sums8). The 16-lane vectors and one horizontal sum per row used before spilled
+//     to the stack in the AVX2 clone: bf16 T=2048 (L3-resident K) 0.52-0.86 -> 0.39-0.54 ms, T=8192
+//     4.0-4.7 -> 3.0-4.1 ms (2 threads, interleaved processes); eight rows walked together (one
+//     query load for eight rows) were slower where K comes from memory (T=8192: 4.4-6.1 ms).
+//     Any other D takes a generic loop. bf16 rows are read as u32 words (w << 16: even elements,
+//     w & 0xffff0000: odd elements; the query chunks are stored permuted to match), fp16 rows are
+//     widened with integer operations. The next rows are software-prefetched kPrefetchBytes ahead.
 //   - the block is folded into each head's online-softmax state with an 8-lane exp (cpu/exp_nonpos.h;
 //     the `omp simd` form of the fold compiled scalar in the AVX2 clone):
 //
@@ -57,7 +60,8 @@
 namespace kvfix {
 namespace {
 
-constexpr int64_t kRows = 64;             // key rows per block of logits
+constexpr int64_t kRows = 64;             // key rows per block of logits (a multiple of 8: block_logits)
+static_assert(kRows % 8 == 0);
 constexpr int64_t kMinChunkRows = 512;    // smallest chunk of positions worth a work item of its own
 constexpr int64_t kItemsPerThread = 4;    // work items per thread wanted for dynamic load balance
 constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance along a kv head's rows
@@ -164,29 +168,70 @@ struct Problem {
   MaskView mask;
 };
 
-// Partial dot products of a query row (fp32; bf16 layout: see run_item_d) with a key
-// row of DC * 16 elements, as 16 lanes whose sum is the dot product.
+// The 8 lanes' sums of eight vectors: lane r of the result is the sum of a[r]'s lanes, added
+// pairwise ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)) through a transposing shuffle tree (7 adds
+// and 14 shuffles for 8 rows, where one horizontal sum per row takes 7 adds and 6 shuffles).
+KVFIX_INLINE cpu::f32x8 sums8(const cpu::f32x8* a) {
+  using cpu::f32x8, cpu::i32x8;
+  auto pair = [](f32x8 x, f32x8 y, i32x8 e, i32x8 o) __attribute__((always_inline)) {
+    return __builtin_shuffle(x, y, e) + __builtin_shuffle(x, y, o);
+  };
+  const i32x8 e1{0, 8, 2, 10, 4, 12, 6, 14}, o1{1, 9, 3, 11, 5, 13, 7, 15};
+  const i32x8 e2{0, 1, 8, 9, 4, 5, 12, 13}, o2{2, 3, 10, 11, 6, 7, 14, 15};
+  const i32x8 e3{0, 1, 2, 3, 8, 9, 10, 11}, o3{4, 5, 6, 7, 12, 13, 14, 15};
+  const f32x8 x = pair(pair(a[0], a[1], e1, o1), pair(a[2], a[3], e1, o1), e2, o2);
+  const f32x8 y = pair(pair(a[4], a[5], e1, o1), pair(a[6], a[7], e1, o1), e2, o2);
+  return pair(x, y, e3, o3);
+}
+
+// Dot products of a query row qj (fp32; bf16 layout: see run_item_d) with eight key rows of
+// DC * 16 elements: one 8-lane accumulator per row (eight independent multiply-add chains; the
+// query's 8 lanes loaded once for the eight rows), summed by sums8.
 template <class T, int DC>
-KVFIX_INLINE vf dot_lanes(const float* qj, const T* krow) {
-  vf a0 = {}, a1 = {};
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // 32 bf16 = 16 u32 words: w << 16 are the even elements, w & 0xffff0000 the odd ones; the
-    // query chunk is stored permuted the same way (its 16 evens, then its 16 odds).
-#pragma GCC unroll 16
-    for (int c = 0; c < DC / 2; ++c) {
-      vu w;
-      std::memcpy(&w, krow + 32 * c, sizeof(w));
-      a0 += load16(qj + 32 * c) * bits_to_f(w << 16);
-      a1 += load16(qj + 32 * c + 16) * bits_to_f(w & 0xffff0000u);
+KVFIX_INLINE cpu::f32x8 dots8(const float* qj, const T* const* rows) {
+  using cpu::f32x8;
+  typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
+  f32x8 a[8];
+#pragma GCC unroll 1
+  for (int r = 0; r < 8; ++r) {
+    const T* row = rows[r];
+    f32x8 c0{}, c1{}, c2{}, c3{};
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#pragma GCC unroll 8
+      for (int c = 0; c < DC; c += 2) {
+        const u32x8 w0 = *reinterpret_cast<const u32x8*>(row + 16 * c);
+        c0 += cpu::load8(qj + 16 * c) * (f32x8)(w0 << 16);
+        c1 += cpu::load8(qj + 16 * c + 8) * (f32x8)(w0 & 0xffff0000u);
+        const u32x8 w1 = *reinterpret_cast<const u32x8*>(row + 16 * c + 16);
+        c2 += cpu::load8(qj + 16 * c + 16) * (f32x8)(w1 << 16);
+        c3 += cpu::load8(qj + 16 * c + 24) * (f32x8)(w1 & 0xffff0000u);
+      }
+    } else if constexpr (std::is_same_v<T, c10::Half>) {  // 16 halves widened at a time (load16)
+#pragma GCC unroll 8
+      for (int c = 0; c < DC; c += 2) {
+        const vf x = load16(row + 16 * c), y = load16(row + 16 * c + 16);
+        f32x8 x0, x1, y0, y1;
+        std::memcpy(&x0, &x, sizeof(x0));
+        std::memcpy(&x1, reinterpret_cast<const char*>(&x) + sizeof(x0), sizeof(x1));
+        std::memcpy(&y0, &y, sizeof(y0));
+        std::memcpy(&y1, reinterpret_cast<const char*>(&y) + sizeof(y0), sizeof(y1));
+        c0 += cpu::load8(qj + 16 * c) * x0;
+        c1 += cpu::load8(qj + 16 * c + 8) * x1;
+        c2 += cpu::load8(qj + 16 * c + 16) * y0;
+        c3 += cpu::load8(qj + 16 * c + 24) * y1;
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int c = 0; c < 2 * DC; c += 4) {
+        c0 += cpu::load8(qj + 8 * c) * cpu::load8(row + 8 * c);
+        c1 += cpu::load8(qj + 8 * c + 8) * cpu::load8(row + 8 * c + 8);
+        c2 += cpu::load8(qj + 8 * c + 16) * cpu::load8(row + 8 * c + 16);
+        c3 += cpu::load8(qj + 8 * c + 24) * cpu::load8(row + 8 * c + 24);
+      }
     }
-  } else {
-#pragma GCC unroll 16
-    for (int c = 0; c < DC; c += 2) {
-      a0 += load16(qj + 16 * c) * load16(krow + 16 * c);
-      if (c + 1 < DC) a1 += load16(qj + 16 * c + 16) * load16(krow + 16 * c + 16);
-    }
+    a[r] = (c0 + c1) + (c2 + c3);
   }
-  return a0 + a1;
+  return sums8(a);
 }
 
 // Logits of one block of rows [t0, t0 + n) for the G heads of kv head h of item b, into
@@ -210,10 +255,18 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
     s[j * kRows + r] = bias[r] == kNegInf ? kNegInf : dot * p.scale + bias[r];  // a nan bias takes part
   };
   if constexpr (DC > 0) {
-    for (int64_t r = 0; r < n; ++r) {
-      prefetch(t0 + r);
-      const T* krow = kbase + (t0 + r) * st;
-      for (int64_t j = 0; j < G; ++j) put(j, r, hsum(dot_lanes<T, DC>(qs + j * D, krow)));
+    // eight rows at a time (a last group of fewer repeats its last row; s and bias have room for
+    // whole groups: kRows is a multiple of 8, and the lanes past n are never read)
+    for (int64_t r0 = 0; r0 < n; r0 += 8) {
+      const int64_t c = std::min<int64_t>(8, n - r0);
+      const T* rows[8];
+      for (int64_t r = 0; r < 8; ++r) rows[r] = kbase + (t0 + r0 + std::min(r, c - 1)) * st;
+      for (int64_t r = 0; r < c; ++r) prefetch(t0 + r0 + r);
+      const cpu::f32x8 b8 = cpu::load8(bias + r0), ninf = cpu::splat8(kNegInf);
+      for (int64_t j = 0; j < G; ++j) {
+        const cpu::f32x8 v = dots8<T, DC>(qs + j * D, rows) * p.scale + b8;  // a nan bias takes part
+        cpu::store8(s + j * kRows + r0, b8 == ninf ? ninf : v);
+      }
     }
   } else {
     const int64_t D16 = D / 16 * 16;
@@ -319,8 +372,8 @@ KVFIX_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t t0,
   float* bias = s + G * kRows;
   for (int64_t j = 0; j < G; ++j) {
     const T* qrow = static_cast<const T*>(p.q) + b * p.q_sb + (h * G + j) * p.q_sh;
-    if constexpr (DC > 0 && std::is_same_v<T, c10::BFloat16>) {  // evens, then odds, per 32
-      for (int64_t d = 0; d < D; ++d) qs[j * D + (d / 32) * 32 + (d % 2) * 16 + (d % 32) / 2] = to_f(qrow[d]);
+    if constexpr (DC > 0 && std::is_same_v<T, c10::BFloat16>) {  // evens, then odds, per 16
+      for (int64_t d = 0; d < D; ++d) qs[j * D + (d / 16) * 16 + (d % 2) * 8 + (d % 16) / 2] = to_f(qrow[d]);
     } else {
       for (int64_t d = 0; d < D; ++d) qs[j * D + d] = to_f(qrow[d]);
     }
