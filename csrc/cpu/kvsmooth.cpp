@@ -185,8 +185,9 @@ KVFIX_INLINE cpu::f32x8 sums8(const cpu::f32x8* a) {
 }
 
 // Dot products of a query row qj (fp32; bf16 layout: see run_item_d) with eight key rows of
-// DC * 16 elements: one 8-lane accumulator per row (eight independent multiply-add chains; the
-// query's 8 lanes loaded once for the eight rows), summed by sums8.
+// DC * 16 elements: one row after the other, each walked in order with four 8-lane accumulators
+// (four independent multiply-add chains; the query reloaded from L1 per row), then the eight
+// rows' lanes summed by sums8.
 template <class T, int DC>
 KVFIX_INLINE cpu::f32x8 dots8(const float* qj, const T* const* rows) {
   using cpu::f32x8;
