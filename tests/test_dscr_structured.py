@@ -730,6 +730,37 @@ def test_banded_kernel_equals_its_weights(dtype):
         assert torch.equal(kk, got_k) and torch.equal(vv, got_v)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_banded_items_with_distinct_depths_and_shared_ones(dtype):
+    """One batch, two items in values mode: a ramp (every depth distinct: one token per node, which
+    the float32 CPU kernel reads from K / V in node order without building M) and 3 surfaces (nodes
+    shared by many tokens: M built); each item equals its weights applied in float64 and the same
+    item run alone, bit for bit; D = 72 leaves a narrow last block, V strided, in place equal."""
+    gh, gw, H, D = 12, 14, 2, 72
+    N = gh * gw
+    depth = torch.cat([_map_depth("ramp", gh, gw), _map_depth("surfaces-3", gh, gw)])
+    plan, st = S._plan_checked(gh, gw, depth, 0.6, 0.6, 0.6, 0.8, dtype, "structured", "patch", "cpu")
+    assert plan.variant == "banded" and plan.depth_mode == "values"
+    assert st.cnt.tolist() == [1, 1]
+    assert int(st.node_off[1] - st.node_off[0]) == N and int(st.node_off[2] - st.node_off[1]) < N // 4
+    k = torch.randn(2, H, N, D).to(dtype)
+    v = torch.randn(2, N, H, D).to(dtype).transpose(1, 2)
+    got_k, got_v = torch.ops.kvfix.dscr_refine_banded(k, v, *st.args())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    for b in range(2):
+        F = S.banded_weights(st, b)
+        ci = st.cinv[b].double()[None, :, None]
+        _, st_b = S._plan_checked(gh, gw, depth[b:b + 1], 0.6, 0.6, 0.6, 0.8, dtype, "structured", "patch", "cpu")
+        alone = torch.ops.kvfix.dscr_refine_banded(k[b:b + 1], v[b:b + 1], *st_b.args())
+        for got, x, a in ((got_k, k, alone[0]), (got_v, v, alone[1])):
+            want = (torch.einsum("ij,hid->hjd", F, x[b].double()) - 2 * x[b].double()) * ci
+            torch.testing.assert_close(got[b].double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+            assert torch.equal(got[b], a[0])
+    kk, vv = k.clone(), v.clone()
+    torch.ops.kvfix.dscr_refine_banded_cache_([kk], [vv], *st.args())
+    assert torch.equal(kk, got_k) and torch.equal(vv, got_v)
+
+
 def test_banded_single_token_and_tiny_grids():
     k = torch.randn(2, 3, 1, 16)
     assert torch.equal(kvfix.dscr_refine(k, None, torch.rand(2, 1), (1, 1), method="structured")[0], k)

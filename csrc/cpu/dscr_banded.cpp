@@ -14,7 +14,8 @@
 //
 // A task is one head of one batch item of one tensor; it walks the head dim in blocks of kB = 64
 // columns: (1) M = A X (cnt > 1: the block's tokens copied in the order of their first node, then
-// two nodes at a time over that copy), (2) Y = T M (node scratch), then one grid row a at a time
+// two nodes at a time over that copy; float32 with one token of weight 1 per node: nothing, M is
+// X's rows read in node order), (2) Y = T M (node scratch), then one grid row a at a time
 // (3) Z = the row pass of S over X for grid row a + K, into a ring of 2K + 1 grid rows (scratch),
 // (4) the column pass of S over Z plus A^T Y, the diagonal and the normalisation, written once in
 // the output dtype. Step (4) writes grid row a after (1) has read the whole block and (3) the rows
@@ -61,6 +62,7 @@ struct Item {
   const int32_t* start;   // [G + 1] start[g]: first position in perm whose first node is >= g
   const int32_t* stok;    // [N] tok in perm order (cnt > 1)
   const float* stokw;     // [N, cnt + 2] the node weights in perm order between two zeros (cnt > 1)
+  const int32_t* node_tok;  // [G] the one token of each node where every node has one token of weight 1, else null
   int64_t G, cnt, C;
 };
 
@@ -178,8 +180,10 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
                            float* yn, float* z, float* xs, const Next& nb, bool nt) {
   const int64_t gh = g.gh, gw = g.gw, N = gh * gw, K = g.K, G = it.G, cnt = it.cnt, C = it.C;
   const float* s = g.band;
-  // (1) M = A X
-  if (cnt == 1) {
+  // (1) M = A X. direct: one token of weight 1 per node (depth values all distinct, as on a tilted
+  // plane) in float32: M is X's rows in node order, which (2) reads from X itself.
+  const bool direct = it.node_tok != nullptr && std::is_same_v<T, float>;
+  if (cnt == 1 && !direct) {
     for (int64_t n = 0; n < G * kB; ++n) m[n] = 0.0f;
     for (int64_t i = 0; i < N; ++i) {
       float* mp = m + int64_t(it.tok[i]) * kB;
@@ -187,7 +191,7 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
       fma_b(acc, it.tokw[i * C], load_b(x + i * sx));
       stb(mp, acc);
     }
-  } else {
+  } else if (cnt > 1) {
     // the block's tokens copied in node order first (xs: each token read from K or V once, with
     // prefetches a few tokens ahead), then node by node over consecutive rows of xs (no
     // read-modify-write of M): the tokens whose cnt nodes include n, each used cnt times while in cache
@@ -231,15 +235,28 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
       }
     }
   }
-  // (2) Y = T M
-  for (int64_t n = 0; n < G; ++n) {
-    if (cnt == 1) prefetch_next(nb, n * N / G, (n + 1) * N / G);
-    const float* t = it.tvals + it.row_ptr[n];
-    const int64_t len = it.row_ptr[n + 1] - it.row_ptr[n];
-    const float* mp = m + int64_t(it.row_lo[n]) * kB;
-    Vb acc{};
-    for (int64_t e = 0; e < len; ++e) fma_b(acc, t[e], ldb(mp + e * kB));
-    stb(yn + n * kB, acc);
+  // (2) Y = T M. One token per node (direct): M's rows read from X, and Y written in token order,
+  // so that (4) reads it in order too.
+  auto tm = [&](auto mrow, auto yrow) __attribute__((always_inline)) {  // node n's rows of M and Y
+    for (int64_t n = 0; n < G; ++n) {
+      if (cnt == 1) prefetch_next(nb, n * N / G, (n + 1) * N / G);
+      const float* t = it.tvals + it.row_ptr[n];
+      const int64_t lo = it.row_lo[n], len = it.row_ptr[n + 1] - it.row_ptr[n];
+      Vb acc{};
+      for (int64_t e = 0; e < len; ++e) {
+        const float* r = mrow(lo + e);
+        KVFIX_NB acc.v[j] += t[e] * *reinterpret_cast<const v8u*>(r + j * kL);
+      }
+      stb(yrow(n), acc);
+    }
+  };
+  if (direct) {
+    const float* xf = reinterpret_cast<const float*>(x);  // T is float here
+    tm([&](int64_t e) __attribute__((always_inline)) { return xf + int64_t(it.node_tok[e]) * sx; },
+       [&](int64_t n) __attribute__((always_inline)) { return yn + int64_t(it.node_tok[n]) * kB; });
+  } else {
+    tm([&](int64_t e) __attribute__((always_inline)) { return m + e * kB; },
+       [&](int64_t n) __attribute__((always_inline)) { return yn + n * kB; });
   }
   // (3) + (4), one grid row at a time: the row pass fills Z's grid row a + K into a ring of
   // R = min(2K + 1, gh) grid rows (z), then the column pass reads rows a - K .. a + K of it. The
@@ -278,7 +295,7 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
         for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], ldb(zr[-k] + wo));
         for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], ldb(zr[k] + wo));
       }
-      const float* yp = yn + int64_t(it.tok[i]) * kB;
+      const float* yp = yn + (direct ? i : int64_t(it.tok[i])) * kB;
       const float* wv = it.tokw + i * C;
       for (int64_t c = 0; c < cnt; ++c) fma_b(acc, wv[c], ldb(yp + c * kB));
       const Vb xv = load_b(x + i * sx);
@@ -343,13 +360,26 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
   for (int64_t bd = 0; bd < Bd; ++bd) Gmax = std::max(Gmax, off[bd + 1] - off[bd]);
   const Geometry geo{s.band.data_ptr<float>(), s.band.numel() - 1, s.gh, N / s.gh};
   // per item with cnt > 1: tokens ordered by their first node (a counting sort), their first
-  // nodes and weights in that order, for the node-by-node sums
-  std::vector<std::vector<int32_t>> perm(Bd), start(Bd), stok(Bd);
+  // nodes and weights in that order, for the node-by-node sums; per item whose every node has one
+  // token of weight 1 (cnt == 1, G == N): each node's token (node_tok)
+  std::vector<std::vector<int32_t>> perm(Bd), start(Bd), stok(Bd), node_tok(Bd);
   std::vector<std::vector<float>> stokw(Bd);
   bool sorted = false;
   for (int64_t bd = 0; bd < Bd; ++bd) {
     const int64_t G = off[bd + 1] - off[bd], cnt = s.cnt.data_ptr<int32_t>()[bd];
-    if (cnt == 1) continue;
+    if (cnt == 1) {
+      if (G != N) continue;
+      const int32_t* tok = s.tok.data_ptr<int32_t>() + bd * N;
+      const float* tokw = s.tokw.data_ptr<float>() + bd * N * C;
+      node_tok[bd].assign(G, -1);
+      bool one = true;
+      for (int64_t i = 0; i < N && one; ++i) {
+        one = tokw[i * C] == 1.0f && node_tok[bd][tok[i]] < 0;
+        node_tok[bd][tok[i]] = static_cast<int32_t>(i);
+      }
+      if (!one) node_tok[bd].clear();
+      continue;
+    }
     sorted = true;
     const int32_t* tok = s.tok.data_ptr<int32_t>() + bd * N;
     const float* tokw = s.tokw.data_ptr<float>() + bd * N * C;
@@ -395,7 +425,8 @@ void refine(const std::vector<at::Tensor>& srcs, const std::vector<at::Tensor>& 
       const Item it{s.tok.data_ptr<int32_t>() + bd * N, s.tokw.data_ptr<float>() + bd * N * C,
                     s.row_ptr.data_ptr<int64_t>() + g0, s.row_lo.data_ptr<int32_t>() + g0, s.tvals.data_ptr<float>(),
                     s.cinv.data_ptr<float>() + bd * N, perm[bd].data(), start[bd].data(), stok[bd].data(),
-                    stokw[bd].data(), off[bd + 1] - g0, s.cnt.data_ptr<int32_t>()[bd], C};
+                    stokw[bd].data(), node_tok[bd].empty() ? nullptr : node_tok[bd].data(), off[bd + 1] - g0,
+                    s.cnt.data_ptr<int32_t>()[bd], C};
       auto run = [&](auto zero) {
         using scalar_t = decltype(zero);
         const scalar_t* x = src.const_data_ptr<scalar_t>() + b * src.stride(0) + h * src.stride(1);
