@@ -480,19 +480,21 @@ def _plan_cached(gh, gw, depth, sigma_d, sigma_s, alpha, beta, dtype, method, gr
     if dtype not in _TOL:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     sd, ss, a, b = _check_params(sigma_d, sigma_s, alpha, beta)
-    rng = _depth_range(depth)
-    if not math.isfinite(rng):
-        raise ValueError("depth has non-finite values (nan or inf)")
     cd, cs = _coefs(sd, ss, a, b)
+    dev = torch.device(device).type
     d = None
-    if isinstance(depth, torch.Tensor):
+    if isinstance(depth, torch.Tensor):  # keyed by its values (the range follows from them)
         d = depth.detach().to("cpu", torch.float64)
         d = d[None] if d.dim() == 1 else d
-    key = (gh, gw, rng, cd, cs, dtype, method, grid_unit, torch.device(device).type,
-           None if d is None else (tuple(d.shape), d.numpy().tobytes()))
+        key = (gh, gw, cd, cs, dtype, method, grid_unit, dev, tuple(d.shape), d.numpy().tobytes())
+    else:
+        key = (gh, gw, cd, cs, dtype, method, grid_unit, dev, depth)
     got = _PLANS.get(key)
-    if got is None:
-        got = _plan_structure(gh, gw, rng, cd, cs, dtype, method, grid_unit, d, torch.device(device).type)
+    if got is None:  # a planned depth was finite: the range is read on a miss only
+        rng = _depth_range(depth if d is None else d)
+        if not math.isfinite(rng):
+            raise ValueError("depth has non-finite values (nan or inf)")
+        got = _plan_structure(gh, gw, rng, cd, cs, dtype, method, grid_unit, d, dev)
         _PLANS[key] = got
         while len(_PLANS) > _PLAN_CACHE:
             _PLANS.popitem(last=False)
