@@ -207,21 +207,8 @@ KVFIX_INLINE cpu::f32x8 dots8(const float* qj, const T* const* rows) {
         c2 += cpu::load8(qj + 16 * c + 16) * (f32x8)(w1 << 16);
         c3 += cpu::load8(qj + 16 * c + 24) * (f32x8)(w1 & 0xffff0000u);
       }
-    } else if constexpr (std::is_same_v<T, c10::Half>) {  // 16 halves widened at a time (load16)
-#pragma GCC unroll 8
-      for (int c = 0; c < DC; c += 2) {
-        const vf x = load16(row + 16 * c), y = load16(row + 16 * c + 16);
-        f32x8 x0, x1, y0, y1;
-        std::memcpy(&x0, &x, sizeof(x0));
-        std::memcpy(&x1, reinterpret_cast<const char*>(&x) + sizeof(x0), sizeof(x1));
-        std::memcpy(&y0, &y, sizeof(y0));
-        std::memcpy(&y1, reinterpret_cast<const char*>(&y) + sizeof(y0), sizeof(y1));
-        c0 += cpu::load8(qj + 16 * c) * x0;
-        c1 += cpu::load8(qj + 16 * c + 8) * x1;
-        c2 += cpu::load8(qj + 16 * c + 16) * y0;
-        c3 += cpu::load8(qj + 16 * c + 24) * y1;
-      }
     } else {
+      static_assert(std::is_same_v<T, float>, "fp16 rows are widened to float first (block_logits)");
 #pragma GCC unroll 8
       for (int c = 0; c < 2 * DC; c += 4) {
         c0 += cpu::load8(qj + 8 * c) * cpu::load8(row + 8 * c);
@@ -236,7 +223,7 @@ KVFIX_INLINE cpu::f32x8 dots8(const float* qj, const T* const* rows) {
 }
 
 // Logits of one block of rows [t0, t0 + n) for the G heads of kv head h of item b, into
-// s[j * kRows + r]; qs: the G query rows, fp32 [G][D]; kr: scratch [D]; bias[r]: the
+// s[j * kRows + r]; qs: the G query rows, fp32 [G][D]; kr: scratch [8, D]; bias[r]: the
 // mask's value for row t0 + r (-inf: no part). DC = D / 16 when known at compile time, 0 for any D.
 template <class T, int DC>
 KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, const float* qs,
@@ -264,9 +251,25 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
       for (int64_t r = 0; r < 8; ++r) rows[r] = kbase + (t0 + r0 + std::min(r, c - 1)) * st;
       for (int64_t r = 0; r < c; ++r) prefetch(t0 + r0 + r);
       const cpu::f32x8 b8 = cpu::load8(bias + r0), ninf = cpu::splat8(kNegInf);
-      for (int64_t j = 0; j < G; ++j) {
-        const cpu::f32x8 v = dots8<T, DC>(qs + j * D, rows) * p.scale + b8;  // a nan bias takes part
-        cpu::store8(s + j * kRows + r0, b8 == ninf ? ninf : v);
+      auto heads = [&]<class R>(const R* const* rs) __attribute__((always_inline)) {  // (inlined into the clone)
+        for (int64_t j = 0; j < G; ++j) {
+          const cpu::f32x8 v = dots8<R, DC>(qs + j * D, rs) * p.scale + b8;  // a nan bias takes part
+          cpu::store8(s + j * kRows + r0, b8 == ninf ? ninf : v);
+        }
+      };
+      if constexpr (std::is_same_v<T, c10::Half>) {  // widened once for the G heads (kr: [8, D])
+        const float* frows[8];
+        for (int64_t r = 0; r < 8; ++r) {
+          frows[r] = kr + std::min(r, c - 1) * D;
+          if (r >= c) continue;
+          for (int64_t d = 0; d < D; d += 16) {
+            const vf x = load16(rows[r] + d);
+            std::memcpy(kr + r * D + d, &x, sizeof(x));
+          }
+        }
+        heads(frows);
+      } else {
+        heads(rows);
       }
     }
   } else {
@@ -366,10 +369,10 @@ KVFIX_INLINE void fold_block(State& st, const float* x, int64_t n) {
 template <class T, int DC>
 KVFIX_INLINE void run_item_d(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, State* out) {
   const int64_t D = p.D, G = p.G;
-  std::vector<float> buf(G * D + D + G * kRows + kRows);
+  std::vector<float> buf(G * D + 8 * D + G * kRows + kRows);
   float* qs = buf.data();
-  float* kr = qs + G * D;
-  float* s = kr + D;
+  float* kr = qs + G * D;  // [8, D]: widened key rows (fp16, D = 16 DC) or one row (other D)
+  float* s = kr + 8 * D;
   float* bias = s + G * kRows;
   for (int64_t j = 0; j < G; ++j) {
     const T* qrow = static_cast<const T*>(p.q) + b * p.q_sb + (h * G + j) * p.q_sh;
@@ -393,8 +396,12 @@ KVFIX_INLINE void run_item(const Problem& p, int64_t b, int64_t h, int64_t t0, i
   switch (p.D) {
     case 64:
       return run_item_d<T, 4>(p, b, h, t0, t1, out);
+    case 96:
+      return run_item_d<T, 6>(p, b, h, t0, t1, out);
     case 128:
       return run_item_d<T, 8>(p, b, h, t0, t1, out);
+    case 256:
+      return run_item_d<T, 16>(p, b, h, t0, t1, out);
     default:
       return run_item_d<T, 0>(p, b, h, t0, t1, out);
   }
