@@ -7,16 +7,18 @@
 //   - logits of the g = Hq / Hkv query heads that read this kv head (query rows in fp32, the dot
 //     products scaled afterwards as in the reference: a pre-scaled query row adds its rounding error
 //     to every logit, 2e-6 in the entropy of rows with logits near 300):
-//     D = 64 and 128 are compile-time shapes: eight rows at a time, each row's dot product in four
+//     D = 64, 96, 128 and 256 are compile-time shapes: eight rows at a time, each row's dot product in four
 //     8-lane accumulators (GCC vector extensions, compiled per target clone: AVX-512 / AVX2 /
 //     baseline) walked along the row, and the eight rows' lane sums through one transposing
 //     shuffle tree (sums8). The 16-lane vectors and one horizontal sum per row used before spilled
 //     to the stack in the AVX2 clone: bf16 T=2048 (L3-resident K) 0.52-0.86 -> 0.39-0.54 ms, T=8192
 //     4.0-4.7 -> 3.0-4.1 ms (2 threads, interleaved processes); eight rows walked together (one
 //     query load for eight rows) were slower where K comes from memory (T=8192: 4.4-6.1 ms).
-//     Any other D takes a generic loop. bf16 rows are read as u32 words (w << 16: even elements,
-//     w & 0xffff0000: odd elements; the query chunks are stored permuted to match), fp16 rows are
-//     widened with integer operations. The next rows are software-prefetched kPrefetchBytes ahead.
+//     Any other D takes a generic loop (one row at a time, 8-lane accumulators, one horizontal sum
+//     per row and head). bf16 rows are read as u32 words (w << 16: even elements, w & 0xffff0000:
+//     odd elements; the query chunks are stored permuted to match), fp16 rows are widened with
+//     integer operations, once per row for the G heads. The next rows are software-prefetched
+//     kPrefetchBytes ahead.
 //   - the block is folded into each head's online-softmax state with an 8-lane exp (cpu/exp_nonpos.h;
 //     the `omp simd` form of the fold compiled scalar in the AVX2 clone):
 //
@@ -110,20 +112,6 @@ KVFIX_INLINE vf load16(const c10::Half* p) {
   const vi is_special = (vi)(em >= 0x7c00u);
   const vu mag = (vu)((is_special & (vi)special) | (~is_special & (vi)finite));
   return bits_to_f(mag | sign);
-}
-
-KVFIX_INLINE float hsum(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const v8 s8 = lo + hi;
-  v4 l4, h4;
-  std::memcpy(&l4, &s8, sizeof(l4));
-  std::memcpy(&h4, reinterpret_cast<const char*>(&s8) + sizeof(l4), sizeof(h4));
-  const v4 s4 = l4 + h4;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 KVFIX_INLINE float to_f(float x) { return x; }
@@ -290,15 +278,19 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
       }
       for (int64_t j = 0; j < G; ++j) {
         const float* qj = qs + j * D;
-        vf a0 = {}, a1 = {};
+        // 8-lane vectors (16-lane ones go through the stack in the AVX2 clone): four chains over
+        // 32 elements at a time, then 8 at a time, then the last D % 8 one by one
+        cpu::f32x8 a0{}, a1{}, a2{}, a3{};
         int64_t d = 0;
-        for (; d + 32 <= D16; d += 32) {
-          a0 += load16(qj + d) * load16(kf + d);
-          a1 += load16(qj + d + 16) * load16(kf + d + 16);
+        for (; d + 32 <= D; d += 32) {
+          a0 += cpu::load8(qj + d) * cpu::load8(kf + d);
+          a1 += cpu::load8(qj + d + 8) * cpu::load8(kf + d + 8);
+          a2 += cpu::load8(qj + d + 16) * cpu::load8(kf + d + 16);
+          a3 += cpu::load8(qj + d + 24) * cpu::load8(kf + d + 24);
         }
-        if (d < D16) a0 += load16(qj + d) * load16(kf + d);
-        float dot = hsum(a0 + a1);
-        for (int64_t e = D16; e < D; ++e) dot += qj[e] * kf[e];
+        for (; d + 8 <= D; d += 8) a0 += cpu::load8(qj + d) * cpu::load8(kf + d);
+        float dot = cpu::hsum8((a0 + a1) + (a2 + a3));
+        for (; d < D; ++d) dot += qj[d] * kf[d];
         put(j, r, dot);
       }
     }
