@@ -7,10 +7,10 @@
 //   - logits of the g = Hq / Hkv query heads that read this kv head (query rows in fp32, the dot
 //     products scaled afterwards as in the reference: a pre-scaled query row adds its rounding error
 //     to every logit, 2e-6 in the entropy of rows with logits near 300):
-//     D = 64, 96, 128 and 256 are compile-time shapes: eight rows at a time, each row's dot product in four
-//     8-lane accumulators (GCC vector extensions, compiled per target clone: AVX-512 / AVX2 /
-//     baseline) walked along the row, and the eight rows' lane sums through one transposing
-//     shuffle tree (sums8). The 16-lane vectors and one horizontal sum per row used before spilled
+//     D = 64, 96, 128 and 256 are compile-time shapes: eight rows at a time, each row's dot
+//     product in four 8-lane accumulators (GCC vector extensions, compiled per target clone:
+//     AVX-512 / AVX2 / baseline) walked along the row, and the eight rows' lane sums through one
+//     transposing shuffle tree (sums8). The 16-lane vectors and one horizontal sum per row used before spilled
 //     to the stack in the AVX2 clone: bf16 T=2048 (L3-resident K) 0.52-0.86 -> 0.39-0.54 ms, T=8192
 //     4.0-4.7 -> 3.0-4.1 ms (2 threads, interleaved processes); eight rows walked together (one
 //     query load for eight rows) were slower where K comes from memory (T=8192: 4.4-6.1 ms).
@@ -117,6 +117,17 @@ KVFIX_INLINE vf load16(const c10::Half* p) {
 KVFIX_INLINE float to_f(float x) { return x; }
 KVFIX_INLINE float to_f(c10::Half x) { return static_cast<float>(x); }
 KVFIX_INLINE float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// A 16-bit key row of D elements widened to float32 into dst: 16 at a time, then one by one.
+template <class T>
+KVFIX_INLINE void widen_row(const T* src, int64_t D, float* dst) {
+  const int64_t D16 = D / 16 * 16;
+  for (int64_t d = 0; d < D16; d += 16) {
+    const vf x = load16(src + d);
+    std::memcpy(dst + d, &x, sizeof(x));
+  }
+  for (int64_t d = D16; d < D; ++d) dst[d] = to_f(src[d]);
+}
 
 struct State {
   float m = kNegInf, l = 0.0f, u = 0.0f;
@@ -249,11 +260,7 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
         const float* frows[8];
         for (int64_t r = 0; r < 8; ++r) {
           frows[r] = kr + std::min(r, c - 1) * D;
-          if (r >= c) continue;
-          for (int64_t d = 0; d < D; d += 16) {
-            const vf x = load16(rows[r] + d);
-            std::memcpy(kr + r * D + d, &x, sizeof(x));
-          }
+          if (r < c) widen_row(rows[r], D, kr + r * D);
         }
         heads(frows);
       } else {
@@ -261,7 +268,6 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
       }
     }
   } else {
-    const int64_t D16 = D / 16 * 16;
     for (int64_t r = 0; r < n; ++r) {
       prefetch(t0 + r);
       const T* krow = kbase + (t0 + r) * st;
@@ -269,11 +275,7 @@ KVFIX_INLINE void block_logits(const Problem& p, int64_t b, int64_t h, int64_t t
       if constexpr (std::is_same_v<T, float>) {
         kf = krow;
       } else {  // widen once per row, reused by the G heads
-        for (int64_t d = 0; d < D16; d += 16) {
-          const vf x = load16(krow + d);
-          std::memcpy(kr + d, &x, sizeof(x));
-        }
-        for (int64_t d = D16; d < D; ++d) kr[d] = to_f(krow[d]);
+        widen_row(krow, D, kr);
         kf = kr;
       }
       for (int64_t j = 0; j < G; ++j) {
