@@ -3,14 +3,18 @@
 // development machine, against 2.5 ms of refinement). prefault_output() asks Linux for the
 // whole 2 MiB-aligned interior of a large output at once, as transparent huge pages where the
 // system allows them (MADV_HUGEPAGE, then MADV_POPULATE_WRITE: one call, one page-table walk).
-// prefault_outputs() does the same for several outputs from 256 KiB on (the 4 KiB pages outside
-// the 2 MiB-aligned interior too: one call still beats a fault per page), the populate calls
-// split at 2 MiB boundaries and run on torch's intra-op threads (the kernel zeroes each page:
-// with T threads about T times faster than one call). Memory that is already mapped (reused by
-// the allocator) is left as it is: an output whose pages are all resident (mincore) is not
-// advised at all, since populating mapped pages still walks them one by one (19 MB: ~0.5 ms on
-// the development machine, a tenth of the 24 x 24 banded refinement). Best effort: any error
-// (kernels before 5.14, THP disabled) leaves the pages to fault in as before.
+// prefault_outputs() does the same for several outputs from 256 KiB on, the 4 KiB pages outside
+// the 2 MiB-aligned interior included (one call still beats a fault per page), one call per
+// output from the calling thread: huge pages populated from several threads at once were ~10x
+// slower than from one on a 2-core Zen 4 VM (67 MB of outputs: 70-80 ms on 2 threads, 7.5 ms on
+// one; 19 MB: 24-28 ms against ~3), where the calling thread also gets back the huge pages it
+// freed. Where huge pages are off (transparent_hugepage "never"), the 4 KiB populate calls are
+// split at 2 MiB boundaries and run on torch's intra-op threads (the kernel zeroes each page: 67
+// MB on 2 threads 15 ms, on one 30 ms). Memory that is already mapped (reused by the allocator)
+// is left as it is: an output whose pages are all resident (mincore) is not advised at all, since
+// populating mapped pages still walks them one by one (19 MB: ~0.5 ms on the development machine,
+// a tenth of the 24 x 24 banded refinement). Best effort: any error (kernels before 5.14, no THP
+// support) leaves the pages to fault in as before.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +22,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -61,19 +67,42 @@ inline void prefault_output(const at::Tensor& t) {
 #endif
 }
 
+// Whether transparent huge pages may be had (the "enabled" mode is "always" or "madvise"): read once.
+inline bool huge_pages_on() {
+#if defined(__linux__)
+  static const bool on = [] {
+    std::FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (f == nullptr) return false;
+    char buf[128] = {};
+    const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+    std::fclose(f);
+    return n > 0 && std::strstr(buf, "[never]") == nullptr;
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
 inline void prefault_outputs(const std::vector<at::Tensor>& ts) {
 #if defined(__linux__)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21, kPage = uintptr_t(1) << 12;
   constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE (Linux 5.14), absent from older headers
-  std::vector<std::pair<uintptr_t, uintptr_t>> pieces;  // [a, b): at most one huge page each
+  const bool huge = huge_pages_on();
+  std::vector<std::pair<uintptr_t, uintptr_t>> pieces;  // [a, b): at most one huge page each (huge pages off)
   for (const at::Tensor& t : ts) {
     const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
     const uintptr_t lo = (begin + kPage - 1) & ~(kPage - 1), hi = end & ~(kPage - 1);
     if (hi < lo + 64 * kPage) continue;  // small outputs: nothing to gain
     if (pages_resident(lo, hi - lo)) continue;
-    const uintptr_t hlo = (lo + kHuge - 1) & ~(kHuge - 1), hhi = hi & ~(kHuge - 1);
-    if (hhi > hlo) madvise(reinterpret_cast<void*>(hlo), hhi - hlo, MADV_HUGEPAGE);
+    if (huge) {
+      const uintptr_t hlo = (lo + kHuge - 1) & ~(kHuge - 1), hhi = hi & ~(kHuge - 1);
+      const bool advised = hhi > hlo && madvise(reinterpret_cast<void*>(hlo), hhi - hlo, MADV_HUGEPAGE) == 0;
+      if (madvise(reinterpret_cast<void*>(lo), hi - lo, kPopulateWrite) != 0 && advised)
+        madvise(reinterpret_cast<void*>(hlo), hhi - hlo, MADV_NOHUGEPAGE);
+      continue;
+    }
     for (uintptr_t p = lo; p < hi;) {
       const uintptr_t q = std::min(hi, (p & ~(kHuge - 1)) + kHuge);
       pieces.emplace_back(p, q);
@@ -81,11 +110,8 @@ inline void prefault_outputs(const std::vector<at::Tensor>& ts) {
     }
   }
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      void* a = reinterpret_cast<void*>(pieces[p].first);
-      const size_t n = pieces[p].second - pieces[p].first;
-      if (madvise(a, n, kPopulateWrite) != 0 && n == kHuge) madvise(a, n, MADV_NOHUGEPAGE);
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      madvise(reinterpret_cast<void*>(pieces[p].first), pieces[p].second - pieces[p].first, kPopulateWrite);
   });
 #else
   (void)ts;
