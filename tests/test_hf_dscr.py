@@ -171,6 +171,25 @@ def test_first_token_and_greedy_equal_split_prefill(family, request):
         assert (out.logits[0][b] - plain.logits[0][b]).abs().max() > 5 * ATOL
 
 
+@pytest.mark.parametrize("impl,counts", [("eager", [2, 1]), ("eager", [1]), ("sdpa", [1])])
+def test_after_image_queries_alone_equal_split_prefill(impl, counts):
+    """The refined attention call covers only the queries after the first image end (their mask
+    rows: eager's additive mask, SDPA's padding mask, or, without padding, SDPA's causal flag
+    made an explicit mask, since SDPA aligns a shorter query block with the first keys): with
+    eager attention, and single items without a padding mask, generate still equals the
+    split-prefill loop."""
+    model = testing.tiny_llava(attn_implementation=impl)
+    inputs, spans = testing.llava_prompt(model, counts)
+    n = 3
+    depths = depth_maps(len(spans), seed=3)
+    with kvfix.hf.enable(model, kvfix.hf.DSCR()) as h:
+        with h.images(depth_maps=depths):
+            out = gen(model, inputs, n, output_logits=True)
+    assert model.config.get_text_config()._attn_implementation == impl
+    ref = split_prefill(model, inputs, spans, depths, (1, 2, 3), n)
+    check_against_reference(out, ref, inputs, n, cache_layers=range(4))
+
+
 def test_qwen_layers_keys_only_and_params_equal_split_prefill(qwen):
     inputs, spans = testing.qwen_prompt(qwen, [[(4, 6), (6, 4)], [(4, 4), (2, 8)]])
     depths = depth_maps(len(spans), seed=1)

@@ -40,9 +40,14 @@ class DSCR(Method):
     them; decoding forwards carry no image and refine nothing. Without a cache
     (`use_cache=False`) every forward is a full forward with the images and refines again.
     The cost is the refinement itself plus one more attention call per selected layer and
-    image level (a single image per item: two calls, each over the whole query block); the
-    refined spans of the selected layers are held until the forward ends (one copy of the
-    image spans).
+    image level, each over the queries from the level's first image end (in any item) on, the
+    last queries of the block, which is what every attention function and CMAC expect (a single
+    image per item: the plain call over all queries, the refined one over the question and
+    answer tokens). That holds with the eager and SDPA implementations (their masks lose the
+    rows before; SDPA's causal flag, which would align a shorter query block with the first
+    keys, becomes an explicit mask); with others (flash, flex) each call covers the whole query
+    block. The refined spans of the selected layers are held until the forward ends (one copy
+    of the image spans).
 
     Args:
         layers: text decoder layers whose image keys/values are refined. None: `[L // 4, L)`
@@ -193,7 +198,8 @@ class DSCR(Method):
         if T < ctx.past_len + ctx.q_len:
             raise ValueError(f"kvfix.hf.DSCR: layer {layer_idx} holds {T} positions but {ctx.past_len + ctx.q_len} "
                              "are needed (a sliding-window layer past its window cannot be refined)")
-        level, lo, hi = fw.levels(R, Tq, ctx.past_len + ctx.q_len - Tq, query.device)
+        offset = ctx.past_len + ctx.q_len - Tq
+        level, lo, hi, firsts = fw.levels(R, Tq, offset, query.device)
         store = fw.store and layer_idx not in fw.pending  # the first pass of the layer fills the cache
         if hi == 0 and not store:
             return call_next(query, key, value, attention_mask, **kwargs)
@@ -215,9 +221,19 @@ class DSCR(Method):
                         v_lvl[rows, :, cols] = v_hat
             if j < lo:
                 continue
-            res = call_next(query, k_lvl, v_lvl, attention_mask, **kwargs)
-            out = res if out is None else _select(level == j, res, out)
+            # the level's call for the queries from the first one past the j-th image end on (the
+            # last ones, as every attention function and CMAC's expect), where the mask can say so
+            a = firsts[j - 1] if out is not None else 0
+            mask = _query_suffix_mask(self._base_attention(), attention_mask, a, Tq, T, offset, query.device)
+            if mask is _NO_SUFFIX:
+                a, mask = 0, attention_mask
+            res = call_next(query[:, :, a:], k_lvl, v_lvl, mask, **kwargs)
+            out = res if out is None else _select(level[:, a:] == j, res, out, a)
         return out
+
+    def _base_attention(self) -> str | None:
+        """The text model's own attention implementation under kvfix's (e.g. "sdpa"), if known."""
+        return getattr(getattr(self, "_kvfix_handle", None), "_base_attn", None)
 
     def _refine(self, fw: "_Forward", key, value, R: int, B: int) -> list:
         """[(grid, its image's order in its item, rows, k_hat, v_hat)] for this layer's keys/values."""
@@ -306,7 +322,9 @@ class _Forward:
         return routes
 
     def levels(self, R: int, Tq: int, offset: int, device):
-        """level[r, i]: how many images of row r's item end at or before cache position offset + i."""
+        """(level, min, max, firsts): level[r, i] is how many images of row r's item end at or before
+        cache position offset + i; firsts[j - 1] the first query index i with level[r, i] >= j in
+        any row (host ints: no synchronisation)."""
         key = (R, Tq, offset, device)
         got = self._levels.get(key)
         if got is None:
@@ -318,7 +336,9 @@ class _Forward:
                 ends[r, :len(e)] = torch.tensor(e, dtype=torch.int64)
             pos = torch.arange(offset, offset + Tq, dtype=torch.int64)
             level = (ends[:, None, :] <= pos[None, :, None]).sum(-1)
-            got = self._levels[key] = (level.to(device), int(level.min()), int(level.max()))
+            hi = int(level.max())
+            firsts = [int((level >= j).any(0).nonzero()[0, 0]) for j in range(1, hi + 1)]
+            got = self._levels[key] = (level.to(device), int(level.min()), hi, firsts)
         return got
 
 
@@ -339,10 +359,35 @@ def _apply(route, k, v, params):
     return outs[0], (outs[1] if v is not None else None)
 
 
-def _select(mask, new, old):
-    """The attention result `new` where mask [R, Tq], else `old` (outputs [R, Tq, Hq, D], weights
-    [R, Hq, Tq, T] or None)."""
-    out = torch.where(mask[:, :, None, None], new[0], old[0])
+_NO_SUFFIX = object()
+
+
+def _query_suffix_mask(base, mask, a: int, Tq: int, T: int, offset: int, device):
+    """The attention mask for queries [a, Tq) of a call whose queries [0, Tq) sit at cache
+    positions offset + i, or _NO_SUFFIX where the call must keep every query. A 4-D mask (eager,
+    SDPA with padding) loses its first a rows; SDPA's None (its causal flag, which aligns the
+    queries with the first keys) becomes the explicit causal mask; eager's None (no masking)
+    stays. Other implementations and masks (flash attention's, flex attention's) keep the whole
+    call."""
+    if a == 0:
+        return mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and base in ("sdpa", "eager"):
+        return mask if mask.shape[-2] == 1 else mask[:, :, a:]
+    if mask is None and base == "eager":
+        return None
+    if mask is None and base == "sdpa":
+        pos = torch.arange(offset + a, offset + Tq, device=device)
+        return (torch.arange(T, device=device)[None, :] <= pos[:, None])[None, None]
+    return _NO_SUFFIX
+
+
+def _select(mask, new, old, a: int = 0):
+    """The attention result `old` with its queries [a, Tq) replaced by `new` (the call on those
+    queries) where mask [R, Tq - a] (outputs [R, Tq, Hq, D], weights [R, Hq, Tq, T] or None)."""
+    out = torch.where(mask[:, :, None, None], new[0], old[0][:, a:])
     w_new, w_old = new[1], old[1]
-    weights = None if w_new is None or w_old is None else torch.where(mask[:, None, :, None], w_new, w_old)
+    weights = None if w_new is None or w_old is None else torch.where(mask[:, None, :, None], w_new, w_old[:, :, a:])
+    if a:
+        out = torch.cat([old[0][:, :a], out], 1)
+        weights = None if weights is None else torch.cat([w_old[:, :, :a], weights], 2)
     return out, weights
