@@ -75,6 +75,12 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
 link_flags = ["-fopenmp"]  # libgomp, the OpenMP runtime torch itself loads
 define_macros = []
+# KVFIX_CPU_NO_AVX512=1: the CPU kernels without their AVX-512 clones (x86-64-v3 and default only),
+# to time the AVX2 path on a machine that has AVX-512 (README, "Benchmarks").
+cpu_clones = ["x86-64-v4", "x86-64-v3", "default"]
+if _flag("KVFIX_CPU_NO_AVX512"):
+    define_macros.append(("KVFIX_CPU_NO_AVX512", "1"))
+    cpu_clones = cpu_clones[1:]
 archs = ""
 if use_cuda:
     # torch.utils.cpp_extension reads CUDA_HOME when imported (below): without it, it guesses
@@ -105,6 +111,7 @@ info = {
     "built_with_torch_cuda": torch.version.cuda,
     "nvcc": ".".join(map(str, toolchain.nvcc_version(cuda_home))) if use_cuda else None,
     "cuda_reason": reason,
+    "cpu_clones": cpu_clones,
 }
 with open(os.path.join(ROOT, "kvfix", "_build_info.json"), "w") as f:
     json.dump(info, f, indent=1)

@@ -309,34 +309,40 @@ def cpu_path() -> str:
     bf16 / fp16 instructions the CPU has (without them bf16 / fp16 GEMMs are emulated, slowly).
 
     kvfix's CPU kernels are compiled with target_clones("arch=x86-64-v4", "arch=x86-64-v3",
-    "default") (csrc/cpu/*.cpp); the loader's resolver takes the v4 (AVX-512) clone where the CPU
-    has AVX512F/BW/CD/DQ/VL, else v3 (AVX2 + FMA), else the default one: read from /proc/cpuinfo,
-    with a check that the built library holds the clones."""
+    "default") (csrc/cpu/simd.h; without the v4 clone when built with KVFIX_CPU_NO_AVX512=1); the
+    loader's resolver takes the v4 (AVX-512) clone where the CPU has AVX512F/BW/CD/DQ/VL and the
+    build has it, else v3 (AVX2 + FMA), else the default one: the CPU's flags read from
+    /proc/cpuinfo, the clones from the built library."""
     try:
         aten = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # pragma: no cover - old torch
         aten = "unknown"
     flags = cpu_flags()
-    clones = None
+    v4 = v3 = None
     try:
-        lib = kvfix._C.__file__
-        with open(lib, "rb") as f:
-            clones = b"arch_x86_64_v4" in f.read()
+        with open(kvfix._C.__file__, "rb") as f:
+            lib = f.read()
+        v4, v3 = b"arch_x86_64_v4" in lib, b"arch_x86_64_v3" in lib
     except (AttributeError, OSError):
         pass
     if not flags:
         ours = "unknown (no /proc/cpuinfo)"
-    elif clones is False:
+    elif v3 is False:
         ours = "one build, no clones found in kvfix._C"
-    elif _V4 <= flags:
+    elif _V4 <= flags and v4 is not False:
         ours = "x86-64-v4 clones (AVX-512)"
+    elif _V4 <= flags:
+        ours = "x86-64-v3 clones (AVX2 + FMA): this build has no AVX-512 clones (KVFIX_CPU_NO_AVX512=1)"
     elif _V3 <= flags:
         ours = "x86-64-v3 clones (AVX2 + FMA; no AVX-512)"
     else:
         ours = "default clones (no AVX2)"
     low = [f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if f in flags]
+    env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+           if os.environ.get(k)]
     return (f"ATen {aten} (torch.backends.cpu.get_cpu_capability()); kvfix CPU kernels: {ours}; "
-            f"bf16/fp16 instructions: {', '.join(low) if low else 'none (bf16 and fp16 GEMMs are emulated)'}")
+            f"bf16/fp16 instructions: {', '.join(low) if low else 'none (bf16 and fp16 GEMMs are emulated)'}"
+            + (f"; instruction sets limited by {' '.join(env)}" if env else ""))
 
 
 # --------------------------------------------------------------------------------------------

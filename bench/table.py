@@ -1,4 +1,4 @@
-"""The DSCR benchmark table: `python -m bench.table` (writes bench/RESULTS.md), `--quick` for CI.
+"""The DSCR benchmark table: `python -m bench.table` (writes bench/RESULTS.md, or --out), `--quick` for CI.
 
 For every shape and dtype it times the eager reference, kvfix and the GEMM floor (see
 bench/common.py), measures kvfix's and the reference's error against float64 and the peak
@@ -309,6 +309,9 @@ def main(argv=None) -> int:
                     help=f"seconds for the whole run, shared out over the sections and rows (default "
                          f"{BUDGET_S:.0f}; --quick: unlimited): variants whose one call would not fit are "
                          "skipped (noted in the table), repeats stop when a row's share is spent")
+    ap.add_argument("--out", default=RESULTS,
+                    help="the markdown file to write (default bench/RESULTS.md; e.g. bench/RESULTS_AVX2.md for a "
+                         "KVFIX_CPU_NO_AVX512=1 build, README \"Benchmarks\")")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker is not None:
@@ -396,9 +399,9 @@ def main(argv=None) -> int:
                "", f"Accuracy check (kvfix error <= max(2 x eager reference error, tol x max|exact|)): "
                f"{'all rows within tolerance' if not failures else 'FAILED: ' + '; '.join(failures)}.",
                "", kvs_text, ""]
-        with open(RESULTS, "w") as f:
+        with open(args.out, "w") as f:
             f.write("\n".join(doc))
-        print(f"wrote {os.path.relpath(RESULTS)}")
+        print(f"wrote {os.path.relpath(args.out)}")
     return 1 if failures else 0
 
 

@@ -34,8 +34,10 @@ def build_info() -> dict:
     """What this kvfix was built with and what it can run now.
 
     Keys: version, devices (kernels compiled in: "cpu", "cuda"), cuda_archs, built_with_torch,
-    built_with_torch_cuda, nvcc, cuda_reason (why CUDA was or was not built), torch (running
-    version), cuda_available (a GPU is usable now).
+    built_with_torch_cuda, nvcc, cuda_reason (why CUDA was or was not built), cpu_clones (the
+    x86-64 targets the CPU kernels were compiled for: the loader runs the best one the CPU
+    has; built with KVFIX_CPU_NO_AVX512=1 there is no "x86-64-v4"), torch (running version),
+    cuda_available (a GPU is usable now).
     """
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")
     try:

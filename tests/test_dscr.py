@@ -444,3 +444,7 @@ def test_build_info():
     assert has_cuda_kernel == ("cuda" in info["devices"])
     if has_cuda_kernel:
         assert info["cuda_archs"] and all(a[0].isdigit() for a in info["cuda_archs"])
+    with open(kvfix._C.__file__, "rb") as f:
+        lib = f.read()
+    if b"arch_x86_64_v3" in lib:  # a build with x86-64 target clones (GCC): the AVX-512 one as reported
+        assert ("x86-64-v4" in info["cpu_clones"]) == (b"arch_x86_64_v4" in lib)
