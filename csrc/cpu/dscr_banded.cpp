@@ -155,10 +155,11 @@ static KVFIX_INLINE Vb scale_b(float s, const Vb& x) {
   KVFIX_NB r.v[j] = s * x.v[j];
   return r;
 }
-static KVFIX_INLINE Vb add_b(const Vb& a, const Vb& b) {
-  Vb r;
-  KVFIX_NB r.v[j] = a.v[j] + b.v[j];
-  return r;
+// acc += s (a + b), one vector at a time: at most one sum live (a whole block of sums would take
+// eight registers more than AVX2 has, spilled once per tap)
+template <typename T>
+static KVFIX_INLINE void fma_sum_b(Vb& acc, float s, const T* a, const T* b) {
+  KVFIX_NB acc.v[j] += s * (load8(a + j * kL) + load8(b + j * kL));
 }
 
 // The next block's rows (kB columns of each token: `bytes` bytes at nx + i * snx) requested into
@@ -222,8 +223,10 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
           const float* w = it.stokw + q * W + 1 + (n - it.stok[q]);
           const float w0 = w[0], w1 = w[1];
           const float* xp = xs + (h / (kNB / 2)) * N * kH + q * kH;
+          // xv loaded once into a register (volatile: GCC otherwise folds the load into both
+          // multiply-adds, two loads per vector, and the loop is bound by loads, not FMAs)
           _Pragma("GCC unroll 4") for (int j = 0; j < kNB / 2; ++j) {
-            const v8 xv = *reinterpret_cast<const v8*>(xp + j * kL);
+            const v8 xv = *reinterpret_cast<const volatile v8*>(xp + j * kL);
             a0[j] += w0 * xv;
             a1[j] += w1 * xv;
           }
@@ -271,7 +274,7 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
       Vb acc = scale_b(s[0], load_b(xr + w * sx));
       const int64_t klo = std::min(K, w), khi = std::min(K, gw - 1 - w);
       if (klo == K && khi == K) {
-        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(load_b(xr + (w - k) * sx), load_b(xr + (w + k) * sx)));
+        for (int64_t k = 1; k <= K; ++k) fma_sum_b(acc, s[k], xr + (w - k) * sx, xr + (w + k) * sx);
       } else {
         for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], load_b(xr + (w - k) * sx));
         for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], load_b(xr + (w + k) * sx));
@@ -290,7 +293,7 @@ static KVFIX_INLINE void refine_block(const Geometry& g, const Item& it, const T
       const int64_t i = a * gw + w, wo = w * kB;
       Vb acc = scale_b(s[0], ldb(zr[0] + wo));
       if (klo == K && khi == K) {
-        for (int64_t k = 1; k <= K; ++k) fma_b(acc, s[k], add_b(ldb(zr[-k] + wo), ldb(zr[k] + wo)));
+        for (int64_t k = 1; k <= K; ++k) fma_sum_b(acc, s[k], zr[-k] + wo, zr[k] + wo);
       } else {
         for (int64_t k = 1; k <= klo; ++k) fma_b(acc, s[k], ldb(zr[-k] + wo));
         for (int64_t k = 1; k <= khi; ++k) fma_b(acc, s[k], ldb(zr[k] + wo));
