@@ -406,10 +406,8 @@ std::vector<at::Tensor> dscr_refine_lowrank_cpu(const at::Tensor& k, const std::
   const std::vector<at::Tensor> srcs =
       dscr_lowrank_operands("dscr_refine_lowrank", {k}, vs, false, depth, lr, rr, lc, rc, coef_d, rank_d);
   std::vector<at::Tensor> outs;
-  for (const auto& s : srcs) {
-    outs.push_back(at::empty(s.sizes(), s.options()));
-    prefault_output(outs.back());
-  }
+  for (const auto& s : srcs) outs.push_back(at::empty(s.sizes(), s.options()));
+  prefault_outputs(outs);
   if (k.size(2) == 0) return outs;
   const auto uc = dscr_depth_factors_cpu(depth, lr, rr, lc, rc, coef_d, rank_d);
   refine(srcs, outs, lr, rr, lc, rc, uc[0], uc[1]);

@@ -1,11 +1,10 @@
 // Fresh output pages: faulting them in one 4 KiB page at a time on first write can cost more
 // than a linear-time kernel computes (about 6 ms for the 19 MB of LLaVA-1.5's K and V on the
-// development machine, against 2.5 ms of refinement). prefault_output() asks Linux for the
-// whole 2 MiB-aligned interior of a large output at once, as transparent huge pages where the
-// system allows them (MADV_HUGEPAGE, then MADV_POPULATE_WRITE: one call, one page-table walk).
-// prefault_outputs() does the same for several outputs from 256 KiB on, the 4 KiB pages outside
-// the 2 MiB-aligned interior included (one call still beats a fault per page), one call per
-// output from the calling thread: huge pages populated from several threads at once were ~10x
+// development machine, against 2.5 ms of refinement). prefault_outputs() asks Linux for the
+// pages of each output from 256 KiB on at once, as transparent huge pages where the system allows
+// them (MADV_HUGEPAGE on the 2 MiB-aligned interior, then MADV_POPULATE_WRITE over the whole
+// output, the 4 KiB pages outside the interior included: one call, one page-table walk), one call
+// per output from the calling thread: huge pages populated from several threads at once were ~10x
 // slower than from one on a 2-core Zen 4 VM (67 MB of outputs: 70-80 ms on 2 threads, 7.5 ms on
 // one; 19 MB: 24-28 ms against ~3), where the calling thread also gets back the huge pages it
 // freed. Where huge pages are off (transparent_hugepage "never"), the 4 KiB populate calls are
@@ -48,24 +47,6 @@ inline bool pages_resident(uintptr_t p, size_t n) {
   return true;
 }
 #endif
-
-inline void prefault_output(const at::Tensor& t) {
-#if defined(__linux__)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE (Linux 5.14), absent from older headers
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
-  if (hi < lo + 2 * kHuge) return;  // small outputs: nothing to gain
-  if (pages_resident(lo, hi - lo)) return;
-  void* p = reinterpret_cast<void*>(lo);
-  const size_t n = hi - lo;
-  const bool huge = madvise(p, n, MADV_HUGEPAGE) == 0;
-  if (madvise(p, n, kPopulateWrite) != 0 && huge) madvise(p, n, MADV_NOHUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 // Whether transparent huge pages may be had (the "enabled" mode is "always" or "madvise"): read once.
 inline bool huge_pages_on() {
