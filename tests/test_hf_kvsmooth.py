@@ -288,7 +288,29 @@ def test_no_host_sync_in_decode_steps(llava):
     # transformers' own sdpa_mask reads one value per forward; KVSmooth adds nothing to that
     assert counts["kvsmooth"][0] == counts["plain"][0]
     assert len(counts["plain"][0]) <= 3  # one per decoding forward (3 of them)
-    assert counts["kvsmooth"][1] > counts["plain"][1]  # the kernels did run inside the window
+    # the host's time per decoded token is what a GPU waits on (docs/HOST.md): on a dynamic cache
+    # with SDPA's mask KVSmooth dispatches the step op per layer and decoding forward and nothing
+    # else (no view of the cache), plus each layer's queue at the first step
+    assert counts["kvsmooth"][1] - counts["plain"][1] == 3 * 4 + 4
+
+
+def test_decode_forward_with_autograd_on(llava):
+    """A decoding forward outside no_grad (generate runs without autograd): the step still runs
+    without autograd, and the cache is smoothed as under no_grad."""
+    inputs = prompt(llava, "llava")
+    outs = []
+    for grad in (False, True):
+        ks = kvfix.hf.KVSmooth(layers=range(4), record_lam=True)
+        with kvfix.hf.enable(llava, ks), torch.no_grad():
+            pre = llava(**inputs)
+        nxt = pre.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+        with kvfix.hf.enable(llava, ks), torch.set_grad_enabled(grad):
+            out = llava(input_ids=nxt, attention_mask=mask, past_key_values=pre.past_key_values)
+        assert ks.steps == 4 and out.logits.requires_grad == grad
+        outs.append([(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers])
+    for (ka, va), (kb, vb) in zip(*outs):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
 
 
 def test_api_errors(llava):

@@ -434,3 +434,43 @@ def test_the_methods_change_each_other(llava):
             both = torch.isfinite(a) & torch.isfinite(b)
         assert (not torch.equal(full.sequences, out.sequences) or not torch.equal(torch.isfinite(a), torch.isfinite(b))
                 or (a[both] - b[both]).abs().max() > 1e-3), m
+
+
+class _Calls(kvfix.hf.Method):
+    """Records (phase, layer, position in the chain) of every call of its attention."""
+    uses_attention = True
+
+    def __init__(self, name, phases, log):
+        self.name, self.log = name, log
+        if phases is not None:
+            self.attention_phases = frozenset(phases)
+
+    def attention(self, ctx, layer_idx, module, query, key, value, attention_mask, call_next, **kwargs):
+        self.log.append((self.name, ctx.phase, layer_idx))
+        return call_next(query, key, value, attention_mask, **kwargs)
+
+
+def test_attention_phases_leave_methods_out_of_the_chain(llava):
+    """A method whose `attention_phases` lacks a forward's phase is not called in that forward
+    (the others still are, in their order); with none left the model's own attention runs, and
+    the tokens are those of the plain model. The built-in methods declare theirs."""
+    assert kvfix.hf.DSCR.attention_phases == kvfix.hf.SCR.attention_phases == {"prefill"}
+    assert kvfix.hf.KVSmooth.attention_phases == {"decode"}
+    assert kvfix.hf.CMAC.attention_phases == {"prefill", "decode"}
+    inputs, _ = make_prompt(llava, "llava", [(3, 3)], 0)
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    plain = llava.generate(**inputs, **kw)
+    log = []
+    methods = (_Calls("both", None, log), _Calls("prefill", ["prefill"], log), _Calls("decode", ["decode"], log))
+    with kvfix.hf.enable(llava, *methods):
+        out = llava.generate(**inputs, **kw)
+    assert torch.equal(out, plain)
+    L = llava.config.text_config.num_hidden_layers
+    chain = {"prefill": ["both", "prefill"], "decode": ["both", "decode"]}
+    steps = ["prefill", "decode", "decode"]  # 3 new tokens: the prompt, then two decoding forwards
+    assert log == [(name, phase, layer) for phase in steps for layer in range(L) for name in chain[phase]]
+    log.clear()
+    with kvfix.hf.enable(llava, _Calls("prefill", ["prefill"], log)):
+        out = llava.generate(**inputs, **kw)
+    assert torch.equal(out, plain)
+    assert log == [("prefill", "prefill", layer) for layer in range(L)]

@@ -5,6 +5,7 @@ See the package docstring (`kvfix.hf`) for the user-facing description.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 import weakref
@@ -72,11 +73,19 @@ class Method:
     `attention_innermost = True` puts a method's `attention` innermost in the chain whatever the
     enable order (a method that replaces the attention computation itself, CMAC, so that methods
     acting around the attention, KVSmooth, wrap it); among such methods the enable order holds.
+
+    `attention_phases` names the forward phases ("prefill", "decode") in which `attention` may do
+    anything; in a forward of another phase the dispatcher leaves the method out of the chain
+    (when every method is left out, the model's own attention function runs directly). A decoding
+    step calls the attention of every layer, so a method that only acts on the prompt (DSCR, SCR)
+    costs nothing per decoded token. With `ctx` None (the text model run outside a forward of the
+    model) every method's `attention` runs, whatever its phases.
     """
 
     name = "method"
     uses_attention = False
     attention_innermost = False
+    attention_phases: frozenset = frozenset({"prefill", "decode"})
 
     def bind(self, handle: "Handle") -> None:
         pass
@@ -176,6 +185,8 @@ class Handle:
         self._base_attn: str | None = None
         attn = [m for m in self.methods if m.uses_attention or _overrides(m, "attention")]
         self._attn_methods = tuple(sorted(attn, key=lambda m: bool(m.attention_innermost)))  # stable
+        self._attn_by_phase = {phase: tuple(m for m in self._attn_methods if phase in m.attention_phases)
+                               for phase in ("prefill", "decode")}
         self._layer_methods = tuple(m for m in self.methods if _overrides(m, "layer_input"))
         self._text_in_methods = tuple(m for m in self.methods if _overrides(m, "text_input"))
         self._text_out_methods = tuple(m for m in self.methods if _overrides(m, "text_output"))
@@ -463,15 +474,13 @@ class Handle:
 
     def _dispatch_attention(self, layer_idx, base_fn, module, query, key, value, attention_mask, kwargs):
         ctx = self._current_ctx()
-
-        def innermost(q, k, v, mask, **kw):
-            return base_fn(module, q, k, v, mask, **kw)
-
-        call = innermost
-        for m in reversed(self._attn_methods):
-            call = (lambda m, nxt: (lambda q, k, v, mask, **kw:
-                                    m.attention(ctx, layer_idx, module, q, k, v, mask, nxt, **kw)))(m, call)
-        return call(query, key, value, attention_mask, **kwargs)
+        methods = self._attn_methods if ctx is None else self._attn_by_phase[ctx.phase]
+        if not methods:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        call = functools.partial(base_fn, module)  # call_next(q, k, v, mask, **kw) of the innermost method
+        for m in reversed(methods[1:]):
+            call = _link(m, ctx, layer_idx, module, call)
+        return methods[0].attention(ctx, layer_idx, module, query, key, value, attention_mask, call, **kwargs)
 
     # ---- images ----------------------------------------------------------------------------
 
@@ -482,6 +491,13 @@ class Handle:
         if record and self.session is not None:
             self.session.images.extend(spans)
         return spans
+
+
+def _link(method: Method, ctx, layer_idx: int, module, call_next):
+    """`call_next` of the method before `method` in the attention chain."""
+    def call(q, k, v, mask, **kw):
+        return method.attention(ctx, layer_idx, module, q, k, v, mask, call_next, **kw)
+    return call
 
 
 def _make_attention_entry(base: str):

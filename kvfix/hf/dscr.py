@@ -102,6 +102,7 @@ class DSCR(Method):
 
     name = "dscr"
     uses_attention = True
+    attention_phases = frozenset({"prefill"})  # refines prompt forwards only (on_prefill_start)
 
     def __init__(self, layers=None, *, sigma_d: float = 0.6, sigma_s: float = 0.6, alpha: float = 0.6,
                  beta: float = 0.8, keys_only: bool = False, missing_depth: str = "error", method: str = "auto",

@@ -1,12 +1,13 @@
 """KVSmooth as a kvfix.hf method: entropy-guided EMA of the KV cache while decoding (METHODS §2)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 
 import torch
 
-from ..ops.kvsmooth import _check_lam, kvsmooth_step_
+from ..ops.kvsmooth import _check_lam
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 
@@ -14,6 +15,7 @@ __all__ = ["KVSmooth", "KVSMOOTH_PRESETS"]
 
 # lam_ref per model family, the paper's values (CVPR 2026, arXiv 2602.04268).
 KVSMOOTH_PRESETS = {"llava-1.5": 0.9, "minigpt-4": 0.5, "instructblip": 0.7}
+_STEP_OP = torch.ops.kvfix.kvsmooth_step_.default  # kvfix.kvsmooth_step_ without its argument conversion
 # The preset a model family gets when neither lam_ref nor preset is given is its adapter's
 # `kvsmooth_preset` (models.py): the paper gives no value for Qwen2-VL and the newer families,
 # which take the LLaVA-1.5 value (the closest architecture the paper tuned: a LLaMA-style decoder
@@ -61,6 +63,7 @@ class KVSmooth(Method):
 
     name = "kvsmooth"
     uses_attention = True
+    attention_phases = frozenset({"decode"})  # smooths decoding steps only
 
     def __init__(self, layers=None, *, lam_ref: float | None = None, band: float = 0.2, queue_size: int = 15,
                  preset: str | None = None, record_lam: bool = False):
@@ -149,9 +152,12 @@ class KVSmooth(Method):
         return state["queues"]
 
     def _step(self, ctx, layer_idx, module, query, attention_mask, kwargs) -> None:
+        # Every selected layer of every decoded token runs this: on a GPU decoding is bound by the
+        # host's time per layer (docs/HOST.md), so nothing here that the step does not need.
         n = ctx.past_len + 1  # cache positions holding tokens: the current one is n - 1
-        keys, values = _compat.layer_kv(ctx.cache, layer_idx, n)
-        k, v = keys[:, :, :n], values[:, :, :n]  # views (a static cache holds more positions)
+        k, v = _compat.layer_kv(ctx.cache, layer_idx, n)
+        if k.shape[2] != n or v.shape[2] != n:  # a static cache holds more positions: views of the first n
+            k, v = k[:, :, :n], v[:, :, :n]
         B = query.shape[0]
         queues = self._queues(ctx)
         queue = queues.get(layer_idx)
@@ -167,9 +173,11 @@ class KVSmooth(Method):
                 # no EMA across them)
                 mask = _compat.mask_minus_inf(mask)
         scale = _compat.attention_scale(module, kwargs, query.shape[-1])
-        with torch.no_grad():
-            lam = kvsmooth_step_(query, k, v, queue, scale=scale, mask=mask, lam_ref=self.resolved_lam_ref,
-                                     band=self.band)
+        # the op itself, past kvsmooth_step_'s Python argument conversion: every argument here is
+        # a tensor or a float already (lam_ref and band checked when the method was built), and
+        # the op checks everything else; generate runs without autograd (no no_grad to enter)
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            lam = _STEP_OP(query, k, v, queue, scale, mask, self.resolved_lam_ref, self.band)
         self.steps += 1
         if self.record_lam:
             self.lam_history.append((ctx.past_len, layer_idx, lam))
