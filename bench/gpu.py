@@ -322,38 +322,48 @@ def kvsmooth_section(ctx: Ctx) -> Section:
     grows = []
     for B, T in sh["graph"]:
         with sec.row(f"kvsmooth graph B={B} T={T}"):
+            M, cap = 15, T + 16  # a static cache of capacity T + 16 holding T tokens
             qs = [ctx.randn(B, H, 1, D) for _ in range(L)]
-            ks = [ctx.randn(B, H, T, D) for _ in range(L)]
-            vs = [ctx.randn(B, H, T, D) for _ in range(L)]
-            queues = [torch.full((B, 15), float("nan"), device=ctx.device) for _ in range(L)]
+            ks = [ctx.randn(B, H, cap, D) for _ in range(L)]
+            vs = [ctx.randn(B, H, cap, D) for _ in range(L)]
+            queues = [torch.full((B, M), float("nan"), device=ctx.device) for _ in range(L)]
+            pos = torch.tensor([T - 1], device=ctx.device)  # the current token's position, in device memory
 
             def all_layers():
                 for i in range(L):
-                    kvfix.kvsmooth_step_(qs[i], ks[i], vs[i], queues[i])
+                    kvfix.kvsmooth_step_(qs[i], ks[i], vs[i], queues[i], position=pos)
 
             def read_all():
                 for x in ks:
-                    x.sum()
+                    x[:, :, :T].sum()
 
             replay = ctx.graph(all_layers)
             g_ms = ctx.ms(replay, reps=10)
-            for _ in range(queues[-1].shape[1]):  # as many replays as queue slots: they must fill every queue
-                replay()
-            sec.targets.append(Target(f"KVSmooth: {L} layers' steps replayed from one CUDA graph over a static cache "
-                                      f"(B={B}, T={T}; the replays filled the queues)",
-                                      bool(torch.isfinite(queues[-1]).all())))
             eager = ctx.ms(all_layers, reps=10, warmup=1, queued=False)
             read = ctx.ms(read_all, reps=10)
+            # one replay per decoding step: position T, T + 1, ... written in place before each
+            before = ks[-1].clone()
+            for t in range(T, T + M):
+                pos.fill_(t)
+                replay()
+            moved = (ks[-1] != before).flatten(3).any(-1).any(1).any(0)  # positions the replays wrote
+            want = torch.zeros(cap, dtype=torch.bool, device=ctx.device)
+            want[T:T + M] = True
+            sec.targets.append(Target(f"KVSmooth: {L} layers' steps replayed from one CUDA graph over a static cache, "
+                                      f"the position read from device memory (B={B}, T={T}: {M} replays at positions "
+                                      f"{T}..{T + M - 1} smoothed exactly those and filled the queues)",
+                                      bool(torch.equal(moved, want) and torch.isfinite(queues[-1]).all())))
             r = ratio(g_ms, read)
             grows.append([B, T, L, fmt(g_ms), fmt(g_ms / L * 1e3) + " us", fmt(eager), fmt(read), rfmt(r)])
             sec.targets.append(target(f"KVSmooth {L}-layer graph replay / {L} reads of K, B={B} T={T}", r, 1.5))
-            del qs, ks, vs, queues, replay
+            del qs, ks, vs, queues, replay, before
     sec.table(["B", "T", "layers", "graph replay ms", "per layer", "eager calls ms (idle GPU)",
                "reads of K ms", "replay / reads"], grows)
-    sec.note(f"Graph: the {L} layers' `kvsmooth_step_` calls over a static cache (one [B, {H}, T, {D}] K and V per "
-             "layer) captured once in a CUDA graph and replayed; each replay smooths position T - 1 and pushes onto "
-             "the queues, as a decoder with a fixed-length cache view would. step call = one call on an idle GPU "
-             "(Python validation and launch included).")
+    sec.note(f"Graph: the {L} layers' `kvsmooth_step_(..., position=pos)` calls over a static cache (one "
+             f"[B, {H}, T + 16, {D}] K and V per layer, T positions filled) captured once in a CUDA graph; the "
+             "kernels read the current position from `pos` (device memory), so the same graph serves every "
+             "decoding step when the decoder writes the next position into `pos` before each replay. step call = "
+             "one call on an idle GPU (Python validation and launch included).")
     return sec
 
 

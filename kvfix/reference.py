@@ -194,13 +194,25 @@ def kvsmooth_ema(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 def kvsmooth_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, queue: torch.Tensor, *,
                   scale: float | None = None, mask: torch.Tensor | None = None, lam_ref: float = 0.9,
-                  band: float = 0.2, entropy_dtype: torch.dtype | None = None):
+                  band: float = 0.2, entropy_dtype: torch.dtype | None = None, position=None):
     """One KVSmooth decoding step (METHODS §2), functional: (lam [B] float32, k, v, queue) with new
     tensors for the smoothed caches and the pushed queue; the inputs are not modified.
 
     The entropy runs in `entropy_dtype` (default float64: the ground truth), z = its mean over
     query heads. lam is 0 for items that are not smoothed (T == 1, position T - 2 masked).
+    position: the current token's cache position p (an int or a one-element tensor; None: T - 1):
+    the step on the first p + 1 positions of the caches and the mask, the later ones unchanged.
     """
+    if position is not None:
+        p, T = int(position), k_cache.shape[2]
+        if not 0 <= p < T:
+            raise ValueError(f"position {p} is outside the cache's positions [0, {T})")
+        if mask is not None and mask.shape[-1] == T:
+            mask = mask[..., :p + 1]
+        lam, k, v, new_queue = kvsmooth_step(q, k_cache[:, :, :p + 1], v_cache[:, :, :p + 1], queue, scale=scale,
+                                             mask=mask, lam_ref=lam_ref, band=band, entropy_dtype=entropy_dtype)
+        return (lam, torch.cat([k, k_cache[:, :, p + 1:]], dim=2), torch.cat([v, v_cache[:, :, p + 1:]], dim=2),
+                new_queue)
     et = torch.float64 if entropy_dtype is None else entropy_dtype
     B, T = k_cache.shape[0], k_cache.shape[2]
     z = row_entropy(q.to(et), k_cache.to(et), scale=scale, mask=mask).mean(dim=1)

@@ -294,6 +294,31 @@ def test_no_host_sync_in_decode_steps(llava):
     assert counts["kvsmooth"][1] - counts["plain"][1] == 3 * 4 + 4
 
 
+def test_static_cache_equals_dynamic_cache(llava):
+    """generate(cache_implementation="static"): the step runs on the cache's first past_len + 1
+    positions (the views a static cache needs), with the same coefficients, tokens and smoothed
+    cache as on a dynamic cache; the positions after them stay empty. (The model itself rounds
+    differently over the longer static cache, a few float32 ulps in its keys: the caches are
+    compared to that, the coefficients, ranks of entropies ~1e-2 apart, exactly.)"""
+    inputs = prompt(llava, "llava")
+    runs = []
+    for impl in (None, "static"):
+        ks = kvfix.hf.KVSmooth(layers=range(4), record_lam=True)
+        kw = {} if impl is None else {"cache_implementation": impl}
+        with kvfix.hf.enable(llava, ks):
+            out = gen(llava, inputs, 8, **kw)
+        runs.append((out, [lam for _, _, lam in ks.lam_history]))
+    (dyn, lam_d), (sta, lam_s) = runs
+    assert type(sta.past_key_values).__name__ == "StaticCache" and len(lam_s) == len(lam_d) == 7 * 4
+    assert torch.equal(sta.sequences, dyn.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(lam_d, lam_s)) and any((lam > 0).any() for lam in lam_s)
+    n = dyn.past_key_values.layers[0].keys.shape[2]
+    for ld, ls in zip(dyn.past_key_values.layers, sta.past_key_values.layers):
+        torch.testing.assert_close(ls.keys[:, :, :n], ld.keys, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ls.values[:, :, :n], ld.values, rtol=0, atol=1e-6)
+        assert not ls.keys[:, :, n:].any() and not ls.values[:, :, n:].any()
+
+
 def test_decode_forward_with_autograd_on(llava):
     """A decoding forward outside no_grad (generate runs without autograd): the step still runs
     without autograd, and the cache is smoothed as under no_grad."""

@@ -140,6 +140,26 @@ def test_reference_step_skips_masked_previous_position():
     assert torch.equal(k2[0, :, :-1], k[0, :, :-1])
 
 
+def test_reference_step_at_a_position_is_the_step_on_the_first_positions():
+    """A static cache of capacity 6 holding 4 tokens: the step at position 3 is the step on the
+    views [:, :, :4] (the mask cut likewise); positions 4 and 5 are returned as they were."""
+    q = torch.randn(2, 2, 1, 4, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 6, 4, dtype=torch.float64), torch.randn(2, 2, 6, 4, dtype=torch.float64)
+    queue = torch.tensor([[0.5, 9e9], [NAN, -9e9]])
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 0] = False
+    lam, k2, v2, qu = R.kvsmooth_step(q, k, v, queue, mask=mask, position=torch.tensor([3]))
+    want = R.kvsmooth_step(q, k[:, :, :4], v[:, :, :4], queue, mask=mask[..., :4])
+    assert torch.equal(lam, want[0]) and torch.equal(qu, want[3])
+    assert torch.equal(k2[:, :, :4], want[1]) and torch.equal(v2[:, :, :4], want[2])
+    assert torch.equal(k2[:, :, 4:], k[:, :, 4:]) and torch.equal(v2[:, :, 4:], v[:, :, 4:])
+    assert (lam > 0).all()
+    torch.testing.assert_close(k2[:, :, 3], (1 - lam[:, None, None]) * k[:, :, 3] + lam[:, None, None] * k[:, :, 2])
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match="outside the cache"):
+            R.kvsmooth_step(q, k, v, queue, position=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels vs reference
 
@@ -292,6 +312,68 @@ def test_strided_caches(layout, dtype, device):
     mask = _padding_mask(B, T, "bool", device)
     truth = assert_entropy_close(kvfix.row_entropy(q, k, mask=mask), q, k, mask)
     check_step(q, k, v, _queue_far_from(truth.mean(1), 5, 3), mask=mask, lam_ref=0.5, band=0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive_bias", "broadcast", "last_dim_1"])
+def test_step_at_a_device_position(mask_kind, dtype, device):
+    """A static cache of capacity 300 (kv heads of a [B, T, H, D] store): the step with the
+    current position p from a device tensor matches the reference on the first p + 1 positions
+    (p = 0: nothing to smooth; p = T - 1: the whole cache), positions after p unread and unwritten
+    (nan there changes nothing)."""
+    B, Hq, Hkv, T, D = 3, 8, 2, 300, 64
+    q, k, v = _decode_inputs(B, Hq, Hkv, T, D, dtype, device, layout="bthd")
+    masks = {"none": None, "bool": _padding_mask(B, T, "bool", device),
+             "additive_bias": _padding_mask(B, T, "additive_bias", device),
+             "broadcast": _padding_mask(1, T, "bool", device).expand(B, 1, 1, T),
+             "last_dim_1": torch.tensor([True, False, True], device=device)[:, None, None, None]}
+    mask = masks[mask_kind]
+    for p in (0, 1, 2, 150, T - 1):
+        kk, vv = k.clone(), v.clone()
+        kk[:, :, p + 1:], vv[:, :, p + 1:] = NAN, NAN  # not yet written: must take no part
+        m = mask if mask is None or mask.shape[-1] == 1 else mask[..., :p + 1]
+        z = R.row_entropy(q.double(), kk[:, :, :p + 1].double(), mask=m).mean(1)
+        queue = _queue_far_from(z, 15, 9, gen_seed=p)
+        lam_want, k_want, v_want, q_want = R.kvsmooth_step(q, kk, vv, queue, mask=mask, position=p)
+        k0, v0, qq = kk.clone(), vv.clone(), queue.clone()
+        lam = kvfix.kvsmooth_step_(q, kk, vv, qq, mask=mask, position=torch.tensor([p], device=device))
+        torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7)
+        assert (lam[0] > 0).item() == (p > 0)
+        keep = [t for t in range(T) if t != p]  # every other position bit for bit (nan included)
+        assert torch.equal(kk[:, :, keep].nan_to_num(7.0), k0[:, :, keep].nan_to_num(7.0))
+        assert torch.equal(vv[:, :, keep].nan_to_num(7.0), v0[:, :, keep].nan_to_num(7.0))
+        atol = ulp_atol(dtype) * max(1.0, k.abs().max().item())
+        torch.testing.assert_close(kk[:, :, p].float(), k_want[:, :, p].float(), rtol=0, atol=atol)
+        torch.testing.assert_close(vv[:, :, p].float(), v_want[:, :, p].float(), rtol=0, atol=atol)
+        torch.testing.assert_close(qq[:, :-1], q_want[:, :-1], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(qq[:, -1], q_want[:, -1], rtol=0, atol=2e-6 * max(1.0, z.abs().max().item()))
+
+
+def test_static_cache_decoding_with_the_position_in_place():
+    """A 12-step decode into a static cache whose position tensor is written in place before each
+    step (what a CUDA-graph replay does) equals the same decode on a cache that grows by
+    concatenation, bit for bit (the CPU kernel runs on the same first p + 1 positions)."""
+    B, Hq, Hkv, D, T0, cap = 2, 8, 2, 64, 20, 40
+    for dtype in DTYPES:
+        _, k, v = _decode_inputs(B, Hq, Hkv, T0, D, dtype)
+        ks, vs = torch.zeros(B, Hkv, cap, D, dtype=dtype), torch.zeros(B, Hkv, cap, D, dtype=dtype)
+        ks[:, :, :T0], vs[:, :, :T0] = k, v
+        pos = torch.zeros(1, dtype=torch.long)
+        queue, queue_s = torch.full((B, 5), NAN), torch.full((B, 5), NAN)
+        mask_full = _padding_mask(B, cap, "bool")
+        for step in range(12):
+            q, k_new, v_new = _decode_inputs(B, Hq, Hkv, 1, D, dtype)
+            k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
+            n = k.shape[2]
+            pos.fill_(n - 1)
+            ks[:, :, n - 1:n], vs[:, :, n - 1:n] = k_new, v_new
+            lam = kvfix.kvsmooth_step_(q, k, v, queue, mask=mask_full[..., :n])
+            lam_s = kvfix.kvsmooth_step_(q, ks, vs, queue_s, mask=mask_full, position=pos)
+            assert torch.equal(lam, lam_s) and (lam > 0).all()
+            assert torch.equal(ks[:, :, :n], k) and torch.equal(vs[:, :, :n], v)
+            torch.testing.assert_close(queue, queue_s, rtol=0, atol=0, equal_nan=True)
+        assert not ks[:, :, n:].any() and not vs[:, :, n:].any()
 
 
 @pytest.mark.parametrize("D", [1, 16, 80, 96, 256])
@@ -525,11 +607,17 @@ def _ok_step():
     (dict(lam_ref=float("nan")), ValueError, "lam_ref must be in"),
     (dict(band=-0.1), ValueError, "band must be"),
     (dict(band=True), TypeError, "band must be a real"),
+    (dict(position=3), TypeError, "position must be a torch.Tensor"),
+    (dict(position=torch.tensor([3], dtype=torch.int32)), TypeError, "position must be int64"),
+    (dict(position=torch.tensor([3, 4])), ValueError, "position must hold one value"),
+    (dict(position=torch.tensor([3], device="meta")), ValueError, "position is on meta"),
+    (dict(position=torch.tensor([6])), ValueError, "position 6 is outside the cache's positions \\[0, 6\\)"),
+    (dict(position=torch.tensor(-1)), ValueError, "position -1 is outside"),
 ])
 def test_bad_input_raises_naming_the_argument_and_writes_nothing(change, exc, match):
     args = _ok_step()
     args.update(change)
-    kw = {n: args.pop(n) for n in ("mask", "scale", "lam_ref", "band") if n in args}
+    kw = {n: args.pop(n) for n in ("mask", "scale", "lam_ref", "band", "position") if n in args}
     keep = {n: t.clone() for n, t in args.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"}
     with pytest.raises(exc, match=match):
         kvfix.kvsmooth_step_(args["q"], args["k_cache"], args["v_cache"], args["queue"], **kw)
@@ -562,6 +650,7 @@ def test_no_host_reads_in_the_op_path():
     mask = _padding_mask(2, 50, "bool")
     meta = [t.to("meta") for t in (q, k, v, torch.zeros(2, 15), mask)]
     assert kvfix.kvsmooth_step_(*meta[:4], mask=meta[4]).shape == (2,)
+    assert kvfix.kvsmooth_step_(*meta[:4], position=torch.tensor([7], device="meta")).shape == (2,)
     assert kvfix.row_entropy(meta[0], meta[1], mask=meta[4]).shape == (2, 8)
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -588,6 +677,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kvfix.kvsmooth_step_.default, (q, k, v, torch.zeros(2, 4), None, mask, 0.9, 0.2))
     torch.library.opcheck(torch.ops.kvfix.kvsmooth_step_.default,
                           (q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.full((2, 3), NAN), 0.3, None, 0.5, 0.1))
+    torch.library.opcheck(torch.ops.kvfix.kvsmooth_step_.default,
+                          (q, k, v, torch.zeros(2, 4), None, mask, 0.9, 0.2, torch.tensor([5])))
 
 
 def test_torch_compile_fullgraph():
@@ -651,3 +742,38 @@ def test_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         assert torch.equal(lam, want) and torch.equal(k, k_eager) and torch.equal(v, v_eager)
         assert torch.equal(queue, queue_eager)
+
+
+@cuda
+def test_cuda_graph_replays_over_a_static_cache_with_the_position_in_device_memory():
+    """One graph captured at the first position serves every later step: before each replay the
+    step's q, the new K / V row and the position are written in place; the replays equal eager
+    steps on a growing cache."""
+    B, Hq, Hkv, D, T0, cap = 2, 8, 2, 64, 300, 320
+    q0, k, v = _decode_inputs(B, Hq, Hkv, T0, D, torch.bfloat16, "cuda")
+    ks = torch.zeros(B, Hkv, cap, D, dtype=torch.bfloat16, device="cuda")
+    vs = torch.zeros_like(ks)
+    ks[:, :, :T0], vs[:, :, :T0] = k, v
+    q, pos = q0.clone(), torch.tensor([T0 - 1], device="cuda")
+    queue, queue_eager = torch.full((B, 15), NAN, device="cuda"), torch.full((B, 15), NAN, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, on copies
+        kvfix.kvsmooth_step_(q, ks.clone(), vs.clone(), queue.clone(), position=pos)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        lam = kvfix.kvsmooth_step_(q, ks, vs, queue, position=pos)
+    for step in range(15):
+        q_new, k_new, v_new = _decode_inputs(B, Hq, Hkv, 1, D, torch.bfloat16, "cuda")
+        k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
+        n = k.shape[2]
+        q.copy_(q_new)
+        ks[:, :, n - 1:n], vs[:, :, n - 1:n] = k_new, v_new
+        pos.fill_(n - 1)
+        g.replay()
+        want = kvfix.kvsmooth_step_(q_new, k, v, queue_eager)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(lam, want, rtol=0, atol=1e-7)
+        torch.testing.assert_close(ks[:, :, :n].float(), k.float(), rtol=0, atol=2 ** -7 * 8)
+        torch.testing.assert_close(queue, queue_eager, rtol=0, atol=1e-5, equal_nan=True)

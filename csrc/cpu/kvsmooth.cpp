@@ -541,11 +541,24 @@ at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::option
 
 at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const std::optional<at::Tensor>& position) {
   kvsmooth_check_lam(lam_ref, band);
   const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_check_position(position, q);
   const float sc = kvsmooth_scale(scale, q.size(3));
   const int64_t B = q.size(0), Hq = q.size(1), T = k_cache.size(2), M = queue.size(1);
+  if (position.has_value()) {  // the step on the first p + 1 positions (reading a CPU value: no sync)
+    const int64_t p = *position->const_data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(p >= 0 && p < T, "kvsmooth_step_: position ", p, " is outside the cache's positions [0, ", T,
+                      ")");
+    if (p + 1 < T) {
+      std::optional<at::Tensor> mk = mask;
+      if (mask.has_value() && mask->dim() >= 1 && mask->size(-1) == T) mk = mask->narrow(-1, 0, p + 1);
+      return kvsmooth_step_cpu(q, k_cache.narrow(2, 0, p + 1), v_cache.narrow(2, 0, p + 1), queue, scale, mk,
+                               lam_ref, band, std::nullopt);
+    }
+  }
   at::Tensor lam = at::empty({B}, q.options().dtype(at::kFloat));
   if (B == 0) return lam;
   std::vector<float> ent(static_cast<size_t>(B * Hq), 0.0f);

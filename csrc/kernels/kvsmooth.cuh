@@ -18,6 +18,11 @@
 //   K[b, :, T-1] = (1 - lam) K[b, :, T-1] + lam K[b, :, T-2], the same for V (fp32, rounded once);
 //   lam = 0 (and nothing smoothed) when T == 1 or the mask excludes position T - 2.
 //
+// A step may take the current token's cache position p from device memory (`pos`: a static cache
+// of capacity T whose filled length changes between the replays of one CUDA graph): then every
+// T above is p + 1 (positions after p take no part, p is smoothed from p - 1); a p outside [0, T)
+// gives every entropy of the item nan, pushes nan, returns lam nan and writes no cache position.
+//
 // Launch 1, kvsmooth_partial_kernel: one block of 128 threads per (split of the positions, kv head,
 // batch item). Positions are split so that the grid has about 4 blocks per SM (kvsmooth_splits).
 // Threads form row groups of TPR lanes; a row group owns one key row at a time, each lane 16 bytes
@@ -75,6 +80,8 @@ struct KvsmoothArgs {
   float* queue;      // [B, M] float32 (step) or nullptr
   int64_t qu_sb, qu_sm, M;
   float* lam;        // [B] (step)
+  const int64_t* pos;  // step: the current token's cache position p, read on the device (positions
+                       // [0, p] take part, the EMA writes p), or nullptr: p = T - 1
   float* entropy;    // [B, Hq] contiguous (row_entropy) or nullptr
   float* work;       // kvsmooth_workspace_floats(*this) floats
   int64_t B, Hq, Hkv, T, D;
@@ -151,6 +158,14 @@ __device__ __forceinline__ void fold(float& m, float& l, float& u, float x) {
 
 __device__ __forceinline__ bool is_poisoned(float m, float l) { return l != l || m > 3.402823466e38f; }
 
+// Positions taking part: T, or p + 1 with a device position p; 0 for a p outside [0, T) (the step
+// then has no row: every entropy nan, lam nan, nothing written).
+__device__ __forceinline__ int64_t positions(const int64_t* pos, int64_t T) {
+  if (pos == nullptr) return T;
+  const int64_t p = *pos;
+  return p >= 0 && p < T ? p + 1 : 0;
+}
+
 // Merge state (m2, l2, u2) into (m, l, u) (empty: l == 0). l = nan survives it (nan times
 // anything is nan; an empty state copies it); m = +inf stays +inf or turns l nan.
 __device__ __forceinline__ void merge(float& m, float& l, float& u, float m2, float l2, float u2) {
@@ -193,7 +208,9 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
   const int64_t h = bh % Hkv, b = bh / Hkv;
   const int64_t per = a.rows_per_split;
   const int64_t t0 = split * per;
-  const int64_t t1 = t0 + per < a.T ? t0 + per : a.T;
+  const int64_t n = positions(a.pos, a.T);
+  const int64_t t1 = t0 + per < n ? t0 + per : n;
+  const int rows = t1 > t0 ? static_cast<int>(t1 - t0) : 0;  // <= rows_per_split < 2^31 (the launcher)
   const int g = static_cast<int>(a.Hq) / static_cast<int>(a.Hkv);
   const int D = static_cast<int>(a.D);
   const T* const kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
@@ -222,9 +239,9 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
     }
 
     // Every thread runs the same number of iterations (the shuffles need whole warps).
-    for (int64_t base = t0; base < t1; base += NRG) {
-      const int64_t t = base + rg;
-      const bool in = t < t1;
+    for (int r0 = 0; r0 < rows; r0 += NRG) {
+      const int64_t t = t0 + r0 + rg;
+      const bool in = r0 + rg < rows;
       float x[CPL][VEC];
       float bias = neg_inf();
       if (in) {
@@ -308,14 +325,16 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
   const int64_t S = a.splits;
+  const int64_t n = positions(a.pos, a.T);
+  const bool valid = a.pos == nullptr || n > 0;
 
   float hsum = 0.0f;
   for (int64_t hq = tid; hq < a.Hq; hq += kKvsThreads) {
     float m = neg_inf(), l = 0.0f, u = 0.0f;
     const float* w = a.work + (b * a.Hq + hq) * S * 3;
     for (int64_t s = 0; s < S; ++s) merge(m, l, u, w[3 * s], w[3 * s + 1], w[3 * s + 2]);
-    const float H = is_poisoned(m, l) ? __int_as_float(0x7fffffff)  // a nan or +inf logit: no softmax
-                                      : l > 0.0f ? logf(l) - u / l : 0.0f;
+    const float H = !valid || is_poisoned(m, l) ? __int_as_float(0x7fffffff)  // a nan or +inf logit: no softmax
+                                                : l > 0.0f ? logf(l) - u / l : 0.0f;
     if (a.entropy != nullptr) a.entropy[b * a.Hq + hq] = H;
     hsum += H;
   }
@@ -340,22 +359,22 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     lam = fminf(fmaxf(lam, a.lam_lo), a.lam_hi);
     lam = fminf(fmaxf(lam, 0.0f), 1.0f);
     if (z != z) lam = z;  // no rank (fminf / fmaxf would drop the nan)
-    if (a.T < 2 || !(Mask::at(a.mask, b, 0, 0, a.T - 2) > neg_inf())) lam = 0.0f;
+    if (valid && (n < 2 || !(Mask::at(a.mask, b, 0, 0, n - 2) > neg_inf()))) lam = 0.0f;
     a.lam[b] = lam;
     s_lam = lam;
   }
   __syncthreads();
   const float lam = s_lam;
-  if (lam == 0.0f) return;
-  const int n = static_cast<int>(a.Hkv * a.D);  // < 2^31 (checked by the launcher)
+  if (lam == 0.0f || !valid) return;
+  const int hd = static_cast<int>(a.Hkv * a.D);  // < 2^31 (checked by the launcher)
   const int D = static_cast<int>(a.D);
-  for (int e = tid; e < 2 * n; e += kKvsThreads) {
-    const bool is_v = e >= n;
-    const int i = is_v ? e - n : e, hh = i / D, d = i - hh * D;
+  for (int e = tid; e < 2 * hd; e += kKvsThreads) {
+    const bool is_v = e >= hd;
+    const int i = is_v ? e - hd : e, hh = i / D, d = i - hh * D;
     T* base = static_cast<T*>(is_v ? a.v : a.k) + b * (is_v ? a.v_sb : a.k_sb) + hh * (is_v ? a.v_sh : a.k_sh);
     const int64_t st = is_v ? a.v_st : a.k_st;
-    T* last = base + (a.T - 1) * st + d;
-    const float prev = Num<T>::to_f(base[(a.T - 2) * st + d]);
+    T* last = base + (n - 1) * st + d;
+    const float prev = Num<T>::to_f(base[(n - 2) * st + d]);
     *last = Num<T>::from_f((1.0f - lam) * Num<T>::to_f(*last) + lam * prev);
   }
 }
@@ -432,9 +451,10 @@ inline KvsmoothArgs kvsmooth_pack(const View& q, const View& k, const MaskView& 
   return a;
 }
 
-// The step's arguments: v like k, queue float32 [B, M] (in/out), lam float32 [B] (out), lam_ref -/+ band.
+// The step's arguments: v like k, queue float32 [B, M] (in/out), lam float32 [B] (out), lam_ref -/+ band,
+// the current token's cache position (one int64 on the device) or nullptr (T - 1).
 inline void kvsmooth_pack_step(KvsmoothArgs& a, const View& v, const View& queue, float* lam, float lam_lo,
-                               float lam_hi) {
+                               float lam_hi, const int64_t* position) {
   a.v = v.data;
   a.v_sb = v.stride(0);
   a.v_sh = v.stride(1);
@@ -446,6 +466,7 @@ inline void kvsmooth_pack_step(KvsmoothArgs& a, const View& v, const View& queue
   a.lam = lam;
   a.lam_lo = lam_lo;
   a.lam_hi = lam_hi;
+  a.pos = position;
 }
 
 }  // namespace kvfix::kernels

@@ -67,6 +67,16 @@ void kvsmooth_check_lam(double lam_ref, double band) {
   TORCH_CHECK_VALUE(std::isfinite(band) && band >= 0, "kvsmooth_step_: band must be finite and >= 0, got ", band);
 }
 
+void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at::Tensor& q) {
+  if (!position.has_value()) return;
+  TORCH_CHECK_TYPE(position->scalar_type() == at::kLong, "kvsmooth_step_: position must be int64 (a cache position, "
+                   "e.g. transformers' cache_position), got ", position->scalar_type());
+  TORCH_CHECK_VALUE(position->numel() == 1, "kvsmooth_step_: position must hold one value (the current token's cache "
+                    "position, shared by the batch), got shape ", position->sizes());
+  TORCH_CHECK_VALUE(position->device() == q.device(), "kvsmooth_step_: position is on ", position->device(),
+                    " but q is on ", q.device());
+}
+
 // Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
 static at::Tensor row_entropy_meta(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                                    const std::optional<at::Tensor>& mask) {
@@ -77,9 +87,11 @@ static at::Tensor row_entropy_meta(const at::Tensor& q, const at::Tensor& k, std
 
 static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& queue, std::optional<double> scale,
-                                     const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+                                     const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                                     const std::optional<at::Tensor>& position) {
   kvsmooth_check_lam(lam_ref, band);
   kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_check_position(position, q);
   kvsmooth_scale(scale, q.size(3));
   return at::empty({q.size(0)}, q.options().dtype(at::kFloat));
 }
@@ -89,7 +101,7 @@ static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_ca
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
   m.def("row_entropy(Tensor q, Tensor k, float? scale, Tensor? mask) -> Tensor");
   m.def("kvsmooth_step_(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) queue, float? scale, "
-        "Tensor? mask, float lam_ref, float band) -> Tensor");
+        "Tensor? mask, float lam_ref, float band, Tensor? position=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {

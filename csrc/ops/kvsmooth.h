@@ -19,20 +19,26 @@ MaskView kvsmooth_check(const char* op, const at::Tensor& q, const at::Tensor& k
                        const at::Tensor* queue, const std::optional<at::Tensor>& mask);
 // lam_ref in [0, 1] and band >= 0, finite (the logit scale: kvsmooth_scale, ops/common.h).
 void kvsmooth_check_lam(double lam_ref, double band);
+// kvsmooth_step_'s position (the current token's cache position, read by the kernel from the
+// device): one int64 on q's device. Metadata only: its value is the kernel's to check.
+void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at::Tensor& q);
 
 at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                            const std::optional<at::Tensor>& mask);
 at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band);
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const std::optional<at::Tensor>& position);
 
 template <auto Impl>
 at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& queue, std::optional<double> scale,
-                                 const std::optional<at::Tensor>& mask, double lam_ref, double band) {
+                                 const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                                 const std::optional<at::Tensor>& position) {
   check_no_overlap("kvsmooth_step_", {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"queue", &queue}},
-                   {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr}});
-  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+                   {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr},
+                    {"position", position.has_value() ? &*position : nullptr}});
+  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position);
 }
 
 }  // namespace kvfix

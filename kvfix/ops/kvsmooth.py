@@ -56,7 +56,7 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
 
 def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, queue: torch.Tensor, *,
                    scale: float | None = None, mask: torch.Tensor | None = None, lam_ref: float = 0.9,
-                   band: float = 0.2) -> torch.Tensor:
+                   band: float = 0.2, position: torch.Tensor | None = None) -> torch.Tensor:
     """One KVSmooth decoding step of one layer (METHODS §2), in place; returns lam [B] float32.
 
     Fused: entropy of every query head's row (as `row_entropy`), z = mean over query heads;
@@ -79,6 +79,13 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             T - 2, nothing is smoothed and lam is 0 for that item (z is still pushed).
         lam_ref: centre of the allowed band, in [0, 1] (paper: 0.9 LLaVA-1.5, 0.5 MiniGPT-4,
             0.7 InstructBLIP); band: half width, >= 0.
+        position: the current token's cache position p as one int64 on q's device (e.g.
+            transformers' `cache_position` while decoding), for a static cache of capacity T whose
+            filled length the kernel reads from device memory: the step then acts as on the views
+            `[:, :, :p + 1]` of k_cache, v_cache and the mask (positions after p take no part,
+            position p is smoothed from p - 1), so one captured CUDA graph serves every step.
+            None: p = T - 1. A p outside [0, T): ValueError on the CPU; on CUDA (no host read)
+            that step's lam is nan, nan is pushed onto every queue and no cache position is written.
 
     Non-finite input: the entropies follow `row_entropy`'s rule; a nan z (a nan entropy in any
     query head) is pushed (an empty slot from then on) and has no rank, so lam = nan and the EMA
@@ -98,11 +105,14 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         ...                                         # write the next q / k / v / mask in place
         g.replay()                                  # lam, the caches and queue update in place
 
-    A replay reuses the captured pointers, shapes and scalars: it smooths position T - 1 of the
-    captured views. A decoder whose cache length grows per step therefore needs one graph per
-    length (what torch.compile's CUDA-graph trees do per shape), or a fixed-length view whose
-    last position is the current token.
+    A replay reuses the captured pointers, shapes and scalars. Over a static cache give the
+    position from device memory: capture `kvsmooth_step_(q, k_static, v_static, queue,
+    position=pos)` once and write the next position into `pos` (in place) before each replay;
+    without it a replay smooths position T - 1 of the captured views, so a cache whose length
+    grows needs one graph per length.
     """
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, queue=queue, mask=mask)
+    if position is not None:
+        _check_tensors(position=position)
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
-                                                  _as_real(lam_ref, "lam_ref"), _as_real(band, "band"))
+                                                  _as_real(lam_ref, "lam_ref"), _as_real(band, "band"), position)

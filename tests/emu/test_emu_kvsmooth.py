@@ -114,7 +114,7 @@ def _step(kvs, q, k, v, queue, mask, *, scale, lam_ref=0.9, band=0.2, splits=1, 
         lam_want = torch.zeros_like(lam_want)
     kk, vv, qq = k.clone(), v.clone(), queue.clone()
     lam = torch.full((B,), NAN)
-    kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, scale, lam_ref - band, lam_ref + band, splits)
+    kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, scale, lam_ref - band, lam_ref + band, splits, None)
     torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7)
     assert torch.equal(kk[:, :, :-1], k[:, :, :-1]) and torch.equal(vv[:, :, :-1], v[:, :, :-1])
     for got, x in ((kk, k), (vv, v)):
@@ -231,7 +231,7 @@ def test_kvsmooth_rank_counts_z_and_ties(kvs, dtype):
     B, Hq, Hkv, T, D, M = 3, 4, 2, 9, 32, 15
     q, k, v = _inputs(B, Hq, Hkv, T, D, dtype)
     fresh, lam = torch.full((B, M), NAN), torch.full((B,), NAN)
-    kvs.kvsmooth_step(q, k.clone(), v.clone(), None, fresh, lam, 0.125, 0.0, 1.0, 2)
+    kvs.kvsmooth_step(q, k.clone(), v.clone(), None, fresh, lam, 0.125, 0.0, 1.0, 2, None)
     torch.testing.assert_close(lam, torch.full((B,), 1 / 15), rtol=0, atol=1e-7)  # z alone: k = 1
     z = fresh[:, -1].clone()
     assert torch.isnan(fresh[:, :-1]).all() and torch.isfinite(z).all()
@@ -248,6 +248,48 @@ def test_kvsmooth_rank_counts_z_and_ties(kvs, dtype):
                                 (0.3, 0.2, [0.5, 1 / 3, 1 / 3])]:
         lam = _step(kvs, q, k, v, queue, None, scale=0.125, lam_ref=lam_ref, band=band, splits=2, z=z.double())
         torch.testing.assert_close(lam, torch.tensor(want), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kvsmooth_position_from_device_memory(kvs, dtype):
+    """A static cache of capacity 40 over 7 splits (6 positions each): the step at a position p
+    read by the kernels (0, inside the first split, at a split edge, in the middle, the last)
+    matches the reference on the first p + 1 positions; later positions are nan (not yet written)
+    and must take no part; only position p changes."""
+    B, Hq, Hkv, T, D = 3, 8, 2, 40, 64
+    q, k, v = _inputs(B, Hq, Hkv, T, D, dtype, "bthd")
+    k[:, :, 30:], v[:, :, 30:] = NAN, NAN
+    for mask in (_mask(B, T, "bool"), _mask(B, T, "additive"), None):
+        for p in (0, 3, 5, 6, 17, 29):
+            m = None if mask is None else mask[..., :p + 1]
+            z = R.row_entropy(q.double(), k[:, :, :p + 1].double(), scale=0.125, mask=m).mean(1)
+            queue = _queue(z, 6, 4, seed=p)
+            lam_want, k_want, v_want, q_want = R.kvsmooth_step(q, k, v, queue, scale=0.125, mask=mask,
+                                                               position=p, lam_ref=0.5, band=0.5)
+            kk, vv, qq, lam = k.clone(), v.clone(), queue.clone(), torch.full((B,), NAN)
+            kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, 0.125, 0.0, 1.0, 7, torch.tensor([p]))
+            torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7)
+            assert (lam > 0).any() == (p > 0)
+            rest = [t for t in range(T) if t != p]
+            assert torch.equal(kk[:, :, rest].nan_to_num(7.0), k[:, :, rest].nan_to_num(7.0))
+            assert torch.equal(vv[:, :, rest].nan_to_num(7.0), v[:, :, rest].nan_to_num(7.0))
+            for got, want in ((kk, k_want), (vv, v_want)):
+                torch.testing.assert_close(got[:, :, p].float(), want[:, :, p].float(), rtol=0,
+                                           atol=ULP[dtype] * max(1.0, k[:, :, :30].abs().max().item()))
+            torch.testing.assert_close(qq[:, :-1], q_want[:, :-1], rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(qq[:, -1], q_want[:, -1], rtol=0, atol=2e-6 * max(1.0, z.abs().max().item()))
+
+
+def test_kvsmooth_position_outside_the_cache(kvs):
+    """A device position outside [0, T) (no host read to refuse it): lam nan, nan pushed, no
+    cache position read or written."""
+    B, Hq, Hkv, T, D = 2, 4, 2, 12, 64
+    q, k, v = _inputs(B, Hq, Hkv, T, D, torch.float32)
+    for p in (-1, T, 1 << 40):
+        kk, vv, qq, lam = k.clone(), v.clone(), torch.zeros(B, 4), torch.zeros(B)
+        kvs.kvsmooth_step(q, kk, vv, None, qq, lam, 0.125, 0.7, 1.1, 3, torch.tensor(p))
+        assert torch.isnan(lam).all() and torch.isnan(qq[:, -1]).all() and (qq[:, :-1] == 0).all()
+        assert torch.equal(kk, k) and torch.equal(vv, v)
 
 
 def test_kvsmooth_bad_arguments_fail_before_launching(kvs):
@@ -303,7 +345,7 @@ def test_kvsmooth_nonfinite_rule(kvs, dtype):
     lam_want, kw, vw, qw = R.kvsmooth_step(q, k, v, queue, scale=0.2, mask=mask)
     assert lam_want[:3].isnan().all() and lam_want[3] == lam_want[5] == 0 and lam_want[4] > 0
     kk, vv, qq, lam = k.clone(), v.clone(), queue.clone(), torch.full((B,), 7.0)
-    kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, 0.2, 0.7, 1.1, 3)
+    kvs.kvsmooth_step(q, kk, vv, mask, qq, lam, 0.2, 0.7, 1.1, 3, None)
     torch.testing.assert_close(lam, lam_want, rtol=0, atol=1e-7, equal_nan=True)
     same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())  # noqa: E731
     assert same(kk[:, :, :-1], k[:, :, :-1]) and same(vv[:, :, :-1], v[:, :, :-1])

@@ -33,12 +33,14 @@ KVEMU_ENTRY(row_entropy, args) {
   return run(a, args);
 }
 
-// q, k, v, mask | None, queue [B, M] f32 (in/out), lam [B] f32 (out), scale, lam_lo, lam_hi, splits
+// q, k, v, mask | None, queue [B, M] f32 (in/out), lam [B] f32 (out), scale, lam_lo, lam_hi, splits,
+// position (one int64) | None
 KVEMU_ENTRY(kvsmooth_step, args) {
   kvfix::kernels::KvsmoothArgs a =
       kvfix::kernels::kvsmooth_pack(view(args, 0), view(args, 1), mask_arg(args, 3), static_cast<float>(args.f(6)),
                                     args.i(9));
   kvfix::kernels::kvsmooth_pack_step(a, view(args, 2), view(args, 4), args.data<float>(5),
-                                     static_cast<float>(args.f(7)), static_cast<float>(args.f(8)));
+                                     static_cast<float>(args.f(7)), static_cast<float>(args.f(8)),
+                                     args.data<int64_t>(10));
   return run(a, args);
 }
