@@ -66,6 +66,10 @@ constexpr int64_t kRows = 64;             // key rows per block of logits (a mul
 static_assert(kRows % 8 == 0);
 constexpr int64_t kMinChunkRows = 512;    // smallest chunk of positions worth a work item of its own
 constexpr int64_t kItemsPerThread = 4;    // work items per thread wanted for dynamic load balance
+// Below this many multiply-adds (B Hq T D) one thread does the work: a few microseconds of it,
+// less than waking a second thread costs, and on a busy machine a worker the OS has not scheduled
+// yet holds the call for milliseconds (a tiny step took ~8 ms on 2 threads next to another job).
+constexpr int64_t kMinParallelMacs = int64_t(1) << 14;
 constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance along a kv head's rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -480,7 +484,7 @@ void parallel_items(int64_t items, int64_t threads, const F& run) {
 void entropies(const Problem& p, ItemFn fn, float* ent) {
   const int64_t pairs = p.B * p.Hkv;
   if (pairs == 0) return;
-  const int64_t threads = usable_threads();
+  const int64_t threads = p.B * p.Hq * p.T * p.D < kMinParallelMacs ? 1 : usable_threads();
   // Work items: (b, kv head, chunk of positions). Positions are split when the pairs alone give
   // fewer than kItemsPerThread items per thread, down to kMinChunkRows positions per chunk.
   int64_t chunks = 1;
