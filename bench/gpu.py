@@ -12,7 +12,8 @@ skipped (both are noted in the file). `--device cpu` runs every section on tiny 
 wall-clock timer: a smoke test of this script without a GPU, whose numbers mean nothing;
 `--device cpu --sections models --layers 4 --dtype fp32 --out bench/MODELS_CPU.md --budget-s 1800` is the CPU
 record of the models section instead: the same configs at full width with their text and vision
-layer counts cut to 4 (issue 18's "same benchmark on the CPU").
+layer counts cut to 4 (issue 18's "same benchmark on the CPU"); `--device cpu --sections host --dtype fp32
+--out bench/HOST_CPU.md` is the CPU record of the host section (one thread).
 Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~35-40 s;
 ESTIMATE_S below is what a section must have left to start).
 
@@ -30,6 +31,9 @@ Sections (bf16 unless a row says otherwise; inputs are random normal, never zero
 - cmac: `cmac_attention` decode (2 rows, T = 2048, H = 32, D = 128; IMD off / on / on the second
   row only) and prefill (T = 640, causal) against torch SDPA (default dispatch and each backend)
   and the flash-attn package when installed, on the same q, k, v.
+- host: the host's time per decoded token, plain and with each kvfix.hf method, on the two 7B
+  configs' layer counts at tiny widths (where decoding waits on the host, as HF decoding at batch
+  1 does on a GPU, a method's added host time per layer is what it adds per token).
 - models: random-weight LLaVA-1.5-7B and Qwen2-VL-7B (their exact configs, written out below;
   built on the GPU in bf16, nothing downloaded), one image at the model's size, greedy: plain vs
   kvfix.hf.KVSmooth / CMAC / DSCR (random depth map) / SCR, prefill ms and decode ms per token;
@@ -70,10 +74,10 @@ from kvfix import reference as R
 
 PARAMS = dict(sigma_d=0.6, sigma_s=0.6, alpha=0.6, beta=0.8)  # METHODS §1 defaults
 BF16 = torch.bfloat16
-SECTIONS = ("baselines", "kvsmooth", "dscr", "rooflines", "cmac", "models")
+SECTIONS = ("baselines", "kvsmooth", "dscr", "rooflines", "cmac", "host", "models")
 # seconds each section needs on an H100 (this file's estimate; a section is skipped when less is
 # left); models: per model (LLaVA-1.5-7B, then Qwen2-VL-7B, each skipped alone when time is short)
-ESTIMATE_S = {"baselines": 5, "kvsmooth": 15, "dscr": 20, "rooflines": 10, "cmac": 10, "models": 85}
+ESTIMATE_S = {"baselines": 5, "kvsmooth": 15, "dscr": 20, "rooflines": 10, "cmac": 10, "models": 85, "host": 40}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "GPU.md")
 
 # DSCR per-grid table: (gh, gw, H); dense (N x N weights) only up to DENSE_MAX_N tokens.
@@ -620,10 +624,11 @@ def cmac_section(ctx: Ctx) -> Section:
 # --------------------------------------------------------------------------------------------
 # whole models: the exact LLaVA-1.5-7B and Qwen2-VL-7B configs, random weights
 
-def llava_15_7b_config(tiny: bool = False, layers: int | None = None):
+def llava_15_7b_config(tiny: bool = False, layers: int | None = None, tiny_layers: int = 4):
     """llava-hf/llava-1.5-7b-hf's config (CLIP ViT-L/14-336 + Vicuna-7B), written out; tiny: the
-    same token ids and vocabulary, 4 small layers, a 4 x 4 patch grid (CPU tests); layers: the
-    full config with its text and vision layer counts cut to `layers` (CPU record)."""
+    same token ids and vocabulary, `tiny_layers` small text layers, a 4 x 4 patch grid (CPU tests,
+    the host section); layers: the full config with its text and vision layer counts cut to
+    `layers` (CPU record)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -634,7 +639,7 @@ def llava_15_7b_config(tiny: bool = False, layers: int | None = None):
     if tiny:
         vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=56, projection_dim=32)
-        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=tiny_layers, num_attention_heads=4,
                     num_key_value_heads=4)
     elif layers is not None:
         text.update(num_hidden_layers=layers)
@@ -645,9 +650,10 @@ def llava_15_7b_config(tiny: bool = False, layers: int | None = None):
                        tie_word_embeddings=False)
 
 
-def qwen2_vl_7b_config(tiny: bool = False, layers: int | None = None):
-    """Qwen/Qwen2-VL-7B-Instruct's config, written out; tiny: same token ids and vocabulary, 4 small
-    layers, 1 vision block; layers: the full config with `layers` text layers and vision blocks."""
+def qwen2_vl_7b_config(tiny: bool = False, layers: int | None = None, tiny_layers: int = 4):
+    """Qwen/Qwen2-VL-7B-Instruct's config, written out; tiny: same token ids and vocabulary,
+    `tiny_layers` small text layers, 1 vision block; layers: the full config with `layers` text
+    layers and vision blocks."""
     from transformers import Qwen2VLConfig
     text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
@@ -658,8 +664,8 @@ def qwen2_vl_7b_config(tiny: bool = False, layers: int | None = None):
     vision = dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
                   in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if tiny:
-        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_window_layers=4,
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=tiny_layers, num_attention_heads=4,
+                    num_key_value_heads=2, max_window_layers=tiny_layers,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
         vision.update(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
     elif layers is not None:
@@ -669,14 +675,15 @@ def qwen2_vl_7b_config(tiny: bool = False, layers: int | None = None):
                          vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
 
-def build_model(family: str, device: str, dtype: torch.dtype, tiny: bool = False, layers: int | None = None):
+def build_model(family: str, device: str, dtype: torch.dtype, tiny: bool = False, layers: int | None = None,
+                tiny_layers: int = 4):
     """A random-weight model of the family, its parameters created on `device` in `dtype` (no CPU
     initialisation, nothing downloaded); greedy generation never stops at eos."""
     import transformers
     if family == "llava":
-        cfg, cls = llava_15_7b_config(tiny, layers), transformers.LlavaForConditionalGeneration
+        cfg, cls = llava_15_7b_config(tiny, layers, tiny_layers), transformers.LlavaForConditionalGeneration
     else:
-        cfg, cls = qwen2_vl_7b_config(tiny, layers), transformers.Qwen2VLForConditionalGeneration
+        cfg, cls = qwen2_vl_7b_config(tiny, layers, tiny_layers), transformers.Qwen2VLForConditionalGeneration
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -760,8 +767,12 @@ class _StepClock:
         self._hook.remove()
 
 
-def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tuple[dict, dict]:
+def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int,
+               tiny_layers: int | None = None) -> tuple[dict, dict]:
     """{variant: (prefill ms, decode ms per token)} and a description of the run.
+
+    tiny_layers: the tiny-width model with this many text layers (the host section), whatever
+    ctx.tiny and ctx.layers say.
 
     GPU: prefill = generate(max_new_tokens=1), decode = (generate(1 + n) - prefill) / n, CUDA
     events. CPU: one generate(1 + n) per round, timed by _StepClock: prefill = from the call to the
@@ -771,8 +782,8 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int) -> tup
     t0 = time.perf_counter()
     if ctx.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tiny = ctx.tiny and ctx.layers is None
-    model = build_model(family, ctx.device, ctx.model_dtype, tiny, ctx.layers)
+    tiny = tiny_layers is not None or (ctx.tiny and ctx.layers is None)
+    model = build_model(family, ctx.device, ctx.model_dtype, tiny, None if tiny else ctx.layers, tiny_layers or 4)
     if ctx.device != "cpu":
         torch.cuda.synchronize()
     built = time.perf_counter() - t0
@@ -879,8 +890,50 @@ def models_section(ctx: Ctx) -> Section:
     return sec
 
 
+# The 7B configs' text layer counts (the host section's models: these layers at tiny widths).
+FULL_LAYERS = {"llava": 32, "qwen": 28}
+
+
+def host_section(ctx: Ctx) -> Section:
+    """Decoding at batch 1 is bound by the host on a GPU: transformers dispatches every op of every
+    layer from Python (tens of microseconds a layer), and the GPU's share of a 7B model's token
+    (its weights read once) is shorter. What a method adds to the host's time per layer is then
+    what it adds to the token. The models here have the 7B configs' layer counts at tiny widths,
+    so the step's arithmetic is negligible and its time is that host time."""
+    sec = Section("host", "Host time per decoded token: the 7B layer counts at tiny widths")
+    smoke = ctx.reps <= 1
+    n_new, reps, warmup = (2, 1, 0) if smoke else (40, 9 if ctx.device == "cpu" else 5, 1)
+    threads = torch.get_num_threads()
+    for label, family in MODELS:
+        L = FULL_LAYERS[family]
+        with sec.row(f"host {label}"):
+            if ctx.device == "cpu":  # one thread, as the host's Python: no worker threads waking per op
+                torch.set_num_threads(1)
+            try:
+                res, info = model_rows(ctx, family, n_new, reps, warmup, tiny_layers=L)
+            finally:
+                torch.set_num_threads(threads)
+            plain = res["plain"][1]
+            rows = []
+            for name, (_, d) in res.items():
+                rows.append([name, fmt(d), rfmt(ratio(d, plain)), f"{1e3 * (d - plain) / L:+.1f}"])
+                if name in DECODE_TARGETS:
+                    sec.targets.append(target(f"{label}, host time alone: {name} decode per token / plain",
+                                              ratio(d, plain), DECODE_TARGETS[name]))
+            sec.note(f"**{label}** shape, tiny widths ({L} text layers, hidden {info['hidden']}, {info['dtype']}, "
+                     f"attention {info['attn']}): prompt {info['prompt']} tokens, {n_new} decoded tokens; medians of "
+                     f"{reps} round(s) after {warmup} warm-up round(s)")
+            sec.table(["variant", "decode ms / token", "/ plain", "us added per layer"], rows)
+    sec.note("Each target here is a bound on the whole-model row of the same name (models section) wherever "
+             "decoding waits on the host: a method that adds more host time than its target allows cannot meet "
+             "it there. CMAC's two branches are one batch of 2 rows (on a GPU nearly free at batch 1; here the "
+             "tiny model's own arithmetic, also doubled, is part of its ratio). Timed as the models section "
+             "times decoding (CPU: per-step stamps at the output layer; GPU: generate differences).")
+    return sec
+
+
 SECTION_FNS = {"baselines": baselines_section, "kvsmooth": kvsmooth_section, "dscr": dscr_section,
-               "rooflines": rooflines_section, "cmac": cmac_section, "models": models_section}
+               "rooflines": rooflines_section, "cmac": cmac_section, "models": models_section, "host": host_section}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1003,6 +1056,7 @@ def main(argv=None) -> int:
     ctx = make_ctx(args.device, args.quick, args.budget_s, args.layers,
                    BF16 if args.dtype == "bf16" else torch.float32)
     title = ("kvfix whole-model decode cost on the CPU" if args.device == "cpu" and args.layers is not None
+             else "kvfix host time per decoded token on the CPU" if args.device == "cpu" and names == ["host"]
              else "kvfix on a GPU")
 
     def write(sections, done):

@@ -121,6 +121,17 @@ def test_models_section_runs_tiny_models_on_cpu():
     assert len(sec.targets) == 2 * len(G.DECODE_TARGETS)
 
 
+def test_host_section_runs_the_7b_layer_counts_at_tiny_widths():
+    sec = G.host_section(cpu_ctx(G.wall_timer))
+    assert not sec.errors, sec.errors
+    ts = check_tables(sec, 2)
+    for t in ts:
+        assert [r[0] for r in t[2:]] == ["plain", "plain, 2 rows", "KVSmooth", "CMAC", "DSCR", "SCR"]
+        assert t[2][3] == "+0.0" and all(math.isfinite(float(r[1])) for r in t[2:])
+    assert len(sec.targets) == 2 * len(G.DECODE_TARGETS)
+    assert "32 text layers, hidden 64" in sec.markdown() and "28 text layers, hidden 64" in sec.markdown()
+
+
 def test_main_writes_the_markdown(tmp_path, capsys):
     out = tmp_path / "GPU.md"
     assert G.main(["--device", "cpu", "--sections", "rooflines", "--out", str(out)]) == 0

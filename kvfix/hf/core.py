@@ -473,7 +473,8 @@ class Handle:
         return hook
 
     def _dispatch_attention(self, layer_idx, base_fn, module, query, key, value, attention_mask, kwargs):
-        ctx = self._current_ctx()
+        # (every layer of every decoded token comes through here: docs/HOST.md)
+        ctx = self._ctx_stack[-1] if self._ctx_stack else None
         methods = self._attn_methods if ctx is None else self._attn_by_phase[ctx.phase]
         if not methods:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -503,12 +504,12 @@ def _link(method: Method, ctx, layer_idx: int, module, call_next):
 def _make_attention_entry(base: str):
     def kvfix_attention(module, query, key, value, attention_mask, *args, **kwargs):
         base_fn = _compat.base_attention(base)
-        kwargs = _compat.attention_kwargs(args, kwargs)
+        if args:
+            kwargs = _compat.attention_kwargs(args, kwargs)
         owner = _ATTN_OWNERS.get(module)
         if owner is None or owner[0]._suspended:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
-        handle, layer_idx = owner
-        return handle._dispatch_attention(layer_idx, base_fn, module, query, key, value, attention_mask, kwargs)
+        return owner[0]._dispatch_attention(owner[1], base_fn, module, query, key, value, attention_mask, kwargs)
     kvfix_attention.__name__ = f"kvfix_attention_{base}"
     return kvfix_attention
 
