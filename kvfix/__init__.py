@@ -2,7 +2,7 @@
 
 Ops (CPU always, CUDA when built with nvcc):
 DSCR: `dscr_refine`, `dscr_refine_cache_` (structured or dense, `dscr_plan` says which);
-KVSmooth: `row_entropy`, `kvsmooth_step_`; SCR: `scr_scores`, `scr_redistribute(_)`;
+KVSmooth: `row_entropy`, `kvsmooth_step_`, `kvsmooth_steps_`; SCR: `scr_scores`, `scr_redistribute(_)`;
 CMAC: `rope_calibrate`, `cmac_key_mean`, `cmac_attention`, `contrastive_logits`.
 Helpers: `patch_coords`, `patch_depth`, `DepthEstimator` (kvfix.depth); what DSCR's weights do:
 `dscr_weight_stats`, `dscr_weight_map_png` (matplotlib).
@@ -20,13 +20,13 @@ from .geometry import patch_coords, patch_depth
 from .dscr_structured import DscrPlan, dscr_plan
 from .dscr_diagnostics import DscrWeightStats, dscr_weight_map_png, dscr_weight_stats
 from .ops import (cmac_attention, cmac_key_mean, contrastive_logits, dscr_refine, dscr_refine_cache_, kvsmooth_step_,
-                  rope_calibrate, row_entropy, scr_redistribute, scr_redistribute_, scr_scores)
+                  kvsmooth_steps_, rope_calibrate, row_entropy, scr_redistribute, scr_redistribute_, scr_scores)
 
 __version__ = "0.1.0"
 __all__ = ["DepthEstimator", "DscrPlan", "DscrWeightStats", "build_info", "cmac_attention", "cmac_key_mean",
            "contrastive_logits",
            "dscr_plan", "dscr_refine", "dscr_refine_cache_", "dscr_weight_map_png", "dscr_weight_stats",
-           "kvsmooth_step_", "patch_coords", "patch_depth",
+           "kvsmooth_step_", "kvsmooth_steps_", "patch_coords", "patch_depth",
            "rope_calibrate", "row_entropy", "scr_redistribute", "scr_redistribute_", "scr_scores"]
 
 

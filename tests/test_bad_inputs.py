@@ -210,6 +210,8 @@ def _kvsmooth_cases():
     queue = torch.full((1, 15), NAN)
     base = torch.randn(1, 1, 10, 8)
     t = [kc, vc, queue]
+    kc2, vc2, queue2 = kc.clone(), vc.clone(), queue.clone()
+    t2 = [kc2, vc2, queue2]
     return [
         Case("entropy_rank", lambda: kvfix.row_entropy(q[0], kc), ValueError, "q"),
         Case("entropy_prefill", lambda: kvfix.row_entropy(torch.randn(1, 4, 2, 8), kc), ValueError, "q"),
@@ -238,6 +240,12 @@ def _kvsmooth_cases():
              ValueError, "position", t),
         Case("step_position_range", lambda: kvfix.kvsmooth_step_(q, kc, vc, queue, position=torch.tensor(10)),
              ValueError, "position", t),
+        Case("steps_lengths", lambda: kvfix.kvsmooth_steps_([q, q], [kc, kc2], [vc], [queue, queue2]), ValueError,
+             "v_cache", t + t2),
+        Case("steps_layer", lambda: kvfix.kvsmooth_steps_([q, q], [kc, kc2], [vc, vc2[:, :, :9]], [queue, queue2]),
+             ValueError, "layer 1", t + t2),
+        Case("steps_alias", lambda: kvfix.kvsmooth_steps_([q, q], [kc, kc2], [vc, vc], [queue, queue2]), ValueError,
+             "v_cache[1]", t + t2),
         Case("entropy_q_dtype", lambda: kvfix.row_entropy(q.double(), kc), TypeError, "q"),
         Case("entropy_device", lambda: kvfix.row_entropy(q, kc.to("meta")), ValueError, "k"),
         Case("entropy_strides", lambda: kvfix.row_entropy(torch.randn(1, 4, 8, 2).transpose(2, 3)[:, :, :1], kc),

@@ -376,6 +376,83 @@ def test_static_cache_decoding_with_the_position_in_place():
         assert not ks[:, :, n:].any() and not vs[:, :, n:].any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_of_several_layers_equal_one_call_per_layer(device):
+    """kvsmooth_steps_ over layers of different shapes, dtypes, layouts, masks and scales: the same
+    lam, caches and queues as kvsmooth_step_ layer by layer, bit for bit (and the reference's)."""
+    specs = [  # B, Hq, Hkv, T, D, dtype, layout, mask kind, scale
+        (2, 8, 2, 300, 64, torch.bfloat16, "contiguous", "bool", None),
+        (2, 4, 4, 1, 16, torch.float32, "bthd", "none", 0.3),
+        (2, 32, 32, 17, 128, torch.float16, "static", "additive_bias", None),
+        (2, 6, 3, 90, 80, torch.float32, "contiguous", "additive", 0.125),
+    ]
+    layers = []
+    for i, (B, Hq, Hkv, T, D, dt, layout, mk, sc) in enumerate(specs):
+        q, k, v = _decode_inputs(B, Hq, Hkv, T, D, dt, device, layout=layout)
+        mask = _padding_mask(B, T, mk, device)
+        z = R.row_entropy(q.double(), k.double(), scale=sc, mask=mask).mean(1)
+        layers.append((q, k, v, _queue_far_from(z, 7, 2 * i + 1, gen_seed=i), mask, sc))
+    one = [(k.clone(), v.clone(), qu.clone()) for _, k, v, qu, _, _ in layers]
+    lam_one = [kvfix.kvsmooth_step_(q, k, v, qu, scale=sc, mask=m, lam_ref=0.6, band=0.3)
+               for (q, _, _, _, m, sc), (k, v, qu) in zip(layers, one)]
+    many = [(k.clone(), v.clone(), qu.clone()) for _, k, v, qu, _, _ in layers]
+    lam_many = kvfix.kvsmooth_steps_([x[0] for x in layers], [x[0] for x in many], [x[1] for x in many],
+                                     [x[2] for x in many], scales=[x[5] for x in layers],
+                                     masks=[x[4] for x in layers], lam_ref=0.6, band=0.3)
+    assert len(lam_many) == len(specs)
+    for (q, k, v, qu, m, sc), a, b, la, lb in zip(layers, one, many, lam_one, lam_many):
+        assert torch.equal(la, lb) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[2], b[2], rtol=0, atol=0, equal_nan=True)
+        lam_want = R.kvsmooth_step(q, k, v, qu, scale=sc, mask=m, lam_ref=0.6, band=0.3)[0]
+        torch.testing.assert_close(lb, lam_want.to(lb.device), rtol=0, atol=1e-7)
+    assert lam_many.shape == (len(specs), 2) and (lam_many > 0).any()
+
+
+def test_steps_bad_input_names_the_layer_and_writes_nothing():
+    layers = [_decode_inputs(2, 4, 2, 6, 16, torch.float32) for _ in range(3)]
+    qs = [q for q, _, _ in layers]
+    ks, vs = [k for _, k, _ in layers], [v for _, _, v in layers]
+    qus = [torch.zeros(2, 4) for _ in range(3)]
+    keep = [t.clone() for t in ks + vs + qus]
+
+    def call(**change):
+        args = dict(qs=qs, k_caches=ks, v_caches=vs, queues=qus)
+        kw = {n: change.pop(n) for n in ("scales", "masks", "lam_ref") if n in change}
+        args.update(change)
+        return kvfix.kvsmooth_steps_(args["qs"], args["k_caches"], args["v_caches"], args["queues"], **kw)
+
+    with pytest.raises(ValueError, match="one entry per layer, got 3, 3, 2, 3"):
+        call(v_caches=vs[:2])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        call(scales=[0.5])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        call(masks=[None, None])
+    with pytest.raises(TypeError, match=r"k_caches\[1\] must be a torch.Tensor"):
+        call(k_caches=[ks[0], None, ks[2]])
+    with pytest.raises(ValueError, match="layer 2: kvsmooth_step_: v_cache shape"):
+        call(v_caches=[vs[0], vs[1], vs[2][:, :, :5]])
+    with pytest.raises(TypeError, match="layer 1: kvsmooth_step_: queue must be float32"):
+        call(queues=[qus[0], qus[1].double(), qus[2]])
+    with pytest.raises(ValueError, match="layer 1: .*mask must be broadcastable"):
+        call(masks=[None, torch.ones(2, 1, 1, 5, dtype=torch.bool), None])
+    with pytest.raises(ValueError, match="layer 0: scale must be finite"):
+        call(scales=[float("inf"), None, None])
+    with pytest.raises(ValueError, match="lam_ref must be in"):
+        call(lam_ref=2.0)
+    with pytest.raises(ValueError, match="at least one layer"):
+        kvfix.kvsmooth_steps_([], [], [], [])
+    q3, k3, v3 = _decode_inputs(3, 4, 2, 6, 16, torch.float32)
+    with pytest.raises(ValueError, match="layer 1: q has batch size 3 but layer 0's has 2"):
+        call(qs=[qs[0], q3, qs[2]], k_caches=[ks[0], k3, ks[2]], v_caches=[vs[0], v3, vs[2]],
+             queues=[qus[0], torch.zeros(3, 4), qus[2]])
+    with pytest.raises(ValueError, match=r"k_cache\[2\]"):  # two layers on one cache
+        call(k_caches=[ks[0], ks[1], ks[0]])
+    with pytest.raises(ValueError, match=r"queue\[1\]"):
+        call(queues=[qus[0], qus[0], qus[2]])
+    for t, want in zip(ks + vs + qus, keep):
+        assert torch.equal(t, want)
+
+
 @pytest.mark.parametrize("D", [1, 16, 80, 96, 256])
 def test_other_head_dims_and_scale(D):
     B, Hq, Hkv, T = 2, 6, 3, 150
@@ -651,6 +728,9 @@ def test_no_host_reads_in_the_op_path():
     meta = [t.to("meta") for t in (q, k, v, torch.zeros(2, 15), mask)]
     assert kvfix.kvsmooth_step_(*meta[:4], mask=meta[4]).shape == (2,)
     assert kvfix.kvsmooth_step_(*meta[:4], position=torch.tensor([7], device="meta")).shape == (2,)
+    lams = kvfix.kvsmooth_steps_([meta[0]] * 2, [meta[1], meta[1].clone()], [meta[2], meta[2].clone()],
+                                 [meta[3], meta[3].clone()], masks=[meta[4], None])
+    assert [lam.shape for lam in lams] == [(2,), (2,)]
     assert kvfix.row_entropy(meta[0], meta[1], mask=meta[4]).shape == (2, 8)
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -679,6 +759,10 @@ def test_opcheck():
                           (q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.full((2, 3), NAN), 0.3, None, 0.5, 0.1))
     torch.library.opcheck(torch.ops.kvfix.kvsmooth_step_.default,
                           (q, k, v, torch.zeros(2, 4), None, mask, 0.9, 0.2, torch.tensor([5])))
+    q2, k2, v2 = _decode_inputs(2, 4, 4, 5, 32, torch.bfloat16)
+    torch.library.opcheck(torch.ops.kvfix.kvsmooth_steps_.default,
+                          ([q, q2], [k, k2], [v, v2], [torch.zeros(2, 4), torch.full((2, 3), NAN)], [0.25, 0.5],
+                           [mask, None], 0.9, 0.2))
 
 
 def test_torch_compile_fullgraph():
@@ -777,3 +861,15 @@ def test_cuda_graph_replays_over_a_static_cache_with_the_position_in_device_memo
         torch.testing.assert_close(lam, want, rtol=0, atol=1e-7)
         torch.testing.assert_close(ks[:, :, :n].float(), k.float(), rtol=0, atol=2 ** -7 * 8)
         torch.testing.assert_close(queue, queue_eager, rtol=0, atol=1e-5, equal_nan=True)
+
+
+@cuda
+def test_cuda_steps_of_several_layers_issue_no_sync():
+    layers = [_decode_inputs(2, 8, 2, 3000, 128, torch.bfloat16, "cuda") for _ in range(4)]
+    queues = [torch.full((2, 15), NAN, device="cuda") for _ in layers]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kvfix.kvsmooth_steps_([q for q, _, _ in layers], [k for _, k, _ in layers], [v for _, _, v in layers], queues)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -543,10 +543,10 @@ at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::option
   return out;
 }
 
-at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                             const std::optional<at::Tensor>& position) {
+void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& queue, std::optional<double> scale,
+                            const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                            const std::optional<at::Tensor>& position, at::Tensor& lam) {
   kvsmooth_check_lam(lam_ref, band);
   const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
   kvsmooth_check_position(position, q);
@@ -559,12 +559,12 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     if (p + 1 < T) {
       std::optional<at::Tensor> mk = mask;
       if (mask.has_value() && mask->dim() >= 1 && mask->size(-1) == T) mk = mask->narrow(-1, 0, p + 1);
-      return kvsmooth_step_cpu(q, k_cache.narrow(2, 0, p + 1), v_cache.narrow(2, 0, p + 1), queue, scale, mk,
-                               lam_ref, band, std::nullopt);
+      return kvsmooth_step_cpu_into(q, k_cache.narrow(2, 0, p + 1), v_cache.narrow(2, 0, p + 1), queue, scale, mk,
+                                    lam_ref, band, std::nullopt, lam);
     }
   }
-  at::Tensor lam = at::empty({B}, q.options().dtype(at::kFloat));
-  if (B == 0) return lam;
+  if (!lam.defined()) lam = at::empty({B}, q.options().dtype(at::kFloat));
+  if (B == 0) return;
   std::vector<float> ent(static_cast<size_t>(B * Hq), 0.0f);
   if (Hq > 0) entropies(make_problem(q, k_cache, sc, m), item_fn(q.scalar_type()), ent.data());
   const float lo = static_cast<float>(lam_ref - band), hi = static_cast<float>(lam_ref + band);
@@ -592,6 +592,14 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
       ema(v_cache, b, l);
     }
   }
+}
+
+at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& queue, std::optional<double> scale,
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const std::optional<at::Tensor>& position) {
+  at::Tensor lam;
+  kvsmooth_step_cpu_into(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position, lam);
   return lam;
 }
 

@@ -1,10 +1,11 @@
-// KVSmooth (METHODS §2): the schemas of row_entropy and kvsmooth_step_, their checks (stated once),
-// Meta kernels and CPU registrations (csrc/cpu/kvsmooth.cpp; the CUDA kernels register themselves
-// in csrc/cuda/kvsmooth.cu).
+// KVSmooth (METHODS §2): the schemas of row_entropy, kvsmooth_step_ and kvsmooth_steps_, their
+// checks (stated once), Meta kernels and CPU registrations (csrc/cpu/kvsmooth.cpp; the CUDA kernels
+// register themselves in csrc/cuda/kvsmooth.cu).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 #include "ops/kvsmooth.h"
 
@@ -77,6 +78,42 @@ void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at
                     " but q is on ", q.device());
 }
 
+size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                            at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
+                            double lam_ref, double band) {
+  const size_t L = q.size();
+  TORCH_CHECK_VALUE(k_cache.size() == L && v_cache.size() == L && queue.size() == L && scale.size() == L &&
+                        mask.size() == L,
+                    "kvsmooth_steps_: q, k_cache, v_cache, queue, scale and mask need one entry per layer, got ",
+                    L, ", ", k_cache.size(), ", ", v_cache.size(), ", ", queue.size(), ", ", scale.size(), " and ",
+                    mask.size());
+  TORCH_CHECK_VALUE(L >= 1, "kvsmooth_steps_: needs at least one layer");
+  kvsmooth_check_lam(lam_ref, band);
+  TensorRefs outputs, inputs;
+  std::vector<std::optional<at::Tensor>> masks(L);
+  for (size_t i = 0; i < L; ++i) {
+    masks[i] = mask.get(i);
+    try {
+      kvsmooth_check("kvsmooth_step_", q[i], k_cache[i], &v_cache[i], &queue[i], masks[i]);
+      kvsmooth_scale(scale[i], q[i].size(3));
+    } catch (const c10::TypeError& e) {
+      TORCH_CHECK_TYPE(false, "kvsmooth_steps_: layer ", i, ": ", e.msg());
+    } catch (const c10::ValueError& e) {
+      TORCH_CHECK_VALUE(false, "kvsmooth_steps_: layer ", i, ": ", e.msg());
+    }
+    TORCH_CHECK_VALUE(q[i].size(0) == q[0].size(0), "kvsmooth_steps_: layer ", i, ": q has batch size ",
+                      q[i].size(0), " but layer 0's has ", q[0].size(0), " (one lam row [B] per layer)");
+    const std::string at = "[" + std::to_string(i) + "]";
+    outputs.emplace_back("k_cache" + at, &k_cache[i]);
+    outputs.emplace_back("v_cache" + at, &v_cache[i]);
+    outputs.emplace_back("queue" + at, &queue[i]);
+    inputs.emplace_back("q" + at, &q[i]);
+    inputs.emplace_back("mask" + at, masks[i].has_value() ? &*masks[i] : nullptr);
+  }
+  check_no_overlap("kvsmooth_steps_", outputs, inputs);
+  return L;
+}
+
 // Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
 static at::Tensor row_entropy_meta(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                                    const std::optional<at::Tensor>& mask) {
@@ -96,20 +133,31 @@ static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_ca
   return at::empty({q.size(0)}, q.options().dtype(at::kFloat));
 }
 
+static at::Tensor kvsmooth_steps_meta(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
+                                      at::TensorList queue, at::ArrayRef<double> scale,
+                                      const c10::List<std::optional<at::Tensor>>& mask, double lam_ref, double band) {
+  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+  return at::empty({static_cast<int64_t>(L), q[0].size(0)}, q[0].options().dtype(at::kFloat));
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_FRAGMENT(kvfix, m) {
   m.def("row_entropy(Tensor q, Tensor k, float? scale, Tensor? mask) -> Tensor");
   m.def("kvsmooth_step_(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) queue, float? scale, "
         "Tensor? mask, float lam_ref, float band, Tensor? position=None) -> Tensor");
+  m.def("kvsmooth_steps_(Tensor[] q, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor(c!)[] queue, float[] scale, "
+        "Tensor?[] mask, float lam_ref, float band) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cpu);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu>);
+  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_checked<&kvfix::kvsmooth_step_cpu_into>);
 }
 
 TORCH_LIBRARY_IMPL(kvfix, Meta, m) {
   m.impl("row_entropy", &kvfix::row_entropy_meta);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_meta);
+  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_meta);
 }

@@ -3,6 +3,9 @@
 // csrc/cuda/kvsmooth.cu: CUDA): the aliasing check (ops/common.h), then the device's kernel.
 #pragma once
 
+#include <ATen/core/List.h>
+#include <ATen/ops/empty.h>
+
 #include <optional>
 #include <vector>
 
@@ -39,6 +42,39 @@ at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache,
                    {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr},
                     {"position", position.has_value() ? &*position : nullptr}});
   return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position);
+}
+
+// The step writing lam into `lam` (undefined: allocated after the checks; else a float32 [B] view),
+// what kvsmooth_step_cpu / _cuda and each layer of kvsmooth_steps_ call.
+void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& queue, std::optional<double> scale,
+                            const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                            const std::optional<at::Tensor>& position, at::Tensor& lam);
+void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& queue, std::optional<double> scale,
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const std::optional<at::Tensor>& position, at::Tensor& lam);
+
+// kvsmooth_steps_: several layers' steps in one call (kvfix.hf.KVSmooth issues one per decoded
+// token). Every layer is checked (kvsmooth_check, its scale, one batch size B for all), then the
+// aliasing check over all layers' operands, before any layer is written; returns the number of
+// layers (>= 1).
+size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                            at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
+                            double lam_ref, double band);
+
+// Then the device's step per layer, in order, each writing its row of lam [L, B] float32.
+template <auto ImplInto>
+at::Tensor kvsmooth_steps_checked(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
+                                  at::TensorList queue, at::ArrayRef<double> scale,
+                                  const c10::List<std::optional<at::Tensor>>& mask, double lam_ref, double band) {
+  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+  at::Tensor lam = at::empty({static_cast<int64_t>(L), q[0].size(0)}, q[0].options().dtype(at::kFloat));
+  for (size_t i = 0; i < L; ++i) {
+    at::Tensor row = lam.select(0, static_cast<int64_t>(i));
+    ImplInto(q[i], k_cache[i], v_cache[i], queue[i], scale[i], mask.get(i), lam_ref, band, std::nullopt, row);
+  }
+  return lam;
 }
 
 }  // namespace kvfix

@@ -15,7 +15,7 @@ __all__ = ["KVSmooth", "KVSMOOTH_PRESETS"]
 
 # lam_ref per model family, the paper's values (CVPR 2026, arXiv 2602.04268).
 KVSMOOTH_PRESETS = {"llava-1.5": 0.9, "minigpt-4": 0.5, "instructblip": 0.7}
-_STEP_OP = torch.ops.kvfix.kvsmooth_step_.default  # kvfix.kvsmooth_step_ without its argument conversion
+_STEPS_OP = torch.ops.kvfix.kvsmooth_steps_.default  # kvfix.kvsmooth_steps_ without its argument conversion
 # The preset a model family gets when neither lam_ref nor preset is given is its adapter's
 # `kvsmooth_preset` (models.py): the paper gives no value for Qwen2-VL and the newer families,
 # which take the LLaVA-1.5 value (the closest architecture the paper tuned: a LLaMA-style decoder
@@ -25,16 +25,19 @@ _STEP_OP = torch.ops.kvfix.kvsmooth_step_.default  # kvfix.kvsmooth_step_ withou
 class KVSmooth(Method):
     """Entropy-guided smoothing of the KV cache during decoding (METHODS §2).
 
-    On every decoding step (one new token per sequence) and every selected layer, right after the
-    model's own attention has run (SDPA or whatever the model uses; no eager attention, no
-    `output_attentions`), one fused kernel call (`kvfix.kvsmooth_step_`) computes the entropy of
+    On every decoding step (one new token per sequence) and every selected layer, after the model's
+    own attention has run (SDPA or whatever the model uses; no eager attention, no
+    `output_attentions`), a fused kernel (`kvfix.kvsmooth_step_`) computes the entropy of
     each query head's attention row over the layer's cache (padding excluded), pushes its mean
     over heads z onto a per-sequence, per-layer queue of the last `queue_size` values M, ranks it
     as the paper does, `rank = k / M` with `k = #{queued values <= z}` (the 1-based rank of z,
     which counts itself; still divided by M while the queue fills), turns the rank into
     `lam = clamp(rank, lam_ref - band, lam_ref + band)` (then [0, 1]) and
     smooths the newest cache position in place: `K[t] = (1 - lam) K[t] + lam K[t-1]`, same for V.
-    Prefill is not smoothed.
+    Prefill is not smoothed. The selected layers' steps of a decoding forward run at its end, in
+    one call (`kvfix.kvsmooth_steps_`): the same result as right after each layer's attention (no
+    later layer reads or writes what a step reads or writes; the next token reads the smoothed
+    entries) for a fraction of the host's time per token (docs/HOST.md).
 
     Args:
         layers: text decoder layers to smooth. None: `[3, L)` (METHODS default; the paper smooths
@@ -92,6 +95,7 @@ class KVSmooth(Method):
         self.steps = 0
         self._selected: frozenset = frozenset()
         self._warned_no_cache = False
+        self._pending: list = []  # (ctx, layer, query, mask, scale) of this decoding forward's selected layers
 
     def __repr__(self):
         return (f"KVSmooth(layers={self.layers!r}, lam_ref={self.lam_ref!r}, band={self.band}, "
@@ -112,8 +116,12 @@ class KVSmooth(Method):
             preset = self.preset or handle.adapter.kvsmooth_preset
             self.resolved_lam_ref = KVSMOOTH_PRESETS[preset]
 
+    def unbind(self, handle: Handle) -> None:
+        self._pending = []
+
     def on_session_start(self, ctx: ForwardContext) -> None:
         self.lam_history = []
+        self._pending = []
 
     def queues(self) -> dict[int, torch.Tensor]:
         """The per-layer queues ({layer: float32 [B, queue_size]}, oldest entry first, NaN = empty)
@@ -136,8 +144,23 @@ class KVSmooth(Method):
                               "nothing to smooth", stacklevel=2)
                 self._warned_no_cache = True
             return out
-        self._step(ctx, layer_idx, module, query, attention_mask, kwargs)
+        # The step waits for the end of the forward (on_decode_end), where one op call does every
+        # layer's: what it reads (this query, the layer's cache up to the new token) no later layer
+        # changes, and what it writes (the new token's entry) only the next token reads. Every
+        # selected layer of every decoded token passes here: on a GPU decoding waits on the host's
+        # time per layer (docs/HOST.md), so only the query, mask and scale are kept.
+        if self._pending:
+            if self._pending[0][0] is not ctx:
+                self._pending = []  # left by a forward that raised
+            elif layer_idx <= self._pending[-1][1]:  # a layer again (or out of order): the steps so far first
+                self._flush(ctx)
+        scale = _compat.attention_scale(module, kwargs, query.shape[-1])
+        self._pending.append((ctx, layer_idx, query, attention_mask, scale))
         return out
+
+    def on_decode_end(self, ctx: ForwardContext) -> None:
+        if self._pending and self._pending[0][0] is ctx:
+            self._flush(ctx)
 
     def _queues(self, ctx: ForwardContext) -> dict:
         state = ctx.state(self)
@@ -151,33 +174,39 @@ class KVSmooth(Method):
             state["queues"] = {}
         return state["queues"]
 
-    def _step(self, ctx, layer_idx, module, query, attention_mask, kwargs) -> None:
-        # Every selected layer of every decoded token runs this: on a GPU decoding is bound by the
-        # host's time per layer (docs/HOST.md), so nothing here that the step does not need.
+    def _flush(self, ctx) -> None:
+        """The pending layers' steps (in the order their attention ran), in one op call."""
+        pending, self._pending = self._pending, []
         n = ctx.past_len + 1  # cache positions holding tokens: the current one is n - 1
-        k, v = _compat.layer_kv(ctx.cache, layer_idx, n)
-        if k.shape[2] != n or v.shape[2] != n:  # a static cache holds more positions: views of the first n
-            k, v = k[:, :, :n], v[:, :, :n]
-        B = query.shape[0]
         queues = self._queues(ctx)
-        queue = queues.get(layer_idx)
-        if queue is None or queue.shape[0] != B or queue.device != query.device:
-            queue = queues[layer_idx] = torch.full((B, self.queue_size), float("nan"), dtype=torch.float32,
-                                                   device=query.device)
-        mask = attention_mask
-        if mask is not None:
-            if mask.dim() == 4 and mask.shape[-1] != n:
-                mask = mask[..., :n]
-            if mask.dtype != torch.bool:
-                # "no attention" as -inf: the kernel treats those positions as padding (no part,
-                # no EMA across them)
-                mask = _compat.mask_minus_inf(mask)
-        scale = _compat.attention_scale(module, kwargs, query.shape[-1])
-        # the op itself, past kvsmooth_step_'s Python argument conversion: every argument here is
+        qs, ks, vs, qus, scales, masks = [], [], [], [], [], []
+        for _, layer_idx, query, mask, scale in pending:
+            k, v = _compat.layer_kv(ctx.cache, layer_idx, n)
+            if k.shape[2] != n or v.shape[2] != n:  # a static cache holds more positions: views of the first n
+                k, v = k[:, :, :n], v[:, :, :n]
+            B = query.shape[0]
+            queue = queues.get(layer_idx)
+            if queue is None or queue.shape[0] != B or queue.device != query.device:
+                queue = queues[layer_idx] = torch.full((B, self.queue_size), float("nan"), dtype=torch.float32,
+                                                       device=query.device)
+            if mask is not None:
+                if mask.dim() == 4 and mask.shape[-1] != n:
+                    mask = mask[..., :n]
+                if mask.dtype != torch.bool:
+                    # "no attention" as -inf: the kernel treats those positions as padding (no part,
+                    # no EMA across them)
+                    mask = _compat.mask_minus_inf(mask)
+            qs.append(query)
+            ks.append(k)
+            vs.append(v)
+            qus.append(queue)
+            scales.append(scale)
+            masks.append(mask)
+        # the op itself, past kvsmooth_steps_'s Python argument conversion: every argument here is
         # a tensor or a float already (lam_ref and band checked when the method was built), and
         # the op checks everything else; generate runs without autograd (no no_grad to enter)
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            lam = _STEP_OP(query, k, v, queue, scale, mask, self.resolved_lam_ref, self.band)
-        self.steps += 1
+            lams = _STEPS_OP(qs, ks, vs, qus, scales, masks, self.resolved_lam_ref, self.band)
+        self.steps += len(pending)
         if self.record_lam:
-            self.lam_history.append((ctx.past_len, layer_idx, lam))
+            self.lam_history.extend((ctx.past_len, p[1], lam) for p, lam in zip(pending, lams))

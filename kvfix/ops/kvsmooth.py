@@ -1,4 +1,4 @@
-"""KVSmooth (METHODS §2): `row_entropy`, `kvsmooth_step_`.
+"""KVSmooth (METHODS §2): `row_entropy`, `kvsmooth_step_`, `kvsmooth_steps_`.
 
 Every check of these two ops is stated once, in C++ (kvsmooth_check and friends in
 csrc/ops/kvsmooth.cpp), and runs in the CPU, CUDA and Meta kernels alike (the Meta kernel serves
@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from ._common import _as_real, _check_scale, _check_tensors
+from ._common import _as_real, _check_scale, _check_tensor, _check_tensors
 
-__all__ = ["row_entropy", "kvsmooth_step_"]
+__all__ = ["row_entropy", "kvsmooth_step_", "kvsmooth_steps_"]
 
 
 def _check_lam(lam_ref, band):
@@ -116,3 +116,42 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         _check_tensors(position=position)
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
                                                   _as_real(lam_ref, "lam_ref"), _as_real(band, "band"), position)
+
+
+def kvsmooth_steps_(qs, k_caches, v_caches, queues, *, scales=None, masks=None, lam_ref: float = 0.9,
+                    band: float = 0.2) -> torch.Tensor:
+    """Several layers' KVSmooth steps in one call: `kvsmooth_step_(qs[i], k_caches[i], v_caches[i],
+    queues[i], scale=scales[i], mask=masks[i], lam_ref=lam_ref, band=band)` for every i, in order,
+    with the same results; returns lam [L, B] float32 (row i: layer i's).
+
+    One dispatch from Python for all layers (kvfix.hf.KVSmooth issues one per decoded token,
+    after the forward: docs/HOST.md). Every layer's arguments are checked, and the caches and
+    queues of all layers for aliasing, before any layer is written; an error names the layer.
+
+    Args:
+        qs, k_caches, v_caches, queues: sequences with one entry per layer (at least one), as
+            `kvsmooth_step_` takes them; the layers' shapes, dtypes and devices may differ, their
+            batch size B may not.
+        scales: one logit scale per layer (None: 1 / sqrt(D) for every layer).
+        masks: one mask or None per layer (None: no mask anywhere).
+        lam_ref, band: as in `kvsmooth_step_`, for every layer.
+    """
+    qs, k_caches, v_caches, queues = list(qs), list(k_caches), list(v_caches), list(queues)
+    if not qs:
+        raise ValueError("kvsmooth_steps_: needs at least one layer")
+    for name, xs in (("qs", qs), ("k_caches", k_caches), ("v_caches", v_caches), ("queues", queues)):
+        for i, x in enumerate(xs):
+            _check_tensor(x, f"{name}[{i}]")
+    masks = [None] * len(qs) if masks is None else list(masks)
+    for i, m in enumerate(masks):
+        if m is not None:
+            _check_tensor(m, f"masks[{i}]")
+    scales = [None] * len(qs) if scales is None else list(scales)
+    for i, s in enumerate(scales):  # None: the default of layer i (the op checks the list lengths)
+        s = _check_scale(s)
+        if s is None:
+            D = qs[i].shape[-1] if i < len(qs) and qs[i].dim() == 4 else 0
+            s = 1.0 / math.sqrt(D) if D > 0 else 1.0
+        scales[i] = s
+    return torch.ops.kvfix.kvsmooth_steps_.default(qs, k_caches, v_caches, queues, scales, masks,
+                                                   _as_real(lam_ref, "lam_ref"), _as_real(band, "band"))
