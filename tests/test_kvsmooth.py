@@ -806,20 +806,27 @@ def test_cuda_step_issues_no_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _captured(step, k, v, queue):
+    """`step(k, v, queue)` captured in a CUDA graph, after a warm-up call on copies on a side
+    stream: (graph, the captured call's output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(k.clone(), v.clone(), queue.clone())
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step(k, v, queue)
+    return g, out
+
+
 @cuda
 def test_cuda_graph_capture_and_replay():
     q, k, v = _decode_inputs(2, 8, 2, 700, 64, torch.float16, "cuda")
     mask = _padding_mask(2, 700, "bool", "cuda")
     k_eager, v_eager, queue_eager = k.clone(), v.clone(), torch.zeros(2, 6, device="cuda")
     queue = queue_eager.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside the capture, on copies
-        kvfix.kvsmooth_step_(q, k.clone(), v.clone(), queue.clone(), mask=mask)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        lam = kvfix.kvsmooth_step_(q, k, v, queue, mask=mask)
+    g, lam = _captured(lambda k, v, qu: kvfix.kvsmooth_step_(q, k, v, qu, mask=mask), k, v, queue)
     for _ in range(3):  # replays keep smoothing the same position and pushing onto the queue
         g.replay()
         want = kvfix.kvsmooth_step_(q, k_eager, v_eager, queue_eager, mask=mask)
@@ -840,14 +847,7 @@ def test_cuda_graph_replays_over_a_static_cache_with_the_position_in_device_memo
     ks[:, :, :T0], vs[:, :, :T0] = k, v
     q, pos = q0.clone(), torch.tensor([T0 - 1], device="cuda")
     queue, queue_eager = torch.full((B, 15), NAN, device="cuda"), torch.full((B, 15), NAN, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside the capture, on copies
-        kvfix.kvsmooth_step_(q, ks.clone(), vs.clone(), queue.clone(), position=pos)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        lam = kvfix.kvsmooth_step_(q, ks, vs, queue, position=pos)
+    g, lam = _captured(lambda k, v, qu: kvfix.kvsmooth_step_(q, k, v, qu, position=pos), ks, vs, queue)
     for step in range(15):
         q_new, k_new, v_new = _decode_inputs(B, Hq, Hkv, 1, D, torch.bfloat16, "cuda")
         k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)

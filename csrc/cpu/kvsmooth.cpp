@@ -594,13 +594,4 @@ void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
 }
 
-at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                             const std::optional<at::Tensor>& position) {
-  at::Tensor lam;
-  kvsmooth_step_cpu_into(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position, lam);
-  return lam;
-}
-
 }  // namespace kvfix

@@ -72,19 +72,10 @@ void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, con
   launch(a, q);
 }
 
-at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& queue, std::optional<double> scale,
-                              const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                              const std::optional<at::Tensor>& position) {
-  at::Tensor lam;
-  kvsmooth_step_cuda_into(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position, lam);
-  return lam;
-}
-
 }  // namespace kvfix
 
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cuda);
-  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda>);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda_into>);
   m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_checked<&kvfix::kvsmooth_step_cuda_into>);
 }

@@ -28,12 +28,10 @@ void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at
 
 at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                            const std::optional<at::Tensor>& mask);
-at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                             const std::optional<at::Tensor>& position);
 
-template <auto Impl>
+// kvsmooth_step_ on a device: the aliasing check (ops/common.h), then its step (kvsmooth_step_cpu_into
+// or kvsmooth_step_cuda_into, below) into a new lam [B].
+template <auto ImplInto>
 at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& queue, std::optional<double> scale,
                                  const std::optional<at::Tensor>& mask, double lam_ref, double band,
@@ -41,11 +39,13 @@ at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache,
   check_no_overlap("kvsmooth_step_", {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"queue", &queue}},
                    {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr},
                     {"position", position.has_value() ? &*position : nullptr}});
-  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position);
+  at::Tensor lam;
+  ImplInto(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position, lam);
+  return lam;
 }
 
-// The step writing lam into `lam` (undefined: allocated after the checks; else a float32 [B] view),
-// what kvsmooth_step_cpu / _cuda and each layer of kvsmooth_steps_ call.
+// The step writing lam into `lam` (undefined: allocated after the checks; else a float32 [B] view):
+// what kvsmooth_step_ and each layer of kvsmooth_steps_ run on the device.
 void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& queue, std::optional<double> scale,
                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
