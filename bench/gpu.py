@@ -14,8 +14,8 @@ wall-clock timer: a smoke test of this script without a GPU, whose numbers mean 
 record of the models section instead: the same configs at full width with their text and vision
 layer counts cut to 4 (issue 18's "same benchmark on the CPU"); `--device cpu --sections host --dtype fp32
 --out bench/HOST_CPU.md` is the CPU record of the host section (one thread).
-Expected run time on an H100: about 2 minutes (the op sections ~40 s, each model ~35-40 s;
-ESTIMATE_S below is what a section must have left to start).
+Expected run time on an H100: about 2.5 minutes (the op sections ~40 s, the host section ~30 s, each
+model ~35-40 s; ESTIMATE_S below is what a section must have left to start).
 
 Sections (bf16 unless a row says otherwise; inputs are random normal, never zeros):
 - baselines: copy bandwidth (a 1 GiB device copy: read + write bytes / time; every roofline
