@@ -441,6 +441,9 @@ def test_steps_bad_input_names_the_layer_and_writes_nothing():
         call(lam_ref=2.0)
     with pytest.raises(ValueError, match="at least one layer"):
         kvfix.kvsmooth_steps_([], [], [], [])
+    with pytest.raises(ValueError, match="layer 1: q is on meta but layer 0's is on cpu"):
+        call(qs=[qs[0], qs[1].to("meta"), qs[2]], k_caches=[ks[0], ks[1].to("meta"), ks[2]],
+             v_caches=[vs[0], vs[1].to("meta"), vs[2]], queues=[qus[0], qus[1].to("meta"), qus[2]])
     q3, k3, v3 = _decode_inputs(3, 4, 2, 6, 16, torch.float32)
     with pytest.raises(ValueError, match="layer 1: q has batch size 3 but layer 0's has 2"):
         call(qs=[qs[0], q3, qs[2]], k_caches=[ks[0], k3, ks[2]], v_caches=[vs[0], v3, vs[2]],

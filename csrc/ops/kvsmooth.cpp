@@ -103,6 +103,8 @@ size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::Tensor
     }
     TORCH_CHECK_VALUE(q[i].size(0) == q[0].size(0), "kvsmooth_steps_: layer ", i, ": q has batch size ",
                       q[i].size(0), " but layer 0's has ", q[0].size(0), " (one lam row [B] per layer)");
+    TORCH_CHECK_VALUE(q[i].device() == q[0].device(), "kvsmooth_steps_: layer ", i, ": q is on ", q[i].device(),
+                      " but layer 0's is on ", q[0].device(), " (lam [L, B] is on one device)");
     const std::string at = "[" + std::to_string(i) + "]";
     outputs.emplace_back("k_cache" + at, &k_cache[i]);
     outputs.emplace_back("v_cache" + at, &v_cache[i]);

@@ -56,7 +56,7 @@ void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, con
                              const std::optional<at::Tensor>& position, at::Tensor& lam);
 
 // kvsmooth_steps_: several layers' steps in one call (kvfix.hf.KVSmooth issues one per decoded
-// token). Every layer is checked (kvsmooth_check, its scale, one batch size B for all), then the
+// token). Every layer is checked (kvsmooth_check, its scale, one batch size and device for all), then the
 // aliasing check over all layers' operands, before any layer is written; returns the number of
 // layers (>= 1).
 size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,

@@ -130,8 +130,8 @@ def kvsmooth_steps_(qs, k_caches, v_caches, queues, *, scales=None, masks=None, 
 
     Args:
         qs, k_caches, v_caches, queues: sequences with one entry per layer (at least one), as
-            `kvsmooth_step_` takes them; the layers' shapes, dtypes and devices may differ, their
-            batch size B may not.
+            `kvsmooth_step_` takes them; the layers' shapes and dtypes may differ, their batch
+            size B and device may not.
         scales: one logit scale per layer (None: 1 / sqrt(D) for every layer).
         masks: one mask or None per layer (None: no mask anywhere).
         lam_ref, band: as in `kvsmooth_step_`, for every layer.
