@@ -244,9 +244,12 @@ def test_stacks_with_dscr(llava):
         assert torch.equal(la.keys[:, :, :T0], lc.keys[:, :, :T0])  # the DSCR-refined prefill is untouched
 
 
-def test_no_host_sync_in_decode_steps(llava):
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+def test_no_host_sync_in_decode_steps(llava, base):
     """During decoding forwards, KVSmooth issues no aten._local_scalar_dense (.item(), bool(t),
-    .tolist(): a device-to-host sync on CUDA) and no data-dependent-shape op (nonzero)."""
+    .tolist(): a device-to-host sync on CUDA) and no data-dependent-shape op (nonzero); and no op
+    it does not need (SDPA's bool mask as it is; eager's additive mask made -inf once per forward,
+    not once per layer)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -274,20 +277,30 @@ def test_no_host_sync_in_decode_steps(llava):
         def on_decode_end(self, ctx):
             self.c.on = False
 
+    class Through(kvfix.hf.Method):  # the same attention entry as KVSmooth's, doing nothing
+        name = "through"
+        uses_attention = True
+
     inputs = prompt(llava, "llava")
     counts = {}
-    for label, methods in (("plain", ()), ("kvsmooth", (kvfix.hf.KVSmooth(layers=range(4)),))):
-        c = Count()
-        with kvfix.hf.enable(llava, *methods, Window(c)), c:
-            gen(llava, inputs, 4)
-        counts[label] = (c.hits, c.ops)
+    was = llava.config.get_text_config()._attn_implementation
+    llava.set_attn_implementation(base)
+    try:
+        for label, methods in (("plain", (Through(),)), ("kvsmooth", (kvfix.hf.KVSmooth(layers=range(4)),))):
+            c = Count()
+            with kvfix.hf.enable(llava, *methods, Window(c)), c:
+                gen(llava, inputs, 4)
+            counts[label] = (c.hits, c.ops)
+    finally:
+        llava.set_attn_implementation(was)
     # transformers' own sdpa_mask reads one value per forward; KVSmooth adds nothing to that
     assert counts["kvsmooth"][0] == counts["plain"][0]
     assert len(counts["plain"][0]) <= 3  # one per decoding forward (3 of them)
     # the host's time per decoded token is what a GPU waits on (docs/HOST.md): on a dynamic cache
-    # with SDPA's mask KVSmooth dispatches one op per decoding forward for its 4 layers and nothing
-    # else (no view of the cache), plus each layer's queue at the first step
-    assert counts["kvsmooth"][1] - counts["plain"][1] == 3 + 4
+    # KVSmooth dispatches one op per decoding forward for its 4 layers (eager: and the mask's two
+    # ops, once) and nothing else (no view of the cache), plus each layer's queue at the first step
+    per_forward = {"sdpa": 1, "eager": 3}[base]
+    assert counts["kvsmooth"][1] - counts["plain"][1] == 3 * per_forward + 4
 
 
 def test_static_cache_equals_dynamic_cache(llava):

@@ -180,6 +180,7 @@ class KVSmooth(Method):
         n = ctx.past_len + 1  # cache positions holding tokens: the current one is n - 1
         queues = self._queues(ctx)
         qs, ks, vs, qus, scales, masks = [], [], [], [], [], []
+        seen = (None, None)  # (the last mask given, its form for the kernel)
         for _, layer_idx, query, mask, scale in pending:
             k, v = _compat.layer_kv(ctx.cache, layer_idx, n)
             if k.shape[2] != n or v.shape[2] != n:  # a static cache holds more positions: views of the first n
@@ -190,12 +191,17 @@ class KVSmooth(Method):
                 queue = queues[layer_idx] = torch.full((B, self.queue_size), float("nan"), dtype=torch.float32,
                                                        device=query.device)
             if mask is not None:
-                if mask.dim() == 4 and mask.shape[-1] != n:
-                    mask = mask[..., :n]
-                if mask.dtype != torch.bool:
-                    # "no attention" as -inf: the kernel treats those positions as padding (no part,
-                    # no EMA across them)
-                    mask = _compat.mask_minus_inf(mask)
+                given = mask
+                if given is seen[0]:  # the layers share the model's mask: converted once per token
+                    mask = seen[1]
+                else:
+                    if mask.dim() == 4 and mask.shape[-1] != n:
+                        mask = mask[..., :n]
+                    if mask.dtype != torch.bool:
+                        # "no attention" as -inf: the kernel treats those positions as padding (no
+                        # part, no EMA across them)
+                        mask = _compat.mask_minus_inf(mask)
+                    seen = (given, mask)
             qs.append(query)
             ks.append(k)
             vs.append(v)

@@ -1,6 +1,6 @@
 """KVSmooth (METHODS §2): `row_entropy`, `kvsmooth_step_`, `kvsmooth_steps_`.
 
-Every check of these two ops is stated once, in C++ (kvsmooth_check and friends in
+Every check of these ops is stated once, in C++ (kvsmooth_check and friends in
 csrc/ops/kvsmooth.cpp), and runs in the CPU, CUDA and Meta kernels alike (the Meta kernel serves
 torch.compile / FakeTensor / opcheck): shapes, dtypes, devices and numbers only, no tensor value
 read on the host (no .item(), no sync), so the ops stay usable inside CUDA graphs. The wrappers
@@ -113,7 +113,7 @@ def kvsmooth_step_(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """
     _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, queue=queue, mask=mask)
     if position is not None:
-        _check_tensors(position=position)
+        _check_tensor(position, "position")
     return torch.ops.kvfix.kvsmooth_step_.default(q, k_cache, v_cache, queue, _check_scale(scale), mask,
                                                   _as_real(lam_ref, "lam_ref"), _as_real(band, "band"), position)
 
