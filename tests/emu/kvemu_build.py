@@ -387,6 +387,7 @@ class Module:
         self.lib.kvemu_last_error.restype = ctypes.c_char_p
         self.lib.kvemu_set_seed.argtypes = [ctypes.c_longlong]
         self.lib.kvemu_current_seed.restype = ctypes.c_longlong
+        self.lib.kvemu_grids_run.restype = ctypes.c_longlong
         self._entries: dict[str, Any] = {}
 
     @property
@@ -396,6 +397,11 @@ class Module:
     @property
     def seed(self) -> int:
         return int(self.lib.kvemu_current_seed())
+
+    @property
+    def grids_run(self) -> int:
+        """Grids this module has launched so far (valid configurations, failed or not)."""
+        return int(self.lib.kvemu_grids_run())
 
     def reset(self) -> None:
         """Forget cudaFuncSetAttribute opt-ins and any seed override of this module."""

@@ -332,6 +332,7 @@ def test_math_intrinsics(st):
 
 
 def test_launch_configuration_errors(st):
+    before = st.grids_run
     with pytest.raises(EmuError) as e:
         st.noop(0, 32, 0, quiet=True)
     assert e.value.code == CUDA_ERROR_INVALID_CONFIGURATION and "invalid grid" in e.value.report
@@ -341,7 +342,9 @@ def test_launch_configuration_errors(st):
     with pytest.raises(EmuError) as e:
         st.noop(1, 32, 300_000, quiet=True)
     assert e.value.code == CUDA_ERROR_INVALID_VALUE
+    assert st.grids_run == before  # none of them ran
     st.noop(2, 1024, 0)
+    assert st.grids_run == before + 1  # launches are counted (kvfix tests count a launcher's grids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,6 +125,11 @@ inline std::atomic<int64_t>& seed_override() {
   return v;
 }
 
+inline std::atomic<int64_t>& grids_run() {  // grids launched with a valid configuration (kvfix tests count them)
+  static std::atomic<int64_t> v{0};
+  return v;
+}
+
 inline std::atomic<int>& quiet_override() {  // -1: KVFIX_EMU_QUIET decides
   static std::atomic<int> v{-1};
   return v;
@@ -145,6 +150,10 @@ inline uint64_t current_seed() {
   const int64_t e = detail::env_int("KVFIX_EMU_SEED", 0);
   return e < 0 ? 0 : static_cast<uint64_t>(e);
 }
+
+// Grids launched so far in this module (a valid configuration; failed or not): tests count a
+// launcher's launches with it.
+inline int64_t grids_run() { return detail::grids_run().load(); }
 
 // Whether failed launches print their report on stderr: 1 quiet, 0 print, -1 KVFIX_EMU_QUIET.
 inline void set_quiet(int q) { detail::quiet_override().store(q < 0 ? -1 : (q ? 1 : 0)); }
@@ -955,6 +964,7 @@ inline cudaError_t run_grid(const LaunchConfig& cfg, const LaunchSite& site, Bod
   Engine& e = engine();
   if (e.cur)
     return launch_failed(cudaErrorNotSupported, where() + "launch from inside a kernel is not emulated");
+  grids_run().fetch_add(1);
   const LaunchState st{cfg, site, body, static_cast<int>(nthreads)};
   e.failed = false;
   e.fail_code = cudaSuccess;

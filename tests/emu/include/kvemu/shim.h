@@ -155,3 +155,4 @@ KVEMU_EXPORT long long kvemu_current_seed() { return static_cast<long long>(::kv
 KVEMU_EXPORT int kvemu_is_asan() { return KVEMU_ASAN; }
 KVEMU_EXPORT void kvemu_reset() { ::kvemu::reset(); }
 KVEMU_EXPORT void kvemu_set_quiet(int q) { ::kvemu::set_quiet(q); }
+KVEMU_EXPORT long long kvemu_grids_run() { return static_cast<long long>(::kvemu::grids_run()); }
