@@ -408,6 +408,30 @@ def test_steps_of_several_layers_equal_one_call_per_layer(device):
     assert lam_many.shape == (len(specs), 2) and (lam_many > 0).any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_of_layers_of_one_shape_and_mask_equal_one_call_per_layer(device):
+    """What kvfix.hf.KVSmooth hands kvsmooth_steps_ per decoded token: layers of one shape sharing
+    the model's mask (on CUDA the layers of one launch pair, 64 at most: 70 layers take two): the
+    same lam, caches and queues as kvsmooth_step_ layer by layer, bit for bit."""
+    B, Hq, Hkv, T, D, L = 2, 8, 2, 150, 64, 70
+    mask = _padding_mask(B, T, "bool", device)
+    layers = []
+    for i in range(L):
+        q, k, v = _decode_inputs(B, Hq, Hkv, T, D, torch.bfloat16, device)
+        z = R.row_entropy(q.double(), k.double(), mask=mask).mean(1)
+        layers.append((q, k, v, _queue_far_from(z, 7, i % 8, gen_seed=i)))
+    one = [(k.clone(), v.clone(), qu.clone()) for _, k, v, qu in layers]
+    lam_one = torch.stack([kvfix.kvsmooth_step_(q, k, v, qu, mask=mask)
+                           for (q, _, _, _), (k, v, qu) in zip(layers, one)])
+    many = [(k.clone(), v.clone(), qu.clone()) for _, k, v, qu in layers]
+    lam_many = kvfix.kvsmooth_steps_([x[0] for x in layers], [x[0] for x in many], [x[1] for x in many],
+                                     [x[2] for x in many], masks=[mask] * L)
+    assert torch.equal(lam_one, lam_many) and (lam_many > 0).all()
+    for a, b in zip(one, many):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[2], b[2], rtol=0, atol=0, equal_nan=True)
+
+
 def test_steps_bad_input_names_the_layer_and_writes_nothing():
     layers = [_decode_inputs(2, 4, 2, 6, 16, torch.float32) for _ in range(3)]
     qs = [q for q, _, _ in layers]

@@ -594,4 +594,17 @@ void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
 }
 
+at::Tensor kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                              at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
+                              double lam_ref, double band) {
+  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band).size();
+  at::Tensor lam = at::empty({static_cast<int64_t>(L), q[0].size(0)}, q[0].options().dtype(at::kFloat));
+  for (size_t i = 0; i < L; ++i) {
+    at::Tensor row = lam.select(0, static_cast<int64_t>(i));
+    kvsmooth_step_cpu_into(q[i], k_cache[i], v_cache[i], queue[i], scale[i], mask.get(i), lam_ref, band,
+                           std::nullopt, row);
+  }
+  return lam;
+}
+
 }  // namespace kvfix

@@ -1,8 +1,9 @@
 // KVSmooth on CUDA (METHODS §2): the ATen side of csrc/kernels/kvsmooth.cuh.
 //
 // Checks are shared with the CPU path (kvfix::kvsmooth_check and friends in csrc/ops/kvsmooth.cpp; they read
-// metadata only). Each call is two launches on the current stream with a small workspace from the
-// caching allocator (B * Hq * splits * 3 floats): no host synchronisation and no value read back,
+// metadata only). Each call is two launches on the current stream (kvsmooth_steps_: two per run of
+// up to 64 consecutive layers of one shape) with a small workspace from the caching allocator
+// (B * Hq * splits * 3 floats per layer): no host synchronisation and no value read back,
 // so a decode step can be captured in a CUDA graph. The number of position splits depends on the
 // shapes and the device's SM count only (cached device properties, no sync).
 //
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "aten_view.h"
 #include "kernels/kvsmooth.cuh"
@@ -72,10 +74,45 @@ void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, con
   launch(a, q);
 }
 
+at::Tensor kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                               at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
+                               double lam_ref, double band) {
+  const std::vector<MaskView> masks = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+  const int64_t L = static_cast<int64_t>(masks.size()), B = q[0].size(0);
+  const c10::cuda::CUDAGuard guard(q[0].device());
+  at::Tensor lam = at::empty({L, B}, q[0].options().dtype(at::kFloat));
+  if (B == 0) return lam;
+  std::vector<kernels::KvsmoothArgs> args(static_cast<size_t>(L));
+  float* lam_p = lam.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < L; ++i) {
+    TORCH_CHECK_VALUE(q[i].size(3) <= kernels::kKvsmoothMaxHeadDim, "kvsmooth_steps_: layer ", i, ": q head dim ",
+                      q[i].size(3), " is larger than the CUDA kernel's ", kernels::kKvsmoothMaxHeadDim);
+    kernels::KvsmoothArgs& a = args[i];
+    a = args_of(q[i], k_cache[i], masks[i], kvsmooth_scale(scale[i], q[i].size(3)));
+    a.k = k_cache[i].mutable_data_ptr();
+    kernels::kvsmooth_pack_step(a, out_view_of(v_cache[i]), out_view_of(queue[i]), lam_p + i * B,
+                                static_cast<float>(lam_ref - band), static_cast<float>(lam_ref + band), nullptr);
+  }
+  at::Tensor work = at::empty({kernels::kvsmooth_steps_workspace_floats(args.data(), L)},
+                              q[0].options().dtype(at::kFloat));
+  float* w = work.mutable_data_ptr<float>();
+  const cudaStream_t stream = stream_of(q[0]);
+  for (int64_t i0 = 0; i0 < L;) {  // runs of one dtype: consecutive layers of one shape share launches
+    int64_t n = 1;
+    while (i0 + n < L && q[i0 + n].scalar_type() == q[i0].scalar_type()) ++n;
+    check_launch("kvsmooth_steps_", kernels::dispatch_float(kernel_dtype(q[i0].scalar_type()), [&](auto tag) {
+                   return kernels::kvsmooth_steps_launch<decltype(tag)>(args.data() + i0, n, w, stream);
+                 }));
+    w += kernels::kvsmooth_steps_workspace_floats(args.data() + i0, n);
+    i0 += n;
+  }
+  return lam;
+}
+
 }  // namespace kvfix
 
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cuda);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda_into>);
-  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_checked<&kvfix::kvsmooth_step_cuda_into>);
+  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_cuda);
 }

@@ -1,4 +1,5 @@
-// KVSmooth (METHODS §2) as two CUDA launches per layer step. Framework-free: CUDA runtime and C++
+// KVSmooth (METHODS §2) as two CUDA launches per step, of one layer or of up to kKvsMaxLayers layers
+// of one shape (kvsmooth_steps_launch: the layers are the grid's y index). Framework-free: CUDA runtime and C++
 // headers only, so the ATen side (csrc/cuda/kvsmooth.cu), the resource report
 // (tools/ptxas_report.py) and the CPU-side SIMT emulator (tests/emu/) all compile this source.
 //
@@ -24,7 +25,8 @@
 // gives every entropy of the item nan, pushes nan, returns lam nan and writes no cache position.
 //
 // Launch 1, kvsmooth_partial_kernel: one block of 128 threads per (split of the positions, kv head,
-// batch item). Positions are split so that the grid has about 4 blocks per SM (kvsmooth_splits).
+// batch item) and layer. Positions are split so that one layer's grid has about 4 blocks per SM
+// (kvsmooth_splits; the same splits for a layer launched alone or with others).
 // Threads form row groups of TPR lanes; a row group owns one key row at a time, each lane 16 bytes
 // (VEC elements) of it per chunk, CPL chunks (TPR * VEC * CPL >= D), read with 16-byte loads when
 // pointers and strides allow, element by element otherwise. The query rows of up to
@@ -39,10 +41,10 @@
 // partial state (m, l, u) per query head to the workspace. More than kKvsHeadsPerPass query heads
 // per kv head: the block runs several passes over its rows (the second and later ones hit L2).
 //
-// Launch 2, kvsmooth_finish_kernel: one block per batch item merges the splits of every query head
-// in a fixed order (row_entropy: writes H), sums the heads in a fixed tree (deterministic), and for
-// the step: thread 0 pushes z, ranks it and clamps lam, then the block applies the EMA to the last
-// position of every kv head of K and V. Launch order on one stream is what makes the EMA run after
+// Launch 2, kvsmooth_finish_kernel: one block per batch item and layer merges the splits of every
+// query head in a fixed order (row_entropy: writes H), sums the heads in a fixed tree
+// (deterministic), and for the step: thread 0 pushes z, ranks it and clamps lam, then the block
+// applies the EMA to the last position of every kv head of K and V. Launch order on one stream is what makes the EMA run after
 // every key has been read; no atomics, no host synchronisation, nothing depends on values read back
 // by the host: both launches (and the workspace from the caching allocator) can be captured in a
 // CUDA graph.
@@ -98,6 +100,22 @@ constexpr int kKvsmoothDynamicSmemBytes = 0;
 constexpr int kKvsThreads = 128;       // threads per block, both kernels
 constexpr int kKvsHeadsPerPass = 8;    // query heads per kv head handled in one pass over the rows
 constexpr int64_t kKvsMinRowsPerSplit = 64;
+// Layers per launch pair (kvsmooth_steps_launch): the pointer table below is a kernel parameter,
+// 2560 bytes at 64 layers, which with KvsmoothArgs stays under the 4 KiB parameter limit of
+// sm_80 / sm_90 launches.
+constexpr int kKvsMaxLayers = 64;
+
+// What differs between the layers of one launch pair: layer blockIdx.y reads q[y] and k[y], and a
+// step writes k[y], v[y], queue[y], lam[y] and its workspace work[y] (the KvsmoothArgs fields of
+// the same names are layer 0's; no kernel reads them).
+struct KvsmoothLayers {
+  const void* q[kKvsMaxLayers];
+  void* k[kKvsMaxLayers];
+  void* v[kKvsMaxLayers];
+  float* queue[kKvsMaxLayers];
+  float* lam[kKvsMaxLayers];
+  float* work[kKvsMaxLayers];  // kvsmooth_workspace_floats each
+};
 
 // Position splits per (b, kv head): about 4 blocks per SM in all, at least kKvsMinRowsPerSplit
 // positions per split.
@@ -185,10 +203,17 @@ __device__ __forceinline__ void merge(float& m, float& l, float& u, float m2, fl
 
 }  // namespace kvs_detail
 
+// Blocks per SM the partial kernel asks ptxas for (0: ptxas's choice). fp32 rows of more than 256
+// columns (4 chunks per lane): ptxas's own choice, 96 registers for 5 blocks, spilled once the
+// kernel read the layer table; 4 blocks leave it the registers.
+constexpr int kvs_min_blocks(int elem_bytes, int cpl) { return elem_bytes == 4 && cpl == 4 ? 4 : 0; }
+
 // Launch 1: partial online-softmax states of every query head over one split of the positions.
-// Block (split, kv head h, item b) = blockIdx.x (split fastest). vec: 16-byte loads of K allowed.
+// Block (split, kv head h, item b) = blockIdx.x (split fastest), layer blockIdx.y. vec: 16-byte
+// loads of every layer's K allowed.
 template <class T, int TPR, int CPL>
-__global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const KvsmoothArgs a, const int vec) {
+__global__ void __launch_bounds__(kKvsThreads, kvs_min_blocks(sizeof(T), CPL))
+    kvsmooth_partial_kernel(const KvsmoothArgs a, const KvsmoothLayers ls, const int vec) {
   using namespace kvs_detail;
   constexpr int VEC = 16 / int(sizeof(T));   // elements per 16-byte chunk
   constexpr int NRG = kKvsThreads / TPR;     // row groups per block
@@ -199,13 +224,15 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
 
   __shared__ __align__(16) float s_q[GP][DMAX];
   __shared__ float s_st[NRG][GP][3];
+  __shared__ const void* s_qp;  // the layer's q and workspace (below)
+  __shared__ float* s_wp;
 
   const int tid = threadIdx.x, lane = tid % TPR, rg = tid / TPR;
   // 32-bit index arithmetic (the launcher keeps the grid below 2^31 blocks): 64-bit division
   // would be a called subroutine.
   const unsigned S = static_cast<unsigned>(a.splits), Hkv = static_cast<unsigned>(a.Hkv);
   const unsigned bh = blockIdx.x / S, split = blockIdx.x - bh * S;
-  const int64_t h = bh % Hkv, b = bh / Hkv;
+  const unsigned h = bh % Hkv, b = bh / Hkv;
   const int64_t per = a.rows_per_split;
   const int64_t t0 = split * per;
   const int64_t n = positions(a.pos, a.T);
@@ -213,7 +240,14 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
   const int rows = t1 > t0 ? static_cast<int>(t1 - t0) : 0;  // <= rows_per_split < 2^31 (the launcher)
   const int g = static_cast<int>(a.Hq) / static_cast<int>(a.Hkv);
   const int D = static_cast<int>(a.D);
-  const T* const kbase = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
+  const T* const kbase = static_cast<const T*>(ls.k[blockIdx.y]) + b * a.k_sb + h * a.k_sh;
+  // The layer's query and workspace pointers through shared memory, read after barriers: so they
+  // hold no register across the loop over the rows (which spilled in several instantiations).
+  if (tid == 0) {
+    s_qp = ls.q[blockIdx.y];
+    s_wp = ls.work[blockIdx.y];
+  }
+  __syncthreads();
 
   for (int h0 = 0; h0 < g; h0 += GP) {
     const int gn = g - h0 < GP ? g - h0 : GP;
@@ -223,7 +257,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
       const int j = e / DMAX, d = e % DMAX;
       float x = 0.0f;
       if (j < gn && d < D) {
-        const T* qrow = static_cast<const T*>(a.q) + b * a.q_sb + (h * g + h0 + j) * a.q_sh;
+        const T* qrow = static_cast<const T*>(s_qp) + b * a.q_sb + (h * g + h0 + j) * a.q_sh;
         x = Num<T>::to_f(qrow[d]);
       }
       s_q[j][d] = x;
@@ -308,7 +342,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
     if (tid < gn) {
       float mm = neg_inf(), ll = 0.0f, uu = 0.0f;
       for (int r = 0; r < NRG; ++r) merge(mm, ll, uu, s_st[r][tid][0], s_st[r][tid][1], s_st[r][tid][2]);
-      float* w = a.work + ((b * a.Hq + h * g + h0 + tid) * S + split) * 3;
+      float* w = s_wp + ((b * a.Hq + h * g + h0 + tid) * S + split) * 3;
       w[0] = mm;
       w[1] = ll;
       w[2] = uu;
@@ -316,14 +350,15 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_partial_kernel(const Kvs
   }
 }
 
-// Launch 2: per batch item, merge the splits; row_entropy: write H; step: z, queue, lam, EMA.
+// Launch 2: per batch item (blockIdx.x) and layer (blockIdx.y), merge the splits; row_entropy: write H; step: z, queue, lam, EMA.
 template <class T>
-__global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const KvsmoothArgs a) {
+__global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const KvsmoothArgs a, const KvsmoothLayers ls) {
   using namespace kvs_detail;
   __shared__ float s_sum[kKvsThreads];
   __shared__ float s_lam;
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
+  const unsigned layer = blockIdx.y;
   const int64_t S = a.splits;
   const int64_t n = positions(a.pos, a.T);
   const bool valid = a.pos == nullptr || n > 0;
@@ -331,14 +366,14 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
   float hsum = 0.0f;
   for (int64_t hq = tid; hq < a.Hq; hq += kKvsThreads) {
     float m = neg_inf(), l = 0.0f, u = 0.0f;
-    const float* w = a.work + (b * a.Hq + hq) * S * 3;
+    const float* w = ls.work[layer] + (b * a.Hq + hq) * S * 3;
     for (int64_t s = 0; s < S; ++s) merge(m, l, u, w[3 * s], w[3 * s + 1], w[3 * s + 2]);
     const float H = !valid || is_poisoned(m, l) ? __int_as_float(0x7fffffff)  // a nan or +inf logit: no softmax
                                                 : l > 0.0f ? logf(l) - u / l : 0.0f;
     if (a.entropy != nullptr) a.entropy[b * a.Hq + hq] = H;
     hsum += H;
   }
-  if (a.queue == nullptr) return;  // row_entropy: done (uniform over the block)
+  if (a.entropy != nullptr) return;  // row_entropy: done (uniform over the block)
 
   s_sum[tid] = hsum;
   __syncthreads();
@@ -349,7 +384,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
   }
   if (tid == 0) {
     const float z = a.Hq > 0 ? s_sum[0] / static_cast<float>(a.Hq) : 0.0f;
-    float* row = a.queue + b * a.qu_sb;
+    float* row = ls.queue[layer] + b * a.qu_sb;
     const int64_t M = a.M;
     for (int64_t i = 0; i + 1 < M; ++i) row[i * a.qu_sm] = row[(i + 1) * a.qu_sm];
     row[(M - 1) * a.qu_sm] = z;
@@ -360,7 +395,7 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
     lam = fminf(fmaxf(lam, 0.0f), 1.0f);
     if (z != z) lam = z;  // no rank (fminf / fmaxf would drop the nan)
     if (valid && (n < 2 || !(Mask::at(a.mask, b, 0, 0, n - 2) > neg_inf()))) lam = 0.0f;
-    a.lam[b] = lam;
+    ls.lam[layer][b] = lam;
     s_lam = lam;
   }
   __syncthreads();
@@ -371,7 +406,8 @@ __global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const Kvsm
   for (int e = tid; e < 2 * hd; e += kKvsThreads) {
     const bool is_v = e >= hd;
     const int i = is_v ? e - hd : e, hh = i / D, d = i - hh * D;
-    T* base = static_cast<T*>(is_v ? a.v : a.k) + b * (is_v ? a.v_sb : a.k_sb) + hh * (is_v ? a.v_sh : a.k_sh);
+    T* base = static_cast<T*>(is_v ? ls.v[layer] : ls.k[layer]) + b * (is_v ? a.v_sb : a.k_sb) +
+              hh * (is_v ? a.v_sh : a.k_sh);
     const int64_t st = is_v ? a.v_st : a.k_st;
     T* last = base + (n - 1) * st + d;
     const float prev = Num<T>::to_f(base[(n - 2) * st + d]);
@@ -383,22 +419,53 @@ namespace kvs_detail {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// The checks of one call's arguments (kvsmooth_launch's contract), pointers left to the caller.
+inline cudaError_t check_args(const KvsmoothArgs& a) {
+  if (a.B < 0 || a.Hq < 0 || a.Hkv < 1 || a.T < 1 || a.D < 0 || a.D > kKvsmoothMaxHeadDim) return cudaErrorInvalidValue;
+  if (a.Hq % a.Hkv != 0 || a.splits < 1 || (a.mask.kind != 0 && a.mask.data == nullptr)) return cudaErrorInvalidValue;
+  if (a.Hq > 0x3fffffff || 2 * a.Hkv * a.D > 0x7fffffff) return cudaErrorInvalidValue;  // 32-bit head indices
+  if ((a.entropy == nullptr) == (a.queue == nullptr)) return cudaErrorInvalidValue;
+  if (a.queue != nullptr && (a.M < 1 || a.lam == nullptr || a.v == nullptr)) return cudaErrorInvalidValue;
+  if (a.B > 0 && (a.q == nullptr || a.k == nullptr)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+// The two launches for n layers (1 <= n <= kKvsMaxLayers) of a's shape: grid (blocks, n).
 template <class T, int TPR, int CPL>
-cudaError_t launch_shape(const KvsmoothArgs& a, cudaStream_t stream) {
+cudaError_t launch_shape(const KvsmoothArgs& a, const KvsmoothLayers& ls, int n, cudaStream_t stream) {
   constexpr int64_t vec_elems = 16 / int64_t(sizeof(T));
-  const bool vec = aligned16(a.k) && a.D % vec_elems == 0 && (a.B <= 1 || a.k_sb % vec_elems == 0) &&
-                   (a.Hkv <= 1 || a.k_sh % vec_elems == 0) && (a.T <= 1 || a.k_st % vec_elems == 0);
+  bool vec = a.D % vec_elems == 0 && (a.B <= 1 || a.k_sb % vec_elems == 0) &&
+             (a.Hkv <= 1 || a.k_sh % vec_elems == 0) && (a.T <= 1 || a.k_st % vec_elems == 0);
+  for (int i = 0; i < n; ++i) vec = vec && aligned16(ls.k[i]);
   const int64_t blocks = a.splits * a.Hkv * a.B;
   if (blocks > int64_t(0x7fffffff) || a.B > int64_t(0x7fffffff)) return cudaErrorInvalidConfiguration;
   KvsmoothArgs c = a;
   c.rows_per_split = (a.T + a.splits - 1) / a.splits;
-  kvsmooth_partial_kernel<T, TPR, CPL><<<dim3(static_cast<unsigned>(blocks)), dim3(kKvsThreads),
-                                         kKvsmoothDynamicSmemBytes, stream>>>(c, vec ? 1 : 0);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(n));
+  kvsmooth_partial_kernel<T, TPR, CPL><<<grid, dim3(kKvsThreads), kKvsmoothDynamicSmemBytes, stream>>>(c, ls,
+                                                                                                    vec ? 1 : 0);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  kvsmooth_finish_kernel<T><<<dim3(static_cast<unsigned>(a.B)), dim3(kKvsThreads), kKvsmoothDynamicSmemBytes,
-                              stream>>>(c);
+  kvsmooth_finish_kernel<T><<<dim3(static_cast<unsigned>(a.B), static_cast<unsigned>(n)), dim3(kKvsThreads),
+                              kKvsmoothDynamicSmemBytes, stream>>>(c, ls);
   return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_layers(const KvsmoothArgs& a, const KvsmoothLayers& ls, int n, cudaStream_t stream) {
+  constexpr int VEC = 16 / int(sizeof(T));
+  const int64_t chunks = (a.D + VEC - 1) / VEC;
+  if (chunks <= 8) return launch_shape<T, 8, 1>(a, ls, n, stream);
+  if (chunks <= 16) return launch_shape<T, 16, 1>(a, ls, n, stream);
+  if (chunks <= 32) return launch_shape<T, 32, 1>(a, ls, n, stream);
+  if (chunks <= 64) return launch_shape<T, 32, 2>(a, ls, n, stream);
+  return launch_shape<T, 32, 4>(a, ls, n, stream);
+}
+
+template <class T>
+constexpr void check_type() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "kvsmooth: T must be float, __half or __nv_bfloat16");
 }
 
 }  // namespace kvs_detail
@@ -409,22 +476,79 @@ cudaError_t launch_shape(const KvsmoothArgs& a, cudaStream_t stream) {
 // without launching for empty problems, else the launch status.
 template <typename T>
 cudaError_t kvsmooth_launch(const KvsmoothArgs& a, cudaStream_t stream) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
-                "kvsmooth_launch: T must be float, __half or __nv_bfloat16");
-  if (a.B < 0 || a.Hq < 0 || a.Hkv < 1 || a.T < 1 || a.D < 0 || a.D > kKvsmoothMaxHeadDim) return cudaErrorInvalidValue;
-  if (a.Hq % a.Hkv != 0 || a.splits < 1 || (a.mask.kind != 0 && a.mask.data == nullptr)) return cudaErrorInvalidValue;
-  if (a.Hq > 0x3fffffff || 2 * a.Hkv * a.D > 0x7fffffff) return cudaErrorInvalidValue;  // 32-bit head indices
-  if ((a.entropy == nullptr) == (a.queue == nullptr)) return cudaErrorInvalidValue;
-  if (a.queue != nullptr && (a.M < 1 || a.lam == nullptr || a.v == nullptr)) return cudaErrorInvalidValue;
+  kvs_detail::check_type<T>();
+  const cudaError_t err = kvs_detail::check_args(a);
+  if (err != cudaSuccess) return err;
   if (a.B == 0) return cudaSuccess;
-  if (a.q == nullptr || a.k == nullptr || a.work == nullptr) return cudaErrorInvalidValue;
-  constexpr int VEC = 16 / int(sizeof(T));
-  const int64_t chunks = (a.D + VEC - 1) / VEC;
-  if (chunks <= 8) return kvs_detail::launch_shape<T, 8, 1>(a, stream);
-  if (chunks <= 16) return kvs_detail::launch_shape<T, 16, 1>(a, stream);
-  if (chunks <= 32) return kvs_detail::launch_shape<T, 32, 1>(a, stream);
-  if (chunks <= 64) return kvs_detail::launch_shape<T, 32, 2>(a, stream);
-  return kvs_detail::launch_shape<T, 32, 4>(a, stream);
+  if (a.work == nullptr) return cudaErrorInvalidValue;
+  KvsmoothLayers ls{};
+  ls.q[0] = a.q;
+  ls.k[0] = a.k;
+  ls.v[0] = a.v;
+  ls.queue[0] = a.queue;
+  ls.lam[0] = a.lam;
+  ls.work[0] = a.work;
+  return kvs_detail::launch_layers<T>(a, ls, 1, stream);
+}
+
+// Whether two layers' steps can share launches: every field but the per-layer pointers (q, k, v,
+// queue, lam) and the workspace equal, and both k 16-byte aligned or neither (so that a group's
+// loads are as wide as each layer's alone).
+inline bool kvsmooth_same_launch(const KvsmoothArgs& x, const KvsmoothArgs& y) {
+  const MaskView &m = x.mask, &n = y.mask;
+  return x.q_sb == y.q_sb && x.q_sh == y.q_sh && x.k_sb == y.k_sb && x.k_sh == y.k_sh && x.k_st == y.k_st &&
+         x.v_sb == y.v_sb && x.v_sh == y.v_sh && x.v_st == y.v_st && m.data == n.data && m.kind == n.kind &&
+         m.sb == n.sb && m.sh == n.sh && m.si == n.si && m.st == n.st && x.qu_sb == y.qu_sb &&
+         x.qu_sm == y.qu_sm && x.M == y.M && x.pos == y.pos && x.entropy == y.entropy && x.B == y.B &&
+         x.Hq == y.Hq && x.Hkv == y.Hkv && x.T == y.T && x.D == y.D && x.splits == y.splits &&
+         x.scale == y.scale && x.lam_lo == y.lam_lo && x.lam_hi == y.lam_hi &&
+         kvs_detail::aligned16(x.k) == kvs_detail::aligned16(y.k);
+}
+
+// Workspace floats of kvsmooth_steps_launch over n layers.
+inline int64_t kvsmooth_steps_workspace_floats(const KvsmoothArgs* layers, int64_t n) {
+  int64_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += kvsmooth_workspace_floats(layers[i]);
+  return sum;
+}
+
+// The steps of n >= 1 layers (each packed as for kvsmooth_launch's step: queue set), in the order
+// given, with the results of n kvsmooth_launch calls bit for bit: each run of consecutive layers
+// that kvsmooth_same_launch groups (at most kKvsMaxLayers) is one launch pair, its layers the
+// grid's y index (the same splits per layer, so the same sums in the same order). `work`:
+// kvsmooth_steps_workspace_floats(layers, n) floats (each layer's `work` is ignored). Returns
+// cudaErrorInvalidValue, before launching anything, if any layer's arguments are bad.
+template <typename T>
+cudaError_t kvsmooth_steps_launch(const KvsmoothArgs* layers, int64_t n, float* work, cudaStream_t stream) {
+  kvs_detail::check_type<T>();
+  if (layers == nullptr || n < 1) return cudaErrorInvalidValue;
+  for (int64_t i = 0; i < n; ++i) {
+    const cudaError_t err = kvs_detail::check_args(layers[i]);
+    if (err != cudaSuccess) return err;
+    if (layers[i].queue == nullptr) return cudaErrorInvalidValue;  // steps only
+  }
+  if (work == nullptr && kvsmooth_steps_workspace_floats(layers, n) > 0) return cudaErrorInvalidValue;
+  for (int64_t i0 = 0; i0 < n;) {
+    KvsmoothArgs a = layers[i0];
+    KvsmoothLayers ls{};
+    int m = 0;
+    for (; i0 + m < n && m < kKvsMaxLayers && (m == 0 || kvsmooth_same_launch(a, layers[i0 + m])); ++m) {
+      const KvsmoothArgs& l = layers[i0 + m];
+      ls.q[m] = l.q;
+      ls.k[m] = l.k;
+      ls.v[m] = l.v;
+      ls.queue[m] = l.queue;
+      ls.lam[m] = l.lam;
+      ls.work[m] = work;
+      work += kvsmooth_workspace_floats(l);
+    }
+    if (a.B > 0) {
+      const cudaError_t err = kvs_detail::launch_layers<T>(a, ls, m, stream);
+      if (err != cudaSuccess) return err;
+    }
+    i0 += m;
+  }
+  return cudaSuccess;
 }
 
 // Host-side argument packing (view.h), shared by csrc/cuda/kvsmooth.cu and the emulator's shim:

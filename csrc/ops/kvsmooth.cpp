@@ -78,9 +78,10 @@ void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at
                     " but q is on ", q.device());
 }
 
-size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
-                            at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
-                            double lam_ref, double band) {
+std::vector<MaskView> kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
+                                           at::TensorList queue, at::ArrayRef<double> scale,
+                                           const c10::List<std::optional<at::Tensor>>& mask, double lam_ref,
+                                           double band) {
   const size_t L = q.size();
   TORCH_CHECK_VALUE(k_cache.size() == L && v_cache.size() == L && queue.size() == L && scale.size() == L &&
                         mask.size() == L,
@@ -91,10 +92,11 @@ size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::Tensor
   kvsmooth_check_lam(lam_ref, band);
   TensorRefs outputs, inputs;
   std::vector<std::optional<at::Tensor>> masks(L);
+  std::vector<MaskView> views(L);
   for (size_t i = 0; i < L; ++i) {
     masks[i] = mask.get(i);
     try {
-      kvsmooth_check("kvsmooth_step_", q[i], k_cache[i], &v_cache[i], &queue[i], masks[i]);
+      views[i] = kvsmooth_check("kvsmooth_step_", q[i], k_cache[i], &v_cache[i], &queue[i], masks[i]);
       kvsmooth_scale(scale[i], q[i].size(3));
     } catch (const c10::TypeError& e) {
       TORCH_CHECK_TYPE(false, "kvsmooth_steps_: layer ", i, ": ", e.msg());
@@ -113,7 +115,7 @@ size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::Tensor
     inputs.emplace_back("mask" + at, masks[i].has_value() ? &*masks[i] : nullptr);
   }
   check_no_overlap("kvsmooth_steps_", outputs, inputs);
-  return L;
+  return views;
 }
 
 // Meta (torch.compile / FakeTensor / meta tensors): the same checks, outputs of the right shape.
@@ -138,7 +140,7 @@ static at::Tensor kvsmooth_step_meta(const at::Tensor& q, const at::Tensor& k_ca
 static at::Tensor kvsmooth_steps_meta(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
                                       at::TensorList queue, at::ArrayRef<double> scale,
                                       const c10::List<std::optional<at::Tensor>>& mask, double lam_ref, double band) {
-  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band).size();
   return at::empty({static_cast<int64_t>(L), q[0].size(0)}, q[0].options().dtype(at::kFloat));
 }
 
@@ -155,7 +157,7 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cpu);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu_into>);
-  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_checked<&kvfix::kvsmooth_step_cpu_into>);
+  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_cpu);
 }
 
 TORCH_LIBRARY_IMPL(kvfix, Meta, m) {

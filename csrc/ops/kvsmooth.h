@@ -57,24 +57,18 @@ void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, con
 
 // kvsmooth_steps_: several layers' steps in one call (kvfix.hf.KVSmooth issues one per decoded
 // token). Every layer is checked (kvsmooth_check, its scale, one batch size and device for all), then the
-// aliasing check over all layers' operands, before any layer is written; returns the number of
-// layers (>= 1).
-size_t kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
-                            at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
-                            double lam_ref, double band);
+// aliasing check over all layers' operands, before any layer is written; returns the layers' mask
+// views (one per layer, L >= 1).
+std::vector<MaskView> kvsmooth_steps_check(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
+                                           at::TensorList queue, at::ArrayRef<double> scale,
+                                           const c10::List<std::optional<at::Tensor>>& mask, double lam_ref,
+                                           double band);
 
-// Then the device's step per layer, in order, each writing its row of lam [L, B] float32.
-template <auto ImplInto>
-at::Tensor kvsmooth_steps_checked(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
-                                  at::TensorList queue, at::ArrayRef<double> scale,
-                                  const c10::List<std::optional<at::Tensor>>& mask, double lam_ref, double band) {
-  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
-  at::Tensor lam = at::empty({static_cast<int64_t>(L), q[0].size(0)}, q[0].options().dtype(at::kFloat));
-  for (size_t i = 0; i < L; ++i) {
-    at::Tensor row = lam.select(0, static_cast<int64_t>(i));
-    ImplInto(q[i], k_cache[i], v_cache[i], queue[i], scale[i], mask.get(i), lam_ref, band, std::nullopt, row);
-  }
-  return lam;
-}
+// kvsmooth_steps_ on the CPU: the checks, then kvsmooth_step_cpu_into per layer, in order, each
+// writing its row of lam [L, B] float32. (CUDA: kvsmooth_steps_cuda, csrc/cuda/kvsmooth.cu, launches
+// the layers' steps together.)
+at::Tensor kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                              at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
+                              double lam_ref, double band);
 
 }  // namespace kvfix

@@ -355,3 +355,70 @@ def test_kvsmooth_nonfinite_rule(kvs, dtype):
     assert vv[4, :, -1, :4].isinf().all()
     torch.testing.assert_close(qq[:, :-1], qw[:, :-1], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(qq[:, -1].isnan(), qw[:, -1].isnan())
+
+
+def _layer(dtype, B, Hq, Hkv, T, D, *, mask, scale=0.125, splits=2, layout="contiguous", M=6, fill=4, seed=0):
+    """One layer's step arguments (q, k, v, mask, queue, scale, splits), the queue around the true z."""
+    q, k, v = _inputs(B, Hq, Hkv, T, D, dtype, layout)
+    z = R.row_entropy(q.double(), k.double(), scale=scale, mask=mask).mean(1)
+    return [q, k, v, mask, _queue(z, M, fill, seed), scale, splits]
+
+
+def _steps_vs_one_by_one(kvs, layers, lam_lo=0.7, lam_hi=1.1):
+    """kvsmooth_steps over `layers` against one kvsmooth_step per layer (on clones): lam, both caches and
+    the queues bit for bit. Returns the number of grids kvsmooth_steps launched."""
+    B = layers[0][0].shape[0]
+    one = [[x.clone() if torch.is_tensor(x) and i in (1, 2, 4) else x for i, x in enumerate(l)] for l in layers]
+    want = torch.full((len(layers), B), NAN)
+    for i, (q, k, v, mask, queue, scale, splits) in enumerate(one):
+        kvs.kvsmooth_step(q, k, v, mask, queue, want[i], scale, lam_lo, lam_hi, splits, None)
+    lam = torch.full((len(layers), B), NAN)
+    before = kvs.grids_run
+    kvs.kvsmooth_steps(*[x for l in layers for x in l], lam, lam_lo, lam_hi)
+    grids = kvs.grids_run - before
+    assert torch.equal(lam, want) and not lam.isnan().any()
+    for got, ref in zip(layers, one):
+        for i in (1, 2, 4):  # k, v, queue
+            assert torch.equal(got[i].nan_to_num(7.0), ref[i].nan_to_num(7.0))
+    return grids
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kvsmooth_steps_launch_groups_layers_of_one_shape(kvs, dtype):
+    """kvsmooth_steps_launch (kvfix.kvsmooth_steps_ on CUDA): consecutive layers of one shape share a
+    launch pair, the layer the grid's y index, with the results of one launch pair per layer bit
+    for bit. Here runs of 4, 2, 1, 1, 1, 2, 1 layers: a new run at a new length, a misaligned k (no
+    16-byte loads), another scale, another mask, other splits, and the run's shape again (runs are
+    of consecutive layers)."""
+    B, Hq, Hkv, D = 2, 8, 2, 64
+    shared = _mask(B, 37, "bool")
+    short = _mask(B, 20, "bool")
+    layers = [_layer(dtype, B, Hq, Hkv, 37, D, mask=shared, seed=i) for i in range(4)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, seed=i) for i in range(2)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, layout="misaligned")]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, scale=0.25)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=_mask(B, 20, "additive"))]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, splits=3, seed=i) for i in range(2)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short)]
+    assert _steps_vs_one_by_one(kvs, layers) == 2 * 7
+
+
+def test_kvsmooth_steps_launch_more_layers_than_one_pair_takes(kvs):
+    """70 layers of one shape: kKvsMaxLayers (64) in the first launch pair, 6 in the second."""
+    B, Hq, Hkv, T, D = 2, 2, 1, 9, 16
+    shared = _mask(B, T, "additive")
+    layers = [_layer(torch.bfloat16, B, Hq, Hkv, T, D, mask=shared, splits=1, seed=i) for i in range(70)]
+    assert _steps_vs_one_by_one(kvs, layers) == 2 * 2
+
+
+def test_kvsmooth_steps_launch_refuses_a_bad_layer_before_launching(kvs):
+    from kvemu_build import EmuError
+    B, Hq, Hkv, T, D = 1, 4, 2, 8, 64
+    good = _layer(torch.float32, B, Hq, Hkv, T, D, mask=None)
+    bad = _layer(torch.float32, B, Hq, Hkv, T, D, mask=None)
+    bad[0] = bad[0][:, :3]  # Hq not a multiple of Hkv
+    k0 = good[1].clone()
+    before = kvs.grids_run
+    with pytest.raises(EmuError):
+        kvs.kvsmooth_steps(*good, *bad, torch.zeros(2, B), 0.7, 1.1, quiet=True)
+    assert kvs.grids_run == before and torch.equal(good[1], k0)

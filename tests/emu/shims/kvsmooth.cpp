@@ -44,3 +44,27 @@ KVEMU_ENTRY(kvsmooth_step, args) {
                                      args.data<int64_t>(10));
   return run(a, args);
 }
+
+// The steps of L layers through kvsmooth_steps_launch (kvfix.kvsmooth_steps_ on CUDA): per layer
+// q, k, v, mask | None, queue, scale, splits (7 arguments, one dtype for every layer's q); then lam
+// [L, B] f32 (out), lam_lo, lam_hi.
+KVEMU_ENTRY(kvsmooth_steps, args) {
+  const int L = (args.count() - 3) / 7;
+  if (L < 1 || args.count() != 7 * L + 3) throw kvemu::shim::ArgError("7 arguments per layer, then lam, lam_lo, lam_hi");
+  const int tail = 7 * L;
+  float* lam = args.data<float>(tail);
+  std::vector<kvfix::kernels::KvsmoothArgs> layers(static_cast<size_t>(L));
+  for (int i = 0; i < L; ++i) {
+    const int j = 7 * i;
+    layers[i] = kvfix::kernels::kvsmooth_pack(view(args, j), view(args, j + 1), mask_arg(args, j + 3),
+                                              static_cast<float>(args.f(j + 5)), args.i(j + 6));
+    kvfix::kernels::kvsmooth_pack_step(layers[i], view(args, j + 2), view(args, j + 4),
+                                       lam + i * args.stride(tail, 0), static_cast<float>(args.f(tail + 1)),
+                                       static_cast<float>(args.f(tail + 2)), nullptr);
+  }
+  std::vector<float> work(static_cast<size_t>(kvfix::kernels::kvsmooth_steps_workspace_floats(layers.data(), L)),
+                          std::nanf(""));
+  return kvfix::kernels::dispatch_float(view(args, 0).dtype, [&](auto tag) {
+    return kvfix::kernels::kvsmooth_steps_launch<decltype(tag)>(layers.data(), L, work.data(), nullptr);
+  });
+}
