@@ -1,6 +1,6 @@
-// KVSmooth (METHODS §2) as two CUDA launches per step, of one layer or of up to kKvsMaxLayers layers
-// of one shape (kvsmooth_steps_launch: the layers are the grid's y index). Framework-free: CUDA runtime and C++
-// headers only, so the ATen side (csrc/cuda/kvsmooth.cu), the resource report
+// KVSmooth (METHODS §2) as two CUDA launches per step, of one layer or of up to kKvsMaxLayers
+// layers of one shape (kvsmooth_steps_launch: the layers are the grid's y index). Framework-free:
+// CUDA runtime and C++ headers only, so the ATen side (csrc/cuda/kvsmooth.cu), the resource report
 // (tools/ptxas_report.py) and the CPU-side SIMT emulator (tests/emu/) all compile this source.
 //
 // What it computes, for a single-token query q [B, Hq, 1, D] over keys k [B, Hkv, T, D] (query
@@ -101,8 +101,8 @@ constexpr int kKvsThreads = 128;       // threads per block, both kernels
 constexpr int kKvsHeadsPerPass = 8;    // query heads per kv head handled in one pass over the rows
 constexpr int64_t kKvsMinRowsPerSplit = 64;
 // Layers per launch pair (kvsmooth_steps_launch): the pointer table below is a kernel parameter,
-// 2560 bytes at 64 layers, which with KvsmoothArgs stays under the 4 KiB parameter limit of
-// sm_80 / sm_90 launches.
+// 3072 bytes at 64 layers, which with KvsmoothArgs (under 300 bytes) stays within the 4 KiB of
+// kernel parameters that every CUDA 12 / 13 driver takes.
 constexpr int kKvsMaxLayers = 64;
 
 // What differs between the layers of one launch pair: layer blockIdx.y reads q[y] and k[y], and a
@@ -116,6 +116,8 @@ struct KvsmoothLayers {
   float* lam[kKvsMaxLayers];
   float* work[kKvsMaxLayers];  // kvsmooth_workspace_floats each
 };
+static_assert(sizeof(KvsmoothArgs) + sizeof(KvsmoothLayers) + sizeof(int) <= 4096,
+              "the partial kernel's parameters must fit in 4 KiB");
 
 // Position splits per (b, kv head): about 4 blocks per SM in all, at least kKvsMinRowsPerSplit
 // positions per split.
