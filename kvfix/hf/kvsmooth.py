@@ -57,9 +57,9 @@ class KVSmooth(Method):
     generation starts (empty cache) or decoding continues on a different cache object. Batches
     with left padding keep one queue per sequence; padded positions take no part in the entropy.
     With beam search the queues follow batch rows, not beams (they are not reordered with the
-    cache). Decoding steps issue no host synchronisation: on CUDA a step is two kernel launches
-    per layer (plus one elementwise op when the model hands an additive float mask, i.e. with an
-    eager base attention).
+    cache). Decoding steps issue no host synchronisation: on CUDA a decoded token's steps are two
+    kernel launches for all selected layers (up to 64; plus one elementwise op when the model
+    hands an additive float mask, i.e. with an eager base attention).
 
     After each run, `steps` counts the kernel calls (decode steps x selected layers).
     """

@@ -126,7 +126,10 @@ def kvsmooth_steps_(qs, k_caches, v_caches, queues, *, scales=None, masks=None, 
 
     One dispatch from Python for all layers (kvfix.hf.KVSmooth issues one per decoded token,
     after the forward: docs/HOST.md). Every layer's arguments are checked, and the caches and
-    queues of all layers for aliasing, before any layer is written; an error names the layer.
+    queues of all layers for aliasing, before any layer is written; an error names the layer. On
+    CUDA, consecutive layers of one shape (sizes, strides, dtype, scale and the same mask tensor,
+    as a model's layers are) run as one pair of kernel launches, up to 64 layers a pair, the layer
+    the grid's second index: bit for bit what one pair per layer gives. No host synchronisation.
 
     Args:
         qs, k_caches, v_caches, queues: sequences with one entry per layer (at least one), as
