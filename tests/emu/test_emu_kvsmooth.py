@@ -387,18 +387,21 @@ def _steps_vs_one_by_one(kvs, layers, lam_lo=0.7, lam_hi=1.1):
 def test_kvsmooth_steps_launch_groups_layers_of_one_shape(kvs, dtype):
     """kvsmooth_steps_launch (kvfix.kvsmooth_steps_ on CUDA): consecutive layers of one shape share a
     launch pair, the layer the grid's y index, with the results of one launch pair per layer bit
-    for bit. Here runs of 4, 2, 1, 1, 1, 2, 1 layers: a new run at a new length, a misaligned k (no
-    16-byte loads), another scale, another mask, other splits, and the run's shape again (runs are
-    of consecutive layers)."""
+    for bit. Here runs of 4, 2, 1, 1, 1, 2, 1 layers, each run differing from the one before in one
+    thing only: the length, the mask (another tensor), k's alignment (no 16-byte loads), the scale,
+    the splits; then the second run's shape again (runs are of consecutive layers)."""
     B, Hq, Hkv, D = 2, 8, 2, 64
     shared = _mask(B, 37, "bool")
     short = _mask(B, 20, "bool")
+    other = short.clone()  # the same kind and strides, another tensor (and other values)
+    other[1, ..., 7] = False
     layers = [_layer(dtype, B, Hq, Hkv, 37, D, mask=shared, seed=i) for i in range(4)]
     layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, seed=i) for i in range(2)]
-    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, layout="misaligned")]
-    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, scale=0.25)]
-    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=_mask(B, 20, "additive"))]
-    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short, splits=3, seed=i) for i in range(2)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=other)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=other, layout="misaligned")]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=other, layout="misaligned", scale=0.25)]
+    layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=other, layout="misaligned", scale=0.25, splits=3, seed=i)
+               for i in range(2)]
     layers += [_layer(dtype, B, Hq, Hkv, 20, D, mask=short)]
     assert _steps_vs_one_by_one(kvs, layers) == 2 * 7
 
