@@ -270,6 +270,58 @@ def test_use_cache_false_runs(llava):
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
 
 
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+def test_decoding_attention_dispatches_the_op_and_little_else(base, llava):
+    """Every selected layer of every decoded token goes through CMAC's attention (on a GPU,
+    decoding waits on the host's time per layer: docs/HOST.md). Once the calibrated keys and their
+    means are kept (the first decoding forward), a layer dispatches `kvfix.cmac_attention` and the
+    output's transpose, nothing else; the model's mask, which the layers share, is put in the op's
+    form once per forward (eager: made -inf), not once per layer."""
+    import collections
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = llava if base == "sdpa" else model_of("llava-eager", llava, None)
+    cmac = kvfix.hf.CMAC()
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.at, self.ops = None, collections.defaultdict(list)  # (past_len, layer) -> ops
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.at is not None:
+                self.ops[self.at].append(func)
+            return func(*args, **(kwargs or {}))
+
+    counter = Count()
+
+    class Window(kvfix.hf.Method):  # outside CMAC's attention (CMAC is innermost): counts what it dispatches
+        name, uses_attention = "window", True
+
+        def attention(self, ctx, layer_idx, module, q, k, v, mask, call_next, **kw):
+            if ctx is not None and ctx.phase == "decode" and layer_idx in cmac._selected:
+                counter.at = (ctx.past_len, layer_idx)
+            try:
+                return call_next(q, k, v, mask, **kw)
+            finally:
+                counter.at = None
+
+    inputs, _ = prompt(model, "llava", batch2=True)  # left padding: the model hands a mask
+    with kvfix.hf.enable(model, cmac, Window()), counter:
+        gen(model, inputs, 5)
+    first = min(p for p, _ in counter.ops)
+    layers = sorted(cmac._selected)
+    per_forward = {"sdpa": 0, "eager": 2}[base]  # eager's additive mask: le, masked_fill (-inf)
+    aten = torch.ops.aten
+    for past in range(first + 1, first + 4):
+        for i, layer in enumerate(layers):
+            ops = collections.Counter(counter.ops[(past, layer)])
+            want = {torch.ops.kvfix.cmac_attention.default: 1, aten.transpose.int: 1}
+            if i == 0 and per_forward:
+                want.update({aten.le.Scalar: 1, aten.masked_fill.Scalar: 1})
+            assert ops == collections.Counter(want), (past, layer, ops)
+
+
 # --------------------------------------------------------------------------------------------
 # stacking
 

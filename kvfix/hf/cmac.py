@@ -1,11 +1,14 @@
 """CMAC as a kvfix.hf method: calibrated cross-modal attention with contrastive decoding (METHODS §4)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from .. import ops
+from ..ops._common import _check_built_for
+from ..ops.cmac import _VALUE_MEANS as _OP_VALUE_MEANS
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 from .models import frequency_sections
@@ -13,6 +16,7 @@ from .models import frequency_sections
 __all__ = ["CMAC", "CMAC_PRESETS"]
 
 _VALUE_MEANS = ("scalar", "vector")
+_ATTN_OP = torch.ops.kvfix.cmac_attention.default  # kvfix.cmac_attention without its argument conversion
 _GATES = ("first", "last")
 
 # alpha and beta per benchmark, as the authors' LLaVA-1.5 scripts run them (github.com/lijm48/IMCCD,
@@ -57,7 +61,8 @@ def _attention_mask(mask, T: int):
                         "sdpa or flash attention implementation)")
     if mask.dim() == 2:  # a padding mask [B, T] (flash attention's mask function): 1 = attend
         return mask[:, None, None, :T].bool()
-    mask = mask[..., :T]
+    if mask.shape[-1] != T:
+        mask = mask[..., :T]
     if mask.dtype != torch.bool:
         mask = _compat.mask_minus_inf(mask)
     return mask
@@ -79,6 +84,9 @@ class _State:
         self.k_mean: dict = {}                # layer -> their mean per row and kv head (IMD's threshold), same life
         self.forked = False                   # distorted prefix copied from the original after prefill
         self.device = None
+        # (ctx, the model's mask, T, mode, op arguments) of the last selected layer: the layers of
+        # one forward share them (CMAC.attention)
+        self.call: tuple | None = None
         # which rows the text model runs now: "both" (2B rows, or B when not doubled), or, in a
         # forked prefill, "orig" (the original rows on the whole prompt) then "dist" (the
         # distorted rows on the prompt after `split`, on a copy of the original's prefix)
@@ -202,6 +210,7 @@ class CMAC(Method):
         if gate_steps < 1:
             raise ValueError(f"gate_steps must be >= 1, got {gate_steps}")
         self.alpha, self.beta, self.gamma, self.imd, self.value_mean = alpha, beta, gamma, imd, value_mean
+        self._value_mean_code = _OP_VALUE_MEANS[value_mean]  # the op's encoding
         self.preset, self.gate, self.gate_steps = preset, gate, gate_steps
         self.layers = check_layers(layers)
         self.fork_prefill = fork_prefill
@@ -383,29 +392,31 @@ class CMAC(Method):
                 self._gate_term(st, layer_idx, query, key, None, scale, ctx.phase == "decode")
             return call_next(query, key, value, attention_mask, **kwargs)
         R, T = query.shape[0], key.shape[2]
-        if st.device != query.device:
-            st.spans, st.imd_rows = st.spans.to(query.device), st.imd_rows.to(query.device)
-            st.device = query.device
-        spans, imd, lengths = st.rows()
-        if R != spans.shape[0]:
-            raise ValueError(f"kvfix.hf.CMAC: attention got {R} rows, expected {spans.shape[0]}")
         if st.positions is None or st.positions.shape[-1] != T or (ctx.cache is not None and
                                                                     T != ctx.past_len + ctx.q_len):
             raise ValueError("kvfix.hf.CMAC needs a dynamic cache holding every position (no static or "
                              f"sliding-window layers): layer {layer_idx} has {T} keys for "
                              f"{ctx.past_len + ctx.q_len} positions")
-        mask = _attention_mask(attention_mask, T)
-        # the model's mask with a row per query holds its causality (and exceptions to it: Gemma 3's
-        # bidirectional image blocks); without one (SDPA's causal path, a padding row), causal
-        causal = mask is None or mask.shape[-2] == 1
-        with torch.no_grad():
-            k_cal = self._calibrated(st, layer_idx, key, spans, lengths, ctx.phase == "decode")
-            k_mean = self._key_mean(st, layer_idx, key, k_cal, imd, ctx.phase == "decode")
+        # Every selected layer of every decoded token passes here (on a GPU decoding waits on the
+        # host's time per layer: docs/HOST.md): what the layers of a forward share (the rows'
+        # spans and IMD flags, the model's mask in the op's form, causality) is prepared by the
+        # first of them.
+        call = st.call
+        if (call is None or call[0] is not ctx or call[1] is not attention_mask or call[2] != T
+                or call[3] != st.mode):
+            call = st.call = (ctx, attention_mask, T, st.mode, self._call_args(st, query, attention_mask, T))
+        spans, imd, lengths, mask, causal, imd_flag, imd_items = call[4]
+        if R != spans.shape[0]:
+            raise ValueError(f"kvfix.hf.CMAC: attention got {R} rows, expected {spans.shape[0]}")
+        decode = ctx.phase == "decode"
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            k_cal = self._calibrated(st, layer_idx, key, spans, lengths, decode)
+            k_mean = self._key_mean(st, layer_idx, key, k_cal, imd, decode)
             if self.gate is not None and st.mode != "dist":
-                self._gate_term(st, layer_idx, query, key, k_cal, scale, ctx.phase == "decode")
-            if st.equal:
-                out = ops.cmac_attention(query, key, value, spans, k_calibrated=k_cal, scale=scale, mask=mask,
-                                         causal=causal, imd=imd, value_mean=self.value_mean, k_calibrated_mean=k_mean)
+                self._gate_term(st, layer_idx, query, key, k_cal, scale, decode)
+            if st.equal:  # the op itself: _call_args checked and converted what kvfix.cmac_attention would
+                out = _ATTN_OP(query, key, value, 0, 0, spans, k_cal, scale, mask, causal, imd_flag, imd_items,
+                               self._value_mean_code, k_mean)
             else:
                 out = torch.cat([
                     ops.cmac_attention(query[r:r + 1], key[r:r + 1], value[r:r + 1], spans[r:r + 1],
@@ -416,6 +427,27 @@ class CMAC(Method):
                                        k_calibrated_mean=None if k_mean is None else k_mean[r])
                     for r in range(R)])
         return out.transpose(1, 2).contiguous(), None
+
+    def _call_args(self, st: _State, query: torch.Tensor, attention_mask, T: int) -> tuple:
+        """(spans, imd, lengths, mask, causal, imd flag, imd items) of the rows the text model runs
+        now: the rows' spans and IMD as `st.rows()` gives them, on the query's device; the model's
+        mask as cmac_attention takes it; and the op's own form of imd (a bool, and the per-row bool
+        tensor or None), as `kvfix.cmac_attention` would pass them."""
+        if st.device != query.device:
+            st.spans, st.imd_rows = st.spans.to(query.device), st.imd_rows.to(query.device)
+            st.device = query.device
+        spans, imd, lengths = st.rows()
+        spans = spans.contiguous()
+        mask = _attention_mask(attention_mask, T)
+        # the model's mask with a row per query holds its causality (and exceptions to it: Gemma 3's
+        # bidirectional image blocks); without one (SDPA's causal path, a padding row), causal
+        causal = mask is None or mask.shape[-2] == 1
+        if isinstance(imd, torch.Tensor):
+            imd_flag, imd_items = True, imd.contiguous()
+        else:
+            imd_flag, imd_items = bool(imd), None
+        _check_built_for(query, "cmac_attention")
+        return spans, imd, lengths, mask, causal, imd_flag, imd_items
 
     def _calibrated(self, st: _State, layer_idx: int, key: torch.Tensor, spans, lengths, keep: bool):
         """The image keys at calibrated positions ([R, Hkv, N, D], or a list of per-row tensors
