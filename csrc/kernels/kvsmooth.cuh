@@ -44,10 +44,10 @@
 // Launch 2, kvsmooth_finish_kernel: one block per batch item and layer merges the splits of every
 // query head in a fixed order (row_entropy: writes H), sums the heads in a fixed tree
 // (deterministic), and for the step: thread 0 pushes z, ranks it and clamps lam, then the block
-// applies the EMA to the last position of every kv head of K and V. Launch order on one stream is what makes the EMA run after
-// every key has been read; no atomics, no host synchronisation, nothing depends on values read back
-// by the host: both launches (and the workspace from the caching allocator) can be captured in a
-// CUDA graph.
+// applies the EMA to the last position of every kv head of K and V. Launch order on one stream is
+// what makes the EMA run after every key has been read; no atomics, no host synchronisation,
+// nothing depends on values read back by the host: both launches (and the workspace from the
+// caching allocator) can be captured in a CUDA graph.
 //
 // Plain CUDA C++: shared memory, __syncthreads and __shfl_xor_sync only (no inline PTX, no
 // dynamic shared memory), so the SIMT emulator can run it. Head dims up to kKvsmoothMaxHeadDim.
@@ -352,9 +352,11 @@ __global__ void __launch_bounds__(kKvsThreads, kvs_min_blocks(sizeof(T), CPL))
   }
 }
 
-// Launch 2: per batch item (blockIdx.x) and layer (blockIdx.y), merge the splits; row_entropy: write H; step: z, queue, lam, EMA.
+// Launch 2: per batch item (blockIdx.x) and layer (blockIdx.y), merge the splits; row_entropy:
+// write H; step: z, queue, lam, EMA.
 template <class T>
-__global__ void __launch_bounds__(kKvsThreads) kvsmooth_finish_kernel(const KvsmoothArgs a, const KvsmoothLayers ls) {
+__global__ void __launch_bounds__(kKvsThreads)
+    kvsmooth_finish_kernel(const KvsmoothArgs a, const KvsmoothLayers ls) {
   using namespace kvs_detail;
   __shared__ float s_sum[kKvsThreads];
   __shared__ float s_lam;

@@ -50,7 +50,8 @@ KVEMU_ENTRY(kvsmooth_step, args) {
 // [L, B] f32 (out), lam_lo, lam_hi.
 KVEMU_ENTRY(kvsmooth_steps, args) {
   const int L = (args.count() - 3) / 7;
-  if (L < 1 || args.count() != 7 * L + 3) throw kvemu::shim::ArgError("7 arguments per layer, then lam, lam_lo, lam_hi");
+  if (L < 1 || args.count() != 7 * L + 3)
+    throw kvemu::shim::ArgError("7 arguments per layer, then lam, lam_lo, lam_hi");
   const int tail = 7 * L;
   float* lam = args.data<float>(tail);
   std::vector<kvfix::kernels::KvsmoothArgs> layers(static_cast<size_t>(L));
