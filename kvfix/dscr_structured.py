@@ -738,6 +738,21 @@ class _DepthStructure:
 _FIT_MAX = 1 << 18  # the most node kernel entries within r_cut that _atom_rows_fitted examines
 
 
+def _farthest_first(dist: np.ndarray, rows: np.ndarray, ln: np.ndarray) -> np.ndarray:
+    """The order of banded entries (rows `rows`, row g holding ln[g] consecutive entries) row by
+    row, farthest first (stable among equal distances): np.lexsort((-dist, rows)), computed as one
+    sort per row of a [rows, longest row] array where that array is not much larger than the
+    entries (4x fewer operations on LLaVA-1.5's 576 distinct depths)."""
+    W = int(ln.max()) if ln.size else 0
+    if ln.size * W > 4 * dist.size + 4096:
+        return np.lexsort((-dist, rows))
+    starts = np.cumsum(ln) - ln
+    j = np.arange(W)[None, :]
+    valid = j < ln[:, None]
+    key = np.where(valid, -dist[np.minimum(starts[:, None] + j, max(dist.size - 1, 0))], np.inf)  # padding last
+    return (starts[:, None] + np.argsort(key, axis=1, kind="stable"))[valid]
+
+
 def _atom_rows_fitted(e: torch.Tensor, counts: torch.Tensor, cd: float, r_cut: float, allowed: float):
     """Rows of the "values" node kernel fitted to the depths: row g keeps its nearest nodes and
     drops the farthest ones while the dropped weight sum_{g' dropped} counts[g'] exp(-cd (e_g -
@@ -752,7 +767,7 @@ def _atom_rows_fitted(e: torch.Tensor, counts: torch.Tensor, cd: float, r_cut: f
     dist = np.abs(ev[rows] - ev[cols])
     ex = -cd * dist * dist
     v = np.where(ex < -87.0, 0.0, counts.numpy()[cols] * np.exp(ex))
-    order = np.lexsort((-dist, rows))              # row by row, farthest first
+    order = _farthest_first(dist, rows, ln_c.numpy())
     tail = np.cumsum(v[order])
     ends = np.cumsum(ln_c.numpy())
     base = np.repeat(np.concatenate(([0.0], tail[ends[:-1] - 1])), ln_c.numpy())
@@ -845,6 +860,11 @@ def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: 
 _GAUSS_BIN = 1.0 / 32    # depth bin width (levels) of the gauss mode's truncation sum ...
 _GAUSS_MAX_BINS = 1 << 16  # ... wider where the depth range would need more bins (ranges beyond 2048)
 _GAUSS_MAX_WORK = 1 << 26  # ... or where bins x kernel taps would pass this (wide kernels: small alpha)
+# The sum is needed at the occupied bins only: where at most a quarter of the bins are occupied,
+# each occupied bin's window times the taps, up to this many products (LLaVA-1.5's 576 tokens:
+# ~0.4 M against ~5 M for the whole convolution); else the whole convolution (np.convolve, which
+# streams, where the windows would be copied) at the occupied bins.
+_GAUSS_SPARSE_MAX = 1 << 22
 
 
 def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: float) -> float:
@@ -879,8 +899,13 @@ def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: 
     ker = np.concatenate((hmax[:0:-1], hmax))
     b = np.floor((x - x.min()) / hb).astype(np.int64)
     counts = np.bincount(b).astype(np.float64)
-    sums = np.convolve(counts, ker, mode="full")[M:M + counts.size]
-    return float(sums[counts > 0].max())
+    occupied = np.flatnonzero(counts)
+    if 4 * occupied.size > counts.size or occupied.size * ker.size > _GAUSS_SPARSE_MAX:
+        sums = np.convolve(counts, ker, mode="full")[M:M + counts.size][occupied]
+    else:  # the convolution at the occupied bins only (the max is over them; ker is symmetric)
+        padded = np.concatenate((np.zeros(M), counts, np.zeros(M)))
+        sums = np.lib.stride_tricks.sliding_window_view(padded, ker.size)[occupied] @ ker
+    return float(sums.max())
 
 
 def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, best_ops: float):

@@ -605,6 +605,37 @@ def test_banded_values_rows_fitted_and_symmetric():
     assert int(it.row_len.sum()) < int(S._rows(e, math.sqrt(math.log((depth.numel() - 1) / budget) / CD))[1].sum())
 
 
+def test_farthest_first_order_is_lexsorts():
+    """_farthest_first (the fitted rows' order: row by row, farthest first, stable among equal
+    distances) is np.lexsort((-dist, rows)) exactly: rows of different lengths with ties, a
+    single row, one entry, none; and the lexsort fallback where one long row would pad the
+    others too much."""
+    import numpy as np
+    gen = np.random.default_rng(0)
+    for ln in ([3, 1, 5, 5, 2, 7], [1], [9], [], [1] * 40 + [2000]):
+        ln = np.asarray(ln, dtype=np.int64)
+        rows = np.repeat(np.arange(ln.size), ln)
+        dist = gen.integers(0, 4, size=int(ln.sum())).astype(np.float64) / 3  # many ties
+        assert np.array_equal(S._farthest_first(dist, rows, ln), np.lexsort((-dist, rows)))
+
+
+def test_gauss_truncation_at_occupied_bins_equals_the_whole_convolution(monkeypatch):
+    """The "gauss" truncation bound sums the binned depths' kernel at the occupied bins only;
+    the whole convolution (np.convolve, the path for many tokens) gives the same bound to float64
+    rounding: ranges from 1 to 3000 levels, tight and wide kernels, 2 to 5000 depths."""
+    import numpy as np
+    gen = np.random.default_rng(0)
+    for _ in range(40):
+        n, span = int(gen.integers(2, 5000)), float(gen.choice([1.0, 30.0, 255.0, 3000.0]))
+        d = torch.from_numpy(np.round(gen.random(n) * span * 64) / 64)
+        cd, R, step, alias = float(gen.choice([0.05, 0.83, 3.0])), gen.uniform(0.5, 5), gen.uniform(0.2, 2), 0.05
+        sparse = S._gauss_truncation(d, cd, R, step, alias)
+        with monkeypatch.context() as m:
+            m.setattr(S, "_GAUSS_SPARSE_MAX", -1)
+            whole = S._gauss_truncation(d, cd, R, step, alias)
+        assert sparse == pytest.approx(whole, rel=1e-13, abs=0)
+
+
 def _check_banded_output(out, x, depth, gh, gw, plan):
     """Within the plan's bound plus rounding. float32: the flash-attention rule of test_dscr (2x the
     error of the float32 reference, plus a slack below it) with the bound and the plan's float32
