@@ -516,12 +516,12 @@ inline int64_t kvsmooth_steps_workspace_floats(const KvsmoothArgs* layers, int64
   return sum;
 }
 
-// The steps of n >= 1 layers (each packed as for kvsmooth_launch's step: queue set), in the order
-// given, with the results of n kvsmooth_launch calls bit for bit: each run of consecutive layers
-// that kvsmooth_same_launch groups (at most kKvsMaxLayers) is one launch pair, its layers the
-// grid's y index (the same splits per layer, so the same sums in the same order). `work`:
-// kvsmooth_steps_workspace_floats(layers, n) floats (each layer's `work` is ignored). Returns
-// cudaErrorInvalidValue, before launching anything, if any layer's arguments are bad.
+// The steps of n >= 1 layers of element type T (each packed as for kvsmooth_launch's step: queue
+// set), in the order given, with the results of n kvsmooth_launch calls bit for bit: each run of
+// consecutive layers that kvsmooth_same_launch groups (at most kKvsMaxLayers) is one launch pair,
+// its layers the grid's y index (the same splits per layer, so the same sums in the same order).
+// `work`: kvsmooth_steps_workspace_floats(layers, n) floats (each layer's `work` is ignored).
+// Returns cudaErrorInvalidValue, before launching anything, if any layer's arguments are bad.
 template <typename T>
 cudaError_t kvsmooth_steps_launch(const KvsmoothArgs* layers, int64_t n, float* work, cudaStream_t stream) {
   kvs_detail::check_type<T>();
