@@ -924,8 +924,12 @@ def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, be
     if not eta > 0:
         return None
 
-    def trunc(C):  # R = C delta / 2, less a hair for the rounding of the first node
-        return _gauss_truncation(ds, cd, 0.5 * C * step * (1.0 - 1e-12), step, alias)
+    bounds: dict = {}
+
+    def trunc(C):  # R = C delta / 2, less a hair for the rounding of the first node (each C once)
+        if C not in bounds:
+            bounds[C] = _gauss_truncation(ds, cd, 0.5 * C * step * (1.0 - 1e-12), step, alias)
+        return bounds[C]
 
     C = max(1, math.ceil(2.0 * math.sqrt(math.log(max(2.0, 4.0 * N) / eta) / (2.0 * cd)) / step))
     while trunc(C) > eta:
