@@ -543,32 +543,17 @@ at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::option
   return out;
 }
 
-void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& queue, std::optional<double> scale,
-                            const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                            const std::optional<at::Tensor>& position, at::Tensor& lam) {
-  kvsmooth_check_lam(lam_ref, band);
-  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
-  kvsmooth_check_position(position, q);
-  const float sc = kvsmooth_scale(scale, q.size(3));
+namespace {
+
+// One layer's step after its checks: entropies, queue, lam (into lam_p[0..B)), EMA in place.
+void step_after_checks(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& queue, float sc, const MaskView& m, double lam_ref, double band,
+                       float* lam_p) {
   const int64_t B = q.size(0), Hq = q.size(1), T = k_cache.size(2), M = queue.size(1);
-  if (position.has_value()) {  // the step on the first p + 1 positions (reading a CPU value: no sync)
-    const int64_t p = *position->const_data_ptr<int64_t>();
-    TORCH_CHECK_VALUE(p >= 0 && p < T, "kvsmooth_step_: position ", p, " is outside the cache's positions [0, ", T,
-                      ")");
-    if (p + 1 < T) {
-      std::optional<at::Tensor> mk = mask;
-      if (mask.has_value() && mask->dim() >= 1 && mask->size(-1) == T) mk = mask->narrow(-1, 0, p + 1);
-      return kvsmooth_step_cpu_into(q, k_cache.narrow(2, 0, p + 1), v_cache.narrow(2, 0, p + 1), queue, scale, mk,
-                                    lam_ref, band, std::nullopt, lam);
-    }
-  }
-  if (!lam.defined()) lam = at::empty({B}, q.options().dtype(at::kFloat));
   if (B == 0) return;
   std::vector<float> ent(static_cast<size_t>(B * Hq), 0.0f);
   if (Hq > 0) entropies(make_problem(q, k_cache, sc, m), item_fn(q.scalar_type()), ent.data());
   const float lo = static_cast<float>(lam_ref - band), hi = static_cast<float>(lam_ref + band);
-  float* lam_p = lam.mutable_data_ptr<float>();
   float* qu = queue.mutable_data_ptr<float>();
   const int64_t qs0 = queue.stride(0), qs1 = queue.stride(1);
   for (int64_t b = 0; b < B; ++b) {
@@ -594,16 +579,43 @@ void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
 }
 
+}  // namespace
+
+at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& queue, std::optional<double> scale,
+                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const std::optional<at::Tensor>& position) {
+  kvsmooth_check_lam(lam_ref, band);
+  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_check_position(position, q);
+  const float sc = kvsmooth_scale(scale, q.size(3));
+  const int64_t T = k_cache.size(2);
+  if (position.has_value()) {  // the step on the first p + 1 positions (reading a CPU value: no sync)
+    const int64_t p = *position->const_data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(p >= 0 && p < T, "kvsmooth_step_: position ", p, " is outside the cache's positions [0, ", T,
+                      ")");
+    if (p + 1 < T) {
+      std::optional<at::Tensor> mk = mask;
+      if (mask.has_value() && mask->dim() >= 1 && mask->size(-1) == T) mk = mask->narrow(-1, 0, p + 1);
+      return kvsmooth_step_cpu(q, k_cache.narrow(2, 0, p + 1), v_cache.narrow(2, 0, p + 1), queue, scale, mk,
+                               lam_ref, band, std::nullopt);
+    }
+  }
+  at::Tensor lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
+  step_after_checks(q, k_cache, v_cache, queue, sc, m, lam_ref, band, lam.mutable_data_ptr<float>());
+  return lam;
+}
+
 at::Tensor kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
                               at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
                               double lam_ref, double band) {
-  const size_t L = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band).size();
-  at::Tensor lam = at::empty({static_cast<int64_t>(L), q[0].size(0)}, q[0].options().dtype(at::kFloat));
-  for (size_t i = 0; i < L; ++i) {
-    at::Tensor row = lam.select(0, static_cast<int64_t>(i));
-    kvsmooth_step_cpu_into(q[i], k_cache[i], v_cache[i], queue[i], scale[i], mask.get(i), lam_ref, band,
-                           std::nullopt, row);
-  }
+  const std::vector<MaskView> masks = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+  const int64_t L = static_cast<int64_t>(masks.size()), B = q[0].size(0);
+  at::Tensor lam = at::empty({L, B}, q[0].options().dtype(at::kFloat));
+  float* lam_p = lam.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < L; ++i)  // (checked above, every layer before any is written)
+    step_after_checks(q[i], k_cache[i], v_cache[i], queue[i], kvsmooth_scale(scale[i], q[i].size(3)), masks[i],
+                      lam_ref, band, lam_p + i * B);
   return lam;
 }
 

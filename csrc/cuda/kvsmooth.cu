@@ -55,23 +55,24 @@ at::Tensor row_entropy_cuda(const at::Tensor& q, const at::Tensor& k, std::optio
   return out;
 }
 
-void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                             const std::optional<at::Tensor>& position, at::Tensor& lam) {
+at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& queue, std::optional<double> scale,
+                              const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                              const std::optional<at::Tensor>& position) {
   kvsmooth_check_lam(lam_ref, band);
   const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
   kvsmooth_check_position(position, q);
   const float sc = kvsmooth_scale(scale, q.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
-  if (!lam.defined()) lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
-  if (q.size(0) == 0) return;
+  at::Tensor lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
+  if (q.size(0) == 0) return lam;
   kernels::KvsmoothArgs a = args_of(q, k_cache, m, sc);
   a.k = k_cache.mutable_data_ptr();  // the step writes position T - 1 (or `position`) of both caches
   kernels::kvsmooth_pack_step(a, out_view_of(v_cache), out_view_of(queue), lam.mutable_data_ptr<float>(),
                               static_cast<float>(lam_ref - band), static_cast<float>(lam_ref + band),
                               position.has_value() ? position->const_data_ptr<int64_t>() : nullptr);
   launch(a, q);
+  return lam;
 }
 
 at::Tensor kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
@@ -113,6 +114,6 @@ at::Tensor kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::Ten
 
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cuda);
-  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda_into>);
+  m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda>);
   m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_cuda);
 }

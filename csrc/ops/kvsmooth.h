@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/core/List.h>
-#include <ATen/ops/empty.h>
 
 #include <optional>
 #include <vector>
@@ -29,9 +28,9 @@ void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at
 at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                            const std::optional<at::Tensor>& mask);
 
-// kvsmooth_step_ on a device: the aliasing check (ops/common.h), then its step (kvsmooth_step_cpu_into
-// or kvsmooth_step_cuda_into, below) into a new lam [B].
-template <auto ImplInto>
+// kvsmooth_step_ on a device: the aliasing check (ops/common.h), then its step (kvsmooth_step_cpu or
+// kvsmooth_step_cuda, below).
+template <auto Impl>
 at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& queue, std::optional<double> scale,
                                  const std::optional<at::Tensor>& mask, double lam_ref, double band,
@@ -39,21 +38,18 @@ at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache,
   check_no_overlap("kvsmooth_step_", {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"queue", &queue}},
                    {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr},
                     {"position", position.has_value() ? &*position : nullptr}});
-  at::Tensor lam;
-  ImplInto(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position, lam);
-  return lam;
+  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position);
 }
 
-// The step writing lam into `lam` (undefined: allocated after the checks; else a float32 [B] view):
-// what kvsmooth_step_ and each layer of kvsmooth_steps_ run on the device.
-void kvsmooth_step_cpu_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& queue, std::optional<double> scale,
-                            const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                            const std::optional<at::Tensor>& position, at::Tensor& lam);
-void kvsmooth_step_cuda_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+// The step of one layer: its checks, then the kernel; returns lam [B] float32.
+at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& queue, std::optional<double> scale,
                              const std::optional<at::Tensor>& mask, double lam_ref, double band,
-                             const std::optional<at::Tensor>& position, at::Tensor& lam);
+                             const std::optional<at::Tensor>& position);
+at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& queue, std::optional<double> scale,
+                              const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                              const std::optional<at::Tensor>& position);
 
 // kvsmooth_steps_: several layers' steps in one call (kvfix.hf.KVSmooth issues one per decoded
 // token). Every layer is checked (kvsmooth_check, its scale, one batch size and device for all), then the
@@ -64,7 +60,7 @@ std::vector<MaskView> kvsmooth_steps_check(at::TensorList q, at::TensorList k_ca
                                            const c10::List<std::optional<at::Tensor>>& mask, double lam_ref,
                                            double band);
 
-// kvsmooth_steps_ on the CPU: the checks, then kvsmooth_step_cpu_into per layer, in order, each
+// kvsmooth_steps_ on the CPU: the checks, then each layer's step in order (checked once), each
 // writing its row of lam [L, B] float32. (CUDA: kvsmooth_steps_cuda, csrc/cuda/kvsmooth.cu, launches
 // the layers' steps together.)
 at::Tensor kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,

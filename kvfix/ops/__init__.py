@@ -19,5 +19,6 @@ from .dscr import dscr_refine, dscr_refine_cache_
 from .kvsmooth import kvsmooth_step_, kvsmooth_steps_, row_entropy
 from .scr import scr_redistribute, scr_redistribute_, scr_scores
 
-__all__ = ["dscr_refine", "dscr_refine_cache_", "row_entropy", "kvsmooth_step_", "kvsmooth_steps_", "scr_scores", "scr_redistribute",
-           "scr_redistribute_", "rope_calibrate", "cmac_key_mean", "cmac_attention", "contrastive_logits"]
+__all__ = ["dscr_refine", "dscr_refine_cache_", "row_entropy", "kvsmooth_step_", "kvsmooth_steps_", "scr_scores",
+           "scr_redistribute", "scr_redistribute_", "rope_calibrate", "cmac_key_mean", "cmac_attention",
+           "contrastive_logits"]
