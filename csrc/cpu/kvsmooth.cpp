@@ -582,27 +582,22 @@ void step_after_checks(const at::Tensor& q, const at::Tensor& k_cache, const at:
 }  // namespace
 
 at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const at::Tensor& queue, float scale, const MaskView& m, double lam_ref, double band,
                              const std::optional<at::Tensor>& position) {
-  kvsmooth_check_lam(lam_ref, band);
-  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
-  kvsmooth_check_position(position, q);
-  const float sc = kvsmooth_scale(scale, q.size(3));
   const int64_t T = k_cache.size(2);
+  int64_t n = T;  // positions taking part
   if (position.has_value()) {  // the step on the first p + 1 positions (reading a CPU value: no sync)
     const int64_t p = *position->const_data_ptr<int64_t>();
     TORCH_CHECK_VALUE(p >= 0 && p < T, "kvsmooth_step_: position ", p, " is outside the cache's positions [0, ", T,
                       ")");
-    if (p + 1 < T) {
-      std::optional<at::Tensor> mk = mask;
-      if (mask.has_value() && mask->dim() >= 1 && mask->size(-1) == T) mk = mask->narrow(-1, 0, p + 1);
-      return kvsmooth_step_cpu(q, k_cache.narrow(2, 0, p + 1), v_cache.narrow(2, 0, p + 1), queue, scale, mk,
-                               lam_ref, band, std::nullopt);
-    }
+    n = p + 1;  // (the mask's view reads positions [0, n) only: it needs no narrowing)
   }
   at::Tensor lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
-  step_after_checks(q, k_cache, v_cache, queue, sc, m, lam_ref, band, lam.mutable_data_ptr<float>());
+  float* lam_p = lam.mutable_data_ptr<float>();
+  if (n < T)
+    step_after_checks(q, k_cache.narrow(2, 0, n), v_cache.narrow(2, 0, n), queue, scale, m, lam_ref, band, lam_p);
+  else
+    step_after_checks(q, k_cache, v_cache, queue, scale, m, lam_ref, band, lam_p);
   return lam;
 }
 

@@ -56,13 +56,8 @@ at::Tensor row_entropy_cuda(const at::Tensor& q, const at::Tensor& k, std::optio
 }
 
 at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& queue, std::optional<double> scale,
-                              const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                              const at::Tensor& queue, float sc, const MaskView& m, double lam_ref, double band,
                               const std::optional<at::Tensor>& position) {
-  kvsmooth_check_lam(lam_ref, band);
-  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
-  kvsmooth_check_position(position, q);
-  const float sc = kvsmooth_scale(scale, q.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor lam = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
   if (q.size(0) == 0) return lam;

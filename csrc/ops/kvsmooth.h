@@ -28,8 +28,8 @@ void kvsmooth_check_position(const std::optional<at::Tensor>& position, const at
 at::Tensor row_entropy_cpu(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
                            const std::optional<at::Tensor>& mask);
 
-// kvsmooth_step_ on a device: the aliasing check (ops/common.h), then its step (kvsmooth_step_cpu or
-// kvsmooth_step_cuda, below).
+// kvsmooth_step_ on a device: every check (the aliasing check of ops/common.h and kvsmooth_check
+// and friends), then its step (kvsmooth_step_cpu or kvsmooth_step_cuda, below).
 template <auto Impl>
 at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& queue, std::optional<double> scale,
@@ -38,17 +38,19 @@ at::Tensor kvsmooth_step_checked(const at::Tensor& q, const at::Tensor& k_cache,
   check_no_overlap("kvsmooth_step_", {{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"queue", &queue}},
                    {{"q", &q}, {"mask", mask.has_value() ? &*mask : nullptr},
                     {"position", position.has_value() ? &*position : nullptr}});
-  return Impl(q, k_cache, v_cache, queue, scale, mask, lam_ref, band, position);
+  kvsmooth_check_lam(lam_ref, band);
+  const MaskView m = kvsmooth_check("kvsmooth_step_", q, k_cache, &v_cache, &queue, mask);
+  kvsmooth_check_position(position, q);
+  return Impl(q, k_cache, v_cache, queue, kvsmooth_scale(scale, q.size(3)), m, lam_ref, band, position);
 }
 
-// The step of one layer: its checks, then the kernel; returns lam [B] float32.
+// The step of one layer after its checks (m: the mask's view, scale: the logit scale); returns
+// lam [B] float32.
 at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& queue, std::optional<double> scale,
-                             const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                             const at::Tensor& queue, float scale, const MaskView& m, double lam_ref, double band,
                              const std::optional<at::Tensor>& position);
 at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& queue, std::optional<double> scale,
-                              const std::optional<at::Tensor>& mask, double lam_ref, double band,
+                              const at::Tensor& queue, float scale, const MaskView& m, double lam_ref, double band,
                               const std::optional<at::Tensor>& position);
 
 // kvsmooth_steps_: several layers' steps in one call (kvfix.hf.KVSmooth issues one per decoded
