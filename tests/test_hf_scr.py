@@ -242,6 +242,53 @@ def test_diagnostic_pass_stops_early_and_keeps_no_cache(qwen):
         assert layer.keys.shape[2] == T + 3
 
 
+def test_prefill_reads_nothing_back_per_image(qwen):
+    """SCR's own code issues no device-to-host read (aten._local_scalar_dense: .item(), bool(t),
+    int(t), .tolist()) and no data-dependent-shape op (nonzero): each would synchronise a GPU
+    model once per image. Its query positions come from `ctx.host_text`, which the dispatcher
+    reads with the image positions (one copy per forward) and which is checked here against the
+    tokens and padding mask of the prompt."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.item.default)
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in reads:  # the innermost frame of kvfix or transformers that issued it
+                frames = [f.filename for f in traceback.extract_stack()
+                          if f"{os.sep}kvfix{os.sep}" in f.filename or f"{os.sep}transformers{os.sep}" in f.filename]
+                self.where.append(frames[-1] if frames else "?")
+            return func(*args, **(kwargs or {}))
+
+    class Text(kvfix.hf.Method):
+        name = "text"
+
+        def __init__(self):
+            self.seen = []
+
+        def on_prefill_start(self, ctx):
+            self.seen.append((ctx.pass_name, ctx.host_text))
+
+    inputs, _ = prompt(qwen, "qwen")  # 3 images, left padding
+    scr, text = kvfix.hf.SCR(), Text()
+    reads_seen = Reads()
+    with kvfix.hf.enable(qwen, scr, text), reads_seen:
+        gen(qwen, inputs, 1)
+    assert scr.diagnostic_passes == 1 and scr.redistribute_calls == 3 * len(scr.selected_layers)
+    assert reads_seen.where and not [w for w in reads_seen.where if w.endswith(os.path.join("hf", "scr.py"))]
+    want = (inputs["input_ids"] != testing.IMAGE_TOKEN) & inputs["attention_mask"].bool()
+    assert [p for p, _ in text.seen] == ["scr_diagnostic", "main"]
+    for _, host in text.seen:
+        assert host.device.type == "cpu" and torch.equal(host, want)
+
+
 def test_image_without_text_after_it_is_left_unchanged(llava):
     """Item 0's image is the last thing in its prompt: no query, no redistribution for it."""
     inputs, spans = testing.llava_prompt(llava, [1], seed=4, text_len=0)

@@ -146,12 +146,14 @@ class ForwardContext:
     `handle.auxiliary_pass`), phase ("prefill" or "decode"), past_len (cache length before this
     forward), q_len (new tokens), batch_size, input_ids, attention_mask (the 2-D padding mask
     given to the model, or None), cache (the Cache, or None without caching), images
-    (ImageSpan list of the images in this forward), inputs (all forward arguments by name),
-    output (set before the *_end hooks), session (Session).
+    (ImageSpan list of the images in this forward), host_text (in a forward that carries images:
+    [batch, q_len] bool on the CPU, the tokens that are neither image placeholders nor padding,
+    read with the image positions in the forward's one device-to-host copy; else None), inputs
+    (all forward arguments by name), output (set before the *_end hooks), session (Session).
     """
 
     __slots__ = ("handle", "model", "pass_name", "phase", "past_len", "q_len", "batch_size", "input_ids",
-                 "attention_mask", "cache", "images", "inputs", "output", "session", "_key")
+                 "attention_mask", "cache", "images", "host_text", "inputs", "output", "session", "_key")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -396,7 +398,8 @@ class Handle:
                              attention_mask=padding, cache=cache, images=[],
                              inputs=inputs, output=None, session=self.session, _key=id(kwargs))
         if self.adapter.carries_images(inputs):
-            ctx.images = self._resolve_images(inputs, self.adapter.placeholder_ids(inputs), past_len, record=main)
+            ctx.images, ctx.host_text = self._resolve_images(inputs, self.adapter.placeholder_ids(inputs), padding,
+                                                             past_len, record=main)
         self._ctx_stack.append(ctx)
         try:
             if new_session:
@@ -485,13 +488,13 @@ class Handle:
 
     # ---- images ----------------------------------------------------------------------------
 
-    def _resolve_images(self, inputs: dict, input_ids, past_len: int, record: bool) -> list[ImageSpan]:
+    def _resolve_images(self, inputs: dict, input_ids, padding, past_len: int, record: bool):
         given = self._images if record else None
         first_index = len(self.session.images) if (record and self.session is not None) else 0
-        spans = resolve_images(self.adapter, inputs, input_ids, past_len, given, first_index)
+        spans, text = resolve_images(self.adapter, inputs, input_ids, past_len, given, first_index, padding)
         if record and self.session is not None:
             self.session.images.extend(spans)
-        return spans
+        return spans, text
 
 
 def _link(method: Method, ctx, layer_idx: int, module, call_next):

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import ops
+from ..dscr_structured import to_device_async
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
 from .models import GridSpan
@@ -152,18 +154,17 @@ class SCR(Method):
             self._pending = None
 
     def _query_positions(self, ctx: ForwardContext, grids: list) -> list:
-        """Per grid, a long tensor of its query positions (text tokens after its image; indices
-        into this forward's tokens, cache position - past_len), or None."""
-        ids = ctx.input_ids
-        text = ids != ctx.handle.adapter.image_token_id
-        if ctx.attention_mask is not None and ctx.attention_mask.dim() == 2:
-            text &= ctx.attention_mask[:, -ids.shape[1]:].to(torch.bool)
+        """Per grid, a long tensor on the model's device of its query positions (text tokens
+        after its image, padding excluded; indices into this forward's tokens, cache position -
+        past_len), or None. Found on the host from `ctx.host_text` (numpy: no device op, no
+        synchronisation per image) and sent through pinned memory."""
+        text = ctx.host_text.numpy()
+        device = ctx.input_ids.device
         out = []
         for g in grids:
-            after = text[g.batch].clone()
-            after[:g.image.end - ctx.past_len] = False
-            pos = torch.nonzero(after).flatten()
-            out.append(pos if pos.numel() else None)
+            first = g.image.end - ctx.past_len
+            pos = np.flatnonzero(text[g.batch, first:]) + first
+            out.append(to_device_async(torch.from_numpy(pos), device) if pos.size else None)
         return out
 
     def _diagnose(self, ctx: ForwardContext, grids: list, queries: list) -> list:
