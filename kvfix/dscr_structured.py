@@ -931,7 +931,16 @@ def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, be
             bounds[C] = _gauss_truncation(ds, cd, 0.5 * C * step * (1.0 - 1e-12), step, alias)
         return bounds[C]
 
-    C = max(1, math.ceil(2.0 * math.sqrt(math.log(max(2.0, 4.0 * N) / eta) / (2.0 * cd)) / step))
+    # the bound falls as C grows (every bin's largest drop falls as R grows): the fewest C that
+    # meets it is found walking from a first guess, and only C up to c_hi (2 C N < best_ops) can
+    # be cheaper than the best so far, so the walk starts at or below c_hi
+    c_hi = math.inf
+    if math.isfinite(best_ops):
+        c_hi = int(best_ops // (2.0 * N))
+        c_hi -= 2.0 * c_hi * N >= best_ops
+    if c_hi < 1:
+        return None
+    C = min(c_hi, max(1, math.ceil(2.0 * math.sqrt(math.log(max(2.0, 4.0 * N) / eta) / (2.0 * cd)) / step)))
     while trunc(C) > eta:
         C += 1
         if 2.0 * C * N >= best_ops:
