@@ -738,47 +738,19 @@ class _DepthStructure:
 _FIT_MAX = 1 << 18  # the most node kernel entries within r_cut that _atom_rows_fitted examines
 
 
-def _farthest_first(dist: np.ndarray, rows: np.ndarray, ln: np.ndarray) -> np.ndarray:
-    """The order of banded entries (rows `rows`, row g holding ln[g] consecutive entries) row by
-    row, farthest first (stable among equal distances): np.lexsort((-dist, rows)), computed as one
-    sort per row of a [rows, longest row] array where that array is not much larger than the
-    entries (4x fewer operations on LLaVA-1.5's 576 distinct depths)."""
-    W = int(ln.max()) if ln.size else 0
-    if ln.size * W > 4 * dist.size + 4096:
-        return np.lexsort((-dist, rows))
-    starts = np.cumsum(ln) - ln
-    j = np.arange(W)[None, :]
-    valid = j < ln[:, None]
-    key = np.where(valid, -dist[np.minimum(starts[:, None] + j, max(dist.size - 1, 0))], np.inf)  # padding last
-    return (starts[:, None] + np.argsort(key, axis=1, kind="stable"))[valid]
-
-
 def _atom_rows_fitted(e: torch.Tensor, counts: torch.Tensor, cd: float, r_cut: float, allowed: float):
     """Rows of the "values" node kernel fitted to the depths: row g keeps its nearest nodes and
     drops the farthest ones while the dropped weight sum_{g' dropped} counts[g'] exp(-cd (e_g -
     e_g')^2) (the error of every column of that node) stays <= allowed; beyond r_cut the dense
     kernels' cut-off drops the entries too. (row_lo, row_len, the largest dropped sum) or None
-    (too many entries to examine)."""
+    (too many entries to examine). The per-entry loop is C++ (`_fit_rows`: farthest first is a
+    merge of each row's two ends, the nodes being sorted)."""
     lo_c, ln_c = _rows(e, r_cut)
     if int(ln_c.sum()) > _FIT_MAX or not allowed > 0:
         return None
-    rows, cols = (t.numpy() for t in _row_cols(lo_c, ln_c))
-    ev = e.numpy()
-    dist = np.abs(ev[rows] - ev[cols])
-    ex = -cd * dist * dist
-    v = np.where(ex < -87.0, 0.0, counts.numpy()[cols] * np.exp(ex))
-    order = _farthest_first(dist, rows, ln_c.numpy())
-    tail = np.cumsum(v[order])
-    ends = np.cumsum(ln_c.numpy())
-    base = np.repeat(np.concatenate(([0.0], tail[ends[:-1] - 1])), ln_c.numpy())
-    tail -= base                                   # dropped sum if this entry and all farther go
-    drop = tail <= allowed                         # a prefix of each row (tail grows)
-    dropped = np.bincount(rows[order], weights=np.where(drop, v[order], 0.0), minlength=e.numel())
-    keep = np.ones(rows.size, dtype=bool)
-    keep[order[drop]] = False
-    kept_cols = np.where(keep, cols, np.iinfo(np.int64).max)
-    lo = np.minimum.reduceat(kept_cols, ends - ln_c.numpy())
-    hi = lo + np.bincount(rows[keep], minlength=e.numel())
+    lo, ln, dropped = _fit_rows(e, counts, lo_c, ln_c, cd, allowed)
+    lo = lo.numpy()
+    hi = lo + ln.numpy()
     # symmetric again (T[g, g'] kept iff T[g', g] is), the rows still consecutive, each only wider:
     # monotone row bounds, then each row extended to the rows that reach it
     lo = np.minimum.accumulate(lo[::-1])[::-1]
@@ -786,6 +758,13 @@ def _atom_rows_fitted(e: torch.Tensor, counts: torch.Tensor, cd: float, r_cut: f
     g = np.arange(e.numel())
     lo, hi = np.minimum(lo, np.searchsorted(hi, g, side="right")), np.maximum(hi, np.searchsorted(lo, g, side="right"))
     return torch.from_numpy(lo), torch.from_numpy(hi - lo), float(dropped.max())
+
+
+def _fit_rows(e, counts, row_lo, row_len, cd: float, allowed: float):
+    """(kept_lo, kept_len, dropped) of kvfix::dscr_fit_rows (csrc/kernels/dscr_plan.h). A
+    function of its own so that the emulator's tests, which load this file without the compiled
+    extension, can run the same C++ from their own build of it."""
+    return torch.ops.kvfix.dscr_fit_rows.default(e, counts, row_lo, row_len, cd, allowed)
 
 
 def _depth_atoms(d: torch.Tensor, cd: float, budget: float):

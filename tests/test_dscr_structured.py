@@ -605,18 +605,90 @@ def test_banded_values_rows_fitted_and_symmetric():
     assert int(it.row_len.sum()) < int(S._rows(e, math.sqrt(math.log((depth.numel() - 1) / budget) / CD))[1].sum())
 
 
-def test_farthest_first_order_is_lexsorts():
-    """_farthest_first (the fitted rows' order: row by row, farthest first, stable among equal
-    distances) is np.lexsort((-dist, rows)) exactly: rows of different lengths with ties, a
-    single row, one entry, none; and the lexsort fallback where one long row would pad the
-    others too much."""
+def _fit_rows_by_sorting(e, counts, lo, ln, cd, allowed):
+    """kvfix::dscr_fit_rows written out another way: every row's entries sorted farthest first
+    (np.lexsort, stable: the lower node first among equal distances), the weights summed in that
+    order over all rows at once (np.cumsum), each row's sum taken from where it starts."""
     import numpy as np
-    gen = np.random.default_rng(0)
-    for ln in ([3, 1, 5, 5, 2, 7], [1], [9], [], [1] * 40 + [2000]):
-        ln = np.asarray(ln, dtype=np.int64)
-        rows = np.repeat(np.arange(ln.size), ln)
-        dist = gen.integers(0, 4, size=int(ln.sum())).astype(np.float64) / 3  # many ties
-        assert np.array_equal(S._farthest_first(dist, rows, ln), np.lexsort((-dist, rows)))
+    e, counts, lo, ln = (t.numpy() for t in (e, counts, lo, ln))
+    rows = np.repeat(np.arange(e.size), ln)
+    cols = np.concatenate([np.arange(a, a + n) for a, n in zip(lo, ln)]) if e.size else rows
+    dist = np.abs(e[rows] - e[cols])
+    ex = -cd * dist * dist
+    v = np.where(ex < -87.0, 0.0, counts[cols] * np.exp(ex))
+    order = np.lexsort((-dist, rows))
+    run = np.cumsum(v[order])
+    starts = np.cumsum(ln) - ln
+    tail = run - np.repeat(np.concatenate(([0.0], run))[starts], ln)
+    drop = tail <= allowed
+    kept_lo, kept_len, dropped = np.arange(e.size), np.zeros(e.size, dtype=np.int64), np.zeros(e.size)
+    for g in range(e.size):
+        mine = slice(starts[g], starts[g] + ln[g])
+        kept = cols[order[mine]][~drop[mine]]
+        dropped[g] = np.sum(v[order[mine]][drop[mine]]) if drop[mine].any() else 0.0
+        if kept.size:
+            kept_lo[g], kept_len[g] = kept.min(), kept.size
+            assert kept.max() - kept.min() + 1 == kept.size  # a window
+    return kept_lo, kept_len, dropped
+
+
+@pytest.mark.parametrize("case", ["ties", "spread", "one node", "wide budget", "none"])
+def test_fit_rows_against_sorting(case):
+    """The planner's C++ loop (kvfix::dscr_fit_rows: each row's two ends merged, farthest first)
+    keeps and drops what sorting every row's entries does: windows of various widths around each
+    node, equal distances on both sides (symmetric depths), a budget that drops every entry of a
+    row, one node, none. The kept windows are equal; the dropped weights to float64 rounding (the
+    loop adds a row's weights in the same order, np.exp and the C library's exp may differ in the
+    last bit)."""
+    import numpy as np
+    gen = np.random.default_rng({"ties": 0, "spread": 1, "one node": 2, "wide budget": 3, "none": 4}[case])
+    G = {"one node": 1, "none": 0}.get(case, 60)
+    if case == "ties":
+        e = np.arange(G, dtype=np.float64) * 0.5 - 15.0  # evenly spaced: equal distances on both sides
+    else:
+        e = np.sort(gen.choice(np.arange(4000), size=G, replace=False)).astype(np.float64) / 16.0
+    counts = gen.integers(1, 20, size=G)
+    reach = gen.integers(0, 12, size=G)  # each row's half width, in nodes
+    lo = np.maximum(np.arange(G) - reach, 0)
+    ln = np.minimum(np.arange(G) + reach + 1, G) - lo
+    cd = 0.83
+    allowed = 50.0 if case == "wide budget" else 0.3
+    args = [torch.from_numpy(np.ascontiguousarray(x)) for x in (e, counts.astype(np.int64), lo.astype(np.int64),
+                                                                ln.astype(np.int64))]
+    kept_lo, kept_len, dropped = torch.ops.kvfix.dscr_fit_rows(*args, cd, allowed)
+    want_lo, want_len, want_dropped = _fit_rows_by_sorting(*args, cd, allowed)
+    assert kept_lo.dtype == kept_len.dtype == torch.int64 and dropped.dtype == torch.float64
+    assert np.array_equal(kept_len.numpy(), want_len)
+    assert np.array_equal(kept_lo.numpy()[want_len > 0], want_lo[want_len > 0])
+    np.testing.assert_allclose(dropped.numpy(), want_dropped, rtol=1e-13, atol=0)
+    if case == "wide budget":
+        assert (want_len == 0).any()  # rows dropped whole: an empty window at the node
+        assert torch.equal(kept_lo[kept_len == 0], torch.arange(G)[kept_len == 0])
+    if case == "ties":
+        assert (ln > 2).any() and (want_len < ln).any()
+
+
+def test_fit_rows_bad_inputs():
+    e = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    n = torch.ones(3, dtype=torch.int64)
+    lo, ln = torch.zeros(3, dtype=torch.int64), torch.full((3,), 3, dtype=torch.int64)
+    op = torch.ops.kvfix.dscr_fit_rows
+    with pytest.raises(TypeError, match="e must be float64"):
+        op(e.float(), n, lo, ln, 1.0, 0.1)
+    with pytest.raises(TypeError, match="counts must be int64"):
+        op(e, n.int(), lo, ln, 1.0, 0.1)
+    with pytest.raises(ValueError, match="row_len must have 3 entries"):
+        op(e, n, lo, ln[:2], 1.0, 0.1)
+    with pytest.raises(ValueError, match="row 1 must be a window of the 3 nodes that holds node 1"):
+        op(e, n, torch.tensor([0, 2, 0]), ln, 1.0, 0.1)
+    with pytest.raises(ValueError, match="row 2 must be a window"):
+        op(e, n, lo, torch.tensor([3, 3, 4]), 1.0, 0.1)
+    with pytest.raises(ValueError, match="e must be finite and strictly increasing"):
+        op(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), n, lo, ln, 1.0, 0.1)
+    with pytest.raises(ValueError, match="cd must be finite"):
+        op(e, n, lo, ln, float("nan"), 0.1)
+    with pytest.raises(ValueError, match="row_lo must be a contiguous 1-D CPU tensor"):
+        op(e, n, torch.zeros(6, dtype=torch.int64)[::2], ln, 1.0, 0.1)
 
 
 def test_gauss_truncation_at_occupied_bins_equals_the_whole_convolution(monkeypatch):

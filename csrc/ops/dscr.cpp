@@ -1,9 +1,10 @@
 // DSCR (METHODS §1): the schemas of the dense ops (dscr_refine, dscr_refine_cache_), of the
 // structured ones on a patch grid (dscr_refine_lowrank(_cache_): low-rank factors,
 // dscr_refine_banded(_cache_): the banded structure; kvfix/dscr_structured.py plans them) and of
-// the checks-only ops (dscr_check_grid, dscr_check_params); every check, stated once; the Meta
-// kernels; the CPU registrations (kernels: csrc/cpu/dscr*.cpp; the CUDA kernels register
-// themselves in csrc/cuda/dscr*.cu).
+// the checks-only ops (dscr_check_grid, dscr_check_params) and of the planner's host loop
+// (dscr_fit_rows: csrc/kernels/dscr_plan.h); every check, stated once; the Meta kernels; the CPU
+// registrations (kernels: csrc/cpu/dscr*.cpp; the CUDA kernels register themselves in
+// csrc/cuda/dscr*.cu).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -13,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/dscr_plan.h"
 #include "ops/dscr.h"
 
 namespace kvfix {
@@ -135,6 +137,44 @@ static void dscr_check_grid(at::TensorList keys, at::TensorList values, bool cac
 // The parameters alone (kvfix.dscr_plan, kvfix.hf.DSCR's settings): dscr_check_params runs it.
 static void dscr_check_params(c10::string_view op, double sigma_d, double sigma_s, double alpha, double beta) {
   dscr_coefs(std::string(op).c_str(), sigma_d, sigma_s, alpha, beta);
+}
+
+// The "values" node kernel's rows fitted to the depths, for the plan of a new image
+// (kvfix/dscr_structured.py, _atom_rows_fitted): host tensors in, (kept_lo, kept_len, dropped) out.
+// Every index the loop reads is checked first (ValueError / TypeError naming the argument).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> dscr_fit_rows(const at::Tensor& e, const at::Tensor& counts,
+                                                                    const at::Tensor& row_lo,
+                                                                    const at::Tensor& row_len, double cd,
+                                                                    double allowed) {
+  const char* op = "dscr_fit_rows";
+  const std::pair<const char*, const at::Tensor*> args[] = {
+      {"e", &e}, {"counts", &counts}, {"row_lo", &row_lo}, {"row_len", &row_len}};
+  for (const auto& [name, t] : args) {
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->is_contiguous(), op, ": ", name,
+                      " must be a contiguous 1-D CPU tensor, got ", t->sizes(), " on ", t->device());
+    TORCH_CHECK_VALUE(t->numel() == e.numel(), op, ": ", name, " must have ", e.numel(), " entries (as e), got ",
+                      t->numel());
+    TORCH_CHECK_TYPE(t->scalar_type() == (t == &e ? at::kDouble : at::kLong), op, ": ", name, " must be ",
+                     (t == &e ? "float64" : "int64"), ", got ", t->scalar_type());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(cd) && cd >= 0, op, ": cd must be finite and >= 0, got ", cd);
+  TORCH_CHECK_VALUE(!std::isnan(allowed), op, ": allowed must not be nan");
+  const int64_t G = e.numel();
+  const double* ep = e.data_ptr<double>();
+  const int64_t* lo = row_lo.data_ptr<int64_t>();
+  const int64_t* len = row_len.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK_VALUE(lo[g] >= 0 && lo[g] <= g && len[g] >= g - lo[g] + 1 && len[g] <= G - lo[g], op,
+                      ": row ", g, " must be a window of the ", G, " nodes that holds node ", g, ", got row_lo ",
+                      lo[g], ", row_len ", len[g]);
+    TORCH_CHECK_VALUE(std::isfinite(ep[g]) && (g == 0 || ep[g] > ep[g - 1]), op,
+                      ": e must be finite and strictly increasing (entry ", g, ")");
+  }
+  at::Tensor kept_lo = at::empty({G}, row_lo.options()), kept_len = at::empty({G}, row_lo.options());
+  at::Tensor dropped = at::empty({G}, e.options());
+  kernels::dscr_fit_rows(ep, counts.data_ptr<int64_t>(), lo, len, G, cd, allowed, kept_lo.data_ptr<int64_t>(),
+                         kept_len.data_ptr<int64_t>(), dropped.data_ptr<double>());
+  return {kept_lo, kept_len, dropped};
 }
 
 void dscr_check_finite(const char* op, const at::Tensor& depth, const at::Tensor& coords) {
@@ -319,6 +359,10 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
         "float sigma_s, float alpha, float beta) -> ()");
   m.def("dscr_check_params(str op, float sigma_d, float sigma_s, float alpha, float beta) -> ()",
         &kvfix::dscr_check_params);
+  // The planner's host loop (host tensors whatever the model's device): one kernel for every key.
+  m.def("dscr_fit_rows(Tensor e, Tensor counts, Tensor row_lo, Tensor row_len, float cd, float allowed) -> "
+        "(Tensor, Tensor, Tensor)",
+        &kvfix::dscr_fit_rows);
   m.def("dscr_refine_lowrank(Tensor k, Tensor? v, Tensor depth, Tensor lr, Tensor rr, Tensor lc, Tensor rc, "
         "float coef_d, int rank_d) -> Tensor[]");
   m.def("dscr_refine_lowrank_cache_(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor depth, Tensor lr, Tensor rr, "

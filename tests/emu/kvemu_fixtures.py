@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kvemu_build  # noqa: E402
 from kvemu_build import BuildError, EmuError, Module  # noqa: E402,F401
 
-__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "cmac_attention_call", "cmac_inputs",
-           "cmac_nonfinite_inputs", "inv_freq", "unaligned"]
+__all__ = ["emu", "EmuSession", "EmuError", "kvfix_reference", "kvfix_structured", "cmac_attention_call",
+           "cmac_inputs", "cmac_nonfinite_inputs", "inv_freq", "unaligned"]
 
 
 def kvfix_reference():
@@ -43,6 +43,32 @@ def kvfix_reference():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     sys.modules["kvemu_kvfix_reference"] = mod
+    return mod
+
+
+def kvfix_structured(emu=None):
+    """`kvfix.dscr_structured` (the structured-DSCR planner), loaded from its file without the
+    compiled extension. Its one call into C++, the planner's loop `_fit_rows`
+    (csrc/kernels/dscr_plan.h, kvfix::dscr_fit_rows in the extension), runs from the emulator's
+    build of module "dscr_banded" once `emu` (the session fixture) is given: call it so from the
+    module fixture of a test that plans."""
+    name = "kvemu_kvfix_dscr_structured"
+    mod = sys.modules.get(name)
+    if mod is None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(name, kvemu_build.REPO / "kvfix" / "dscr_structured.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while it executes
+        spec.loader.exec_module(mod)
+    if emu is not None:
+        banded = emu.module("dscr_banded")
+
+        def fit_rows(e, counts, row_lo, row_len, cd, allowed):
+            outs = (torch.empty_like(row_lo), torch.empty_like(row_lo), torch.empty_like(e))
+            banded.dscr_fit_rows(e, counts, row_lo, row_len, cd, allowed, *outs)
+            return outs
+
+        mod._fit_rows = fit_rows
     return mod
 
 

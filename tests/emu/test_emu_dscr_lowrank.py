@@ -11,36 +11,20 @@ use are covered. Shapes are small: the emulator runs every CUDA thread as a fibe
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
 
-import kvemu_build
-from kvemu_fixtures import kvfix_reference
+from kvemu_fixtures import kvfix_reference, kvfix_structured
 
 R = kvfix_reference()
 PARAMS = dict(sigma_d=0.6, sigma_s=0.6, alpha=0.6, beta=0.8)
-
-
-def _structured():
-    """kvfix/dscr_structured.py loaded from its file (no compiled extension needed)."""
-    name = "kvemu_kvfix_dscr_structured"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, kvemu_build.REPO / "kvfix" / "dscr_structured.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up while it executes
-        spec.loader.exec_module(mod)
-    return mod
-
-
-S = _structured()
+S = kvfix_structured()
 
 
 @pytest.fixture(scope="module")
 def mod(emu):
+    kvfix_structured(emu)  # its plans weigh the banded variant too: the planner's C++ loop from the emulator
     return emu.module("dscr_lowrank")
 
 

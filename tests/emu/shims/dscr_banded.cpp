@@ -2,13 +2,27 @@
 // The structure is packed by dscr_banded_pack and the call run by dscr_banded_run, as
 // csrc/cuda/dscr_banded.cu does; the workspaces are allocated here at exactly the sizes the
 // header asks for (poisoned: -1 for the int32 one, NaN for the float scratch), so ASan sees overruns.
+// Also the planner's host loop (csrc/kernels/dscr_plan.h), with which the tests plan their
+// structures (kvfix/dscr_structured.py loaded without the compiled extension).
 #include <kvemu/shim.h>
 
 #include <cmath>
 #include <vector>
 
 #include "kernels/dscr_banded.cuh"
+#include "kernels/dscr_plan.h"
 #include "views.h"
+
+// e float64 [G], counts int64 [G], row_lo int64 [G], row_len int64 [G], cd, allowed, then the
+// outputs kept_lo int64 [G], kept_len int64 [G], dropped float64 [G] (kvfix::dscr_fit_rows; the
+// caller passes valid windows, as the op checks).
+KVEMU_ENTRY(dscr_fit_rows, args) {
+  const int64_t G = args.size(0, 0);
+  kvfix::kernels::dscr_fit_rows(args.data<const double>(0), args.data<const int64_t>(1),
+                                args.data<const int64_t>(2), args.data<const int64_t>(3), G, args.f(4), args.f(5),
+                                args.data<int64_t>(6), args.data<int64_t>(7), args.data<double>(8));
+  return cudaSuccess;
+}
 
 using kvemu::shim::view;
 
