@@ -34,10 +34,12 @@ Sections (bf16 unless a row says otherwise; inputs are random normal, never zero
   and the flash-attn package when installed, on the same q, k, v.
 - host: the host's time per decoded token, plain and with each kvfix.hf method, on the two 7B
   configs' layer counts at tiny widths (where decoding waits on the host, as HF decoding at batch
-  1 does on a GPU, a method's added host time per layer is what it adds per token).
+  1 does on a GPU, a method's added host time per layer is what it adds per token), and the
+  prefill's time at those widths (mostly host time: SCR's diagnostic pass, DSCR's plan).
 - models: random-weight LLaVA-1.5-7B and Qwen2-VL-7B (their exact configs, written out below;
   built on the GPU in bf16, nothing downloaded), one image at the model's size, greedy: plain vs
-  kvfix.hf.KVSmooth / CMAC / DSCR (random depth map) / SCR, prefill ms and decode ms per token;
+  kvfix.hf.KVSmooth / CMAC / DSCR (random depth map, planned anew in every prefill) / SCR,
+  prefill ms and decode ms per token;
   plus "plain, 2 rows" (the same prompt twice as one batch, greedy: the shape CMAC's two branches
   run in), which separates the cost of a batch of 2 rows from CMAC's own.
 
@@ -814,6 +816,7 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int,
 
     def gen(handle, k, rows2=False):
         kw = dict(max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        dscr_structured._PLANS.clear()  # every prompt a new image: DSCR plans it (host) in each prefill
         if handle is None:
             out = model.generate(**(inputs2 if rows2 else inputs), **kw)
         else:
@@ -859,7 +862,8 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int,
                 dtype=str(next(model.parameters()).dtype)[6:], attn=model.config._attn_implementation,
                 peak=(f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
                       if ctx.device == "cuda" else ""),
-                decode_rounds={name: ds for name, (_, ds) in samples.items()})  # round by round, all variants
+                decode_rounds={name: ds for name, (_, ds) in samples.items()},  # round by round, all variants
+                prefill_rounds={name: ps for name, (ps, _) in samples.items()})
     del model, inputs
     _free()
     return res, info
@@ -901,7 +905,8 @@ def models_section(ctx: Ctx) -> Section:
                        "decode / plain, 2 rows"], rows)
     sec.note("Variants: `kvfix.hf.enable(model, Method())` with the defaults, enabled outside the timed calls; "
              "DSCR gets a random depth map at the image's size. prefill = `generate(max_new_tokens=1)` (vision tower, "
-             "prefill, first token; SCR's diagnostic pass and DSCR's refinement included); decode = (generate of 1 + n "
+             "prefill, first token; SCR's diagnostic pass, DSCR's plan and refinement included: the plan cache is "
+             "cleared before every generate, as for a new image); decode = (generate of 1 + n "
              "tokens - prefill) / n. CMAC runs both branches as one batch of 2 rows; \"plain, 2 rows\" is plain "
              "greedy on the prompt twice as one batch (the same shape, no method)."
              + (" On the CPU one generate of 1 + n tokens per round, stamped at each call of the output layer: "
@@ -934,15 +939,17 @@ def host_section(ctx: Ctx) -> Section:
             finally:
                 torch.set_num_threads(threads)
             plain, rounds = res["plain"][1], info["decode_rounds"]
+            pre_plain, pre_rounds = res["plain"][0], info["prefill_rounds"]
             rows = []
-            for name, (_, d) in res.items():
+            for name, (p, d) in res.items():
                 # each round runs every variant once: the differences to plain within a round are
                 # what the machine's slow and fast phases disturb least
                 diff = sorted(a - b for a, b in zip(rounds[name], rounds["plain"]))
                 q1, q2, q3 = (diff[(len(diff) - 1) * i // 4] for i in (1, 2, 3))
                 added = ratio(plain + q2, plain)
+                pre = statistics.median(a - b for a, b in zip(pre_rounds[name], pre_rounds["plain"]))
                 rows.append([name, fmt(d), rfmt(added), f"{1e3 * q2 / L:+.1f}",
-                             f"{1e3 * q1 / L:+.1f} .. {1e3 * q3 / L:+.1f}"])
+                             f"{1e3 * q1 / L:+.1f} .. {1e3 * q3 / L:+.1f}", fmt(p), f"{pre:+.2f}"])
                 if name in DECODE_TARGETS:
                     sec.targets.append(target(f"{label}, host time alone: {name} decode per token / plain",
                                               added, DECODE_TARGETS[name]))
@@ -950,14 +957,17 @@ def host_section(ctx: Ctx) -> Section:
                      f"attention {info['attn']}): prompt {info['prompt']} tokens, {n_new} decoded tokens; medians of "
                      f"{reps} round(s) after {warmup} warm-up round(s)")
             sec.table(["variant", "decode ms / token", "/ plain", "us added per layer",
-                       "quartiles of the rounds (us per layer)"], rows)
+                       "quartiles of the rounds (us per layer)", "prefill ms", "prefill ms added"], rows)
     sec.note("Each target here is a bound on the whole-model row of the same name (models section) wherever "
              "decoding waits on the host: a method that adds more host time than its target allows cannot meet "
              "it there. CMAC's two branches are one batch of 2 rows (on a GPU nearly free at batch 1; here the "
              "tiny model's own arithmetic, also doubled, is part of its ratio). Timed as the models section "
              "times decoding (CPU: per-step stamps at the output layer; GPU: generate differences); decode ms: the "
              "median over the rounds; / plain and us added: the median of the rounds' differences to plain (each "
-             "round runs every variant once), with their quartiles.")
+             "round runs every variant once), with their quartiles. prefill ms: `generate`'s time to its first "
+             "token, every prompt a new image (DSCR plans it on the host: the plan cache is cleared before every "
+             "generate); added: the median of the rounds' differences to plain. At these widths a prefill is "
+             "mostly host time; how much of it a GPU's prefill of the 7B model hides is for a GPU run to show.")
     return sec
 
 
@@ -968,7 +978,8 @@ SECTION_FNS = {"baselines": baselines_section, "kvsmooth": kvsmooth_section, "ds
 # --------------------------------------------------------------------------------------------
 # report
 
-def header(device: str, cmd: str, started: datetime.datetime, layers: int | None = None) -> list[str]:
+def header(device: str, cmd: str, started: datetime.datetime, layers: int | None = None,
+           host_only: bool = False) -> list[str]:
     try:
         import transformers
         tf = transformers.__version__
@@ -983,6 +994,10 @@ def header(device: str, cmd: str, started: datetime.datetime, layers: int | None
         from bench.common import cpu_path
         dev = (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
                f"{cpu_path()}): the models at full width, cut to {layers} layers")
+    elif host_only:
+        from bench.common import cpu_path
+        dev = (f"CPU ({platform.processor() or platform.machine()}; {cpu_path()}): the host section, one thread, "
+               "the 7B configs' layer counts at tiny widths")
     else:
         dev = f"CPU ({platform.processor() or platform.machine()}): smoke run on tiny shapes, timings meaningless"
     version, _ = _flash_attn()
@@ -1053,7 +1068,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="seconds for the whole run: a section that would not fit in what is left is skipped")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cpu: tiny shapes, wall-clock timer (a smoke test of this script; numbers meaningless)")
+                    help="cpu: tiny shapes, wall-clock timer (a smoke test of this script; numbers meaningless, "
+                         "except the CPU records of the host section and, with --layers, the models section)")
     ap.add_argument("--layers", type=int, default=None,
                     help="models section: the exact configs with their text and vision layers cut to this many "
                          "(with --device cpu: the CPU record of the models section at full width, e.g. "
@@ -1080,7 +1096,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     argv_used = sys.argv[1:] if argv is None else list(argv)
     cmd = " ".join(["python -m bench.gpu"] + argv_used)
-    head = header(args.device, cmd, started, args.layers if args.device == "cpu" else None)
+    head = header(args.device, cmd, started, args.layers if args.device == "cpu" else None,
+                  host_only=args.device == "cpu" and names == ["host"])
     print("\n".join(head), flush=True)
     ctx = make_ctx(args.device, args.quick, args.budget_s, args.layers,
                    BF16 if args.dtype == "bf16" else torch.float32)
