@@ -122,7 +122,8 @@ def test_model_sections_run_tiny_models_on_cpu(name):
         assert all(math.isfinite(float(r[1])) for r in t[2:])  # measured for every variant
     assert len(sec.targets) == 2 * len(G.DECODE_TARGETS)
     if name == "host":
-        assert all(t[2][3] == "+0.0" for t in ts)  # plain against itself
+        assert all(t[2][3] == "+0.0" and t[2][6] == "+0.00" for t in ts)  # plain against itself
+        assert all(math.isfinite(float(r[5])) for t in ts for r in t[2:])  # prefill ms of every variant
         assert "32 text layers, hidden 64" in sec.markdown() and "28 text layers, hidden 64" in sec.markdown()
 
 
@@ -137,6 +138,14 @@ def test_main_writes_the_markdown(tmp_path, capsys):
     assert text.index("## Baselines") < text.index("## SCR, contrastive_logits")
     assert re.search(r"## Targets \(issue 18\): \d+ of 5 met", text)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cpu_host_record_header():
+    """The CPU record of the host section says what it measured (not "timings meaningless", the
+    line of a smoke run of the other sections on the CPU)."""
+    head = "\n".join(G.header("cpu", "cmd", G.datetime.datetime.now(), host_only=True))
+    assert "the host section, one thread" in head and "meaningless" not in head
+    assert "meaningless" in "\n".join(G.header("cpu", "cmd", G.datetime.datetime.now()))
 
 
 def test_main_rejects_unknown_sections():
