@@ -450,6 +450,57 @@ class _Calls(kvfix.hf.Method):
         return call_next(query, key, value, attention_mask, **kwargs)
 
 
+class _Layers(kvfix.hf.Method):
+    """Records (phase, layer) of every call of its layer_input, and how many forward pre-hooks
+    each decoder layer carries when a forward starts."""
+
+    def __init__(self, name, phases, log, hooks=None):
+        self.name, self.log, self.hooks = name, log, hooks
+        if phases is not None:
+            self.layer_phases = frozenset(phases)
+
+    def _count(self, ctx):
+        if self.hooks is not None:
+            layers = ctx.handle.adapter.decoder_layers()
+            self.hooks.append((ctx.phase, [len(layer._forward_pre_hooks) for layer in layers]))
+
+    on_prefill_start = on_decode_start = _count
+
+    def layer_input(self, ctx, layer_idx, hidden_states):
+        self.log.append((self.name, ctx.phase, layer_idx))
+        return None
+
+
+def test_layer_phases_leave_methods_out_and_decoding_layers_unhooked(llava):
+    """A method whose `layer_phases` lacks a forward's phase gets no `layer_input` call in that
+    forward; where no method is left, the decoder layers carry no hook during it (SCR: decoding
+    steps run the plain layers), and the next prompt puts the hooks back. Tokens as plain."""
+    assert kvfix.hf.SCR.layer_phases == {"prefill"} and kvfix.hf.Method.layer_phases == {"prefill", "decode"}
+    inputs, _ = make_prompt(llava, "llava", [(3, 3)], 0)
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    plain = llava.generate(**inputs, **kw)
+    L = llava.config.text_config.num_hidden_layers
+    steps = ["prefill", "decode", "decode"]
+    log, hooks = [], []
+    methods = (_Layers("both", None, log), _Layers("prefill", ["prefill"], log),
+               _Layers("decode", ["decode"], log, hooks))
+    with kvfix.hf.enable(llava, *methods):
+        assert torch.equal(llava.generate(**inputs, **kw), plain)
+    chain = {"prefill": ["both", "prefill"], "decode": ["both", "decode"]}
+    assert log == [(name, phase, layer) for phase in steps for layer in range(L) for name in chain[phase]]
+    assert hooks == [(phase, [1] * L) for phase in steps]  # one kvfix hook a layer, throughout
+    log.clear()
+    hooks.clear()
+    with kvfix.hf.enable(llava, _Layers("prefill", ["prefill"], log, hooks)) as handle:
+        for _ in range(2):  # a second prompt: hooked again for its prefill
+            assert torch.equal(llava.generate(**inputs, **kw), plain)
+        llava.generate(**inputs, max_new_tokens=1)  # a prompt alone leaves its hooks on
+        assert all(len(layer._forward_pre_hooks) == 1 for layer in handle.adapter.decoder_layers())
+    assert log == [("prefill", "prefill", layer) for _ in range(3) for layer in range(L)]
+    assert hooks == [(phase, [1 if phase == "prefill" else 0] * L) for phase in steps * 2 + ["prefill"]]
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in llava.get_decoder().layers)  # disable removes them
+
+
 def test_attention_phases_leave_methods_out_of_the_chain(llava):
     """A method whose `attention_phases` lacks a forward's phase is not called in that forward
     (the others still are, in their order); with none left the model's own attention runs, and

@@ -80,12 +80,19 @@ class Method:
     step calls the attention of every layer, so a method that only acts on the prompt (DSCR, SCR)
     costs nothing per decoded token. With `ctx` None (the text model run outside a forward of the
     model) every method's `attention` runs, whatever its phases.
+
+    `layer_phases` does the same for `layer_input`: in a forward of another phase the method is
+    left out, and where no method's `layer_input` is left the decoder layers carry no kvfix hook
+    during the forward (a forward pre-hook puts every layer's call on torch's hooked path, some
+    10-20 us of host time a layer and token). With `ctx` None the methods' `layer_input` runs
+    where the layers carry the hook: as the latest forward left them.
     """
 
     name = "method"
     uses_attention = False
     attention_innermost = False
     attention_phases: frozenset = frozenset({"prefill", "decode"})
+    layer_phases: frozenset = frozenset({"prefill", "decode"})
 
     def bind(self, handle: "Handle") -> None:
         pass
@@ -190,6 +197,9 @@ class Handle:
         self._attn_by_phase = {phase: tuple(m for m in self._attn_methods if phase in m.attention_phases)
                                for phase in ("prefill", "decode")}
         self._layer_methods = tuple(m for m in self.methods if _overrides(m, "layer_input"))
+        self._layer_by_phase = {phase: tuple(m for m in self._layer_methods if phase in m.layer_phases)
+                                for phase in ("prefill", "decode")}
+        self._layer_hooks: list = []  # the decoder layers' pre-hooks while installed (_set_layer_hooks)
         self._text_in_methods = tuple(m for m in self.methods if _overrides(m, "text_input"))
         self._text_out_methods = tuple(m for m in self.methods if _overrides(m, "text_output"))
         self._active = False
@@ -290,6 +300,7 @@ class Handle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._set_layer_hooks(False)
         if self._base_attn is not None:
             _compat.set_text_attn_implementation(self.model, self._base_attn)
             for mod in [m for m, (h, _) in list(_ATTN_OWNERS.items()) if h is self]:
@@ -331,15 +342,14 @@ class Handle:
                 text = self.adapter.text_model()
                 self._hooks.append(text.register_forward_pre_hook(self._text_pre_hook, with_kwargs=True))
                 self._hooks.append(text.register_forward_hook(self._text_post_hook, with_kwargs=True))
-            if self._layer_methods:
-                for i, layer in enumerate(self.adapter.decoder_layers()):
-                    self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            self._set_layer_hooks(bool(self._layer_methods))
             if self._attn_methods:
                 self._install_attention()
         except BaseException:
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
+            self._set_layer_hooks(False)
             for mod in [m for m, (h, _) in list(_ATTN_OWNERS.items()) if h is self]:
                 del _ATTN_OWNERS[mod]
             for m in reversed(bound):
@@ -401,6 +411,7 @@ class Handle:
             ctx.images, ctx.host_text = self._resolve_images(inputs, self.adapter.placeholder_ids(inputs), padding,
                                                              past_len, record=main)
         self._ctx_stack.append(ctx)
+        self._set_layer_hooks(any(self._layer_by_phase[c.phase] for c in self._ctx_stack))
         try:
             if new_session:
                 for m in self.methods:
@@ -425,6 +436,8 @@ class Handle:
                   len(self._ctx_stack) - 1)
         ctx = self._ctx_stack[at]
         del self._ctx_stack[at:]
+        if self._ctx_stack:  # back in an outer forward: its layers as it needs them
+            self._set_layer_hooks(any(self._layer_by_phase[c.phase] for c in self._ctx_stack))
         ctx.output = output
         if ctx.cache is None:
             ctx.cache = _compat.output_cache(output)
@@ -461,6 +474,16 @@ class Handle:
                 output, changed = new, True
         return output if changed else None
 
+    def _set_layer_hooks(self, on: bool) -> None:
+        """Put the decoder layers' pre-hooks on (every method's `layer_input`) or take them off."""
+        if on and not self._layer_hooks:
+            self._layer_hooks = [layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
+                                 for i, layer in enumerate(self.adapter.decoder_layers())]
+        elif not on and self._layer_hooks:
+            for h in self._layer_hooks:
+                h.remove()
+            self._layer_hooks = []
+
     def _layer_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
             if self._suspended:
@@ -468,7 +491,7 @@ class Handle:
             ctx = self._current_ctx()
             hidden = _compat.layer_hidden(args, kwargs)
             changed = False
-            for m in self._layer_methods:
+            for m in self._layer_methods if ctx is None else self._layer_by_phase[ctx.phase]:
                 new = m.layer_input(ctx, layer_idx, hidden)
                 if new is not None:
                     hidden, changed = new, True

@@ -79,6 +79,7 @@ class SCR(Method):
     name = "scr"
     uses_attention = True
     attention_phases = frozenset({"prefill"})  # scores in its diagnostic pass over the prompt only
+    layer_phases = frozenset({"prefill"})  # redistributes in prompt forwards only: decoding layers carry no hook
 
     def __init__(self, layers=None, *, diagnostic_layers=None, top_k: int = 32, lam: float = 1.1,
                  exclude_border: bool = True):
