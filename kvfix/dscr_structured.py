@@ -197,7 +197,7 @@ def _taylor_rank(T: float, eps: float) -> int:
     """Smallest r with P(Poisson(T) >= r) <= eps (capped at _MAX_RANK + 1). Below 1, eps rules
     out every r <= T (`_poisson_tail` counts those tails as 1): the search starts past T (a wide
     depth range puts T in the thousands)."""
-    r = 1 if not eps < 1.0 else min(int(T) + 1, _MAX_RANK + 1) if T >= 1.0 else 1
+    r = int(min(T, _MAX_RANK)) + 1 if eps < 1.0 and T >= 1.0 else 1
     while r <= _MAX_RANK and _poisson_tail(T, r) > eps:
         r += 1
     return r
