@@ -605,6 +605,17 @@ def test_banded_values_rows_fitted_and_symmetric():
     assert int(it.row_len.sum()) < int(S._rows(e, math.sqrt(math.log((depth.numel() - 1) / budget) / CD))[1].sum())
 
 
+def test_taylor_rank_is_the_smallest_rank_meeting_eps():
+    """_taylor_rank (which starts its search past T, every tail up to T counting as 1) against
+    the search from r = 1, over small to infinite T and eps below and at or above 1."""
+    for T in (0.0, 0.5, 1.0, 3.7, 40.0, 511.9, 512.0, 600.0, 1e9, math.inf):
+        for eps in (1e-12, 1e-3, 0.999, 1.0, 2.0):
+            r = 1
+            while r <= S._MAX_RANK and S._poisson_tail(T, r) > eps:
+                r += 1
+            assert S._taylor_rank(T, eps) == r, (T, eps)
+
+
 def _fit_rows_by_sorting(e, counts, lo, ln, cd, allowed):
     """kvfix::dscr_fit_rows written out another way: every row's entries sorted farthest first
     (np.lexsort, stable: the lower node first among equal distances), the weights summed in that
