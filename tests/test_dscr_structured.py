@@ -535,6 +535,28 @@ def test_banded_bound_holds_in_gauss_mode(tol):
         assert err <= it.rel * (1 + 1e-3) if fine else err > tol, (step, err, it.rel)
 
 
+def test_gauss_nodes_under_a_cost_cap_as_without_it():
+    """_depth_gauss with a cost to beat (best_ops, its search started at the largest node count
+    that can still beat it) returns the uncapped result wherever that result is cheaper, else
+    None: caps around the uncapped cost, spread and clustered depths, two budgets."""
+    g = torch.Generator().manual_seed(3)
+    for d in (255.0 * torch.rand(576, generator=g, dtype=torch.float64),
+              30.0 * torch.randint(0, 6, (576,), generator=g).double() + 6.0 * torch.rand(
+                  576, generator=g, dtype=torch.float64)):
+        ds = torch.sort(d).values
+        for budget in (1e-4, 1e-7):
+            free = S._depth_gauss(d, ds, CD, budget, math.inf)
+            assert free is not None
+            C = free[1]().order
+            for cap in (free[0] - 1.0, free[0], free[0] + 1.0, free[0] + 2.0 * 576, 2.0 * 576 * (C + 3),
+                        2.0 * 576 * 2, 1.0):
+                got = S._depth_gauss(d, ds, CD, budget, cap)
+                if free[0] < cap:
+                    assert got is not None and got[0] == free[0] and got[1]().order == C, (budget, cap)
+                else:
+                    assert got is None, (budget, cap)
+
+
 def test_gauss_truncation_bound_holds_and_is_tight():
     """The Gaussian nodes' truncation bound (`_gauss_truncation`, module docstring "gauss") against
     the dropped weight counted pair by pair over every node (float64): at or above every column's
