@@ -225,11 +225,11 @@ class DSCR(Method):
             # the level's call for the queries from the first one past the j-th image end on (the
             # last ones, as every attention function and CMAC's expect), where the mask can say so
             a = firsts[j - 1] if out is not None else 0
-            mask = _query_suffix_mask(self._base_attention(), attention_mask, a, Tq, T, offset, query.device)
+            mask = fw.suffix_mask(self._base_attention(), attention_mask, a, Tq, T, offset, query.device)
             if mask is _NO_SUFFIX:
                 a, mask = 0, attention_mask
             res = call_next(query[:, :, a:], k_lvl, v_lvl, mask, **kwargs)
-            out = res if out is None else _select(level[:, a:] == j, res, out, a)
+            out = res if out is None else _select(*fw.selection(R, Tq, offset, query.device, j, a), res, out, a)
         return out
 
     def _base_attention(self) -> str | None:
@@ -303,7 +303,10 @@ class _Forward:
         self.store = store          # keep the refined spans for the cache (not with use_cache=False)
         self.pending: dict = {}     # layer -> [(grid, rows, k_hat, v_hat)], written into the cache at the end
         self.routes: dict = {}      # (device, dtype) -> per grid: what the op runs (dscr_ops._dscr_route)
-        self._levels: dict = {}     # (R, Tq, offset, device) -> (level [R, Tq], min, max)
+        self._levels: dict = {}     # (R, Tq, offset, device) -> (level [R, Tq], min, max, firsts)
+        self._level_host: dict = {}  # the same key -> level on the host
+        self._selections: dict = {}  # (levels' key, j, a) -> (level[:, a:] == j on the device, all of it)
+        self._masks: dict = {}      # (base, mask, a, Tq, T, offset, device) -> (mask, its queries [a, Tq))
         ends: dict[int, list] = {}
         for img in ctx.images:
             ends.setdefault(img.batch, []).append(img.end)
@@ -340,7 +343,27 @@ class _Forward:
             hi = int(level.max())
             firsts = [int((level >= j).any(0).nonzero()[0, 0]) for j in range(1, hi + 1)]
             got = self._levels[key] = (level.to(device), int(level.min()), hi, firsts)
+            self._level_host[key] = level
         return got
+
+    def selection(self, R: int, Tq: int, offset: int, device, j: int, a: int):
+        """(level[:, a:] == j on `device`, whether that holds for every query): the queries of
+        [a, Tq) that the j-th level's call answers; each layer of the forward asks the same (host
+        work: no synchronisation)."""
+        key = (R, Tq, offset, device, j, a)
+        got = self._selections.get(key)
+        if got is None:
+            sel = self._level_host[(R, Tq, offset, device)][:, a:] == j
+            got = self._selections[key] = (sel.to(device), bool(sel.all()))
+        return got
+
+    def suffix_mask(self, base, mask, a: int, Tq: int, T: int, offset: int, device):
+        """`_query_suffix_mask`, made once per forward for the mask its layers share."""
+        key = (base, id(mask), a, Tq, T, offset, device)
+        got = self._masks.get(key)
+        if got is None or got[0] is not mask:
+            got = self._masks[key] = (mask, _query_suffix_mask(base, mask, a, Tq, T, offset, device))
+        return got[1]
 
 
 def _crop(d: torch.Tensor, region) -> torch.Tensor:
@@ -382,12 +405,17 @@ def _query_suffix_mask(base, mask, a: int, Tq: int, T: int, offset: int, device)
     return _NO_SUFFIX
 
 
-def _select(mask, new, old, a: int = 0):
+def _select(mask, whole: bool, new, old, a: int = 0):
     """The attention result `old` with its queries [a, Tq) replaced by `new` (the call on those
-    queries) where mask [R, Tq - a] (outputs [R, Tq, Hq, D], weights [R, Hq, Tq, T] or None)."""
-    out = torch.where(mask[:, :, None, None], new[0], old[0][:, a:])
+    queries) where mask [R, Tq - a] (outputs [R, Tq, Hq, D], weights [R, Hq, Tq, T] or None);
+    `whole`: the mask holds everywhere (one image per row: the new result as it is)."""
     w_new, w_old = new[1], old[1]
-    weights = None if w_new is None or w_old is None else torch.where(mask[:, None, :, None], w_new, w_old[:, :, a:])
+    if whole:
+        out, weights = new[0], (None if w_new is None or w_old is None else w_new)
+    else:
+        out = torch.where(mask[:, :, None, None], new[0], old[0][:, a:])
+        weights = None if w_new is None or w_old is None else torch.where(mask[:, None, :, None], w_new,
+                                                                          w_old[:, :, a:])
     if a:
         out = torch.cat([old[0][:, :a], out], 1)
         weights = None if weights is None else torch.cat([w_old[:, :, :a], weights], 2)
