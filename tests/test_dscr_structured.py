@@ -665,16 +665,19 @@ def _fit_rows_by_sorting(e, counts, lo, ln, cd, allowed):
     return kept_lo, kept_len, dropped
 
 
-@pytest.mark.parametrize("case", ["ties", "spread", "one node", "wide budget", "none"])
+@pytest.mark.parametrize("case", ["ties", "spread", "one node", "wide budget", "exact sums", "none"])
 def test_fit_rows_against_sorting(case):
     """The planner's C++ loop (kvfix::dscr_fit_rows: each row's two ends merged, farthest first)
     keeps and drops what sorting every row's entries does: windows of various widths around each
     node, equal distances on both sides (symmetric depths), a budget that drops every entry of a
-    row, one node, none. The kept windows are equal; the dropped weights to float64 rounding (the
+    row, weights that are whole numbers (cd = 0: a row's dropped sum reaches the budget exactly,
+    which still drops), one node, none. The kept windows are equal; the dropped weights to float64
+    rounding (the
     loop adds a row's weights in the same order, np.exp and the C library's exp may differ in the
     last bit)."""
     import numpy as np
-    gen = np.random.default_rng({"ties": 0, "spread": 1, "one node": 2, "wide budget": 3, "none": 4}[case])
+    gen = np.random.default_rng({"ties": 0, "spread": 1, "one node": 2, "wide budget": 3, "exact sums": 5,
+                                 "none": 4}[case])
     G = {"one node": 1, "none": 0}.get(case, 60)
     if case == "ties":
         e = np.arange(G, dtype=np.float64) * 0.5 - 15.0  # evenly spaced: equal distances on both sides
@@ -684,8 +687,8 @@ def test_fit_rows_against_sorting(case):
     reach = gen.integers(0, 12, size=G)  # each row's half width, in nodes
     lo = np.maximum(np.arange(G) - reach, 0)
     ln = np.minimum(np.arange(G) + reach + 1, G) - lo
-    cd = 0.83
-    allowed = 50.0 if case == "wide budget" else 0.3
+    cd = 0.0 if case == "exact sums" else 0.83
+    allowed = {"wide budget": 50.0, "exact sums": 12.0}.get(case, 0.3)
     args = [torch.from_numpy(np.ascontiguousarray(x)) for x in (e, counts.astype(np.int64), lo.astype(np.int64),
                                                                 ln.astype(np.int64))]
     kept_lo, kept_len, dropped = torch.ops.kvfix.dscr_fit_rows(*args, cd, allowed)
@@ -699,6 +702,8 @@ def test_fit_rows_against_sorting(case):
         assert torch.equal(kept_lo[kept_len == 0], torch.arange(G)[kept_len == 0])
     if case == "ties":
         assert (ln > 2).any() and (want_len < ln).any()
+    if case == "exact sums":  # some row's dropped weight is the budget itself
+        assert (want_dropped == allowed).any()
 
 
 def test_fit_rows_bad_inputs():
