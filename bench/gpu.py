@@ -46,8 +46,8 @@ Sections (bf16 unless a row says otherwise; inputs are random normal, never zero
 Timing. Ops: CUDA events around each call, median of `reps` calls after `warmup` calls. The calls
 are queued behind a GPU sleep long enough for the host to enqueue them all, so an op's time is
 its GPU time, not the Python in front of it; except where the op itself reads a value on the
-host (the structured DSCR plan reads the depth range, `scr_redistribute` checks its scores),
-which then waits for the GPU and counts. Where the host cost matters (decode paths) a "call"
+host (the structured DSCR plan reads the depth range of a depth on the GPU), which then waits
+for the GPU and counts (`scr_redistribute` checks its scores on the host on the CPU only). Where the host cost matters (decode paths) a "call"
 column times single calls on an idle GPU instead (host overhead included). Small inputs stay in
 L2 between repeats, for the op and its baseline alike. Models: each timed `generate` call is
 one CUDA-event measurement; the variants run interleaved, in rotating order, `warmup` rounds
