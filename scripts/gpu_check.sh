@@ -4,10 +4,10 @@
 # within GPU_CHECK_LIMIT_S seconds (default 540, 9 minutes).
 #
 #   1. transformers 5.23 (what the tests use) from .whl/*.whl into /tmp/site, ahead on PYTHONPATH
-#      (.whl/: transformers 5.23.0, huggingface_hub 1.33.0 and what it imports that a machine
+#      (.whl/: transformers 5.23.0, huggingface_hub 2.4.0 and what it imports that a machine
 #      with transformers 5.17 may lack; no network needed there). .whl/ is git-ignored: make it
 #      here, where pip reaches an index, and carry it ([".whl"]):
-#        pip download --no-deps -d .whl transformers==5.23.0 huggingface_hub==1.33.0 click==8.5.1 \
+#        pip download --no-deps -d .whl transformers==5.23.0 huggingface_hub==2.4.0 click==8.5.1 \
 #          hf-xet==1.8.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
 #        pip download --no-deps -d .whl/build setuptools==84.2.1
 #   2. kvfix built in place for sm_90 only (KVFIX_REQUIRE_CUDA=1), build_info printed (a
