@@ -8,7 +8,8 @@
 #      with transformers 5.17 may lack; no network needed there). .whl/ is git-ignored: make it
 #      here, where pip reaches an index, and carry it ([".whl"]):
 #        pip download --no-deps -d .whl transformers==5.23.0 huggingface_hub==2.4.0 click==8.5.1 \
-#          hf-xet==1.8.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 anyio==4.16.0 h11==0.16.0 idna==3.21
+#          hf-xet==1.8.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 anyio==4.16.0 \
+#          h11==0.16.0 idna==3.21
 #        pip download --no-deps -d .whl/build setuptools==84.2.1
 #   2. kvfix built in place for sm_90 only (KVFIX_REQUIRE_CUDA=1), build_info printed (a
 #      machine without setuptools gets .whl/build/setuptools-*.whl for the build only);
