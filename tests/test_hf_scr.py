@@ -246,11 +246,24 @@ def test_prefill_reads_nothing_back_per_image(qwen):
     """SCR's own code issues no device-to-host read (aten._local_scalar_dense: .item(), bool(t),
     int(t), .tolist()) and no data-dependent-shape op (nonzero): each would synchronise a GPU
     model once per image. Its query positions come from `ctx.host_text`, which the dispatcher
-    reads with the image positions (one copy per forward) and which is checked here against the
-    tokens and padding mask of the prompt."""
+    reads with the image positions (one copy per forward, `.cpu()` in kvfix/hf/images.py: one for
+    the prompt, the diagnostic pass on the same tokens reusing it) and which is checked here
+    against the tokens and padding mask of the prompt."""
     import traceback
 
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchFunctionMode):  # Tensor.cpu() calls made in images.py (on a GPU: a read-back)
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.cpu and traceback.extract_stack()[-2].filename.endswith(
+                    os.path.join("hf", "images.py")):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
 
     reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
              torch.ops.aten.item.default)
@@ -278,9 +291,10 @@ def test_prefill_reads_nothing_back_per_image(qwen):
 
     inputs, _ = prompt(qwen, "qwen")  # 3 images, left padding
     scr, text = kvfix.hf.SCR(), Text()
-    reads_seen = Reads()
-    with kvfix.hf.enable(qwen, scr, text), reads_seen:
+    reads_seen, copies = Reads(), Copies()
+    with kvfix.hf.enable(qwen, scr, text), reads_seen, copies:
         gen(qwen, inputs, 1)
+    assert copies.n == 1
     assert scr.diagnostic_passes == 1 and scr.redistribute_calls == 3 * len(scr.selected_layers)
     assert reads_seen.where and not [w for w in reads_seen.where if w.endswith(os.path.join("hf", "scr.py"))]
     want = (inputs["input_ids"] != testing.IMAGE_TOKEN) & inputs["attention_mask"].bool()

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import _compat
-from .images import ImageInputs, resolve_images
+from .images import ImageInputs, host_tokens, resolve_images
 from .models import ImageSpan, adapter_for
 
 __all__ = ["Method", "ForwardContext", "Session", "Handle", "enable", "get_handle"]
@@ -155,12 +155,13 @@ class ForwardContext:
     given to the model, or None), cache (the Cache, or None without caching), images
     (ImageSpan list of the images in this forward), host_text (in a forward that carries images:
     [batch, q_len] bool on the CPU, the tokens that are neither image placeholders nor padding,
-    read with the image positions in the forward's one device-to-host copy; else None), inputs
+    read with the image positions in the forward's one device-to-host copy, which a nested pass
+    on the same token tensors reuses; else None), inputs
     (all forward arguments by name), output (set before the *_end hooks), session (Session).
     """
 
     __slots__ = ("handle", "model", "pass_name", "phase", "past_len", "q_len", "batch_size", "input_ids",
-                 "attention_mask", "cache", "images", "host_text", "inputs", "output", "session", "_key")
+                 "attention_mask", "cache", "images", "host_text", "inputs", "output", "session", "_key", "_host")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -408,8 +409,15 @@ class Handle:
                              attention_mask=padding, cache=cache, images=[],
                              inputs=inputs, output=None, session=self.session, _key=id(kwargs))
         if self.adapter.carries_images(inputs):
-            ctx.images, ctx.host_text = self._resolve_images(inputs, self.adapter.placeholder_ids(inputs), padding,
-                                                             past_len, record=main)
+            ids = self.adapter.placeholder_ids(inputs)
+            outer = self._ctx_stack[-1] if self._ctx_stack else None
+            if outer is not None and outer._host is not None and outer._host[0] is ids and outer._host[1] is padding:
+                host = outer._host[2]  # a nested pass on the same tokens (SCR's diagnostic): read already
+            else:
+                host = host_tokens(self.adapter, ids, padding)
+            ctx._host = (ids, padding, host)
+            ctx.host_text = host[1]
+            ctx.images = self._resolve_images(inputs, ids, host, past_len, record=main)
         self._ctx_stack.append(ctx)
         self._set_layer_hooks(any(self._layer_by_phase[c.phase] for c in self._ctx_stack))
         try:
@@ -511,13 +519,13 @@ class Handle:
 
     # ---- images ----------------------------------------------------------------------------
 
-    def _resolve_images(self, inputs: dict, input_ids, padding, past_len: int, record: bool):
+    def _resolve_images(self, inputs: dict, input_ids, host, past_len: int, record: bool) -> list[ImageSpan]:
         given = self._images if record else None
         first_index = len(self.session.images) if (record and self.session is not None) else 0
-        spans, text = resolve_images(self.adapter, inputs, input_ids, past_len, given, first_index, padding)
+        spans = resolve_images(self.adapter, inputs, input_ids, past_len, given, first_index, host)
         if record and self.session is not None:
             self.session.images.extend(spans)
-        return spans, text
+        return spans
 
 
 def _link(method: Method, ctx, layer_idx: int, module, call_next):

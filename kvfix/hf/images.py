@@ -8,7 +8,7 @@ import torch
 
 from .models import ImageSpan, Layout, place
 
-__all__ = ["ImageInputs", "resolve_images"]
+__all__ = ["ImageInputs", "host_tokens", "resolve_images"]
 
 
 class ImageInputs:
@@ -41,14 +41,10 @@ class ImageInputs:
         self.max_used = 0
 
 
-def resolve_images(adapter, inputs: dict, input_ids, past_len: int, given: ImageInputs | None,
-                   first_index: int, padding=None) -> tuple[list[ImageSpan], torch.Tensor]:
-    """(spans, text): the images of one forward, in the order the model consumes them (batch
-    item, then position), numbered from `first_index`; `given` (the user's inputs of a main pass,
-    or None) supplies explicit layouts and depth maps, its cursors advanced. `text` [B, t] (bool,
-    on the host) marks the forward's tokens that are neither image placeholders nor padding
-    (`padding`: the forward's 2-D padding mask, or None). Both come from one device-to-host copy:
-    the forward's only host synchronisation here, whatever the number of images."""
+def host_tokens(adapter, input_ids, padding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(is_img, text) [B, t] bool on the host: the forward's image placeholders, and its tokens
+    that are neither placeholders nor padding (`padding`: the forward's 2-D padding mask, or
+    None). One device-to-host copy: the forward's only host synchronisation for its images."""
     if input_ids is None:
         raise ValueError("kvfix.hf needs input_ids to locate the image tokens (got inputs_embeds only)")
     is_img = input_ids == adapter.image_token_id
@@ -56,13 +52,21 @@ def resolve_images(adapter, inputs: dict, input_ids, past_len: int, given: Image
     if (isinstance(padding, torch.Tensor) and padding.dim() == 2 and padding.shape[0] == B
             and padding.shape[1] >= t):
         is_img, keep = torch.stack((is_img, padding[:, -t:].to(device=is_img.device, dtype=torch.bool))).cpu()
-        text = ~is_img & keep
-    else:
-        is_img = is_img.cpu()
-        text = ~is_img
+        return is_img, ~is_img & keep
+    is_img = is_img.cpu()
+    return is_img, ~is_img
+
+
+def resolve_images(adapter, inputs: dict, input_ids, past_len: int, given: ImageInputs | None,
+                   first_index: int, host: tuple[torch.Tensor, torch.Tensor]) -> list[ImageSpan]:
+    """The images of one forward, in the order the model consumes them (batch item, then
+    position), numbered from `first_index`; `given` (the user's inputs of a main pass, or None)
+    supplies explicit layouts and depth maps, its cursors advanced; `host`: `host_tokens` of the
+    forward."""
+    is_img = host[0]
     n_tokens = int(is_img.sum())
     if n_tokens == 0:
-        return [], text
+        return []
     explicit = given.grids[given.grid_cursor:] if (given is not None and given.grids is not None) else None
     layouts = adapter.layouts(inputs, n_tokens, explicit)
     layouts, used = _match_layouts(layouts, n_tokens, explicit is not None, is_img, input_ids)
@@ -96,7 +100,7 @@ def resolve_images(adapter, inputs: dict, input_ids, past_len: int, given: Image
             for sp in spans:
                 sp.depth_map = "uniform"
         given.max_used = max(given.max_used, given.cursor)
-    return spans, text
+    return spans
 
 
 def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
