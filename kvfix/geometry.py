@@ -117,6 +117,12 @@ def patch_depth(depth_map: torch.Tensor, gh: int, gw: int, *, scale: float = 255
     x = depth_map.to(torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("depth_map has non-finite values (nan or inf)")
+    return pool_depth(x, gh, gw, scale)
+
+
+def pool_depth(x: torch.Tensor, gh: int, gw: int, scale: float) -> torch.Tensor:
+    """`patch_depth` of a checked float64 map [H, W] or [B, H, W] (finite, not empty), on its own
+    device: no value is read on the host."""
     # Pooling and min-max are invariant to a positive scale: divide by the largest |value| per
     # image first, so that maps near float64's range (+-1e308) neither overflow nor cancel.
     x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)

@@ -517,6 +517,47 @@ def test_stacked_with_cmac_forked_and_batched_prefill_agree(family, request):
 # --------------------------------------------------------------------------------------------
 # depth handling, direct forward calls, explicit grids
 
+def test_depth_maps_read_back_once_per_prompt(llava):
+    """The prompt's depth maps are pooled where they lie and read back together: one `.cpu()` in
+    kvfix/hf/dscr.py for three images (on a GPU, one synchronisation per prompt, not per image),
+    the per-token depths those of `kvfix.patch_depth` (mixed with a per-token depth and a map
+    holding an integer dtype), and a non-finite map still named by its image."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    class Copies(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.cpu and traceback.extract_stack()[-2].filename.endswith(
+                    os.path.join("hf", "dscr.py")):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    inputs, spans = testing.llava_prompt(llava, [2, 1])
+    gh, gw = spans[0][2], spans[0][3]
+    maps = [depth_maps(1)[0], torch.rand(gh * gw, generator=torch.Generator().manual_seed(1)) * 255.0,
+            (depth_maps(3, seed=2)[2] * 20).to(torch.int32)]
+    dscr = kvfix.hf.DSCR()
+    seen = []
+    orig = dscr._token_depths
+    dscr._token_depths = lambda images, m: seen.append(orig(images, m)) or seen[-1]
+    copies = Copies()
+    with kvfix.hf.enable(llava, dscr) as h, h.images(depth_maps=maps), copies:
+        gen(llava, inputs, 1)
+    assert copies.n == 1 and len(seen) == 1
+    want = [kvfix.patch_depth(maps[0], gh, gw), maps[1], kvfix.patch_depth(maps[2], gh, gw)]
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in seen[0])
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], want))
+    bad = [maps[0], maps[1], torch.full((4, 4), float("inf"))]
+    with kvfix.hf.enable(llava, kvfix.hf.DSCR()) as h, h.images(depth_maps=bad):
+        with pytest.raises(ValueError, match="depth map of image 2 is empty or has non-finite values"):
+            gen(llava, inputs, 1)
+
+
 def test_missing_or_wrong_depth_raises_before_forward(llava):
     inputs, spans = testing.llava_prompt(llava, [2, 1])
     with kvfix.hf.enable(llava, kvfix.hf.DSCR()) as h:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..dscr_structured import _check_params
-from ..geometry import check_depth_scale, check_grid_unit, patch_depth
+from ..geometry import check_depth_scale, check_grid_unit, pool_depth
 from ..ops import dscr as dscr_ops
 from . import _compat
 from .core import ForwardContext, Handle, Method, check_layers, resolve_layers
-from .models import GridSpan, ImageSpan
+from .models import ImageSpan
 
 __all__ = ["DSCR"]
 
@@ -78,8 +78,9 @@ class DSCR(Method):
     the pooled depth and serve every selected layer; the op is called once per image and layer
     (on all batch rows showing the image). Depth maps on the CPU (as depth-estimation pipelines
     return them) cost no host synchronisation on a GPU model: pooling and planning run on the CPU
-    and the structure goes to the GPU through pinned memory. A map on the GPU is read back to the
-    host once per image (one synchronisation), then handled as a CPU map.
+    and the structure goes to the GPU through pinned memory. Maps on the GPU are pooled there and
+    the pooled depths of all the prompt's images read back together (one synchronisation per
+    prompt, not per image).
 
     Stacking: KVSmooth (decoding only) and SCR (its diagnostic pass is an auxiliary pass, which
     DSCR leaves alone: SCR scores the unrefined model; its redistribution acts on the hidden
@@ -161,7 +162,7 @@ class DSCR(Method):
         if not ctx.images:
             return
         maps = [self._check_depth(img) for img in ctx.images]  # fail before the forward runs, not after
-        depths = [self._token_depth(g, d) for img, d in zip(ctx.images, maps) for g in img.grids]
+        depths = self._token_depths(ctx.images, maps)
         self._fw = _Forward(ctx, depths, store=_compat.step_inputs(ctx.inputs)[4] is not False)
 
     def on_prefill_end(self, ctx: ForwardContext) -> None:
@@ -252,8 +253,8 @@ class DSCR(Method):
     # ---- depth -----------------------------------------------------------------------------
 
     def _check_depth(self, img: ImageSpan):
-        """The image's depth map, checked, on the CPU: pooling and planning run there (a map on
-        a GPU is read back once, here)."""
+        """The image's depth map, its form checked (its values are read in `_token_depths`), or
+        "uniform", or None (no map: uniform, or an error as missing_depth says)."""
         d = img.depth_map
         if d is None:
             if self.missing_depth == "error":
@@ -278,19 +279,40 @@ class DSCR(Method):
                              "model's inputs do not say, so the part of its depth map each tile shows is unknown: "
                              "pass it with handle.images(depth_maps=..., tiles=[(rows, cols), ...]), one per image "
                              "(docs/ADAPTERS.md), or depth_maps=\"uniform\"")
-        d = d.detach().cpu()
-        if d.numel() == 0 or not bool(torch.isfinite(d.float()).all()):
-            raise ValueError(f"depth map of image {img.index} is empty or has non-finite values")
-        return d
+        if d.numel() == 0 or d.device.type == "meta":
+            raise ValueError(f"depth map of image {img.index} is empty or has non-finite values"
+                             + (" (a meta tensor has no values)" if d.device.type == "meta" else ""))
+        return d.detach()
 
-    def _token_depth(self, g: GridSpan, d) -> torch.Tensor:
-        """The per-token depth of one grid: the part of its image's depth map `d` (checked, on
-        the CPU) the grid shows (`g.region`), area-pooled to the grid."""
-        if d is None or isinstance(d, str):
-            return torch.zeros(g.length, dtype=torch.float32)
-        if d.dim() == 1:
-            return d.to(torch.float32)
-        return patch_depth(_crop(d, g.region), g.gh, g.gw, scale=self.depth_scale)
+    def _token_depths(self, images: list, maps: list) -> list:
+        """Per grid of the images, in order, its per-token depth (float32 [N] on the CPU, where the
+        plan reads it): the part of its image's depth map the grid shows (`g.region`) area-pooled
+        to the grid where the map lies (`pool_depth`; a 1-D map as given), read back together with
+        whether each map is finite: one copy per device the maps lie on, whatever the number of
+        images (maps on a GPU: one synchronisation per prompt)."""
+        pooled, finite = [], []  # per grid: tensor or None (no map); per map: its flag or None
+        for img, d in zip(images, maps):
+            tensor = isinstance(d, torch.Tensor)
+            finite.append(torch.isfinite(d.float()).all() if tensor else None)
+            for g in img.grids:
+                if not tensor:
+                    pooled.append(None)
+                elif d.dim() == 1:
+                    pooled.append(d.to(torch.float32))
+                else:
+                    pooled.append(pool_depth(_crop(d, g.region).to(torch.float64), g.gh, g.gw, self.depth_scale))
+        host: dict = {}  # device -> the values of everything on it, in order, on the host
+        parts: dict = {}
+        for t in [t for t in pooled if t is not None] + [f for f in finite if f is not None]:
+            parts.setdefault(t.device, []).append(t.reshape(-1).to(torch.float32))
+        for dev, ts in parts.items():
+            host[dev] = iter(torch.cat(ts).cpu().split([t.numel() for t in ts]))
+        pooled = [None if t is None else next(host[t.device]) for t in pooled]
+        for img, f in zip(images, finite):
+            if f is not None and not bool(next(host[f.device])):
+                raise ValueError(f"depth map of image {img.index} is empty or has non-finite values")
+        return [torch.zeros(g.length, dtype=torch.float32) if t is None else t
+                for t, g in zip(pooled, [g for img in images for g in img.grids])]
 
 
 class _Forward:
