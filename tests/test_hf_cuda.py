@@ -64,3 +64,30 @@ def test_cuda_generate_matches_cpu(family, method, llava, qwen):
         assert (top2[:, 0] - top2[:, 1]).min().item() <= 2 * atol, "greedy tokens part without a near-tie"
     else:
         assert new_cpu.shape == new_gpu.shape
+
+
+def test_cuda_depth_maps_read_back_once_per_prompt(llava):
+    """Depth maps on the GPU (a depth estimator's output) are pooled there and read back
+    together: DSCR's depth handling synchronises once for the prompt's two images (torch's sync
+    debug mode warns at each synchronising call)."""
+    import warnings
+    inputs, depths = _prompt("llava", llava)
+    model = copy.deepcopy(llava).to("cuda")
+    dscr = kvfix.hf.DSCR()
+    orig, syncs = dscr._token_depths, []
+
+    def counted(images, maps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = orig(images, maps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        return out
+
+    dscr._token_depths = counted
+    with kvfix.hf.enable(model, dscr) as h, h.images(depth_maps=[d.cuda() for d in depths]):
+        model.generate(**{k: v.cuda() for k, v in inputs.items()}, max_new_tokens=1, do_sample=False)
+    assert len(depths) == 2 and syncs == [1]
