@@ -522,20 +522,7 @@ def test_depth_maps_read_back_once_per_prompt(llava):
     kvfix/hf/dscr.py for three images (on a GPU, one synchronisation per prompt, not per image),
     the per-token depths those of `kvfix.patch_depth` (mixed with a per-token depth and a map
     holding an integer dtype), and a non-finite map still named by its image."""
-    import traceback
-
-    from torch.overrides import TorchFunctionMode
-
-    class Copies(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.cpu and traceback.extract_stack()[-2].filename.endswith(
-                    os.path.join("hf", "dscr.py")):
-                self.n += 1
-            return func(*args, **(kwargs or {}))
+    from host_reads import CpuCalls
 
     inputs, spans = testing.llava_prompt(llava, [2, 1])
     gh, gw = spans[0][2], spans[0][3]
@@ -545,7 +532,7 @@ def test_depth_maps_read_back_once_per_prompt(llava):
     seen = []
     orig = dscr._token_depths
     dscr._token_depths = lambda images, m: seen.append(orig(images, m)) or seen[-1]
-    copies = Copies()
+    copies = CpuCalls("hf/dscr.py")
     with kvfix.hf.enable(llava, dscr) as h, h.images(depth_maps=maps), copies:
         gen(llava, inputs, 1)
     assert copies.n == 1 and len(seen) == 1

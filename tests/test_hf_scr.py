@@ -251,19 +251,9 @@ def test_prefill_reads_nothing_back_per_image(qwen):
     against the tokens and padding mask of the prompt."""
     import traceback
 
-    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Copies(TorchFunctionMode):  # Tensor.cpu() calls made in images.py (on a GPU: a read-back)
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.cpu and traceback.extract_stack()[-2].filename.endswith(
-                    os.path.join("hf", "images.py")):
-                self.n += 1
-            return func(*args, **(kwargs or {}))
+    from host_reads import CpuCalls
 
     reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
              torch.ops.aten.item.default)
@@ -291,7 +281,7 @@ def test_prefill_reads_nothing_back_per_image(qwen):
 
     inputs, _ = prompt(qwen, "qwen")  # 3 images, left padding
     scr, text = kvfix.hf.SCR(), Text()
-    reads_seen, copies = Reads(), Copies()
+    reads_seen, copies = Reads(), CpuCalls("hf/images.py")
     with kvfix.hf.enable(qwen, scr, text), reads_seen, copies:
         gen(qwen, inputs, 1)
     assert copies.n == 1
