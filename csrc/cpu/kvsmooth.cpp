@@ -601,17 +601,13 @@ at::Tensor kvsmooth_step_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   return lam;
 }
 
-at::Tensor kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
-                              at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
-                              double lam_ref, double band) {
-  const std::vector<MaskView> masks = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
-  const int64_t L = static_cast<int64_t>(masks.size()), B = q[0].size(0);
-  at::Tensor lam = at::empty({L, B}, q[0].options().dtype(at::kFloat));
+void kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                        const std::vector<float>& scales, const std::vector<MaskView>& masks, double lam_ref,
+                        double band, at::Tensor& lam) {
+  const int64_t L = lam.size(0), B = lam.size(1);
   float* lam_p = lam.mutable_data_ptr<float>();
-  for (int64_t i = 0; i < L; ++i)  // (checked above, every layer before any is written)
-    step_after_checks(q[i], k_cache[i], v_cache[i], queue[i], kvsmooth_scale(scale[i], q[i].size(3)), masks[i],
-                      lam_ref, band, lam_p + i * B);
-  return lam;
+  for (int64_t i = 0; i < L; ++i)  // (every layer checked before any is written)
+    step_after_checks(q[i], k_cache[i], v_cache[i], queue[i], scales[i], masks[i], lam_ref, band, lam_p + i * B);
 }
 
 }  // namespace kvfix

@@ -70,21 +70,19 @@ at::Tensor kvsmooth_step_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
   return lam;
 }
 
-at::Tensor kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
-                               at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
-                               double lam_ref, double band) {
-  const std::vector<MaskView> masks = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
-  const int64_t L = static_cast<int64_t>(masks.size()), B = q[0].size(0);
+void kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                         const std::vector<float>& scales, const std::vector<MaskView>& masks, double lam_ref,
+                         double band, at::Tensor& lam) {
+  const int64_t L = lam.size(0), B = lam.size(1);
   const c10::cuda::CUDAGuard guard(q[0].device());
-  at::Tensor lam = at::empty({L, B}, q[0].options().dtype(at::kFloat));
-  if (B == 0) return lam;
+  if (B == 0) return;
   std::vector<kernels::KvsmoothArgs> args(static_cast<size_t>(L));
   float* lam_p = lam.mutable_data_ptr<float>();
   for (int64_t i = 0; i < L; ++i) {
     TORCH_CHECK_VALUE(q[i].size(3) <= kernels::kKvsmoothMaxHeadDim, "kvsmooth_steps_: layer ", i, ": q head dim ",
                       q[i].size(3), " is larger than the CUDA kernel's ", kernels::kKvsmoothMaxHeadDim);
     kernels::KvsmoothArgs& a = args[i];
-    a = args_of(q[i], k_cache[i], masks[i], kvsmooth_scale(scale[i], q[i].size(3)));
+    a = args_of(q[i], k_cache[i], masks[i], scales[i]);
     a.k = k_cache[i].mutable_data_ptr();
     kernels::kvsmooth_pack_step(a, out_view_of(v_cache[i]), out_view_of(queue[i]), lam_p + i * B,
                                 static_cast<float>(lam_ref - band), static_cast<float>(lam_ref + band), nullptr);
@@ -102,7 +100,6 @@ at::Tensor kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::Ten
     w += kernels::kvsmooth_steps_workspace_floats(args.data() + i0, n);
     i0 += n;
   }
-  return lam;
 }
 
 }  // namespace kvfix
@@ -110,5 +107,5 @@ at::Tensor kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::Ten
 TORCH_LIBRARY_IMPL(kvfix, CUDA, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cuda);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cuda>);
-  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_cuda);
+  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_checked<&kvfix::kvsmooth_steps_cuda>);
 }

@@ -157,7 +157,7 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
 TORCH_LIBRARY_IMPL(kvfix, CPU, m) {
   m.impl("row_entropy", &kvfix::row_entropy_cpu);
   m.impl("kvsmooth_step_", &kvfix::kvsmooth_step_checked<&kvfix::kvsmooth_step_cpu>);
-  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_cpu);
+  m.impl("kvsmooth_steps_", &kvfix::kvsmooth_steps_checked<&kvfix::kvsmooth_steps_cpu>);
 }
 
 TORCH_LIBRARY_IMPL(kvfix, Meta, m) {

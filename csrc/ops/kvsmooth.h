@@ -62,11 +62,28 @@ std::vector<MaskView> kvsmooth_steps_check(at::TensorList q, at::TensorList k_ca
                                            const c10::List<std::optional<at::Tensor>>& mask, double lam_ref,
                                            double band);
 
-// kvsmooth_steps_ on the CPU: the checks, then each layer's step in order (checked once), each
-// writing its row of lam [L, B] float32. (CUDA: kvsmooth_steps_cuda, csrc/cuda/kvsmooth.cu, launches
-// the layers' steps together.)
-at::Tensor kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
-                              at::ArrayRef<double> scale, const c10::List<std::optional<at::Tensor>>& mask,
-                              double lam_ref, double band);
+// kvsmooth_steps_ on either device: the checks (kvsmooth_steps_check), then Impl(q, k_cache, v_cache,
+// queue, scales (each layer's logit scale), masks, lam_ref, band, lam) with lam [L, B] float32, each
+// layer writing its row; returns lam.
+template <auto Impl>
+at::Tensor kvsmooth_steps_checked(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache,
+                                  at::TensorList queue, at::ArrayRef<double> scale,
+                                  const c10::List<std::optional<at::Tensor>>& mask, double lam_ref, double band) {
+  const std::vector<MaskView> masks = kvsmooth_steps_check(q, k_cache, v_cache, queue, scale, mask, lam_ref, band);
+  std::vector<float> scales(masks.size());
+  for (size_t i = 0; i < masks.size(); ++i) scales[i] = kvsmooth_scale(scale[i], q[i].size(3));
+  at::Tensor lam = at::empty({static_cast<int64_t>(masks.size()), q[0].size(0)}, q[0].options().dtype(at::kFloat));
+  Impl(q, k_cache, v_cache, queue, scales, masks, lam_ref, band, lam);
+  return lam;
+}
+
+// The steps after their checks: on the CPU each layer's step in order (checked once); on CUDA
+// (csrc/cuda/kvsmooth.cu) the layers' steps launched together.
+void kvsmooth_steps_cpu(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                        const std::vector<float>& scales, const std::vector<MaskView>& masks, double lam_ref,
+                        double band, at::Tensor& lam);
+void kvsmooth_steps_cuda(at::TensorList q, at::TensorList k_cache, at::TensorList v_cache, at::TensorList queue,
+                         const std::vector<float>& scales, const std::vector<MaskView>& masks, double lam_ref,
+                         double band, at::Tensor& lam);
 
 }  // namespace kvfix
