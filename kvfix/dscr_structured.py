@@ -72,9 +72,9 @@ defaults. So
     from Delta >= 2R on. Per column: the sum over its tokens of the smaller of the two (pairs
     beyond r_cut = sqrt(87 / cd): at most (1 + a) exp(-87) each, as the dense kernels' cut-off),
     bounded for every column at once by binning the depths 1/32 level wide (at most 2^16 bins:
-    wider on ranges beyond 2048 levels) and convolving the
-    bin counts with the largest bound over each bin distance (`_gauss_truncation`; on a ramp
-    4-5x above the dropped weight counted pair by pair). delta puts rel at half of E_d, C
+    wider on ranges beyond 2048 levels) and summing, at every occupied bin, the bin counts times
+    the largest bound over each bin distance (`_gauss_truncation`, kvfix::dscr_gauss_truncation;
+    on a ramp 4-5x above the dropped weight counted pair by pair). delta puts rel at half of E_d, C
     is the fewest whose truncation fits the rest. Cost 2 C N + G (C = 21-22 at float32):
     cheap for continuous depth over a wide range at large N (a 64 x 64 ramp: C = 21, 63
     operations per token, against 104 on the depth grid).
@@ -89,8 +89,10 @@ defaults. So
   grid row the row pass (into a ring of 2K + 1 grid rows) and the column pass with A^T Y, the
   diagonal and 1 / c~_j in one write (K and V read
   from their strided cache slices, written once; in place is safe).
-  The structure (sort, nodes, T, c~) is built in float64 once per call (once per image for
-  `kvfix.hf.DSCR`), shared by every layer and head.
+  The structure (sort, nodes, T, c~) is chosen and built in float64 by one C++ call per item
+  (kvfix::dscr_depth_structure, csrc/kernels/dscr_plan.h: every mode's cost and bound, then the
+  cheapest one's structure and column sums) once per call (once per image for `kvfix.hf.DSCR`),
+  shared by every layer and head.
 
 Low-rank (the earlier units: unit-square coordinates with depth in [0, 1]; CPU and CUDA,
 csrc/cpu/dscr_lowrank.cpp):
@@ -595,7 +597,6 @@ def dscr_factors(plan: DscrPlan, depth: torch.Tensor, *, sigma_d: float, sigma_s
 # the banded variant (module docstring, "Banded")
 
 _CRAMER = 1.0865       # |H_n(x)| e^{-x^2 / 2} <= 1.0865 sqrt(2^n n!) (Cramér's inequality, constant 1.086435)
-_E87 = math.exp(-87.0)
 _MAX_BAND = 64         # spatial half-band beyond which the banded variant is not planned (wide sigma_s)
 _GRID_ORDERS = (6, 8, 12, 16, 20, 24)
 # Measured per-operation costs (see "Choice"; ns of single-thread CPU time per feature column,
@@ -610,6 +611,22 @@ _NS_BANDED = 0.055
 def _axis_band(g: int, cs_eff: float):
     """s_k = exp(-cs_eff k^2) with the dense cut-off, k = 0..g-1 (float64 list)."""
     return [0.0 if -cs_eff * k * k < -87.0 else math.exp(-cs_eff * k * k) for k in range(g)]
+
+
+@functools.lru_cache(maxsize=64)
+def _spatial_sums(gh: int, gw: int, s: tuple) -> torch.Tensor:
+    """The banded spatial kernel's column sums per token, float64 [gh * gw]: the product of the
+    two axes' row sums, sum of s[|a - b|] over the 0 <= b < g with |a - b| <= K = len(s) - 1
+    (b ascending)."""
+    K = len(s) - 1
+
+    def axis(g):
+        a = np.arange(g)
+        sums = np.zeros(g)
+        for k in range(-K, K + 1):
+            sums += np.where((a + k >= 0) & (a + k < g), s[abs(k)], 0.0)
+        return sums
+    return torch.from_numpy(np.outer(axis(gh), axis(gw)).reshape(-1))
 
 
 def _spatial_band(gh: int, gw: int, cs_eff: float, budget: float):
@@ -670,61 +687,11 @@ def _interp_error_coef(p: int, cd: float) -> float:
     return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * _node_poly(p)
 
 
-# The structure is built with numpy's single-threaded searchsorted / repeat (small arrays: torch's
-# parallel versions only add thread hand-offs).
-def _searchsorted(a: torch.Tensor, v: torch.Tensor, right: bool) -> torch.Tensor:
-    return torch.from_numpy(np.searchsorted(a.numpy(), v.numpy(), side="right" if right else "left"))
-
-
-def _repeat(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.repeat(x.numpy(), n.numpy()))
-
-
-def _touched(first: torch.Tensor, width: int) -> torch.Tensor:
-    """The sorted distinct values of first[i] + c, 0 <= c < width (int64): a coverage count over
-    the span of the values, or torch.unique where that span is far wider than the values."""
-    f = first.numpy()
-    lo = int(f.min())
-    span = int(f.max()) - lo + width
-    if span > 8 * f.size * width + 4096:
-        return torch.unique((first[:, None] + torch.arange(width)[None, :]).reshape(-1), sorted=True)
-    delta = np.bincount(f - lo, minlength=span + 1) - np.bincount(f - lo + width, minlength=span + 1)
-    return torch.from_numpy(np.flatnonzero(np.cumsum(delta)[:span] > 0) + lo)
-
-
-def _reach_count(ds: torch.Tensor, r: float) -> int:
-    """max over tokens of #{i: |d_i - d_j| <= r}, ds sorted."""
-    return int((_searchsorted(ds, ds + r, True) - _searchsorted(ds, ds - r, False)).max())
-
-
-def _rows(pos: torch.Tensor, reach: float):
-    """Banded rows over sorted node positions: (row_lo, row_len) of the nodes within reach."""
-    lo = _searchsorted(pos, pos - reach, False)
-    return lo, _searchsorted(pos, pos + reach, True) - lo
-
-
-def _row_cols(lo: torch.Tensor, ln: torch.Tensor):
-    """(row, column) of every entry of banded rows (lo, ln), row by row."""
-    rows = _repeat(torch.arange(ln.numel()), ln)
-    cols = torch.arange(int(ln.sum())) + _repeat(lo - (torch.cumsum(ln, 0) - ln), ln)
-    return rows, cols
-
-
-def _band_values(pos: torch.Tensor, lo: torch.Tensor, ln: torch.Tensor, cd: float, cut: bool):
-    """T values row by row: exp(-cd (pos_g - pos_g')^2) for g' in [lo_g, lo_g + ln_g) (float64)."""
-    rows, cols = _row_cols(lo, ln)
-    p = pos.numpy()
-    e = -cd * (p[rows.numpy()] - p[cols.numpy()]) ** 2
-    v = np.exp(e)
-    if cut:
-        v[e < -87.0] = 0.0
-    return torch.from_numpy(v)
-
-
 @dataclasses.dataclass
 class _DepthStructure:
-    """One item's depth part (float64 until packed): token -> nodes, node kernel rows, bound."""
-    mode: str
+    """One item's depth part (float64 until packed): token -> nodes, node kernel rows, bound, and
+    (given the spatial column sums) 1 / c~_j and the rounding amplification."""
+    mode: str             # "atoms" (the distinct values), "grid" or "gauss"
     tok: torch.Tensor     # [N] first node
     tokw: torch.Tensor    # [N, c]
     row_lo: torch.Tensor  # [G]
@@ -735,237 +702,54 @@ class _DepthStructure:
     step: float = 0.0
     order: int = 1
     rel: float = 0.0      # relative part: sum_i |f_d~ - f_d| <= error + rel * (sum_i f_d(i, j) - 1)
+    cinv: torch.Tensor | None = None  # [N] 1 / c~_j (0 where c~_j <= 0 or N == 1)
+    amp: float = 0.0      # max_j (spatial_j + (|A|^T |T| |A| 1)_j + 2) / c~_j
 
 
-_FIT_MAX = 1 << 18  # the most node kernel entries within r_cut that _atom_rows_fitted examines
+_MODE_NAMES = {1: "atoms", 2: "grid", 3: "gauss"}
 
 
-def _atom_rows_fitted(e: torch.Tensor, counts: torch.Tensor, cd: float, r_cut: float, allowed: float):
-    """Rows of the "values" node kernel fitted to the depths: row g keeps its nearest nodes and
-    drops the farthest ones while the dropped weight sum_{g' dropped} counts[g'] exp(-cd (e_g -
-    e_g')^2) (the error of every column of that node) stays <= allowed; beyond r_cut the dense
-    kernels' cut-off drops the entries too. (row_lo, row_len, the largest dropped sum) or None
-    (too many entries to examine). The per-entry loop is C++ (`_fit_rows`: farthest first is a
-    merge of each row's two ends, the nodes being sorted)."""
-    lo_c, ln_c = _rows(e, r_cut)
-    if int(ln_c.sum()) > _FIT_MAX or not allowed > 0:
+@functools.lru_cache(maxsize=64)
+def _grid_table(cd: float, orders: tuple) -> torch.Tensor:
+    """float64 [len(orders), 3]: each grid order p with its Lebesgue constant and interpolation
+    error coefficient at cd (what the C++ planner needs of them)."""
+    return torch.tensor([[float(p), _lebesgue(p), _interp_error_coef(p, cd)] for p in orders], dtype=torch.float64)
+
+
+def _depth_op(d, cd, budget, orders, force, cap, spatial):
+    """kvfix::dscr_depth_structure (csrc/kernels/dscr_plan.h). A function of its own so that the
+    emulator's tests, which load this file without the compiled extension, can run the same C++
+    from their own build of it."""
+    return torch.ops.kvfix.dscr_depth_structure.default(d, cd, budget, orders, force, cap, spatial)
+
+
+def _depth_structure(d: torch.Tensor, cd: float, budget: float, spatial: torch.Tensor | None = None,
+                     mode="auto", cap: float = math.inf) -> _DepthStructure | None:
+    """One item's depth part within `budget` per column (d: [N] float64 on the CPU; spatial: [N]
+    float64, the band's column sums, for cinv and amp): the cheapest (mode "auto") of the exact
+    distinct-value nodes, the grid orders and the Gaussian nodes, chosen and built in C++
+    (kvfix::dscr_depth_structure, csrc/kernels/dscr_plan.h: the module docstring's "Banded" says
+    what each is and how its bound is found). mode "values", "gauss" or a grid order p builds that
+    one alone: None where it does not meet the budget at a cost below `cap`."""
+    orders = _GRID_ORDERS if mode in ("auto", "values", "gauss") else (int(mode),)
+    force = {"auto": -1, "values": 0, "gauss": -2}.get(mode, orders[0])
+    d = d.detach().to("cpu", torch.float64).contiguous()
+    sp = None if spatial is None else spatial.detach().to("cpu", torch.float64).contiguous()
+    tok, tokw, row_lo, row_len, tvals, cinv, info = _depth_op(d, float(cd), float(budget),
+                                                              _grid_table(float(cd), orders), force, float(cap), sp)
+    code, error, ops, step, order, rel, amp = info.tolist()
+    if code == 0:
         return None
-    lo, ln, dropped = _fit_rows(e, counts, lo_c, ln_c, cd, allowed)
-    lo = lo.numpy()
-    hi = lo + ln.numpy()
-    # symmetric again (T[g, g'] kept iff T[g', g] is), the rows still consecutive, each only wider:
-    # monotone row bounds, then each row extended to the rows that reach it
-    lo = np.minimum.accumulate(lo[::-1])[::-1]
-    hi = np.maximum.accumulate(hi)
-    g = np.arange(e.numel())
-    lo, hi = np.minimum(lo, np.searchsorted(hi, g, side="right")), np.maximum(hi, np.searchsorted(lo, g, side="right"))
-    return torch.from_numpy(lo), torch.from_numpy(hi - lo), float(dropped.max())
-
-
-def _fit_rows(e, counts, row_lo, row_len, cd: float, allowed: float):
-    """(kept_lo, kept_len, dropped) of kvfix::dscr_fit_rows (csrc/kernels/dscr_plan.h). A
-    function of its own so that the emulator's tests, which load this file without the compiled
-    extension, can run the same C++ from their own build of it."""
-    return torch.ops.kvfix.dscr_fit_rows.default(e, counts, row_lo, row_len, cd, allowed)
-
-
-def _depth_atoms(d: torch.Tensor, cd: float, budget: float):
-    """Nodes = the distinct depth values (exact); rows keep the nearest nodes: fitted to the
-    depths (`_atom_rows_fitted`), or reaching r with (N - 1) exp(-cd r^2) <= budget.
-    (cost, a function that builds the structure)."""
-    N = d.numel()
-    e, inv, counts = torch.unique(d, sorted=True, return_inverse=True, return_counts=True)
-    r_cut = math.sqrt(87.0 / cd) if cd > 0 else math.inf
-    r = math.sqrt(math.log(max(N - 1, 1) / budget) / cd) if cd > 0 and N > 1 else math.inf
-    if r >= r_cut:
-        r, err = r_cut, N * _E87
-    else:
-        err = (N - 1) * math.exp(-cd * r * r) + N * _E87
-    if cd > 0:
-        lo, ln = _rows(e, r)
-        if N > 1 and int(ln.sum()) > e.numel():
-            got = _atom_rows_fitted(e, counts, cd, r_cut, budget - N * _E87)
-            if got is not None:
-                lo, ln, err = got[0], got[1], got[2] + N * _E87
-    else:
-        lo, ln = torch.zeros(e.numel(), dtype=torch.int64), torch.full((e.numel(),), e.numel(), dtype=torch.int64)
-    ops = float(2 * N + int(ln.sum()))
-
-    def build():
-        vals = _band_values(e, lo, ln, cd, cut=True)
-        return _DepthStructure("atoms", inv, torch.ones(N, 1, dtype=torch.float64), lo, ln, vals, err, ops)
-    return ops, build
-
-
-def _depth_grid(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, p: int, best_ops: float):
-    """Nodes on a uniform depth grid (step delta), each token interpolated from its p nearest
-    (Lagrange); rows reach r_T. None if no step meets the budget or the cost is not below
-    best_ops; else (cost, a function that builds the structure)."""
-    N = d.numel()
-    if 2.0 * p * N >= best_ops:
-        return None
-    lam = _lebesgue(p)
-    C = _interp_error_coef(p, cd)
-    # tail: (N + n_int lam^2) exp(-cd r^2) <= budget / 4, with n_int <= N
-    r = math.sqrt(math.log(4.0 * N * (1.0 + lam * lam) / budget) / cd)
-    n_int = N
-    step = None
-    for _ in range(3):
-        st = (budget / (2.0 * n_int * (1.0 + lam) * C)) ** (1.0 / p)
-        n_new = _reach_count(ds, r + p * st)
-        if step is not None and n_new > n_int:
-            break
-        step, n_int = st, max(n_new, 1)
-    err = (n_int * (C * step ** p * (1.0 + lam) + lam * lam * math.exp(-cd * r * r) + _E87)
-           + N * math.exp(-cd * r * r))
-    if not err <= budget:
-        return None
-    d0 = float(ds[0])
-    t = (d - d0) / step
-    m = torch.floor(t)
-    first = m.to(torch.int64) + (1 - p // 2)                  # global node of weight 0
-    touched = _touched(first, p)
-    pos = touched.to(torch.float64) * step                    # node positions (relative to d0)
-    lo, ln = _rows(pos, math.floor(r / step + 1e-9) * step + 0.5 * step)
-    ops = float(2 * p * N + int(ln.sum()))
-    if ops >= best_ops:
-        return None
-
-    def build():
-        L = _lagrange(t - m, p)                                # [N, p]
-        vals = _band_values(pos, lo, ln, cd, cut=False)
-        return _DepthStructure("grid", _searchsorted(touched, first, False), L, lo, ln, vals, err, ops, step, p)
-    return ops, build
-
-
-_GAUSS_BIN = 1.0 / 32    # depth bin width (levels) of the gauss mode's truncation sum ...
-_GAUSS_MAX_BINS = 1 << 16  # ... wider where the depth range would need more bins (ranges beyond 2048)
-_GAUSS_MAX_WORK = 1 << 26  # ... or where bins x kernel taps would pass this (wide kernels: small alpha)
-# The sum is needed at the occupied bins only: where at most a quarter of the bins are occupied,
-# each occupied bin's window times the taps, up to this many products (LLaVA-1.5's 576 tokens:
-# ~0.4 M against ~5 M for the whole convolution); else the whole convolution (np.convolve, which
-# streams, where the windows would be copied) at the occupied bins.
-_GAUSS_SPARSE_MAX = 1 << 22
+    return _DepthStructure(_MODE_NAMES[int(code)], tok, tokw, row_lo, row_len, tvals, error, ops, step, int(order),
+                           rel, cinv if sp is not None else None, amp)
 
 
 def _gauss_truncation(d: torch.Tensor, cd: float, R: float, step: float, alias: float) -> float:
-    """An upper bound of max_j sum_i drop(|d_i - d_j|) over the pairs closer than r_cut =
-    sqrt(87 / cd) (module docstring, "gauss"): the depths binned h = _GAUSS_BIN wide (at most
-    _GAUSS_MAX_BINS bins and _GAUSS_MAX_WORK products in the convolution: wider on wider ranges
-    and wider kernels, a looser bound), a pair of tokens in bins m apart
-    bounded by the largest drop over the distances [(m - 1) h, (m + 1) h], and the bin counts
-    convolved with those bounds."""
-    x = d.numpy()
-    span = float(x.max() - x.min())
-    reach = min(math.sqrt(87.0 / cd), span)  # no pair is farther apart than the range
-    hb = max(_GAUSS_BIN, span / _GAUSS_MAX_BINS, math.sqrt(span * reach / _GAUSS_MAX_WORK))
-    w = step * math.sqrt(4.0 * cd / math.pi)
-    tau, k = 0.0, 0
-    while True:  # sum_{k >= 0} exp(-4 cd (k step)^2), to float64 rounding
-        t = math.exp(-4.0 * cd * (k * step) ** 2)
-        tau += t
-        if t < 1e-18 * tau:
-            break
-        k += 1
-    a1 = 2.0 * w * tau * math.exp(-2.0 * cd * R * R)
-    b1 = 1.0 + alias
-    M = int(math.ceil(reach / hb)) + 2
-    m = np.arange(M + 1, dtype=np.float64)
-    lo = np.maximum(0.0, (m - 1.0) * hb - 1e-9)
-    hi = (m + 1.0) * hb + 1e-9
-    h2 = b1 * np.exp(-cd * lo * lo)                         # the whole sum: decreasing in the distance
-    peak = np.clip(R, lo, hi)
-    h1 = a1 * np.exp(-2.0 * cd * (peak - R) ** 2)          # the dropped nodes: largest at distance R
-    hmax = np.where(hi < 2.0 * R, np.minimum(h1, h2), h2)
-    ker = np.concatenate((hmax[:0:-1], hmax))
-    b = np.floor((x - x.min()) / hb).astype(np.int64)
-    counts = np.bincount(b).astype(np.float64)
-    occupied = np.flatnonzero(counts)
-    if 4 * occupied.size > counts.size or occupied.size * ker.size > _GAUSS_SPARSE_MAX:
-        sums = np.convolve(counts, ker, mode="full")[M:M + counts.size][occupied]
-    else:  # the convolution at the occupied bins only (the max is over them; ker is symmetric)
-        padded = np.concatenate((np.zeros(M), counts, np.zeros(M)))
-        sums = np.lib.stride_tricks.sliding_window_view(padded, ker.size)[occupied] @ ker
-    return float(sums.max())
-
-
-def _depth_gauss(d: torch.Tensor, ds: torch.Tensor, cd: float, budget: float, best_ops: float):
-    """Gaussian nodes (module docstring, "gauss"): nodes x_k = d_min + k delta, token i weighted
-    exp(-2 cd (d_i - x_k)^2) on the C nodes from the first with x_k >= d_i - R, R = C delta / 2,
-    T = w I (ds: d sorted); C the fewest whose truncation bound meets the budget. None if the cost
-    is not below best_ops; else (cost, a function that builds the structure)."""
-    N = d.numel()
-    # relative part (Poisson summation of the nodes' Gaussian, coefficient 4 cd): 2 q / (1 - q) <= budget / 2
-    eps = 0.5 * budget
-    q = eps / (2.0 + eps)
-    step = math.pi / math.sqrt(4.0 * cd * -math.log(q))
-    alias = 2.0 * q / (1.0 - q)
-    fixed = N * (1.0 + alias) * _E87 + alias        # the cut-off's entries and the diagonal's relative part
-    eta = (budget - fixed) * (1.0 - 1e-9)           # the margin keeps err <= budget through rounding
-    if not eta > 0:
-        return None
-
-    bounds: dict = {}
-
-    def trunc(C):  # R = C delta / 2, less a hair for the rounding of the first node (each C once)
-        if C not in bounds:
-            bounds[C] = _gauss_truncation(ds, cd, 0.5 * C * step * (1.0 - 1e-12), step, alias)
-        return bounds[C]
-
-    # the bound falls as C grows (every bin's largest drop falls as R grows): the fewest C that
-    # meets it is found walking from a first guess, and only C up to c_hi (2 C N < best_ops) can
-    # be cheaper than the best so far, so the walk starts at or below c_hi
-    c_hi = math.inf
-    if math.isfinite(best_ops):
-        c_hi = int(best_ops // (2.0 * N))
-        c_hi -= 2.0 * c_hi * N >= best_ops
-    if c_hi < 1:
-        return None
-    C = min(c_hi, max(1, math.ceil(2.0 * math.sqrt(math.log(max(2.0, 4.0 * N) / eta) / (2.0 * cd)) / step)))
-    while trunc(C) > eta:
-        C += 1
-        if 2.0 * C * N >= best_ops:
-            return None
-    while C > 1 and trunc(C - 1) <= eta:
-        C -= 1
-    if 2.0 * C * N >= best_ops:
-        return None
-    R = 0.5 * C * step
-    d0 = float(ds[0])
-    first = torch.ceil((d - d0 - R) / step).to(torch.int64)       # first node with x_k >= d_i - R
-    touched = _touched(first, C)
-    G = touched.numel()
-    ops = float(2 * C * N + G)
-    if ops >= best_ops:
-        return None
-    err = trunc(C) + fixed
-    w = step * math.sqrt(4.0 * cd / math.pi)
-
-    def build():
-        x = (first[:, None] + torch.arange(C)[None, :]).to(torch.float64) * step + d0
-        tokw = torch.exp(-2.0 * cd * (d[:, None] - x) ** 2)
-        return _DepthStructure("gauss", _searchsorted(touched, first, False), tokw,
-                               torch.arange(G, dtype=torch.int64), torch.ones(G, dtype=torch.int64),
-                               torch.full((G,), w, dtype=torch.float64), err, ops, step, C, alias)
-    return ops, build
-
-
-def _depth_structure(d: torch.Tensor, cd: float, budget: float) -> _DepthStructure:
-    """The cheapest of the exact distinct-value nodes, the grid orders and the Gaussian nodes that
-    meet the budget."""
-    if cd == 0.0:  # alpha = 0: the depth term is 1 for every pair
-        d = torch.zeros_like(d)
-    ops, build = _depth_atoms(d, cd, budget)
-    if cd > 0 and ops > 4.0 * d.numel():
-        ds = torch.sort(d).values
-        for p in _GRID_ORDERS:
-            got = _depth_grid(d, ds, cd, budget, p, ops)
-            if got is not None:
-                ops, build = got
-        got = _depth_gauss(d, ds, cd, budget, ops)
-        if got is not None:
-            ops, build = got
-    return build()
+    """The Gaussian nodes' truncation bound (kvfix::dscr_gauss_truncation): an upper bound of
+    max_j sum_i drop(|d_i - d_j|) over the pairs closer than sqrt(87 / cd) (module docstring,
+    "gauss"; the binning in csrc/kernels/dscr_plan.h)."""
+    return torch.ops.kvfix.dscr_gauss_truncation.default(d.detach().to("cpu", torch.float64).contiguous(), cd, R,
+                                                         step, alias)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1032,9 +816,11 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
     if K > _MAX_BAND:
         return None, dict(reason=f"spatial band {K} > {_MAX_BAND} (wide sigma_s)")
     d64 = depth.detach().to("cpu", torch.float64)
+    # the band's column sums per token (the depth part's C++ adds its own for 1 / c~_j)
+    spatial = _spatial_sums(gh, gw, tuple(s))
     # the depth part takes what the spatial band leaves of E_max (the band's share is e_max / 4 at most;
     # K = 4 drops ~6e-12 at the defaults): E = e_sp + e_d <= E_max
-    items = [_depth_structure(d64[b], cd, (e_max - e_sp) * (1.0 - 1e-9)) for b in range(d64.shape[0])]
+    items = [_depth_structure(d64[b], cd, (e_max - e_sp) * (1.0 - 1e-9), spatial) for b in range(d64.shape[0])]
     e_d = max(it.error for it in items)
     rel = max(it.rel for it in items)
     E = e_sp + e_d
@@ -1043,40 +829,21 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
         bound = max(bound, 2.0 * rel / (1.0 - rel))
     ops_sp = 2.0 * (2 * K + 1) + 3.0
     ops = max(N * ops_sp + it.ops for it in items)
-    # pack, with the column sums of the approximated weights (consistent with the numerators)
-    sr = torch.tensor([sum(s[abs(a - b)] for b in range(max(0, a - K), min(gh, a + K + 1))) for a in range(gh)],
-                      dtype=torch.float64)
-    sc = torch.tensor([sum(s[abs(a - b)] for b in range(max(0, a - K), min(gw, a + K + 1))) for a in range(gw)],
-                      dtype=torch.float64)
-    spatial = (sr[:, None] * sc[None, :]).reshape(-1)
+    # pack; rounding amplification: (sum_i |wt~(i, j)| + 2) / c~_j, the magnitude of the float32
+    # sums before the diagonal is subtracted, relative to the result's scale
+    amp = max([1.0] + [it.amp for it in items])
     C = max(it.tokw.shape[1] for it in items)
     toks, tokws, cinvs, ptrs, los, vals, offs = [], [], [], [], [], [], [0]
-    nnz, amp = 0, 1.0
+    nnz = 0
     for it in items:
-        G = it.row_lo.numel()
-        ones = torch.zeros(G, dtype=torch.float64).index_add_(
-            0, (it.tok[:, None] + torch.arange(it.tokw.shape[1])).reshape(-1), it.tokw.reshape(-1))
-        rows, cols = _row_cols(it.row_lo, it.row_len)
-        y1 = torch.zeros(G, dtype=torch.float64).index_add_(0, rows, it.tvals * ones[cols])
-        nodes = it.tok[:, None] + torch.arange(it.tokw.shape[1])
-        depth_sum = (it.tokw * y1[nodes]).sum(1)
-        c = spatial + depth_sum - 2.0
-        cinv = torch.where(c > 0, 1.0 / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
-        if N == 1:
-            cinv.zero_()
-        # rounding amplification: (sum_i |wt~(i, j)| + 2) / c~_j, the magnitude of the float32 sums
-        # before the diagonal is subtracted, relative to the result's scale
-        aones = torch.zeros(G, dtype=torch.float64).index_add_(0, nodes.reshape(-1), it.tokw.abs().reshape(-1))
-        ay1 = torch.zeros(G, dtype=torch.float64).index_add_(0, rows, it.tvals.abs() * aones[cols])
-        amp = max(amp, float(((spatial + (it.tokw.abs() * ay1[nodes]).sum(1) + 2.0) * cinv).max()))
         toks.append(it.tok.to(torch.int32))
         tokws.append(torch.nn.functional.pad(it.tokw, (0, C - it.tokw.shape[1])).to(dtype))
-        cinvs.append(cinv.to(dtype))
+        cinvs.append(it.cinv.to(dtype))
         ptrs.append(torch.cumsum(it.row_len, 0) + nnz)
-        nnz += int(it.row_len.sum())
+        nnz += it.tvals.numel()
         los.append(it.row_lo.to(torch.int32))
         vals.append(it.tvals.to(dtype))
-        offs.append(offs[-1] + G)
+        offs.append(offs[-1] + it.row_lo.numel())
     st = BandedStructure(torch.stack(toks), torch.stack(tokws),
                          torch.tensor([it.tokw.shape[1] for it in items], dtype=torch.int32),
                          torch.cat([torch.zeros(1, dtype=torch.int64)] + ptrs), torch.cat(los), torch.cat(vals),
@@ -1084,7 +851,7 @@ def _banded(gh: int, gw: int, depth: torch.Tensor, cd: float, cs_eff: float, tol
                          torch.tensor(s, dtype=dtype), gh)
     worst = max(items, key=lambda it: it.ops)
     info = dict(K=K, bound=bound, ops=ops, c_min=c_min, mode=worst.mode, order=worst.order, step=worst.step,
-                nnz=max(int(it.row_len.sum()) for it in items), round_est=4.0 * _U32 * amp)
+                nnz=max(it.tvals.numel() for it in items), round_est=4.0 * _U32 * amp)
     return st, info
 
 

@@ -493,11 +493,9 @@ def test_banded_bound_holds_in_grid_mode(tol):
     depth = 2.0 * torch.rand(1, gh * gw, dtype=torch.float64)
     N = gh * gw
     budget = tol * 0.77 / (2 + tol) / 2
-    ds = torch.sort(depth[0]).values
     for p in (6, 12):
-        ops, build = S._depth_grid(depth[0], ds, CD, budget, p, math.inf)
-        it = build()
-        assert it.mode == "grid" and it.error <= budget
+        it = S._depth_structure(depth[0], CD, budget, mode=p)
+        assert it.mode == "grid" and it.order == p and it.error <= budget
         st, info = S._banded(gh, gw, depth, CD, CS, tol, dtype=torch.float64)
         assert info["bound"] <= tol
     st, info = S._banded(gh, gw, depth, CD, CS, tol, dtype=torch.float64)
@@ -522,7 +520,7 @@ def test_banded_bound_holds_in_gauss_mode(tol):
         assert info["mode"] == "gauss" and info["bound"] <= tol, info
         assert _column_error(st, depth[0], gh, gw) <= info["bound"] + N * 2.0 ** -50, info
     budget = tol * 0.77 / (2 + tol) / 2
-    it = S._depth_gauss(spread[0], torch.sort(spread[0]).values, CD, budget, math.inf)[1]()
+    it = S._depth_structure(spread[0], CD, budget, mode="gauss")
     assert it.mode == "gauss" and it.error <= budget and 0 < it.rel <= budget
     d = spread[0]
     for step, fine in ((it.step, True), (1.5 * it.step, False)):  # every node, no window: the step's error only
@@ -536,23 +534,24 @@ def test_banded_bound_holds_in_gauss_mode(tol):
 
 
 def test_gauss_nodes_under_a_cost_cap_as_without_it():
-    """_depth_gauss with a cost to beat (best_ops, its search started at the largest node count
-    that can still beat it) returns the uncapped result wherever that result is cheaper, else
-    None: caps around the uncapped cost, spread and clustered depths, two budgets."""
+    """The Gaussian nodes with a cost to beat (cap, as the plan passes the best so far: the search
+    starts at the largest node count that can still beat it) are the uncapped result wherever that
+    result is cheaper, else None: caps around the uncapped cost, spread and clustered depths, two
+    budgets."""
     g = torch.Generator().manual_seed(3)
     for d in (255.0 * torch.rand(576, generator=g, dtype=torch.float64),
               30.0 * torch.randint(0, 6, (576,), generator=g).double() + 6.0 * torch.rand(
                   576, generator=g, dtype=torch.float64)):
-        ds = torch.sort(d).values
         for budget in (1e-4, 1e-7):
-            free = S._depth_gauss(d, ds, CD, budget, math.inf)
-            assert free is not None
-            C = free[1]().order
-            for cap in (free[0] - 1.0, free[0], free[0] + 1.0, free[0] + 2.0 * 576, 2.0 * 576 * (C + 3),
+            free = S._depth_structure(d, CD, budget, mode="gauss")
+            assert free is not None and free.mode == "gauss"
+            C = free.order
+            for cap in (free.ops - 1.0, free.ops, free.ops + 1.0, free.ops + 2.0 * 576, 2.0 * 576 * (C + 3),
                         2.0 * 576 * 2, 1.0):
-                got = S._depth_gauss(d, ds, CD, budget, cap)
-                if free[0] < cap:
-                    assert got is not None and got[0] == free[0] and got[1]().order == C, (budget, cap)
+                got = S._depth_structure(d, CD, budget, mode="gauss", cap=cap)
+                if free.ops < cap:
+                    assert got is not None and got.ops == free.ops and got.order == C, (budget, cap)
+                    assert torch.equal(got.tokw, free.tokw) and torch.equal(got.tok, free.tok)
                 else:
                     assert got is None, (budget, cap)
 
@@ -590,7 +589,7 @@ def test_gauss_truncation_bound_holds_and_is_tight():
 
 def test_gauss_truncation_wide_kernels_bounded_work():
     """A tiny alpha makes the depth kernel's reach (sqrt(87 / cd)) astronomically wide: the bins
-    widen so that bins x taps stay within _GAUSS_MAX_WORK (found by the fuzz test: the reach alone
+    widen so that bins x taps stay within kGaussMaxWork (found by the fuzz test: the reach alone
     had asked numpy for ~1e40 taps): the bound comes back finite, and the grid form of the op
     (whatever the plan picks) still matches the reference."""
     def step(cd):  # as _depth_gauss sets it: relative aliasing q = 1e-8
@@ -614,8 +613,7 @@ def test_banded_values_rows_fitted_and_symmetric():
     within the budget: symmetric, consecutive, and fewer entries than the count-based reach."""
     depth = kvfix.patch_depth(common.depth_map("ramp", 24, 24), 24, 24).double()
     budget = 2.0 ** -27 * 0.77 / (2 + 2.0 ** -27) / 2
-    ops, build = S._depth_atoms(depth, CD, budget)
-    it = build()
+    it = S._depth_structure(depth, CD, budget, mode="values")
     G = it.row_lo.numel()
     T = torch.zeros(G, G, dtype=torch.bool)
     for g in range(G):
@@ -624,7 +622,8 @@ def test_banded_values_rows_fitted_and_symmetric():
     e, counts = torch.unique(depth, return_counts=True)
     f = counts[None, :] * torch.exp(-CD * (e[:, None] - e[None, :]) ** 2)
     assert (f * ~T).sum(1).max().item() <= it.error
-    assert int(it.row_len.sum()) < int(S._rows(e, math.sqrt(math.log((depth.numel() - 1) / budget) / CD))[1].sum())
+    reach = math.sqrt(math.log((depth.numel() - 1) / budget) / CD)  # the count-based rows' reach
+    assert int(it.row_len.sum()) < int(((e[:, None] - e[None, :]).abs() <= reach).sum())
 
 
 def test_taylor_rank_is_the_smallest_rank_meeting_eps():
@@ -710,6 +709,73 @@ def test_fit_rows_against_sorting(case):
         assert (want_dropped == allowed).any()
 
 
+def test_depth_structure_bad_inputs():
+    """The planner's C++ entry checks what it reads and names the argument."""
+    d = torch.linspace(0.0, 5.0, 6, dtype=torch.float64)
+    table = S._grid_table(CD, S._GRID_ORDERS)
+    op = torch.ops.kvfix.dscr_depth_structure
+    with pytest.raises(TypeError, match="depth must be float64"):
+        op(d.float(), CD, 1e-6, table, -1, math.inf, None)
+    with pytest.raises(ValueError, match="depth must be a contiguous 1-D CPU tensor"):
+        op(d[::2], CD, 1e-6, table, -1, math.inf, None)
+    with pytest.raises(ValueError, match=r"depth must be finite \(entry 2 is nan\)"):
+        op(torch.tensor([0.0, 1.0, math.nan], dtype=torch.float64), CD, 1e-6, table, -1, math.inf, None)
+    with pytest.raises(ValueError, match="budget must be finite and > 0"):
+        op(d, CD, 0.0, table, -1, math.inf, None)
+    with pytest.raises(ValueError, match="cd must be finite and >= 0"):
+        op(d, -1.0, 1e-6, table, -1, math.inf, None)
+    with pytest.raises(ValueError, match=r"orders must be a contiguous \[n, 3\] CPU tensor"):
+        op(d, CD, 1e-6, table[:, :2], -1, math.inf, None)
+    with pytest.raises(ValueError, match="orders row 0 must hold an order p in"):
+        op(d, CD, 1e-6, torch.tensor([[2.5, 1.0, 1.0]], dtype=torch.float64), -1, math.inf, None)
+    with pytest.raises(ValueError, match="force must be -1"):
+        op(d, CD, 1e-6, table, 7, math.inf, None)
+    with pytest.raises(ValueError, match="spatial must have 6 entries"):
+        op(d, CD, 1e-6, table, -1, math.inf, torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cap must not be nan"):
+        op(d, CD, 1e-6, table, -1, math.nan, None)
+    tg = torch.ops.kvfix.dscr_gauss_truncation
+    with pytest.raises(ValueError, match="d must not be empty"):
+        tg(torch.zeros(0, dtype=torch.float64), CD, 1.0, 0.4, 0.0)
+    with pytest.raises(ValueError, match="step must be finite and > 0"):
+        tg(d, CD, 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="alias must be finite and >= 0"):
+        tg(d, CD, 1.0, 0.4, -1.0)
+
+
+def test_depth_structure_forced_modes_and_cap():
+    """The C++ planner's modes on their own: "auto" is the cheapest of values, the grid orders and
+    gauss; a mode under a cap at or below its cost is None; N = 1 and alpha = 0 (cd = 0) give the
+    one-node values structure; the column sums given the spatial ones are 1 / (spatial + depth
+    sums - 2), as the weights they come from (`banded_weights`)."""
+    g = torch.Generator().manual_seed(2)
+    d = 40.0 * torch.rand(576, generator=g, dtype=torch.float64)
+    budget = 2.0 ** -27 * 0.77 / (2 + 2.0 ** -27) / 2
+    auto = S._depth_structure(d, CD, budget)
+    costs = {m: S._depth_structure(d, CD, budget, mode=m) for m in ("values", "gauss") + S._GRID_ORDERS}
+    feasible = {m: it.ops for m, it in costs.items() if it is not None}
+    assert auto.ops == min(feasible.values()) and auto.error <= budget
+    for m, it in costs.items():
+        if it is not None:
+            assert it.error <= budget
+            assert S._depth_structure(d, CD, budget, mode=m, cap=it.ops) is None
+            assert S._depth_structure(d, CD, budget, mode=m, cap=it.ops + 1.0).ops == it.ops
+    one = S._depth_structure(d[:1], CD, budget)
+    assert one.mode == "atoms" and one.tok.tolist() == [0] and one.row_len.tolist() == [1]
+    flat = S._depth_structure(d, 0.0, budget)
+    assert flat.mode == "atoms" and flat.row_lo.numel() == 1 and float(flat.tvals[0]) == 1.0
+    spatial = torch.full((576,), 1.5, dtype=torch.float64)
+    it = S._depth_structure(d, CD, budget, spatial)
+    A = torch.zeros(it.row_lo.numel(), 576, dtype=torch.float64)
+    for k in range(it.order):
+        A[it.tok + k, torch.arange(576)] += it.tokw[:, k]
+    T = torch.zeros(it.row_lo.numel(), it.row_lo.numel(), dtype=torch.float64)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(it.row_len, 0)])
+    for r in range(T.shape[0]):
+        T[r, int(it.row_lo[r]):int(it.row_lo[r] + it.row_len[r])] = it.tvals[int(ptr[r]):int(ptr[r + 1])]
+    torch.testing.assert_close(it.cinv, 1.0 / (spatial + (A.T @ T @ A).sum(1) - 2.0), rtol=1e-13, atol=0)
+
+
 def test_fit_rows_bad_inputs():
     e = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     n = torch.ones(3, dtype=torch.int64)
@@ -733,21 +799,42 @@ def test_fit_rows_bad_inputs():
         op(e, n, torch.zeros(6, dtype=torch.int64)[::2], ln, 1.0, 0.1)
 
 
-def test_gauss_truncation_at_occupied_bins_equals_the_whole_convolution(monkeypatch):
-    """The "gauss" truncation bound sums the binned depths' kernel at the occupied bins only;
-    the whole convolution (np.convolve, the path for many tokens) gives the same bound to float64
-    rounding: ranges from 1 to 3000 levels, tight and wide kernels, 2 to 5000 depths."""
+def _gauss_truncation_by_convolution(d, cd, R, step, alias):
+    """The Gaussian nodes' truncation bound written out with numpy: the depths binned, the largest
+    drop per bin distance, and the bin counts convolved with it (np.convolve over every bin), the
+    largest sum at an occupied bin (the C++ sums each occupied bin's window only)."""
+    import numpy as np
+    x = d.numpy()
+    span = float(x.max() - x.min())
+    reach = min(math.sqrt(87.0 / cd), span)
+    hb = max(1.0 / 32, span / 65536, math.sqrt(span * reach / 2.0 ** 26))
+    w = step * math.sqrt(4.0 * cd / math.pi)
+    tau = sum(math.exp(-4.0 * cd * (k * step) ** 2) for k in range(10 ** 6) if 4.0 * cd * (k * step) ** 2 < 745)
+    M = int(math.ceil(reach / hb)) + 2
+    m = np.arange(M + 1, dtype=np.float64)
+    lo, hi = np.maximum(0.0, (m - 1.0) * hb - 1e-9), (m + 1.0) * hb + 1e-9
+    h2 = (1.0 + alias) * np.exp(-cd * lo * lo)
+    h1 = 2.0 * w * tau * math.exp(-2.0 * cd * R * R) * np.exp(-2.0 * cd * (np.clip(R, lo, hi) - R) ** 2)
+    hmax = np.where(hi < 2.0 * R, np.minimum(h1, h2), h2)
+    counts = np.bincount(np.floor((x - x.min()) / hb).astype(np.int64)).astype(np.float64)
+    sums = np.convolve(counts, np.concatenate((hmax[:0:-1], hmax)), mode="full")[M:M + counts.size]
+    return float(sums[counts > 0].max())
+
+
+def test_gauss_truncation_against_the_whole_convolution():
+    """kvfix::dscr_gauss_truncation (each occupied bin's window of bins) against the binned bound
+    written with np.convolve over every bin: to float64 rounding, ranges from 1 to 3000 levels,
+    tight and wide kernels, 2 to 5000 depths, sorted or not."""
     import numpy as np
     gen = np.random.default_rng(0)
-    for _ in range(40):
+    for i in range(40):
         n, span = int(gen.integers(2, 5000)), float(gen.choice([1.0, 30.0, 255.0, 3000.0]))
         d = torch.from_numpy(np.round(gen.random(n) * span * 64) / 64)
-        cd, R, step, alias = float(gen.choice([0.05, 0.83, 3.0])), gen.uniform(0.5, 5), gen.uniform(0.2, 2), 0.05
-        sparse = S._gauss_truncation(d, cd, R, step, alias)
-        with monkeypatch.context() as m:
-            m.setattr(S, "_GAUSS_SPARSE_MAX", -1)
-            whole = S._gauss_truncation(d, cd, R, step, alias)
-        assert sparse == pytest.approx(whole, rel=1e-13, abs=0)
+        if i % 2:
+            d = torch.sort(d).values
+        cd, R, step = float(gen.choice([0.05, 0.83, 3.0])), gen.uniform(0.5, 5), gen.uniform(0.2, 2)
+        got = S._gauss_truncation(d, cd, R, step, 0.05)
+        assert got == pytest.approx(_gauss_truncation_by_convolution(d, cd, R, step, 0.05), rel=1e-12, abs=0)
 
 
 def _check_banded_output(out, x, depth, gh, gw, plan):

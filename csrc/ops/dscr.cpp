@@ -1,14 +1,17 @@
 // DSCR (METHODS §1): the schemas of the dense ops (dscr_refine, dscr_refine_cache_), of the
 // structured ones on a patch grid (dscr_refine_lowrank(_cache_): low-rank factors,
 // dscr_refine_banded(_cache_): the banded structure; kvfix/dscr_structured.py plans them) and of
-// the checks-only ops (dscr_check_grid, dscr_check_params) and of the planner's host loop
-// (dscr_fit_rows: csrc/kernels/dscr_plan.h); every check, stated once; the Meta kernels; the CPU
+// the checks-only ops (dscr_check_grid, dscr_check_params) and of the planner's host code
+// (dscr_depth_structure, dscr_gauss_truncation, dscr_fit_rows: csrc/kernels/dscr_plan.h); every
+// check, stated once; the Meta kernels; the CPU
 // registrations (kernels: csrc/cpu/dscr*.cpp; the CUDA kernels register themselves in
 // csrc/cuda/dscr*.cu).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -175,6 +178,91 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> dscr_fit_rows(const at::Te
   kernels::dscr_fit_rows(ep, counts.data_ptr<int64_t>(), lo, len, G, cd, allowed, kept_lo.data_ptr<int64_t>(),
                          kept_len.data_ptr<int64_t>(), dropped.data_ptr<double>());
   return {kept_lo, kept_len, dropped};
+}
+
+// A contiguous 1-D float64 CPU tensor of finite values (ValueError / TypeError naming it).
+static void check_host_depths(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1 && t.is_contiguous(), op, ": ", name,
+                    " must be a contiguous 1-D CPU tensor, got ", t.sizes(), " on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", t.scalar_type());
+  const double* p = t.data_ptr<double>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(p[i]), op, ": ", name, " must be finite (entry ", i, " is ", p[i], ")");
+  }
+}
+
+// One item's depth structure for the plan of a new image (kvfix/dscr_structured.py,
+// _depth_structure; csrc/kernels/dscr_plan.h says what is built): host tensors in; out tok int64
+// [N], tokw float64 [N, order], row_lo int64 [G], row_len int64 [G], tvals float64 [nnz], cinv
+// float64 [N] (empty without spatial) and info float64 [7]: mode (0 none, 1 values, 2 grid, 3
+// gauss), error, ops, step, order, rel, amp. orders: float64 [n, 3], rows (p, Lebesgue constant,
+// interpolation error coefficient) of the grid orders to consider; force: -1 the cheapest, 0
+// values, -2 gauss, p the grid of order p (one of orders' rows).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dscr_depth_structure(const at::Tensor& depth, double cd, double budget, const at::Tensor& orders, int64_t force,
+                     double cap, const std::optional<at::Tensor>& spatial) {
+  const char* op = "dscr_depth_structure";
+  check_host_depths(op, "depth", depth);
+  const int64_t N = depth.numel();
+  TORCH_CHECK_VALUE(std::isfinite(cd) && cd >= 0, op, ": cd must be finite and >= 0, got ", cd);
+  TORCH_CHECK_VALUE(std::isfinite(budget) && budget > 0, op, ": budget must be finite and > 0, got ", budget);
+  TORCH_CHECK_VALUE(!std::isnan(cap), op, ": cap must not be nan");
+  TORCH_CHECK_VALUE(orders.device().is_cpu() && orders.dim() == 2 && orders.size(1) == 3 && orders.is_contiguous(),
+                    op, ": orders must be a contiguous [n, 3] CPU tensor (p, lam, coef), got ", orders.sizes(),
+                    " on ", orders.device());
+  TORCH_CHECK_TYPE(orders.scalar_type() == at::kDouble, op, ": orders must be float64, got ", orders.scalar_type());
+  std::vector<kernels::DscrGridOrder> table;
+  const double* o = orders.data_ptr<double>();
+  bool forced_found = force >= -2 && force <= 0;
+  for (int64_t k = 0; k < orders.size(0); ++k) {
+    const double p = o[3 * k], lam = o[3 * k + 1], coef = o[3 * k + 2];
+    TORCH_CHECK_VALUE(p >= 1 && p <= 64 && p == std::floor(p) && std::isfinite(lam) && lam >= 1 &&
+                          std::isfinite(coef) && coef >= 0,
+                      op, ": orders row ", k, " must hold an order p in [1, 64], a Lebesgue constant >= 1 and a ",
+                      "coefficient >= 0, got (", p, ", ", lam, ", ", coef, ")");
+    table.push_back({static_cast<int64_t>(p), lam, coef});
+    forced_found = forced_found || force == static_cast<int64_t>(p);
+  }
+  TORCH_CHECK_VALUE(forced_found, op, ": force must be -1 (the cheapest), 0 (values), -2 (gauss) or a grid order of ",
+                    "orders, got ", force);
+  const double* sp = nullptr;
+  if (spatial.has_value()) {
+    check_host_depths(op, "spatial", *spatial);
+    TORCH_CHECK_VALUE(spatial->numel() == N, op, ": spatial must have ", N, " entries (as depth), got ",
+                      spatial->numel());
+    sp = spatial->data_ptr<double>();
+  }
+  kernels::DscrDepthStructure s = kernels::dscr_depth_structure(
+      depth.data_ptr<double>(), N, cd, budget, table.data(), static_cast<int64_t>(table.size()), force, cap, sp);
+  auto i64 = [](const std::vector<int64_t>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
+    std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+    return t;
+  };
+  auto f64 = [](const std::vector<double>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kDouble));
+    std::copy(v.begin(), v.end(), t.data_ptr<double>());
+    return t;
+  };
+  at::Tensor info = f64({static_cast<double>(s.mode), s.error, s.ops, s.step, static_cast<double>(s.order), s.rel,
+                         s.amp});
+  const int64_t width = s.mode == 0 ? 0 : s.order;
+  return {i64(s.tok), f64(s.tokw).view({s.mode == 0 ? 0 : N, width}), i64(s.row_lo), i64(s.row_len), f64(s.tvals),
+          f64(s.cinv), info};
+}
+
+// The Gaussian nodes' truncation bound over depths d (csrc/kernels/dscr_plan.h,
+// dscr_gauss_truncation), for the plan's tests and docs.
+static double dscr_gauss_truncation(const at::Tensor& d, double cd, double R, double step, double alias) {
+  const char* op = "dscr_gauss_truncation";
+  check_host_depths(op, "d", d);
+  TORCH_CHECK_VALUE(d.numel() > 0, op, ": d must not be empty");
+  const std::pair<const char*, double> params[] = {{"cd", cd}, {"R", R}, {"step", step}, {"alias", alias}};
+  for (const auto& [name, v] : params) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && (v > 0 || (v == 0 && name[0] == 'a')), op, ": ", name,
+                      name[0] == 'a' ? " must be finite and >= 0, got " : " must be finite and > 0, got ", v);
+  }
+  return kernels::dscr_gauss_truncation(d.data_ptr<double>(), d.numel(), cd, R, step, alias);
 }
 
 void dscr_check_finite(const char* op, const at::Tensor& depth, const at::Tensor& coords) {
@@ -359,7 +447,12 @@ TORCH_LIBRARY_FRAGMENT(kvfix, m) {
         "float sigma_s, float alpha, float beta) -> ()");
   m.def("dscr_check_params(str op, float sigma_d, float sigma_s, float alpha, float beta) -> ()",
         &kvfix::dscr_check_params);
-  // The planner's host loop (host tensors whatever the model's device): one kernel for every key.
+  // The planner's host code (host tensors whatever the model's device): one kernel for every key.
+  m.def("dscr_depth_structure(Tensor depth, float cd, float budget, Tensor orders, int force, float cap, "
+        "Tensor? spatial) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &kvfix::dscr_depth_structure);
+  m.def("dscr_gauss_truncation(Tensor d, float cd, float R, float step, float alias) -> float",
+        &kvfix::dscr_gauss_truncation);
   m.def("dscr_fit_rows(Tensor e, Tensor counts, Tensor row_lo, Tensor row_len, float cd, float allowed) -> "
         "(Tensor, Tensor, Tensor)",
         &kvfix::dscr_fit_rows);

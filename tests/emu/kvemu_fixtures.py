@@ -48,10 +48,10 @@ def kvfix_reference():
 
 def kvfix_structured(emu=None):
     """`kvfix.dscr_structured` (the structured-DSCR planner), loaded from its file without the
-    compiled extension. Its one call into C++, the planner's loop `_fit_rows`
-    (csrc/kernels/dscr_plan.h, kvfix::dscr_fit_rows in the extension), runs from the emulator's
-    build of module "dscr_banded" once `emu` (the session fixture) is given: call it so from the
-    module fixture of a test that plans."""
+    compiled extension. Its call into C++, the depth structure `_depth_op`
+    (csrc/kernels/dscr_plan.h, kvfix::dscr_depth_structure in the extension), runs from the
+    emulator's build of module "dscr_banded" once `emu` (the session fixture) is given: call it so
+    from the module fixture of a test that plans."""
     name = "kvemu_kvfix_dscr_structured"
     mod = sys.modules.get(name)
     if mod is None:
@@ -63,12 +63,19 @@ def kvfix_structured(emu=None):
     if emu is not None:
         banded = emu.module("dscr_banded")
 
-        def fit_rows(e, counts, row_lo, row_len, cd, allowed):
-            outs = (torch.empty_like(row_lo), torch.empty_like(row_lo), torch.empty_like(e))
-            banded.dscr_fit_rows(e, counts, row_lo, row_len, cd, allowed, *outs)
-            return outs
+        def depth_op(d, cd, budget, orders, force, cap, spatial):
+            sizes, info = torch.zeros(3, dtype=torch.int64), torch.zeros(7, dtype=torch.float64)
+            banded.dscr_depth_plan(d, cd, budget, orders, force, cap, spatial, sizes, info)
+            order, G, nnz = sizes.tolist()
+            n = d.numel() if info[0] > 0 else 0
+            f64, i64 = torch.float64, torch.int64
+            outs = (torch.empty(n, dtype=i64), torch.empty(n, order if n else 0, dtype=f64), torch.empty(G, dtype=i64),
+                    torch.empty(G, dtype=i64), torch.empty(nnz, dtype=f64),
+                    None if spatial is None else torch.empty(n, dtype=f64))
+            banded.dscr_depth_take(*outs)
+            return outs[:5] + (torch.empty(0, dtype=f64) if outs[5] is None else outs[5], info)
 
-        mod._fit_rows = fit_rows
+        mod._depth_op = depth_op
     return mod
 
 

@@ -39,7 +39,7 @@ CD, CS = S._coefs(PARAMS["sigma_d"], PARAMS["sigma_s"], PARAMS["alpha"], PARAMS[
 
 @pytest.fixture(scope="module")
 def mod(emu):
-    kvfix_structured(emu)  # the planner's C++ loop from the emulator's build
+    kvfix_structured(emu)  # the planner's C++ (the depth structure) from the emulator's build
     return emu.module("dscr_banded")
 
 
@@ -50,14 +50,12 @@ def _structure(gh, gw, depth, dtype, grid_order=0):
     "values" for the depths used here)."""
     orig = S._depth_structure
 
-    def forced(d, cd, budget):
+    def forced(d, cd, budget, spatial):
         if grid_order and torch.unique(d).numel() == d.numel():
-            ds = torch.sort(d).values
-            got = (S._depth_gauss(d, ds, cd, budget, math.inf) if grid_order == "gauss"
-                   else S._depth_grid(d, ds, cd, budget, grid_order, math.inf))
+            got = orig(d, cd, budget, spatial, mode=grid_order)
             assert got is not None
-            return got[1]()
-        return orig(d, cd, budget)
+            return got
+        return orig(d, cd, budget, spatial)
 
     S._depth_structure = forced
     try:

@@ -24,7 +24,7 @@ S = kvfix_structured()
 
 @pytest.fixture(scope="module")
 def mod(emu):
-    kvfix_structured(emu)  # its plans weigh the banded variant too: the planner's C++ loop from the emulator
+    kvfix_structured(emu)  # its plans weigh the banded variant too: the planner's C++ from the emulator
     return emu.module("dscr_lowrank")
 
 

@@ -2,10 +2,11 @@
 // The structure is packed by dscr_banded_pack and the call run by dscr_banded_run, as
 // csrc/cuda/dscr_banded.cu does; the workspaces are allocated here at exactly the sizes the
 // header asks for (poisoned: -1 for the int32 one, NaN for the float scratch), so ASan sees overruns.
-// Also the planner's host loop (csrc/kernels/dscr_plan.h), with which the tests plan their
+// Also the planner's host code (csrc/kernels/dscr_plan.h), with which the tests plan their
 // structures (kvfix/dscr_structured.py loaded without the compiled extension).
 #include <kvemu/shim.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -13,14 +14,38 @@
 #include "kernels/dscr_plan.h"
 #include "views.h"
 
-// e float64 [G], counts int64 [G], row_lo int64 [G], row_len int64 [G], cd, allowed, then the
-// outputs kept_lo int64 [G], kept_len int64 [G], dropped float64 [G] (kvfix::dscr_fit_rows; the
-// caller passes valid windows, as the op checks).
-KVEMU_ENTRY(dscr_fit_rows, args) {
-  const int64_t G = args.size(0, 0);
-  kvfix::kernels::dscr_fit_rows(args.data<const double>(0), args.data<const int64_t>(1),
-                                args.data<const int64_t>(2), args.data<const int64_t>(3), G, args.f(4), args.f(5),
-                                args.data<int64_t>(6), args.data<int64_t>(7), args.data<double>(8));
+// One item's depth structure (kvfix::dscr_depth_structure), in two calls since its sizes are
+// found by the planner: dscr_depth_plan takes depth float64 [N], cd, budget, orders float64 [n, 3],
+// force, cap, spatial float64 [N] or None, then writes sizes int64 [3] (order, G, nnz) and info
+// float64 [7] (as the op's) and keeps the structure; dscr_depth_take copies it into tok int64 [N],
+// tokw float64 [N, order], row_lo int64 [G], row_len int64 [G], tvals float64 [nnz] and cinv
+// float64 [N] (or None where no spatial sums were given). (The emulator runs one call at a time.)
+static kvfix::kernels::DscrDepthStructure g_depth;
+
+KVEMU_ENTRY(dscr_depth_plan, args) {
+  const int64_t N = args.size(0, 0), n_orders = args.size(3, 0);
+  const double* o = args.data<const double>(3);
+  std::vector<kvfix::kernels::DscrGridOrder> orders;
+  for (int64_t k = 0; k < n_orders; ++k) orders.push_back({static_cast<int64_t>(o[3 * k]), o[3 * k + 1], o[3 * k + 2]});
+  g_depth = kvfix::kernels::dscr_depth_structure(args.data<const double>(0), N, args.f(1), args.f(2), orders.data(),
+                                                 n_orders, args.i(4), args.f(5), args.data<const double>(6));
+  int64_t* sizes = args.data<int64_t>(7);
+  sizes[0] = g_depth.order;
+  sizes[1] = static_cast<int64_t>(g_depth.row_lo.size());
+  sizes[2] = static_cast<int64_t>(g_depth.tvals.size());
+  const double info[7] = {static_cast<double>(g_depth.mode), g_depth.error, g_depth.ops, g_depth.step,
+                          static_cast<double>(g_depth.order), g_depth.rel, g_depth.amp};
+  std::copy(info, info + 7, args.data<double>(8));
+  return cudaSuccess;
+}
+
+KVEMU_ENTRY(dscr_depth_take, args) {
+  std::copy(g_depth.tok.begin(), g_depth.tok.end(), args.data<int64_t>(0));
+  std::copy(g_depth.tokw.begin(), g_depth.tokw.end(), args.data<double>(1));
+  std::copy(g_depth.row_lo.begin(), g_depth.row_lo.end(), args.data<int64_t>(2));
+  std::copy(g_depth.row_len.begin(), g_depth.row_len.end(), args.data<int64_t>(3));
+  std::copy(g_depth.tvals.begin(), g_depth.tvals.end(), args.data<double>(4));
+  if (!args.none(5)) std::copy(g_depth.cinv.begin(), g_depth.cinv.end(), args.data<double>(5));
   return cudaSuccess;
 }
 
