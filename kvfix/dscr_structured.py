@@ -394,8 +394,7 @@ def _plan_structure(gh: int, gw: int, depth_range: float, cd: float, cs: float, 
     plan = DscrPlan(algorithm, gh, gw, lr["rd"], lr["rr"], lr["rc"], lr["row_exact"], lr["col_exact"], bound,
                     round_est, tol, lr["cost"], cost_d, depth_range, reason, grid_unit, variant,
                     info.get("K", 0) if st is not None else 0,
-                    {"atoms": "values", "grid": "grid", "gauss": "gauss"}.get(info.get("mode"), "") if st is not None
-                    else "",
+                    info.get("mode", "") if st is not None else "",
                     info.get("order", 0) if st is not None and info.get("mode") in ("grid", "gauss") else 0,
                     info.get("step", 0.0) if st is not None else 0.0, ms)
     return plan, (st if variant == "banded" else None)
@@ -691,7 +690,7 @@ def _interp_error_coef(p: int, cd: float) -> float:
 class _DepthStructure:
     """One item's depth part (float64 until packed): token -> nodes, node kernel rows, bound, and
     (given the spatial column sums) 1 / c~_j and the rounding amplification."""
-    mode: str             # "atoms" (the distinct values), "grid" or "gauss"
+    mode: str             # "values" (the distinct values), "grid" or "gauss"
     tok: torch.Tensor     # [N] first node
     tokw: torch.Tensor    # [N, c]
     row_lo: torch.Tensor  # [G]
@@ -706,7 +705,7 @@ class _DepthStructure:
     amp: float = 0.0      # max_j (spatial_j + (|A|^T |T| |A| 1)_j + 2) / c~_j
 
 
-_MODE_NAMES = {1: "atoms", 2: "grid", 3: "gauss"}
+_MODE_NAMES = {1: "values", 2: "grid", 3: "gauss"}
 
 
 @functools.lru_cache(maxsize=64)

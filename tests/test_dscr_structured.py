@@ -761,9 +761,9 @@ def test_depth_structure_forced_modes_and_cap():
             assert S._depth_structure(d, CD, budget, mode=m, cap=it.ops) is None
             assert S._depth_structure(d, CD, budget, mode=m, cap=it.ops + 1.0).ops == it.ops
     one = S._depth_structure(d[:1], CD, budget)
-    assert one.mode == "atoms" and one.tok.tolist() == [0] and one.row_len.tolist() == [1]
+    assert one.mode == "values" and one.tok.tolist() == [0] and one.row_len.tolist() == [1]
     flat = S._depth_structure(d, 0.0, budget)
-    assert flat.mode == "atoms" and flat.row_lo.numel() == 1 and float(flat.tvals[0]) == 1.0
+    assert flat.mode == "values" and flat.row_lo.numel() == 1 and float(flat.tvals[0]) == 1.0
     spatial = torch.full((576,), 1.5, dtype=torch.float64)
     it = S._depth_structure(d, CD, budget, spatial)
     A = torch.zeros(it.row_lo.numel(), 576, dtype=torch.float64)
