@@ -873,7 +873,7 @@ def models_section(ctx: Ctx) -> Section:
     sec = Section("models", "Whole models: kvfix.hf methods against plain greedy decoding")
     tiny = ctx.tiny and ctx.layers is None
     n_new = 2 if tiny else (8 if ctx.quick or ctx.device == "cpu" else 32)
-    reps = 1 if (tiny or ctx.quick) else (2 if ctx.device == "cpu" else 3)
+    reps = 1 if (tiny or ctx.quick) else 3
     warmup = 0 if tiny else 1
     per_model = ESTIMATE_S["models"]
     for label, family in MODELS:
@@ -882,25 +882,27 @@ def models_section(ctx: Ctx) -> Section:
             continue
         with sec.row(label):
             res, info = model_rows(ctx, family, n_new, reps, warmup)
-            plain_p, plain_d = res["plain"]
-            plain2_d = res[PLAIN_2][1]
+            dec, pre = info["decode_rounds"], info["prefill_rounds"]
+
+            def paired(rounds, name, base):  # the median over the rounds of each round's ratio
+                return statistics.median(ratio(a, b) for a, b in zip(rounds[name], rounds[base]))
             rows = []
             for name, (p, d) in res.items():
-                rows.append([name, fmt(p), rfmt(ratio(p, plain_p)), fmt(d), rfmt(ratio(d, plain_d)),
-                             rfmt(ratio(d, plain2_d))])
+                rows.append([name, fmt(p), rfmt(paired(pre, name, "plain")), fmt(d), rfmt(paired(dec, name, "plain")),
+                             rfmt(paired(dec, name, PLAIN_2))])
                 if name in DECODE_TARGETS:
-                    sec.targets.append(target(f"{label} {name} decode per token / plain", ratio(d, plain_d),
+                    sec.targets.append(target(f"{label} {name} decode per token / plain", paired(dec, name, "plain"),
                                               DECODE_TARGETS[name]))
-            cmac_d = res["CMAC"][1]
-            sec.note(f"{label}: plain with 2 rows / plain {rfmt(ratio(plain2_d, plain_d))} (the batch-of-2 floor); "
-                     f"CMAC decode / plain, 2 rows {rfmt(ratio(cmac_d, plain2_d))} (CMAC's own cost on top of it; "
-                     f"the target line above is against plain with 1 row)")
+            sec.note(f"{label}: plain with 2 rows / plain {rfmt(paired(dec, PLAIN_2, 'plain'))} (the batch-of-2 "
+                     f"floor); CMAC decode / plain, 2 rows {rfmt(paired(dec, 'CMAC', PLAIN_2))} (CMAC's own cost on "
+                     f"top of it; the target line above is against plain with 1 row)")
             sec.note(f"**{label}** (random weights, {info['params'] / 1e9:.2f} B parameters, {info['dtype']}, "
                      f"{info['layers']} text layers, hidden {info['hidden']}, {info['vision_layers']} vision layers, "
                      f"attention {info['attn']}, built in "
                      f"{info['built_s']:.1f} s{info['peak']}): one {info['side']} x {info['side']} image, prompt "
                      f"{info['prompt']} tokens, greedy, {n_new} decoded tokens; medians of {reps} timed round(s) after "
-                     f"{warmup} warm-up round(s)")
+                     f"{warmup} warm-up round(s); ratios: the median over the rounds of each round's ratio (the "
+                     f"variants run in turn within a round)")
             sec.table(["variant", "prefill ms", "prefill / plain", "decode ms / token", "decode / plain",
                        "decode / plain, 2 rows"], rows)
     sec.note("Variants: `kvfix.hf.enable(model, Method())` with the defaults, enabled outside the timed calls; "
