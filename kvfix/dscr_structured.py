@@ -682,8 +682,12 @@ def _node_poly(p: int) -> float:
 def _interp_error_coef(p: int, cd: float) -> float:
     """C with |f - I_p f| <= C delta^p for f(x) = exp(-cd (x - s)^2), any s, x in the central interval
     of p equispaced nodes delta apart: |f^(p)| <= 1.0865 (2 cd)^{p/2} sqrt(p!) (Cramér) and
-    prod |x - x_m| <= delta^p `_node_poly(p)`."""
-    return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * _node_poly(p)
+    prod |x - x_m| <= delta^p `_node_poly(p)`. inf where that overflows (a huge cd: the grid mode
+    is then not considered)."""
+    try:
+        return _CRAMER * (2.0 * cd) ** (p / 2) / math.sqrt(math.factorial(p)) * _node_poly(p)
+    except OverflowError:
+        return math.inf
 
 
 @dataclasses.dataclass

@@ -745,7 +745,8 @@ def test_depth_structure_bad_inputs():
 
 def test_depth_structure_forced_modes_and_cap():
     """The C++ planner's modes on their own: "auto" is the cheapest of values, the grid orders and
-    gauss; a mode under a cap at or below its cost is None; N = 1 and alpha = 0 (cd = 0) give the
+    gauss; a mode under a cap at or below its cost is None, as the grid and Gaussian nodes at a
+    step too fine to index (a huge cd); N = 1 and alpha = 0 (cd = 0) give the
     one-node values structure; the column sums given the spatial ones are 1 / (spatial + depth
     sums - 2), as the weights they come from (`banded_weights`)."""
     g = torch.Generator().manual_seed(2)
@@ -760,6 +761,10 @@ def test_depth_structure_forced_modes_and_cap():
             assert it.error <= budget
             assert S._depth_structure(d, CD, budget, mode=m, cap=it.ops) is None
             assert S._depth_structure(d, CD, budget, mode=m, cap=it.ops + 1.0).ops == it.ops
+    for mode in (6, "gauss"):  # a node step ~1e-17 levels: never built (node indices would pass int64)
+        assert S._depth_structure(d, 1e36, budget, mode=mode) is None
+    for sd in (1e-15, 1e-3):  # the grid orders' error coefficients overflow float64 at the first
+        assert kvfix.dscr_plan(24, 24, 255.0 * d / 40.0, sigma_d=sd).depth_mode == "values"
     one = S._depth_structure(d[:1], CD, budget)
     assert one.mode == "values" and one.tok.tolist() == [0] and one.row_len.tolist() == [1]
     flat = S._depth_structure(d, 0.0, budget)

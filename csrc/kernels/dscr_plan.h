@@ -252,7 +252,7 @@ inline double dscr_gauss_truncation(const double* x, int64_t n, double cd, doubl
 //   or reaching r with (N - 1) exp(-cd r^2) <= budget;
 // - grid (mode 2): a uniform grid of step `step`, each token interpolated from its p nearest
 //   nodes (Lagrange), p one of the given orders (with the Lebesgue constant lam and the
-//   interpolation error coefficient coef of each);
+//   interpolation error coefficient coef of each; an infinite coef: that order is not considered);
 // - gauss (mode 3): Gaussian nodes `step` apart, each token on the C nodes within R = C step / 2,
 //   T = w I; rel: the relative error part.
 // The cheapest (counted operations per feature column, `ops`) is built; `force` builds one mode
@@ -277,6 +277,9 @@ namespace dscr_plan_detail {
 
 const double kE87 = std::exp(-87.0);
 constexpr int64_t kFitMax = int64_t{1} << 18;  // the most node kernel entries the fitted rows examine
+// The most node steps a depth range may span in the grid and Gaussian modes (node indices stay far
+// from int64's range; such a fine step would never be the cheapest: a huge cd, a tiny sigma_d).
+constexpr double kMaxNodeSpan = 1099511627776.0;  // 2^40
 
 // exp(-cd (pos[g] - pos[g'])^2) row by row (an exponent below -87 as 0 where `cut`)
 inline std::vector<double> band_values(const std::vector<double>& pos, const std::vector<int64_t>& lo,
@@ -372,7 +375,7 @@ struct Nodes {  // grid or Gaussian nodes: tokens' first nodes, the touched node
 inline bool grid(const std::vector<double>& d, const std::vector<double>& ds, double cd, double budget,
                  const DscrGridOrder& o, double best, Nodes& out) {
   const int64_t N = static_cast<int64_t>(d.size()), p = o.p;
-  if (2.0 * static_cast<double>(p) * static_cast<double>(N) >= best) return false;
+  if (2.0 * static_cast<double>(p) * static_cast<double>(N) >= best || !std::isfinite(o.coef)) return false;
   const double lam = o.lam, C = o.coef;
   // tail: (N + n_int lam^2) exp(-cd r^2) <= budget / 4, with n_int <= N
   const double r = std::sqrt(std::log(4.0 * static_cast<double>(N) * (1.0 + lam * lam) / budget) / cd);
@@ -390,7 +393,7 @@ inline bool grid(const std::vector<double>& d, const std::vector<double>& ds, do
   const double err = static_cast<double>(n_int) *
                          (C * std::pow(step, static_cast<double>(p)) * (1.0 + lam) + lam * lam * tail + kE87) +
                      static_cast<double>(N) * tail;
-  if (!(err <= budget)) return false;
+  if (!(err <= budget) || !(ds.back() - ds.front() <= kMaxNodeSpan * step)) return false;
   Nodes s;
   s.order = p;
   s.step = step;
@@ -425,7 +428,7 @@ inline bool gauss(const std::vector<double>& d, const std::vector<double>& ds, d
   const double alias = 2.0 * q / (1.0 - q);
   const double fixed = Nd * (1.0 + alias) * kE87 + alias;  // the cut-off's entries, the diagonal's relative part
   const double eta = (budget - fixed) * (1.0 - 1e-9);     // the margin keeps err <= budget through rounding
-  if (!(eta > 0)) return false;
+  if (!(eta > 0) || !(ds.back() - ds.front() <= kMaxNodeSpan * step)) return false;
   std::vector<double> bounds;  // by C, each computed once (NaN: not yet)
   auto trunc = [&](int64_t C) {
     if (static_cast<int64_t>(bounds.size()) <= C) bounds.resize(C + 1, std::nan(""));

@@ -217,9 +217,9 @@ dscr_depth_structure(const at::Tensor& depth, double cd, double budget, const at
   for (int64_t k = 0; k < orders.size(0); ++k) {
     const double p = o[3 * k], lam = o[3 * k + 1], coef = o[3 * k + 2];
     TORCH_CHECK_VALUE(p >= 1 && p <= 64 && p == std::floor(p) && std::isfinite(lam) && lam >= 1 &&
-                          std::isfinite(coef) && coef >= 0,
+                          !std::isnan(coef) && coef >= 0,
                       op, ": orders row ", k, " must hold an order p in [1, 64], a Lebesgue constant >= 1 and a ",
-                      "coefficient >= 0, got (", p, ", ", lam, ", ", coef, ")");
+                      "coefficient >= 0 (inf: order skipped), got (", p, ", ", lam, ", ", coef, ")");
     table.push_back({static_cast<int64_t>(p), lam, coef});
     forced_found = forced_found || force == static_cast<int64_t>(p);
   }
