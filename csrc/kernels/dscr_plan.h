@@ -17,7 +17,7 @@
 
 namespace kvfix::kernels {
 
-// Rows of the "values" node kernel fitted to the depths (`_atom_rows_fitted`). Nodes e[0..G):
+// Rows of the "values" node kernel fitted to the depths (dscr_depth_structure, below). Nodes e[0..G):
 // distinct depths in increasing order, counts[g] tokens each. Row g's candidate entries are the
 // nodes [row_lo[g], row_lo[g] + row_len[g]), a window that holds g. Taken farthest from e[g] first
 // (equal distances: the lower node first), entries are dropped while the weight dropped so far,
