@@ -781,6 +781,32 @@ def test_depth_structure_forced_modes_and_cap():
     torch.testing.assert_close(it.cinv, 1.0 / (spatial + (A.T @ T @ A).sum(1) - 2.0), rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["gauss", 6, 12])
+def test_depth_structure_nodes_over_far_apart_clusters(mode):
+    """Grid and Gaussian nodes for depths in two clusters ~5e4 levels apart (the touched nodes
+    found by sorting: their span is far wider than the nodes): every token's nodes are the ones
+    around its depth, and the structure's weights A^T T A are the depth kernel within its error
+    bound (absolute per column, plus the relative part of the Gaussian nodes)."""
+    g = torch.Generator().manual_seed(4)
+    d = torch.cat([3.0 * torch.rand(20, generator=g, dtype=torch.float64),
+                   5e4 + 3.0 * torch.rand(20, generator=g, dtype=torch.float64)])
+    budget = 1e-6
+    it = S._depth_structure(d, CD, budget, mode=mode)
+    assert it is not None and it.mode == ("gauss" if mode == "gauss" else "grid")
+    G, N = it.row_lo.numel(), d.numel()
+    assert G < 4 * N * it.order  # only the nodes near the clusters, not the ~1e5 in between
+    A = torch.zeros(G, N, dtype=torch.float64)
+    for k in range(it.order):
+        A[it.tok + k, torch.arange(N)] += it.tokw[:, k]
+    T = torch.zeros(G, G, dtype=torch.float64)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(it.row_len, 0)])
+    for r in range(G):
+        T[r, int(it.row_lo[r]):int(it.row_lo[r] + it.row_len[r])] = it.tvals[int(ptr[r]):int(ptr[r + 1])]
+    exact = torch.exp(-CD * (d[:, None] - d[None, :]) ** 2)
+    err = ((A.T @ T @ A) - exact).abs()
+    assert (err.sum(0) <= it.error + it.rel * exact.sum(0) + 1e-12).all(), (err.sum(0).max(), it.error)
+
+
 def test_fit_rows_bad_inputs():
     e = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     n = torch.ones(3, dtype=torch.int64)
