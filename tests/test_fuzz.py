@@ -127,6 +127,34 @@ def test_dscr_refine(B, H, gh, gw, D, dtype, layout, values, grid, seed, sigma_d
         _rule(vh, tv, lv, dtype, "v_hat")
 
 
+@_settings(30)
+@given(gh=st.integers(1, 18), gw=st.integers(2, 18), kind=st.sampled_from(["uniform", "levels", "clusters"]),
+       span=st.sampled_from([0.5, 30.0, 255.0]), tol=st.sampled_from([2.0 ** -27, 2.0 ** -11]),
+       sigma_d=st.floats(0.3, 20.0), alpha=st.floats(0.0, 2.0), beta=st.floats(0.1, 2.0), seed=SEED)
+def test_dscr_banded_plan(gh, gw, kind, span, tol, sigma_d, alpha, beta, seed):
+    """The banded variant's plan (the C++ depth structure, csrc/kernels/dscr_plan.h) on random
+    depths and parameters, built in float64: its weights are the reference's within the plan's
+    bound per column (normalised, as k_hat uses them), and its packed 1 / c~_j are the inverse
+    column sums of those weights (diagonal 2 excluded)."""
+    from kvfix import dscr_structured as S
+    g = _gen(seed)
+    N = gh * gw
+    u = torch.rand(N, generator=g, dtype=torch.float64)
+    depth = {"uniform": span * u, "levels": torch.round(span * u / 4.0) * 4.0,  # a few repeated levels
+             "clusters": span * torch.randint(0, 3, (N,), generator=g).double() + 2.0 * u}[kind]
+    cd, cs = S._coefs(sigma_d, 0.6, alpha, beta)
+    plan_st, info = S._banded(gh, gw, depth[None], cd, cs, tol, dtype=torch.float64)
+    if plan_st is None or not info["bound"] <= tol:
+        return  # the plan refuses banded here (a wide band or an unmet bound: another algorithm runs)
+    wt = S.banded_weights(plan_st) - 2.0 * torch.eye(N, dtype=torch.float64)
+    c = wt.sum(0)
+    torch.testing.assert_close(plan_st.cinv[0], torch.where(c > 0, 1.0 / c, torch.zeros_like(c)), rtol=1e-11, atol=0)
+    w = wt / c
+    ref = R.dscr_weights(depth, kvfix.patch_coords(gh, gw, dtype=torch.float64), sigma_d=sigma_d, sigma_s=0.6,
+                         alpha=alpha, beta=beta)[0]
+    assert (w - ref).abs().sum(0).max().item() <= info["bound"] + N * 2.0 ** -50, (info["mode"], info["bound"])
+
+
 @_settings(25)
 @given(L=st.integers(1, 3), B=st.integers(1, 2), H=st.integers(1, 2), gh=st.integers(1, 5), gw=st.integers(1, 5),
        D=st.sampled_from([8, 64, 40]), dtype=DTYPE, values=st.booleans(), seed=SEED, **PARAMS)
