@@ -273,6 +273,25 @@ struct DscrDepthStructure {
   std::vector<double> tokw, tvals, cinv;
 };
 
+// The grid orders from rows (p, lam, coef) of a float64 [n, 3] table, as the op and the emulator
+// receive them.
+inline std::vector<DscrGridOrder> dscr_grid_orders(const double* table, int64_t n) {
+  std::vector<DscrGridOrder> orders;
+  for (int64_t k = 0; k < n; ++k) {
+    orders.push_back({static_cast<int64_t>(table[3 * k]), table[3 * k + 1], table[3 * k + 2]});
+  }
+  return orders;
+}
+
+// The scalars of a structure, in the order the op returns them as `info`: mode, error, ops, step,
+// order, rel, amp.
+constexpr int kDscrDepthInfo = 7;
+inline void dscr_depth_info(const DscrDepthStructure& s, double* info) {
+  const double v[kDscrDepthInfo] = {static_cast<double>(s.mode), s.error, s.ops, s.step,
+                                    static_cast<double>(s.order), s.rel, s.amp};
+  std::copy(v, v + kDscrDepthInfo, info);
+}
+
 namespace dscr_plan_detail {
 
 const double kE87 = std::exp(-87.0);

@@ -211,7 +211,6 @@ dscr_depth_structure(const at::Tensor& depth, double cd, double budget, const at
                     op, ": orders must be a contiguous [n, 3] CPU tensor (p, lam, coef), got ", orders.sizes(),
                     " on ", orders.device());
   TORCH_CHECK_TYPE(orders.scalar_type() == at::kDouble, op, ": orders must be float64, got ", orders.scalar_type());
-  std::vector<kernels::DscrGridOrder> table;
   const double* o = orders.data_ptr<double>();
   bool forced_found = force >= -2 && force <= 0;
   for (int64_t k = 0; k < orders.size(0); ++k) {
@@ -220,9 +219,9 @@ dscr_depth_structure(const at::Tensor& depth, double cd, double budget, const at
                           !std::isnan(coef) && coef >= 0,
                       op, ": orders row ", k, " must hold an order p in [1, 64], a Lebesgue constant >= 1 and a ",
                       "coefficient >= 0 (inf: order skipped), got (", p, ", ", lam, ", ", coef, ")");
-    table.push_back({static_cast<int64_t>(p), lam, coef});
     forced_found = forced_found || force == static_cast<int64_t>(p);
   }
+  const std::vector<kernels::DscrGridOrder> table = kernels::dscr_grid_orders(o, orders.size(0));
   TORCH_CHECK_VALUE(forced_found, op, ": force must be -1 (the cheapest), 0 (values), -2 (gauss) or a grid order of ",
                     "orders, got ", force);
   const double* sp = nullptr;
@@ -244,8 +243,8 @@ dscr_depth_structure(const at::Tensor& depth, double cd, double budget, const at
     std::copy(v.begin(), v.end(), t.data_ptr<double>());
     return t;
   };
-  at::Tensor info = f64({static_cast<double>(s.mode), s.error, s.ops, s.step, static_cast<double>(s.order), s.rel,
-                         s.amp});
+  at::Tensor info = at::empty({kernels::kDscrDepthInfo}, at::TensorOptions().dtype(at::kDouble));
+  kernels::dscr_depth_info(s, info.data_ptr<double>());
   const int64_t width = s.mode == 0 ? 0 : s.order;
   return {i64(s.tok), f64(s.tokw).view({s.mode == 0 ? 0 : N, width}), i64(s.row_lo), i64(s.row_len), f64(s.tvals),
           f64(s.cinv), info};

@@ -24,18 +24,15 @@ static kvfix::kernels::DscrDepthStructure g_depth;
 
 KVEMU_ENTRY(dscr_depth_plan, args) {
   const int64_t N = args.size(0, 0), n_orders = args.size(3, 0);
-  const double* o = args.data<const double>(3);
-  std::vector<kvfix::kernels::DscrGridOrder> orders;
-  for (int64_t k = 0; k < n_orders; ++k) orders.push_back({static_cast<int64_t>(o[3 * k]), o[3 * k + 1], o[3 * k + 2]});
+  const std::vector<kvfix::kernels::DscrGridOrder> orders =
+      kvfix::kernels::dscr_grid_orders(args.data<const double>(3), n_orders);
   g_depth = kvfix::kernels::dscr_depth_structure(args.data<const double>(0), N, args.f(1), args.f(2), orders.data(),
                                                  n_orders, args.i(4), args.f(5), args.data<const double>(6));
   int64_t* sizes = args.data<int64_t>(7);
   sizes[0] = g_depth.order;
   sizes[1] = static_cast<int64_t>(g_depth.row_lo.size());
   sizes[2] = static_cast<int64_t>(g_depth.tvals.size());
-  const double info[7] = {static_cast<double>(g_depth.mode), g_depth.error, g_depth.ops, g_depth.step,
-                          static_cast<double>(g_depth.order), g_depth.rel, g_depth.amp};
-  std::copy(info, info + 7, args.data<double>(8));
+  kvfix::kernels::dscr_depth_info(g_depth, args.data<double>(8));
   return cudaSuccess;
 }
 
