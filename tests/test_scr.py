@@ -192,6 +192,21 @@ def test_redistribute_channel_tails_and_chunks(C, dtype, device):
     check_redistribute(hidden, _scores(2, 30, device), (5, 6), top_k=4, lam=1.4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_redistribute_every_neighbour_count(dtype, device):
+    """Non-source rows with 1 to 8 source neighbours (the CPU kernel has a loop per count)."""
+    gh, gw = 16, 16
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, gh * gw, generator=g).to(device)
+    _, src = check_redistribute(_hidden(2, gh * gw, 40, dtype, device), scores, (gh, gw), top_k=150, lam=1.2,
+                                exclude_border=False)
+    s = src.view(2, 1, gh, gw).float()
+    count = torch.nn.functional.conv2d(s, torch.ones(1, 1, 3, 3), padding=1) - s  # source neighbours
+    seen = set(count[s == 0].long().tolist())
+    assert set(range(1, 9)) <= seen, seen
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_redistribute_options(device):
     B, grid = 2, (5, 6)
