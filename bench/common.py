@@ -190,10 +190,29 @@ def skip_reason(est: float, limit: float, budget: float) -> str:
             f"{fmt_s(budget)} s) on this machine")
 
 
+def balanced_orders(n: int) -> list:
+    """Orders of n variants (lists of indices) in which, over all of them, each variant follows
+    every other one equally often: a Williams design (n orders for even n, 2n for odd n). A call's
+    time depends on the call before it (what it left in the cache, the memory it freed); with the
+    orders rotated, each variant always followed the same one."""
+    if n <= 1:
+        return [list(range(n))]
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[(x + i) % n for x in first] for i in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
+
+
 def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, est: dict | None = None,
                calls_needed: int = 2, before=None, setup=None, reserve_pass: bool = False,
                on_first=None, required: tuple = (), relative: dict | None = None) -> Timing:
-    """Time the variants `fns` (name -> callable) of one row interleaved, in rotating order.
+    """Time the variants `fns` (name -> callable) of one row interleaved: pass r runs them in the
+    order balanced_orders(n)[r % len], so each variant follows each other one about equally often.
 
     A-priori: the estimated pass (the sum of `est[name]`, seconds of one call, None: unknown) must
     fit budget / calls_needed (`calls_needed`: the calls a variant needs at least: warm-up and one
@@ -270,14 +289,15 @@ def interleave(fns: dict, budget: Budget, *, max_reps: int, min_reps: int = 1, e
     times = {n: [] for n in names}
     passes = []
     reps = 0
+    orders = balanced_orders(len(names))
     while names and reps < max_reps:
         if reps >= max(1, min_reps):
             nxt = statistics.median(passes) * (2 if reserve_pass else 1)
             if nxt > budget.left():
                 break
         t_pass = time.perf_counter()
-        for i in range(len(names)):
-            n = names[(reps + i) % len(names)]
+        for i in orders[reps % len(orders)]:
+            n = names[i]
             times[n].append(call(n))
         passes.append(time.perf_counter() - t_pass)
         reps += 1

@@ -19,8 +19,9 @@ Method:
   DSCR section; the reps column).
   The header gives the run's wall time, each section's, and the CPU path that ran.
 - timing: one process, torch threads = the cores available; each variant runs once to warm up,
-  then the variants run interleaved (rotating order) for R repeats (common.interleave): every
-  variant of a row has the same R, over the same passes; the table shows medians. R: at most 11
+  then the variants run interleaved for R repeats (common.interleave; in balanced orders, so each
+  variant follows each other one about equally often): every variant of a row has the same R,
+  over the same passes; the table shows medians. R: at most 11
   (quick 9), fewer when the row's share of the budget is spent. At warm-up, kvfix runs first and
   the other variants (PRIORITY order) only while the measured pass fits the row's share.
 - memory: a fresh subprocess (started with MALLOC_MMAP_THRESHOLD_=65536, so that large blocks

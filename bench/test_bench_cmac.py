@@ -13,7 +13,7 @@ Variants per shape:
 - "eager": `kvfix.reference.cmac_attention` (materialised logits) in the input dtype, imd=True.
 `rope_calibrate` runs once per image per layer (outside the timed calls).
 
-`cmac_rows()` measures with the variants interleaved (rotating order, medians), which is what the
+`cmac_rows()` measures with the variants interleaved (balanced orders: common.balanced_orders; medians), which is what the
 targets are judged on (shared, noisy machines: compare ratios within one run); `python -m
 bench.test_bench_cmac` prints that table, `cmac_section()` is what bench/table.py includes.
 """

@@ -12,7 +12,7 @@ text model: hidden 512, 8 heads, D 64, 4 layers; a 12 x 12 patch grid, so 144 im
   calibration cost without the second branch).
 
 Per-token time = the median whole-generate time (prefill included) / N_NEW; variants
-interleaved in rotating order (the machines are shared and noisy: compare ratios within one
+interleaved in balanced orders (common.balanced_orders) (the machines are shared and noisy: compare ratios within one
 run). Target: cmac <= 2.2 x plain per token. `python -m bench.test_bench_hf_cmac` prints the table.
 """
 from __future__ import annotations

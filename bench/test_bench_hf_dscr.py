@@ -18,7 +18,7 @@ layer's work (T tokens, hidden C; the projections and MLP are ~24 T C^2), that o
 refinement (S selected layers): ~1.01 at this benchmark's C = 1024 and T_a = TEXT_AFTER, ~1.001
 for LLaVA-1.5-7B (C = 4096) with a 40-token question.
 
-`dscr_hf_rows()` measures both variants interleaved (rotating order, medians) and the
+`dscr_hf_rows()` measures both variants interleaved (balanced orders: common.balanced_orders; medians) and the
 refinement alone, as bench/table.py reports; `python -m bench.test_bench_hf_dscr` prints that
 table.
 """

@@ -17,7 +17,7 @@ about d / L: 1 + 2/8 = 1.25 for the benchmark's 8 layers, 1 + 2/32 = 1.06 for LL
 negligible next to a layer's O(T * C^2) projections. Decoding is untouched. Measured figures:
 bench/RESULTS.md and docs/SCR_HF.md.
 
-`scr_hf_rows()` measures both variants interleaved (rotating order, medians), as bench/table.py
+`scr_hf_rows()` measures both variants interleaved (balanced orders: common.balanced_orders; medians), as bench/table.py
 reports; `python -m bench.test_bench_hf_scr` prints that table.
 """
 from __future__ import annotations

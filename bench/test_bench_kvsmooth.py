@@ -16,7 +16,7 @@ Not collected by the default `pytest` run (testpaths = ["tests"]). Two sets:
    KVSmooth on both) and a ~1000-token prompt: `generate` continues from a prefilled cache (a fresh
    copy per round) for N_NEW tokens; per-token time = round time / N_NEW.
 
-`kvsmooth_rows()` measures both sets with the variants interleaved (rotating order, medians), which
+`kvsmooth_rows()` measures both sets with the variants interleaved (balanced orders: common.balanced_orders; medians), which
 is what the targets are judged on (the machines are shared and noisy: compare ratios within one
 run); `python -m bench.test_bench_kvsmooth` prints that table.
 """

@@ -17,7 +17,7 @@ Not collected by the default `pytest` run (testpaths = ["tests"]). Two sets, B =
    materialised softmax in the input dtype), "kvfix", and "floor": the bare batched `q @ k^T`
    (the logits alone). Target: kvfix <= 1.5 x floor in fp32.
 
-`scr_rows()` measures both sets with the variants interleaved (rotating order, medians), which is
+`scr_rows()` measures both sets with the variants interleaved (balanced orders: common.balanced_orders; medians), which is
 what the targets are judged on (the machines are shared and noisy: compare ratios within one run);
 `python -m bench.test_bench_scr [--quick]` prints that table; bench/table.py includes it.
 """
@@ -69,9 +69,8 @@ def redistribute_fns(grid, dtype, *, reference: bool = True, seed: int = 0) -> d
         fns["reference"] = lambda: R.scr_redistribute(hidden, scores, grid, top_k=TOP_K, lam=LAM)
     # Before every call, of every variant: a fresh copy of hidden into work (what the in-place
     # variant runs on). It also leaves hidden in the cache for each variant alike, as the layer that
-    # just wrote it would; before, only the in-place variant's copy did, and the rotation (which
-    # keeps the variants' cyclic order) always ran "clone" right after that copy and "kvfix" right
-    # after the reference had churned the cache.
+    # just wrote it would (were it copied before the in-place variant only, the variant after that
+    # one would start warm and the others not).
     return fns, (lambda name: work.copy_(hidden))
 
 
@@ -114,10 +113,9 @@ def scr_rows(reps: int = 21, quick: bool = False, threads: int | None = None,
             fns, before = redistribute_fns(grid, dtype, reference=ref)
             row = budget.share(n_rows - len(rows))
             n_reps = 3 if quick else (reps if grid[0] <= 24 else max(5, reps // 3))
-            # The reference is timed in its own loop: interleaved, its large temporaries freed just
-            # before the call after it made that call's output allocation fault its pages in anew
-            # (24 x 24 bf16: kvfix 0.41 ms after it, 0.24 ms after the clone), and the rotation
-            # (which keeps the cyclic order) put the same variant after it every time.
+            # The reference is timed in its own loop: its large temporaries, freed just before the
+            # call after it, make that call's output allocation fault its pages in anew (24 x 24
+            # bf16: kvfix 0.41 ms after it, 0.24 ms after the clone), whichever variant it is.
             ref_fn = fns.pop("reference", None)
             tm = common.interleave(fns, row.share(2 if ref else 1), before=before, required=("kvfix", "clone"),
                                    max_reps=n_reps)
