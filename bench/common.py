@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import glob
 import math
 import os
 import re
@@ -188,6 +189,32 @@ def skip_reason(est: float, limit: float, budget: float) -> str:
         return f"skipped: the run's budget is spent (one call ~{fmt_s(est)} s on this machine)"
     return (f"skipped: one call ~{fmt_s(est)} s > {fmt_s(max(0.0, limit))} s left for it (row budget "
             f"{fmt_s(budget)} s) on this machine")
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache of cpu0 (sysfs), or `default` where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=default)
+
+
+class CacheEvictor:
+    """Calling it reads a float32 buffer of twice the last-level cache (at least 64 MiB), so that
+    the call timed after it finds none of its inputs in the cache: a clean read, nothing to
+    write back during the timed call."""
+
+    def __init__(self):
+        self.buf = torch.ones(max(2 * last_level_cache_bytes(), 64 << 20) // 4)
+
+    def __call__(self, *_) -> None:
+        self.buf.sum()
 
 
 def balanced_orders(n: int) -> list:

@@ -417,7 +417,8 @@ def kvsmooth_section(quick: bool, budget: common.Budget | None = None) -> str:
     from bench import test_bench_kvsmooth as kvs
     rows = kvs.kvsmooth_rows(quick=quick, budget=budget)
     return ("## KVSmooth (issue 4)\n\n" + kvs.render(rows) + "\n\nStep: eager = the step in plain PyTorch "
-            "(materialised fp32 softmax, torch.sort rank); floor = `dst.copy_(k)` time / 2. Decoding: random-weight "
+            "(materialised fp32 softmax, torch.sort rank); floor = `dst.copy_(k)` time / 2; every step call starts "
+            "with the cache emptied (as between two decoding steps of one layer). Decoding: random-weight "
             "LLaVA with LLaVA-1.5's attention geometry (hidden 4096, 32 heads, D 128), 2 layers, KVSmooth on both, "
             f"{kvs.N_NEW} tokens after a ~{kvs.CONTEXT}-token prompt.")
 

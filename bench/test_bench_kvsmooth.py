@@ -11,6 +11,10 @@ Not collected by the default `pytest` run (testpaths = ["tests"]). Two sets:
    - "copy": `dst.copy_(k)` into a preallocated buffer. **Floor = half the copy time**: a copy
      moves K's bytes twice (read + write), so half of it is one read of K at copy bandwidth, the
      least any exact implementation must do.
+   Every call (of every variant) starts with the cache emptied (common.CacheEvictor, untimed), as
+   in decoding, where the other layers run between two steps of one layer. Without it, what a
+   call found in the cache depended on the variant before it: T = 2048 measured 0.78-0.94 x the
+   floor after a read of K and 1.07-1.14 x after an eviction (fp32, bf16).
 2. Whole decoding with and without KVSmooth on a random-weight LLaVA whose text model has
    LLaVA-1.5's attention geometry (hidden 4096 = 32 heads x D 128, intermediate 8192, 2 layers,
    KVSmooth on both) and a ~1000-token prompt: `generate` continues from a prefilled cache (a fresh
@@ -148,10 +152,11 @@ def kvsmooth_rows(step_reps: int = 31, gen_reps: int = 5, quick: bool = False, t
                                                                                else STEP_SHARE))
     todo = [(dt, dtype, T) for dt, dtype in STEP_DTYPES.items() for T in ((64, 256) if quick else STEP_T)]
     rows = []
+    evict = common.CacheEvictor()
     for i, (dt, dtype, T) in enumerate(todo):
         inp = step_inputs(T, dtype)
         tm = common.interleave(step_fns(inp), steps.share(len(todo) - i), max_reps=3 if quick else step_reps,
-                               required=("kvfix", "copy"))
+                               required=("kvfix", "copy"), before=evict)
         floor = tm.med.get("copy", float("nan")) / 2
         rows.append(dict(kind="step", T=T, dtype=dt, eager_ms=tm.ms("eager"), kvfix_ms=tm.ms("kvfix"),
                          floor_ms=floor * 1e3, ratio=tm.ms("kvfix") / (floor * 1e3),
@@ -223,15 +228,15 @@ def step_case(request):
     torch.set_num_threads(_threads())
     T, dt = request.param
     inp = step_inputs(T, STEP_DTYPES[dt])
-    return T, dt, step_fns(inp)
+    return T, dt, step_fns(inp), common.CacheEvictor()
 
 
 @pytest.mark.parametrize("variant", ["eager", "kvfix", "copy"])
 def test_kvsmooth_step(benchmark, step_case, variant):
-    T, dt, fns = step_case
+    T, dt, fns, evict = step_case
     benchmark.group = f"kvsmooth_step B={B} H={H} T={T} D={D} {dt} (floor = copy / 2)"
     benchmark.extra_info.update(B=B, H=H, T=T, D=D, dtype=dt, threads=torch.get_num_threads())
-    benchmark.pedantic(fns[variant], rounds=30 if T <= 2048 else 10, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(fns[variant], setup=evict, rounds=30 if T <= 2048 else 10, warmup_rounds=2, iterations=1)
 
 
 def test_eager_variant_agrees():
