@@ -25,3 +25,11 @@ def test_interleave_runs_the_balanced_orders():
     assert passes == [["abcd"[i] for i in o] for o in common.balanced_orders(4)]
     follows = Counter((p[i], p[i + 1]) for p in passes for i in range(3))
     assert set(follows.values()) == {1} and len(follows) == 12
+
+
+def test_cache_evictor_reads_at_least_twice_the_last_level_cache():
+    llc = common.last_level_cache_bytes()
+    assert llc > 0
+    evict = common.CacheEvictor()
+    assert evict.buf.numel() * 4 >= max(2 * llc, 64 << 20)
+    assert evict("any variant") is None
