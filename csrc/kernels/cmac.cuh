@@ -752,8 +752,8 @@ namespace cmac_detail {
 template <class T>
 inline bool vec_ok(const CmacAttnArgs& a) {
   constexpr int64_t V = 16 / static_cast<int64_t>(sizeof(T));
-  const auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  bool ok = a.D % V == 0 && al(a.q) && al(a.k) && al(a.v) && (a.kc == nullptr || al(a.kc));
+  bool ok = a.D % V == 0 && aligned16(a.q) && aligned16(a.k) && aligned16(a.v) &&
+            (a.kc == nullptr || aligned16(a.kc));
   for (int64_t st : {a.q_sb, a.q_sh, a.q_st, a.k_sb, a.k_sh, a.k_st, a.v_sb, a.v_sh, a.v_st}) ok = ok && st % V == 0;
   if (a.kc != nullptr)
     for (int64_t st : {a.c_sb, a.c_sh, a.c_st}) ok = ok && st % V == 0;

@@ -574,8 +574,6 @@ __global__ void __launch_bounds__(dscr_detail::Cfg<T, TJ, DMAX, WMMA>::NT, 512 /
 
 namespace dscr_detail {
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // 16-byte accesses are safe for a [B, H, N, D] operand when its base is 16-byte aligned and
 // every stride that is used (dims of size > 1) and D are multiples of 16 bytes.
 inline bool vec_ok(const void* p, int64_t sb, int64_t sh, int64_t sn, const DscrArgs& a, int64_t vec) {

@@ -421,8 +421,6 @@ __global__ void __launch_bounds__(kKvsThreads)
 
 namespace kvs_detail {
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // The checks of one call's arguments (kvsmooth_launch's contract), pointers left to the caller.
 inline cudaError_t check_args(const KvsmoothArgs& a) {
   if (a.B < 0 || a.Hq < 0 || a.Hkv < 1 || a.T < 1 || a.D < 0 || a.D > kKvsmoothMaxHeadDim) return cudaErrorInvalidValue;
@@ -506,7 +504,7 @@ inline bool kvsmooth_same_launch(const KvsmoothArgs& x, const KvsmoothArgs& y) {
          x.qu_sm == y.qu_sm && x.M == y.M && x.pos == y.pos && x.entropy == y.entropy && x.B == y.B &&
          x.Hq == y.Hq && x.Hkv == y.Hkv && x.T == y.T && x.D == y.D && x.splits == y.splits &&
          x.scale == y.scale && x.lam_lo == y.lam_lo && x.lam_hi == y.lam_hi &&
-         kvs_detail::aligned16(x.k) == kvs_detail::aligned16(y.k);
+         aligned16(x.k) == aligned16(y.k);
 }
 
 // Workspace floats of kvsmooth_steps_launch over n layers.

@@ -46,6 +46,9 @@ struct DeviceBits {
 };
 using Mask = MaskRead<DeviceBits>;
 
+// Whether p is 16-byte aligned (host side: may the kernels access it 16 bytes at a time).
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // Runs f(T{}) with T the element type of a float dtype (float, __half, __nv_bfloat16) and returns
 // its cudaError_t; cudaErrorInvalidValue for any other dtype. The one dtype dispatch of the CUDA
 // launchers, shared by csrc/cuda/*.cu and the emulator's shims.
