@@ -33,7 +33,8 @@
 //      against tiles of scores and candidate flags staged in shared memory; it is a source when
 //      rank < top_k. Every block scans all of its item's scores, so each one also sees whether
 //      any is non-finite. Writes a flag per patch (1 = source, 2 = the item's scores are not finite).
-//   2. scr_redistribute_apply_kernel, one block per (row, item) (C in a strided loop): gathers its
+//   2. scr_redistribute_apply_kernel, one block per (row, item) (C in a strided loop, 16 bytes per
+//      access where the tensors' alignment allows, two accesses' loads in flight per thread): gathers its
 //      8 neighbours' flags and writes h / lam (source), h + (lam - 1) sum of the adjacent sources'
 //      rows (neighbour, fp32, neighbours in row-major window order), nan (flag 2) or a copy (other
 //      rows, out of place only). Out of place every row reads the input only. In place it runs
@@ -310,9 +311,49 @@ __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistribute
   if (n < a.N) a.flags[b * a.N + n] = not_finite ? 2 : (mine && rank < a.top_k) ? 1 : 0;
 }
 
-// phase 0: every row (out of place); 1: neighbour and nan rows only; 2: source rows only (in place).
+namespace scr_detail {
+
+// V consecutive elements of a row, accessed as one word (16 bytes when V > 1: the launcher checks
+// the alignment, scr_redistribute_vec_width).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Elems {
+  T e[V];
+};
+template <class T, int V>
+__device__ __forceinline__ Elems<T, V> load_elems(const T* p) {
+  return *reinterpret_cast<const Elems<T, V>*>(p);
+}
+template <class T, int V>
+__device__ __forceinline__ void store_elems(T* p, const Elems<T, V>& x) {
+  *reinterpret_cast<Elems<T, V>*>(p) = x;
+}
+
+}  // namespace scr_detail
+
+// Elements per access of the apply kernel: 16 bytes (4 float32, 8 float16 / bfloat16) where both
+// tensors' bases are 16-byte aligned and C and every stride used (dims of size > 1) are multiples
+// of it, else 1.
 template <class T>
-__global__ void __launch_bounds__(kScrThreads) scr_redistribute_apply_kernel(ScrRedistributeArgs a, int phase) {
+inline int scr_redistribute_vec_width(const ScrRedistributeArgs& a) {
+  constexpr int64_t v = 16 / int64_t(sizeof(T));
+  const bool ok = aligned16(a.hidden) && aligned16(a.out) && a.C % v == 0 &&
+                  (a.B <= 1 || (a.h_sb % v == 0 && a.o_sb % v == 0)) &&
+                  (a.N <= 1 || (a.h_sn % v == 0 && a.o_sn % v == 0));
+  return ok ? static_cast<int>(v) : 1;
+}
+
+// phase 0: every row (out of place); 1: neighbour and nan rows only; 2: source rows only (in place).
+// V elements per access (C % V == 0); each thread handles accesses threadIdx.x + k * kScrThreads,
+// two at a time, and issues both accesses' loads (its own row's and its source neighbours') before
+// it stores: the output may be the input (in place), so the compiler would not move a load above
+// an earlier store, and one 2-byte load in flight per thread is a few percent of DRAM bandwidth.
+// In place, an element is read and written by the same thread only, and the rows read from
+// other rows (sources, in phase 1) are not written in that phase. At least 6 blocks per SM (<= 80
+// registers, no spills): LLaVA's 576 rows are one wave on an A100 (108 SMs) and an H100 (132).
+template <class T, int V>
+__global__ void __launch_bounds__(kScrThreads, 6) scr_redistribute_apply_kernel(ScrRedistributeArgs a, int phase) {
+  using E = scr_detail::Elems<T, V>;
+  constexpr int U = 2;  // accesses per thread per iteration
   const int64_t n = blockIdx.x, b = blockIdx.y;
   const uint8_t* flag = a.flags + b * a.N;
   const T* in = static_cast<const T*>(a.hidden) + b * a.h_sb + n * a.h_sn;
@@ -323,49 +364,77 @@ __global__ void __launch_bounds__(kScrThreads) scr_redistribute_apply_kernel(Scr
     for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = Num<T>::from_f(nan);
     return;
   }
-  if (flag[n]) {
-    if (phase == 1) return;
-    for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) / a.lam);
-    return;
-  }
-  if (phase == 2) return;
+  const bool source = flag[n] != 0;
+  if ((source && phase == 1) || (!source && phase == 2)) return;
   // Which of the 3 x 3 window's cells (row-major, 4 = this row) are sources: a bit mask, so that
   // no per-thread array of neighbour rows lives in local memory.
   const int64_t r = n / a.gw, cl = n % a.gw;
   unsigned sources = 0;
+  if (!source) {
 #pragma unroll
-  for (int w = 0; w < 9; ++w) {
-    const int64_t rr = r + w / 3 - 1, cc = cl + w % 3 - 1;
-    if (w != 4 && rr >= 0 && rr < a.gh && cc >= 0 && cc < a.gw && flag[rr * a.gw + cc]) sources |= 1u << w;
-  }
-  if (sources == 0) {
-    if (phase == 0)
-      for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) out[c] = in[c];
-    return;
+    for (int w = 0; w < 9; ++w) {
+      const int64_t rr = r + w / 3 - 1, cc = cl + w % 3 - 1;
+      if (w != 4 && rr >= 0 && rr < a.gh && cc >= 0 && cc < a.gw && flag[rr * a.gw + cc]) sources |= 1u << w;
+    }
+    if (sources == 0 && phase != 0) return;  // in place: nothing to write
   }
   const float lam1 = a.lam - 1.0f;
-  for (int64_t c = threadIdx.x; c < a.C; c += kScrThreads) {
-    float acc = 0.0f;
+  const int64_t nv = a.C / V;
+  for (int64_t v0 = threadIdx.x; v0 < nv; v0 += U * kScrThreads) {
+    E x[U];
+    float acc[U][V];
 #pragma unroll
-    for (int w = 0; w < 9; ++w)
-      if (sources & (1u << w)) acc += Num<T>::to_f(in[((w / 3 - 1) * a.gw + (w % 3 - 1)) * a.h_sn + c]);
-    out[c] = Num<T>::from_f(Num<T>::to_f(in[c]) + lam1 * acc);
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = (v0 + u * kScrThreads) * V;
+      if (c >= a.C) break;
+      x[u] = scr_detail::load_elems<T, V>(in + c);
+#pragma unroll
+      for (int q = 0; q < V; ++q) acc[u][q] = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 9; ++w)
+        if (sources & (1u << w)) {
+          const E y = scr_detail::load_elems<T, V>(in + ((w / 3 - 1) * a.gw + (w % 3 - 1)) * a.h_sn + c);
+#pragma unroll
+          for (int q = 0; q < V; ++q) acc[u][q] += Num<T>::to_f(y.e[q]);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = (v0 + u * kScrThreads) * V;
+      if (c >= a.C) break;
+      E o = x[u];
+      if (source) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) o.e[q] = Num<T>::from_f(Num<T>::to_f(x[u].e[q]) / a.lam);
+      } else if (sources != 0) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) o.e[q] = Num<T>::from_f(Num<T>::to_f(x[u].e[q]) + lam1 * acc[u][q]);
+      }
+      scr_detail::store_elems<T, V>(out + c, o);
+    }
+  }
+}
+
+template <class T, int V>
+void scr_redistribute_apply(const ScrRedistributeArgs& a, cudaStream_t stream) {
+  const dim3 rows(static_cast<unsigned>(a.N), static_cast<unsigned>(a.B)), block(kScrThreads);
+  if (!a.in_place) {
+    scr_redistribute_apply_kernel<T, V><<<rows, block, 0, stream>>>(a, 0);
+  } else {
+    scr_redistribute_apply_kernel<T, V><<<rows, block, 0, stream>>>(a, 1);
+    scr_redistribute_apply_kernel<T, V><<<rows, block, 0, stream>>>(a, 2);
   }
 }
 
 template <class T>
 cudaError_t scr_redistribute_launch(const ScrRedistributeArgs& a, cudaStream_t stream) {
   if (a.B == 0 || a.N == 0 || a.C == 0) return cudaSuccess;
-  const dim3 block(kScrThreads);
   scr_select_kernel<<<dim3(static_cast<unsigned>((a.N + kScrThreads - 1) / kScrThreads), static_cast<unsigned>(a.B)),
-                      block, 0, stream>>>(a);
-  const dim3 rows(static_cast<unsigned>(a.N), static_cast<unsigned>(a.B));
-  if (!a.in_place) {
-    scr_redistribute_apply_kernel<T><<<rows, block, 0, stream>>>(a, 0);
-  } else {
-    scr_redistribute_apply_kernel<T><<<rows, block, 0, stream>>>(a, 1);
-    scr_redistribute_apply_kernel<T><<<rows, block, 0, stream>>>(a, 2);
-  }
+                      dim3(kScrThreads), 0, stream>>>(a);
+  if (scr_redistribute_vec_width<T>(a) > 1)
+    scr_redistribute_apply<T, 16 / int(sizeof(T))>(a, stream);
+  else
+    scr_redistribute_apply<T, 1>(a, stream);
   return cudaGetLastError();
 }
 

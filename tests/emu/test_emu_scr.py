@@ -128,6 +128,43 @@ def test_scr_redistribute_dtypes_strides_options(scr, dtype):
     _redis(scr, hidden.contiguous(), scores, grid, top_k=9, lam=0.7, exclude_border=False)
 
 
+def _width(scr, hidden, out=None):
+    w = torch.zeros(1, dtype=torch.int64)
+    scr.scr_redistribute_width(hidden, hidden if out is None else out, w)
+    return int(w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scr_redistribute_vector_width(scr, dtype):
+    """16-byte accesses only where both tensors' bases, C and the strides in use allow them."""
+    V = 128 // torch.finfo(dtype).bits  # elements in 16 bytes
+    full = torch.zeros(2, 12, 3 * V, dtype=dtype)
+    assert _width(scr, full) == V
+    assert _width(scr, full[:, :, :2 * V]) == V                 # row stride 3 V: a multiple
+    assert _width(scr, full[:, :, 1:1 + 2 * V]) == 1            # base one element in
+    assert _width(scr, full[:, :, :V + 1]) == 1                 # C not a multiple
+    assert _width(scr, full, full[:, :, :].contiguous()[:, :, :]) == V
+    assert _width(scr, full, torch.zeros(2 * 12 * 3 * V + 1, dtype=dtype)[1:].view(2, 12, 3 * V)) == 1  # out
+    odd = torch.zeros(2, 12 * (2 * V + 1), dtype=dtype).view(2, 12, 2 * V + 1)[:, :, :2 * V]
+    assert _width(scr, odd) == 1                                 # row stride 2 V + 1
+    assert _width(scr, odd[:1, :1]) == V                         # ... unused with one row of one item
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["vectors", "one_in"])
+def test_scr_redistribute_vector_path(scr, dtype, layout):
+    """C = V (2 * 128 + 3): each thread's two accesses per iteration, then a tail where only three
+    threads have one; out of place and in place, against the reference (and the scalar path: the
+    same tensor one element in)."""
+    V = 128 // torch.finfo(dtype).bits  # elements in 16 bytes
+    B, grid, C = 2, (5, 6), V * (2 * 128 + 3)
+    full = torch.randn(B, 30, C + 1).to(dtype)
+    hidden = full[:, :, :C] if layout == "vectors" else full[:, :, 1:]
+    hidden = hidden.contiguous() if layout == "vectors" else hidden
+    assert _width(scr, hidden, torch.empty(B, 30, C, dtype=dtype)) == (V if layout == "vectors" else 1)
+    _redis(scr, hidden, torch.rand(B, 30), grid, top_k=6, lam=1.2)
+
+
 @pytest.mark.parametrize("top_k", [1, 5, 17])
 def test_scr_redistribute_ties_at_the_cut(scr, top_k):
     """Scores from {0, 1, 2, 3}: the top_k cut falls inside a group of equal scores, where only

@@ -37,3 +37,15 @@ KVEMU_ENTRY(scr_redistribute, args) {
     return kvfix::kernels::scr_redistribute_launch<decltype(tag)>(a, nullptr);
   });
 }
+
+// hidden [B, N, C], out [B, N, C], width int64 [1] (out): the elements per access the apply kernel
+// would use (scr_redistribute_vec_width).
+KVEMU_ENTRY(scr_redistribute_width, args) {
+  const kvfix::kernels::ScrRedistributeArgs a = kvfix::kernels::scr_redistribute_pack(
+      view(args, 0), view(args, 1), view(args, 0), 1, 1, 0, 1.0f, false, false);
+  int64_t* width = args.data<int64_t>(2);
+  return kvfix::kernels::dispatch_float(view(args, 0).dtype, [&](auto tag) {
+    *width = kvfix::kernels::scr_redistribute_vec_width<decltype(tag)>(a);
+    return cudaSuccess;
+  });
+}
