@@ -95,8 +95,10 @@ at::Tensor contrastive_logits_cuda(const at::Tensor& logits, const at::Tensor& d
   const at::Tensor l = logits.contiguous(), lt = distorted.contiguous();
   at::Tensor out = at::empty(l.sizes(), l.options());
   if (out.numel() == 0) return out;
-  const kernels::CmacContrastiveArgs a = kernels::cmac_contrastive_pack(
+  kernels::CmacContrastiveArgs a = kernels::cmac_contrastive_pack(
       view_of(l), view_of(lt), out_view_of(out), static_cast<float>(alpha), static_cast<float>(std::log(beta)));
+  const at::Tensor part = at::empty({kernels::cmac_contrastive_workspace_floats(a)}, l.options().dtype(at::kFloat));
+  a.part = part.mutable_data_ptr<float>();
   const cudaStream_t stream = stream_of(l);
   check_launch("contrastive_logits", kernels::dispatch_float(kernel_dtype(l.scalar_type()), [&](auto tag) {
                  return kernels::cmac_contrastive_launch<decltype(tag)>(a, stream);

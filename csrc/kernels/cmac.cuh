@@ -34,7 +34,9 @@
 //   values' mean) is summed from the shared V tiles of the segment. Output (acc + imd_sum * mu_V)
 //   / l, zeros for a row without any key.
 //
-// cmac_contrastive_kernel: one block per row of V logits: block max, then
+// cmac_contrastive_max_kernel + cmac_contrastive_kernel: one block per chunk of 2048 logits of a
+//   row (16-byte accesses where the alignment allows), so that a decode step's one or two rows of
+//   a 32k-152k vocabulary spread over the GPU: the chunk maxima, then the row's maximum from them and
 //   out = l - max >= log beta ? l + alpha (l - l~) : -inf
 // ((1 + alpha) l - alpha l~ without cancelling two terms of size alpha |l|). A row whose l holds
 // nan or +inf has no softmax and comes out nan (a nan counts as +inf in the max).
@@ -155,7 +157,25 @@ struct CmacContrastiveArgs {
   void* out;
   int64_t rows, V;
   float a, log_beta;
+  float* part;  // [rows, chunks] workspace (the caller's: cmac_contrastive_workspace_floats)
 };
+
+constexpr int64_t kCmacContrastiveChunk = 2048;  // logits per block of the contrastive kernels
+
+__host__ __device__ inline int64_t cmac_contrastive_chunks(int64_t V) {
+  return (V + kCmacContrastiveChunk - 1) / kCmacContrastiveChunk;
+}
+// Workspace floats of one contrastive_logits call: the maximum of each chunk of each row.
+inline int64_t cmac_contrastive_workspace_floats(const CmacContrastiveArgs& a) {
+  return a.rows * cmac_contrastive_chunks(a.V);
+}
+// Elements per access of the contrastive kernels: 16 bytes where the three tensors' bases and V
+// allow it (rows are contiguous), else 1.
+template <class T>
+inline int cmac_contrastive_vec_width(const CmacContrastiveArgs& a) {
+  constexpr int64_t v = 16 / int64_t(sizeof(T));
+  return aligned16(a.l) && aligned16(a.lt) && aligned16(a.out) && a.V % v == 0 ? static_cast<int>(v) : 1;
+}
 
 namespace cmac_detail {
 
@@ -166,6 +186,16 @@ __device__ __forceinline__ float ld(const T* p) {
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+// The maximum of x over the block (every thread gets it); red: kCmacThreads / 32 floats of shared
+// memory. Every thread of the block must call it (it synchronises).
+__device__ __forceinline__ float block_max(float x, float* red) {
+  x = warp_max(x);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+  __syncthreads();
+  x = red[0];
+  for (int w = 1; w < kCmacThreads / 32; ++w) x = fmaxf(x, red[w]);
   return x;
 }
 __device__ __forceinline__ float warp_sum(float x) {
@@ -710,28 +740,79 @@ __global__ void __launch_bounds__(kCmacThreads) cmac_decode_merge_kernel(const C
   }
 }
 
-template <class T>
+// The contrastive kernels: block blockIdx.x owns chunk blockIdx.x % chunks of row blockIdx.x / chunks
+// (kCmacContrastiveChunk logits); thread t makes the accesses t + k * kCmacThreads of V elements,
+// all of its loads before any use. 1. cmac_contrastive_max_kernel: the chunk's maximum (a nan
+// counts as +inf) into the workspace. 2. cmac_contrastive_kernel: the row's maximum from its
+// chunks' (exact in any order), then the chunk's outputs.
+template <class T, int V>
+__global__ void __launch_bounds__(kCmacThreads) cmac_contrastive_max_kernel(const CmacContrastiveArgs a) {
+  constexpr int A = static_cast<int>(kCmacContrastiveChunk / (kCmacThreads * V));  // accesses per thread
+  const int64_t chunks = cmac_contrastive_chunks(a.V);
+  const int64_t row = blockIdx.x / chunks, c0 = (blockIdx.x % chunks) * kCmacContrastiveChunk;
+  const T* l = static_cast<const T*>(a.l) + row * a.V;
+  __shared__ float red[kCmacThreads / 32];
+  Elems<T, V> x[A];
+#pragma unroll
+  for (int i = 0; i < A; ++i) {
+    const int64_t j = c0 + (static_cast<int64_t>(i) * kCmacThreads + threadIdx.x) * V;
+    if (j < a.V) x[i] = load_elems<T, V>(l + j);
+  }
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < A; ++i) {
+    const int64_t j = c0 + (static_cast<int64_t>(i) * kCmacThreads + threadIdx.x) * V;
+    if (j >= a.V) break;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const float v = Num<T>::to_f(x[i].e[q]);
+      mx = fmaxf(mx, v == v ? v : INFINITY);  // fmaxf would skip a nan
+    }
+  }
+  mx = cmac_detail::block_max(mx, red);
+  if (threadIdx.x == 0) a.part[blockIdx.x] = mx;
+}
+
+template <class T, int V>
 __global__ void __launch_bounds__(kCmacThreads) cmac_contrastive_kernel(const CmacContrastiveArgs a) {
-  const int64_t row = blockIdx.x;
+  constexpr int A = static_cast<int>(kCmacContrastiveChunk / (kCmacThreads * V));
+  const int64_t chunks = cmac_contrastive_chunks(a.V);
+  const int64_t row = blockIdx.x / chunks, c0 = (blockIdx.x % chunks) * kCmacContrastiveChunk;
   const T* l = static_cast<const T*>(a.l) + row * a.V;
   const T* lt = static_cast<const T*>(a.lt) + row * a.V;
   T* o = static_cast<T*>(a.out) + row * a.V;
   __shared__ float red[kCmacThreads / 32];
+  Elems<T, V> x[A], y[A];
+#pragma unroll
+  for (int i = 0; i < A; ++i) {
+    const int64_t j = c0 + (static_cast<int64_t>(i) * kCmacThreads + threadIdx.x) * V;
+    if (j < a.V) {
+      x[i] = load_elems<T, V>(l + j);
+      y[i] = load_elems<T, V>(lt + j);
+    }
+  }
   float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < a.V; j += blockDim.x) {
-    const float x = cmac_detail::ld(l + j);
-    mx = fmaxf(mx, x == x ? x : INFINITY);  // fmaxf would skip a nan
+  for (int64_t k = threadIdx.x; k < chunks; k += kCmacThreads) mx = fmaxf(mx, a.part[row * chunks + k]);
+  mx = cmac_detail::block_max(mx, red);
+#pragma unroll
+  for (int i = 0; i < A; ++i) {
+    const int64_t j = c0 + (static_cast<int64_t>(i) * kCmacThreads + threadIdx.x) * V;
+    if (j >= a.V) break;
+    Elems<T, V> r;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const float xv = Num<T>::to_f(x[i].e[q]);
+      const float yv = xv - mx >= a.log_beta ? xv + a.a * (xv - Num<T>::to_f(y[i].e[q])) : -INFINITY;
+      r.e[q] = Num<T>::from_f(mx == INFINITY ? NAN : yv);
+    }
+    store_elems<T, V>(o + j, r);
   }
-  mx = cmac_detail::warp_max(mx);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-  __syncthreads();
-  mx = red[0];
-  for (int w = 1; w < kCmacThreads / 32; ++w) mx = fmaxf(mx, red[w]);
-  for (int64_t j = threadIdx.x; j < a.V; j += blockDim.x) {
-    const float x = cmac_detail::ld(l + j);
-    const float y = x - mx >= a.log_beta ? x + a.a * (x - cmac_detail::ld(lt + j)) : -INFINITY;
-    o[j] = Num<T>::from_f(mx == INFINITY ? NAN : y);
-  }
+}
+
+template <class T, int V>
+void cmac_contrastive_run(const CmacContrastiveArgs& a, unsigned blocks, cudaStream_t stream) {
+  cmac_contrastive_max_kernel<T, V><<<dim3(blocks), dim3(kCmacThreads), kCmacDynamicSmemBytes, stream>>>(a);
+  cmac_contrastive_kernel<T, V><<<dim3(blocks), dim3(kCmacThreads), kCmacDynamicSmemBytes, stream>>>(a);
 }
 
 template <class T>
@@ -828,9 +909,12 @@ cudaError_t cmac_contrastive_launch(const CmacContrastiveArgs& a, cudaStream_t s
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "cmac_contrastive_launch: T must be float, __half or __nv_bfloat16");
   if (a.rows == 0 || a.V == 0) return cudaSuccess;
-  if (a.rows > 0x7fffffff) return cudaErrorInvalidValue;
-  cmac_contrastive_kernel<T><<<dim3(static_cast<unsigned>(a.rows)), dim3(kCmacThreads), kCmacDynamicSmemBytes,
-                               stream>>>(a);
+  const int64_t blocks = cmac_contrastive_workspace_floats(a);  // one block per (row, chunk)
+  if (blocks > 0x7fffffff || a.part == nullptr) return cudaErrorInvalidValue;
+  if (cmac_contrastive_vec_width<T>(a) > 1)
+    cmac_contrastive_run<T, 16 / static_cast<int>(sizeof(T))>(a, static_cast<unsigned>(blocks), stream);
+  else
+    cmac_contrastive_run<T, 1>(a, static_cast<unsigned>(blocks), stream);
   return cudaGetLastError();
 }
 

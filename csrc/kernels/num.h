@@ -46,6 +46,21 @@ struct DeviceBits {
 };
 using Mask = MaskRead<DeviceBits>;
 
+// V consecutive elements, accessed as one word (16 bytes for V = 16 / sizeof(T): the caller checks
+// the alignment, e.g. with aligned16 on the host).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Elems {
+  T e[V];
+};
+template <class T, int V>
+__device__ __forceinline__ Elems<T, V> load_elems(const T* p) {
+  return *reinterpret_cast<const Elems<T, V>*>(p);
+}
+template <class T, int V>
+__device__ __forceinline__ void store_elems(T* p, const Elems<T, V>& x) {
+  *reinterpret_cast<Elems<T, V>*>(p) = x;
+}
+
 // Whether p is 16-byte aligned (host side: may the kernels access it 16 bytes at a time).
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 

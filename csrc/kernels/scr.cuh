@@ -311,25 +311,6 @@ __global__ void __launch_bounds__(kScrThreads) scr_select_kernel(ScrRedistribute
   if (n < a.N) a.flags[b * a.N + n] = not_finite ? 2 : (mine && rank < a.top_k) ? 1 : 0;
 }
 
-namespace scr_detail {
-
-// V consecutive elements of a row, accessed as one word (16 bytes when V > 1: the launcher checks
-// the alignment, scr_redistribute_vec_width).
-template <class T, int V>
-struct alignas(sizeof(T) * V) Elems {
-  T e[V];
-};
-template <class T, int V>
-__device__ __forceinline__ Elems<T, V> load_elems(const T* p) {
-  return *reinterpret_cast<const Elems<T, V>*>(p);
-}
-template <class T, int V>
-__device__ __forceinline__ void store_elems(T* p, const Elems<T, V>& x) {
-  *reinterpret_cast<Elems<T, V>*>(p) = x;
-}
-
-}  // namespace scr_detail
-
 // Elements per access of the apply kernel: 16 bytes (4 float32, 8 float16 / bfloat16) where both
 // tensors' bases are 16-byte aligned and C and every stride used (dims of size > 1) are multiples
 // of it, else 1.
@@ -352,7 +333,7 @@ inline int scr_redistribute_vec_width(const ScrRedistributeArgs& a) {
 // registers, no spills): LLaVA's 576 rows are one wave on an A100 (108 SMs) and an H100 (132).
 template <class T, int V>
 __global__ void __launch_bounds__(kScrThreads, 6) scr_redistribute_apply_kernel(ScrRedistributeArgs a, int phase) {
-  using E = scr_detail::Elems<T, V>;
+  using E = Elems<T, V>;
   constexpr int U = 2;  // accesses per thread per iteration
   const int64_t n = blockIdx.x, b = blockIdx.y;
   const uint8_t* flag = a.flags + b * a.N;
@@ -387,13 +368,13 @@ __global__ void __launch_bounds__(kScrThreads, 6) scr_redistribute_apply_kernel(
     for (int u = 0; u < U; ++u) {
       const int64_t c = (v0 + u * kScrThreads) * V;
       if (c >= a.C) break;
-      x[u] = scr_detail::load_elems<T, V>(in + c);
+      x[u] = load_elems<T, V>(in + c);
 #pragma unroll
       for (int q = 0; q < V; ++q) acc[u][q] = 0.0f;
 #pragma unroll
       for (int w = 0; w < 9; ++w)
         if (sources & (1u << w)) {
-          const E y = scr_detail::load_elems<T, V>(in + ((w / 3 - 1) * a.gw + (w % 3 - 1)) * a.h_sn + c);
+          const E y = load_elems<T, V>(in + ((w / 3 - 1) * a.gw + (w % 3 - 1)) * a.h_sn + c);
 #pragma unroll
           for (int q = 0; q < V; ++q) acc[u][q] += Num<T>::to_f(y.e[q]);
         }
@@ -410,7 +391,7 @@ __global__ void __launch_bounds__(kScrThreads, 6) scr_redistribute_apply_kernel(
 #pragma unroll
         for (int q = 0; q < V; ++q) o.e[q] = Num<T>::from_f(Num<T>::to_f(x[u].e[q]) + lam1 * acc[u][q]);
       }
-      scr_detail::store_elems<T, V>(out + c, o);
+      store_elems<T, V>(out + c, o);
     }
   }
 }

@@ -158,6 +158,36 @@ def test_contrastive(cm, dtype):
             torch.testing.assert_close(out.double()[keep], want[keep].to(dtype).double(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [5000, 5003])
+def test_contrastive_chunks(cm, dtype, V):
+    """Rows of three 2048-logit chunks (the last one partial): each row's maximum lies in a later
+    chunk than its first (so the beta cut depends on the chunks' maxima being combined); row 1 holds
+    a nan in its last chunk, row 2 a +inf in its second (whole rows nan). V = 5000: 16-byte accesses
+    (unless the view is one element in); 5003: one element per access."""
+    for offset in (0, 1):  # 1: l contiguous, its base one element into its storage
+        l = (3 * torch.randn(4 * V + 1)).to(dtype)[offset:offset + 4 * V].view(4, V)
+        lt = (3 * torch.randn(4, V)).to(dtype)
+        l[0, 4999] = 40.0
+        l[3, 2100] = 40.0
+        l[1, V - 2] = NAN
+        l[2, 3000] = math.inf
+        out = torch.full((4, V), NAN, dtype=dtype)
+        width = torch.zeros(1, dtype=torch.int64)
+        cm.contrastive_width(l, lt, out, width)
+        vec = 128 // torch.finfo(dtype).bits
+        assert int(width) == (vec if V % vec == 0 and offset == 0 else 1)
+        cm.contrastive_logits(l, lt, out, 3.0, 0.2)
+        want = R.contrastive_logits(l.double(), lt.double(), alpha=3.0, beta=0.2)
+        assert out[1:3].isnan().all() and want[1:3].isnan().all()
+        rows = [0, 3]
+        assert torch.equal(torch.isinf(out[rows]), torch.isinf(want[rows]))
+        assert torch.isinf(out[rows]).float().mean() > 0.9  # the cut came from the later chunk's maximum
+        keep = ~torch.isinf(want[rows])
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out[rows].double()[keep], want[rows][keep].to(dtype).double(), rtol=tol, atol=tol)
+
+
 def test_contrastive_nonfinite_rule_and_large_alpha(cm):
     """Issue 15: a row whose logits hold nan or +inf comes out all nan (softmax's rule, as the
     reference); l + alpha (l - l~) keeps a huge alpha from cancelling (l~ == l gives l)."""

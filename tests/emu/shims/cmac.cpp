@@ -52,9 +52,23 @@ KVEMU_ENTRY(cmac_attention, args) {
 
 // logits, logits_distorted [rows, V] (contiguous), out [rows, V], alpha, beta
 KVEMU_ENTRY(contrastive_logits, args) {
-  const kvfix::kernels::CmacContrastiveArgs a = kvfix::kernels::cmac_contrastive_pack(
+  kvfix::kernels::CmacContrastiveArgs a = kvfix::kernels::cmac_contrastive_pack(
       view(args, 0), view(args, 1), view(args, 2), static_cast<float>(args.f(3)), static_cast<float>(std::log(args.f(4))));
+  std::vector<float> part(static_cast<size_t>(kvfix::kernels::cmac_contrastive_workspace_floats(a)), std::nanf(""));
+  a.part = part.data();  // poisoned: every chunk's maximum is written before it is read
   return kvfix::kernels::dispatch_float(view(args, 0).dtype, [&](auto tag) {
     return kvfix::kernels::cmac_contrastive_launch<decltype(tag)>(a, nullptr);
+  });
+}
+
+// l [rows, V], lt, out like it, width int64 [1] (out): the elements per access of the contrastive
+// kernels (cmac_contrastive_vec_width).
+KVEMU_ENTRY(contrastive_width, args) {
+  const kvfix::kernels::CmacContrastiveArgs a =
+      kvfix::kernels::cmac_contrastive_pack(view(args, 0), view(args, 1), view(args, 2), 1.0f, 0.0f);
+  int64_t* width = args.data<int64_t>(3);
+  return kvfix::kernels::dispatch_float(view(args, 0).dtype, [&](auto tag) {
+    *width = kvfix::kernels::cmac_contrastive_vec_width<decltype(tag)>(a);
+    return cudaSuccess;
   });
 }
