@@ -50,7 +50,7 @@ host (the structured DSCR plan reads the depth range of a depth on the GPU), whi
 for the GPU and counts (`scr_redistribute` checks its scores on the host on the CPU only). Where the host cost matters (decode paths) a "call"
 column times single calls on an idle GPU instead (host overhead included). Small inputs stay in
 L2 between repeats, for the op and its baseline alike. Models: each timed `generate` call is
-one CUDA-event measurement; the variants run interleaved, in rotating order, `warmup` rounds
+one CUDA-event measurement; the variants run interleaved (bench.common.balanced_orders), `warmup` rounds
 then `reps` rounds, medians; prefill = `generate(max_new_tokens=1)`, decode per token =
 (generate of 1 + n tokens - prefill) / n, with min_new_tokens = max_new_tokens (no early stop).
 """
@@ -547,8 +547,8 @@ def rooflines_section(ctx: Ctx) -> Section:
             add("rope_calibrate", f"{label}: k [{B}, {Hkv}, {T}, {D}], N={N}", BF16, ms, b, extra)
     sec.table(["op", "shape", "dtype", "ms", "MiB moved", "roofline ms", "ms / roofline", "bytes counted"], rows)
     sec.note("roofline = the bytes the op must move (read + written, as counted in the last column) / this run's copy "
-             "bandwidth. `scr_scores` and `scr_redistribute` include what they read on the host (none for "
-             "scr_scores; scr_redistribute checks its scores are finite: one sync).")
+             "bandwidth. Neither SCR op reads anything on the host on a GPU (`scr_redistribute` writes nan over an "
+             "item whose scores are not finite instead of checking them there).")
     for op, w in worst.items():
         sec.targets.append(target(f"{op} / memory roofline, worst row", worst_of(w), 3.0))
     return sec
@@ -841,9 +841,10 @@ def model_rows(ctx: Ctx, family: str, n_new: int, reps: int, warmup: int,
         return 1e3 * (steps[0] - start), 1e3 * statistics.median(gaps)
 
     names = list(methods)
+    from bench.common import balanced_orders
+    orders = balanced_orders(len(names))  # each round its own predecessors (rotating kept the cyclic order)
     for rnd in range(warmup + reps):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order:
+        for name in (names[i] for i in orders[rnd % len(orders)]):
             handle = None if methods[name] is None else hf.enable(model, methods[name]())
             try:
                 p, d = timed(handle, rows2=name == PLAIN_2)
