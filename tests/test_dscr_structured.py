@@ -781,6 +781,27 @@ def test_depth_structure_forced_modes_and_cap():
     torch.testing.assert_close(it.cinv, 1.0 / (spatial + (A.T @ T @ A).sum(1) - 2.0), rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("alpha", [1.1125369292536007e-308, 1e-290])
+@pytest.mark.parametrize("n", [3, 64])
+def test_banded_plan_tiny_alpha(alpha, n):
+    """alpha ~1e-308 (hypothesis, 2026-12-08): the node steps grow as 1 / sqrt(cd) and squared node
+    distances overflowed float64, so the Gaussian nodes were built with a bound of 4e-9 and weights
+    off by 3 (N = 3; 0.06 for a 64-token ramp). Nodes are no longer built past a step of 1e140; the
+    plan's weights are the reference's within its bound."""
+    gh, gw = (1, 3) if n == 3 else (8, 8)
+    d = (0.5 * torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) if n == 3
+         else torch.linspace(0, 255, n, dtype=torch.float64))
+    cd, cs = S._coefs(3.0, 0.6, alpha, 1.0)
+    plan_st, info = S._banded(gh, gw, d[None], cd, cs, 2.0 ** -27, dtype=torch.float64)
+    assert plan_st is not None and info["bound"] <= 2.0 ** -27
+    wt = S.banded_weights(plan_st) - 2.0 * torch.eye(n, dtype=torch.float64)
+    ref = R.dscr_weights(d, kvfix.patch_coords(gh, gw, dtype=torch.float64), sigma_d=3.0, sigma_s=0.6, alpha=alpha,
+                         beta=1.0)[0]
+    assert (wt / wt.sum(0) - ref).abs().sum(0).max().item() <= info["bound"] + n * 2.0 ** -50
+    for mode in (6, 12, "gauss"):  # no nodes that far apart
+        assert S._depth_structure(d, cd, 2.0 ** -30, mode=mode) is None
+
+
 @pytest.mark.parametrize("mode", ["gauss", 6, 12])
 def test_depth_structure_nodes_over_far_apart_clusters(mode):
     """Grid and Gaussian nodes for depths in two clusters ~5e4 levels apart (the touched nodes

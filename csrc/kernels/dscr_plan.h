@@ -299,6 +299,11 @@ constexpr int64_t kFitMax = int64_t{1} << 18;  // the most node kernel entries t
 // The most node steps a depth range may span in the grid and Gaussian modes (node indices stay far
 // from int64's range; such a fine step would never be the cheapest: a huge cd, a tiny sigma_d).
 constexpr double kMaxNodeSpan = 1099511627776.0;  // 2^40
+// Nodes are not built farther apart than this: the node steps grow as 1 / sqrt(cd), and squared
+// distances between nodes (cd (k step)^2, of order 1) overflow float64 past ~1e154. With cd below
+// ~1e-280 (alpha ~1e-308, found by hypothesis) the Gaussian nodes overflowed so and were built with
+// an error bound of 4e-9 and weights off by 3 (N = 3); the values structure is exact there.
+constexpr double kMaxNodeStep = 1e140;
 
 // exp(-cd (pos[g] - pos[g'])^2) row by row (an exponent below -87 as 0 where `cut`)
 inline std::vector<double> band_values(const std::vector<double>& pos, const std::vector<int64_t>& lo,
@@ -412,7 +417,7 @@ inline bool grid(const std::vector<double>& d, const std::vector<double>& ds, do
   const double err = static_cast<double>(n_int) *
                          (C * std::pow(step, static_cast<double>(p)) * (1.0 + lam) + lam * lam * tail + kE87) +
                      static_cast<double>(N) * tail;
-  if (!(err <= budget) || !(ds.back() - ds.front() <= kMaxNodeSpan * step)) return false;
+  if (!(err <= budget) || !(step < kMaxNodeStep) || !(ds.back() - ds.front() <= kMaxNodeSpan * step)) return false;
   Nodes s;
   s.order = p;
   s.step = step;
@@ -447,7 +452,7 @@ inline bool gauss(const std::vector<double>& d, const std::vector<double>& ds, d
   const double alias = 2.0 * q / (1.0 - q);
   const double fixed = Nd * (1.0 + alias) * kE87 + alias;  // the cut-off's entries, the diagonal's relative part
   const double eta = (budget - fixed) * (1.0 - 1e-9);     // the margin keeps err <= budget through rounding
-  if (!(eta > 0) || !(ds.back() - ds.front() <= kMaxNodeSpan * step)) return false;
+  if (!(eta > 0) || !(step < kMaxNodeStep) || !(ds.back() - ds.front() <= kMaxNodeSpan * step)) return false;
   std::vector<double> bounds;  // by C, each computed once (NaN: not yet)
   auto trunc = [&](int64_t C) {
     if (static_cast<int64_t>(bounds.size()) <= C) bounds.resize(C + 1, std::nan(""));
