@@ -3,8 +3,8 @@
 // resource report (tools/ptxas_report.py) and the CPU-side SIMT emulator (tests/emu/) all compile
 // this source.
 //
-// cmac_rope_kernel: one block per (b, kv head, image token); each thread rotates frequency pairs
-//   (f, f + D/2) by delta = (1 - 1/gamma) (a - p) inv_freq[f], p the token's RoPE position and a
+// cmac_rope_kernel: one warp per (b, kv head, image token), 4 per block; each lane rotates frequency
+//   pairs (f, f + D/2) by delta = (1 - 1/gamma) (a - p) inv_freq[f], p the token's RoPE position and a
 //   the anchor (per section): the position of the first token after the span, or one past the
 //   span's last token's position where the span ends the sequence. The image is compressed
 //   toward its end, next to the text. sincosf (full range reduction).
@@ -334,35 +334,54 @@ __device__ __forceinline__ PrefillTile prefill_tile(const CmacAttnArgs& a, int64
 
 }  // namespace cmac_detail
 
+// One warp per (b, kv head, image token), kCmacThreads / 32 tokens per block: lane l rotates the
+// frequency pairs (f, f + D/2) for f = l, l + 32, ..., P at a time (all of a head up to
+// kCmacMaxHeadDim), reading their key elements before it writes.
 template <class T>
 __global__ void __launch_bounds__(kCmacThreads) cmac_rope_kernel(const CmacRopeArgs a) {
-  const int64_t n = blockIdx.x % a.N, h = (blockIdx.x / a.N) % a.H, b = blockIdx.x / (a.N * a.H);
+  constexpr int P = kCmacMaxHeadDim / 64;  // frequency pairs per lane at most
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (kCmacThreads / 32) + threadIdx.x / 32;
+  if (w >= a.B * a.H * a.N) return;  // warp-uniform; the kernel has no block-wide synchronisation
+  const int lane = threadIdx.x % 32;
+  const int64_t n = w % a.N, h = (w / a.N) % a.H, b = w / (a.N * a.H);
   int64_t s, e;
   a.span.get(b, a.T, s, e);
   const int64_t t = s + n;
   const int64_t half = a.D / 2;
-  T* o = static_cast<T*>(a.out) + ((b * a.H + h) * a.N + n) * a.D;
+  T* o = static_cast<T*>(a.out) + w * a.D;  // out [B, H, N, D] contiguous: row w
   if (t >= e) {  // an out-of-range per-item span (device spans are not checked on the host): zeros
-    for (int64_t d = threadIdx.x; d < a.D; d += blockDim.x) o[d] = Num<T>::from_f(0.0f);
+    for (int64_t d = lane; d < a.D; d += 32) o[d] = Num<T>::from_f(0.0f);
     return;
   }
   const T* x = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh + t * a.k_st;
-  for (int64_t f = threadIdx.x; f < half; f += blockDim.x) {
-    int r = 0;
-    while (r + 1 < a.nsec && f >= a.sec[r + 1]) ++r;
-    if (r >= a.rows) r = a.rows - 1;
-    int64_t p = t, anchor = e;
-    if (a.pos != nullptr) {
-      const int64_t* pr = a.pos + (static_cast<int64_t>(r) * a.B + b) * a.T;
-      p = pr[t];
-      anchor = e < a.T ? pr[e] : pr[e - 1] + 1;
+  for (int64_t f0 = lane; f0 < half; f0 += 32 * P) {
+    float x1[P], x2[P];
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int64_t f = f0 + 32 * i;
+      if (f >= half) break;
+      x1[i] = cmac_detail::ld(x + f);
+      x2[i] = cmac_detail::ld(x + f + half);
     }
-    const float ang = static_cast<float>(anchor - p) * a.c * a.inv_freq[f];
-    float sn, cs;
-    sincosf(ang, &sn, &cs);
-    const float x1 = cmac_detail::ld(x + f), x2 = cmac_detail::ld(x + f + half);
-    o[f] = Num<T>::from_f(x1 * cs - x2 * sn);
-    o[f + half] = Num<T>::from_f(x2 * cs + x1 * sn);
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int64_t f = f0 + 32 * i;
+      if (f >= half) break;
+      int r = 0;
+      while (r + 1 < a.nsec && f >= a.sec[r + 1]) ++r;
+      if (r >= a.rows) r = a.rows - 1;
+      int64_t p = t, anchor = e;
+      if (a.pos != nullptr) {
+        const int64_t* pr = a.pos + (static_cast<int64_t>(r) * a.B + b) * a.T;
+        p = pr[t];
+        anchor = e < a.T ? pr[e] : pr[e - 1] + 1;
+      }
+      const float ang = static_cast<float>(anchor - p) * a.c * a.inv_freq[f];
+      float sn, cs;
+      sincosf(ang, &sn, &cs);
+      o[f] = Num<T>::from_f(x1[i] * cs - x2[i] * sn);
+      o[f + half] = Num<T>::from_f(x2[i] * cs + x1[i] * sn);
+    }
   }
 }
 
@@ -819,8 +838,8 @@ template <class T>
 cudaError_t cmac_rope_launch(const CmacRopeArgs& a, cudaStream_t stream) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "cmac_rope_launch: T must be float, __half or __nv_bfloat16");
-  const int64_t blocks = a.B * a.H * a.N;
-  if (blocks == 0) return cudaSuccess;
+  const int64_t tokens = a.B * a.H * a.N, blocks = (tokens + kCmacThreads / 32 - 1) / (kCmacThreads / 32);
+  if (tokens == 0) return cudaSuccess;
   if (blocks > 0x7fffffff || a.rows < 1 || a.nsec < 1 || a.nsec > kCmacMaxSections) return cudaErrorInvalidValue;
   cmac_rope_kernel<T><<<dim3(static_cast<unsigned>(blocks)), dim3(kCmacThreads), kCmacDynamicSmemBytes, stream>>>(a);
   return cudaGetLastError();

@@ -73,6 +73,22 @@ def test_rope_calibrate(cm, dtype):
         torch.testing.assert_close(out[b:b + 1].double(), want, rtol=0, atol=2e-2 if dtype != torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [72, 264])
+def test_rope_calibrate_head_dims_and_warps(cm, dtype, D):
+    """One warp per token: 15 tokens (the last block's fourth warp has none); D = 72: a lane's
+    second pair only for some lanes; D = 264: 132 pairs, a second round of pairs for lanes 0-3."""
+    B, H, T = 1, 3, 9
+    inv = inv_freq(D)
+    k = torch.randn(B, H, T, D).to(dtype)
+    for span, pos, sec in [((2, 7), None, None),
+                           ((3, 8), torch.randint(0, 40, (3, B, T)), [D // 8, D // 8, D // 2 - D // 4])]:
+        out = _rope(cm, k, span, inv, 3.0, pos, sec)
+        truth = R.rope_calibrate(k.double(), span, inv, gamma=3.0, positions=pos, mrope_section=sec)
+        ref = R.rope_calibrate(k, span, inv, gamma=3.0, positions=pos, mrope_section=sec)
+        _rule(out, truth, ref, f"rope D={D} {span}")
+
+
 def _attention(cm, q, k, v, span, **kw):
     return cmac_attention_call(cm, "cmac_attention", q, k, v, span, **kw)
 
