@@ -335,8 +335,8 @@ __device__ __forceinline__ PrefillTile prefill_tile(const CmacAttnArgs& a, int64
 }  // namespace cmac_detail
 
 // One warp per (b, kv head, image token), kCmacThreads / 32 tokens per block: lane l rotates the
-// frequency pairs (f, f + D/2) for f = l, l + 32, ..., P at a time (all of a head up to
-// kCmacMaxHeadDim), reading their key elements before it writes.
+// frequency pairs (f, f + D/2) for f = l, l + 32, ..., in rounds of P pairs (one round for heads up
+// to kCmacMaxHeadDim), reading a round's key elements before it writes any.
 template <class T>
 __global__ void __launch_bounds__(kCmacThreads) cmac_rope_kernel(const CmacRopeArgs a) {
   constexpr int P = kCmacMaxHeadDim / 64;  // frequency pairs per lane at most
