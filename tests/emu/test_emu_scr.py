@@ -143,7 +143,7 @@ def test_scr_redistribute_vector_width(scr, dtype):
     assert _width(scr, full[:, :, :2 * V]) == V                 # row stride 3 V: a multiple
     assert _width(scr, full[:, :, 1:1 + 2 * V]) == 1            # base one element in
     assert _width(scr, full[:, :, :V + 1]) == 1                 # C not a multiple
-    assert _width(scr, full, full[:, :, :].contiguous()[:, :, :]) == V
+    assert _width(scr, full, torch.zeros_like(full)) == V                # a separate aligned out
     assert _width(scr, full, torch.zeros(2 * 12 * 3 * V + 1, dtype=dtype)[1:].view(2, 12, 3 * V)) == 1  # out
     odd = torch.zeros(2, 12 * (2 * V + 1), dtype=dtype).view(2, 12, 2 * V + 1)[:, :, :2 * V]
     assert _width(scr, odd) == 1                                 # row stride 2 V + 1
